@@ -1,0 +1,442 @@
+"""The ``keygate`` command line.
+
+Management commands work on the configured store directly, so the first
+admin key can be made before any server runs. Problems a user can fix are
+one line on stderr with exit status 2; an unreachable store is exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, AsyncIterator, NoReturn, TypeVar
+
+import click
+
+from .config import ConfigError, Settings, load_settings, masked, render_toml
+from .models import KeyRecord
+from .service import UNSET, KeyService, ServiceError, bootstrap, utcnow
+from .store import KeyStore, StoreError, StoreUnavailable, create_store
+from .units import parse_duration
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+SHOWN_ONCE = "Store it now: this is the only time the full key is shown. Keygate keeps only a hash."
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"keygate: {message}", err=True)
+    sys.exit(status)
+
+
+def cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        # Containers often run as a uid without a passwd entry.
+        return f"cli:uid-{os.getuid()}"
+
+
+def settings_from(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_settings(config_file=ctx.obj.get("config_file"), overrides=overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(f"keygate: invalid configuration: {line}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def store_options(settings: Settings) -> dict[str, Any]:
+    s = settings.store
+    if s.url.startswith("sqlite:"):
+        return {}
+    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
+
+
+@asynccontextmanager
+async def opened_store(settings: Settings) -> AsyncIterator[KeyStore]:
+    """The configured store, migrated if embedded, ready for management commands."""
+    store = create_store(settings.store.url, **store_options(settings))
+    await store.open()
+    try:
+        if settings.store.url.startswith("sqlite:"):
+            await bootstrap(store)
+        elif await store.pending_migrations():
+            fail("the store's schema is not up to date: run `keygate migrate` first", EXIT_UNAVAILABLE)
+        yield store
+    finally:
+        await store.close()
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run ``coro``, turning known failures into one line and an exit status."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except ServiceError as exc:
+        fail(str(exc))
+    except StoreUnavailable as exc:
+        fail(f"store unavailable: {exc}", EXIT_UNAVAILABLE)
+    except StoreError as exc:
+        fail(f"store refused the change: {exc}")
+
+
+def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]]) -> T:
+    settings = settings_from(ctx)
+
+    async def go() -> T:
+        async with opened_store(settings) as store:
+            return await action(KeyService(store, settings, actor=cli_actor()))
+
+    return run(go())
+
+
+# -- output --------------------------------------------------------------
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[("-" if v in (None, "") else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    click.echo(line(headers))
+    for row in cells:
+        click.echo(line(row))
+    if not rows:
+        click.echo("(none)")
+
+
+def _when(value: str | None) -> str:
+    return "-" if value is None else value.replace("T", " ")[:19]
+
+
+def key_table(records: Sequence[KeyRecord], now: datetime) -> None:
+    rows = []
+    for r in records:
+        p = r.public(now)
+        access = "agent" if r.agent else (r.role or "") + (
+            f" [{','.join(r.operations)}]" if r.operations else ""
+        )
+        rows.append([
+            p["id"], p["name"], p["kind"], p["org"] + (f"/{p['user']}" if p["user"] else ""), access.strip(),
+            ",".join(r.servers), p["status"], _when(p["expires_at"]) if p["expires_at"] else "never",
+            _when(p["last_used_at"]),
+        ])
+    table(["ID", "NAME", "KIND", "ORG/USER", "ACCESS", "SERVERS", "STATUS", "EXPIRES", "LAST USED"], rows)
+
+
+def key_details(record: KeyRecord, now: datetime) -> None:
+    for name, value in record.public(now).items():
+        if isinstance(value, list):
+            value = ", ".join(value) if value else "-"
+        click.echo(f"{name + ':':<14}{'-' if value in (None, '') else value}")
+
+
+def show_new_key(record: KeyRecord, full_key: str, as_json: bool, now: datetime, **extra: Any) -> None:
+    if as_json:
+        emit_json({**record.public(now), **extra, "key": full_key})
+        click.echo(SHOWN_ONCE, err=True)
+        return
+    click.echo(f"Key {record.id} ({record.name!r}):\n\n    {full_key}\n")
+    click.echo(SHOWN_ONCE)
+    for label, value in extra.items():
+        if value:
+            click.echo(f"{label.replace('_', ' ')}: {value}")
+
+
+# -- commands ------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", metavar="FILE", help="TOML config file (else $KEYGATE_CONFIG, else ./keygate.toml).")
+@click.version_option(package_name="keygate")
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
+    """Keygate: an authenticating reverse proxy for API keys."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_file"] = config_file
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Apply store migrations (and create the built-in admin role)."""
+    settings = settings_from(ctx)
+
+    async def go() -> list[int]:
+        store = create_store(settings.store.url, **store_options(settings))
+        await store.open()
+        try:
+            return await bootstrap(store)
+        finally:
+            await store.close()
+
+    applied = run(go())
+    click.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "store is up to date")
+
+
+@main.command("check-config")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Print the effective settings, secrets masked."""
+    click.echo(render_toml(masked(settings_from(ctx))), nl=False)
+
+
+# -- keys ------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Create, list, rotate and revoke keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for, e.g. 'deploy from CI'.")
+@click.option("--kind", help="Key kind (sets the prefix); default keys.default_kind.")
+@click.option("--org", default="default", show_default=True)
+@click.option("--user", default="", help="Make a per-user key; the user must be a member of the org.")
+@click.option("--role", help="Role whose grants bound the key.")
+@click.option("--operation", "operations", multiple=True, help="Operation grant (repeat).")
+@click.option("--server", "servers", multiple=True, help="Server the key may act on (repeat; default '*').")
+@click.option("--allow-ip", "allow_ips", multiple=True, help="Client CIDR allowed (repeat; default any).")
+@click.option("--rate-limit", help="e.g. '100/minute' or '100/minute; burst=150' (default ratelimit.default).")
+@click.option("--expires", default="never", show_default=True, help="7d, 30d, 90d, 1y, never or an ISO 8601 date.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user: str, role: str | None,
+                operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
+                rate_limit: str | None, expires: str, as_json: bool) -> None:
+    """Create a key and print it once."""
+    record, full = with_service(ctx, lambda svc: svc.create_key(
+        name=name, kind=kind, org=org, user=user, role=role, operations=operations, servers=servers,
+        ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires,
+    ))
+    show_new_key(record, full, as_json, utcnow())
+
+
+@keys.command("list")
+@click.option("--org")
+@click.option("--user")
+@click.option("--status", type=click.Choice(["active", "expired", "revoked"]))
+@click.option("--kind")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_list(ctx: click.Context, org: str | None, user: str | None, status: str | None,
+              kind: str | None, as_json: bool) -> None:
+    """List keys (never secrets or hashes)."""
+    records = with_service(ctx, lambda svc: svc.list_keys(org=org, user=user, status=status, kind=kind))
+    now = utcnow()
+    if as_json:
+        emit_json([r.public(now) for r in records])
+    else:
+        key_table(records, now)
+
+
+@keys.command("show")
+@click.argument("key_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_show(ctx: click.Context, key_id: str, as_json: bool) -> None:
+    """Show one key."""
+    record = with_service(ctx, lambda svc: svc.get_key(key_id))
+    if as_json:
+        emit_json(record.public(utcnow()))
+    else:
+        key_details(record, utcnow())
+
+
+@keys.command("update")
+@click.argument("key_id", metavar="ID")
+@click.option("--name")
+@click.option("--role", help="New role ('' to remove it, if the key has operations).")
+@click.option("--operation", "operations", multiple=True, help="Replaces the key's operations (repeat).")
+@click.option("--server", "servers", multiple=True, help="Replaces the key's servers (repeat).")
+@click.option("--allow-ip", "allow_ips", multiple=True, help="Replaces the key's IP allowlist (repeat).")
+@click.option("--rate-limit", help="New rate limit ('' for the configured default).")
+@click.option("--expires", help="New expiry: 7d, 30d, 90d, 1y, never or an ISO 8601 date.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | None,
+                operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
+                rate_limit: str | None, expires: str | None, as_json: bool) -> None:
+    """Change a key's settings; what is not given stays as it is."""
+    record = with_service(ctx, lambda svc: svc.update_key(
+        key_id, name=name, role=UNSET if role is None else role,
+        operations=operations or None, servers=servers or None, ip_allowlist=allow_ips or None,
+        rate_limit=UNSET if rate_limit is None else rate_limit, expires=expires,
+    ))
+    if as_json:
+        emit_json(record.public(utcnow()))
+    else:
+        click.echo(f"updated {record.id}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", metavar="ID")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke a key now (permanent; revoking twice is harmless)."""
+    record = with_service(ctx, lambda svc: svc.revoke_key(key_id))
+    click.echo(f"revoked {record.id}")
+
+
+@keys.command("rotate")
+@click.argument("key_id", metavar="ID")
+@click.option("--grace", help="Keep the old key working this long, e.g. 1h (default: revoke it now).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: bool) -> None:
+    """Replace a key with a new one with the same settings."""
+    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace))
+    revoked_at = old.revoked_at.isoformat().replace("+00:00", "Z") if old.revoked_at else None
+    show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=revoked_at)
+
+
+@keys.command("set-role")
+@click.argument("key_id", metavar="ID")
+@click.argument("role")
+@click.pass_context
+def keys_set_role(ctx: click.Context, key_id: str, role: str) -> None:
+    """Give a key another role."""
+    record = with_service(ctx, lambda svc: svc.set_role(key_id, role))
+    click.echo(f"{record.id} now has role {record.role}")
+
+
+@keys.command("agent")
+@click.option("--org", required=True)
+@click.option("--user", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_agent(ctx: click.Context, org: str, user: str, as_json: bool) -> None:
+    """Issue a user's agent key for an org, revoking their previous one."""
+    record, full, previous = with_service(ctx, lambda svc: svc.issue_agent_key(org, user))
+    show_new_key(record, full, as_json, utcnow(), revoked_previous=previous)
+
+
+# -- roles -----------------------------------------------------------------
+@main.group()
+def roles() -> None:
+    """Manage roles (named sets of operation grants)."""
+
+
+@roles.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def roles_list(ctx: click.Context, as_json: bool) -> None:
+    found = with_service(ctx, lambda svc: svc.list_roles())
+    if as_json:
+        emit_json([r.public() for r in found])
+    else:
+        table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
+
+
+@roles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def roles_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    role = with_service(ctx, lambda svc: svc.get_role(name))
+    if as_json:
+        emit_json(role.public())
+    else:
+        table(["ROLE", "GRANTS"], [[role.name, ", ".join(role.grants)]])
+
+
+@roles.command("set")
+@click.argument("name")
+@click.option("--grant", "grants", multiple=True, required=True, help="Operation grant (repeat).")
+@click.pass_context
+def roles_set(ctx: click.Context, name: str, grants: tuple[str, ...]) -> None:
+    """Create or replace a role."""
+    role = with_service(ctx, lambda svc: svc.put_role(name, grants))
+    click.echo(f"role {role.name}: {', '.join(role.grants)}")
+
+
+@roles.command("delete")
+@click.argument("name")
+@click.pass_context
+def roles_delete(ctx: click.Context, name: str) -> None:
+    with_service(ctx, lambda svc: svc.delete_role(name))
+    click.echo(f"deleted role {name}")
+
+
+# -- members ---------------------------------------------------------------
+@main.group()
+def members() -> None:
+    """Manage org members and their roles."""
+
+
+@members.command("list")
+@click.argument("org")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def members_list(ctx: click.Context, org: str, as_json: bool) -> None:
+    found = with_service(ctx, lambda svc: svc.list_members(org))
+    if as_json:
+        emit_json([m.public() for m in found])
+    else:
+        table(["USER", "ROLE", "SINCE"], [[m.user, m.role, _when(m.public()["created_at"])] for m in found])
+
+
+@members.command("set")
+@click.argument("org")
+@click.argument("user")
+@click.argument("role")
+@click.pass_context
+def members_set(ctx: click.Context, org: str, user: str, role: str) -> None:
+    member = with_service(ctx, lambda svc: svc.set_member(org, user, role))
+    click.echo(f"{member.user} is a member of {member.org} with role {member.role}")
+
+
+@members.command("remove")
+@click.argument("org")
+@click.argument("user")
+@click.pass_context
+def members_remove(ctx: click.Context, org: str, user: str) -> None:
+    """Remove a member; their per-user keys stop working."""
+    with_service(ctx, lambda svc: svc.remove_member(org, user))
+    click.echo(f"removed {user} from {org}")
+
+
+# -- audit -----------------------------------------------------------------
+def parse_since(text: str, now: datetime) -> datetime:
+    """``1h``/``7d`` ago, or an ISO 8601 date or date-time (UTC unless it has an offset)."""
+    try:
+        return now - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"since {text!r}: use a duration ago (30m, 1h, 7d) or an ISO 8601 date or date-time")
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+@main.command()
+@click.option("--key", "key_id", metavar="ID")
+@click.option("--action", help="e.g. key.create, key.revoke, role.set, member.remove")
+@click.option("--since", help="30m, 1h, 7d (ago) or an ISO 8601 time")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, key_id: str | None, action: str | None, since: str | None,
+          limit: int, as_json: bool) -> None:
+    """Show management events, newest first."""
+    since_at = parse_since(since, utcnow()) if since else None
+    events = with_service(ctx, lambda svc: svc.audit(key=key_id, action=action, since=since_at, limit=limit))
+    if as_json:
+        emit_json([e.public() for e in events])
+    else:
+        table(["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"], [
+            [_when(e.public()["at"]), e.actor, e.action, e.target,
+             json.dumps(e.details, sort_keys=True) if e.details else ""]
+            for e in events
+        ])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

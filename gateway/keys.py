@@ -1,0 +1,135 @@
+"""The key format: generation, parsing, checksums, hashing and cache keys.
+
+A key is ``<prefix><id12><secret32><checksum6>``: ``prefix + id12`` is its
+public id, the secret is 32 base62 characters from :mod:`secrets` (about 190
+bits), and the checksum is CRC32 over everything before it, in 6 base62
+characters. Parsing is pure (no I/O) so garbage is refused before any cache,
+store or argon2 work is spent on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_LENGTH = 12
+SECRET_LENGTH = 32
+CHECKSUM_LENGTH = 6
+BODY_LENGTH = ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
+# Longest configurable prefix (16) plus the body: anything longer is refused
+# before we even look at it.
+MAX_KEY_LENGTH = 16 + BODY_LENGTH
+
+_BASE62_BODY = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
+_KEY_ID = re.compile(r"[a-z][a-z0-9_]{0,15}[0-9A-Za-z]{%d}" % ID_LENGTH)
+
+
+class MalformedKey(ValueError):
+    """The text cannot be a key: wrong prefix, length, charset or checksum."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A syntactically valid key, split into its parts."""
+
+    prefix: str
+    key_id: str
+    secret: str
+
+    @property
+    def full(self) -> str:
+        """The full key text, as shown once to its owner."""
+        body = self.key_id + self.secret
+        return body + checksum(body)
+
+
+def _base62(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        chars.append(BASE62[rem])
+    return "".join(reversed(chars))
+
+
+def random_base62(length: int) -> str:
+    return "".join(secrets.choice(BASE62) for _ in range(length))
+
+
+def checksum(text: str) -> str:
+    """Six base62 characters of CRC32 over ``text`` (62**6 > 2**32, so nothing is lost)."""
+    return _base62(zlib.crc32(text.encode("ascii")), CHECKSUM_LENGTH)
+
+
+def generate(prefix: str) -> ParsedKey:
+    """A fresh random key with ``prefix``."""
+    return ParsedKey(
+        prefix=prefix,
+        key_id=prefix + random_base62(ID_LENGTH),
+        secret=random_base62(SECRET_LENGTH),
+    )
+
+
+def looks_like_key_id(text: str) -> bool:
+    """True when ``text`` has the shape of a key id (``prefix`` + 12 base62)."""
+    return _KEY_ID.fullmatch(text) is not None
+
+
+class KeyParser:
+    """Parses presented keys against the configured prefixes, without I/O."""
+
+    def __init__(self, prefixes: Iterable[str]) -> None:
+        self._prefixes = frozenset(prefixes)
+
+    def parse(self, text: str) -> ParsedKey:
+        if len(text) > MAX_KEY_LENGTH or len(text) <= BODY_LENGTH or not text.isascii():
+            raise MalformedKey("wrong length")
+        # The body has a fixed length, so the prefix is whatever precedes it.
+        split = len(text) - BODY_LENGTH
+        prefix, body = text[:split], text[split:]
+        if prefix not in self._prefixes:
+            raise MalformedKey("unknown prefix")
+        if _BASE62_BODY.fullmatch(body) is None:
+            raise MalformedKey("bad characters")
+        signed, given = text[:-CHECKSUM_LENGTH], text[-CHECKSUM_LENGTH:]
+        # Not secret material: a plain comparison is fine here.
+        if checksum(signed) != given:
+            raise MalformedKey("bad checksum")
+        return ParsedKey(
+            prefix=prefix,
+            key_id=text[: split + ID_LENGTH],
+            secret=body[ID_LENGTH : ID_LENGTH + SECRET_LENGTH],
+        )
+
+
+class SecretHasher:
+    """argon2id hashing of secrets; ``verify`` is constant-time and thread-safe."""
+
+    def __init__(self, *, time_cost: int = 1, memory_cost: int = 8192, parallelism: int = 1) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism
+        )
+
+    def hash(self, secret: str) -> str:
+        return self._hasher.hash(secret)
+
+    def verify(self, secret_hash: str, secret: str) -> bool:
+        """True when ``secret`` matches; blocking, so run it in a thread on the hot path."""
+        try:
+            # SECURITY: libargon2 compares digests in constant time.
+            return self._hasher.verify(secret_hash, secret)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+
+def cache_key(pepper: bytes, full_key: str) -> str:
+    """HMAC-SHA256(pepper, key) in hex: what caches are keyed by, never the key itself."""
+    return hmac.new(pepper, full_key.encode("ascii"), hashlib.sha256).hexdigest()

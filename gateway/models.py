@@ -1,0 +1,140 @@
+"""Records the store keeps, as frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class KeyStatus(StrEnum):
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key as stored: everything but its secret (only an argon2 hash is kept)."""
+
+    id: str
+    kind: str
+    name: str
+    org: str
+    user: str
+    role: str | None
+    operations: tuple[str, ...]
+    servers: tuple[str, ...]
+    ip_allowlist: tuple[str, ...]
+    rate_limit: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    last_used_ip: str | None
+    agent: bool = False
+    secret_hash: str = field(default="", repr=False, compare=False)
+
+    def status(self, now: datetime) -> KeyStatus:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return KeyStatus.REVOKED
+        if self.expires_at is not None and self.expires_at <= now:
+            return KeyStatus.EXPIRED
+        return KeyStatus.ACTIVE
+
+    def public(self, now: datetime) -> dict[str, Any]:
+        """The record as users see it (CLI ``--json``, admin API): never the hash."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "org": self.org,
+            "user": self.user,
+            "role": self.role,
+            "operations": list(self.operations),
+            "servers": list(self.servers),
+            "ip_allowlist": list(self.ip_allowlist),
+            "rate_limit": self.rate_limit,
+            "agent": self.agent,
+            "created_by": self.created_by,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "revoked_at": _iso(self.revoked_at),
+            "last_used_at": _iso(self.last_used_at),
+            "last_used_ip": self.last_used_ip,
+            "status": str(self.status(now)),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    grants: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "grants": list(self.grants),
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    org: str
+    user: str
+    role: str
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "org": self.org,
+            "user": self.user,
+            "role": self.role,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One management action: who did what to which target, and when."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = _iso(self.at)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One proxied request, kept for the audit trail."""
+
+    at: datetime
+    key_id: str | None
+    method: str
+    path: str
+    server: str | None
+    operation: str | None
+    decision: str
+    status: int
+    client_ip: str | None
+    duration_ms: float
+    reason: str | None = None

@@ -1,0 +1,63 @@
+"""Rate-limit specifications: ``"100/minute"`` or ``"100/minute; burst=150"``.
+
+A spec is parsed once (when a key enters the cache, or when configuration is
+loaded) into a :class:`RateLimitSpec`; the token bucket works on its numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {
+    "second": 1.0, "sec": 1.0, "s": 1.0,
+    "minute": 60.0, "min": 60.0, "m": 60.0,
+    "hour": 3600.0, "h": 3600.0,
+    "day": 86400.0, "d": 86400.0,
+}
+
+_SPEC = re.compile(
+    r"^\s*(?P<limit>\d+)\s*/\s*(?P<unit>[a-z]+)\s*(?:;\s*burst\s*=\s*(?P<burst>\d+)\s*)?$"
+)
+
+ALLOWED = '"N/second", "N/minute", "N/hour" or "N/day" with N >= 1, optionally "; burst=M" with M >= N'
+
+
+class InvalidRateLimit(ValueError):
+    """The text is not a rate-limit spec."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    """A token bucket: ``capacity`` tokens, refilled at ``limit`` per ``window`` seconds."""
+
+    limit: int
+    window: float
+    burst: int | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else self.limit
+
+    @property
+    def refill_per_second(self) -> float:
+        return self.limit / self.window
+
+    def __str__(self) -> str:
+        unit = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}[self.window]
+        text = f"{self.limit}/{unit}"
+        return text if self.burst is None else f"{text}; burst={self.burst}"
+
+
+def parse_rate_limit(text: str) -> RateLimitSpec:
+    """Parse ``text`` or raise :class:`InvalidRateLimit` naming what is allowed."""
+    match = _SPEC.match(text.lower()) if isinstance(text, str) else None
+    if match is None or match["unit"] not in _UNITS:
+        raise InvalidRateLimit(f"invalid rate limit {text!r}: use {ALLOWED}")
+    limit = int(match["limit"])
+    burst = int(match["burst"]) if match["burst"] is not None else None
+    if limit < 1:
+        raise InvalidRateLimit(f"invalid rate limit {text!r}: the limit must be at least 1")
+    if burst is not None and burst < limit:
+        raise InvalidRateLimit(f"invalid rate limit {text!r}: burst must be at least the limit ({limit})")
+    return RateLimitSpec(limit=limit, window=_UNITS[match["unit"]], burst=burst)

@@ -1,0 +1,78 @@
+"""The production store: PostgreSQL through an asyncpg pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from .base import Conflict, StoreUnavailable
+from .sql import POSTGRES, SqlStore, SqlTransaction
+
+# Errors that mean "the server is not there or not usable", as opposed to a
+# bug in a query: these become StoreUnavailable (503 / exit 1 for users).
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
+class _PgConnection:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]:
+        return await self._conn.fetch(sql, *args)
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> None:
+        await self._conn.execute(sql, *args)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, rows)
+
+
+class PostgresStore(SqlStore):
+    dialect = POSTGRES
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._min_size, max_size=self._max_size, timeout=self._timeout,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool) -> AsyncIterator[SqlTransaction]:
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not open")
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                async with conn.transaction(readonly=not write):
+                    yield SqlTransaction(_PgConnection(conn), POSTGRES)
+        except asyncpg.exceptions.IntegrityConstraintViolationError as exc:
+            raise Conflict(str(exc)) from None
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL failed: {exc}") from None

@@ -1,0 +1,430 @@
+"""The SQL both stores share: one set of queries, two dialects.
+
+Queries are written once with ``?`` placeholders; a :class:`Dialect` turns
+them into the backend's placeholders and converts the few types that differ
+(timestamps, booleans). Each backend supplies a :class:`Connection`.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role
+
+
+class Connection(Protocol):
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]: ...
+    async def execute(self, sql: str, args: Sequence[Any]) -> None: ...
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    placeholders: Callable[[str], str]
+    time_in: Callable[[datetime | None], Any]
+    time_out: Callable[[Any], datetime | None]
+    bool_in: Callable[[bool], Any]
+    greatest: str
+    for_update: str
+    # Serialises concurrent ``migrate`` runs (SQLite's write lock already does).
+    migration_lock: str | None
+    time_type: str
+
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def _sqlite_time_in(value: datetime | None) -> str | None:
+    # Fixed-width UTC text sorts and compares like the instants it names.
+    return None if value is None else value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _sqlite_time_out(value: Any) -> datetime | None:
+    return None if value is None else datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def _numbered(sql: str) -> str:
+    counter = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _m: f"${next(counter)}", sql)
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    placeholders=lambda sql: sql,
+    time_in=_sqlite_time_in,
+    time_out=_sqlite_time_out,
+    bool_in=lambda value: 1 if value else 0,
+    greatest="max",
+    for_update="",
+    migration_lock=None,
+    time_type="TEXT",
+)
+
+POSTGRES = Dialect(
+    name="postgres",
+    placeholders=_numbered,
+    time_in=lambda value: value,
+    time_out=lambda value: value,
+    bool_in=lambda value: bool(value),
+    greatest="GREATEST",
+    for_update=" FOR UPDATE",
+    migration_lock="SELECT pg_advisory_xact_lock(4242004201)",
+    time_type="TIMESTAMPTZ",
+)
+
+_KEY_COLUMNS = (
+    "id, kind, name, org, user_name, role, operations, servers, ip_allowlist, rate_limit, agent, "
+    "secret_hash, created_by, created_at, expires_at, revoked_at, last_used_at, last_used_ip"
+)
+
+
+def migrations(dialect: Dialect) -> list[tuple[int, str, list[str]]]:
+    """``(version, name, statements)`` for every migration file, in order."""
+    folder = resources.files("gateway.store").joinpath("migrations", dialect.name)
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            text = entry.read_text(encoding="utf-8")
+            # Our migration files keep semicolons out of strings and comments.
+            body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+            statements = [s.strip() for s in body.split(";") if s.strip()]
+            found.append((int(match[1]), match[2], statements))
+    return sorted(found)
+
+
+class SqlTransaction:
+    """The store's operations inside one transaction (see ``base.Transaction``)."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._d = dialect
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Mapping[str, Any]]:
+        return await self._conn.fetch(self._d.placeholders(sql), args)
+
+    async def _one(self, sql: str, *args: Any) -> Mapping[str, Any] | None:
+        rows = await self._fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def _exec(self, sql: str, *args: Any) -> None:
+        await self._conn.execute(self._d.placeholders(sql), args)
+
+    # -- keys ------------------------------------------------------------
+    def _key(self, row: Mapping[str, Any]) -> KeyRecord:
+        t = self._d.time_out
+        return KeyRecord(
+            id=row["id"], kind=row["kind"], name=row["name"], org=row["org"], user=row["user_name"],
+            role=row["role"], operations=tuple(json.loads(row["operations"])),
+            servers=tuple(json.loads(row["servers"])), ip_allowlist=tuple(json.loads(row["ip_allowlist"])),
+            rate_limit=row["rate_limit"], agent=bool(row["agent"]), secret_hash=row["secret_hash"],
+            created_by=row["created_by"], created_at=t(row["created_at"]), expires_at=t(row["expires_at"]),
+            revoked_at=t(row["revoked_at"]), last_used_at=t(row["last_used_at"]),
+            last_used_ip=row["last_used_ip"],
+        )
+
+    async def get_key(self, key_id: str, *, for_update: bool = False) -> KeyRecord | None:
+        lock = self._d.for_update if for_update else ""
+        row = await self._one(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?{lock}", key_id)
+        return None if row is None else self._key(row)
+
+    async def insert_key(self, r: KeyRecord) -> None:
+        t = self._d.time_in
+        await self._exec(
+            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            r.id, r.kind, r.name, r.org, r.user, r.role, json.dumps(list(r.operations)),
+            json.dumps(list(r.servers)), json.dumps(list(r.ip_allowlist)), r.rate_limit,
+            self._d.bool_in(r.agent), r.secret_hash, r.created_by, t(r.created_at), t(r.expires_at),
+            t(r.revoked_at), t(r.last_used_at), r.last_used_ip,
+        )
+
+    async def save_key(self, r: KeyRecord) -> None:
+        """Write the fields management may change (never the id, hash or usage)."""
+        t = self._d.time_in
+        await self._exec(
+            "UPDATE keys SET name = ?, role = ?, operations = ?, servers = ?, ip_allowlist = ?, "
+            "rate_limit = ?, expires_at = ?, revoked_at = ? WHERE id = ?",
+            r.name, r.role, json.dumps(list(r.operations)), json.dumps(list(r.servers)),
+            json.dumps(list(r.ip_allowlist)), r.rate_limit, t(r.expires_at), t(r.revoked_at), r.id,
+        )
+
+    async def list_keys(
+        self, *, now: datetime, org: str | None = None, user: str | None = None,
+        status: KeyStatus | None = None, kind: str | None = None, limit: int = 1000, offset: int = 0,
+    ) -> list[KeyRecord]:
+        where, args = ["1 = 1"], []
+        for column, value in (("org", org), ("user_name", user), ("kind", kind)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        at = self._d.time_in(now)
+        if status is KeyStatus.REVOKED:
+            where.append("revoked_at IS NOT NULL AND revoked_at <= ?")
+            args.append(at)
+        elif status is KeyStatus.EXPIRED:
+            where.append("(revoked_at IS NULL OR revoked_at > ?) AND expires_at IS NOT NULL AND expires_at <= ?")
+            args += [at, at]
+        elif status is KeyStatus.ACTIVE:
+            where.append("(revoked_at IS NULL OR revoked_at > ?) AND (expires_at IS NULL OR expires_at > ?)")
+            args += [at, at]
+        rows = await self._fetch(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+            *args, limit, offset,
+        )
+        return [self._key(row) for row in rows]
+
+    async def current_agent_key(self, org: str, user: str) -> KeyRecord | None:
+        row = await self._one(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE org = ? AND user_name = ? AND agent = ? "
+            "AND revoked_at IS NULL",
+            org, user, self._d.bool_in(True),
+        )
+        return None if row is None else self._key(row)
+
+    # -- roles -----------------------------------------------------------
+    def _role(self, row: Mapping[str, Any]) -> Role:
+        t = self._d.time_out
+        return Role(row["name"], tuple(json.loads(row["grants"])), t(row["created_at"]), t(row["updated_at"]))
+
+    async def get_role(self, name: str) -> Role | None:
+        row = await self._one("SELECT name, grants, created_at, updated_at FROM roles WHERE name = ?", name)
+        return None if row is None else self._role(row)
+
+    async def list_roles(self) -> list[Role]:
+        rows = await self._fetch("SELECT name, grants, created_at, updated_at FROM roles ORDER BY name")
+        return [self._role(row) for row in rows]
+
+    async def put_role(self, role: Role) -> None:
+        t = self._d.time_in
+        await self._exec(
+            "INSERT INTO roles (name, grants, created_at, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET grants = excluded.grants, updated_at = excluded.updated_at",
+            role.name, json.dumps(list(role.grants)), t(role.created_at), t(role.updated_at),
+        )
+
+    async def delete_role(self, name: str) -> None:
+        await self._exec("DELETE FROM roles WHERE name = ?", name)
+
+    async def role_users(self, name: str) -> tuple[int, int]:
+        """How many keys (not revoked) and members use the role."""
+        keys = await self._one(
+            "SELECT count(*) AS n FROM keys WHERE role = ? AND revoked_at IS NULL", name
+        )
+        members = await self._one("SELECT count(*) AS n FROM members WHERE role = ?", name)
+        return int(keys["n"]), int(members["n"])  # type: ignore[index]
+
+    # -- members ---------------------------------------------------------
+    def _member(self, row: Mapping[str, Any]) -> Member:
+        t = self._d.time_out
+        return Member(row["org"], row["user_name"], row["role"], t(row["created_at"]), t(row["updated_at"]))
+
+    async def get_member(self, org: str, user: str, *, for_update: bool = False) -> Member | None:
+        lock = self._d.for_update if for_update else ""
+        row = await self._one(
+            "SELECT org, user_name, role, created_at, updated_at FROM members "
+            f"WHERE org = ? AND user_name = ?{lock}",
+            org, user,
+        )
+        return None if row is None else self._member(row)
+
+    async def list_members(self, org: str) -> list[Member]:
+        rows = await self._fetch(
+            "SELECT org, user_name, role, created_at, updated_at FROM members WHERE org = ? ORDER BY user_name",
+            org,
+        )
+        return [self._member(row) for row in rows]
+
+    async def put_member(self, m: Member) -> None:
+        t = self._d.time_in
+        await self._exec(
+            "INSERT INTO members (org, user_name, role, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (org, user_name) DO UPDATE SET role = excluded.role, updated_at = excluded.updated_at",
+            m.org, m.user, m.role, t(m.created_at), t(m.updated_at),
+        )
+
+    async def delete_member(self, org: str, user: str) -> None:
+        await self._exec("DELETE FROM members WHERE org = ? AND user_name = ?", org, user)
+
+    # -- audit -----------------------------------------------------------
+    async def add_audit(self, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+        await self._exec(
+            "INSERT INTO audit_events (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            self._d.time_in(at), actor, action, target, json.dumps(details, sort_keys=True),
+        )
+
+    async def list_audit(
+        self, *, key: str | None = None, action: str | None = None,
+        since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0,
+    ) -> list[AuditEvent]:
+        where, args = ["1 = 1"], []
+        if key is not None:
+            where.append("target = ?")
+            args.append(key)
+        if action is not None:
+            where.append("action = ?")
+            args.append(action)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(self._d.time_in(since))
+        if until is not None:
+            where.append("at < ?")
+            args.append(self._d.time_in(until))
+        rows = await self._fetch(
+            f"SELECT id, at, actor, action, target, details FROM audit_events WHERE {' AND '.join(where)} "
+            "ORDER BY at DESC, id DESC LIMIT ? OFFSET ?",
+            *args, limit, offset,
+        )
+        return [
+            AuditEvent(int(r["id"]), self._d.time_out(r["at"]), r["actor"], r["action"], r["target"],
+                       json.loads(r["details"]))
+            for r in rows
+        ]
+
+    # -- change feed and meta -------------------------------------------
+    async def add_change(self, *, at: datetime, entity: str, target: str) -> None:
+        await self._exec(
+            "INSERT INTO changes (at, entity, target) VALUES (?, ?, ?)", self._d.time_in(at), entity, target
+        )
+
+    async def get_meta(self, name: str) -> str | None:
+        row = await self._one("SELECT value FROM meta WHERE name = ?", name)
+        return None if row is None else row["value"]
+
+    async def set_meta_if_absent(self, name: str, value: str) -> str:
+        """Store ``value`` unless one is there already; return the one that stays."""
+        await self._exec("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", name, value)
+        stored = await self.get_meta(name)
+        assert stored is not None
+        return stored
+
+    # -- the proxy's writes ------------------------------------------------
+    async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None:
+        """Last-used time and IP per key; a late batch never moves the time backwards."""
+        g = self._d.greatest
+        sql = self._d.placeholders(
+            f"UPDATE keys SET last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at <= ? "
+            f"THEN ? ELSE last_used_ip END, last_used_at = {g}(COALESCE(last_used_at, ?), ?) WHERE id = ?"
+        )
+        t = self._d.time_in
+        await self._conn.executemany(sql, [(t(at), ip, t(at), t(at), key_id) for key_id, at, ip in usage])
+
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
+        sql = self._d.placeholders(
+            "INSERT INTO request_records (at, key_id, method, path, server, operation, decision, status, "
+            "client_ip, duration_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        t = self._d.time_in
+        await self._conn.executemany(sql, [
+            (t(r.at), r.key_id, r.method, r.path, r.server, r.operation, r.decision, r.status,
+             r.client_ip, r.duration_ms, r.reason)
+            for r in records
+        ])
+
+    async def list_requests(self, *, key_id: str | None = None, limit: int = 100) -> list[RequestRecord]:
+        where, args = ("WHERE key_id = ?", [key_id]) if key_id is not None else ("", [])
+        rows = await self._fetch(
+            "SELECT at, key_id, method, path, server, operation, decision, status, client_ip, duration_ms, "
+            f"reason FROM request_records {where} ORDER BY at DESC, id DESC LIMIT ?",
+            *args, limit,
+        )
+        return [
+            RequestRecord(self._d.time_out(r["at"]), r["key_id"], r["method"], r["path"], r["server"],
+                          r["operation"], r["decision"], int(r["status"]), r["client_ip"],
+                          float(r["duration_ms"]), r["reason"])
+            for r in rows
+        ]
+
+    async def latest_change(self) -> int:
+        row = await self._one("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes")
+        return int(row["seq"]) if row else 0
+
+    async def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+        rows = await self._fetch("SELECT seq, entity, target FROM changes WHERE seq > ? ORDER BY seq", seq)
+        return [(int(r["seq"]), r["entity"], r["target"]) for r in rows]
+
+
+class SqlStore(ABC):
+    """What both stores do the same way on top of their transactions."""
+
+    dialect: Dialect
+    url: str
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def _tx(self, *, write: bool) -> AbstractAsyncContextManager[SqlTransaction]: ...
+
+    async def ping(self) -> None:
+        async with self.read() as tx:
+            await tx._fetch("SELECT 1 AS ok")
+
+    def transaction(self) -> AbstractAsyncContextManager[SqlTransaction]:
+        return self._tx(write=True)
+
+    def read(self) -> AbstractAsyncContextManager[SqlTransaction]:
+        return self._tx(write=False)
+
+    async def _applied(self, tx: SqlTransaction) -> set[int]:
+        await tx._exec(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            f"name TEXT NOT NULL, applied_at {self.dialect.time_type} NOT NULL)"
+        )
+        return {int(r["version"]) for r in await tx._fetch("SELECT version FROM schema_migrations")}
+
+    async def pending_migrations(self) -> list[int]:
+        async with self.transaction() as tx:
+            applied = await self._applied(tx)
+        return [version for version, _, _ in migrations(self.dialect) if version not in applied]
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations, each in its own transaction; return their versions."""
+        done = []
+        for version, name, statements in migrations(self.dialect):
+            async with self.transaction() as tx:
+                if self.dialect.migration_lock:
+                    await tx._exec(self.dialect.migration_lock)
+                # Checked under the lock, so concurrent runs apply each step once.
+                if version in await self._applied(tx):
+                    continue
+                for statement in statements:
+                    await tx._exec(statement)
+                await tx._exec(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    version, name, self.dialect.time_in(datetime.now(UTC)),
+                )
+            done.append(version)
+        return done
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with self.read() as tx:
+            return await tx.get_key(key_id)
+
+    async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None:
+        async with self.transaction() as tx:
+            await tx.record_usage(usage)
+
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
+        async with self.transaction() as tx:
+            await tx.add_request_records(records)
+
+    async def latest_change(self) -> int:
+        async with self.read() as tx:
+            return await tx.latest_change()
+
+    async def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+        async with self.read() as tx:
+            return await tx.changes_since(seq)

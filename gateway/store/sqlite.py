@@ -1,0 +1,98 @@
+"""The embedded store: one SQLite file in WAL mode, shared safely by processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .base import Conflict, StoreUnavailable
+from .sql import SQLITE, SqlStore, SqlTransaction
+
+
+class _SqliteConnection:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]:
+        async with self._db.execute(sql, tuple(args)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> None:
+        await self._db.execute(sql, tuple(args))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._db.executemany(sql, [tuple(r) for r in rows])
+
+
+def path_from_url(url: str) -> Path:
+    """``sqlite:///keygate.db`` is relative to the working directory, ``sqlite:////abs`` absolute."""
+    return Path(url.removeprefix("sqlite:///"))
+
+
+class SqliteStore(SqlStore):
+    """SQLite behind one connection: a lock serialises this process's
+    transactions, and ``BEGIN IMMEDIATE`` with a busy timeout serialises
+    writers across processes (WAL lets readers go on meanwhile)."""
+
+    dialect = SQLITE
+
+    def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise StoreUnavailable(f"cannot open SQLite store {str(self.path)!r}: no such directory")
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {str(self.path)!r}: {exc}") from None
+        db.row_factory = sqlite3.Row
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            await db.close()
+            raise StoreUnavailable(f"cannot use SQLite store {str(self.path)!r}: {exc}") from None
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool) -> AsyncIterator[SqlTransaction]:
+        if self._db is None:
+            raise StoreUnavailable("the SQLite store is not open")
+        db = self._db
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store is busy or unusable: {exc}") from None
+            try:
+                yield SqlTransaction(_SqliteConnection(db), SQLITE)
+            except BaseException as exc:
+                await db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise Conflict(str(exc)) from None
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreUnavailable(f"SQLite store failed: {exc}") from None
+                raise
+            try:
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await db.execute("ROLLBACK")
+                raise StoreUnavailable(f"SQLite commit failed: {exc}") from None

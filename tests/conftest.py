@@ -1,0 +1,124 @@
+"""Shared fixtures: every test gets its own SQLite file or PostgreSQL database.
+
+PostgreSQL tests use the machine's server (``TEST_PG_URL``, default
+127.0.0.1:5432 as ``postgres``) with a database created for the test and
+dropped afterwards. They never skip: if the server is unreachable they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway.config import Settings
+from gateway.service import KeyService, bootstrap
+from gateway.store import KeyStore, create_store
+
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_url_for(database: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def create_pg_database() -> str:
+    name = f"keygate_test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database's URL, dropped after the test."""
+    name = await create_pg_database()
+    try:
+        yield pg_url_for(name)
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'keygate.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty store of each kind: the contract suite runs against both."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'keygate.db'}"
+    else:
+        name = await create_pg_database()
+        try:
+            yield pg_url_for(name)
+        finally:
+            await drop_pg_database(name)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[KeyStore]:
+    """An opened, migrated store with the built-in roles."""
+    s = create_store(store_url)
+    await s.open()
+    await bootstrap(s)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+class Clock:
+    """A test clock that only moves when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    # Cheapest argon2 settings the library accepts keep the suite fast; the
+    # cost does not change any behaviour under test.
+    return Settings.model_validate({"keys": {"argon2": {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}}})
+
+
+@pytest.fixture
+def service(store: KeyStore, settings: Settings, clock: Clock) -> KeyService:
+    return KeyService(store, settings, actor="test:alice", clock=clock)
+
+
+@pytest.fixture
+def fixed_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An environment for subprocesses: no stray KEYGATE_ settings from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env["KEYGATE_STORE__URL"] = f"sqlite:///{tmp_path / 'cli.db'}"
+    yield env

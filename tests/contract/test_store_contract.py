@@ -1,0 +1,263 @@
+"""The store contract: every case runs unchanged against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.models import KeyRecord, KeyStatus, Member, RequestRecord, Role
+from gateway.store import Conflict, KeyStore
+
+T0 = datetime(2026, 11, 22, 12, 0, 0, 500000, tzinfo=UTC)
+
+
+def a_key(key_id: str = "kg_AAAAAAAAAAAA", **changes: object) -> KeyRecord:
+    record = KeyRecord(
+        id=key_id, kind="integration", name="ci deploy", org="acme", user="", role="admin",
+        operations=("deploy", "servers:read"), servers=("prod-1", "prod-2"),
+        ip_allowlist=("10.0.0.0/8", "2001:db8::/32"), rate_limit="100/minute", created_by="test",
+        created_at=T0, expires_at=T0 + timedelta(days=30), revoked_at=None, last_used_at=None,
+        last_used_ip=None, agent=False, secret_hash="$argon2id$fake",
+    )
+    return replace(record, **changes)  # type: ignore[arg-type]
+
+
+async def test_migrate_is_idempotent(store: KeyStore) -> None:
+    """Migrating an up-to-date store applies nothing and leaves nothing pending."""
+    assert await store.migrate() == []
+    assert await store.pending_migrations() == []
+
+
+async def test_key_round_trips_every_field(store: KeyStore) -> None:
+    """A stored key comes back equal, with timezone-aware times and its hash."""
+    record = a_key()
+    async with store.transaction() as tx:
+        await tx.insert_key(record)
+    loaded = await store.get_key(record.id)
+    assert loaded == record
+    assert loaded is not None and loaded.secret_hash == "$argon2id$fake"
+    assert loaded.created_at.tzinfo is not None
+
+
+async def test_unknown_key_is_none(store: KeyStore) -> None:
+    """Looking up an id that was never stored gives None, not an error."""
+    assert await store.get_key("kg_ZZZZZZZZZZZZ") is None
+
+
+async def test_duplicate_id_is_a_conflict(store: KeyStore) -> None:
+    """Two keys can never share an id."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key())
+    with pytest.raises(Conflict):
+        async with store.transaction() as tx:
+            await tx.insert_key(a_key(name="other"))
+
+
+async def test_failed_transaction_writes_nothing(store: KeyStore) -> None:
+    """An error inside a transaction rolls back everything it did."""
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.insert_key(a_key())
+            await tx.add_audit(at=T0, actor="t", action="key.create", target="kg_AAAAAAAAAAAA", details={})
+            raise RuntimeError("boom")
+    assert await store.get_key("kg_AAAAAAAAAAAA") is None
+    async with store.read() as tx:
+        assert await tx.list_audit(key="kg_AAAAAAAAAAAA") == []
+
+
+async def test_save_key_changes_only_management_fields(store: KeyStore) -> None:
+    """save_key writes settings and revocation but never the hash or usage."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key())
+    changed = a_key(name="renamed", role=None, operations=("read",), servers=("*",), ip_allowlist=(),
+                    rate_limit=None, expires_at=None, revoked_at=T0, secret_hash="$other",
+                    last_used_at=T0)
+    async with store.transaction() as tx:
+        await tx.save_key(changed)
+    loaded = await store.get_key("kg_AAAAAAAAAAAA")
+    assert loaded == replace(changed, last_used_at=None)
+    assert loaded is not None and loaded.secret_hash == "$argon2id$fake"
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({}, {"kg_active00001", "kg_expired0001", "kg_revoked0001", "kg_otherorg001", "kg_peruser0001"}),
+        ({"org": "acme"}, {"kg_active00001", "kg_expired0001", "kg_revoked0001", "kg_peruser0001"}),
+        ({"org": "acme", "user": "bob"}, {"kg_peruser0001"}),
+        ({"kind": "automation"}, {"kg_otherorg001"}),
+        ({"status": KeyStatus.ACTIVE}, {"kg_active00001", "kg_otherorg001", "kg_peruser0001"}),
+        ({"status": KeyStatus.EXPIRED}, {"kg_expired0001"}),
+        ({"status": KeyStatus.REVOKED}, {"kg_revoked0001"}),
+    ],
+)
+async def test_list_keys_filters(store: KeyStore, filters: dict[str, object], expected: set[str]) -> None:
+    """Keys are listed by org, user, kind and derived status."""
+    now = T0 + timedelta(days=1)
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key("kg_active00001"))
+        await tx.insert_key(a_key("kg_expired0001", expires_at=T0 + timedelta(hours=1)))
+        # Revoked (and also expired): revoked wins.
+        await tx.insert_key(a_key("kg_revoked0001", revoked_at=T0, expires_at=T0))
+        await tx.insert_key(a_key("kg_otherorg001", org="other", kind="automation"))
+        await tx.insert_key(a_key("kg_peruser0001", user="bob"))
+    async with store.read() as tx:
+        found = await tx.list_keys(now=now, **filters)  # type: ignore[arg-type]
+    assert {k.id for k in found} == expected
+
+
+async def test_list_keys_pages_newest_first(store: KeyStore) -> None:
+    """Lists come newest first and page with limit and offset."""
+    async with store.transaction() as tx:
+        for i in range(5):
+            await tx.insert_key(a_key(f"kg_page0000000{i}"[:15], created_at=T0 + timedelta(minutes=i)))
+    async with store.read() as tx:
+        first = await tx.list_keys(now=T0, limit=2)
+        second = await tx.list_keys(now=T0, limit=2, offset=2)
+    assert [k.id for k in first] == ["kg_page00000004", "kg_page00000003"]
+    assert [k.id for k in second] == ["kg_page00000002", "kg_page00000001"]
+
+
+async def test_future_revocation_is_not_yet_revoked(store: KeyStore) -> None:
+    """A key revoked after a grace period stays active until then."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key(revoked_at=T0 + timedelta(hours=1)))
+    async with store.read() as tx:
+        active = await tx.list_keys(now=T0, status=KeyStatus.ACTIVE)
+        later = await tx.list_keys(now=T0 + timedelta(hours=2), status=KeyStatus.REVOKED)
+    assert [k.id for k in active] == [k.id for k in later] == ["kg_AAAAAAAAAAAA"]
+
+
+async def test_one_unrevoked_agent_key_per_user_and_org(store: KeyStore) -> None:
+    """The store itself refuses a second live agent key for the same user and org."""
+    agent = a_key("kg_agent000001", user="bob", role=None, operations=(), agent=True)
+    async with store.transaction() as tx:
+        await tx.insert_key(agent)
+    with pytest.raises(Conflict):
+        async with store.transaction() as tx:
+            await tx.insert_key(replace(agent, id="kg_agent000002"))
+    async with store.transaction() as tx:
+        await tx.save_key(replace(agent, revoked_at=T0))
+        await tx.insert_key(replace(agent, id="kg_agent000002"))
+        current = await tx.current_agent_key("acme", "bob")
+    assert current is not None and current.id == "kg_agent000002"
+
+
+async def test_roles_are_created_replaced_and_deleted(store: KeyStore) -> None:
+    """Roles round-trip; put replaces the grants and keeps created_at."""
+    async with store.transaction() as tx:
+        await tx.put_role(Role("ci", ("deploy", "read"), T0, T0))
+        await tx.put_role(Role("ci", ("deploy",), T0 + timedelta(hours=1), T0 + timedelta(hours=1)))
+        role = await tx.get_role("ci")
+        names = [r.name for r in await tx.list_roles()]
+        await tx.delete_role("ci")
+        gone = await tx.get_role("ci")
+    assert role == Role("ci", ("deploy",), T0, T0 + timedelta(hours=1))
+    assert names == ["admin", "ci"]
+    assert gone is None
+
+
+async def test_builtin_admin_role_grants_everything(store: KeyStore) -> None:
+    """After migration the admin role exists and grants '*'."""
+    async with store.read() as tx:
+        role = await tx.get_role("admin")
+    assert role is not None and role.grants == ("*",)
+
+
+async def test_role_users_counts_live_keys_and_members(store: KeyStore) -> None:
+    """A role's users are its unrevoked keys and its members."""
+    async with store.transaction() as tx:
+        await tx.put_role(Role("ci", ("deploy",), T0, T0))
+        await tx.insert_key(a_key("kg_rolekey0001", role="ci"))
+        await tx.insert_key(a_key("kg_rolekey0002", role="ci", revoked_at=T0))
+        await tx.put_member(Member("acme", "bob", "ci", T0, T0))
+        assert await tx.role_users("ci") == (1, 1)
+
+
+async def test_members_round_trip(store: KeyStore) -> None:
+    """Members are set, updated, listed by org and removed."""
+    async with store.transaction() as tx:
+        await tx.put_member(Member("acme", "bob", "admin", T0, T0))
+        await tx.put_member(Member("acme", "alice", "admin", T0, T0))
+        await tx.put_member(Member("other", "carol", "admin", T0, T0))
+        await tx.put_role(Role("dev", ("read",), T0, T0))
+        await tx.put_member(Member("acme", "bob", "dev", T0, T0 + timedelta(seconds=1)))
+        listed = await tx.list_members("acme")
+        await tx.delete_member("acme", "alice")
+        alice = await tx.get_member("acme", "alice")
+    assert [(m.user, m.role) for m in listed] == [("alice", "admin"), ("bob", "dev")]
+    assert listed[1].created_at == T0
+    assert alice is None
+
+
+async def test_member_needs_an_existing_role(store: KeyStore) -> None:
+    """A member cannot point at a role that does not exist."""
+    with pytest.raises(Conflict):
+        async with store.transaction() as tx:
+            await tx.put_member(Member("acme", "bob", "nope", T0, T0))
+
+
+async def test_audit_is_filtered_and_newest_first(store: KeyStore) -> None:
+    """Audit events filter by key, action and time range and come newest first."""
+    async with store.transaction() as tx:
+        await tx.add_audit(at=T0, actor="a", action="key.create", target="kg_1", details={"name": "x"})
+        await tx.add_audit(at=T0 + timedelta(minutes=1), actor="a", action="key.revoke", target="kg_1", details={})
+        await tx.add_audit(at=T0 + timedelta(minutes=2), actor="b", action="key.create", target="kg_2", details={})
+    async with store.read() as tx:
+        by_key = await tx.list_audit(key="kg_1")
+        by_action = await tx.list_audit(action="key.create")
+        in_range = await tx.list_audit(since=T0 + timedelta(seconds=30), until=T0 + timedelta(minutes=2))
+    assert [e.action for e in by_key] == ["key.revoke", "key.create"]
+    assert by_key[1].details == {"name": "x"} and by_key[1].at == T0
+    assert [e.target for e in by_action] == ["kg_2", "kg_1"]
+    assert [e.action for e in in_range] == ["key.revoke"]
+
+
+async def test_last_used_never_goes_backwards(store: KeyStore) -> None:
+    """A late usage batch cannot move last_used_at (or its IP) back in time."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key())
+    await store.record_usage([("kg_AAAAAAAAAAAA", T0 + timedelta(minutes=5), "10.0.0.5")])
+    await store.record_usage([("kg_AAAAAAAAAAAA", T0 + timedelta(minutes=1), "10.0.0.1")])
+    loaded = await store.get_key("kg_AAAAAAAAAAAA")
+    assert loaded is not None
+    assert (loaded.last_used_at, loaded.last_used_ip) == (T0 + timedelta(minutes=5), "10.0.0.5")
+    await store.record_usage([("kg_AAAAAAAAAAAA", T0 + timedelta(minutes=9), "10.0.0.9")])
+    loaded = await store.get_key("kg_AAAAAAAAAAAA")
+    assert loaded is not None
+    assert (loaded.last_used_at, loaded.last_used_ip) == (T0 + timedelta(minutes=9), "10.0.0.9")
+
+
+async def test_request_records_round_trip(store: KeyStore) -> None:
+    """Request records are written in batches and read back newest first."""
+    records = [
+        RequestRecord(T0 + timedelta(seconds=i), "kg_AAAAAAAAAAAA", "POST", "/deploy", "prod-1", "deploy",
+                      "allowed" if i else "denied", 200 if i else 403, "10.0.0.1", 1.5 * i,
+                      None if i else "insufficient_scope")
+        for i in range(3)
+    ]
+    await store.add_request_records(records)
+    async with store.read() as tx:
+        loaded = await tx.list_requests(key_id="kg_AAAAAAAAAAAA")
+    assert loaded == list(reversed(records))
+
+
+async def test_change_feed_counts_up(store: KeyStore) -> None:
+    """Every change gets a higher sequence number, and changes_since returns the newer ones."""
+    start = await store.latest_change()
+    async with store.transaction() as tx:
+        await tx.add_change(at=T0, entity="key", target="kg_1")
+        await tx.add_change(at=T0, entity="role", target="ci")
+    assert await store.latest_change() == start + 2
+    assert [(e, t) for _s, e, t in await store.changes_since(start)] == [("key", "kg_1"), ("role", "ci")]
+    assert await store.changes_since(start + 2) == []
+
+
+async def test_meta_keeps_the_first_value(store: KeyStore) -> None:
+    """set_meta_if_absent never replaces a stored value (the pepper must not change)."""
+    async with store.transaction() as tx:
+        assert await tx.set_meta_if_absent("pepper", "first") == "first"
+        assert await tx.set_meta_if_absent("pepper", "second") == "first"
+        assert await tx.get_meta("pepper") == "first"

@@ -1,0 +1,210 @@
+"""The ``keygate`` command as a user runs it: a real subprocess on a real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEYGATE = str(Path(sys.executable).with_name("keygate"))
+CHEAP_ARGON2 = {"KEYGATE_KEYS__ARGON2__MEMORY_COST": "1024"}
+
+
+def keygate(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([KEYGATE, *args], env={**env, **CHEAP_ARGON2}, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"keygate {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def create_args(*extra: str) -> list[str]:
+    return ["keys", "create", "--name", "ci", "--operation", "deploy", "--server", "prod-1",
+            "--allow-ip", "10.0.0.0/8", "--rate-limit", "100/minute", "--expires", "30d", "--json", *extra]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def env(request: pytest.FixtureRequest, fixed_env: dict[str, str]) -> dict[str, str]:
+    """A CLI environment on each kind of store (PostgreSQL migrated first, as a user would)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_database")
+        fixed_env = {**fixed_env, "KEYGATE_STORE__URL": url}
+        keygate(fixed_env, "migrate")
+    return fixed_env
+
+
+def test_key_lifecycle_as_documented(env: dict[str, str]) -> None:
+    """create prints the key once; list/show never do; revoke shows in status and audit."""
+    created = keygate(env, *create_args())
+    record = json.loads(created.stdout)
+    full_key = record.pop("key")
+    assert full_key.startswith(record["id"]) and len(full_key) == len(record["id"]) + 38
+    assert "only time" in created.stderr
+    assert record["status"] == "active" and record["servers"] == ["prod-1"]
+    assert record["ip_allowlist"] == ["10.0.0.0/8"] and record["rate_limit"] == "100/minute"
+
+    listed = keygate(env, "keys", "list", "--json")
+    shown = keygate(env, "keys", "show", record["id"], "--json")
+    for output in (listed.stdout, shown.stdout):
+        assert full_key not in output and full_key[len(record["id"]):-6] not in output
+        assert "argon2" not in output
+    assert json.loads(shown.stdout)["status"] == "active"
+    assert [k["id"] for k in json.loads(listed.stdout)] == [record["id"]]
+
+    keygate(env, "keys", "revoke", record["id"])
+    assert json.loads(keygate(env, "keys", "show", record["id"], "--json").stdout)["status"] == "revoked"
+    events = json.loads(keygate(env, "audit", "--key", record["id"], "--json").stdout)
+    assert [e["action"] for e in events] == ["key.revoke", "key.create"]
+    assert all(e["actor"].startswith("cli:") for e in events)
+
+
+def test_table_output_is_readable(fixed_env: dict[str, str]) -> None:
+    """Without --json, list prints a table with a header and one row per key."""
+    record = json.loads(keygate(fixed_env, *create_args()).stdout)
+    lines = keygate(fixed_env, "keys", "list").stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "NAME", "KIND"]
+    assert lines[1].startswith(record["id"]) and "active" in lines[1]
+
+
+def test_create_without_json_says_it_is_shown_once(fixed_env: dict[str, str]) -> None:
+    """The plain output prints the key and warns it will not be shown again."""
+    out = keygate(fixed_env, "keys", "create", "--name", "x", "--role", "admin").stdout
+    assert "only time the full key is shown" in out
+
+
+def test_rotate_and_agent_print_the_new_key(fixed_env: dict[str, str]) -> None:
+    """rotate and agent return the new full key once, in JSON."""
+    record = json.loads(keygate(fixed_env, *create_args()).stdout)
+    rotated = json.loads(keygate(fixed_env, "keys", "rotate", record["id"], "--grace", "1h", "--json").stdout)
+    assert rotated["key"].startswith(rotated["id"]) and rotated["rotated_from"] == record["id"]
+    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["status"] == "active"
+    keygate(fixed_env, "members", "set", "acme", "bob", "admin")
+    agent = json.loads(keygate(fixed_env, "keys", "agent", "--org", "acme", "--user", "bob", "--json").stdout)
+    again = json.loads(keygate(fixed_env, "keys", "agent", "--org", "acme", "--user", "bob", "--json").stdout)
+    assert agent["agent"] and again["revoked_previous"] == agent["id"]
+    assert json.loads(keygate(fixed_env, "keys", "show", agent["id"], "--json").stdout)["status"] == "revoked"
+
+
+def test_roles_and_members_commands(fixed_env: dict[str, str]) -> None:
+    """roles set/list/show/delete and members set/list/remove work on the store."""
+    keygate(fixed_env, "roles", "set", "ci", "--grant", "deploy", "--grant", "servers:read")
+    roles = json.loads(keygate(fixed_env, "roles", "list", "--json").stdout)
+    assert {r["name"]: r["grants"] for r in roles} == {"admin": ["*"], "ci": ["deploy", "servers:read"]}
+    keygate(fixed_env, "members", "set", "acme", "bob", "ci")
+    assert json.loads(keygate(fixed_env, "members", "list", "acme", "--json").stdout)[0]["role"] == "ci"
+    refused = keygate(fixed_env, "roles", "delete", "ci", check=False)
+    assert refused.returncode == 2 and "in use" in refused.stderr
+    keygate(fixed_env, "members", "remove", "acme", "bob")
+    keygate(fixed_env, "roles", "delete", "ci")
+    assert "ci" not in keygate(fixed_env, "roles", "list").stdout
+
+
+def test_set_role_and_update(fixed_env: dict[str, str]) -> None:
+    """set-role and update change the stored key."""
+    record = json.loads(keygate(fixed_env, *create_args()).stdout)
+    keygate(fixed_env, "roles", "set", "ci", "--grant", "deploy")
+    keygate(fixed_env, "keys", "set-role", record["id"], "ci")
+    keygate(fixed_env, "keys", "update", record["id"], "--name", "renamed", "--server", "prod-2")
+    shown = json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)
+    assert (shown["role"], shown["name"], shown["servers"]) == ("ci", "renamed", ["prod-2"])
+
+
+BAD_INPUT = [
+    (["--allow-ip", "10.0.0.0/33", "--role", "admin"], "allow-ip"),
+    (["--role", "ghost"], "no such role"),
+    (["--kind", "ghost", "--role", "admin"], "kind 'ghost'"),
+    (["--rate-limit", "lots", "--role", "admin"], "rate-limit"),
+    (["--rate-limit", "0/minute", "--role", "admin"], "rate-limit"),
+    (["--expires", "whenever", "--role", "admin"], "expires"),
+    ([], "needs a role"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(fixed_env: dict[str, str], args: list[str], message: str) -> None:
+    """Each bad value gets one clear line on stderr, exit status 2, and nothing is written."""
+    result = keygate(fixed_env, "keys", "create", "--name", "x", *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert json.loads(keygate(fixed_env, "keys", "list", "--json").stdout) == []
+    audit = json.loads(keygate(fixed_env, "audit", "--json").stdout)
+    assert [e["action"] for e in audit] == ["role.set"]  # only the built-in admin role
+
+
+@pytest.mark.parametrize("command", [["keys", "show"], ["keys", "revoke"], ["keys", "rotate"]])
+def test_unknown_key_id_is_exit_2(fixed_env: dict[str, str], command: list[str]) -> None:
+    """An unknown id is named in one line with exit status 2."""
+    result = keygate(fixed_env, *command, "kg_unknown0000", check=False)
+    assert result.returncode == 2 and "kg_unknown0000" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://postgres@127.0.0.1:1/keygate", "sqlite:////nonexistent-dir/keygate.db"],
+)
+def test_unreachable_store_is_exit_1(fixed_env: dict[str, str], url: str) -> None:
+    """An unreachable store is one line and exit status 1, with no traceback."""
+    result = keygate({**fixed_env, "KEYGATE_STORE__URL": url}, "keys", "list", check=False)
+    assert result.returncode == 1, result.stderr
+    assert "store unavailable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unmigrated_postgres_says_to_migrate(fixed_env: dict[str, str], pg_database: str) -> None:
+    """Management commands on an unmigrated PostgreSQL store ask for `keygate migrate`."""
+    result = keygate({**fixed_env, "KEYGATE_STORE__URL": pg_database}, "keys", "list", check=False)
+    assert result.returncode == 1 and "keygate migrate" in result.stderr
+
+
+def test_invalid_config_is_exit_2_with_every_problem(fixed_env: dict[str, str], tmp_path: Path) -> None:
+    """A bad config file stops the CLI with one line per problem and exit status 2."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[proxy]\nworkers = 0\nlisen = "x"\n[ratelimit]\ndefault = "lots"\n')
+    result = keygate(fixed_env, "--config", str(config), "keys", "list", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert any("proxy.workers" in l for l in lines) and any("ratelimit.default" in l for l in lines)
+    assert any("lisen" in l for l in lines)
+
+
+def test_check_config_masks_secrets(fixed_env: dict[str, str]) -> None:
+    """check-config prints the effective settings with passwords and the pepper masked."""
+    env = {**fixed_env, "KEYGATE_STORE__URL": "postgresql://kg:hunter2@db/keygate",
+           "KEYGATE_KEYS__PEPPER": "p" * 40, "KEYGATE_PROXY__LISTEN": "0.0.0.0:9000"}
+    out = keygate(env, "check-config").stdout
+    assert "hunter2" not in out and "p" * 40 not in out
+    assert "0.0.0.0:9000" in out and "***" in out
+
+
+def test_migrate_reports_then_is_idempotent(fixed_env: dict[str, str]) -> None:
+    """migrate applies the schema once, then says the store is up to date."""
+    assert "applied migrations: 1" in keygate(fixed_env, "migrate").stdout
+    assert "up to date" in keygate(fixed_env, "migrate").stdout
+
+
+def test_no_secret_in_sqlite_file(fixed_env: dict[str, str], tmp_path: Path) -> None:
+    """Neither the full key nor its secret is anywhere in the SQLite files."""
+    keys = [json.loads(keygate(fixed_env, *create_args()).stdout)["key"] for _ in range(3)]
+    blob = b"".join(p.read_bytes() for p in tmp_path.glob("cli.db*"))
+    assert blob  # the store really is there
+    for key in keys:
+        assert key.encode() not in blob and key[-38:-6].encode() not in blob
+        assert key[:-38].encode() in blob  # the id is stored, so the scan is looking in the right place
+
+
+def test_no_secret_in_postgres_dump(fixed_env: dict[str, str], pg_database: str) -> None:
+    """Neither the full key nor its secret is anywhere in a pg_dump of the store."""
+    env = {**fixed_env, "KEYGATE_STORE__URL": pg_database}
+    keygate(env, "migrate")
+    keys = [json.loads(keygate(env, *create_args()).stdout)["key"] for _ in range(3)]
+    dump = subprocess.run(["pg_dump", "--data-only", pg_database], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    for key in keys:
+        assert key not in dump and key[-38:-6] not in dump
+        assert key[:-38] in dump

@@ -1,0 +1,118 @@
+"""The key format: generation, parsing, checksum, hashing and cache keys."""
+
+from __future__ import annotations
+
+import socket
+import string
+
+import pytest
+
+from gateway import keys
+from gateway.keys import BASE62, KeyParser, MalformedKey, SecretHasher, cache_key, checksum, generate
+
+PARSER = KeyParser(["kg_", "kga_", "rk_t_"])
+
+
+def test_generated_key_has_the_documented_shape() -> None:
+    """A key is prefix + 12 id chars + 32 secret chars + 6 checksum chars, all base62 after the prefix."""
+    parsed = generate("kg_")
+    full = parsed.full
+    assert len(full) == 3 + 12 + 32 + 6
+    assert full.startswith(parsed.key_id) and len(parsed.key_id) == 15
+    assert set(full[3:]) <= set(BASE62)
+    assert full[-6:] == checksum(full[:-6])
+
+
+@pytest.mark.parametrize("prefix", ["kg_", "kga_", "rk_t_"])
+def test_generated_keys_parse_back(prefix: str) -> None:
+    """Parsing a generated key returns its prefix, id and secret."""
+    parsed = generate(prefix)
+    assert PARSER.parse(parsed.full) == parsed
+
+
+def test_checksum_catches_every_single_character_change() -> None:
+    """Replacing any one character of a key with any other character is detected."""
+    full = generate("kg_").full
+    alphabet = BASE62 + "_-"
+    for position in range(len(full)):
+        for char in alphabet:
+            if char == full[position]:
+                continue
+            changed = full[:position] + char + full[position + 1:]
+            with pytest.raises(MalformedKey):
+                PARSER.parse(changed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "kg_",
+        "kg_short",
+        "xx_" + "A" * 50,                      # unknown prefix
+        "kg_" + "A" * 49,                      # one short
+        "kg_" + "A" * 51,                      # one long
+        "kg_" + "A" * 44 + "-" * 6,            # bad characters
+        "kg_" + "é" * 50,                      # non-ASCII
+        "kg_" + "A" * 5000,                    # absurdly long
+        "Bearer kg_" + "A" * 50,
+    ],
+)
+def test_malformed_keys_are_refused(text: str) -> None:
+    """Wrong prefix, length, charset or checksum raise MalformedKey."""
+    with pytest.raises(MalformedKey):
+        PARSER.parse(text)
+
+
+def test_parsing_does_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing never opens a file or a socket, valid key or not."""
+    def forbidden(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("I/O during parsing")
+
+    monkeypatch.setattr(socket, "socket", forbidden)
+    monkeypatch.setattr("builtins.open", forbidden)
+    full = generate("kg_").full
+    PARSER.parse(full)
+    with pytest.raises(MalformedKey):
+        PARSER.parse(full[:-1] + ("A" if full[-1] != "A" else "B"))
+
+
+def test_ids_do_not_repeat_in_100k_draws() -> None:
+    """Two generated keys never share an id in 100,000 draws."""
+    ids = {keys.random_base62(keys.ID_LENGTH) for _ in range(100_000)}
+    assert len(ids) == 100_000
+
+
+def test_secret_comes_from_the_full_alphabet() -> None:
+    """Secrets use all 62 characters (about 190 bits in 32 characters)."""
+    seen = set()
+    for _ in range(200):
+        seen |= set(generate("kg_").secret)
+    assert seen == set(string.digits + string.ascii_letters)
+
+
+def test_hash_verifies_only_the_right_secret() -> None:
+    """argon2id verification accepts the secret and rejects any other, or a broken hash."""
+    hasher = SecretHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    secret = generate("kg_").secret
+    digest = hasher.hash(secret)
+    assert digest.startswith("$argon2id$")
+    assert secret not in digest
+    assert hasher.verify(digest, secret)
+    assert not hasher.verify(digest, secret[:-1] + ("a" if secret[-1] != "a" else "b"))
+    assert not hasher.verify("not a hash", secret)
+
+
+def test_cache_key_depends_on_pepper_and_hides_the_key() -> None:
+    """The cache key is an HMAC: stable per pepper, different across peppers, never the key."""
+    full = generate("kg_").full
+    assert cache_key(b"p1", full) == cache_key(b"p1", full)
+    assert cache_key(b"p1", full) != cache_key(b"p2", full)
+    assert full not in cache_key(b"p1", full) and len(cache_key(b"p1", full)) == 64
+
+
+@pytest.mark.parametrize(("text", "ok"), [("kg_7Hq2ZrT9xLmP", True), ("kg_7Hq2ZrT9xLm", False),
+                                          ("KG_7Hq2ZrT9xLmP", False), ("kg_7Hq2ZrT9xLm!", False)])
+def test_looks_like_key_id(text: str, ok: bool) -> None:
+    """Key ids are a lowercase prefix followed by 12 base62 characters."""
+    assert keys.looks_like_key_id(text) is ok
