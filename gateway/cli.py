@@ -181,6 +181,32 @@ def migrate(ctx: click.Context) -> None:
     click.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "store is up to date")
 
 
+@main.command()
+@click.option("--workers", type=int, help="Processes sharing the listeners (proxy.workers).")
+@click.option("--proxy-listen", metavar="HOST:PORT", help="Proxy listener (proxy.listen).")
+@click.option("--admin-listen", metavar="HOST:PORT", help="Admin listener (admin.listen).")
+@click.pass_context
+def serve(ctx: click.Context, workers: int | None, proxy_listen: str | None, admin_listen: str | None) -> None:
+    """Run the proxy and admin listeners until SIGTERM."""
+    from .server import serve as run_server
+
+    settings = settings_from(ctx, {"proxy.workers": workers, "proxy.listen": proxy_listen,
+                                   "admin.listen": admin_listen})
+    sys.exit(run_server(settings))
+
+
+@main.command()
+@click.option("--proxy-listen", metavar="HOST:PORT", help="Proxy listener (default 127.0.0.1:8000).")
+@click.option("--admin-listen", metavar="HOST:PORT", help="Admin listener (default 127.0.0.1:8001).")
+@click.pass_context
+def quickstart(ctx: click.Context, proxy_listen: str | None, admin_listen: str | None) -> None:
+    """Run Keygate on the embedded defaults with a demo upstream and a demo key."""
+    from .quickstart import quickstart as run_quickstart
+
+    sys.exit(run_quickstart(ctx.obj.get("config_file"), {"proxy.listen": proxy_listen,
+                                                         "admin.listen": admin_listen}))
+
+
 @main.command("check-config")
 @click.pass_context
 def check_config(ctx: click.Context) -> None:

@@ -119,6 +119,9 @@ class ProxySettings(_Section):
         description='Largest request body forwarded (e.g. "100MiB", "10MB"); larger ones get 413; 0 = unlimited.',
     )
     access_log: bool = Field(False, description="Log one line per proxied request.")
+    client_timeout: Duration = Field(
+        60.0, gt=0, description="Seconds a client may go without sending request body data before it gets 408."
+    )
 
     @property
     def max_body_bytes(self) -> int:
@@ -186,6 +189,10 @@ class CacheSettings(_Section):
         5.0, ge=0, description="Seconds an unknown key is remembered as unknown; 0 = not at all."
     )
     max_entries: int = Field(100_000, ge=1, description="Most keys each process keeps in its in-process cache.")
+    stale_if_error: Duration = Field(
+        300.0, ge=0,
+        description="Seconds past ttl a cached key keeps working while the store is unreachable; 0 = never.",
+    )
 
 
 class RateLimitSettings(_Section):

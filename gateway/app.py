@@ -1,0 +1,156 @@
+"""Wiring: builds every resource from the settings, each with one owner and one lifetime.
+
+:func:`runtime` is an async context manager that opens the store, the
+HTTP client session, the recorder and the change watcher in order and closes
+them in reverse, flushing the recorder last before the store closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .cache import KeyCache
+from .config import Settings
+from .forward import Forwarder
+from .invalidation import ChangeWatcher
+from .keys import KeyParser
+from .pipeline.client_ip import ClientIpResolver
+from .pipeline.lookup import CachedKey, KeyLookup
+from .pipeline.ratelimit import LocalTokenBuckets
+from .pipeline.scope import RouteTable
+from .proxy import Gateway
+from .ratelimit_spec import parse_rate_limit
+from .recorder import Recorder
+from .service import bootstrap, hasher_from, resolve_pepper
+from .store import KeyStore, StoreError, create_store
+
+log = logging.getLogger("keygate")
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one line for the operator."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: KeyStore
+    gateway: Gateway
+    watcher: ChangeWatcher
+    recorder: Recorder
+    cache: KeyCache[CachedKey]
+    draining: bool = field(default=False)
+
+    def ready(self) -> bool:
+        """Ready unless draining, and only if keys can be checked: store reachable or cache warm."""
+        return not self.draining and (self.watcher.store_ok or len(self.cache) > 0)
+
+
+def store_options(settings: Settings) -> dict[str, float | int]:
+    s = settings.store
+    if s.url.startswith("sqlite:"):
+        return {}
+    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
+
+
+async def prepare_store(store: KeyStore, settings: Settings) -> None:
+    """The embedded store migrates itself; PostgreSQL must have been migrated."""
+    if settings.store.url.startswith("sqlite:"):
+        await bootstrap(store)
+    elif await store.pending_migrations():
+        raise StartupError("the store's schema is not up to date: run `keygate migrate` first")
+
+
+@asynccontextmanager
+async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Runtime]:
+    if not settings.upstreams:
+        raise StartupError("no upstreams configured: add an [[upstreams]] table (name, url) to the config")
+    async with AsyncExitStack() as stack:
+        store = create_store(settings.store.url, **store_options(settings))
+        await store.open()
+        stack.push_async_callback(store.close)
+        if migrate:
+            await prepare_store(store, settings)
+        pepper = await resolve_pepper(store, settings)
+
+        c = settings.cache
+        cache: KeyCache[CachedKey] = KeyCache(
+            ttl=c.ttl, negative_ttl=c.negative_ttl, stale_if_error=c.stale_if_error, max_entries=c.max_entries,
+        )
+        lookup = KeyLookup(
+            store, pepper=pepper, hasher=hasher_from(settings), cache=cache,
+            default_rate_limit=parse_rate_limit(settings.ratelimit.default),
+            verify_concurrency=max(1, os.cpu_count() or 1),
+        )
+        stack.callback(lookup.close)
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            # The client's own headers go through; aiohttp must not invent any.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+        stack.push_async_callback(session.close)
+
+        recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,
+                            max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"))
+        await recorder.start()
+        # Registered after the session, so it runs before the store closes: buffers are flushed.
+        stack.push_async_callback(recorder.close)
+
+        watcher = ChangeWatcher(store, cache)
+        await watcher.start()
+        stack.push_async_callback(watcher.close)
+
+        p = settings.proxy
+        gateway = Gateway(
+            parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
+            lookup=lookup,
+            client_ips=ClientIpResolver(p.trusted_proxies),
+            routes=RouteTable(settings.routes, settings.upstreams),
+            limiter=LocalTokenBuckets(),
+            forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
+            recorder=recorder,
+            log_requests=p.access_log,
+        )
+        yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
+                      cache=cache)
+
+
+def admin_app(rt: Runtime) -> web.Application:
+    """The admin listener: health and readiness (the admin API and UI are a later issue)."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = rt.ready()
+        body = {"ready": ready, "draining": rt.draining, "store": rt.watcher.store_ok, "cached_keys": len(rt.cache)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    host = settings.proxy.listen.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost") and not settings.proxy.trusted_proxies:
+        log.warning(json.dumps({
+            "event": "no_trusted_proxies",
+            "message": f"proxy listens on {settings.proxy.listen} with no proxy.trusted_proxies: "
+                       "X-Forwarded-For is ignored and the socket peer is the client IP. If Keygate runs "
+                       "behind a load balancer, set proxy.trusted_proxies to its addresses.",
+        }))
+
+
+__all__ = ["Runtime", "StartupError", "StoreError", "admin_app", "runtime", "prepare_store", "warn_if_exposed"]

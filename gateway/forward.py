@@ -1,0 +1,226 @@
+"""Stage 8 — forward: stream the request upstream and the response back.
+
+One shared ``aiohttp.ClientSession`` per process; bodies are streamed both
+ways in chunks, never buffered whole; hop-by-hop headers are dropped, the
+client's ``Authorization`` and ``X-Keygate-*`` are removed, and the identity
+headers of the verified key are added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .pipeline.outcomes import Denied, Outcome
+from .pipeline.scope import Target
+
+CHUNK = 64 * 1024
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Headers we set ourselves (or that aiohttp's server already acted on).
+_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
+_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                           "sec-websocket-accept", "sec-websocket-protocol"})
+VIA = "1.1 keygate"
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return HOP_BY_HOP | named if named else HOP_BY_HOP
+
+
+def upstream_request_headers(
+    request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
+    client_ip: str | None, peer_trusted: bool, request_id: str, websocket: bool = False,
+) -> CIMultiDict[str]:
+    drop = _connection_named(request.headers) | _REPLACED
+    if websocket:
+        drop |= _WS_HANDSHAKE
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("x-keygate-"):
+            # SECURITY: clients must not be able to forge identity headers.
+            continue
+        if lower == "authorization" and not pass_credentials:
+            continue
+        out.add(name, value)
+    forwarded_for = request.headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
+    # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
+    chain = [*forwarded_for, _peer(request)] if forwarded_for else [client_ip or _peer(request)]
+    out["X-Forwarded-For"] = ", ".join(hop for hop in chain if hop)
+    proto = request.headers.get("X-Forwarded-Proto") if peer_trusted else None
+    out["X-Forwarded-Proto"] = proto or request.scheme
+    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host") if peer_trusted and \
+        "X-Forwarded-Host" in request.headers else request.host
+    out.add("Via", VIA)
+    out["X-Request-Id"] = request_id
+    for name, value in identity:
+        out[name] = value
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _connection_named(upstream)
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in upstream.items() if name.lower() not in drop
+    )
+    out.add("Via", VIA)
+    return out
+
+
+def _peer(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[0] if peer else ""
+
+
+class _Body:
+    """The client's body as an async iterator, counted against the size limit as it streams."""
+
+    def __init__(self, request: web.BaseRequest, *, max_size: int, read_timeout: float) -> None:
+        self._content = request.content
+        self._max = max_size
+        self._timeout = read_timeout
+        self.received = 0
+        self.refusal: Outcome | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.refusal = Outcome.CLIENT_TIMEOUT
+                raise
+            if not chunk:
+                return
+            self.received += len(chunk)
+            if self._max and self.received > self._max:
+                self.refusal = Outcome.BODY_TOO_LARGE
+                raise Denied(Outcome.BODY_TOO_LARGE)
+            yield chunk
+
+
+class Forwarder:
+    def __init__(self, session: aiohttp.ClientSession, *, max_body_size: int, client_timeout: float) -> None:
+        self.session = session
+        self.max_body_size = max_body_size
+        self.client_timeout = client_timeout
+        self.upstream_errors = 0
+        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, target: Target) -> aiohttp.ClientTimeout:
+        up = target.upstream
+        timeout = self._timeouts.get(up.name)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.timeout)
+            self._timeouts[up.name] = timeout
+        return timeout
+
+    @staticmethod
+    def url(target: Target, request: web.BaseRequest) -> URL:
+        # raw_path keeps the client's exact encoding (and query) for the upstream.
+        return URL(target.upstream.url.rstrip("/") + request.raw_path, encoded=True)
+
+    async def forward(
+        self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
+        extra_response_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
+        length = request.content_length
+        if self.max_body_size and length is not None and length > self.max_body_size:
+            raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
+        body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout) \
+            if request.body_exists else None
+        try:
+            upstream = await self.session.request(
+                request.method, self.url(target, request), headers=headers,
+                data=body.__aiter__() if body is not None else None,
+                allow_redirects=False, timeout=self._timeout(target), compress=None,
+            )
+        except Denied:
+            raise
+        except Exception as exc:
+            raise self._failure(exc, body) from None
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                          headers=response_headers(upstream.headers))
+            response.headers.update(extra_response_headers)
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError):
+                # Headers are gone already: all we can do is cut the client off,
+                # so it cannot mistake a truncated body for a whole one.
+                self.upstream_errors += 1
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    def _failure(self, exc: BaseException, body: _Body | None) -> Denied:
+        if body is not None and body.refusal is not None:
+            return Denied(body.refusal)
+        self.upstream_errors += 1
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return Denied(Outcome.UPSTREAM_UNAVAILABLE, "connect timeout")
+        if isinstance(exc, (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError)):
+            return Denied(Outcome.UPSTREAM_TIMEOUT, "read timeout")
+        if isinstance(exc, (aiohttp.ClientError, OSError)):
+            return Denied(Outcome.UPSTREAM_UNAVAILABLE, type(exc).__name__)
+        raise exc
+
+    async def websocket(
+        self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
+        extra_response_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Open the upstream WebSocket first, then accept the client's and relay both ways."""
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self.session.ws_connect(
+                self.url(target, request), headers=headers, protocols=protocols, autoclose=False,
+                autoping=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
+                max_msg_size=0,
+            )
+        except Exception as exc:
+            raise self._failure(exc, None) from None
+        client = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (), autoclose=False, autoping=False,
+            max_msg_size=0,
+        )
+        client.headers.update(extra_response_headers)
+        try:
+            await client.prepare(request)
+            await asyncio.gather(_relay(client, upstream), _relay(upstream, client))
+        finally:
+            await upstream.close()
+            await client.close()
+        return client
+
+
+async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    async for message in source:
+        if message.type is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type is WSMsgType.PING:
+            await sink.ping(message.data)
+        elif message.type is WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            break
+    if not sink.closed:
+        await sink.close(code=source.close_code or 1000)

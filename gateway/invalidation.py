@@ -1,0 +1,75 @@
+"""Change notices: running gateways drop cache entries when the store says something changed.
+
+Every management action appends to the store's change feed in its own
+transaction, so polling "anything after seq N?" misses nothing, whichever
+process (CLI, admin API, another replica) made the change. A key change drops
+that key's entries; a role or member change drops the whole cache (rare, and
+it can affect many keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from .cache import KeyCache
+from .store import KeyStore, StoreError
+
+log = logging.getLogger("keygate.invalidation")
+
+
+class ChangeWatcher:
+    def __init__(self, store: KeyStore, cache: KeyCache[object], *, interval: float = 0.25) -> None:
+        self.store = store
+        self.cache = cache
+        self.interval = interval
+        # None until the feed's position is known (the store may be down at start).
+        self.seq: int | None = None
+        self.store_ok = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            self.seq = await self.store.latest_change()
+            self.store_ok = True
+        except StoreError as exc:
+            # Start anyway: until the feed is readable, the cache TTL bounds staleness.
+            log.warning(json.dumps({"event": "change_feed_unavailable", "error": str(exc)}))
+        self._task = asyncio.create_task(self._run(), name="keygate-change-watcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def poll(self) -> None:
+        if self.seq is None:
+            # Changes before this point were missed: start from a clean cache.
+            self.seq = await self.store.latest_change()
+            self.cache.clear()
+            return
+        for seq, entity, target in await self.store.changes_since(self.seq):
+            if entity == "key":
+                self.cache.invalidate_key(target)
+            else:
+                self.cache.clear()
+            self.seq = seq
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.poll()
+                if not self.store_ok:
+                    log.info(json.dumps({"event": "change_feed_recovered"}))
+                self.store_ok = True
+            except StoreError as exc:
+                if self.store_ok:
+                    log.warning(json.dumps({"event": "change_feed_unavailable", "error": str(exc)}))
+                self.store_ok = False
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("change watcher failed")

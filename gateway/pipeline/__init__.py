@@ -1,0 +1,1 @@
+"""The proxy pipeline: one module per stage, run in a fixed order by ``gateway.proxy``."""

@@ -1,0 +1,64 @@
+"""Stage 4 — client IP: the socket peer, unless the peer is a trusted proxy.
+
+From a trusted peer, ``X-Forwarded-For`` is read right to left and the first
+address that is not itself a trusted proxy is the client: everything left
+of it was written by the client and can be forged (``allowlisted, attacker``
+is the attacker). ``Forwarded`` and ``X-Real-IP`` are never believed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """The address, with IPv4-mapped IPv6 (``::ffff:10.0.0.1``) turned into IPv4."""
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.scope_id:
+            return ipaddress.IPv6Address(text.split("%", 1)[0])
+    return ip
+
+
+class ClientIpResolver:
+    def __init__(self, trusted_proxies: Iterable[str]) -> None:
+        self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
+
+    @property
+    def trusts_anyone(self) -> bool:
+        return bool(self._trusted)
+
+    def _is_trusted(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self._trusted)
+
+    def is_trusted_peer(self, peer: str) -> bool:
+        """Whether the socket peer is a trusted proxy (whose forwarding headers count)."""
+        if not self._trusted:
+            return False
+        ip = parse_ip(peer)
+        return ip is not None and self._is_trusted(ip)
+
+    def resolve(self, peer: str | None, forwarded_for: Sequence[str]) -> IPAddress | None:
+        """The client's address, or None when it cannot be known (then no allowlist matches)."""
+        peer_ip = parse_ip(peer) if peer else None
+        if peer_ip is None or not self._trusted or not self._is_trusted(peer_ip):
+            return peer_ip
+        hops = [hop for header in forwarded_for for hop in header.split(",")]
+        client = peer_ip
+        for hop in reversed(hops):
+            ip = parse_ip(hop)
+            if ip is None:
+                # SECURITY: garbage in the chain means we cannot tell who the client is.
+                return None
+            client = ip
+            if not self._is_trusted(ip):
+                return ip
+        return client

@@ -1,0 +1,45 @@
+"""Stage 1 — credential: find the one ``Authorization: Bearer`` key and check its syntax.
+
+No cache, store or argon2 work is spent here: a key with a wrong prefix,
+length, charset or checksum is refused by :class:`gateway.keys.KeyParser`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from multidict import CIMultiDictProxy
+
+from ..keys import KeyParser, MalformedKey, ParsedKey
+from .outcomes import Denied, Outcome
+
+# RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
+_BEARER = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
+
+
+def bearer_credential(headers: CIMultiDictProxy[str] | Mapping[str, str], parser: KeyParser) -> ParsedKey:
+    """The parsed key, or a denial: no credentials (401), malformed (400) or invalid key (401)."""
+    values = headers.getall("Authorization", ()) if hasattr(headers, "getall") else (
+        [headers["Authorization"]] if "Authorization" in headers else []
+    )
+    if not values:
+        raise Denied(Outcome.NO_CREDENTIALS)
+    if len(values) > 1:
+        # SECURITY: two credentials could be read differently by us and upstream.
+        raise Denied(Outcome.INVALID_REQUEST, "more than one Authorization header")
+    value = values[0].strip()
+    if not value:
+        raise Denied(Outcome.NO_CREDENTIALS, "empty Authorization header")
+    match = _BEARER.fullmatch(value)
+    scheme = match[1] if match else value.split(" ", 1)[0]
+    # Auth schemes are case-insensitive (RFC 9110 section 11.1): "bearer" is Bearer.
+    if scheme.lower() != "bearer":
+        # Another scheme (Basic, ...) is "no Bearer credentials" (RFC 6750 section 3.1).
+        raise Denied(Outcome.NO_CREDENTIALS, "not a Bearer credential")
+    if match is None:
+        raise Denied(Outcome.INVALID_REQUEST, "malformed Bearer credential")
+    try:
+        return parser.parse(match[2])
+    except MalformedKey as exc:
+        raise Denied(Outcome.INVALID_TOKEN, str(exc)) from None

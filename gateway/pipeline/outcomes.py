@@ -1,0 +1,36 @@
+"""What a stage decides: a request is allowed, or refused with a typed denial.
+
+A *denial is data*: stages raise :class:`Denied` with an :class:`Outcome`,
+and only :mod:`gateway.responses` turns it into HTTP. Anything else that
+goes wrong (store down, bug) is a system fault with its own answer.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    ALLOWED = "allowed"
+    NO_CREDENTIALS = "no_credentials"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_TOKEN = "invalid_token"
+    IP_NOT_ALLOWED = "ip_not_allowed"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    RATE_LIMITED = "rate_limited"
+    BODY_TOO_LARGE = "body_too_large"
+    CLIENT_TIMEOUT = "client_timeout"
+    STORE_UNAVAILABLE = "store_unavailable"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Denied(Exception):
+    """A stage refused the request; ``reason`` is for logs and audit records only."""
+
+    def __init__(self, outcome: Outcome, reason: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(outcome.value if not reason else f"{outcome.value}: {reason}")
+        self.outcome = outcome
+        self.reason = reason or outcome.value
+        self.retry_after = retry_after

@@ -1,0 +1,175 @@
+"""Stage 7 — rate limit: a token bucket per key.
+
+``"100/minute"`` is a bucket of 100 tokens refilled at 100 per minute (a
+burst raises the capacity, not the rate); each request costs one token.
+Buckets live in this process (policy ``local``); the Redis policy of the
+scale-out issue implements the same :class:`RateLimiter` interface, which is
+why :meth:`LocalTokenBuckets.take` is async although it never waits.
+
+Only keys that passed every earlier stage reach this one, so a request that
+fails authentication is never charged to the bucket of the key it claims.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from ..ratelimit_spec import RateLimitSpec
+from .outcomes import Denied, Outcome
+
+# Float arithmetic can land a hair below a whole token (0.6 s of 100/minute
+# is 0.99999... tokens); without the slack such a request would be refused
+# and a wait of exactly 1 s would round up to 2.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    """What the bucket said about one request, with what the headers report."""
+
+    allowed: bool
+    spec: RateLimitSpec
+    remaining: int  # whole tokens left after this request
+    reset: int  # whole seconds, rounded up, until the bucket is full again
+    retry_after: int | None  # whole seconds (>= 1) until one token is back; only when refused
+    degraded: bool = False  # the shared policy failed and a fallback decided
+
+
+class RateLimiter(Protocol):
+    async def take(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision: ...
+
+
+class RateLimited(Denied):
+    """A rate-limit denial that carries its decision, for the 429's headers."""
+
+    def __init__(self, decision: RateLimitDecision) -> None:
+        super().__init__(Outcome.RATE_LIMITED, f"rate limit {decision.spec} exceeded",
+                         retry_after=decision.retry_after)
+        self.decision = decision
+
+
+class _Bucket:
+    __slots__ = ("spec", "tokens", "stamp")
+
+    def __init__(self, spec: RateLimitSpec, tokens: float, stamp: float) -> None:
+        self.spec = spec
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class LocalTokenBuckets:
+    """In-process token buckets per key id, bounded to ``max_keys`` buckets."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self._clock = clock
+        self._max_keys = max_keys
+        # Ordered by last use, so the least recently used bucket is first.
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    async def take(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
+        return self.take_now(key_id, spec)
+
+    def take_now(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
+        """Charge one token to ``key_id``'s bucket if it holds a whole one."""
+        now = self._clock()
+        capacity = spec.capacity
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(spec, float(capacity), now)
+            if len(self._buckets) > self._max_keys:
+                self._shrink(now, keep=key_id)
+        else:
+            self._buckets.move_to_end(key_id)
+            if bucket.spec is not spec:
+                # The key's limit changed: it keeps what it has, but never
+                # more than the new capacity allows.
+                bucket.spec = spec
+                bucket.tokens = min(bucket.tokens, capacity)
+            elapsed = now - bucket.stamp
+            if elapsed > 0:
+                bucket.tokens = min(capacity, bucket.tokens + elapsed * spec.limit / spec.window)
+            bucket.stamp = now
+
+        allowed = bucket.tokens >= 1.0 - _EPSILON
+        if allowed:
+            bucket.tokens = max(0.0, bucket.tokens - 1.0)
+        return _decision(allowed, spec, bucket.tokens)
+
+    def peek(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
+        """What a request would be told about the bucket now, without charging it."""
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            return _decision(True, spec, float(spec.capacity))
+        elapsed = max(0.0, self._clock() - bucket.stamp)
+        tokens = min(spec.capacity, bucket.tokens + elapsed * spec.limit / spec.window)
+        return _decision(tokens >= 1.0 - _EPSILON, spec, tokens)
+
+    def _shrink(self, now: float, *, keep: str) -> None:
+        """Bring the bucket count back under ``max_keys``.
+
+        A full bucket behaves exactly like no bucket, so dropping those loses
+        nothing; only if that is not enough do the least recently used go
+        (they get a fresh, full bucket if they come back). The LRU pass goes
+        down to 90 % so that a store of busy keys is not rescanned for every
+        new key: the scan costs O(n) and then buys n/10 insertions.
+        """
+        for key_id, bucket in list(self._buckets.items()):
+            spec = bucket.spec
+            refilled = bucket.tokens + (now - bucket.stamp) * spec.limit / spec.window
+            if key_id != keep and refilled >= spec.capacity - _EPSILON:
+                del self._buckets[key_id]
+        if len(self._buckets) > self._max_keys:
+            low_water = max(1, self._max_keys - self._max_keys // 10)
+            while len(self._buckets) > low_water:
+                oldest = next(iter(self._buckets))
+                if oldest == keep:  # cannot happen: the new key was used last
+                    break
+                del self._buckets[oldest]
+
+
+def _decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLimitDecision:
+    """The decision for a bucket left holding ``tokens``."""
+    # window / limit rather than 1 / refill_per_second, so that
+    # "100/minute" is full again in exactly 60 s, not 60.000...1 (61).
+    seconds_per_token = spec.window / spec.limit
+    reset = max(0, math.ceil((spec.capacity - tokens) * seconds_per_token - _EPSILON))
+    if allowed:
+        return RateLimitDecision(True, spec, int(tokens + _EPSILON), reset, None)
+    retry_after = max(1, math.ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
+    return RateLimitDecision(False, spec, 0, reset, retry_after)
+
+
+@lru_cache(maxsize=4096)
+def _policy(spec: RateLimitSpec) -> str:
+    # The same text for every request of a key: built once per spec.
+    return f'"key";q={spec.capacity};w={int(spec.window)}'
+
+
+def ratelimit_headers(decision: RateLimitDecision) -> dict[str, str]:
+    """The IETF httpapi RateLimit header fields (structured fields draft), and Retry-After on refusal."""
+    headers = {
+        "RateLimit-Policy": _policy(decision.spec),
+        "RateLimit": f'"key";r={decision.remaining};t={decision.reset}',
+    }
+    if decision.retry_after is not None:
+        headers["Retry-After"] = str(decision.retry_after)
+    return headers
+
+
+async def check_rate_limit(limiter: RateLimiter, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
+    """Charge the request to its key's bucket; raise :class:`RateLimited` when it is empty."""
+    decision = await limiter.take(key_id, spec)
+    if not decision.allowed:
+        raise RateLimited(decision)
+    return decision

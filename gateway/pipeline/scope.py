@@ -1,0 +1,141 @@
+"""Stage 6 — scope: map the request to a server and an operation, and check the key's grants.
+
+The route table is compiled once at start; grants are compiled once when a
+key enters the cache. Per request this is one regex match per route tried
+and, for a key, one dict lookup per operation after the first time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..config import RouteSettings, UpstreamSettings
+from .outcomes import Denied, Outcome
+
+ADMIN_SERVER = "admin"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class GrantSet:
+    """Operation grants such as ``deploy``, ``servers:*``, ``*:read`` or ``*``."""
+
+    __slots__ = ("_exact", "_patterns")
+
+    def __init__(self, grants: Iterable[str]) -> None:
+        grants = tuple(grants)
+        self._exact = frozenset(g for g in grants if "*" not in g)
+        self._patterns = tuple(
+            re.compile(".*".join(re.escape(part) for part in g.split("*"))) for g in grants if "*" in g
+        )
+
+    def allows(self, operation: str) -> bool:
+        return operation in self._exact or any(p.fullmatch(operation) for p in self._patterns)
+
+
+class Grants:
+    """The operations a key may perform: allowed only if every set allows it.
+
+    Sets are the key's role, its own operations and, for a per-user key, the
+    member's role: permissions only ever narrow.
+    """
+
+    __slots__ = ("_sets", "_memo")
+
+    def __init__(self, sets: Sequence[GrantSet]) -> None:
+        self._sets = tuple(sets)
+        self._memo: dict[str, bool] = {}
+
+    def allows(self, operation: str) -> bool:
+        allowed = self._memo.get(operation)
+        if allowed is None:
+            # No sets at all means nothing is granted (fail closed).
+            allowed = bool(self._sets) and all(s.allows(operation) for s in self._sets)
+            if len(self._memo) < 256:
+                self._memo[operation] = allowed
+        return allowed
+
+
+class Servers:
+    """The servers a key may act on; ``*`` covers every upstream but never ``admin``."""
+
+    __slots__ = ("_names", "_any")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = frozenset(names)
+        self._any = "*" in names
+        self._names = names - {"*"}
+
+    def allows(self, server: str) -> bool:
+        # SECURITY: admin access is never implied by a wildcard.
+        return server in self._names or (self._any and server != ADMIN_SERVER)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes and what it needs."""
+
+    upstream: UpstreamSettings
+    server: str
+    operation: str
+    pass_credentials: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    upstream: UpstreamSettings
+    operation: str
+    pass_credentials: bool
+
+
+def _compile_path(path: str) -> re.Pattern[str]:
+    """``/api/servers/{server}/deploy`` matches exactly; a trailing ``/*`` matches anything below."""
+    prefix_only = path.endswith("/*")
+    body = path[:-2] if prefix_only else path
+    regex = "/".join(
+        "(?P<server>[^/]+)" if segment == "{server}" else re.escape(segment) for segment in body.split("/")
+    )
+    return re.compile(regex + ("(?:/.*)?" if prefix_only else ""))
+
+
+class RouteTable:
+    """Maps (method, path) to a :class:`Target`; the first matching route wins."""
+
+    def __init__(self, routes: Sequence[RouteSettings], upstreams: Sequence[UpstreamSettings]) -> None:
+        if not upstreams:
+            raise ValueError("at least one upstream is needed")
+        by_name = {u.name: u for u in upstreams}
+        self.default = upstreams[0]
+        self._routes = tuple(
+            _Route(
+                methods=frozenset(r.methods), pattern=_compile_path(r.path),
+                upstream=by_name[r.upstream] if r.upstream else self.default,
+                operation=r.operation, pass_credentials=r.pass_credentials,
+            )
+            for r in routes
+        )
+        self._catch_all = {
+            True: Target(self.default, self.default.name, "read", False),
+            False: Target(self.default, self.default.name, "write", False),
+        }
+
+    def match(self, method: str, path: str) -> Target:
+        for route in self._routes:
+            if route.methods and method not in route.methods:
+                continue
+            found = route.pattern.fullmatch(path)
+            if found is not None:
+                server = found.groupdict().get("server") or route.upstream.name
+                return Target(route.upstream, server, route.operation, route.pass_credentials)
+        # No route: the default upstream, "read" for safe methods, else "write".
+        return self._catch_all[method in READ_METHODS]
+
+
+def check_scope(servers: Servers, grants: Grants, target: Target) -> None:
+    if not servers.allows(target.server):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {target.server!r} not granted")
+    if not grants.allows(target.operation):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {target.operation!r} not granted")

@@ -1,0 +1,181 @@
+"""The proxy listener's one handler: the pipeline of DESIGN.md, top to bottom.
+
+Stages refuse by raising :class:`Denied`; system faults (store down) have
+their own answers; :func:`gateway.responses.denial` makes every response
+the proxy writes itself. Nothing here waits on a write: stage 9 only
+appends to the recorder's buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .forward import Forwarder, upstream_request_headers
+from .keys import KeyParser
+from .models import RequestRecord
+from .pipeline.allowlist import check_allowlist
+from .pipeline.client_ip import ClientIpResolver, IPAddress
+from .pipeline.credential import bearer_credential
+from .pipeline.lookup import CachedKey, KeyLookup
+from .pipeline.outcomes import Denied, Outcome
+from .pipeline.ratelimit import RateLimited, check_rate_limit, ratelimit_headers
+from .pipeline.scope import RouteTable, Target, check_scope
+from .pipeline.status import check_status
+from .recorder import Recorder
+from .responses import denial, status_of
+from .store import StoreUnavailable
+
+log = logging.getLogger("keygate.proxy")
+access_log = logging.getLogger("keygate.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    """The client's X-Request-Id if it is sane, else a fresh one."""
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class Gateway:
+    """Authenticates, authorizes, rate-limits and forwards each request."""
+
+    def __init__(
+        self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
+        limiter: object, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+    ) -> None:
+        self.parser = parser
+        self.lookup = lookup
+        self.client_ips = client_ips
+        self.routes = routes
+        self.limiter = limiter
+        self.forwarder = forwarder
+        self.recorder = recorder
+        self.log_requests = log_requests
+        self.decisions: dict[str, int] = {}
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request_id_of(request)
+        peer = _peer(request)
+        key: CachedKey | None = None
+        key_id: str | None = None
+        client_ip: IPAddress | None = None
+        target: Target | None = None
+        outcome = Outcome.ALLOWED
+        reason: str | None = None
+        status = CLIENT_CLOSED
+        try:
+            # 1. Credential: syntax only, no I/O.
+            parsed = bearer_credential(request.headers, self.parser)
+            key_id = parsed.key_id
+            # 4. Client IP is resolved here, before lookup: it refuses nothing, so
+            #    the order of refusals stays DESIGN's, and the lookup's failure
+            #    limiter needs it to count per real client behind trusted proxies.
+            client_ip = self.client_ips.resolve(peer, request.headers.getall("X-Forwarded-For", ()))
+            # 2. Lookup: cache, store, argon2 on a miss.
+            key = await self.lookup.lookup(parsed, str(client_ip))
+            # 3. Status: revoked, expired, member removed.
+            check_status(key, time.time())
+            # 5. IP allowlist.
+            check_allowlist(key.networks, client_ip)
+            # 6. Scope: server and operation from the route table.
+            target = self.routes.match(request.method, request.path)
+            check_scope(key.servers, key.grants, target)
+            # 7. Rate limit: only keys that passed every check above are charged.
+            decision = await check_rate_limit(self.limiter, key.record.id, key.rate_limit)
+            # 8. Forward.
+            response = await self._forward(request, key, target, client_ip, peer, request_id,
+                                           ratelimit_headers(decision))
+            status = response.status
+            return response
+        except RateLimited as limited:
+            outcome, reason = Outcome.RATE_LIMITED, limited.reason
+            response = denial(outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
+            status = response.status
+            return response
+        except Denied as denied:
+            outcome, reason = denied.outcome, denied.reason
+            response = denial(outcome, request_id, retry_after=denied.retry_after)
+            status = response.status
+            return response
+        except StoreUnavailable as exc:
+            outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
+            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
+            response = denial(outcome, request_id)
+            status = response.status
+            return response
+        except Exception as exc:
+            # A bug, not a decision: log it whole, tell the client nothing about it.
+            outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
+            log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
+            if _started(request):
+                raise
+            response = denial(outcome, request_id)
+            status = response.status
+            return response
+        finally:
+            # 9. Record: buffered, written in batches off the request path.
+            client = str(client_ip) if client_ip is not None else peer
+            self._record(request, key, key_id, target, outcome, reason, status, client, started)
+
+    async def _forward(
+        self, request: web.BaseRequest, key: CachedKey, target: Target, client_ip: IPAddress | None,
+        peer: str, request_id: str, rate_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        headers = upstream_request_headers(
+            request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
+            client_ip=str(client_ip) if client_ip is not None else None,
+            peer_trusted=self.client_ips.is_trusted_peer(peer), request_id=request_id, websocket=websocket,
+        )
+        rate_headers = {**rate_headers, "X-Request-Id": request_id}
+        if websocket:
+            return await self.forwarder.websocket(request, target, headers, rate_headers)
+        return await self.forwarder.forward(request, target, headers, rate_headers)
+
+    def _record(
+        self, request: web.BaseRequest, key: CachedKey | None, key_id: str | None, target: Target | None,
+        outcome: Outcome, reason: str | None, status: int, client: str, started: float,
+    ) -> None:
+        now = datetime.now(UTC)
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        if key is not None and outcome is Outcome.ALLOWED and status != CLIENT_CLOSED:
+            self.recorder.key_used(key.record.id, now, client or None)
+        self.decisions[outcome.value] = self.decisions.get(outcome.value, 0) + 1
+        record = RequestRecord(
+            at=now, key_id=key_id, method=request.method, path=request.path,
+            server=target.server if target else None, operation=target.operation if target else None,
+            decision=outcome.value, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
+            reason=None if outcome is Outcome.ALLOWED else reason,
+        )
+        self.recorder.request(record)
+        if self.log_requests:
+            access_log.info(json.dumps({
+                "event": "request", "key_id": key_id, "method": record.method, "path": record.path,
+                "decision": record.decision, "status": status, "client_ip": record.client_ip,
+                "duration_ms": record.duration_ms,
+            }))
+
+
+def _started(request: web.BaseRequest) -> bool:
+    """Whether a response has begun (then a new one cannot be sent)."""
+    return getattr(request, "_payload_writer", None) is not None and \
+        getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
+
+
+def _peer(request: web.BaseRequest) -> str:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if peer else ""
+
+
+__all__ = ["Gateway", "request_id_of", "status_of"]

@@ -1,0 +1,196 @@
+"""Stage 9 — record: last-used times and request records, written in batches.
+
+Nothing on the request path waits on a write: :meth:`Recorder.key_used` and
+:meth:`Recorder.request` only touch in-memory buffers, and a background task
+writes them every ``flush_interval`` seconds. Last-used entries are coalesced
+per key (only the newest time matters); request records go to a buffer
+bounded by ``max_buffer``. When the store is down, what was not written goes
+back into the buffers for the next flush, so nothing accepted is lost until
+the bound is reached; past it records are dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime
+from itertools import chain, islice
+from typing import Protocol
+
+from .models import RequestRecord
+
+# Rows per store call: keeps each statement and transaction a sensible size.
+CHUNK_SIZE = 1000
+
+
+class RecordSink(Protocol):
+    """The part of the key store the recorder writes to."""
+
+    async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None: ...
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None: ...
+
+
+class Recorder:
+    """Buffers last-used times and request records and writes them in batches."""
+
+    def __init__(
+        self, store: RecordSink, *, flush_interval: float, max_buffer: int,
+        logger: logging.Logger | None = None, close_attempts: int = 3, close_retry_delay: float = 0.2,
+    ) -> None:
+        if flush_interval <= 0:
+            raise ValueError("flush_interval must be positive")
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
+        self._store = store
+        self._interval = flush_interval
+        self._max_buffer = max_buffer
+        self._log = logger or logging.getLogger("keygate.recorder")
+        self._close_attempts = max(1, close_attempts)
+        self._close_retry_delay = close_retry_delay
+
+        # Per key only the newest use is kept. Not bounded by max_buffer: only
+        # keys that passed authentication get here, so it is bounded by the
+        # number of real keys.
+        self._usage: dict[str, tuple[datetime, str | None]] = {}
+        self._requests: deque[RequestRecord] = deque()
+        # One flush at a time, so records put back after a failure keep their order.
+        self._flush_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_drop_warning = -float("inf")
+        self._dropped_since_warning = 0
+
+        self.flushed_usage = 0
+        self.flushed_requests = 0
+        self.dropped = 0
+        self.failed_flushes = 0
+
+    @property
+    def pending(self) -> int:
+        """Buffered request records plus last-used entries, not yet written."""
+        return len(self._requests) + len(self._usage)
+
+    # -- the request path: O(1), never awaits --------------------------------
+
+    def key_used(self, key_id: str, at: datetime, ip: str | None) -> None:
+        current = self._usage.get(key_id)
+        if current is None or at >= current[0]:
+            self._usage[key_id] = (at, ip)
+
+    def request(self, record: RequestRecord) -> None:
+        if len(self._requests) >= self._max_buffer:
+            self._drop(1)
+            return
+        self._requests.append(record)
+
+    # -- lifetime --------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stop.clear()
+            self._task = asyncio.create_task(self._run(), name="keygate-recorder")
+
+    async def close(self) -> None:
+        """Stop the periodic task and write everything buffered, retrying briefly."""
+        if self._task is not None:
+            # Let a flush in progress finish rather than cancelling it mid-write.
+            self._stop.set()
+            await self._task
+            self._task = None
+        for attempt in range(self._close_attempts):
+            if await self._flush():
+                return
+            if attempt + 1 < self._close_attempts:
+                await asyncio.sleep(self._close_retry_delay * (attempt + 1))
+        lost = self.pending
+        self._usage.clear()
+        self._requests.clear()
+        self.dropped += lost
+        self._log.error(json.dumps({
+            "event": "recorder_records_lost", "records": lost,
+            "detail": "the store stayed unavailable at shutdown",
+        }))
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
+            if self._stop.is_set():
+                return  # close() does the final flush, with retries
+            try:
+                await self.flush()
+            except Exception:  # a bug must not stop recording for the life of the process
+                self._log.exception(json.dumps({"event": "recorder_flush_error"}))
+
+    # -- writing ---------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write what is buffered now; on failure keep it for the next flush."""
+        await self._flush()
+
+    async def _flush(self) -> bool:
+        async with self._flush_lock:
+            # Swap the buffers out first: requests keep appending while we write.
+            usage, self._usage = self._usage, {}
+            requests, self._requests = self._requests, deque()
+            usage_rows = [(key_id, at, ip) for key_id, (at, ip) in usage.items()]
+            request_rows = list(requests)
+            written_usage = written_requests = 0
+            try:
+                for start in range(0, len(usage_rows), CHUNK_SIZE):
+                    chunk = usage_rows[start:start + CHUNK_SIZE]
+                    await self._store.record_usage(chunk)
+                    written_usage += len(chunk)
+                    self.flushed_usage += len(chunk)
+                for start in range(0, len(request_rows), CHUNK_SIZE):
+                    chunk = request_rows[start:start + CHUNK_SIZE]
+                    await self._store.add_request_records(chunk)
+                    written_requests += len(chunk)
+                    self.flushed_requests += len(chunk)
+            except Exception as exc:
+                self._put_back(usage_rows[written_usage:], request_rows[written_requests:])
+                self.failed_flushes += 1
+                self._log.warning(json.dumps({
+                    "event": "recorder_flush_failed", "error": f"{type(exc).__name__}: {exc}",
+                    "pending": self.pending,
+                }))
+                return False
+            except BaseException:
+                # Cancelled mid-write: keep the records rather than lose them.
+                self._put_back(usage_rows[written_usage:], request_rows[written_requests:])
+                raise
+            return True
+
+    def _put_back(
+        self, usage: Sequence[tuple[str, datetime, str | None]], requests: Sequence[RequestRecord],
+    ) -> None:
+        for key_id, at, ip in usage:
+            current = self._usage.get(key_id)
+            if current is None or at > current[0]:
+                self._usage[key_id] = (at, ip)
+        if requests:
+            # Unwritten records go in front (they are older); the bound still
+            # holds, so the newest ones beyond it are dropped.
+            total = len(requests) + len(self._requests)
+            self._requests = deque(islice(chain(requests, self._requests), self._max_buffer))
+            if total > self._max_buffer:
+                self._drop(total - self._max_buffer)
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self._dropped_since_warning += count
+        # One warning per flush interval at most: under sustained failure a
+        # warning per record would flood the log.
+        now = time.monotonic()
+        if now - self._last_drop_warning >= self._interval:
+            self._log.warning(json.dumps({
+                "event": "recorder_buffer_full", "dropped": self._dropped_since_warning,
+                "dropped_total": self.dropped, "max_buffer": self._max_buffer,
+            }))
+            self._last_drop_warning = now
+            self._dropped_since_warning = 0

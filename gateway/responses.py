@@ -1,0 +1,67 @@
+"""The one place that turns an outcome into the HTTP answer the proxy makes itself.
+
+Public messages are constants: the body never says why a key was refused
+beyond the outcome, so unknown, wrong-secret, revoked and expired keys get
+byte-identical answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from .pipeline.outcomes import Outcome
+
+REALM = 'Bearer realm="keygate"'
+
+# outcome -> (status, error code, description, WWW-Authenticate)
+_ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
+    Outcome.NO_CREDENTIALS: (401, "unauthorized", "Send an API key: Authorization: Bearer <key>.", REALM),
+    Outcome.INVALID_REQUEST: (
+        400, "invalid_request", "Send exactly one Authorization header of the form 'Bearer <key>'.",
+        f'{REALM}, error="invalid_request"',
+    ),
+    Outcome.INVALID_TOKEN: (
+        401, "invalid_token", "The API key is invalid, expired or revoked.", f'{REALM}, error="invalid_token"',
+    ),
+    Outcome.IP_NOT_ALLOWED: (403, "ip_not_allowed", "This API key may not be used from this address.", None),
+    Outcome.INSUFFICIENT_SCOPE: (
+        403, "insufficient_scope", "This API key may not perform this operation on this server.",
+        f'{REALM}, error="insufficient_scope"',
+    ),
+    Outcome.RATE_LIMITED: (429, "rate_limited", "Too many requests for this API key; retry later.", None),
+    Outcome.BODY_TOO_LARGE: (413, "request_too_large", "The request body is larger than allowed.", None),
+    Outcome.CLIENT_TIMEOUT: (408, "request_timeout", "The request body did not arrive in time.", None),
+    Outcome.STORE_UNAVAILABLE: (
+        503, "temporarily_unavailable", "Keys cannot be checked right now; retry shortly.", None,
+    ),
+    Outcome.UPSTREAM_UNAVAILABLE: (502, "bad_gateway", "The upstream service could not be reached.", None),
+    Outcome.UPSTREAM_TIMEOUT: (504, "gateway_timeout", "The upstream service did not answer in time.", None),
+    Outcome.INTERNAL_ERROR: (500, "internal_error", "Keygate failed to handle this request.", None),
+}
+
+STORE_RETRY_AFTER = 5
+
+
+def status_of(outcome: Outcome) -> int:
+    return _ANSWERS[outcome][0]
+
+
+def denial(
+    outcome: Outcome, request_id: str, *, retry_after: float | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    status, error, description, challenge = _ANSWERS[outcome]
+    headers = dict(extra_headers or {})
+    if challenge:
+        headers["WWW-Authenticate"] = challenge
+    if outcome is Outcome.STORE_UNAVAILABLE:
+        headers["Retry-After"] = str(STORE_RETRY_AFTER)
+    elif retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    headers["Cache-Control"] = "no-store"
+    body = json.dumps({"error": error, "error_description": description, "request_id": request_id})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)

@@ -1,0 +1,142 @@
+"""Starting real processes for end-to-end tests: an upstream and ``keygate serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from gateway.models import KeyRecord
+from gateway.service import KeyService
+from gateway.store import create_store
+
+KEYGATE = str(Path(sys.executable).with_name("keygate"))
+UPSTREAM_SCRIPT = str(Path(__file__).with_name("upstream_server.py"))
+CHEAP = Settings.model_validate({"keys": {"argon2": {"memory_cost": 1024}}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env.update(extra)
+    return env
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, UPSTREAM_SCRIPT, str(self.port)], env=clean_env())
+        wait_http(self.url + "/__count", process=self.process)
+
+    def count(self) -> int:
+        with urllib.request.urlopen(self.url + "/__count", timeout=5) as r:
+            return int(json.load(r)["seen"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@dataclass
+class Keygate:
+    """A ``keygate serve`` subprocess with its own config file and SQLite store."""
+
+    folder: Path
+    upstream_url: str
+    config: str = ""
+    workers: int = 1
+    store_url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.proxy_port = free_port()
+        self.admin_port = free_port()
+        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.store_url = self.store_url or f"sqlite:///{self.folder / 'keygate.db'}"
+        self.log_path = self.folder / f"keygate-{self.proxy_port}.log"
+        self.config_path = self.folder / f"keygate-{self.proxy_port}.toml"
+        self.config_path.write_text(
+            f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\nworkers = {self.workers}\nshutdown_grace = 10\n'
+            f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
+            f'[store]\nurl = "{self.store_url}"\n'
+            f'[recorder]\nflush_interval = 0.2\n'
+            f'[keys.argon2]\nmemory_cost = 1024\n'
+            f'[[upstreams]]\nname = "app"\nurl = "{self.upstream_url}"\nconnect_timeout = 2\ntimeout = 3\n'
+            + self.config
+        )
+
+    def start(self) -> "Keygate":
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [KEYGATE, "--config", str(self.config_path), "serve"], env=clean_env(**self.env),
+            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
+        )
+        wait_http(self.admin_url + "/healthz", process=self.process)
+        wait_http(self.admin_url + "/readyz", process=self.process)
+        if self.workers > 1:
+            # Every worker must be listening before tests spread requests over them.
+            deadline = time.monotonic() + 20
+            while self.log().count('"event": "listening"') < self.workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self._log.close()
+        return code
+
+    async def key(self, **kwargs: Any) -> tuple[KeyRecord, str]:
+        """Create a key in this gateway's store, as an operator would."""
+        async with self.service() as service:
+            return await service.create_key(**kwargs)
+
+    def service(self) -> "_ServiceContext":
+        return _ServiceContext(self.store_url)
+
+
+class _ServiceContext:
+    def __init__(self, url: str) -> None:
+        self.store = create_store(url)
+
+    async def __aenter__(self) -> KeyService:
+        await self.store.open()
+        return KeyService(self.store, CHEAP, actor="test:operator")
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.store.close()

@@ -1,0 +1,198 @@
+"""200: allowed requests are forwarded with the right headers, bodies stream both ways."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import aiohttp
+import pytest
+
+from .conftest import bearer
+from .harness import Keygate, Upstream
+
+
+async def echo(http: aiohttp.ClientSession, gateway: Keygate, key: str, path: str = "/echo",
+               method: str = "GET", **kwargs: object) -> tuple[aiohttp.ClientResponse, dict]:
+    headers = {**bearer(key), **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    async with http.request(method, gateway.proxy_url + path, headers=headers, **kwargs) as r:  # type: ignore[arg-type]
+        body = await r.read()
+        return r, json.loads(body) if r.content_type == "application/json" else {}
+
+
+def upstream_headers(body: dict) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = {}
+    for name, value in body["headers"]:
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+async def test_forwards_with_identity_headers(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """The upstream gets the request with the key's identity and forwarding headers."""
+    record, key = await gateway.key(name="ci deploy", role="admin")
+    response, body = await echo(http, gateway, key, "/echo/a%2Fb?x=1&y=%20")
+    assert response.status == 200
+    assert body["path"] == "/echo/a%2Fb?x=1&y=%20"
+    h = upstream_headers(body)
+    assert h["x-keygate-key-id"] == [record.id]
+    assert h["x-keygate-key-name"] == ["ci deploy"]
+    assert h["x-keygate-org"] == ["default"] and h["x-keygate-role"] == ["admin"]
+    assert h["x-forwarded-for"] == ["127.0.0.1"] and h["x-forwarded-proto"] == ["http"]
+    assert h["x-forwarded-host"] == [f"127.0.0.1:{gateway.proxy_port}"]
+    assert h["via"] == ["1.1 keygate"]
+    assert "authorization" not in h
+    assert len(h["x-request-id"][0]) >= 16
+    assert response.headers["X-Request-Id"] == h["x-request-id"][0]
+
+
+async def test_client_identity_headers_are_dropped(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """X-Keygate-* sent by the client never reach the upstream; the real ones do."""
+    record, key = await gateway.key(name="ci", role="admin")
+    _, body = await echo(http, gateway, key, headers={
+        "X-Keygate-Key-Id": "kg_forged000000", "X-Keygate-Role": "admin", "X-Keygate-Extra": "x",
+        "X-Forwarded-For": "1.2.3.4", "Forwarded": "for=1.2.3.4", "X-Real-IP": "1.2.3.4",
+    })
+    h = upstream_headers(body)
+    assert h["x-keygate-key-id"] == [record.id]
+    assert "x-keygate-extra" not in h
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_request_id_is_kept(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A client's X-Request-Id is passed on and returned."""
+    _, key = await gateway.key(name="ci", role="admin")
+    response, body = await echo(http, gateway, key, headers={"X-Request-Id": "abc-123"})
+    assert upstream_headers(body)["x-request-id"] == ["abc-123"]
+    assert response.headers["X-Request-Id"] == "abc-123"
+
+
+async def test_hop_by_hop_headers_are_removed(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Connection, Keep-Alive, TE, Upgrade and headers named in Connection are not forwarded."""
+    _, key = await gateway.key(name="ci", role="admin")
+    _, body = await echo(http, gateway, key, headers={
+        "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "Proxy-Authorization": "Basic eA==",
+    })
+    h = upstream_headers(body)
+    for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert name not in h
+
+
+async def test_allowed_responses_carry_ratelimit_headers(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Every allowed response says the key's policy and what is left."""
+    _, key = await gateway.key(name="ci", role="admin", rate_limit="10/minute")
+    response, _ = await echo(http, gateway, key)
+    assert response.headers["RateLimit-Policy"] == '"key";q=10;w=60'
+    assert response.headers["RateLimit"].startswith('"key";r=9;')
+
+
+async def test_lowercase_bearer_scheme_is_accepted(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Auth schemes are case-insensitive (RFC 9110), so 'bearer' works like 'Bearer'."""
+    _, key = await gateway.key(name="ci", role="admin")
+    async with http.get(gateway.proxy_url + "/echo", headers={"Authorization": f"bearer {key}"}) as r:
+        assert r.status == 200
+
+
+async def test_route_operation_and_server(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A deploy key for prod-1 may deploy to prod-1 through the {server} route."""
+    _, key = await gateway.key(name="deployer", operations=["deploy"], servers=["prod-1"])
+    response, body = await echo(http, gateway, key, "/api/servers/prod-1/deploy", method="POST", data=b"go")
+    assert response.status == 200 and body["body_len"] == 2
+
+
+async def test_pass_credentials_route_keeps_authorization(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A route with pass_credentials forwards the client's Authorization header."""
+    _, key = await gateway.key(name="ci", operations=["private"])
+    _, body = await echo(http, gateway, key, "/private/x")
+    assert upstream_headers(body)["authorization"] == [f"Bearer {key}"]
+
+
+async def test_no_automatic_decompression(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Compressed upstream bodies pass through byte for byte, with their Content-Encoding."""
+    _, key = await gateway.key(name="ci", role="admin")
+    async with http.get(gateway.proxy_url + "/gzip", headers={**bearer(key), "Accept-Encoding": "gzip"}) as r:
+        raw = await r.read()
+        assert r.headers["Content-Encoding"] == "gzip"
+    import gzip
+    assert gzip.decompress(raw) == b"hello " * 100
+
+
+async def test_large_upload_streams_with_content_length(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A 100 MiB upload with Content-Length arrives whole, with identical framing."""
+    _, key = await gateway.key(name="ci", role="admin")
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+    for _ in range(100):
+        digest.update(block)
+    size = 100 * len(block)
+
+    async def body():
+        for _ in range(100):
+            yield block
+
+    response, echoed = await echo(http, gateway, key, method="PUT", data=body(),
+                                  headers={"Content-Length": str(size)})
+    assert response.status == 200
+    assert echoed["body_len"] == size and echoed["body_sha256"] == digest.hexdigest()
+    assert not echoed["chunked"]
+
+
+async def test_chunked_upload_stays_chunked(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A chunked upload is forwarded chunked and whole."""
+    _, key = await gateway.key(name="ci", role="admin")
+
+    async def body():
+        for i in range(10):
+            yield bytes([i]) * 10_000
+
+    response, echoed = await echo(http, gateway, key, method="POST", data=body())
+    assert response.status == 200 and echoed["body_len"] == 100_000 and echoed["chunked"]
+
+
+async def test_large_download_streams(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A 100 MiB download arrives whole, with the upstream's Content-Length."""
+    _, key = await gateway.key(name="ci", role="admin")
+    size = 100 * 1024 * 1024
+    received = 0
+    async with http.get(f"{gateway.proxy_url}/bytes/{size}", headers=bearer(key)) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(size)
+        async for chunk in r.content.iter_chunked(1 << 20):
+            received += len(chunk)
+    assert received == size
+
+
+async def test_websocket_is_authenticated_and_relayed(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A WebSocket upgrade with a valid key is relayed both ways, text and binary."""
+    record, key = await gateway.key(name="ws", role="admin")
+    async with http.ws_connect(gateway.proxy_url + "/ws", headers=bearer(key), protocols=("echo.v1",)) as ws:
+        assert ws.protocol == "echo.v1"
+        assert (await ws.receive_str(timeout=5)) == f"hello {record.id}"
+        await ws.send_str("ping")
+        assert (await ws.receive_str(timeout=5)) == "echo:ping"
+        await ws.send_bytes(b"\x01\x02\x03")
+        assert (await ws.receive_bytes(timeout=5)) == b"\x03\x02\x01"
+
+
+async def test_websocket_without_key_is_refused(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A WebSocket upgrade without a key gets a plain 401."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(gateway.proxy_url + "/ws")
+    assert refused.value.status == 401
+
+
+async def test_last_used_and_request_records_are_written(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """After a request, the key's last use and a request record reach the store in a batch."""
+    import asyncio
+
+    record, key = await gateway.key(name="ci", role="admin")
+    await echo(http, gateway, key, "/recorded")
+    for _ in range(50):
+        async with gateway.service() as service:
+            stored = await service.get_key(record.id)
+            async with service.store.read() as tx:
+                requests = await tx.list_requests(key_id=record.id)
+        if stored.last_used_at is not None and requests:
+            break
+        await asyncio.sleep(0.1)
+    assert stored.last_used_ip == "127.0.0.1"
+    assert requests[0].path == "/recorded" and requests[0].decision == "allowed" and requests[0].status == 200
