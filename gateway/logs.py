@@ -34,3 +34,6 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access logger is replaced by ours (off unless enabled).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The change watcher reports store outages once, as JSON; asyncpg's own
+    # reconnect attempts would repeat them with tracebacks.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)

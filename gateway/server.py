@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .app import Runtime, StartupError, admin_app, prepare_store, runtime, store_options, warn_if_exposed
 from .config import Settings
+from .http_server import ProxyHTTPServer
 from .logs import configure_logging
 from .store import StoreError, create_store
 from .units import parse_listen
@@ -54,7 +55,9 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     grace = settings.proxy.shutdown_grace
     async with runtime(settings) as rt:
         proxy_runner = web.ServerRunner(
-            web.Server(rt.gateway.handle, handler_cancellation=True, access_log=None),
+            # lingering_time: after an early answer (413, 400) unread body is
+            # drained for at most 2 s before the connection is closed.
+            ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0),
             shutdown_timeout=grace,
         )
         admin_runner = web.AppRunner(admin_app(rt), access_log=None, shutdown_timeout=5)

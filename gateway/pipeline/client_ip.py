@@ -16,8 +16,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def parse_ip(text: str) -> IPAddress | None:
     """The address, with IPv4-mapped IPv6 (``::ffff:10.0.0.1``) turned into IPv4."""
+    text = text.strip()
     try:
-        ip = ipaddress.ip_address(text.strip())
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address):

@@ -32,7 +32,7 @@ def bearer_credential(headers: CIMultiDictProxy[str] | Mapping[str, str], parser
     if not value:
         raise Denied(Outcome.NO_CREDENTIALS, "empty Authorization header")
     match = _BEARER.fullmatch(value)
-    scheme = match[1] if match else value.split(" ", 1)[0]
+    scheme = match[1] if match else re.split(r"[ \t]", value, maxsplit=1)[0]
     # Auth schemes are case-insensitive (RFC 9110 section 11.1): "bearer" is Bearer.
     if scheme.lower() != "bearer":
         # Another scheme (Basic, ...) is "no Bearer credentials" (RFC 6750 section 3.1).

@@ -91,10 +91,23 @@ class _Route:
     pass_credentials: bool
 
 
+def _canonical(path: str) -> str:
+    """``path`` without empty, ``.`` and ``..`` segments, as upstream servers commonly read it."""
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
 def _compile_path(path: str) -> re.Pattern[str]:
     """``/api/servers/{server}/deploy`` matches exactly; a trailing ``/*`` matches anything below."""
     prefix_only = path.endswith("/*")
-    body = path[:-2] if prefix_only else path
+    body = _canonical(path[:-2] if prefix_only else path)
+    body = "" if prefix_only and body == "/" else body
     regex = "/".join(
         "(?P<server>[^/]+)" if segment == "{server}" else re.escape(segment) for segment in body.split("/")
     )
@@ -123,6 +136,11 @@ class RouteTable:
         }
 
     def match(self, method: str, path: str) -> Target:
+        # SECURITY: the raw path goes upstream unchanged, and upstreams commonly
+        # read "/deploy/", "//deploy" or "/x/../deploy" as "/deploy"; matching
+        # only the literal spelling would let them fall to the catch-all
+        # "write" and skip the route's operation.
+        path = _canonical(path)
         for route in self._routes:
             if route.methods and method not in route.methods:
                 continue

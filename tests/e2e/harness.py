@@ -56,13 +56,18 @@ class Upstream:
         self.process = subprocess.Popen([sys.executable, UPSTREAM_SCRIPT, str(self.port)], env=clean_env())
         wait_http(self.url + "/__count", process=self.process)
 
-    def count(self) -> int:
+    def count(self, what: str = "seen") -> int:
+        """Requests that arrived ("seen") or whose body was read whole ("completed")."""
         with urllib.request.urlopen(self.url + "/__count", timeout=5) as r:
-            return int(json.load(r)["seen"])
+            return int(json.load(r)[what])
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
 
 @dataclass

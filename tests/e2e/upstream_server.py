@@ -13,6 +13,7 @@ import sys
 from aiohttp import WSMsgType, web
 
 seen = 0
+completed = 0
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -23,6 +24,8 @@ async def echo(request: web.Request) -> web.Response:
     async for chunk in request.content.iter_any():
         digest.update(chunk)
         length += len(chunk)
+    global completed
+    completed += 1
     return web.json_response({
         "method": request.method,
         "path": request.raw_path,
@@ -34,7 +37,7 @@ async def echo(request: web.Request) -> web.Response:
 
 
 async def count(_request: web.Request) -> web.Response:
-    return web.json_response({"seen": seen})
+    return web.json_response({"seen": seen, "completed": completed})
 
 
 async def stream_bytes(request: web.Request) -> web.StreamResponse:
@@ -108,4 +111,5 @@ def app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+                shutdown_timeout=0.5)

@@ -1,0 +1,125 @@
+"""401 (and 400): no key, malformed credentials, and keys that are not valid now."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import pytest
+
+from gateway.keys import generate
+
+from .conftest import bearer
+from .harness import Keygate
+
+REALM = 'Bearer realm="keygate"'
+
+
+async def get(http: aiohttp.ClientSession, gateway: Keygate, headers: dict[str, str] | None = None,
+              path: str = "/echo") -> tuple[int, dict[str, str], bytes]:
+    async with http.get(gateway.proxy_url + path, headers=headers or {}) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": ""}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Token abc"}],
+    ids=["missing", "empty", "basic", "other-scheme"],
+)
+async def test_no_bearer_credentials(http: aiohttp.ClientSession, gateway: Keygate, headers: dict[str, str]) -> None:
+    """Without Bearer credentials the answer is 401 with a plain Bearer challenge (RFC 6750 3.1)."""
+    status, response_headers, body = await get(http, gateway, headers)
+    assert status == 401
+    assert response_headers["WWW-Authenticate"] == REALM
+    assert json.loads(body)["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer", "Bearer ", "Bearer a b", "Bearer kg_abc!def", "Bearer\tkg_abc"],
+    ids=["no-token", "blank-token", "two-tokens", "bad-chars", "tab"],
+)
+async def test_malformed_bearer_is_400(http: aiohttp.ClientSession, gateway: Keygate, value: str) -> None:
+    """A Bearer credential that is not one b64token is a 400 invalid_request."""
+    status, headers, body = await get(http, gateway, {"Authorization": value})
+    assert status == 400, body
+    assert headers["WWW-Authenticate"] == f'{REALM}, error="invalid_request"'
+    assert json.loads(body)["error"] == "invalid_request"
+
+
+def raw_request(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def test_two_authorization_headers_are_400(gateway: Keygate) -> None:
+    """Sending Authorization twice is a malformed request, even if both are valid."""
+    _, key = await gateway.key(name="ci", role="admin")
+    request = (f"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+               f"Authorization: Bearer {key}\r\nConnection: close\r\n\r\n").encode()
+    response = await asyncio.to_thread(raw_request, gateway.proxy_port, request)
+    assert response.startswith(b"HTTP/1.1 400")
+    assert b'error="invalid_request"' in response
+
+
+async def test_non_ascii_token_is_refused(gateway: Keygate) -> None:
+    """A token with non-ASCII bytes is refused without reaching the upstream."""
+    request = b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kg_\xc3\xa9\xc3\xa9\r\nConnection: close\r\n\r\n"
+    response = await asyncio.to_thread(raw_request, gateway.proxy_port, request)
+    assert response.split(b" ", 2)[1] in (b"400", b"401")
+
+
+async def test_over_long_token_is_invalid(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A token far longer than any key is refused as invalid_token."""
+    status, headers, _ = await get(http, gateway, {"Authorization": "Bearer kg_" + "A" * 4000})
+    assert status == 401 and headers["WWW-Authenticate"] == f'{REALM}, error="invalid_token"'
+
+
+async def test_bad_checksum_is_invalid_token(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A key with one character changed is refused as invalid_token."""
+    _, key = await gateway.key(name="ci", role="admin")
+    typo = key[:20] + ("A" if key[20] != "A" else "B") + key[21:]
+    status, headers, _ = await get(http, gateway, bearer(typo))
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+
+
+async def test_refused_keys_are_indistinguishable(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Unknown, wrong-secret, revoked, expired and ex-member keys get byte-identical 401s."""
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    _, good = await gateway.key(name="good", role="admin")
+    revoked_record, revoked = await gateway.key(name="revoked", role="admin")
+    expired_record, expired = await gateway.key(name="expired", role="admin", expires="1d")
+    async with gateway.service() as service:
+        await service.set_member("acme", "bob", "admin")
+        _, member_key = await service.create_key(name="bob", org="acme", user="bob", operations=["read"])
+        await service.revoke_key(revoked_record.id)
+        await service.remove_member("acme", "bob")
+        async with service.store.transaction() as tx:
+            # No user can set a past expiry; the store can, to simulate time passing.
+            await tx.save_key(replace(expired_record, expires_at=past))
+            await tx.add_change(at=past, entity="key", target=expired_record.id)
+    unknown = generate("kg_").full
+    wrong_secret = generate("kg_")
+    wrong_secret = replace(wrong_secret, key_id=good[:15]).full
+    await asyncio.sleep(1.0)  # change notices reach the gateway within a second
+    answers = set()
+    for key in (unknown, wrong_secret, revoked, expired, member_key):
+        status, headers, body = await get(http, gateway, {**bearer(key), "X-Request-Id": "same-id"})
+        assert status == 401, key
+        answers.add((headers["WWW-Authenticate"], headers["Content-Type"], body))
+    assert len(answers) == 1
+    assert (await get(http, gateway, bearer(good)))[0] == 200

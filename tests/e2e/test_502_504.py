@@ -1,0 +1,48 @@
+"""502 and 504: the upstream refuses, resets or hangs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from .conftest import bearer
+from .harness import Keygate, free_port
+
+
+@pytest.fixture(scope="module")
+def dead_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway whose upstream port has nothing listening."""
+    keygate = Keygate(tmp_path_factory.mktemp("dead"), f"http://127.0.0.1:{free_port()}").start()
+    yield keygate
+    assert keygate.stop() == 0
+
+
+async def test_refused_upstream_is_502(http: aiohttp.ClientSession, dead_upstream: Keygate) -> None:
+    """Nothing listening upstream gives 502 bad_gateway, not a 500."""
+    _, key = await dead_upstream.key(name="ci", role="admin")
+    async with http.get(dead_upstream.proxy_url + "/echo", headers=bearer(key)) as r:
+        assert r.status == 502
+        assert json.loads(await r.read())["error"] == "bad_gateway"
+
+
+async def test_hanging_upstream_is_504(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """An upstream that does not answer within its timeout (3 s here) gives 504."""
+    _, key = await gateway.key(name="ci", role="admin")
+    async with http.get(gateway.proxy_url + "/hang", headers=bearer(key)) as r:
+        assert r.status == 504
+        assert json.loads(await r.read())["error"] == "gateway_timeout"
+
+
+async def test_reset_mid_body_cuts_the_client_off(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """An upstream that dies mid-body cannot make the client take a short body for a whole one."""
+    _, key = await gateway.key(name="ci", role="admin")
+    async with http.get(gateway.proxy_url + "/reset", headers=bearer(key)) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == "100000"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    # The gateway is fine afterwards.
+    async with http.get(gateway.proxy_url + "/echo", headers=bearer(key)) as r:
+        assert r.status == 200
