@@ -31,6 +31,9 @@ class KeyCache(Generic[V]):
         self._negative: dict[str, float] = {}
         self.hits = 0
         self.misses = 0
+        # Bumped by every invalidation: a fill that read the store before an
+        # invalidation must not cache what it read (see ``put``).
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -51,7 +54,10 @@ class KeyCache(Generic[V]):
             return entry[0]
         return None
 
-    def put(self, digest: str, key_id: str, value: V) -> None:
+    def put(self, digest: str, key_id: str, value: V, *, generation: int | None = None) -> None:
+        """Cache ``value``, unless an invalidation happened since ``generation`` was read."""
+        if generation is not None and generation != self.generation:
+            return
         self._negative.pop(digest, None)
         self._drop(digest)
         while len(self._entries) >= self.max_entries:
@@ -77,10 +83,12 @@ class KeyCache(Generic[V]):
         self._negative[digest] = self._clock() + self.negative_ttl
 
     def invalidate_key(self, key_id: str) -> None:
+        self.generation += 1
         for digest in self._by_id.pop(key_id, ()):
             self._entries.pop(digest, None)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
         self._by_id.clear()
         self._negative.clear()

@@ -88,7 +88,7 @@ class Gateway:
             # 5. IP allowlist.
             check_allowlist(key.networks, client_ip)
             # 6. Scope: server and operation from the route table.
-            target = self.routes.match(request.method, request.path)
+            target = self.routes.match(request.method, request.raw_path)
             check_scope(key.servers, key.grants, target)
             # 7. Rate limit: only keys that passed every check above are charged.
             decision = await check_rate_limit(self.limiter, key.record.id, key.rate_limit)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from .client_ip import IPAddress
+from .client_ip import IPAddress, parse_network
 from .outcomes import Denied, Outcome
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+    return tuple(parse_network(c) for c in cidrs)
 
 
 def check_allowlist(networks: Sequence[Network], client_ip: IPAddress | None) -> None:

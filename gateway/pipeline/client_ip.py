@@ -29,9 +29,22 @@ def parse_ip(text: str) -> IPAddress | None:
     return ip
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network, with IPv4-mapped IPv6 ranges (``::ffff:10.0.0.0/104``) turned into IPv4,
+    the way client addresses are."""
+    network = ipaddress.ip_network(text, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        base = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
+        return ipaddress.IPv4Network((base, network.prefixlen - 96))
+    return network
+
+
 class ClientIpResolver:
     def __init__(self, trusted_proxies: Iterable[str]) -> None:
-        self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
+        self._trusted = tuple(parse_network(n) for n in trusted_proxies)
 
     @property
     def trusts_anyone(self) -> bool:

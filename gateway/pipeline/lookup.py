@@ -126,6 +126,7 @@ class KeyLookup:
 
     async def _load(self, parsed: ParsedKey, digest: str) -> CachedKey | None:
         self.store_reads += 1
+        generation = self.cache.generation
         async with self.store.read() as tx:
             record = await tx.get_key(parsed.key_id)
             if record is None:
@@ -145,7 +146,9 @@ class KeyLookup:
             return None
         entry = self._prepare(record, role.grants if role else None, member is not None,
                               member.role if member else None, member_role.grants if member_role else None)
-        self.cache.put(digest, record.id, entry)
+        # A change notice that arrived while we read and verified wins: this
+        # request may use what it read, but the cache must not keep it.
+        self.cache.put(digest, record.id, entry, generation=generation)
         return entry
 
     def _prepare(

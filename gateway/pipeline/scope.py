@@ -8,6 +8,7 @@ and, for a key, one dict lookup per operation after the first time.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -85,69 +86,78 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class _Route:
     methods: frozenset[str]
-    pattern: re.Pattern[str]
+    # One entry per path segment: the literal text, or None for {server}.
+    segments: tuple[str | None, ...]
+    prefix: bool  # a trailing "/*": matches this path and anything below it
+    server_index: int | None
     upstream: UpstreamSettings
     operation: str
     pass_credentials: bool
 
+    def server_of(self, segments: tuple[str, ...]) -> str | None:
+        """The server named by the path when this route matches it, else None."""
+        if len(segments) < len(self.segments) or (not self.prefix and len(segments) != len(self.segments)):
+            return None
+        for want, got in zip(self.segments, segments):
+            if want is not None and want != got:
+                return None
+        return segments[self.server_index] if self.server_index is not None else self.upstream.name
 
-def _canonical(path: str) -> str:
-    """``path`` without empty, ``.`` and ``..`` segments, as upstream servers commonly read it."""
+
+def path_segments(raw_path: str) -> tuple[str, ...]:
+    """The path as upstream servers commonly read it: segments percent-decoded one by one,
+    without empty, ``.`` and ``..`` segments (and without the query)."""
     segments: list[str] = []
-    for segment in path.split("/"):
+    for segment in raw_path.split("?", 1)[0].split("/"):
+        if "%" in segment:
+            # Decoded per segment, so an encoded "/" (%2F) stays inside its segment.
+            segment = unquote(segment)
         if segment == "..":
             if segments:
                 segments.pop()
         elif segment not in ("", "."):
             segments.append(segment)
-    return "/" + "/".join(segments)
+    return tuple(segments)
 
 
-def _compile_path(path: str) -> re.Pattern[str]:
-    """``/api/servers/{server}/deploy`` matches exactly; a trailing ``/*`` matches anything below."""
-    prefix_only = path.endswith("/*")
-    body = _canonical(path[:-2] if prefix_only else path)
-    body = "" if prefix_only and body == "/" else body
-    regex = "/".join(
-        "(?P<server>[^/]+)" if segment == "{server}" else re.escape(segment) for segment in body.split("/")
+def _compile(route: RouteSettings, upstream: UpstreamSettings) -> _Route:
+    prefix = route.path.endswith("/*")
+    parts = path_segments(route.path[:-2] if prefix else route.path)
+    segments = tuple(None if part == "{server}" else part for part in parts)
+    return _Route(
+        methods=frozenset(route.methods), segments=segments, prefix=prefix,
+        server_index=segments.index(None) if None in segments else None, upstream=upstream,
+        operation=route.operation, pass_credentials=route.pass_credentials,
     )
-    return re.compile(regex + ("(?:/.*)?" if prefix_only else ""))
 
 
 class RouteTable:
-    """Maps (method, path) to a :class:`Target`; the first matching route wins."""
+    """Maps (method, raw path) to a :class:`Target`; the first matching route wins."""
 
     def __init__(self, routes: Sequence[RouteSettings], upstreams: Sequence[UpstreamSettings]) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
         by_name = {u.name: u for u in upstreams}
         self.default = upstreams[0]
-        self._routes = tuple(
-            _Route(
-                methods=frozenset(r.methods), pattern=_compile_path(r.path),
-                upstream=by_name[r.upstream] if r.upstream else self.default,
-                operation=r.operation, pass_credentials=r.pass_credentials,
-            )
-            for r in routes
-        )
+        self._routes = tuple(_compile(r, by_name[r.upstream] if r.upstream else self.default) for r in routes)
         self._catch_all = {
             True: Target(self.default, self.default.name, "read", False),
             False: Target(self.default, self.default.name, "write", False),
         }
 
-    def match(self, method: str, path: str) -> Target:
-        # SECURITY: the raw path goes upstream unchanged, and upstreams commonly
-        # read "/deploy/", "//deploy" or "/x/../deploy" as "/deploy"; matching
-        # only the literal spelling would let them fall to the catch-all
-        # "write" and skip the route's operation.
-        path = _canonical(path)
-        for route in self._routes:
-            if route.methods and method not in route.methods:
-                continue
-            found = route.pattern.fullmatch(path)
-            if found is not None:
-                server = found.groupdict().get("server") or route.upstream.name
-                return Target(route.upstream, server, route.operation, route.pass_credentials)
+    def match(self, method: str, raw_path: str) -> Target:
+        if self._routes:
+            # SECURITY: the raw path goes upstream unchanged, and upstreams read
+            # "/deploy/", "//deploy", "/x/../deploy" or "/%64eploy" as "/deploy";
+            # matching one literal spelling would let the others fall through to
+            # the catch-all operation.
+            segments = path_segments(raw_path)
+            for route in self._routes:
+                if route.methods and method not in route.methods:
+                    continue
+                server = route.server_of(segments)
+                if server is not None:
+                    return Target(route.upstream, server, route.operation, route.pass_credentials)
         # No route: the default upstream, "read" for safe methods, else "write".
         return self._catch_all[method in READ_METHODS]
 

@@ -26,7 +26,7 @@ def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
         '[[routes]]\npath = "/api/servers/{server}/*"\noperation = "servers:read"\n'
         '[[routes]]\npath = "/private/*"\noperation = "private"\npass_credentials = true\n'
     )
-    keygate = Keygate(folder, upstream.url, config=config).start()
+    keygate = Keygate(folder, upstream.url, config=config, proxy='max_body_size = "2GiB"\n').start()
     yield keygate
     keygate.stop()
 

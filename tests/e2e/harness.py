@@ -77,6 +77,7 @@ class Keygate:
     folder: Path
     upstream_url: str
     config: str = ""
+    proxy: str = ""
     workers: int = 1
     store_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
@@ -92,6 +93,7 @@ class Keygate:
         self.config_path = self.folder / f"keygate-{self.proxy_port}.toml"
         self.config_path.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\nworkers = {self.workers}\nshutdown_grace = 10\n'
+            + self.proxy +
             f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
             f'[store]\nurl = "{self.store_url}"\n'
             f'[recorder]\nflush_interval = 0.2\n'

@@ -196,3 +196,41 @@ async def test_last_used_and_request_records_are_written(http: aiohttp.ClientSes
         await asyncio.sleep(0.1)
     assert stored.last_used_ip == "127.0.0.1"
     assert requests[0].path == "/recorded" and requests[0].decision == "allowed" and requests[0].status == 200
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_memory_stays_flat_for_1gib_both_ways(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """Streaming 1 GiB down and 1 GiB up grows the gateway's memory by far less than the body."""
+    _, key = await gateway.key(name="ci", role="admin")
+    assert gateway.process is not None
+    size = 1 << 30
+    before = rss_bytes(gateway.process.pid)
+    peak = before
+    received = 0
+    async with http.get(f"{gateway.proxy_url}/bytes/{size}", headers=bearer(key)) as r:
+        async for chunk in r.content.iter_chunked(1 << 20):
+            received += len(chunk)
+            if received % (64 << 20) < len(chunk):
+                peak = max(peak, rss_bytes(gateway.process.pid))
+    assert received == size
+
+    block = b"\x00" * (1 << 20)
+
+    async def body():
+        nonlocal peak
+        for i in range(1024):
+            if i % 64 == 0:
+                peak = max(peak, rss_bytes(gateway.process.pid))
+            yield block
+
+    response, echoed = await echo(http, gateway, key, method="PUT", data=body(),
+                                  headers={"Content-Length": str(size)})
+    assert response.status == 200 and echoed["body_len"] == size
+    assert peak - before < 64 << 20, f"RSS grew by {(peak - before) >> 20} MiB"

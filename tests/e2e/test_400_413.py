@@ -19,10 +19,8 @@ from .harness import Keygate, Upstream
 @pytest.fixture(scope="module")
 def small(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
     """A gateway with a 1 MiB body limit and a 1 s client timeout."""
-    keygate = Keygate(tmp_path_factory.mktemp("small"), upstream.url)
-    keygate.config_path.write_text(keygate.config_path.read_text().replace(
-        "[proxy]\n", '[proxy]\nmax_body_size = "1MiB"\nclient_timeout = 1\n'))
-    keygate.start()
+    keygate = Keygate(tmp_path_factory.mktemp("small"), upstream.url,
+                      proxy='max_body_size = "1MiB"\nclient_timeout = 1\n').start()
     yield keygate
     assert keygate.stop() == 0
 

@@ -50,10 +50,7 @@ async def test_trusted_proxy_rightmost_untrusted_counts(
 ) -> None:
     """Behind a trusted proxy the rightmost untrusted X-Forwarded-For hop is the client."""
     folder = tmp_path_factory.mktemp("trusted")
-    keygate = Keygate(folder, upstream.url)
-    keygate.config_path.write_text(keygate.config_path.read_text().replace(
-        "[proxy]\n", '[proxy]\ntrusted_proxies = ["127.0.0.1/32"]\n'))
-    keygate.start()
+    keygate = Keygate(folder, upstream.url, proxy='trusted_proxies = ["127.0.0.1/32"]\n').start()
     try:
         _, key = await keygate.key(name="ci", role="admin", ip_allowlist=["10.0.0.0/8"])
         assert (await call(http, keygate, key, **{"X-Forwarded-For": "10.1.2.3"}))[0] == 200

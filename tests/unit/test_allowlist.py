@@ -97,3 +97,11 @@ def test_parse_networks_accepts_host_bits() -> None:
     assert [str(n) for n in parse_networks(["10.0.0.1/8", "2001:db8::1/32", "203.0.113.9"])] == [
         "10.0.0.0/8", "2001:db8::/32", "203.0.113.9/32",
     ]
+
+
+def test_ipv4_mapped_rules_match_ipv4_clients() -> None:
+    """A rule written as an IPv4-mapped IPv6 range matches the IPv4 clients it names."""
+    networks = parse_networks(["::ffff:10.0.0.0/104"])
+    check_allowlist(networks, ip_address("10.1.2.3"))
+    with pytest.raises(Denied):
+        check_allowlist(networks, ip_address("11.1.2.3"))

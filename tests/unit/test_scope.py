@@ -219,8 +219,12 @@ def test_exact_routes_do_not_match_near_misses(table: RouteTable, path: str) -> 
         "/api//servers/web-1/deploy",
         "/api/servers/other/../web-1/deploy",
         "/api/servers/web-1/deploy/.",
+        "/api/servers/web-1/%64eploy",
+        "/api/servers/web-1/deploy?x=/../status",
+        "/api/servers/web-1/%2e%2e/web-1/deploy",
     ],
-    ids=["trailing-slash", "dot-segment", "leading-double-slash", "inner-double-slash", "dot-dot", "trailing-dot"],
+    ids=["trailing-slash", "dot-segment", "leading-double-slash", "inner-double-slash", "dot-dot", "trailing-dot",
+         "percent-encoded-letter", "query-ignored", "encoded-dot-dot"],
 )
 def test_equivalent_spellings_of_a_route_match_it(table: RouteTable, path: str) -> None:
     """Paths that upstream servers commonly treat as the route's path need the route's operation, not `write`."""
@@ -312,3 +316,9 @@ def test_check_scope_refuses_with_insufficient_scope(servers: list[str], grants:
     with pytest.raises(Denied) as caught:
         check_scope(Servers(servers), Grants([GrantSet(grants)]), target_)
     assert caught.value.outcome is Outcome.INSUFFICIENT_SCOPE
+
+
+def test_encoded_slash_stays_inside_its_segment(table: RouteTable) -> None:
+    """An encoded '/' cannot add a segment: the route still matches, with the server as spelled."""
+    target = table.match("POST", "/api/servers/x%2Fy/deploy")
+    assert (target.server, target.operation) == ("x/y", "deploy")

@@ -1,0 +1,680 @@
+"""Keygate benchmark: nginx direct vs. a thin aiohttp proxy vs. Keygate (1 and 2 workers).
+
+Run from the repository root (needs ``nginx`` and ``wrk`` on PATH; on Debian
+``apt-get install -y nginx wrk``)::
+
+    .venv/bin/python tests/perf/bench.py [--duration 10] [--connections 32] [--rounds 3]
+                                         [--threads 2] [--json results.json]
+
+What it does:
+
+1. starts nginx (its own temporary prefix and config, ``daemon off``,
+   ``worker_processes 1``, no access log) answering ``200 "ok\\n"`` on a free
+   loopback port: an upstream that cannot be the bottleneck;
+2. starts ``thin_proxy.py``: aiohttp's low-level server + one shared
+   ``ClientSession`` (+ uvloop when importable) that checks the bearer key
+   against a dict and forwards — the ceiling for Keygate's stack;
+3. starts ``keygate serve`` twice (``--workers 1`` and ``--workers 2``), each
+   on its own SQLite store in a temporary folder, with every check on: a key
+   with a role *and* its own operations, a server list, an IP allowlist
+   (127.0.0.0/8), an expiry, a rate limit that never triggers
+   (100000000/minute), a route table of three routes (the benchmarked
+   ``GET /api/servers/app/status`` matches the second one), the recorder
+   writing request records and last-used times, the change feed polled;
+   access log off, ``log.level = "warning"``;
+4. for every round, runs ``wrk --latency -t THREADS -c CONNECTIONS -d DURATION``
+   with the key against each target in turn (nginx, thin, keygate_1w,
+   keygate_2w, then again), so drift hits all alike. Before each measured run
+   it sends a few requests on fresh connections and a 1 s unmeasured wrk run,
+   so the key cache is warm and wrk measures the cache-hit path;
+5. prints the median over rounds of requests/s, p50 and p99 per target and
+   the ratios against the targets of issue 3 (keygate_1w ≥ 0.90 × thin
+   throughput, keygate_1w p99 ≤ 1.20 × thin p99), plus keygate_2w / thin;
+   ``--json FILE`` also writes everything (raw runs included) as JSON.
+
+Exit status: 0 when the measurement completed, whether or not the targets
+were met; 1 when a target process failed to start or answer correctly, or wrk
+failed or reported errors (non-2xx/3xx responses, socket errors) — they are
+printed; 130 on Ctrl-C. Every process it started is stopped in all cases
+(each runs in its own process group, which is signalled on exit).
+
+Caveats:
+
+* Everything shares one machine: on 2 cores, wrk's threads, nginx's worker
+  and the proxy under test compete for CPU. Nothing is pinned. Absolute
+  figures are therefore low and noisy; the ratios between targets measured
+  in the same run are what this is for. Keep ``--threads`` at 1 or 2.
+* ``keygate_2w`` cannot beat ``keygate_1w`` by much on 2 cores (wrk and nginx
+  need CPU too); it is reported for information, not against a target.
+* wrk is closed-loop (each connection waits for its answer), so latency
+  figures are at saturation and mostly mirror throughput; they hide
+  coordinated omission. Use more rounds (``--rounds 5``) for stabler medians.
+* The key cache TTL is Keygate's default (30 s); a run longer than that
+  includes one re-verification (store read + argon2) per TTL, which is part
+  of the real cache-hit path. The recorder flushes every 5 s (default); the
+  bench pauses that long after each Keygate run so a last flush does not
+  land in the next target's measurement.
+* uvloop is used by both proxies only when it is installed in the venv (it is
+  optional); the loop in use is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PYTHON = sys.executable
+KEYGATE = str(Path(sys.executable).with_name("keygate"))
+THIN_PROXY = str(HERE / "thin_proxy.py")
+PATH = "/api/servers/app/status"  # matches the second route of the table below
+BODY = b"ok\n"
+RECORDER_FLUSH = 5.0  # Keygate's default recorder.flush_interval, seconds
+TARGET_THROUGHPUT = 0.90
+TARGET_P99 = 1.20
+
+
+class BenchError(Exception):
+    """The measurement cannot go on: a process failed or wrk reported errors."""
+
+
+# -- processes -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Every process started, each in its own session; all stopped by :meth:`stop_all`."""
+
+    def __init__(self) -> None:
+        self._started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], *, log: Path | None = None,
+              env: dict[str, str] | None = None, capture: bool = False) -> subprocess.Popen[bytes]:
+        out: Any = subprocess.PIPE if capture else (log.open("ab") if log else subprocess.DEVNULL)
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if log else out,
+                env=env, start_new_session=True,  # own group: Ctrl-C reaches only us; we stop them
+            )
+        except OSError as exc:
+            raise BenchError(f"cannot start {name}: {exc}") from None
+        finally:
+            if log and not capture:
+                out.close()
+        self._started.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+        """SIGTERM the process's group (nginx's and keygate's workers too), then SIGKILL if needed."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(wait)
+                # The leader is gone; make sure no member of its group stays behind.
+                try:
+                    os.killpg(process.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.2)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop_all(self) -> None:
+        for _name, process in reversed(self._started):
+            self.stop(process)
+        self._started.clear()
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 30.0,
+              headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{name} exited with status {process.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"{name} did not answer at {url} within {timeout:.0f}s")
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces, so split after ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":
+                inodes.add(cols[9])
+    return inodes
+
+
+def _holds_socket(pid: int, inodes: set[str]) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def serving_pids(leader: int, port: int) -> list[int]:
+    """Pids among ``leader`` and its children that hold a listening socket on ``port``."""
+    inodes = _listening_inodes(port)
+    return [p for p in [leader, *_children(leader)] if _holds_socket(p, inodes)]
+
+
+# -- targets ---------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    key: str | None = None
+    pids: list[int] = field(default_factory=list)
+    # Whether it writes in the background after a run (Keygate's recorder).
+    flushes: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+def start_nginx(procs: Processes, folder: Path) -> Target:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        raise BenchError("nginx not found: apt-get install -y nginx")
+    prefix = folder / "nginx"
+    (prefix / "tmp").mkdir(parents=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+    }}
+}}
+""")
+    log = prefix / "stderr.log"
+    process = procs.start("nginx", [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+                          log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + PATH, process, "nginx")
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n{tail(log)}\n{tail(prefix / 'error.log')}") from None
+    return Target("nginx", url, pids=[process.pid, *_children(process.pid)])
+
+
+def start_thin(procs: Processes, folder: Path, upstream: str, key: str) -> Target:
+    port = free_port()
+    log = folder / "thin_proxy.log"
+    env = {**os.environ, "THIN_PROXY_KEYS": key}
+    process = procs.start("thin proxy", [PYTHON, THIN_PROXY, str(port), upstream], log=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + PATH, process, "thin proxy")
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n{tail(log)}") from None
+    return Target("thin", url, key=key, pids=[process.pid])
+
+
+KEYGATE_CONFIG = """\
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
+workers = 1
+access_log = false
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[store]
+url = "sqlite:///{db}"
+
+[log]
+level = "warning"
+
+[ratelimit]
+default = "100/minute"
+
+[[upstreams]]
+name = "app"
+url = "{upstream}"
+
+[[upstreams]]
+name = "billing"
+url = "{upstream}"
+
+[[routes]]
+methods = ["POST"]
+path = "/api/servers/{{server}}/deploy"
+operation = "deploy"
+
+[[routes]]
+methods = ["GET", "HEAD"]
+path = "/api/servers/{{server}}/status"
+operation = "servers:read"
+
+[[routes]]
+path = "/billing/*"
+upstream = "billing"
+operation = "billing:read"
+"""
+
+
+async def _create_key(store_url: str) -> str:
+    from gateway.config import Settings
+    from gateway.service import KeyService, bootstrap
+    from gateway.store import create_store
+
+    store = create_store(store_url)
+    await store.open()
+    try:
+        await bootstrap(store)
+        service = KeyService(store, Settings.model_validate({}), actor="bench")
+        await service.put_role("bench", ["servers:*", "deploy", "read", "write"])
+        _record, key = await service.create_key(
+            name="bench", role="bench", operations=["servers:read", "deploy", "read"],
+            servers=["app"], ip_allowlist=["127.0.0.0/8"], rate_limit="100000000/minute", expires="1y",
+        )
+        return key
+    finally:
+        await store.close()
+
+
+def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int) -> Target:
+    name = f"keygate_{workers}w"
+    home = folder / name
+    home.mkdir()
+    proxy_port, admin_port = free_port(), free_port()
+    store_url = f"sqlite:///{home / 'keygate.db'}"
+    config = home / "keygate.toml"
+    config.write_text(KEYGATE_CONFIG.format(proxy_port=proxy_port, admin_port=admin_port,
+                                            db=home / "keygate.db", upstream=upstream))
+    key = asyncio.run(_create_key(store_url))
+    log = home / "keygate.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    process = procs.start(name, [KEYGATE, "--config", str(config), "serve", "--workers", str(workers)],
+                          log=log, env=env)
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        wait_http(admin + "/readyz", process, name)
+        deadline = time.monotonic() + 30
+        pids = serving_pids(process.pid, proxy_port)
+        while len(pids) < workers:
+            if process.poll() is not None:
+                raise BenchError(f"{name} exited with status {process.returncode} during start-up")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}: only {len(pids)} of {workers} workers listening after 30s")
+            time.sleep(0.1)
+            pids = serving_pids(process.pid, proxy_port)
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n{tail(log)}") from None
+    return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids, flushes=True)
+
+
+def check_target(target: Target) -> None:
+    """One correct answer through the target, and (for proxies) refusals where they belong."""
+    status, headers, body = fetch(target.url + PATH, target.headers)
+    if status != 200 or body != BODY:
+        raise BenchError(f"{target.name}: GET {PATH} answered {status} {body[:200]!r}, expected 200 {BODY!r}")
+    if target.key is None:
+        return
+    status, _h, _b = fetch(target.url + PATH)
+    if status != 401:
+        raise BenchError(f"{target.name}: a request without a key answered {status}, expected 401")
+    if target.name.startswith("keygate"):
+        if "RateLimit" not in headers:
+            raise BenchError(f"{target.name}: no RateLimit header on an allowed response")
+        # Scope is enforced: the key is not granted the billing server.
+        status, _h, _b = fetch(target.url + "/billing/invoices", target.headers)
+        if status != 403:
+            raise BenchError(f"{target.name}: a request outside the key's scope answered {status}, expected 403")
+
+
+def warm(target: Target, requests: int = 16) -> None:
+    """A few requests on fresh connections: with 2 workers each gets some and caches the key."""
+    for _ in range(requests):
+        status, _h, body = fetch(target.url + PATH, target.headers)
+        if status != 200 or body != BODY:
+            raise BenchError(f"{target.name}: warm-up request answered {status} {body[:200]!r}")
+
+
+# -- wrk -------------------------------------------------------------------
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_LATENCY = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_TOTAL = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", re.M)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+@dataclass
+class WrkResult:
+    target: str
+    round: int
+    requests_per_s: float
+    p50_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: dict[str, int]
+
+
+def to_ms(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
+
+
+def parse_wrk(output: str, target: str, round_no: int) -> WrkResult:
+    latencies = {p: to_ms(v, u) for p, v, u in _LATENCY.findall(output)}
+    rps = _RPS.search(output)
+    total = _TOTAL.search(output)
+    if rps is None or total is None or not {"50", "99"} <= latencies.keys():
+        raise BenchError(f"cannot parse wrk output for {target}:\n{output}")
+    non_2xx = _NON_2XX.search(output)
+    socket_errors = _SOCKET.search(output)
+    return WrkResult(
+        target=target, round=round_no, requests_per_s=float(rps[1]),
+        p50_ms=latencies["50"], p75_ms=latencies.get("75", float("nan")),
+        p90_ms=latencies.get("90", float("nan")), p99_ms=latencies["99"], requests=int(total[1]),
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_errors=dict(zip(("connect", "read", "write", "timeout"),
+                               map(int, socket_errors.groups()))) if socket_errors else {},
+    )
+
+
+def run_wrk(procs: Processes, target: Target, *, duration: int, connections: int, threads: int,
+            latency: bool = True) -> str:
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "5s"]
+    if latency:
+        argv.append("--latency")
+    if target.key:
+        argv += ["-H", f"Authorization: Bearer {target.key}"]
+    argv.append(target.url + PATH)
+    process = procs.start("wrk", argv, capture=True)
+    try:
+        out, _ = process.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        procs.stop(process)
+        raise BenchError(f"wrk against {target.name} did not finish") from None
+    text = out.decode(errors="replace")
+    if process.returncode != 0:
+        raise BenchError(f"wrk against {target.name} exited with status {process.returncode}:\n{text}")
+    return text
+
+
+def measure(procs: Processes, target: Target, round_no: int, args: argparse.Namespace) -> WrkResult:
+    warm(target)
+    if args.warmup > 0:
+        run_wrk(procs, target, duration=args.warmup, connections=args.connections, threads=args.threads,
+                latency=False)
+    output = run_wrk(procs, target, duration=args.duration, connections=args.connections, threads=args.threads)
+    result = parse_wrk(output, target.name, round_no)
+    errors = {k: v for k, v in result.socket_errors.items() if v}
+    if result.non_2xx or errors or result.requests == 0:
+        raise BenchError(
+            f"wrk against {target.name} reported errors: {result.non_2xx} non-2xx/3xx responses, "
+            f"socket errors {errors or 'none'}, {result.requests} requests\n{output}"
+        )
+    return result
+
+
+# -- report ----------------------------------------------------------------
+
+
+def summarize(results: list[WrkResult], names: list[str]) -> dict[str, dict[str, Any]]:
+    summary = {}
+    for name in names:
+        mine = [r for r in results if r.target == name]
+        summary[name] = {
+            "requests_per_s": statistics.median(r.requests_per_s for r in mine),
+            "p50_ms": statistics.median(r.p50_ms for r in mine),
+            "p99_ms": statistics.median(r.p99_ms for r in mine),
+            "rounds_requests_per_s": [r.requests_per_s for r in mine],
+            "rounds_p99_ms": [r.p99_ms for r in mine],
+        }
+    return summary
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    thin, one, two = summary["thin"], summary["keygate_1w"], summary["keygate_2w"]
+    throughput = one["requests_per_s"] / thin["requests_per_s"]
+    p99 = one["p99_ms"] / thin["p99_ms"]
+    return {
+        "keygate_1w/thin throughput": {"value": throughput, "target": f">= {TARGET_THROUGHPUT}",
+                                       "pass": throughput >= TARGET_THROUGHPUT},
+        "keygate_1w/thin p99": {"value": p99, "target": f"<= {TARGET_P99}", "pass": p99 <= TARGET_P99},
+        "keygate_2w/thin throughput": {"value": two["requests_per_s"] / thin["requests_per_s"],
+                                       "target": None, "pass": None},
+        "keygate_2w/thin p99": {"value": two["p99_ms"] / thin["p99_ms"], "target": None, "pass": None},
+        "thin/nginx throughput": {"value": thin["requests_per_s"] / summary["nginx"]["requests_per_s"],
+                                  "target": None, "pass": None},
+    }
+
+
+def print_report(summary: dict[str, dict[str, Any]], checks: dict[str, dict[str, Any]]) -> None:
+    print()
+    print(f"{'target':<12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}   req/s per round")
+    for name, s in summary.items():
+        rounds = " ".join(f"{v:.0f}" for v in s["rounds_requests_per_s"])
+        print(f"{name:<12} {s['requests_per_s']:>10.0f} {s['p50_ms']:>9.2f} {s['p99_ms']:>9.2f}   {rounds}")
+    print()
+    for label, c in checks.items():
+        verdict = "" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        target = f"(target {c['target']})" if c["target"] else ""
+        print(f"{label:<28} {c['value']:>6.3f}  {target:<16} {verdict}")
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    def version(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "?"
+
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__, "event_loop": loop, "nginx": version(["nginx", "-v"]),
+        "wrk": version(["wrk", "-v"]), "commit": version(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
+        "duration_s": args.duration, "connections": args.connections, "threads": args.threads,
+        "rounds": args.rounds, "warmup_s": args.warmup, "path": PATH,
+    }
+
+
+# -- main ------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="whole seconds per measured wrk run (10)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets (3)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads; keep 1-2 on 2 cores (2)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="whole seconds of unmeasured wrk before each run; 0 = none (1)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.connections < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--duration, --connections, --rounds and --threads must be positive")
+    if args.connections < args.threads:
+        parser.error("wrk needs at least one connection per thread")
+    return args
+
+
+def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
+    if shutil.which("wrk") is None:
+        raise BenchError("wrk not found: apt-get install -y wrk")
+    env = environment(args)
+    print(f"{env['cpus']} CPUs, Python {env['python']}, aiohttp {env['aiohttp']}, loop {env['event_loop']}, "
+          f"{env['nginx']}, {env['wrk']}")
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) before start: {load:.2f}"
+          + ("  -- WARNING: the machine is busy; figures will be noisy" if load > 0.5 else ""))
+    env["load_before"] = load
+    nginx = start_nginx(procs, folder)
+    keygate_1w = start_keygate(procs, folder, nginx.url, workers=1)
+    keygate_2w = start_keygate(procs, folder, nginx.url, workers=2)
+    thin = start_thin(procs, folder, nginx.url, keygate_1w.key or "")
+    targets = [nginx, thin, keygate_1w, keygate_2w]
+    for target in targets:
+        check_target(target)
+        print(f"  {target.name:<11} {target.url}  pids {' '.join(map(str, target.pids))}")
+    print(f"wrk -t {args.threads} -c {args.connections} -d {args.duration}s --latency, "
+          f"{args.rounds} round(s), GET {PATH}")
+
+    results: list[WrkResult] = []
+    for round_no in range(1, args.rounds + 1):
+        for target in targets:
+            result = measure(procs, target, round_no, args)
+            results.append(result)
+            print(f"  round {round_no} {target.name:<11} {result.requests_per_s:>9.0f} req/s  "
+                  f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms", flush=True)
+            # Let background work (Keygate's recorder flush) land outside the next run.
+            time.sleep(RECORDER_FLUSH + 0.5 if target.flushes else 1.0)
+
+    env["load_after"] = os.getloadavg()[0]
+    names = [t.name for t in targets]
+    summary = summarize(results, names)
+    checks = ratios(summary)
+    print_report(summary, checks)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "environment": env, "targets": {t.name: {"url": t.url, "pids": t.pids} for t in targets},
+            "runs": [asdict(r) for r in results], "summary": summary, "ratios": checks,
+        }, indent=2) + "\n")
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    folder = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+    procs = Processes()
+    try:
+        return bench(args, procs, folder)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        # Ctrl-C during clean-up must not leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
