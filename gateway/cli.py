@@ -21,7 +21,9 @@ import click
 
 from .config import ConfigError, Settings, load_settings, masked, render_toml
 from .models import KeyRecord
-from .service import UNSET, KeyService, ServiceError, bootstrap, utcnow
+from .service import (
+    UNSET, KeyService, ServiceError, bootstrap, grace_seconds, key_changes, new_key_values, utcnow,
+)
 from .store import KeyStore, StoreError, StoreUnavailable, create_store
 from .units import parse_duration
 
@@ -67,10 +69,10 @@ async def opened_store(settings: Settings) -> AsyncIterator[KeyStore]:
     store = create_store(settings.store.url, **store_options(settings))
     await store.open()
     try:
-        if settings.store.url.startswith("sqlite:"):
-            await bootstrap(store)
-        elif await store.pending_migrations():
-            fail("the store's schema is not up to date: run `keygate migrate` first", EXIT_UNAVAILABLE)
+        if await store.pending_migrations():
+            if not settings.store.url.startswith("sqlite:"):
+                fail("the store's schema is not up to date: run `keygate migrate` first", EXIT_UNAVAILABLE)
+            await bootstrap(store)  # the embedded store migrates itself
         yield store
     finally:
         await store.close()
@@ -86,10 +88,21 @@ def run(coro: Awaitable[T]) -> T:
         fail(f"store unavailable: {exc}", EXIT_UNAVAILABLE)
     except StoreError as exc:
         fail(f"store refused the change: {exc}")
+    except Exception as exc:  # last resort: one line, never a traceback
+        fail(f"unexpected error ({type(exc).__name__}): {exc}", EXIT_UNAVAILABLE)
 
 
-def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]]) -> T:
+def with_service(
+    ctx: click.Context, action: Callable[[KeyService], Awaitable[T]],
+    precheck: Callable[[Settings], object] | None = None,
+) -> T:
+    """Run ``action`` on the configured store; ``precheck`` validates input before the store is opened."""
     settings = settings_from(ctx)
+    if precheck is not None:
+        try:
+            precheck(settings)
+        except ServiceError as exc:
+            fail(str(exc))
 
     async def go() -> T:
         async with opened_store(settings) as store:
@@ -237,10 +250,10 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
                 operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
                 rate_limit: str | None, expires: str, as_json: bool) -> None:
     """Create a key and print it once."""
-    record, full = with_service(ctx, lambda svc: svc.create_key(
-        name=name, kind=kind, org=org, user=user, role=role, operations=operations, servers=servers,
-        ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires,
-    ))
+    given = dict(name=name, kind=kind, org=org, user=user, role=role, operations=operations, servers=servers,
+                 ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires)
+    record, full = with_service(ctx, lambda svc: svc.create_key(**given),
+                                precheck=lambda settings: new_key_values(settings, utcnow(), **given))
     show_new_key(record, full, as_json, utcnow())
 
 
@@ -249,12 +262,16 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
 @click.option("--user")
 @click.option("--status", type=click.Choice(["active", "expired", "revoked"]))
 @click.option("--kind")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_list(ctx: click.Context, org: str | None, user: str | None, status: str | None,
-              kind: str | None, as_json: bool) -> None:
-    """List keys (never secrets or hashes)."""
-    records = with_service(ctx, lambda svc: svc.list_keys(org=org, user=user, status=status, kind=kind))
+              kind: str | None, limit: int, as_json: bool) -> None:
+    """List keys, newest first (never secrets or hashes)."""
+    records = with_service(ctx, lambda svc: svc.list_keys(org=org, user=user, status=status, kind=kind,
+                                                          limit=limit))
+    if len(records) == limit:
+        click.echo(f"keygate: showing the newest {limit} keys; use --limit or filters for more", err=True)
     now = utcnow()
     if as_json:
         emit_json([r.public(now) for r in records])
@@ -282,19 +299,27 @@ def keys_show(ctx: click.Context, key_id: str, as_json: bool) -> None:
 @click.option("--operation", "operations", multiple=True, help="Replaces the key's operations (repeat).")
 @click.option("--server", "servers", multiple=True, help="Replaces the key's servers (repeat).")
 @click.option("--allow-ip", "allow_ips", multiple=True, help="Replaces the key's IP allowlist (repeat).")
+@click.option("--clear-operations", is_flag=True, help="Remove the key's own operations (its role remains).")
+@click.option("--clear-allow-ip", is_flag=True, help="Remove the IP allowlist: any client address.")
 @click.option("--rate-limit", help="New rate limit ('' for the configured default).")
 @click.option("--expires", help="New expiry: 7d, 30d, 90d, 1y, never or an ISO 8601 date.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | None,
                 operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
-                rate_limit: str | None, expires: str | None, as_json: bool) -> None:
+                clear_operations: bool, clear_allow_ip: bool, rate_limit: str | None, expires: str | None,
+                as_json: bool) -> None:
     """Change a key's settings; what is not given stays as it is."""
-    record = with_service(ctx, lambda svc: svc.update_key(
-        key_id, name=name, role=UNSET if role is None else role,
-        operations=operations or None, servers=servers or None, ip_allowlist=allow_ips or None,
+    if (clear_operations and operations) or (clear_allow_ip and allow_ips):
+        fail("give either a new list or --clear-..., not both")
+    given = dict(
+        name=name, role=UNSET if role is None else role,
+        operations=[] if clear_operations else (operations or None), servers=servers or None,
+        ip_allowlist=[] if clear_allow_ip else (allow_ips or None),
         rate_limit=UNSET if rate_limit is None else rate_limit, expires=expires,
-    ))
+    )
+    record = with_service(ctx, lambda svc: svc.update_key(key_id, **given),
+                          precheck=lambda _settings: key_changes(utcnow(), **given))
     if as_json:
         emit_json(record.public(utcnow()))
     else:
@@ -317,7 +342,8 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 @click.pass_context
 def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: bool) -> None:
     """Replace a key with a new one with the same settings."""
-    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace))
+    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace),
+                                  precheck=lambda _settings: grace_seconds(grace))
     revoked_at = old.revoked_at.isoformat().replace("+00:00", "Z") if old.revoked_at else None
     show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=revoked_at)
 
@@ -453,7 +479,8 @@ def audit(ctx: click.Context, key_id: str | None, action: str | None, since: str
           limit: int, as_json: bool) -> None:
     """Show management events, newest first."""
     since_at = parse_since(since, utcnow()) if since else None
-    events = with_service(ctx, lambda svc: svc.audit(key=key_id, action=action, since=since_at, limit=limit))
+    events = with_service(ctx, lambda svc: svc.audit(
+        key=svc.key_ref(key_id) if key_id else None, action=action, since=since_at, limit=limit))
     if as_json:
         emit_json([e.public() for e in events])
     else:

@@ -154,6 +154,11 @@ class StoreSettings(_Section):
                 "must be sqlite:///PATH (sqlite:////abs/path for an absolute path) "
                 "or postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE"
             )
+        if not sqlite_path:
+            try:
+                urlsplit(url).port  # raises on a port that is not a number in range
+            except ValueError:
+                raise ValueError("the port must be a number from 1 to 65535") from None
         return url
 
     @field_validator("pool_max_size")
@@ -228,9 +233,17 @@ class Argon2Settings(_Section):
     every cache miss. Password-strength costs would only slow cache misses.
     """
 
-    time_cost: int = Field(1, ge=1, description="argon2id passes over memory.")
-    memory_cost: int = Field(8192, ge=1024, description="argon2id memory in KiB.")
-    parallelism: int = Field(1, ge=1, description="argon2id lanes.")
+    time_cost: int = Field(1, ge=1, le=2**32 - 1, description="argon2id passes over memory.")
+    memory_cost: int = Field(8192, ge=1024, le=2**32 - 1, description="argon2id memory in KiB.")
+    parallelism: int = Field(1, ge=1, le=255, description="argon2id lanes.")
+
+    @field_validator("parallelism")
+    @classmethod
+    def _lanes(cls, lanes: int, info: ValidationInfo) -> int:
+        memory = info.data.get("memory_cost")
+        if memory is not None and memory < 8 * lanes:
+            raise ValueError(f"argon2 needs memory_cost >= 8 x parallelism ({8 * lanes} KiB)")
+        return lanes
 
 
 class KindSettings(_Section):

@@ -42,7 +42,10 @@ def parse_expiry(text: str, now: datetime) -> datetime | None:
         amount = int(relative[1])
         if amount < 1:
             raise InvalidField(f"expires {text!r}: the duration must be at least 1")
-        return now + amount * _RELATIVE_UNITS[relative[2]]
+        try:
+            return now + amount * _RELATIVE_UNITS[relative[2]]
+        except OverflowError:
+            raise InvalidField(f"expires {text!r}: too far in the future") from None
     try:
         if len(value) == 10:
             at = datetime.combine(date.fromisoformat(value), time(), UTC)
@@ -51,6 +54,8 @@ def parse_expiry(text: str, now: datetime) -> datetime | None:
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     except ValueError:
         raise InvalidField(f"expires {text!r}: use {EXPIRY_FORMS}") from None
+    except OverflowError:
+        raise InvalidField(f"expires {text!r}: too far in the future") from None
     if at <= now:
         raise InvalidField(f"expires {text!r}: that time is already past")
     return at

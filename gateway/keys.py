@@ -15,7 +15,7 @@ import re
 import secrets
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -43,7 +43,8 @@ class ParsedKey:
 
     prefix: str
     key_id: str
-    secret: str
+    # SECURITY: never in a repr, so never in a log line or a traceback.
+    secret: str = field(repr=False)
 
     @property
     def full(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import fields
 from .config import Settings
-from .keys import ParsedKey, SecretHasher, generate
+from .keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
 from .models import AuditEvent, KeyRecord, KeyStatus, Member, Role
 from .store import KeyStore, Transaction
 from .units import parse_duration
@@ -26,6 +26,13 @@ ADMIN_ROLE = "admin"
 
 class ServiceError(Exception):
     """A management action was refused; the message is for the user as it is."""
+
+
+def _no_such_key(key_id: str) -> "NotFound":
+    # SECURITY: echo the argument only when it has an id's shape: whatever
+    # else it is (a mistyped full key?) may hold a secret.
+    shown = repr(key_id) if looks_like_key_id(key_id) else "given"
+    return NotFound(f"no key with the id {shown}")
 
 
 class NotFound(ServiceError):
@@ -61,9 +68,9 @@ async def bootstrap(store: KeyStore, *, clock: Callable[[], datetime] = utcnow) 
     """Apply migrations and make sure the built-in ``admin`` role exists."""
     applied = await store.migrate()
     async with store.transaction() as tx:
-        if await tx.get_role(ADMIN_ROLE) is None:
-            now = clock()
-            await tx.put_role(Role(ADMIN_ROLE, ("*",), now, now))
+        now = clock()
+        # Insert-if-absent, so concurrent migrations create (and audit) it once.
+        if await tx.insert_role_if_absent(Role(ADMIN_ROLE, ("*",), now, now)):
             await tx.add_audit(at=now, actor="system:migrate", action="role.set", target=ADMIN_ROLE,
                                details={"grants": ["*"]})
     return applied
@@ -82,6 +89,57 @@ def _check(action: Callable[[], Any]) -> Any:
         return action()
     except fields.InvalidField as exc:
         raise InvalidInput(str(exc)) from None
+
+
+def new_key_values(
+    settings: Settings, now: datetime, *, name: str, kind: str | None = None, org: str = "default",
+    user: str = "", role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
+    ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
+) -> dict[str, Any]:
+    """A new key's settings, validated without touching the store (so bad input writes nothing)."""
+    kind = kind or settings.keys.default_kind
+    if kind not in settings.keys.kinds:
+        raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(settings.keys.kinds))}")
+    values = _check(lambda: dict(
+        kind=kind, name=fields.key_name(name), org=fields.identifier("org", org),
+        user=fields.identifier("user", user) if user else "",
+        role=fields.identifier("role", role) if role else None,
+        operations=fields.operations(operations), servers=fields.servers(servers),
+        ip_allowlist=fields.cidrs(ip_allowlist), rate_limit=fields.rate_limit(rate_limit),
+        expires_at=fields.parse_expiry(expires, now),
+    ))
+    if values["role"] is None and not values["operations"]:
+        raise InvalidInput("a key needs a role (--role) or at least one operation (--operation)")
+    return values
+
+
+def key_changes(
+    now: datetime, *, name: str | None = None, role: str | None = UNSET,
+    operations: Sequence[str] | None = None, servers: Sequence[str] | None = None,
+    ip_allowlist: Sequence[str] | None = None, rate_limit: str | None = UNSET, expires: str | None = None,
+) -> dict[str, Any]:
+    """The validated changes of an update; ``None``/UNSET leaves a setting as it is."""
+    changes: dict[str, Any] = _check(lambda: {
+        k: v for k, v in {
+            "name": fields.key_name(name) if name is not None else UNSET,
+            "role": (fields.identifier("role", role) if role else None) if role is not UNSET else UNSET,
+            "operations": fields.operations(operations) if operations is not None else UNSET,
+            "servers": fields.servers(servers) if servers is not None else UNSET,
+            "ip_allowlist": fields.cidrs(ip_allowlist) if ip_allowlist is not None else UNSET,
+            "rate_limit": fields.rate_limit(rate_limit) if rate_limit is not UNSET else UNSET,
+            "expires_at": fields.parse_expiry(expires, now) if expires is not None else UNSET,
+        }.items() if v is not UNSET
+    })
+    if not changes:
+        raise InvalidInput("nothing to change: give at least one setting")
+    return changes
+
+
+def grace_seconds(grace: str | float | None) -> float:
+    try:
+        return parse_duration(grace) if grace not in (None, "") else 0.0
+    except ValueError as exc:
+        raise InvalidInput(f"grace {grace!r}: {exc}") from None
 
 
 class KeyService:
@@ -103,6 +161,17 @@ class KeyService:
 
     async def _changed(self, tx: Transaction, now: datetime, entity: str, target: str) -> None:
         await tx.add_change(at=now, entity=entity, target=target)
+
+    def key_ref(self, text: str) -> str:
+        """The key id ``text`` names: a pasted full key counts as its id.
+
+        People paste a leaked key to revoke it; it must work, and the secret
+        must never be echoed back in a message.
+        """
+        try:
+            return KeyParser(k.prefix for k in self.settings.keys.kinds.values()).parse(text).key_id
+        except MalformedKey:
+            return text
 
     def _prefix(self, kind: str) -> str:
         kinds = self.settings.keys.kinds
@@ -126,7 +195,7 @@ class KeyService:
     async def _key_for_change(self, tx: Transaction, key_id: str, now: datetime) -> KeyRecord:
         record = await tx.get_key(key_id, for_update=True)
         if record is None:
-            raise NotFound(f"no key with id {key_id!r}")
+            raise _no_such_key(key_id)
         if record.status(now) is KeyStatus.REVOKED:
             raise ConflictError(f"key {key_id} is revoked; revocation is permanent")
         return record
@@ -139,18 +208,12 @@ class KeyService:
     ) -> tuple[KeyRecord, str]:
         """Create a key; returns its record and the full key, which is never available again."""
         now = self.clock()
-        kind = kind or self.settings.keys.default_kind
+        values = new_key_values(
+            self.settings, now, name=name, kind=kind, org=org, user=user, role=role, operations=operations,
+            servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires,
+        )
+        kind = values.pop("kind")
         prefix = self._prefix(kind)
-        values = _check(lambda: dict(
-            name=fields.key_name(name), org=fields.identifier("org", org),
-            user=fields.identifier("user", user) if user else "",
-            role=fields.identifier("role", role) if role else None,
-            operations=fields.operations(operations), servers=fields.servers(servers),
-            ip_allowlist=fields.cidrs(ip_allowlist), rate_limit=fields.rate_limit(rate_limit),
-            expires_at=fields.parse_expiry(expires, now),
-        ))
-        if values["role"] is None and not values["operations"]:
-            raise InvalidInput("a key needs a role (--role) or at least one operation (--operation)")
         async with self.store.transaction() as tx:
             await self._require_role(tx, values["role"])
             if values["user"] and await tx.get_member(values["org"], values["user"]) is None:
@@ -181,10 +244,11 @@ class KeyService:
             )
 
     async def get_key(self, key_id: str) -> KeyRecord:
+        key_id = self.key_ref(key_id)
         async with self.store.read() as tx:
             record = await tx.get_key(key_id)
         if record is None:
-            raise NotFound(f"no key with id {key_id!r}")
+            raise _no_such_key(key_id)
         return record
 
     async def update_key(
@@ -194,20 +258,10 @@ class KeyService:
         expires: str | None = None,
     ) -> KeyRecord:
         """Change the given settings; ``None``/UNSET leaves a setting as it is."""
+        key_id = self.key_ref(key_id)
         now = self.clock()
-        changes: dict[str, Any] = _check(lambda: {
-            k: v for k, v in {
-                "name": fields.key_name(name) if name is not None else UNSET,
-                "role": (fields.identifier("role", role) if role else None) if role is not UNSET else UNSET,
-                "operations": fields.operations(operations) if operations is not None else UNSET,
-                "servers": fields.servers(servers) if servers is not None else UNSET,
-                "ip_allowlist": fields.cidrs(ip_allowlist) if ip_allowlist is not None else UNSET,
-                "rate_limit": fields.rate_limit(rate_limit) if rate_limit is not UNSET else UNSET,
-                "expires_at": fields.parse_expiry(expires, now) if expires is not None else UNSET,
-            }.items() if v is not UNSET
-        })
-        if not changes:
-            raise InvalidInput("nothing to change: give at least one setting")
+        changes = key_changes(now, name=name, role=role, operations=operations, servers=servers,
+                              ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
         async with self.store.transaction() as tx:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent and ({"role", "operations"} & changes.keys()):
@@ -222,6 +276,7 @@ class KeyService:
         return updated
 
     async def set_role(self, key_id: str, role: str) -> KeyRecord:
+        key_id = self.key_ref(key_id)
         now = self.clock()
         role = _check(lambda: fields.identifier("role", role))
         async with self.store.transaction() as tx:
@@ -237,11 +292,12 @@ class KeyService:
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
         """Revoke now. Idempotent: revoking a revoked key changes nothing."""
+        key_id = self.key_ref(key_id)
         now = self.clock()
         async with self.store.transaction() as tx:
             record = await tx.get_key(key_id, for_update=True)
             if record is None:
-                raise NotFound(f"no key with id {key_id!r}")
+                raise _no_such_key(key_id)
             if record.status(now) is KeyStatus.REVOKED:
                 return record
             updated = replace(record, revoked_at=now)
@@ -255,16 +311,14 @@ class KeyService:
 
         Returns ``(new record, full new key, old record)``.
         """
+        key_id = self.key_ref(key_id)
         now = self.clock()
-        try:
-            grace_seconds = parse_duration(grace) if grace not in (None, "") else 0.0
-        except ValueError as exc:
-            raise InvalidInput(f"grace {grace!r}: {exc}") from None
+        grace_for = grace_seconds(grace)
         async with self.store.transaction() as tx:
             old = await self._key_for_change(tx, key_id, now)
             if old.status(now) is KeyStatus.EXPIRED:
                 raise ConflictError(f"key {key_id} has expired; create a new key instead")
-            revoke_at = now + timedelta(seconds=grace_seconds)
+            revoke_at = now + timedelta(seconds=grace_for)
             if old.revoked_at is not None:
                 revoke_at = min(revoke_at, old.revoked_at)
             old_updated = replace(old, revoked_at=revoke_at)
@@ -275,7 +329,7 @@ class KeyService:
                 revoked_at=None, last_used_at=None, last_used_ip=None,
             )
             await tx.insert_key(new)
-            await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_seconds)
+            await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_for)
             await self._audit(tx, now, "key.create", new.id, rotated_from=key_id, **_settings_of(new))
             await self._changed(tx, now, "key", key_id)
         return new, parsed.full, old_updated
@@ -293,11 +347,13 @@ class KeyService:
             # Locking the membership row serialises concurrent issuances for this user.
             if await tx.get_member(org, user, for_update=True) is None:
                 raise InvalidInput(f"user {user!r} is not a member of org {org!r}")
-            previous = await tx.current_agent_key(org, user)
-            if previous is not None:
-                await tx.save_key(replace(previous, revoked_at=now))
-                await self._audit(tx, now, "key.revoke", previous.id, reason="replaced by a new agent key")
-                await self._changed(tx, now, "key", previous.id)
+            # Every live one: a rotated agent key in its grace period counts too.
+            live = await tx.live_agent_keys(org, user, now)
+            for old in live:
+                await tx.save_key(replace(old, revoked_at=now))
+                await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
+                await self._changed(tx, now, "key", old.id)
+            previous = live[0] if live else None
             parsed, secret_hash = await self._new_secret(tx, self._prefix(kind))
             record = KeyRecord(
                 id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
@@ -326,6 +382,8 @@ class KeyService:
         now = self.clock()
         name = _check(lambda: fields.identifier("role", name))
         grant_list = _check(lambda: fields.operations(grants))
+        if name == ADMIN_ROLE:
+            raise ConflictError("the built-in admin role always grants '*'; make a new role instead")
         if not grant_list:
             raise InvalidInput("a role needs at least one grant (--grant)")
         async with self.store.transaction() as tx:

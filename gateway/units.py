@@ -14,7 +14,7 @@ SIZE_FORMS = (
     "use a byte count (e.g. 1048576) or a whole number with a unit: "
     "KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000); 0 = unlimited"
 )
-DURATION_FORMS = "use a number of seconds (e.g. 30, 1.5) or a number with a unit: ms, s, m, h or d (e.g. 30s, 5m, 1h, 1d)"
+DURATION_FORMS = "use a number of seconds (e.g. 30, 1.5) or a number with a unit: ms, s, m, h, d, w or y (e.g. 30s, 5m, 1h, 1d, 1w)"
 LISTEN_FORMS = (
     "use HOST:PORT with an IPv4 address, a bracketed IPv6 address or a host name, "
     "and a port 0-65535 (e.g. 127.0.0.1:8000, [::1]:8000, 0.0.0.0:8000, localhost:8000)"
@@ -27,8 +27,11 @@ _BYTES = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
-_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d|w|y)?", re.IGNORECASE)
+_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+
+# Longer durations overflow date arithmetic and mean nothing for keys or timeouts.
+MAX_DURATION = 100 * 31536000.0
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
@@ -60,6 +63,8 @@ def parse_duration(value: str | int | float) -> float:
         seconds = float(match[1]) * _SECONDS[unit]
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds, 0 or more")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {value!r}: at most 100 years")
     return seconds
 
 

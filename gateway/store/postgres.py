@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from .base import Conflict, StoreUnavailable
+from .base import Conflict, StoreError, StoreUnavailable
 from .sql import POSTGRES, SqlStore, SqlTransaction
 
 # Errors that mean "the server is not there or not usable", as opposed to a
@@ -56,7 +56,8 @@ class PostgresStore(SqlStore):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._min_size, max_size=self._max_size, timeout=self._timeout,
             )
-        except _UNAVAILABLE as exc:
+        except (*_UNAVAILABLE, ValueError, asyncpg.PostgresError) as exc:
+            # ValueError: asyncpg refusing parts of the URL (port, options).
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
 
     async def close(self) -> None:
@@ -76,3 +77,6 @@ class PostgresStore(SqlStore):
             raise Conflict(str(exc)) from None
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL failed: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            # e.g. permission denied: the server answered, the action cannot be done.
+            raise StoreError(f"PostgreSQL refused: {exc}") from None

@@ -38,6 +38,7 @@ class Dialect:
     # Serialises concurrent ``migrate`` runs (SQLite's write lock already does).
     migration_lock: str | None
     time_type: str
+    migrations_table_exists: str
 
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -67,6 +68,8 @@ SQLITE = Dialect(
     for_update="",
     migration_lock=None,
     time_type="TEXT",
+    migrations_table_exists="SELECT count(*) AS found FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'schema_migrations'",
 )
 
 POSTGRES = Dialect(
@@ -79,6 +82,7 @@ POSTGRES = Dialect(
     for_update=" FOR UPDATE",
     migration_lock="SELECT pg_advisory_xact_lock(4242004201)",
     time_type="TIMESTAMPTZ",
+    migrations_table_exists="SELECT to_regclass('schema_migrations') IS NOT NULL AS found",
 )
 
 _KEY_COLUMNS = (
@@ -183,13 +187,14 @@ class SqlTransaction:
         )
         return [self._key(row) for row in rows]
 
-    async def current_agent_key(self, org: str, user: str) -> KeyRecord | None:
-        row = await self._one(
+    async def live_agent_keys(self, org: str, user: str, now: datetime) -> list[KeyRecord]:
+        """The user's agent keys in ``org`` not yet revoked at ``now``, newest first."""
+        rows = await self._fetch(
             f"SELECT {_KEY_COLUMNS} FROM keys WHERE org = ? AND user_name = ? AND agent = ? "
-            "AND revoked_at IS NULL",
-            org, user, self._d.bool_in(True),
+            "AND (revoked_at IS NULL OR revoked_at > ?) ORDER BY created_at DESC",
+            org, user, self._d.bool_in(True), self._d.time_in(now),
         )
-        return None if row is None else self._key(row)
+        return [self._key(row) for row in rows]
 
     # -- roles -----------------------------------------------------------
     def _role(self, row: Mapping[str, Any]) -> Role:
@@ -211,6 +216,15 @@ class SqlTransaction:
             "ON CONFLICT (name) DO UPDATE SET grants = excluded.grants, updated_at = excluded.updated_at",
             role.name, json.dumps(list(role.grants)), t(role.created_at), t(role.updated_at),
         )
+
+    async def insert_role_if_absent(self, role: Role) -> bool:
+        t = self._d.time_in
+        rows = await self._fetch(
+            "INSERT INTO roles (name, grants, created_at, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING RETURNING name",
+            role.name, json.dumps(list(role.grants)), t(role.created_at), t(role.updated_at),
+        )
+        return bool(rows)
 
     async def delete_role(self, name: str) -> None:
         await self._exec("DELETE FROM roles WHERE name = ?", name)
@@ -386,8 +400,12 @@ class SqlStore(ABC):
         return {int(r["version"]) for r in await tx._fetch("SELECT version FROM schema_migrations")}
 
     async def pending_migrations(self) -> list[int]:
-        async with self.transaction() as tx:
-            applied = await self._applied(tx)
+        """Read-only, so an application role without DDL rights can ask."""
+        async with self.read() as tx:
+            exists = await tx._one(self.dialect.migrations_table_exists)
+            applied = set()
+            if exists is not None and exists["found"]:
+                applied = {int(r["version"]) for r in await tx._fetch("SELECT version FROM schema_migrations")}
         return [version for version, _, _ in migrations(self.dialect) if version not in applied]
 
     async def migrate(self) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -53,8 +54,16 @@ class SqliteStore(SqlStore):
         if not self.path.parent.is_dir():
             raise StoreUnavailable(f"cannot open SQLite store {str(self.path)!r}: no such directory")
         try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
+            # SECURITY: the file holds hashes and the generated pepper: owner-only
+            # (SQLite gives the -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {str(self.path)!r}: {exc.strerror}") from None
+        connecting = aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            db = await connecting
         except (sqlite3.Error, OSError) as exc:
+            connecting.stop()  # its worker thread must not outlive the event loop
             raise StoreUnavailable(f"cannot open SQLite store {str(self.path)!r}: {exc}") from None
         db.row_factory = sqlite3.Row
         try:

@@ -237,3 +237,78 @@ async def test_generated_pepper_is_stable(store: KeyStore, settings) -> None:
     """Without a configured pepper one is generated into the store once and reused."""
     first = await resolve_pepper(store, settings)
     assert len(first) >= 32 and await resolve_pepper(store, settings) == first
+
+
+async def test_admin_role_cannot_be_narrowed(service: KeyService) -> None:
+    """The built-in admin role keeps granting '*': setting it is refused."""
+    with pytest.raises(ConflictError, match="admin"):
+        await service.put_role("admin", ["read"])
+    assert (await service.get_role("admin")).grants == ("*",)
+
+
+async def test_new_agent_key_replaces_one_in_its_grace_period(service: KeyService, clock: Clock) -> None:
+    """An agent key rotated with a grace period is replaced too when a new agent key is issued."""
+    await service.set_member("acme", "bob", "admin")
+    first, _, _ = await service.issue_agent_key("acme", "bob")
+    rotated, _, _ = await service.rotate_key(first.id, grace="1h")
+    newest, _, _ = await service.issue_agent_key("acme", "bob")
+    active = [k.id for k in await service.list_keys(user="bob", status="active")]
+    assert active == [newest.id]
+    assert rotated.id != newest.id
+
+
+async def test_pasted_full_key_names_its_key(service: KeyService) -> None:
+    """Every action that takes an id also takes the full key, as people paste it."""
+    record, full = await service.create_key(name="ci", role="admin")
+    assert (await service.get_key(full)).id == record.id
+    assert (await service.revoke_key(full)).id == record.id
+
+
+async def test_unknown_full_key_is_not_echoed(service: KeyService) -> None:
+    """The not-found message names an id-shaped argument, and never anything longer."""
+    with pytest.raises(NotFound) as missing:
+        await service.get_key("kg_" + "A" * 50)
+    assert "AAAAAAAAAAAAAAAA" not in str(missing.value)
+
+
+class _FailingAudit:
+    """A store whose transactions fail when the audit event is written."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self._store = store
+
+    def transaction(self):  # type: ignore[no-untyped-def]
+        store = self._store
+
+        class _Tx:
+            async def __aenter__(self):  # type: ignore[no-untyped-def]
+                self._cm = store.transaction()
+                self._tx = await self._cm.__aenter__()
+                return self
+
+            async def __aexit__(self, *exc):  # type: ignore[no-untyped-def]
+                return await self._cm.__aexit__(*exc)
+
+            def __getattr__(self, name):  # type: ignore[no-untyped-def]
+                if name == "add_audit":
+                    async def fail(**_kwargs):  # type: ignore[no-untyped-def]
+                        raise RuntimeError("audit write failed")
+                    return fail
+                return getattr(self._tx, name)
+
+        return _Tx()
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self._store, name)
+
+
+async def test_no_change_without_its_audit_event(store: KeyStore, settings, clock: Clock) -> None:
+    """When the audit event cannot be written, the change it describes is not made either."""
+    failing = KeyService(_FailingAudit(store), settings, actor="test", clock=clock)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        await failing.create_key(name="ci", role="admin")
+    with pytest.raises(RuntimeError):
+        await failing.set_member("acme", "bob", "admin")
+    plain = KeyService(store, settings, actor="test", clock=clock)
+    assert await plain.list_keys() == []
+    assert await plain.list_members("acme") == []

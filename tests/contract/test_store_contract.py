@@ -141,8 +141,8 @@ async def test_one_unrevoked_agent_key_per_user_and_org(store: KeyStore) -> None
     async with store.transaction() as tx:
         await tx.save_key(replace(agent, revoked_at=T0))
         await tx.insert_key(replace(agent, id="kg_agent000002"))
-        current = await tx.current_agent_key("acme", "bob")
-    assert current is not None and current.id == "kg_agent000002"
+        live = await tx.live_agent_keys("acme", "bob", T0 + timedelta(seconds=1))
+    assert [k.id for k in live] == ["kg_agent000002"]
 
 
 async def test_roles_are_created_replaced_and_deleted(store: KeyStore) -> None:

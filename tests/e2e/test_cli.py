@@ -125,22 +125,107 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT)
-def test_bad_input_is_one_line_and_exit_2(fixed_env: dict[str, str], args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(env: dict[str, str], args: list[str], message: str) -> None:
     """Each bad value gets one clear line on stderr, exit status 2, and nothing is written."""
-    result = keygate(fixed_env, "keys", "create", "--name", "x", *args, check=False)
+    keygate(env, "migrate")
+    result = keygate(env, "keys", "create", "--name", "x", *args, check=False)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
-    assert json.loads(keygate(fixed_env, "keys", "list", "--json").stdout) == []
-    audit = json.loads(keygate(fixed_env, "audit", "--json").stdout)
+    assert json.loads(keygate(env, "keys", "list", "--json").stdout) == []
+    audit = json.loads(keygate(env, "audit", "--json").stdout)
     assert [e["action"] for e in audit] == ["role.set"]  # only the built-in admin role
+
+
+@pytest.mark.parametrize(("args", "message"), [a for a in BAD_INPUT if "no such role" not in a[1]])
+def test_bad_input_creates_no_store(fixed_env: dict[str, str], tmp_path: Path, args: list[str], message: str) -> None:
+    """Input that is wrong on its face is refused before the embedded store is even created."""
+    result = keygate(fixed_env, "keys", "create", "--name", "x", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not list(tmp_path.glob("cli.db*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--name", "x", "--role", "admin", "--expires", "9000y"], "expires"),
+        (["keys", "create", "--name", "x", "--role", "admin", "--expires", "9999-12-31T23:59:59-01:00"], "expires"),
+        (["keys", "rotate", "kg_unknown00000", "--grace", "99999999999d"], "grace"),
+        (["audit", "--since", "99999999999d"], "since"),
+        (["keys", "update", "kg_unknown00000", "--allow-ip", "nope"], "allow-ip"),
+        (["keys", "update", "kg_unknown00000"], "nothing to change"),
+        (["keys", "set-role", "kg_unknown00000", "admin"], "kg_unknown00000"),
+    ],
+)
+def test_out_of_range_input_is_one_line(fixed_env: dict[str, str], args: list[str], message: str) -> None:
+    """Absurd durations and dates, and bad updates, are one line with exit 2, never a traceback."""
+    result = keygate(fixed_env, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pasted_full_key_counts_as_its_id_and_is_never_echoed(fixed_env: dict[str, str]) -> None:
+    """Revoking by pasting the whole (leaked) key works, and no message repeats its secret."""
+    record = json.loads(keygate(fixed_env, *create_args()).stdout)
+    full = record["key"]
+    revoked = keygate(fixed_env, "keys", "revoke", full)
+    assert record["id"] in revoked.stdout and full not in revoked.stdout + revoked.stderr
+    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["status"] == "revoked"
+    typo = full[:-1] + ("A" if full[-1] != "A" else "B")
+    missing = keygate(fixed_env, "keys", "show", typo, check=False)
+    assert missing.returncode == 2 and typo[15:-6] not in missing.stderr
+
+
+def test_update_can_clear_the_allowlist(fixed_env: dict[str, str]) -> None:
+    """--clear-allow-ip takes a key back to any client address."""
+    record = json.loads(keygate(fixed_env, *create_args()).stdout)
+    keygate(fixed_env, "keys", "update", record["id"], "--clear-allow-ip")
+    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["ip_allowlist"] == []
+
+
+def test_sqlite_store_is_private(fixed_env: dict[str, str], tmp_path: Path) -> None:
+    """The embedded store (hashes and the generated pepper) is readable by its owner only."""
+    keygate(fixed_env, *create_args())
+    for path in tmp_path.glob("cli.db*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_bad_store_url_port_is_a_config_error(fixed_env: dict[str, str]) -> None:
+    """A store URL whose port is not a number is refused at load, naming the setting."""
+    result = keygate({**fixed_env, "KEYGATE_STORE__URL": "postgresql://u:pw@h:notaport/db"}, "keys", "list",
+                     check=False)
+    assert result.returncode == 2 and "store.url" in result.stderr and "pw" not in result.stderr
+
+
+def test_least_privilege_database_user_can_manage_keys(fixed_env: dict[str, str], pg_database: str) -> None:
+    """A role with only SELECT/INSERT/UPDATE/DELETE (no DDL) can run the CLI once migrated."""
+    import uuid
+
+    keygate({**fixed_env, "KEYGATE_STORE__URL": pg_database}, "migrate")
+    role = f"keygate_app_{uuid.uuid4().hex[:8]}"
+    database = pg_database.rsplit("/", 1)[1]
+    admin = ["psql", pg_database.rsplit("/", 1)[0] + "/postgres", "-qc"]
+    subprocess.run([*admin, f'CREATE ROLE "{role}" LOGIN'], check=True, capture_output=True)
+    try:
+        grants = (f'REVOKE CREATE ON SCHEMA public FROM PUBLIC; '
+                  f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"; '
+                  f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+        subprocess.run(["psql", pg_database, "-qc", grants], check=True, capture_output=True)
+        url = pg_database.replace("postgres@", f"{role}@")
+        env = {**fixed_env, "KEYGATE_STORE__URL": url}
+        record = json.loads(keygate(env, "keys", "create", "--name", "x", "--role", "admin", "--json").stdout)
+        keygate(env, "keys", "revoke", record["id"])
+        assert json.loads(keygate(env, "keys", "list", "--json").stdout)[0]["status"] == "revoked"
+    finally:
+        subprocess.run(["psql", pg_database, "-qc", f'DROP OWNED BY "{role}"'], capture_output=True)
+        subprocess.run([*admin, f'DROP ROLE IF EXISTS "{role}"'], capture_output=True)
 
 
 @pytest.mark.parametrize("command", [["keys", "show"], ["keys", "revoke"], ["keys", "rotate"]])
 def test_unknown_key_id_is_exit_2(fixed_env: dict[str, str], command: list[str]) -> None:
     """An unknown id is named in one line with exit status 2."""
-    result = keygate(fixed_env, *command, "kg_unknown0000", check=False)
-    assert result.returncode == 2 and "kg_unknown0000" in result.stderr
+    result = keygate(fixed_env, *command, "kg_unknown00000", check=False)
+    assert result.returncode == 2 and "kg_unknown00000" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -605,3 +605,17 @@ def test_example_file_commented_settings_are_valid(tmp_path: Path) -> None:
     uncommented = re.sub(r"^#(?=[\[a-z])", "", text, flags=re.MULTILINE)
     settings = load(tmp_path, config_file=write(tmp_path, uncommented))
     assert settings.default_upstream is not None and settings.routes[0].operation == "deploy"
+
+
+@pytest.mark.parametrize(
+    ("argon2", "setting"),
+    [
+        ({"parallelism": 1000, "memory_cost": 1024}, "keys.argon2.parallelism"),
+        ({"memory_cost": 99999999999}, "keys.argon2.memory_cost"),
+    ],
+)
+def test_argon2_settings_the_library_cannot_use_are_refused(tmp_path: Path, argon2: dict, setting: str) -> None:
+    """argon2 costs that would fail at hashing time are refused when the config loads."""
+    with pytest.raises(ConfigError) as error:
+        load_settings(overrides={"keys": {"argon2": argon2}}, environ={}, cwd=tmp_path)
+    assert any(line.startswith(setting) for line in error.value.problems)
