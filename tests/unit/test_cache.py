@@ -6,18 +6,7 @@ import pytest
 
 from gateway.cache import KeyCache
 
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from ..clocks import FakeClock
 
 
 @pytest.fixture
@@ -118,6 +107,7 @@ def test_negative_entries_are_bounded(clock: FakeClock) -> None:
 @pytest.mark.parametrize(
     ("elapsed", "stale"), [(0, True), (30, True), (329.999, True), (330, False), (1000, False)]
 )
+
 def test_stale_if_error_window(cache: KeyCache[str], clock: FakeClock, elapsed: float, stale: bool) -> None:
     """get_stale returns an entry until ttl + stale_if_error seconds after it was stored."""
     cache.put("d1", "kg_A", "value")

@@ -14,21 +14,10 @@ from gateway.pipeline.ratelimit import (
 )
 from gateway.ratelimit_spec import RateLimitSpec, parse_rate_limit
 
+from ..clocks import FakeClock
+
 KEY = "kg_AAAAAAAAAAAA"
 OTHER = "kg_BBBBBBBBBBBB"
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -238,6 +227,7 @@ def test_eviction_never_gives_a_key_more_than_its_capacity(clock: FakeClock) -> 
         ),
     ],
 )
+
 def test_headers_follow_the_ietf_draft(decision: RateLimitDecision, expected: dict[str, str]) -> None:
     """RateLimit-Policy and RateLimit are structured fields; Retry-After only on a refusal."""
     assert ratelimit_headers(decision) == expected
