@@ -4,7 +4,11 @@ Run from the repository root (needs ``nginx`` and ``wrk`` on PATH; on Debian
 ``apt-get install -y nginx wrk``)::
 
     .venv/bin/python tests/perf/bench.py [--duration 10] [--connections 32] [--rounds 3]
-                                         [--threads 2] [--json results.json]
+                                         [--threads 2] [--warmup 1] [--retries 2]
+                                         [--json results.json] [--keep]
+
+About 15 s per target per round (3 rounds: about 3 minutes). Not part of the
+test suite: pytest does not collect ``tests/perf``.
 
 What it does:
 
@@ -27,9 +31,17 @@ What it does:
    keygate_2w, then again), so drift hits all alike. Before each measured run
    it sends a few requests on fresh connections and a 1 s unmeasured wrk run,
    so the key cache is warm and wrk measures the cache-hit path;
-5. prints the median over rounds of requests/s, p50 and p99 per target and
-   the ratios against the targets of issue 3 (keygate_1w ≥ 0.90 × thin
-   throughput, keygate_1w p99 ≤ 1.20 × thin p99), plus keygate_2w / thin;
+   During each run it also reads, from ``/proc``, the CPU the target's
+   processes used (``cpu us/req``: CPU time per request, the figure least
+   sensitive to a busy machine), the CPU used by anything else ("other") and
+   the CPU the hypervisor stole ("steal"). A run during which other work
+   used more than 25 % of a core or more than 10 % was stolen is marked
+   DISTURBED and repeated, up to ``--retries`` times, and left out of the
+   medians unless all of a target's runs were disturbed;
+5. prints the median over rounds of requests/s, p50, p99 and cpu us/req per
+   target and the ratios against the targets of issue 3 (keygate_1w ≥ 0.90 ×
+   thin throughput, keygate_1w p99 ≤ 1.20 × thin p99, each PASS/FAIL), plus
+   keygate_2w / thin and keygate_1w / thin CPU per request;
    ``--json FILE`` also writes everything (raw runs included) as JSON.
 
 Exit status: 0 when the measurement completed, whether or not the targets
@@ -44,8 +56,13 @@ Caveats:
   and the proxy under test compete for CPU. Nothing is pinned. Absolute
   figures are therefore low and noisy; the ratios between targets measured
   in the same run are what this is for. Keep ``--threads`` at 1 or 2.
-* ``keygate_2w`` cannot beat ``keygate_1w`` by much on 2 cores (wrk and nginx
-  need CPU too); it is reported for information, not against a target.
+* Run it on a quiet machine: any other load (a test suite, a build, a noisy
+  neighbour on a shared VM) moves the throughput ratios by tens of percent.
+  Watch the "other" and "steal" columns; the cpu us/req ratio is the most
+  stable comparison when they are not near zero.
+* ``keygate_2w`` shares the same 2 cores with wrk and nginx, so it shows how
+  much of the spare core a second worker can use, not how Keygate scales;
+  it is reported for information, not against a target.
 * wrk is closed-loop (each connection waits for its answer), so latency
   figures are at saturation and mostly mirror throughput; they hide
   coordinated omission. Use more rounds (``--rounds 5``) for stabler medians.
@@ -66,6 +83,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -93,6 +111,10 @@ BODY = b"ok\n"
 RECORDER_FLUSH = 5.0  # Keygate's default recorder.flush_interval, seconds
 TARGET_THROUGHPUT = 0.90
 TARGET_P99 = 1.20
+# A measured run during which other work used more than this much of a core, or the hypervisor
+# stole more than this much, is repeated (up to --retries times).
+DISTURBED_OTHER_PCT = 25.0
+DISTURBED_STEAL_PCT = 10.0
 
 
 class BenchError(Exception):
@@ -119,7 +141,8 @@ class Processes:
         out: Any = subprocess.PIPE if capture else (log.open("ab") if log else subprocess.DEVNULL)
         try:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if log else out,
+                argv, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT if (log or capture) else subprocess.DEVNULL,
                 env=env, start_new_session=True,  # own group: Ctrl-C reaches only us; we stop them
             )
         except OSError as exc:
@@ -230,6 +253,36 @@ def _holds_socket(pid: int, inodes: set[str]) -> bool:
     return False
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) used so far by these processes."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq), and stolen.
+
+    Steal is time a virtual machine's CPUs were ready to run but the hypervisor ran something else.
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def serving_pids(leader: int, port: int) -> list[int]:
     """Pids among ``leader`` and its children that hold a listening socket on ``port``."""
     inodes = _listening_inodes(port)
@@ -245,6 +298,8 @@ class Target:
     url: str
     key: str | None = None
     pids: list[int] = field(default_factory=list)
+    # Every process of the target (nginx's master, Keygate's supervisor too), for CPU accounting.
+    all_pids: list[int] = field(default_factory=list)
     # Whether it writes in the background after a run (Keygate's recorder).
     flushes: bool = False
 
@@ -293,7 +348,8 @@ http {{
         wait_http(url + PATH, process, "nginx")
     except BenchError as exc:
         raise BenchError(f"{exc}\n{tail(log)}\n{tail(prefix / 'error.log')}") from None
-    return Target("nginx", url, pids=[process.pid, *_children(process.pid)])
+    pids = [process.pid, *_children(process.pid)]
+    return Target("nginx", url, pids=pids, all_pids=pids)
 
 
 def start_thin(procs: Processes, folder: Path, upstream: str, key: str) -> Target:
@@ -306,7 +362,7 @@ def start_thin(procs: Processes, folder: Path, upstream: str, key: str) -> Targe
         wait_http(url + PATH, process, "thin proxy")
     except BenchError as exc:
         raise BenchError(f"{exc}\n{tail(log)}") from None
-    return Target("thin", url, key=key, pids=[process.pid])
+    return Target("thin", url, key=key, pids=[process.pid], all_pids=[process.pid])
 
 
 KEYGATE_CONFIG = """\
@@ -400,7 +456,8 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int) -
             pids = serving_pids(process.pid, proxy_port)
     except BenchError as exc:
         raise BenchError(f"{exc}\n{tail(log)}") from None
-    return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids, flushes=True)
+    return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids,
+                  all_pids=[process.pid, *_children(process.pid)], flushes=True)
 
 
 def check_target(target: Target) -> None:
@@ -452,6 +509,19 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: dict[str, int]
+    # CPU the target's processes used per request, and its share of one core during the run.
+    cpu_us_per_request: float = float("nan")
+    target_cpu_pct: float = float("nan")
+    # CPU used by processes that are neither the targets, wrk nor this script (plus kernel work
+    # not charged to a process), in % of one core; above ~25 % another workload disturbed the run.
+    other_load_pct: float = float("nan")
+    # CPU time stolen by the hypervisor, in % of one core (virtual machines only).
+    steal_pct: float = float("nan")
+    attempts: int = 1
+
+    @property
+    def disturbed(self) -> bool:
+        return self.other_load_pct > DISTURBED_OTHER_PCT or self.steal_pct > DISTURBED_STEAL_PCT
 
 
 def to_ms(value: str, unit: str) -> float:
@@ -496,13 +566,27 @@ def run_wrk(procs: Processes, target: Target, *, duration: int, connections: int
     return text
 
 
-def measure(procs: Processes, target: Target, round_no: int, args: argparse.Namespace) -> WrkResult:
+def measure(procs: Processes, target: Target, round_no: int, args: argparse.Namespace,
+            ours: list[int]) -> WrkResult:
     warm(target)
     if args.warmup > 0:
-        run_wrk(procs, target, duration=args.warmup, connections=args.connections, threads=args.threads,
-                latency=False)
+        output = run_wrk(procs, target, duration=args.warmup, connections=args.connections,
+                         threads=args.threads, latency=False)
+        if _NON_2XX.search(output):
+            raise BenchError(f"wrk against {target.name} got non-2xx/3xx responses during warm-up:\n{output}")
+    started, (busy, steal) = time.monotonic(), machine_cpu()
+    mine, all_ours, wrk = process_cpu(target.all_pids), process_cpu(ours), children_cpu()
     output = run_wrk(procs, target, duration=args.duration, connections=args.connections, threads=args.threads)
+    wall = time.monotonic() - started
+    busy_after, steal_after = machine_cpu()
+    busy, steal, mine = busy_after - busy, steal_after - steal, process_cpu(target.all_pids) - mine
+    all_ours, wrk = process_cpu(ours) - all_ours, children_cpu() - wrk
     result = parse_wrk(output, target.name, round_no)
+    if result.requests:
+        result.cpu_us_per_request = mine / result.requests * 1e6
+    result.target_cpu_pct = 100 * mine / wall
+    result.other_load_pct = max(0.0, 100 * (busy - all_ours - wrk) / wall)
+    result.steal_pct = 100 * steal / wall
     errors = {k: v for k, v in result.socket_errors.items() if v}
     if result.non_2xx or errors or result.requests == 0:
         raise BenchError(
@@ -518,13 +602,21 @@ def measure(procs: Processes, target: Target, round_no: int, args: argparse.Name
 def summarize(results: list[WrkResult], names: list[str]) -> dict[str, dict[str, Any]]:
     summary = {}
     for name in names:
-        mine = [r for r in results if r.target == name]
+        every = [r for r in results if r.target == name]
+        # Disturbed runs count only when a target has nothing else.
+        mine = [r for r in every if not r.disturbed] or every
         summary[name] = {
+            "runs_used": len(mine),
+            "runs_disturbed": sum(r.disturbed for r in every),
             "requests_per_s": statistics.median(r.requests_per_s for r in mine),
             "p50_ms": statistics.median(r.p50_ms for r in mine),
             "p99_ms": statistics.median(r.p99_ms for r in mine),
-            "rounds_requests_per_s": [r.requests_per_s for r in mine],
-            "rounds_p99_ms": [r.p99_ms for r in mine],
+            "cpu_us_per_request": statistics.median(r.cpu_us_per_request for r in mine),
+            "max_other_load_pct": max(r.other_load_pct for r in mine),
+            "max_steal_pct": max(r.steal_pct for r in mine),
+            "rounds_requests_per_s": [r.requests_per_s for r in every],
+            "rounds_p99_ms": [r.p99_ms for r in every],
+            "rounds_disturbed": [r.disturbed for r in every],
         }
     return summary
 
@@ -540,6 +632,8 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "keygate_2w/thin throughput": {"value": two["requests_per_s"] / thin["requests_per_s"],
                                        "target": None, "pass": None},
         "keygate_2w/thin p99": {"value": two["p99_ms"] / thin["p99_ms"], "target": None, "pass": None},
+        "keygate_1w/thin CPU per request": {"value": one["cpu_us_per_request"] / thin["cpu_us_per_request"],
+                                            "target": None, "pass": None},
         "thin/nginx throughput": {"value": thin["requests_per_s"] / summary["nginx"]["requests_per_s"],
                                   "target": None, "pass": None},
     }
@@ -547,15 +641,25 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def print_report(summary: dict[str, dict[str, Any]], checks: dict[str, dict[str, Any]]) -> None:
     print()
-    print(f"{'target':<12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}   req/s per round")
+    print(f"{'target':<12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'cpu us/req':>11}   "
+          "req/s per round (* = disturbed, left out of the median)")
     for name, s in summary.items():
-        rounds = " ".join(f"{v:.0f}" for v in s["rounds_requests_per_s"])
-        print(f"{name:<12} {s['requests_per_s']:>10.0f} {s['p50_ms']:>9.2f} {s['p99_ms']:>9.2f}   {rounds}")
+        rounds = " ".join(f"{v:.0f}{'*' if d and s['runs_disturbed'] < len(s['rounds_disturbed']) else ''}"
+                          for v, d in zip(s["rounds_requests_per_s"], s["rounds_disturbed"]))
+        print(f"{name:<12} {s['requests_per_s']:>10.0f} {s['p50_ms']:>9.2f} {s['p99_ms']:>9.2f} "
+              f"{s['cpu_us_per_request']:>11.1f}   {rounds}")
     print()
     for label, c in checks.items():
         verdict = "" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         target = f"(target {c['target']})" if c["target"] else ""
-        print(f"{label:<28} {c['value']:>6.3f}  {target:<16} {verdict}")
+        print(f"{label:<33} {c['value']:>6.3f}  {target:<16} {verdict}")
+    spoiled = [name for name, s in summary.items() if s["runs_disturbed"] == len(s["rounds_disturbed"])]
+    partly = [name for name, s in summary.items() if 0 < s["runs_disturbed"] < len(s["rounds_disturbed"])]
+    if spoiled:
+        print(f"\nWARNING: every run of {', '.join(spoiled)} was disturbed by other load or hypervisor "
+              "steal: these figures are unreliable (cpu us/req is the least affected); rerun on a quiet machine.")
+    elif partly:
+        print(f"\nnote: disturbed runs of {', '.join(partly)} were left out of the medians.")
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -594,11 +698,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads; keep 1-2 on 2 cores (2)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="whole seconds of unmeasured wrk before each run; 0 = none (1)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="times a run disturbed by other load or hypervisor steal is repeated (2)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores)")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.connections < 1 or args.rounds < 1 or args.threads < 1:
-        parser.error("--duration, --connections, --rounds and --threads must be positive")
+    if args.duration <= 0 or args.connections < 1 or args.rounds < 1 or args.threads < 1 or args.retries < 0:
+        parser.error("--duration, --connections, --rounds and --threads must be positive, --retries >= 0")
     if args.connections < args.threads:
         parser.error("wrk needs at least one connection per thread")
     return args
@@ -610,10 +716,7 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     env = environment(args)
     print(f"{env['cpus']} CPUs, Python {env['python']}, aiohttp {env['aiohttp']}, loop {env['event_loop']}, "
           f"{env['nginx']}, {env['wrk']}")
-    load = os.getloadavg()[0]
-    print(f"load average (1 min) before start: {load:.2f}"
-          + ("  -- WARNING: the machine is busy; figures will be noisy" if load > 0.5 else ""))
-    env["load_before"] = load
+    env["load_before"] = os.getloadavg()[0]
     nginx = start_nginx(procs, folder)
     keygate_1w = start_keygate(procs, folder, nginx.url, workers=1)
     keygate_2w = start_keygate(procs, folder, nginx.url, workers=2)
@@ -625,13 +728,24 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     print(f"wrk -t {args.threads} -c {args.connections} -d {args.duration}s --latency, "
           f"{args.rounds} round(s), GET {PATH}")
 
+    ours = sorted({pid for t in targets for pid in t.all_pids} | {os.getpid()})
     results: list[WrkResult] = []
     for round_no in range(1, args.rounds + 1):
         for target in targets:
-            result = measure(procs, target, round_no, args)
+            for attempt in range(1, args.retries + 2):
+                result = measure(procs, target, round_no, args, ours)
+                result.attempts = attempt
+                if not result.disturbed or attempt == args.retries + 1:
+                    break
+                print(f"  round {round_no} {target.name:<11} disturbed (other {result.other_load_pct:.0f}%, "
+                      f"steal {result.steal_pct:.0f}%), repeating", flush=True)
+                time.sleep(RECORDER_FLUSH + 0.5 if target.flushes else 1.0)
             results.append(result)
             print(f"  round {round_no} {target.name:<11} {result.requests_per_s:>9.0f} req/s  "
-                  f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms", flush=True)
+                  f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                  f"cpu {result.cpu_us_per_request:6.1f} us/req ({result.target_cpu_pct:3.0f}%)  "
+                  f"other {result.other_load_pct:3.0f}%  steal {result.steal_pct:3.0f}%"
+                  + ("  DISTURBED" if result.disturbed else ""), flush=True)
             # Let background work (Keygate's recorder flush) land outside the next run.
             time.sleep(RECORDER_FLUSH + 0.5 if target.flushes else 1.0)
 
@@ -642,8 +756,10 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     print_report(summary, checks)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "environment": env, "targets": {t.name: {"url": t.url, "pids": t.pids} for t in targets},
-            "runs": [asdict(r) for r in results], "summary": summary, "ratios": checks,
+            "environment": env,
+            "targets": {t.name: {"url": t.url, "pids": t.pids, "all_pids": t.all_pids} for t in targets},
+            "runs": [{**asdict(r), "disturbed": r.disturbed} for r in results],
+            "summary": summary, "ratios": checks,
         }, indent=2) + "\n")
         print(f"\nresults written to {args.json}")
     return 0
@@ -656,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # Interruptible even when started with SIGINT ignored (e.g. as a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     folder = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     procs = Processes()
     try:

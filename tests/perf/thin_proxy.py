@@ -6,7 +6,8 @@ Same building blocks as Keygate — aiohttp's low-level ``web.Server``, one
 shared ``aiohttp.ClientSession`` and uvloop when importable — and nothing
 else: ``Authorization: Bearer <key>`` is checked against a dict, hop-by-hop
 headers are dropped, method/path/headers/body go upstream and the response
-is streamed back. No access log, no pipeline, no recording.
+is streamed back. No access log, no pipeline, no recording, no client
+timeouts (aiohttp's default 5-minute total timeout costs a timer per request).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-HOP_BY_HOP = frozenset({
+# Hop-by-hop headers, and Host (aiohttp sets it for the upstream).
+NOT_FORWARDED = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade", "host",
 })
+NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 UNAUTHORIZED = b'{"error":"invalid_token"}'
 
 
@@ -48,15 +51,15 @@ async def main(port: int, upstream: str, keys: list[str]) -> None:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.headers.get("Authorization") not in allowed:
             return web.Response(status=401, body=UNAUTHORIZED, content_type="application/json")
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED)
         async with session.request(
-            request.method, URL(base + request.raw_path, encoded=True), headers=headers,
+            request.method, URL(base + request.raw_path, encoded=True), headers=headers, timeout=NO_TIMEOUT,
             data=request.content if request.body_exists else None, allow_redirects=False,
         ) as upstream_response:
             response = web.StreamResponse(
                 status=upstream_response.status, reason=upstream_response.reason,
                 headers=CIMultiDict((k, v) for k, v in upstream_response.headers.items()
-                                    if k.lower() not in HOP_BY_HOP),
+                                    if k.lower() not in NOT_FORWARDED),
             )
             await response.prepare(request)
             async for chunk in upstream_response.content.iter_chunked(64 * 1024):
