@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .admin.ui import add_ui_routes
 from .cache import KeyCache
 from .config import Settings
 from .forward import Forwarder
@@ -126,7 +127,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
 
 
 def admin_app(rt: Runtime) -> web.Application:
-    """The admin listener: health and readiness (the admin API and UI are a later issue)."""
+    """The admin listener: health, readiness and the web page (the admin API is a later issue)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -139,6 +140,7 @@ def admin_app(rt: Runtime) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_ui_routes(app)
     return app
 
 

@@ -327,7 +327,8 @@ def test_the_build_context_holds_what_the_build_copies_and_nothing_else() -> Non
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
                 assert not dockerignored(source), f"COPY {source}: left out by .dockerignore"
-    for kept in ("pyproject.toml", "README.md", "gateway/cli.py", "gateway/store/migrations/sqlite/0001_initial.sql"):
+    for kept in ("pyproject.toml", "README.md", "gateway/cli.py", "gateway/store/migrations/sqlite/0001_initial.sql",
+                 "gateway/admin/ui/index.html", "gateway/admin/ui/app.js"):
         assert (ROOT / kept).exists() and not dockerignored(kept), kept
     for left_out in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "keygate.db", "deploy/compose.yaml",
                      "gateway/__pycache__/cli.cpython-311.pyc", "keygate-quickstart/keygate.db"):

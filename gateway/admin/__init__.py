@@ -1,0 +1,1 @@
+"""The admin plane: the admin API, its OpenAPI document and the web page."""

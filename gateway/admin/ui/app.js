@@ -1,0 +1,147 @@
+// The shell: sign-in, hash routes, and one place that shows API errors.
+
+import { ApiError, api, session } from "./api.js";
+import { auditPage } from "./audit.js";
+import { add, clear, field, h } from "./dom.js";
+import { createPage, keyPage, keysPage } from "./keys.js";
+import { membersPage, rolesPage } from "./people.js";
+
+const ROUTES = {
+  keys: keysPage,
+  new: createPage,
+  roles: rolesPage,
+  members: membersPage,
+  audit: auditPage,
+};
+
+const main = document.getElementById("main");
+const errorBox = document.getElementById("error");
+let pendingFlash = null;
+let renderCount = 0;
+
+function parseHash() {
+  const [route, query = ""] = window.location.hash.replace(/^#\/?/, "").split("?");
+  const parts = route.split("/").map(decodeURIComponent);
+  return { parts: parts[0] ? parts : ["keys"], params: new URLSearchParams(query) };
+}
+
+function showError(err) {
+  const title = err instanceof ApiError ? err.title : "Something went wrong";
+  const detail = err instanceof ApiError ? err.detail : String(err && err.message ? err.message : err);
+  clear(errorBox).append(
+    h("strong", null, title), detail ? h("span", { id: "error-detail" }, " ", detail) : null,
+    h("button", { type: "button", class: "close", "aria-label": "Dismiss", onclick: hideError }, "×"));
+  errorBox.hidden = false;
+}
+
+function hideError() {
+  errorBox.hidden = true;
+  clear(errorBox);
+}
+
+const ctx = {
+  go(hash, params = {}) {
+    const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v)).toString();
+    const target = query ? `${hash}?${query}` : hash;
+    if (window.location.hash === target) render();
+    else window.location.hash = target;
+  },
+  flash(message) {
+    pendingFlash = message;
+  },
+  // Runs an action, showing any failure; a refused admin key signs the page out.
+  async guard(promise) {
+    try {
+      return await promise;
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) {
+        session.signOut();
+        await render();
+      }
+      showError(err);
+      return undefined;
+    }
+  },
+  render: () => render(),
+};
+
+function signInPage(view) {
+  const key = h("input", { type: "password", id: "signin-key", name: "key", required: true, autofocus: true,
+    autocomplete: "off", spellcheck: "false", placeholder: "kg_…" });
+  add(view, h("div", { class: "signin" },
+    h("div", { class: "signin-brand" }, h("img", { src: "favicon.svg", alt: "", width: 40, height: 40 }),
+      h("h1", null, "Keygate")),
+    h("form", { class: "card form", id: "signin-form", onsubmit: (e) => ctx.guard((async () => {
+      e.preventDefault();
+      session.signIn(key.value.trim());
+      try {
+        // Proves the key before showing anything: the keys list needs keys:read on the server admin.
+        await api("GET", "/keys", { query: { limit: 1 } });
+      } catch (err) {
+        session.signOut();
+        throw err;
+      }
+      await render();
+    })()) },
+    h("h2", null, "Sign in"),
+    field("Admin key", key, "An API key on the server admin, e.g. from: keygate keys create --name me " +
+      "--role admin --server admin. It is kept in this browser tab only, until you sign out."),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "button primary", id: "signin-submit" },
+      "Sign in")))));
+}
+
+function notFound(view) {
+  add(view, h("div", { class: "card" }, h("h1", null, "Page not found"),
+    h("p", null, h("a", { href: "#/keys" }, "Back to the keys"))));
+}
+
+async function render() {
+  const mine = ++renderCount;
+  const { parts, params } = parseHash();
+  const signedIn = Boolean(session.key());
+  document.getElementById("topbar").hidden = !signedIn;
+  const section = parts[0] === "keys" && parts.length > 1 ? "keys" : parts[0];
+  for (const link of document.querySelectorAll(".nav a")) {
+    link.classList.toggle("current", signedIn && link.dataset.section === section);
+  }
+  // Each page is built off-screen and swapped in whole; a slower, older render never overwrites a newer one.
+  const view = h("div", { class: "view", "data-view": signedIn ? section : "signin" });
+  main.setAttribute("aria-busy", "true");
+  let failure = null;
+  try {
+    if (!signedIn) signInPage(view);
+    else if (parts[0] === "keys" && parts.length === 2) await keyPage(view, parts[1], ctx);
+    else if (ROUTES[parts[0]] && parts.length === 1) await ROUTES[parts[0]](view, params, ctx);
+    else notFound(view);
+  } catch (err) {
+    failure = err;
+  }
+  if (mine !== renderCount) return;
+  main.removeAttribute("aria-busy");
+  hideError();
+  if (failure) {
+    if (failure instanceof ApiError && failure.status === 401) {
+      session.signOut();
+      await render();
+      showError(failure);
+      return;
+    }
+    showError(failure);
+  }
+  if (pendingFlash) {
+    view.prepend(h("div", { class: "notice success", role: "status", id: "flash" }, pendingFlash));
+    pendingFlash = null;
+  }
+  main.replaceChildren(view);
+  const focus = view.querySelector("[autofocus]");
+  if (focus) focus.focus();
+}
+
+document.getElementById("sign-out").addEventListener("click", () => {
+  session.signOut();
+  clear(document.getElementById("dialog"));
+  window.location.hash = "#/keys";
+  render();
+});
+window.addEventListener("hashchange", render);
+render();

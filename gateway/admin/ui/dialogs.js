@@ -1,0 +1,74 @@
+// Modal dialogs: a confirmation for destructive actions, and the one place a
+// full key is ever shown.
+
+import { clear, h } from "./dom.js";
+
+function dialog() {
+  return document.getElementById("dialog");
+}
+
+function open(...children) {
+  const d = dialog();
+  clear(d).append(...children);
+  d.showModal();
+  return d;
+}
+
+// Resolves true only when the operator presses the confirming button.
+export function confirmAction({ title, body, confirm, danger = true }) {
+  return new Promise((resolve) => {
+    const d = open(
+      h("form", { method: "dialog", class: "dialog-body", id: "confirm-form" },
+        h("h2", null, title),
+        h("p", null, body),
+        h("div", { class: "actions" },
+          h("button", { type: "submit", value: "cancel", class: "button ghost", id: "confirm-cancel" }, "Cancel"),
+          h("button", { type: "submit", value: "ok", class: danger ? "button danger" : "button primary",
+            id: "confirm-ok" }, confirm))));
+    d.addEventListener("close", () => {
+      resolve(d.returnValue === "ok");
+      clear(d);
+    }, { once: true });
+  });
+}
+
+async function copy(text, input) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    // Not a secure context (admin listener on a LAN address over HTTP): select and copy.
+    input.select();
+    return document.execCommand("copy");
+  }
+}
+
+// Shows a new key exactly once. On close the key is dropped from the page, so
+// it is not left in the DOM for anything that reads it later.
+export function showKeyOnce(key, { title = "Your new API key", id = null } = {}) {
+  return new Promise((resolve) => {
+    const input = h("input", { type: "text", readonly: true, value: key, class: "secret", id: "new-key",
+      spellcheck: "false", autocomplete: "off", "aria-label": "The new API key" });
+    const status = h("span", { class: "copy-status", id: "copy-status", role: "status" });
+    const copyButton = h("button", { type: "button", class: "button primary", id: "copy-key",
+      onclick: async () => {
+        status.textContent = (await copy(key, input)) ? "Copied to the clipboard" : "Select the key and copy it";
+      } }, "Copy");
+    const d = open(
+      h("form", { method: "dialog", class: "dialog-body once", id: "key-once" },
+        h("h2", null, title),
+        id ? h("p", { class: "muted" }, "Key id ", h("code", null, id)) : null,
+        h("div", { class: "notice warning", role: "note" },
+          h("strong", null, "Copy this key now. It will not be shown again."),
+          " Keygate keeps only a hash of it. If it is lost, rotate the key to get a new one."),
+        h("div", { class: "secret-row" }, input, copyButton),
+        status,
+        h("div", { class: "actions" },
+          h("button", { type: "submit", class: "button", id: "key-once-done" }, "I have stored the key"))));
+    input.addEventListener("focus", () => input.select());
+    d.addEventListener("close", () => {
+      clear(d);
+      resolve();
+    }, { once: true });
+  });
+}

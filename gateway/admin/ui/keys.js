@@ -1,0 +1,198 @@
+// Keys: the table, the create form and one key's page.
+
+import { api, path } from "./api.js";
+import { confirmAction, showKeyOnce } from "./dialogs.js";
+import { add, badge, chips, clear, field, h, paged, table, time, words } from "./dom.js";
+import { auditTable, requestTable } from "./audit.js";
+
+const STATUSES = ["active", "expired", "revoked"];
+const EXPIRIES = [["7d", "7 days"], ["30d", "30 days"], ["90d", "90 days"], ["1y", "1 year"],
+  ["never", "Never"], ["custom", "Custom date"]];
+const GRACES = [["", "Revoke the old key now"], ["1h", "Old key works 1 more hour"],
+  ["24h", "Old key works 24 more hours"], ["7d", "Old key works 7 more days"]];
+
+function owner(k) {
+  return k.user ? [k.org, h("span", { class: "muted" }, " / "), k.user] : k.org;
+}
+
+function keyRow(k) {
+  return h("tr", { "data-key-id": k.id },
+    h("td", null, h("a", { href: `#/keys/${encodeURIComponent(k.id)}`, class: "mono" }, k.id)),
+    h("td", { class: "name" }, k.name),
+    h("td", null, k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null),
+    h("td", null, owner(k)),
+    h("td", null, k.role || h("span", { class: "muted" }, "—")),
+    h("td", { class: "status" }, badge(k.status)),
+    h("td", { class: "mono small" }, k.created_by),
+    h("td", null, time(k.created_at)),
+    h("td", null, time(k.expires_at, { empty: "never" })),
+    h("td", null, time(k.last_used_at, { relative: true, empty: "never" })));
+}
+
+export async function keysPage(main, params, ctx) {
+  const status = h("select", { id: "filter-status", name: "status" },
+    h("option", { value: "" }, "Any status"),
+    STATUSES.map((s) => h("option", { value: s, selected: params.get("status") === s }, s)));
+  const org = h("input", { id: "filter-org", name: "org", type: "search", placeholder: "Any org",
+    value: params.get("org") || "" });
+  const filters = h("form", { class: "filters", id: "key-filters", onsubmit: (e) => {
+    e.preventDefault();
+    ctx.go("#/keys", { status: status.value, org: org.value.trim() });
+  } },
+  field("Status", status), field("Org", org),
+  h("button", { type: "submit", class: "button" }, "Filter"));
+  status.addEventListener("change", () => filters.requestSubmit());
+
+  const wrap = table(["Id", "Name", "Kind", "Org / user", "Role", "Status", "Created by", "Created",
+    "Expires", "Last used"], [], { id: "keys-table", empty: "No keys match." });
+  add(clear(main), h("div", { class: "page-head" }, h("h1", null, "API keys"),
+    h("a", { href: "#/new", class: "button primary", id: "new-key-link" }, "Create key")), filters, wrap);
+  const query = { status: params.get("status"), org: params.get("org"), limit: 50 };
+  await paged(wrap, (cursor) => api("GET", "/keys", { query: { ...query, cursor } }), keyRow, ctx.guard);
+}
+
+async function roleOptions(selected, { none = "No role" } = {}) {
+  const page = await api("GET", "/roles", { query: { limit: 200 } });
+  return [none ? h("option", { value: "" }, none) : null,
+    page.items.map((r) => h("option", { value: r.name, selected: r.name === selected }, r.name))];
+}
+
+export async function createPage(main, _params, ctx) {
+  const name = h("input", { name: "name", id: "create-name", required: true, maxlength: 200,
+    placeholder: "e.g. github-actions-deploy", autocomplete: "off" });
+  const kind = h("input", { name: "kind", id: "create-kind", value: "integration", list: "kinds" });
+  const org = h("input", { name: "org", id: "create-org", value: "default" });
+  const user = h("input", { name: "user", id: "create-user", placeholder: "empty: an org-level key" });
+  const role = h("select", { name: "role", id: "create-role" }, await roleOptions(null));
+  const operations = h("input", { name: "operations", id: "create-operations",
+    placeholder: "e.g. deploy servers:read" });
+  const servers = h("input", { name: "servers", id: "create-servers", value: "*" });
+  const ips = h("textarea", { name: "ip_allowlist", id: "create-ips", rows: 2,
+    placeholder: "10.0.0.0/8\n2001:db8::/32" });
+  const rate = h("input", { name: "rate_limit", id: "create-rate", placeholder: "server default, e.g. 100/minute" });
+  const expires = h("select", { name: "expires", id: "create-expires" },
+    EXPIRIES.map(([v, label]) => h("option", { value: v, selected: v === "90d" }, label)));
+  const custom = h("input", { type: "date", name: "expires_on", id: "create-expires-on", hidden: true });
+  expires.addEventListener("change", () => {
+    custom.hidden = expires.value !== "custom";
+    custom.required = !custom.hidden;
+  });
+
+  async function submit(e) {
+    e.preventDefault();
+    const body = {
+      name: name.value.trim(), kind: kind.value.trim(), org: org.value.trim(),
+      operations: words(operations.value), servers: words(servers.value), ip_allowlist: words(ips.value),
+      expires: expires.value === "custom" ? custom.value : expires.value,
+    };
+    if (user.value.trim()) body.user = user.value.trim();
+    if (role.value) body.role = role.value;
+    if (rate.value.trim()) body.rate_limit = rate.value.trim();
+    const created = await api("POST", "/keys", { body });
+    form.reset();
+    await showKeyOnce(created.key, { id: created.id });
+    ctx.go(`#/keys/${encodeURIComponent(created.id)}`);
+  }
+
+  const form = h("form", { class: "card form", id: "create-form", onsubmit: (e) => ctx.guard(submit(e)) },
+    h("datalist", { id: "kinds" }, h("option", { value: "integration" }), h("option", { value: "automation" })),
+    h("fieldset", null, h("legend", null, "Key"),
+      h("div", { class: "grid" },
+        field("Name", name, "Shown in lists, logs and the X-Keygate-Key-Name header."),
+        field("Kind", kind, "Sets the key's prefix: integration (kg_), automation (kga_)."),
+        field("Org", org), field("User", user, "A per-user key needs the user to be a member of the org."))),
+    h("fieldset", null, h("legend", null, "Access"),
+      h("div", { class: "grid" },
+        field("Role", role),
+        field("Operations", operations, "Space-separated. A key needs a role or an operation; with both, " +
+          "it gets only what both allow."),
+        field("Servers", servers, "Space-separated server names; * is every upstream but not admin."),
+        field("IP allowlist", ips, "CIDRs, one per line; empty allows any address."),
+        field("Rate limit", rate))),
+    h("fieldset", null, h("legend", null, "Expiry"),
+      h("div", { class: "grid" }, field("Expires", h("div", { class: "inline" }, expires, custom)))),
+    h("div", { class: "actions" },
+      h("a", { href: "#/keys", class: "button ghost" }, "Cancel"),
+      h("button", { type: "submit", class: "button primary", id: "create-submit" }, "Create key")));
+  add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Create an API key")), form);
+  name.focus();
+}
+
+function detail(label, value) {
+  return [h("dt", null, label), h("dd", null, value)];
+}
+
+export async function keyPage(main, id, ctx) {
+  const k = await api("GET", path("keys", id));
+  const revoked = k.status === "revoked";
+  const facts = h("dl", { class: "facts", id: "key-facts" },
+    detail("Id", h("code", null, k.id)),
+    detail("Status", h("span", { id: "key-status" }, badge(k.status))),
+    detail("Kind", [k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null]),
+    detail("Org / user", owner(k)),
+    detail("Role", k.role || h("span", { class: "muted" }, "—")),
+    detail("Operations", chips(k.operations)),
+    detail("Servers", chips(k.servers)),
+    detail("IP allowlist", chips(k.ip_allowlist, { empty: "any address" })),
+    detail("Rate limit", k.rate_limit || h("span", { class: "muted" }, "server default")),
+    detail("Created", [time(k.created_at), h("span", { class: "muted" }, " by "), h("code", null, k.created_by)]),
+    detail("Expires", time(k.expires_at, { empty: "never" })),
+    detail("Revoked", time(k.revoked_at, { empty: "—" })),
+    detail("Last used", [time(k.last_used_at, { empty: "never" }),
+      k.last_used_ip ? [h("span", { class: "muted" }, " from "), h("code", null, k.last_used_ip)] : null]));
+
+  const actions = h("section", { class: "card actions-card" }, h("h2", null, "Actions"));
+  if (revoked) {
+    add(actions, h("p", { class: "muted" }, "This key is revoked. Revocation is permanent."));
+  } else {
+    const grace = h("select", { id: "rotate-grace" }, GRACES.map(([v, label]) => h("option", { value: v }, label)));
+    const role = h("select", { id: "reassign-role" }, await roleOptions(k.role, { none: null }));
+    add(actions,
+      h("div", { class: "action" },
+        h("div", null, h("h3", null, "Reassign role"),
+          h("p", { class: "muted" }, "Takes effect on every gateway within a second.")),
+        h("div", { class: "inline" }, role, h("button", { type: "button", class: "button", id: "reassign-submit",
+          onclick: () => ctx.guard((async () => {
+            await api("PATCH", path("keys", id), { body: { role: role.value } });
+            ctx.flash(`Role of ${k.id} set to ${role.value}.`);
+            await ctx.render();
+          })()) }, "Save role"))),
+      h("div", { class: "action" },
+        h("div", null, h("h3", null, "Rotate"),
+          h("p", { class: "muted" }, "A new key with the same settings; the new key is shown once.")),
+        h("div", { class: "inline" }, grace, h("button", { type: "button", class: "button", id: "rotate-submit",
+          onclick: () => ctx.guard((async () => {
+            const ok = await confirmAction({ title: `Rotate ${k.id}?`, danger: false, confirm: "Rotate key",
+              body: grace.value ? `The old key keeps working for ${grace.selectedOptions[0].textContent
+                .replace("Old key works ", "")}, then it is revoked.`
+                : "The old key is revoked now: anything still using it is refused within a second." });
+            if (!ok) return;
+            const body = grace.value ? { grace: grace.value } : {};
+            const rotated = await api("POST", path("keys", id, "rotate"), { body });
+            await showKeyOnce(rotated.key, { title: "Your rotated API key", id: rotated.id });
+            ctx.go(`#/keys/${encodeURIComponent(rotated.id)}`);
+          })()) }, "Rotate key"))),
+      h("div", { class: "action danger-zone" },
+        h("div", null, h("h3", null, "Revoke"),
+          h("p", { class: "muted" }, "Refused by every gateway within a second. Permanent.")),
+        h("button", { type: "button", class: "button danger", id: "revoke-key",
+          onclick: () => ctx.guard((async () => {
+            const ok = await confirmAction({ title: `Revoke ${k.id}?`, confirm: "Revoke key",
+              body: `“${k.name}” stops working within a second, everywhere. This cannot be undone.` });
+            if (!ok) return;
+            await api("POST", path("keys", id, "revoke"));
+            ctx.flash(`${k.id} is revoked.`);
+            await ctx.render();
+          })()) }, "Revoke key")));
+  }
+
+  const requests = h("section", { class: "card" }, h("h2", null, "Recent requests"));
+  const events = h("section", { class: "card" }, h("h2", null, "Audit events"));
+  add(clear(main),
+    h("div", { class: "page-head" },
+      h("div", null, h("a", { href: "#/keys", class: "back" }, "← Keys"), h("h1", null, k.name, " ", badge(k.status)))),
+    h("div", { class: "split" }, h("section", { class: "card" }, h("h2", null, "Details"), facts), actions),
+    requests, events);
+  add(requests, await requestTable({ key: k.id }));
+  add(events, await auditTable({ key: k.id }));
+}
