@@ -5,14 +5,21 @@ import { api } from "./api.js";
 import { add, clear, field, h, paged, table, time } from "./dom.js";
 
 function isRequest(item) {
-  return item.type === "request" || "method" in item;
+  return item.type === "request";
 }
 
+function scalar(value) {
+  if (Array.isArray(value)) return value.length ? value.join(", ") : null;
+  if (value && typeof value === "object") return JSON.stringify(value);
+  return value === null || value === undefined || value === "" ? null : String(value);
+}
+
+// An event's details as "name value" pairs, leaving out what is empty.
 function details(value) {
-  if (!value || (typeof value === "object" && Object.keys(value).length === 0)) {
-    return h("span", { class: "muted" }, "—");
-  }
-  return h("code", { class: "details" }, typeof value === "string" ? value : JSON.stringify(value));
+  const pairs = Object.entries(value || {}).map(([k, v]) => [k, scalar(v)]).filter(([, v]) => v !== null);
+  if (pairs.length === 0) return h("span", { class: "muted" }, "—");
+  return h("span", { class: "kv" }, pairs.map(([k, v]) => h("span", { class: "kv-pair" },
+    h("span", { class: "kv-key" }, k), " ", h("span", { class: "kv-value" }, v))));
 }
 
 function keyLink(id) {
@@ -28,13 +35,18 @@ function eventRow(e) {
     h("td", null, details(e.details)));
 }
 
+function decision(r) {
+  const allowed = r.decision === "allowed";
+  return h("span", { class: `badge ${allowed ? "badge-active" : "badge-revoked"}`, title: r.reason || null },
+    r.decision.replaceAll("_", " "));
+}
+
 function requestRow(r) {
-  const allowed = r.decision === "allowed" || r.decision === "allow";
   return h("tr", null,
     h("td", null, time(r.at)),
     h("td", null, keyLink(r.key_id)),
-    h("td", { class: "mono small" }, `${r.method} ${r.path}`),
-    h("td", null, h("span", { class: `badge ${allowed ? "badge-active" : "badge-revoked"}` }, r.decision)),
+    h("td", { class: "mono small request" }, `${r.method} ${r.path}`),
+    h("td", null, decision(r)),
     h("td", { class: "num" }, r.status),
     h("td", { class: "mono small" }, r.client_ip || "—"));
 }
@@ -43,35 +55,58 @@ const EVENT_COLUMNS = ["When", "Actor", "Action", "Target", "Details"];
 const REQUEST_COLUMNS = ["When", "Key", "Request", "Decision", "Status", "Client IP"];
 
 export async function auditTable(query) {
-  const page = await api("GET", "/audit", { query: { ...query, limit: 20 } });
-  const rows = page.items.filter((i) => !isRequest(i)).map(eventRow);
-  return table(EVENT_COLUMNS, rows, { id: "key-audit", empty: "No audit events." });
+  const page = await api("GET", "/audit", { query: { ...query, type: "event", limit: 20 } });
+  return table(EVENT_COLUMNS, page.items.map(eventRow), { id: "key-audit", empty: "No audit events." });
 }
 
 export async function requestTable(query) {
-  const page = await api("GET", "/audit", { query: { ...query, limit: 20 } });
-  const rows = page.items.filter(isRequest).map(requestRow);
-  return table(REQUEST_COLUMNS, rows, { id: "key-requests", empty: "No requests recorded yet." });
+  const page = await api("GET", "/audit", { query: { ...query, type: "request", limit: 20 } });
+  return table(REQUEST_COLUMNS, page.items.map(requestRow), { id: "key-requests",
+    empty: "No requests recorded yet." });
+}
+
+const TYPES = [["", "Events and requests"], ["event", "Management events"], ["request", "Request records"]];
+const FILTERS = ["type", "key", "action", "decision", "since", "until"];
+
+function mixedRow(item) {
+  const request = isRequest(item);
+  return h("tr", { "data-type": item.type },
+    h("td", null, time(item.at)),
+    h("td", null, h("span", { class: `type type-${item.type}` }, request ? "request" : "event")),
+    h("td", { class: "mono small" }, request ? keyLink(item.key_id) : item.actor),
+    h("td", null, request ? h("span", { class: "mono small request" }, `${item.method} ${item.path}`)
+      : h("span", { class: "tag" }, item.action)),
+    h("td", { class: "nowrap" }, request ? [decision(item), " ", h("span", { class: "muted num" }, item.status)]
+      : h("span", { class: "mono small" }, item.target)),
+    h("td", null, request ? h("span", { class: "mono small" }, item.client_ip || "—") : details(item.details)));
 }
 
 export async function auditPage(main, params, ctx) {
   const inputs = {
+    type: h("select", { name: "type", id: "audit-type" },
+      TYPES.map(([v, label]) => h("option", { value: v, selected: (params.get("type") || "") === v }, label))),
     key: h("input", { name: "key", id: "audit-key", placeholder: "kg_…", value: params.get("key") || "" }),
     action: h("input", { name: "action", id: "audit-action", placeholder: "e.g. key.revoke",
       value: params.get("action") || "" }),
-    since: h("input", { name: "since", id: "audit-since", type: "date", value: params.get("since") || "" }),
-    until: h("input", { name: "until", id: "audit-until", type: "date", value: params.get("until") || "" }),
+    decision: h("input", { name: "decision", id: "audit-decision", placeholder: "e.g. invalid_token",
+      value: params.get("decision") || "" }),
+    since: h("input", { name: "since", id: "audit-since", placeholder: "7d or 2026-11-01",
+      value: params.get("since") || "" }),
+    until: h("input", { name: "until", id: "audit-until", placeholder: "1h or 2026-11-30",
+      value: params.get("until") || "" }),
   };
   const filters = h("form", { class: "filters", id: "audit-filters", onsubmit: (e) => {
     e.preventDefault();
-    ctx.go("#/audit", Object.fromEntries(Object.entries(inputs).map(([k, el]) => [k, el.value.trim()])));
+    ctx.go("#/audit", Object.fromEntries(FILTERS.map((k) => [k, inputs[k].value.trim()])));
   } },
-  field("Key", inputs.key), field("Action", inputs.action), field("Since", inputs.since),
-  field("Until", inputs.until), h("button", { type: "submit", class: "button" }, "Filter"));
+  field("Show", inputs.type), field("Key", inputs.key), field("Action", inputs.action),
+  field("Decision", inputs.decision), field("Since", inputs.since), field("Until", inputs.until),
+  h("button", { type: "submit", class: "button" }, "Filter"));
 
-  const wrap = table(EVENT_COLUMNS, [], { id: "audit-table", empty: "No audit events match." });
+  const wrap = table(["When", "Type", "Actor / key", "Action / request", "Target / decision", "Details / client"],
+    [], { id: "audit-table", empty: "Nothing in the audit trail matches." });
   add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Audit log")), filters, wrap);
-  const query = Object.fromEntries(["key", "action", "since", "until"].map((k) => [k, params.get(k)]));
-  await paged(wrap, (cursor) => api("GET", "/audit", { query: { ...query, limit: 50, cursor } }),
-    (i) => (isRequest(i) ? requestRow(i) : eventRow(i)), ctx.guard);
+  const query = Object.fromEntries(FILTERS.map((k) => [k, params.get(k)]));
+  await paged(wrap, (cursor) => api("GET", "/audit", { query: { ...query, limit: 50, cursor } }), mixedRow,
+    ctx.guard);
 }

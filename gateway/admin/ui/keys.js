@@ -8,7 +8,7 @@ import { auditTable, requestTable } from "./audit.js";
 const STATUSES = ["active", "expired", "revoked"];
 const EXPIRIES = [["7d", "7 days"], ["30d", "30 days"], ["90d", "90 days"], ["1y", "1 year"],
   ["never", "Never"], ["custom", "Custom date"]];
-const GRACES = [["", "Revoke the old key now"], ["1h", "Old key works 1 more hour"],
+const GRACES = [["", "No grace: old key revoked now"], ["1h", "Old key works 1 more hour"],
   ["24h", "Old key works 24 more hours"], ["7d", "Old key works 7 more days"]];
 
 function owner(k) {
@@ -17,10 +17,10 @@ function owner(k) {
 
 function keyRow(k) {
   return h("tr", { "data-key-id": k.id },
-    h("td", null, h("a", { href: `#/keys/${encodeURIComponent(k.id)}`, class: "mono" }, k.id)),
+    h("td", { class: "nowrap" }, h("a", { href: `#/keys/${encodeURIComponent(k.id)}`, class: "mono" }, k.id)),
     h("td", { class: "name" }, k.name),
     h("td", null, k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null),
-    h("td", null, owner(k)),
+    h("td", { class: "nowrap" }, owner(k)),
     h("td", null, k.role || h("span", { class: "muted" }, "—")),
     h("td", { class: "status" }, badge(k.status)),
     h("td", { class: "mono small" }, k.created_by),
@@ -107,10 +107,12 @@ export async function createPage(main, _params, ctx) {
         field("Operations", operations, "Space-separated. A key needs a role or an operation; with both, " +
           "it gets only what both allow."),
         field("Servers", servers, "Space-separated server names; * is every upstream but not admin."),
-        field("IP allowlist", ips, "CIDRs, one per line; empty allows any address."),
-        field("Rate limit", rate))),
-    h("fieldset", null, h("legend", null, "Expiry"),
-      h("div", { class: "grid" }, field("Expires", h("div", { class: "inline" }, expires, custom)))),
+        field("IP allowlist", ips, "CIDRs, one per line; empty allows any address."))),
+    h("fieldset", null, h("legend", null, "Limits"),
+      h("div", { class: "grid" },
+        field("Rate limit", rate, "Requests per second, minute, hour or day; optional \"; burst=N\"."),
+        field("Expires", h("div", { class: "inline" }, expires, custom),
+          "Rotate or create a new key before it expires."))),
     h("div", { class: "actions" },
       h("a", { href: "#/keys", class: "button ghost" }, "Cancel"),
       h("button", { type: "submit", class: "button primary", id: "create-submit" }, "Create key")));
@@ -159,7 +161,7 @@ export async function keyPage(main, id, ctx) {
           })()) }, "Save role"))),
       h("div", { class: "action" },
         h("div", null, h("h3", null, "Rotate"),
-          h("p", { class: "muted" }, "A new key with the same settings; the new key is shown once.")),
+          h("p", { class: "muted" }, "A new key with the same settings, shown once.")),
         h("div", { class: "inline" }, grace, h("button", { type: "button", class: "button", id: "rotate-submit",
           onclick: () => ctx.guard((async () => {
             const ok = await confirmAction({ title: `Rotate ${k.id}?`, danger: false, confirm: "Rotate key",
