@@ -1,0 +1,1 @@
+"""The admin plane: admin API, OpenAPI document, metrics."""
