@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from .admin.ui import add_ui_routes
 from .cache import KeyCache
 from .config import Settings
 from .forward import Forwarder
@@ -126,24 +125,6 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
                       cache=cache)
 
 
-def admin_app(rt: Runtime) -> web.Application:
-    """The admin listener: health, readiness and the web page (the admin API is a later issue)."""
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_request: web.Request) -> web.Response:
-        ready = rt.ready()
-        body = {"ready": ready, "draining": rt.draining, "store": rt.watcher.store_ok, "cached_keys": len(rt.cache)}
-        return web.json_response(body, status=200 if ready else 503)
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    add_ui_routes(app)
-    return app
-
-
 def warn_if_exposed(settings: Settings) -> None:
     host = settings.proxy.listen.rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "::1", "localhost") and not settings.proxy.trusted_proxies:
@@ -155,4 +136,4 @@ def warn_if_exposed(settings: Settings) -> None:
         }))
 
 
-__all__ = ["Runtime", "StartupError", "StoreError", "admin_app", "runtime", "prepare_store", "warn_if_exposed"]
+__all__ = ["Runtime", "StartupError", "StoreError", "runtime", "prepare_store", "warn_if_exposed"]

@@ -14,18 +14,18 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 import click
 
+from .audit import AuditEntry, AuditFilter, parse_time
 from .config import ConfigError, Settings, load_settings, masked, render_toml
-from .models import KeyRecord
+from .models import KeyRecord, iso
 from .service import (
     UNSET, KeyService, ServiceError, bootstrap, grace_seconds, key_changes, new_key_values, utcnow,
 )
 from .store import KeyStore, StoreError, StoreUnavailable, create_store
-from .units import parse_duration
 
 T = TypeVar("T")
 
@@ -344,8 +344,7 @@ def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: boo
     """Replace a key with a new one with the same settings."""
     new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace),
                                   precheck=lambda _settings: grace_seconds(grace))
-    revoked_at = old.revoked_at.isoformat().replace("+00:00", "Z") if old.revoked_at else None
-    show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=revoked_at)
+    show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=iso(old.revoked_at))
 
 
 @keys.command("set-role")
@@ -455,40 +454,44 @@ def members_remove(ctx: click.Context, org: str, user: str) -> None:
 
 
 # -- audit -----------------------------------------------------------------
-def parse_since(text: str, now: datetime) -> datetime:
-    """``1h``/``7d`` ago, or an ISO 8601 date or date-time (UTC unless it has an offset)."""
+def _time_option(name: str, text: str | None) -> datetime | None:
+    if not text:
+        return None
     try:
-        return now - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        fail(f"since {text!r}: use a duration ago (30m, 1h, 7d) or an ISO 8601 date or date-time")
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+        return parse_time(text, utcnow())
+    except ValueError as exc:
+        fail(f"{name} {exc}")
+
+
+def _audit_row(entry: AuditEntry) -> list[Any]:
+    data = entry.public()
+    if entry.type == "event":
+        details = json.dumps(data["details"], sort_keys=True) if data["details"] else ""
+        return [_when(data["at"]), data["actor"], data["action"], data["target"], details]
+    request = f"{data['method']} {data['path']} -> {data['status']}"
+    return [_when(data["at"]), data["key_id"] or "", f"request:{data['decision']}", data["server"] or "", request]
 
 
 @main.command()
-@click.option("--key", "key_id", metavar="ID")
-@click.option("--action", help="e.g. key.create, key.revoke, role.set, member.remove")
+@click.option("--key", "key_id", metavar="ID", help="Events about or by this key, and its requests.")
+@click.option("--action", help="Events only: e.g. key.create, key.revoke, role.set, member.remove")
+@click.option("--decision", help="Request records only: e.g. allowed, invalid_token, insufficient_scope")
+@click.option("--type", "entry_type", type=click.Choice(["event", "request"]), help="Only events or only requests.")
 @click.option("--since", help="30m, 1h, 7d (ago) or an ISO 8601 time")
+@click.option("--until", help="30m, 1h, 7d (ago) or an ISO 8601 time")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def audit(ctx: click.Context, key_id: str | None, action: str | None, since: str | None,
-          limit: int, as_json: bool) -> None:
-    """Show management events, newest first."""
-    since_at = parse_since(since, utcnow()) if since else None
-    events = with_service(ctx, lambda svc: svc.audit(
-        key=svc.key_ref(key_id) if key_id else None, action=action, since=since_at, limit=limit))
+def audit(ctx: click.Context, key_id: str | None, action: str | None, decision: str | None,
+          entry_type: str | None, since: str | None, until: str | None, limit: int, as_json: bool) -> None:
+    """Show management events and request records, newest first."""
+    wanted = AuditFilter(key=key_id, action=action, decision=decision, type=entry_type,  # type: ignore[arg-type]
+                         since=_time_option("since", since), until=_time_option("until", until))
+    page = with_service(ctx, lambda svc: svc.audit(wanted, limit=limit))
     if as_json:
-        emit_json([e.public() for e in events])
+        emit_json([e.public() for e in page.entries])
     else:
-        table(["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"], [
-            [_when(e.public()["at"]), e.actor, e.action, e.target,
-             json.dumps(e.details, sort_keys=True) if e.details else ""]
-            for e in events
-        ])
+        table(["TIME", "ACTOR/KEY", "ACTION", "TARGET/SERVER", "DETAILS"], [_audit_row(e) for e in page.entries])
 
 
 if __name__ == "__main__":  # pragma: no cover

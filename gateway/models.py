@@ -14,7 +14,7 @@ class KeyStatus(StrEnum):
     REVOKED = "revoked"
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
@@ -63,10 +63,10 @@ class KeyRecord:
             "rate_limit": self.rate_limit,
             "agent": self.agent,
             "created_by": self.created_by,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "revoked_at": _iso(self.revoked_at),
-            "last_used_at": _iso(self.last_used_at),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "last_used_at": iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "status": str(self.status(now)),
         }
@@ -83,8 +83,8 @@ class Role:
         return {
             "name": self.name,
             "grants": list(self.grants),
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
         }
 
 
@@ -101,8 +101,8 @@ class Member:
             "org": self.org,
             "user": self.user,
             "role": self.role,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
         }
 
 
@@ -119,7 +119,7 @@ class AuditEvent:
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
-        data["at"] = _iso(self.at)
+        data["at"] = iso(self.at)
         return data
 
 
@@ -138,3 +138,9 @@ class RequestRecord:
     client_ip: str | None
     duration_ms: float
     reason: str | None = None
+    id: int = field(default=0, compare=False)  # assigned by the store; 0 until written
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = iso(self.at)
+        return data

@@ -50,6 +50,11 @@ def status_of(outcome: Outcome) -> int:
     return _ANSWERS[outcome][0]
 
 
+def answer_of(outcome: Outcome) -> tuple[int, str, str, str | None]:
+    """``(status, error code, public description, WWW-Authenticate or None)`` for ``outcome``."""
+    return _ANSWERS[outcome]
+
+
 def denial(
     outcome: Outcome, request_id: str, *, retry_after: float | None = None,
     extra_headers: Mapping[str, str] | None = None,

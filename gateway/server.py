@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .app import Runtime, StartupError, admin_app, prepare_store, runtime, store_options, warn_if_exposed
+from .admin.listener import admin_app
+from .app import Runtime, StartupError, prepare_store, runtime, store_options, warn_if_exposed
 from .config import Settings
 from .http_server import ProxyHTTPServer
 from .logs import configure_logging

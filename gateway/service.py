@@ -15,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import fields
+from .audit import AuditFilter, AuditPage, Position, query_audit
 from .config import Settings
 from .keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
-from .models import AuditEvent, KeyRecord, KeyStatus, Member, Role
+from .models import KeyRecord, KeyStatus, Member, Role
 from .store import KeyStore, Transaction
 from .units import parse_duration
 
@@ -232,7 +233,7 @@ class KeyService:
 
     async def list_keys(
         self, *, org: str | None = None, user: str | None = None, status: str | None = None,
-        kind: str | None = None, limit: int = 1000, offset: int = 0,
+        kind: str | None = None, limit: int = 1000, offset: int = 0, after: tuple[datetime, str] | None = None,
     ) -> list[KeyRecord]:
         try:
             wanted = KeyStatus(status) if status else None
@@ -240,7 +241,8 @@ class KeyService:
             raise InvalidInput(f"status {status!r}: use active, expired or revoked") from None
         async with self.store.read() as tx:
             return await tx.list_keys(
-                now=self.clock(), org=org, user=user, status=wanted, kind=kind, limit=limit, offset=offset
+                now=self.clock(), org=org, user=user, status=wanted, kind=kind, limit=limit, offset=offset,
+                after=after,
             )
 
     async def get_key(self, key_id: str) -> KeyRecord:
@@ -346,7 +348,7 @@ class KeyService:
         async with self.store.transaction() as tx:
             # Locking the membership row serialises concurrent issuances for this user.
             if await tx.get_member(org, user, for_update=True) is None:
-                raise InvalidInput(f"user {user!r} is not a member of org {org!r}")
+                raise NotFound(f"user {user!r} is not a member of org {org!r}")
             # Every live one: a rotated agent key in its grace period counts too.
             live = await tx.live_agent_keys(org, user, now)
             for old in live:
@@ -441,12 +443,11 @@ class KeyService:
             await self._changed(tx, now, "member", f"{org}/{user}")
 
     # -- audit -----------------------------------------------------------
-    async def audit(
-        self, *, key: str | None = None, action: str | None = None, since: datetime | None = None,
-        until: datetime | None = None, limit: int = 100, offset: int = 0,
-    ) -> list[AuditEvent]:
-        async with self.store.read() as tx:
-            return await tx.list_audit(key=key, action=action, since=since, until=until, limit=limit, offset=offset)
+    async def audit(self, wanted: AuditFilter, *, limit: int = 100, after: Position | None = None) -> AuditPage:
+        """Management events and request records, newest first (the CLI and the admin API share this)."""
+        if wanted.key:
+            wanted = replace(wanted, key=self.key_ref(wanted.key))
+        return await query_audit(self.store, wanted, limit=limit, after=after)
 
 
 _SETTINGS = ("kind", "name", "org", "user", "role", "operations", "servers", "ip_allowlist", "rate_limit")

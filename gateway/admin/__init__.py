@@ -1,1 +1,1 @@
-"""The admin plane: the admin API, its OpenAPI document and the web page."""
+"""The admin plane: admin API, OpenAPI document, metrics and the web page."""

@@ -163,7 +163,12 @@ class RouteTable:
 
 
 def check_scope(servers: Servers, grants: Grants, target: Target) -> None:
-    if not servers.allows(target.server):
-        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {target.server!r} not granted")
-    if not grants.allows(target.operation):
-        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {target.operation!r} not granted")
+    check_access(servers, grants, target.server, target.operation)
+
+
+def check_access(servers: Servers, grants: Grants, server: str, operation: str) -> None:
+    """Refuse unless the key may perform ``operation`` on ``server`` (the admin API calls this directly)."""
+    if not servers.allows(server):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {server!r} not granted")
+    if not grants.allows(operation):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {operation!r} not granted")

@@ -31,7 +31,7 @@ class Transaction(Protocol):
     async def list_keys(
         self, *, now: datetime, org: str | None = None, user: str | None = None,
         status: KeyStatus | None = None, kind: str | None = None,
-        limit: int = 1000, offset: int = 0,
+        limit: int = 1000, offset: int = 0, after: tuple[datetime, str] | None = None,
     ) -> list[KeyRecord]: ...
     async def live_agent_keys(self, org: str, user: str, now: datetime) -> list[KeyRecord]: ...
 
@@ -53,10 +53,14 @@ class Transaction(Protocol):
     async def list_audit(
         self, *, key: str | None = None, action: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
-        limit: int = 100, offset: int = 0,
+        limit: int = 100, offset: int = 0, before: tuple[datetime, int] | None = None,
     ) -> list[AuditEvent]: ...
 
-    async def list_requests(self, *, key_id: str | None = None, limit: int = 100) -> list[RequestRecord]: ...
+    async def list_requests(
+        self, *, key_id: str | None = None, decision: str | None = None, since: datetime | None = None,
+        until: datetime | None = None, limit: int = 100, before: tuple[datetime, int] | None = None,
+    ) -> list[RequestRecord]: ...
+    async def prune_audit(self, *, older_than: datetime, batch: int) -> int: ...
 
     async def add_change(self, *, at: datetime, entity: str, target: str) -> None: ...
 

@@ -164,8 +164,15 @@ class SqlTransaction:
     async def list_keys(
         self, *, now: datetime, org: str | None = None, user: str | None = None,
         status: KeyStatus | None = None, kind: str | None = None, limit: int = 1000, offset: int = 0,
+        after: tuple[datetime, str] | None = None,
     ) -> list[KeyRecord]:
+        """Newest first; ``after`` is the (created_at, id) of the last key of the previous page."""
         where, args = ["1 = 1"], []
+        if after is not None:
+            # Keyset paging: keys created meanwhile do not shift later pages.
+            at = self._d.time_in(after[0])
+            where.append("(created_at < ? OR (created_at = ? AND id > ?))")
+            args += [at, at, after[1]]
         for column, value in (("org", org), ("user_name", user), ("kind", kind)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -276,23 +283,37 @@ class SqlTransaction:
             self._d.time_in(at), actor, action, target, json.dumps(details, sort_keys=True),
         )
 
+    def _time_window(
+        self, where: list[str], args: list[Any], since: datetime | None, until: datetime | None,
+        before: tuple[datetime, int] | None,
+    ) -> None:
+        t = self._d.time_in
+        if since is not None:
+            where.append("at >= ?")
+            args.append(t(since))
+        if until is not None:
+            where.append("at < ?")
+            args.append(t(until))
+        if before is not None:
+            # Keyset paging, newest first: rows written meanwhile do not shift later pages.
+            where.append("(at < ? OR (at = ? AND id < ?))")
+            args += [t(before[0]), t(before[0]), before[1]]
+
     async def list_audit(
         self, *, key: str | None = None, action: str | None = None,
         since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0,
+        before: tuple[datetime, int] | None = None,
     ) -> list[AuditEvent]:
+        """Newest first. ``key`` matches events about the key and events the key performed
+        (through the admin API its id is the actor); ``before`` is an (at, id) to start after."""
         where, args = ["1 = 1"], []
         if key is not None:
-            where.append("target = ?")
-            args.append(key)
+            where.append("(target = ? OR actor = ?)")
+            args += [key, key]
         if action is not None:
             where.append("action = ?")
             args.append(action)
-        if since is not None:
-            where.append("at >= ?")
-            args.append(self._d.time_in(since))
-        if until is not None:
-            where.append("at < ?")
-            args.append(self._d.time_in(until))
+        self._time_window(where, args, since, until, before)
         rows = await self._fetch(
             f"SELECT id, at, actor, action, target, details FROM audit_events WHERE {' AND '.join(where)} "
             "ORDER BY at DESC, id DESC LIMIT ? OFFSET ?",
@@ -344,19 +365,40 @@ class SqlTransaction:
             for r in records
         ])
 
-    async def list_requests(self, *, key_id: str | None = None, limit: int = 100) -> list[RequestRecord]:
-        where, args = ("WHERE key_id = ?", [key_id]) if key_id is not None else ("", [])
+    async def list_requests(
+        self, *, key_id: str | None = None, decision: str | None = None, since: datetime | None = None,
+        until: datetime | None = None, limit: int = 100, before: tuple[datetime, int] | None = None,
+    ) -> list[RequestRecord]:
+        """Newest first; ``before`` is an (at, id) to start after."""
+        where, args = ["1 = 1"], []
+        for column, value in (("key_id", key_id), ("decision", decision)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        self._time_window(where, args, since, until, before)
         rows = await self._fetch(
-            "SELECT at, key_id, method, path, server, operation, decision, status, client_ip, duration_ms, "
-            f"reason FROM request_records {where} ORDER BY at DESC, id DESC LIMIT ?",
+            "SELECT id, at, key_id, method, path, server, operation, decision, status, client_ip, duration_ms, "
+            f"reason FROM request_records WHERE {' AND '.join(where)} ORDER BY at DESC, id DESC LIMIT ?",
             *args, limit,
         )
         return [
             RequestRecord(self._d.time_out(r["at"]), r["key_id"], r["method"], r["path"], r["server"],
                           r["operation"], r["decision"], int(r["status"]), r["client_ip"],
-                          float(r["duration_ms"]), r["reason"])
+                          float(r["duration_ms"]), r["reason"], id=int(r["id"]))
             for r in rows
         ]
+
+    async def prune_audit(self, *, older_than: datetime, batch: int) -> int:
+        """Delete up to ``batch`` audit events and ``batch`` request records from before ``older_than``."""
+        deleted = 0
+        for table in ("audit_events", "request_records"):
+            rows = await self._fetch(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < ? ORDER BY id LIMIT ?) "
+                "RETURNING id",
+                self._d.time_in(older_than), batch,
+            )
+            deleted += len(rows)
+        return deleted
 
     async def latest_change(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes")

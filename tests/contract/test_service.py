@@ -170,7 +170,7 @@ async def test_agent_key_replaces_the_previous_one(service: KeyService, store: K
 
 async def test_agent_key_needs_membership_and_has_no_own_role(service: KeyService) -> None:
     """Agent keys are for members only, and their role follows the member's."""
-    with pytest.raises(InvalidInput, match="not a member"):
+    with pytest.raises(NotFound, match="not a member"):
         await service.issue_agent_key("acme", "bob")
     await service.set_member("acme", "bob", "admin")
     record, _, _ = await service.issue_agent_key("acme", "bob")

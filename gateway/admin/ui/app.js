@@ -106,7 +106,8 @@ async function render() {
     link.classList.toggle("current", signedIn && link.dataset.section === section);
   }
   // Each page is built off-screen and swapped in whole; a slower, older render never overwrites a newer one.
-  const view = h("div", { class: "view", "data-view": signedIn ? section : "signin" });
+  const name = !signedIn ? "signin" : parts[0] === "keys" && parts.length > 1 ? "key" : section;
+  const view = h("div", { class: "view", "data-view": name });
   main.setAttribute("aria-busy", "true");
   let failure = null;
   try {

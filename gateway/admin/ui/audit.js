@@ -44,7 +44,6 @@ function decision(r) {
 function requestRow(r) {
   return h("tr", null,
     h("td", null, time(r.at)),
-    h("td", null, keyLink(r.key_id)),
     h("td", { class: "mono small request" }, `${r.method} ${r.path}`),
     h("td", null, decision(r)),
     h("td", { class: "num" }, r.status),
@@ -52,7 +51,7 @@ function requestRow(r) {
 }
 
 const EVENT_COLUMNS = ["When", "Actor", "Action", "Target", "Details"];
-const REQUEST_COLUMNS = ["When", "Key", "Request", "Decision", "Status", "Client IP"];
+const REQUEST_COLUMNS = ["When", "Request", "Decision", "Status", "Client IP"];
 
 export async function auditTable(query) {
   const page = await api("GET", "/audit", { query: { ...query, type: "event", limit: 20 } });

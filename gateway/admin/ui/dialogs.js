@@ -32,13 +32,13 @@ export function confirmAction({ title, body, confirm, danger = true }) {
   });
 }
 
-async function copy(text, input) {
+async function copy(text, element) {
   try {
     await navigator.clipboard.writeText(text);
     return true;
   } catch {
     // Not a secure context (admin listener on a LAN address over HTTP): select and copy.
-    input.select();
+    window.getSelection().selectAllChildren(element);
     return document.execCommand("copy");
   }
 }
@@ -47,13 +47,12 @@ async function copy(text, input) {
 // it is not left in the DOM for anything that reads it later.
 export function showKeyOnce(key, { title = "Your new API key", id = null } = {}) {
   return new Promise((resolve) => {
-    const input = h("input", { type: "text", readonly: true, value: key, class: "secret", id: "new-key",
-      spellcheck: "false", autocomplete: "off", "aria-label": "The new API key" });
+    const secret = h("code", { class: "secret", id: "new-key", "aria-label": "The new API key" }, key);
     const status = h("span", { class: "copy-status", id: "copy-status", role: "status" });
     const copyButton = h("button", { type: "button", class: "button primary", id: "copy-key",
       onclick: async () => {
-        status.textContent = (await copy(key, input)) ? "Copied to the clipboard" : "Select the key and copy it";
-      } }, "Copy");
+        status.textContent = (await copy(key, secret)) ? "Copied to the clipboard." : "Select the key and copy it.";
+      } }, "Copy key");
     const d = open(
       h("form", { method: "dialog", class: "dialog-body once", id: "key-once" },
         h("h2", null, title),
@@ -61,11 +60,10 @@ export function showKeyOnce(key, { title = "Your new API key", id = null } = {})
         h("div", { class: "notice warning", role: "note" },
           h("strong", null, "Copy this key now. It will not be shown again."),
           " Keygate keeps only a hash of it. If it is lost, rotate the key to get a new one."),
-        h("div", { class: "secret-row" }, input, copyButton),
+        h("div", { class: "secret-row" }, secret, copyButton),
         status,
         h("div", { class: "actions" },
           h("button", { type: "submit", class: "button", id: "key-once-done" }, "I have stored the key"))));
-    input.addEventListener("focus", () => input.select());
     d.addEventListener("close", () => {
       clear(d);
       resolve();

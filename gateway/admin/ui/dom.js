@@ -32,7 +32,7 @@ export function when(iso) {
   if (!iso) return null;
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return String(iso);
-  return date.toISOString().slice(0, 16).replace("T", " ") + " UTC";
+  return date.toISOString().slice(0, 19).replace("T", " ") + " UTC";
 }
 
 export function ago(iso, now = Date.now()) {
@@ -40,6 +40,7 @@ export function ago(iso, now = Date.now()) {
   const seconds = Math.round((now - new Date(iso).getTime()) / 1000);
   const future = seconds < 0;
   const s = Math.abs(seconds);
+  if (s < 10) return "just now";
   const [n, unit] = s < 60 ? [s, "s"] : s < 3600 ? [Math.floor(s / 60), "min"]
     : s < 86400 ? [Math.floor(s / 3600), "h"] : [Math.floor(s / 86400), "d"];
   return future ? `in ${n} ${unit}` : `${n} ${unit} ago`;

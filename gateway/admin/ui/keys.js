@@ -89,7 +89,6 @@ export async function createPage(main, _params, ctx) {
     if (role.value) body.role = role.value;
     if (rate.value.trim()) body.rate_limit = rate.value.trim();
     const created = await api("POST", "/keys", { body });
-    form.reset();
     await showKeyOnce(created.key, { id: created.id });
     ctx.go(`#/keys/${encodeURIComponent(created.id)}`);
   }

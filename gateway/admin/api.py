@@ -1,0 +1,196 @@
+"""The admin API's endpoints (DESIGN.md "Admin API"): thin adapters onto :class:`KeyService`.
+
+Every action is the service's, the same one the CLI runs; a handler only
+maps validated input to a service call and the result to the answer's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ..audit import AuditFilter, Position, parse_time
+from ..cursor import decode_cursor, encode_cursor
+from ..models import KeyRecord, iso
+from ..service import UNSET
+from . import models as m
+from .endpoints import Call, Endpoint, invalid
+
+T = TypeVar("T")
+
+
+def _cursor_values(cursor: str | None, types: Sequence[type]) -> list[str | int] | None:
+    if cursor is None:
+        return None
+    try:
+        return decode_cursor(cursor, types)
+    except ValueError as exc:
+        raise invalid([{"field": "query.cursor", "message": str(exc)}]) from None
+
+
+def _page(items: Sequence[T], limit: int, position: Callable[[T], list[str | int]]) -> dict[str, Any]:
+    """The first ``limit`` of ``items`` (fetched as limit + 1) and the cursor after them."""
+    shown = list(items[:limit])
+    more = len(items) > limit
+    return {"items": shown, "next_cursor": encode_cursor(position(shown[-1])) if more and shown else None}
+
+
+def _public(call: Call, record: KeyRecord, **extra: Any) -> dict[str, Any]:
+    return {**record.public(call.service.clock()), **extra}
+
+
+# -- keys ------------------------------------------------------------------
+async def create_key(call: Call) -> dict[str, Any]:
+    body: m.KeyCreate = call.body
+    record, full = await call.service.create_key(**body.model_dump())
+    return _public(call, record, key=full)
+
+
+async def list_keys(call: Call) -> dict[str, Any]:
+    q: m.KeyListQuery = call.query
+    after = _cursor_values(q.cursor, (str, str))
+    try:
+        position = (datetime.fromisoformat(str(after[0])), str(after[1])) if after else None
+    except ValueError:
+        raise invalid([{"field": "query.cursor", "message": "not a cursor this API returned"}]) from None
+    records = await call.service.list_keys(org=q.org, user=q.user, status=q.status, kind=q.kind,
+                                           limit=q.limit + 1, after=position)
+    page = _page(records, q.limit, lambda r: [r.created_at.isoformat(), r.id])
+    page["items"] = [_public(call, r) for r in page["items"]]
+    return page
+
+
+async def get_key(call: Call) -> dict[str, Any]:
+    return _public(call, await call.service.get_key(call.params["id"]))
+
+
+async def patch_key(call: Call) -> dict[str, Any]:
+    body: m.KeyPatch = call.body
+    given = body.model_dump(exclude_unset=True)
+    record = await call.service.update_key(
+        call.params["id"], name=given.get("name"), role=given.get("role", UNSET),
+        operations=given.get("operations"), servers=given.get("servers"), ip_allowlist=given.get("ip_allowlist"),
+        rate_limit=given.get("rate_limit", UNSET), expires=given.get("expires"),
+    )
+    return _public(call, record)
+
+
+async def revoke_key(call: Call) -> dict[str, Any]:
+    return _public(call, await call.service.revoke_key(call.params["id"]))
+
+
+async def rotate_key(call: Call) -> dict[str, Any]:
+    body: m.KeyRotate = call.body
+    new, full, old = await call.service.rotate_key(call.params["id"], grace=body.grace)
+    return _public(call, new, rotated_from=old.id, old_key_revoked_at=iso(old.revoked_at),
+                   old_key=old.public(call.service.clock()), key=full)
+
+
+# -- roles -----------------------------------------------------------------
+async def list_roles(call: Call) -> dict[str, Any]:
+    q: m.PageQuery = call.query
+    after = _cursor_values(q.cursor, (str,))
+    # Roles are few (a handful per deployment): paged here, not in the store.
+    roles = [r for r in await call.service.list_roles() if after is None or r.name > str(after[0])]
+    page = _page(roles[: q.limit + 1], q.limit, lambda r: [r.name])
+    page["items"] = [r.public() for r in page["items"]]
+    return page
+
+
+async def get_role(call: Call) -> dict[str, Any]:
+    return (await call.service.get_role(call.params["name"])).public()
+
+
+async def put_role(call: Call) -> dict[str, Any]:
+    body: m.RolePut = call.body
+    return (await call.service.put_role(call.params["name"], body.grants)).public()
+
+
+async def delete_role(call: Call) -> None:
+    await call.service.delete_role(call.params["name"])
+
+
+# -- members ---------------------------------------------------------------
+async def list_members(call: Call) -> dict[str, Any]:
+    q: m.PageQuery = call.query
+    after = _cursor_values(q.cursor, (str,))
+    members = [x for x in await call.service.list_members(call.params["org"])
+               if after is None or x.user > str(after[0])]
+    page = _page(members[: q.limit + 1], q.limit, lambda x: [x.user])
+    page["items"] = [x.public() for x in page["items"]]
+    return page
+
+
+async def put_member(call: Call) -> dict[str, Any]:
+    body: m.MemberPut = call.body
+    return (await call.service.set_member(call.params["org"], call.params["user"], body.role)).public()
+
+
+async def delete_member(call: Call) -> None:
+    await call.service.remove_member(call.params["org"], call.params["user"])
+
+
+async def issue_agent_key(call: Call) -> dict[str, Any]:
+    record, full, previous = await call.service.issue_agent_key(call.params["org"], call.params["user"])
+    return _public(call, record, revoked_previous=previous, key=full)
+
+
+# -- audit -----------------------------------------------------------------
+def _time(name: str, text: str | None, now: datetime) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text, now)
+    except ValueError as exc:
+        raise invalid([{"field": f"query.{name}", "message": str(exc)}]) from None
+
+
+async def audit(call: Call) -> dict[str, Any]:
+    q: m.AuditQuery = call.query
+    now = call.service.clock()
+    try:
+        after = Position.decode(q.cursor) if q.cursor is not None else None
+    except ValueError as exc:
+        raise invalid([{"field": "query.cursor", "message": str(exc)}]) from None
+    wanted = AuditFilter(key=q.key, action=q.action, decision=q.decision, type=q.type,
+                         since=_time("since", q.since, now), until=_time("until", q.until, now))
+    page = await call.service.audit(wanted, limit=q.limit, after=after)
+    return {"items": [e.public() for e in page.entries], "next_cursor": page.next.encode() if page.next else None}
+
+
+KEY_ID = "A key's id (its display prefix, e.g. kg_7Hq2ZrT9xLmP); a pasted full key counts as its id."
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("POST", "/keys", "Create a key", create_key, "keys:write", m.KeyCreated, status=201,
+             body=m.KeyCreate, description="Answers with the full key in `key`, the only time it is shown."),
+    Endpoint("GET", "/keys", "List keys, newest first", list_keys, "keys:read", m.KeyPage, query=m.KeyListQuery),
+    Endpoint("GET", "/keys/{id}", "One key", get_key, "keys:read", m.KeyOut, description=KEY_ID),
+    Endpoint("PATCH", "/keys/{id}", "Change a key's settings", patch_key, "keys:write", m.KeyOut,
+             body=m.KeyPatch, conflicts=True, description="A revoked key cannot change (409)."),
+    Endpoint("POST", "/keys/{id}/revoke", "Revoke a key now (idempotent, permanent)", revoke_key, "keys:write",
+             m.KeyOut),
+    Endpoint("POST", "/keys/{id}/rotate", "Replace a key with a new one with the same settings", rotate_key,
+             "keys:write", m.KeyRotated, status=201, body=m.KeyRotate, body_required=False, conflicts=True,
+             description="The old key is revoked now, or after `grace`. A revoked or expired key cannot be "
+                         "rotated (409)."),
+    Endpoint("GET", "/roles", "List roles", list_roles, "roles:read", m.RolePage, query=m.PageQuery),
+    Endpoint("GET", "/roles/{name}", "One role", get_role, "roles:read", m.RoleOut),
+    Endpoint("PUT", "/roles/{name}", "Create or replace a role", put_role, "roles:write", m.RoleOut,
+             body=m.RolePut, conflicts=True, description="The built-in admin role cannot change (409)."),
+    Endpoint("DELETE", "/roles/{name}", "Delete a role", delete_role, "roles:write", None, status=204,
+             conflicts=True, description="A role still used by keys or members cannot be deleted (409)."),
+    Endpoint("GET", "/orgs/{org}/members", "List an org's members", list_members, "roles:read", m.MemberPage,
+             query=m.PageQuery,
+             description="Needs roles:read: a member list is who holds which role (DESIGN.md lists no "
+                         "members:read)."),
+    Endpoint("PUT", "/orgs/{org}/members/{user}", "Add a member or change their role", put_member,
+             "members:write", m.MemberOut, body=m.MemberPut),
+    Endpoint("DELETE", "/orgs/{org}/members/{user}", "Remove a member (their per-user keys stop working)",
+             delete_member, "members:write", None, status=204),
+    Endpoint("POST", "/orgs/{org}/members/{user}/agent-key", "Issue the member's agent key", issue_agent_key,
+             "members:write", m.AgentKeyIssued, status=201,
+             description="Revokes the member's previous agent key in the same transaction."),
+    Endpoint("GET", "/audit", "Management events and request records, newest first", audit, "audit:read",
+             m.AuditPage, query=m.AuditQuery),
+)

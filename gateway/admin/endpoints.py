@@ -1,0 +1,140 @@
+"""How an admin API endpoint is declared, and how a declaration becomes an aiohttp handler.
+
+An :class:`Endpoint` names its method, path, the operation it needs on the
+server ``admin``, and the models of its query string, body and answer. The
+same declarations build the routes (:func:`route_handler`) and the OpenAPI
+document (:mod:`gateway.admin.openapi`), so neither can list an endpoint the
+other lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ..keys import SecretHasher
+from ..service import KeyService
+from .auth import AdminAuth
+from .problems import Problem
+
+PREFIX = "/admin/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What a handler gets: the service acting as the admin key, and the validated input."""
+
+    service: KeyService
+    params: Mapping[str, str]
+    query: Any
+    body: Any
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    path: str  # below PREFIX, with {name} path parameters
+    summary: str
+    handler: Handler
+    operation: str | None  # on the server "admin"; None = no key needed
+    response: Any = None  # a model (or annotated union) for the answer; None = 204 No Content
+    status: int = 200
+    query: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    conflicts: bool = False  # may answer 409
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every handler's service needs, built once per app."""
+
+    auth: AdminAuth
+    store: Any
+    settings: Any
+    hasher: SecretHasher
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """One ``{field, message}`` per problem, with :mod:`gateway.fields`' messages as they are."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        if error["type"] == "value_error":
+            message = str(error["ctx"]["error"])
+        elif error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required"
+        else:
+            message = error["msg"]
+        errors.append({"field": field or "body", "message": message})
+    return errors
+
+
+def invalid(errors: list[dict[str, str]]) -> Problem:
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    return Problem(422, "invalid_input", f"invalid input: {summary}", errors=errors)
+
+
+def _parse_query(model: type[BaseModel] | None, request: web.Request) -> Any:
+    if model is None:
+        return None
+    try:
+        return model.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise invalid(field_errors(exc, "query")) from None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _parse_body(endpoint: Endpoint, request: web.Request) -> Any:
+    if endpoint.body is None:
+        return None
+    raw = await request.read()
+    if not raw.strip():
+        if endpoint.body_required:
+            raise Problem(400, "invalid_json", "Send a JSON object as the request body.")
+        return endpoint.body()
+    try:
+        data = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise Problem(400, "invalid_json", "The request body is not valid JSON.") from None
+    try:
+        return endpoint.body.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(field_errors(exc)) from None
+
+
+def route_handler(ctx: Context, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    answer = TypeAdapter(endpoint.response) if endpoint.response is not None else None
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        actor = "anonymous"
+        if endpoint.operation is not None:
+            # Authentication first: who is not allowed in learns nothing about their input.
+            key = await ctx.auth.authenticate(request, endpoint.operation)
+            # The audit actor of everything done through the API is the admin key's id.
+            actor = key.record.id
+        query = _parse_query(endpoint.query, request)
+        body = await _parse_body(endpoint, request)
+        service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher)
+        result = await endpoint.handler(Call(service, request.match_info, query, body))
+        if answer is None:
+            return web.Response(status=204)
+        # Validated against the declared model on the way out: the answer cannot drift from the document.
+        data = answer.dump_python(answer.validate_python(result), mode="json")
+        return web.json_response(data, status=endpoint.status, headers={"Cache-Control": "no-store"})
+
+    return handle

@@ -1,0 +1,54 @@
+"""The admin listener's application: health, readiness, metrics, the admin API and the web page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..app import Runtime
+from ..service import hasher_from
+from .api import ENDPOINTS
+from .auth import AdminAuth
+from .endpoints import PREFIX, Call, Context, Endpoint, route_handler
+from .openapi import openapi_document
+from .problems import problem_middleware
+from .ui import add_ui_routes
+
+# Admin requests are small JSON; anything bigger is refused with 413 before it is read whole.
+MAX_BODY = 1024 * 1024
+
+
+def api_endpoints() -> tuple[Endpoint, ...]:
+    """Every endpoint under /admin/v1, the document itself included."""
+    document: dict[str, Any] = {}
+
+    async def openapi(_call: Call) -> dict[str, Any]:
+        return document
+
+    endpoints = (*ENDPOINTS, Endpoint("GET", "/openapi.json", "This API's OpenAPI 3.1 document", openapi, None,
+                                      dict[str, Any]))
+    document.update(openapi_document(endpoints))
+    return endpoints
+
+
+def admin_app(rt: Runtime) -> web.Application:
+    auth = AdminAuth(rt.gateway)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = rt.ready()
+        body = {"ready": ready, "draining": rt.draining, "store": rt.watcher.store_ok, "cached_keys": len(rt.cache)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    # The auth middleware is outermost, so it records the final status, problems included.
+    app = web.Application(middlewares=[auth.middleware, problem_middleware], client_max_size=MAX_BODY)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    ctx = Context(auth=auth, store=rt.store, settings=rt.settings, hasher=hasher_from(rt.settings))
+    for endpoint in api_endpoints():
+        app.router.add_route(endpoint.method, PREFIX + endpoint.path, route_handler(ctx, endpoint))
+    add_ui_routes(app)
+    return app

@@ -1,0 +1,231 @@
+"""The admin API's request and response bodies and query strings, as pydantic models.
+
+These models validate every request at the edge (with the same field rules
+the CLI uses, from :mod:`gateway.fields`) and shape every response; the
+OpenAPI document is generated from them, so it cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .. import fields
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+def _rule(check: Callable[[Any], Any]) -> AfterValidator:
+    """A pydantic validator running one of :mod:`gateway.fields`' checks (its message is the error)."""
+    return AfterValidator(check)
+
+
+Operation = Annotated[str, _rule(fields.operation), Field(examples=["deploy", "servers:read", "*:read"])]
+Server = Annotated[str, _rule(fields.server), Field(examples=["prod-1", "*", "admin"])]
+Cidr = Annotated[str, _rule(fields.cidr), Field(examples=["10.0.0.0/8", "2001:db8::/32"])]
+RateLimit = Annotated[str, _rule(fields.rate_limit), Field(examples=["100/minute", "10/second; burst=50"])]
+Org = Annotated[str, _rule(lambda v: fields.identifier("org", v)), Field(examples=["default", "acme"])]
+User = Annotated[str, _rule(lambda v: fields.identifier("user", v) if v else v), Field(examples=["alice"])]
+RoleName = Annotated[str, _rule(lambda v: fields.identifier("role", v)), Field(examples=["admin", "deploy-only"])]
+KeyName = Annotated[str, _rule(fields.key_name), Field(examples=["deploy from CI"])]
+Expires = Annotated[str, Field(
+    description=f"When the key stops working: {fields.EXPIRY_FORMS}.", examples=["30d", "never", "2027-01-31"],
+)]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+Grace = Annotated[str | float, Field(
+    description="How long the old key keeps working: seconds, or a duration such as 30m or 1h; 0 = revoke now.",
+    examples=["1h", 0],
+)]
+
+
+class _Edge(BaseModel):
+    # SECURITY: unknown fields are refused, so a typo never silently does less than asked.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- requests -------------------------------------------------------------
+class KeyCreate(_Edge):
+    """A new key. It needs a role or at least one operation (agent keys are issued per member)."""
+
+    name: KeyName = Field(description="What the key is for.")
+    kind: str | None = Field(None, description="Key kind (sets the prefix); default keys.default_kind.")
+    org: Org = "default"
+    user: User = Field("", description="Makes a per-user key; the user must be a member of the org.")
+    role: RoleName | None = Field(None, description="Role whose grants bound the key.")
+    operations: list[Operation] = Field(default_factory=list, description="The key's own operation grants.")
+    servers: list[Server] = Field(default_factory=list, description='Servers the key may act on; empty = ["*"].')
+    ip_allowlist: list[Cidr] = Field(default_factory=list, description="Client networks allowed; empty = any.")
+    rate_limit: RateLimit | None = Field(None, description="Own rate limit; null = ratelimit.default.")
+    expires: Expires = "never"
+
+
+class KeyPatch(_Edge):
+    """Changes to a key: only the fields given change (null or absent = unchanged, except for
+    role and rate_limit, where null removes the setting); lists replace the key's lists."""
+
+    name: KeyName | None = None
+    role: RoleName | None = Field(None, description="New role; null removes it (the key must keep operations).")
+    operations: list[Operation] | None = None
+    servers: list[Server] | None = None
+    ip_allowlist: list[Cidr] | None = None
+    rate_limit: RateLimit | None = Field(None, description="New rate limit; null = ratelimit.default.")
+    expires: Expires | None = None
+
+
+class KeyRotate(_Edge):
+    grace: Grace | None = None
+
+
+class RolePut(_Edge):
+    grants: list[Operation] = Field(min_length=1, description="Operation grants, e.g. deploy, servers:*, *:read.")
+
+
+class MemberPut(_Edge):
+    role: RoleName
+
+
+# -- query strings ----------------------------------------------------------
+class PageQuery(_Edge):
+    limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="Most items in one page.")
+    cursor: str | None = Field(None, description="next_cursor of the previous page.")
+
+
+class KeyListQuery(PageQuery):
+    org: str | None = None
+    user: str | None = None
+    status: Literal["active", "expired", "revoked"] | None = None
+    kind: str | None = None
+
+
+class AuditQuery(PageQuery):
+    key: str | None = Field(None, description="A key id: events about it or by it, and its request records.")
+    action: str | None = Field(None, description="Events only, e.g. key.create, key.revoke, role.set.")
+    decision: str | None = Field(None, description="Request records only, e.g. allowed, invalid_token.")
+    type: Literal["event", "request"] | None = Field(None, description="Only management events or only requests.")
+    since: str | None = Field(None, description="From this time: ISO 8601, or a duration ago (30m, 1h, 7d).")
+    until: str | None = Field(None, description="Before this time: ISO 8601, or a duration ago.")
+
+
+# -- responses --------------------------------------------------------------
+class KeyOut(_Edge):
+    """A key as users see it (the CLI's --json record): never its secret or hash."""
+
+    id: str
+    kind: str
+    name: str
+    org: str
+    user: str
+    role: str | None
+    operations: list[str]
+    servers: list[str]
+    ip_allowlist: list[str]
+    rate_limit: str | None
+    agent: bool
+    created_by: str
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+    last_used_at: Timestamp | None
+    last_used_ip: str | None
+    status: Literal["active", "expired", "revoked"]
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The full key. Shown only in this answer: Keygate keeps only a hash.")
+
+
+class KeyRotated(KeyCreated):
+    rotated_from: str = Field(description="The old key's id.")
+    old_key_revoked_at: Timestamp | None
+    old_key: KeyOut
+
+
+class AgentKeyIssued(KeyCreated):
+    revoked_previous: str | None = Field(description="The id of the user's previous agent key, now revoked.")
+
+
+class RoleOut(_Edge):
+    name: str
+    grants: list[str]
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class MemberOut(_Edge):
+    org: str
+    user: str
+    role: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class EventOut(_Edge):
+    """A management action: who did what to which target, and when."""
+
+    type: Literal["event"]
+    id: int
+    at: Timestamp
+    actor: str = Field(description="cli:<user> for the CLI, the admin key's id for the admin API.")
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
+class RequestOut(_Edge):
+    """One request through the proxy or the admin API (server "admin")."""
+
+    type: Literal["request"]
+    id: int
+    at: Timestamp
+    key_id: str | None
+    method: str
+    path: str
+    server: str | None
+    operation: str | None
+    decision: str
+    status: int
+    client_ip: str | None
+    duration_ms: float
+    reason: str | None
+
+
+AuditEntryOut = Annotated[EventOut | RequestOut, Field(discriminator="type")]
+
+
+class _Page(_Edge):
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
+
+
+class KeyPage(_Page):
+    items: list[KeyOut]
+
+
+class RolePage(_Page):
+    items: list[RoleOut]
+
+
+class MemberPage(_Page):
+    items: list[MemberOut]
+
+
+class AuditPage(_Page):
+    items: list[AuditEntryOut]
+
+
+class FieldError(_Edge):
+    field: str
+    message: str
+
+
+class ProblemOut(BaseModel):
+    """An error (RFC 9457 problem details)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[FieldError] | None = Field(None, description="Per-field problems of a 422.")

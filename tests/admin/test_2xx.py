@@ -1,0 +1,138 @@
+"""Admin API successes: every endpoint does its action through the service, and the audit trail
+names the admin key as the actor of every change."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Admin
+
+KEYS = "/admin/v1/keys"
+# The CLI's --json record: exactly these fields (plus "key" when a key is made).
+RECORD_FIELDS = {
+    "id", "kind", "name", "org", "user", "role", "operations", "servers", "ip_allowlist", "rate_limit", "agent",
+    "created_by", "created_at", "expires_at", "revoked_at", "last_used_at", "last_used_ip", "status",
+}
+
+
+def secret_part(full_key: str, key_id: str) -> str:
+    return full_key[len(key_id):-6]
+
+
+async def events(admin: Admin, target: str) -> list[tuple[str, str]]:
+    """(action, actor) of the management events about ``target``, oldest first."""
+    return [(e["action"], e["actor"]) for e in reversed(await admin.audit(type="event", key=target))
+            if e["target"] == target]
+
+
+async def test_create_answers_201_with_the_key_once(admin: Admin) -> None:
+    """POST /keys makes the key, shows it once in `key`, and audits the admin key as its creator."""
+    body = {"name": "ci", "operations": ["deploy"], "servers": ["prod-1"], "ip_allowlist": ["10.1.2.3/8"],
+            "rate_limit": "10/second", "expires": "30d"}
+    reply = await admin.call("POST", "/admin/v1/keys", json=body)
+    assert reply.status == 201, reply.body
+    created = reply.body
+    full = created.pop("key")
+    assert set(created) == RECORD_FIELDS
+    assert full.startswith(created["id"]) and created["status"] == "active"
+    assert created["ip_allowlist"] == ["10.0.0.0/8"] and created["created_by"] == admin.root_id
+    assert await events(admin, created["id"]) == [("key.create", admin.root_id)]
+
+
+async def test_list_and_get_never_show_a_secret(admin: Admin) -> None:
+    """GET /keys and GET /keys/{id} answer the record without the secret or its hash."""
+    key_id, full = await admin.key(name="ci", operations=["read"])
+    listed = await admin.call("GET", KEYS)
+    shown = await admin.call("GET", f"{KEYS}/{key_id}")
+    assert listed.status == shown.status == 200
+    assert [k["id"] for k in listed.body["items"]] == [key_id, admin.root_id]
+    assert listed.body["next_cursor"] is None
+    assert set(shown.body) == RECORD_FIELDS and shown.body["id"] == key_id
+    for reply in (listed, shown):
+        text = str(reply.body)
+        assert secret_part(full, key_id) not in text and "argon2" not in text
+
+
+async def test_get_accepts_a_pasted_full_key(admin: Admin) -> None:
+    """A leaked key pasted as the id finds its record, as with the CLI."""
+    key_id, full = await admin.key(name="ci", operations=["read"])
+    reply = await admin.call("GET", f"{KEYS}/{full}")
+    assert reply.status == 200 and reply.body["id"] == key_id
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"org": "acme"}, {"acme"}),
+        ({"status": "revoked"}, {"revoked"}),
+        ({"kind": "automation"}, {"automation"}),
+        ({"status": "active", "org": "default"}, {"root", "plain", "automation"}),
+    ],
+)
+async def test_list_filters(admin: Admin, filters: dict[str, str], expected: set[str]) -> None:
+    """GET /keys filters by org, user, status and kind."""
+    await admin.key(name="plain", operations=["read"])
+    await admin.key(name="acme", operations=["read"], org="acme")
+    await admin.key(name="automation", operations=["read"], kind="automation")
+    revoked, _ = await admin.key(name="revoked", operations=["read"])
+    await admin.cli.revoke_key(revoked)
+    reply = await admin.call("GET", KEYS, params=filters)
+    assert reply.status == 200
+    assert {k["name"] for k in reply.body["items"]} == expected
+
+
+async def test_list_pages_with_a_cursor(admin: Admin) -> None:
+    """limit and next_cursor walk every key once, newest first, even when keys are added meanwhile."""
+    made = [admin.root_id] + [(await admin.key(name=f"k{i}", operations=["read"]))[0] for i in range(4)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        reply = await admin.call("GET", KEYS, params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+        assert reply.status == 200 and len(reply.body["items"]) <= 2
+        if not seen:
+            await admin.key(name="late", operations=["read"])  # newer: must not shift later pages
+        seen += [k["id"] for k in reply.body["items"]]
+        cursor = reply.body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(made))
+
+
+async def test_patch_changes_only_what_is_given(admin: Admin) -> None:
+    """PATCH /keys/{id} changes the given settings, keeps the rest and audits the diff."""
+    key_id, _ = await admin.key(name="ci", operations=["read"], rate_limit="5/second")
+    reply = await admin.call("PATCH", f"{KEYS}/{key_id}", json={"name": "ci2", "role": "admin", "servers": ["a"]})
+    assert reply.status == 200, reply.body
+    assert (reply.body["name"], reply.body["role"], reply.body["servers"]) == ("ci2", "admin", ["a"])
+    assert (reply.body["operations"], reply.body["rate_limit"]) == (["read"], "5/second")
+    cleared = await admin.call("PATCH", f"{KEYS}/{key_id}", json={"rate_limit": None})
+    assert cleared.status == 200 and cleared.body["rate_limit"] is None
+    assert await events(admin, key_id) == [
+        ("key.create", "cli:test"), ("key.update", admin.root_id), ("key.update", admin.root_id),
+    ]
+
+
+async def test_revoke_is_idempotent(admin: Admin) -> None:
+    """POST /keys/{id}/revoke revokes once; a second call answers the same revoked record."""
+    key_id, _ = await admin.key(name="ci", operations=["read"])
+    first = await admin.call("POST", f"{KEYS}/{key_id}/revoke")
+    second = await admin.call("POST", f"{KEYS}/{key_id}/revoke")
+    assert first.status == second.status == 200
+    assert first.body["status"] == "revoked" and first.body["revoked_at"] == second.body["revoked_at"]
+    assert await events(admin, key_id) == [("key.create", "cli:test"), ("key.revoke", admin.root_id)]
+
+
+@pytest.mark.parametrize(("body", "old_status"), [(None, "revoked"), ({"grace": "1h"}, "active")])
+async def test_rotate_answers_the_new_key_and_the_old_record(
+    admin: Admin, body: dict[str, str] | None, old_status: str,
+) -> None:
+    """POST /keys/{id}/rotate makes a key with the same settings; the old one is revoked now or after grace."""
+    old_id, _ = await admin.key(name="ci", operations=["deploy"], servers=["prod-1"])
+    reply = await admin.call("POST", f"{KEYS}/{old_id}/rotate", json=body)
+    assert reply.status == 201, reply.body
+    new = reply.body
+    assert new["key"].startswith(new["id"]) and new["id"] != old_id
+    assert (new["operations"], new["servers"]) == (["deploy"], ["prod-1"])
+    assert new["rotated_from"] == old_id and new["old_key"]["id"] == old_id
+    assert new["old_key"]["status"] == old_status and new["old_key_revoked_at"] == new["old_key"]["revoked_at"]
+    assert await events(admin, old_id) == [("key.create", "cli:test"), ("key.rotate", admin.root_id)]
