@@ -3,39 +3,12 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 
 from tests.e2e.harness import Keygate
 
 from .browser import Browser
 from .conftest import AdminKey
-
-# The issue's promise: a change takes effect on every worker within a second.
-PROPAGATION = 1.0
-
-
-def proxy_status(gateway: Keygate, key: str) -> int:
-    request = urllib.request.Request(gateway.proxy_url + "/echo", headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as refused:
-        return refused.code
-
-
-def proxy_status_after(gateway: Keygate, key: str, changed_at: float) -> int:
-    """The proxy's answer once the propagation window after ``changed_at`` has passed."""
-    time.sleep(max(0.0, changed_at + PROPAGATION - time.monotonic()))
-    return proxy_status(gateway, key)
-
-
-def sign_in(browser: Browser, admin_key: AdminKey) -> None:
-    browser.open("/ui/")
-    browser.view("signin")
-    browser.fill("#signin-key", admin_key.key)
-    browser.click("#signin-submit")
-    browser.view("keys")
+from .flows import proxy_status, proxy_status_after, sign_in
 
 
 def key_row_status(browser: Browser, key_id: str) -> str:

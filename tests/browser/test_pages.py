@@ -9,7 +9,7 @@ from tests.e2e.harness import Keygate
 
 from .browser import Browser
 from .conftest import AdminKey, cli
-from .test_key_lifecycle import sign_in
+from .flows import sign_in
 
 
 def network_error(entry: dict[str, Any]) -> bool:

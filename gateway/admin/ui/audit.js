@@ -64,7 +64,8 @@ export async function requestTable(query) {
     empty: "No requests recorded yet." });
 }
 
-const TYPES = [["", "Events and requests"], ["event", "Management events"], ["request", "Request records"]];
+// Management events first: the page's own API calls would otherwise fill the request records.
+const TYPES = [["event", "Management events"], ["request", "Request records"], ["all", "Events and requests"]];
 const FILTERS = ["type", "key", "action", "decision", "since", "until"];
 
 function mixedRow(item) {
@@ -83,7 +84,7 @@ function mixedRow(item) {
 export async function auditPage(main, params, ctx) {
   const inputs = {
     type: h("select", { name: "type", id: "audit-type" },
-      TYPES.map(([v, label]) => h("option", { value: v, selected: (params.get("type") || "") === v }, label))),
+      TYPES.map(([v, label]) => h("option", { value: v, selected: (params.get("type") || "event") === v }, label))),
     key: h("input", { name: "key", id: "audit-key", placeholder: "kg_…", value: params.get("key") || "" }),
     action: h("input", { name: "action", id: "audit-action", placeholder: "e.g. key.revoke",
       value: params.get("action") || "" }),
@@ -106,6 +107,8 @@ export async function auditPage(main, params, ctx) {
     [], { id: "audit-table", empty: "Nothing in the audit trail matches." });
   add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Audit log")), filters, wrap);
   const query = Object.fromEntries(FILTERS.map((k) => [k, params.get(k)]));
+  const type = query.type || "event";
+  query.type = type === "all" ? null : type;
   await paged(wrap, (cursor) => api("GET", "/audit", { query: { ...query, limit: 50, cursor } }), mixedRow,
     ctx.guard);
 }

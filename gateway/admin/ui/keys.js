@@ -98,7 +98,7 @@ export async function createPage(main, _params, ctx) {
     h("fieldset", null, h("legend", null, "Key"),
       h("div", { class: "grid" },
         field("Name", name, "Shown in lists, logs and the X-Keygate-Key-Name header."),
-        field("Kind", kind, "Sets the key's prefix: integration (kg_), automation (kga_)."),
+        field("Kind", kind, "Sets the key's prefix (keys.kinds in the config): integration, automation, ..."),
         field("Org", org), field("User", user, "A per-user key needs the user to be a member of the org."))),
     h("fieldset", null, h("legend", null, "Access"),
       h("div", { class: "grid" },
