@@ -15,8 +15,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
 
+from .audit import AuditPruner
 from .cache import KeyCache
 from .config import Settings
 from .forward import Forwarder
@@ -47,6 +47,7 @@ class Runtime:
     watcher: ChangeWatcher
     recorder: Recorder
     cache: KeyCache[CachedKey]
+    pruner: AuditPruner
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -110,6 +111,12 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         await watcher.start()
         stack.push_async_callback(watcher.close)
 
+        # Every worker prunes: deletes are idempotent and batched, so they only share the work.
+        pruner = AuditPruner(store, retention_days=settings.audit.retention_days,
+                             interval=settings.audit.prune_interval, logger=logging.getLogger("keygate.audit"))
+        await pruner.start()
+        stack.push_async_callback(pruner.close)
+
         p = settings.proxy
         gateway = Gateway(
             parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
@@ -122,7 +129,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             log_requests=p.access_log,
         )
         yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
-                      cache=cache)
+                      cache=cache, pruner=pruner)
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -183,10 +183,10 @@ class AuditPruner:
             async with self.store.transaction() as tx:
                 deleted = await tx.prune_audit(older_than=cutoff, batch=self.batch)
             total += deleted
+            self.pruned += deleted
             if deleted == 0:
                 break
             await asyncio.sleep(0)  # let requests in between batches
-        self.pruned += total
         if total:
             self._log.info(json.dumps({"event": "audit_pruned", "rows": total, "before": cutoff.isoformat()}))
         return total

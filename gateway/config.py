@@ -225,6 +225,16 @@ class RecorderSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    retention_days: float = Field(
+        90.0, ge=0, le=36500,
+        description="Days management events and request records are kept; 0 = keep them forever.",
+    )
+    prune_interval: Duration = Field(
+        3600.0, gt=0, description="Seconds between deletions of audit entries older than retention_days.",
+    )
+
+
 class Argon2Settings(_Section):
     """argon2id cost of hashing a key's secret.
 
@@ -396,6 +406,7 @@ class Settings(_Section):
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Caching of verified keys.")
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings, description="Rate limiting.")
     recorder: RecorderSettings = Field(default_factory=RecorderSettings, description="Last-used and audit batching.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit trail's retention.")
     keys: KeysSettings = Field(default_factory=KeysSettings, description="Key format and hashing.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     # Before routes, whose check needs the upstreams.

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from ..keys import MalformedKey, looks_like_key_id
 from ..models import RequestRecord
 from ..pipeline.allowlist import check_allowlist
 from ..pipeline.client_ip import IPAddress
@@ -103,6 +104,19 @@ class AdminAuth:
         self._record(request, attempt, response.status, started)
         return response
 
+    def safe_path(self, request: web.Request) -> str:
+        """The path with a key in it shown as its id only."""
+        given = request.match_info.get("id")
+        if given is None or looks_like_key_id(given):
+            return request.path
+        # SECURITY: a pasted (or mistyped) full key in the path must not reach the
+        # audit trail: keep its id if it parses, else nothing of it.
+        try:
+            shown = self.gateway.parser.parse(given).key_id
+        except MalformedKey:
+            shown = "(not a key id)"
+        return request.path.replace(given, shown)
+
     def _record(self, request: web.Request, attempt: Attempt, status: int, started: float) -> None:
         now = datetime.now(UTC)
         client = str(attempt.client_ip) if attempt.client_ip is not None else request.remote
@@ -111,7 +125,7 @@ class AdminAuth:
             recorder.key_used(attempt.key.record.id, now, client)
         self.decisions[attempt.outcome.value] = self.decisions.get(attempt.outcome.value, 0) + 1
         recorder.request(RequestRecord(
-            at=now, key_id=attempt.key_id, method=request.method, path=request.path, server=ADMIN_SERVER,
+            at=now, key_id=attempt.key_id, method=request.method, path=self.safe_path(request), server=ADMIN_SERVER,
             operation=attempt.operation, decision=attempt.outcome.value, status=status, client_ip=client,
             duration_ms=round((time.perf_counter() - started) * 1000.0, 3), reason=attempt.reason,
         ))

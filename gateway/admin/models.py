@@ -23,14 +23,18 @@ def _rule(check: Callable[[Any], Any]) -> AfterValidator:
     return AfterValidator(check)
 
 
-Operation = Annotated[str, _rule(fields.operation), Field(examples=["deploy", "servers:read", "*:read"])]
-Server = Annotated[str, _rule(fields.server), Field(examples=["prod-1", "*", "admin"])]
+Operation = Annotated[str, _rule(fields.operation),
+                      Field(pattern=fields.OPERATION_PATTERN, examples=["deploy", "servers:read", "*:read"])]
+Server = Annotated[str, _rule(fields.server), Field(pattern=fields.SERVER_PATTERN, examples=["prod-1", "*", "admin"])]
 Cidr = Annotated[str, _rule(fields.cidr), Field(examples=["10.0.0.0/8", "2001:db8::/32"])]
 RateLimit = Annotated[str, _rule(fields.rate_limit), Field(examples=["100/minute", "10/second; burst=50"])]
-Org = Annotated[str, _rule(lambda v: fields.identifier("org", v)), Field(examples=["default", "acme"])]
-User = Annotated[str, _rule(lambda v: fields.identifier("user", v) if v else v), Field(examples=["alice"])]
-RoleName = Annotated[str, _rule(lambda v: fields.identifier("role", v)), Field(examples=["admin", "deploy-only"])]
-KeyName = Annotated[str, _rule(fields.key_name), Field(examples=["deploy from CI"])]
+Org = Annotated[str, _rule(lambda v: fields.identifier("org", v)),
+                Field(pattern=fields.IDENTIFIER_PATTERN, examples=["default", "acme"])]
+User = Annotated[str, _rule(lambda v: fields.identifier("user", v) if v else v),
+                 Field(pattern=f"^$|{fields.IDENTIFIER_PATTERN}", examples=["alice"])]
+RoleName = Annotated[str, _rule(lambda v: fields.identifier("role", v)),
+                     Field(pattern=fields.IDENTIFIER_PATTERN, examples=["admin", "deploy-only"])]
+KeyName = Annotated[str, _rule(fields.key_name), Field(min_length=1, max_length=200, examples=["deploy from CI"])]
 Expires = Annotated[str, Field(
     description=f"When the key stops working: {fields.EXPIRY_FORMS}.", examples=["30d", "never", "2027-01-31"],
 )]

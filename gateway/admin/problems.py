@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..proxy import request_id_of
 from ..service import ConflictError, InvalidInput, NotFound, ServiceError
 from ..store import Conflict, StoreError, StoreUnavailable
 
@@ -43,16 +44,18 @@ class Problem(Exception):
 
 
 def problem_response(request: web.Request, problem: Problem) -> web.Response:
+    request_id = request_id_of(request)
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + problem.code,
         "title": HTTPStatus(problem.status).phrase,
         "status": problem.status,
         "detail": problem.detail,
-        "instance": request.path,
+        # SECURITY: not the path, which may hold a pasted full key: the request's id.
+        "instance": f"urn:keygate:request:{request_id}",
     }
     if problem.errors is not None:
         body["errors"] = problem.errors
-    headers = {**problem.headers, "Cache-Control": "no-store"}
+    headers = {**problem.headers, "Cache-Control": "no-store", "X-Request-Id": request_id}
     return web.Response(status=problem.status, text=json.dumps(body), content_type=PROBLEM_JSON,
                         headers=headers)
 

@@ -136,3 +136,77 @@ async def test_rotate_answers_the_new_key_and_the_old_record(
     assert new["rotated_from"] == old_id and new["old_key"]["id"] == old_id
     assert new["old_key"]["status"] == old_status and new["old_key_revoked_at"] == new["old_key"]["revoked_at"]
     assert await events(admin, old_id) == [("key.create", "cli:test"), ("key.rotate", admin.root_id)]
+
+
+async def test_roles_put_get_list_delete(admin: Admin) -> None:
+    """PUT makes or replaces a role, GET/list show it, DELETE removes it; each change is audited."""
+    made = await admin.call("PUT", "/admin/v1/roles/deployer", json={"grants": ["deploy", "servers:*"]})
+    assert made.status == 200 and made.body["grants"] == ["deploy", "servers:*"]
+    replaced = await admin.call("PUT", "/admin/v1/roles/deployer", json={"grants": ["deploy"]})
+    assert replaced.body["grants"] == ["deploy"] and replaced.body["created_at"] == made.body["created_at"]
+    shown = await admin.call("GET", "/admin/v1/roles/deployer")
+    listed = await admin.call("GET", "/admin/v1/roles")
+    assert shown.body == replaced.body
+    assert [r["name"] for r in listed.body["items"]] == ["admin", "deployer"]
+    assert (await admin.call("DELETE", "/admin/v1/roles/deployer")).status == 204
+    assert (await admin.call("GET", "/admin/v1/roles/deployer")).status == 404
+    assert await events(admin, "deployer") == [
+        ("role.set", admin.root_id), ("role.set", admin.root_id), ("role.delete", admin.root_id),
+    ]
+
+
+async def test_roles_page(admin: Admin) -> None:
+    """GET /roles pages by name with next_cursor."""
+    for name in ("a1", "b2", "c3"):
+        await admin.cli.put_role(name, ["read"])
+    first = await admin.call("GET", "/admin/v1/roles", params={"limit": 2})
+    second = await admin.call("GET", "/admin/v1/roles", params={"limit": 2, "cursor": first.body["next_cursor"]})
+    assert [r["name"] for r in first.body["items"] + second.body["items"]] == ["a1", "admin", "b2", "c3"]
+    assert second.body["next_cursor"] is None
+
+
+async def test_members_put_list_delete(admin: Admin) -> None:
+    """Members are added, listed with their role and removed; each change is audited."""
+    added = await admin.call("PUT", "/admin/v1/orgs/acme/members/bob", json={"role": "admin"})
+    assert added.status == 200 and (added.body["org"], added.body["user"], added.body["role"]) == ("acme", "bob", "admin")
+    listed = await admin.call("GET", "/admin/v1/orgs/acme/members")
+    assert [(x["user"], x["role"]) for x in listed.body["items"]] == [("bob", "admin")]
+    assert (await admin.call("DELETE", "/admin/v1/orgs/acme/members/bob")).status == 204
+    assert (await admin.call("GET", "/admin/v1/orgs/acme/members")).body["items"] == []
+    assert await events(admin, "acme/bob") == [("member.set", admin.root_id), ("member.remove", admin.root_id)]
+
+
+async def test_agent_key_replaces_the_previous_one(admin: Admin) -> None:
+    """POST .../agent-key issues the member's key once and revokes their previous agent key."""
+    await admin.cli.set_member("acme", "bob", "admin")
+    first = await admin.call("POST", "/admin/v1/orgs/acme/members/bob/agent-key")
+    second = await admin.call("POST", "/admin/v1/orgs/acme/members/bob/agent-key")
+    assert first.status == second.status == 201
+    assert first.body["revoked_previous"] is None and second.body["revoked_previous"] == first.body["id"]
+    assert second.body["agent"] is True and second.body["key"].startswith(second.body["id"])
+    old = await admin.call("GET", f"{KEYS}/{first.body['id']}")
+    assert old.body["status"] == "revoked"
+    assert await events(admin, first.body["id"]) == [("key.agent", admin.root_id), ("key.revoke", admin.root_id)]
+
+
+async def test_audit_pages_and_filters(admin: Admin) -> None:
+    """GET /audit filters by key, action and type and pages with next_cursor, newest first."""
+    key_id, _ = await admin.key(name="ci", operations=["read"])
+    await admin.call("POST", f"{KEYS}/{key_id}/revoke")
+    revokes = await admin.call("GET", "/admin/v1/audit", params={"action": "key.revoke"})
+    assert [(e["type"], e["target"], e["actor"]) for e in revokes.body["items"]] == [
+        ("event", key_id, admin.root_id),
+    ]
+    mine = await admin.audit(key=admin.root_id, type="request")
+    assert {(r["server"], r["decision"]) for r in mine} == {("admin", "allowed")}
+    first = await admin.call("GET", "/admin/v1/audit", params={"limit": 1})
+    second = await admin.call("GET", "/admin/v1/audit", params={"limit": 1, "cursor": first.body["next_cursor"]})
+    assert first.body["items"][0] != second.body["items"][0]
+    assert first.body["items"][0]["at"] >= second.body["items"][0]["at"]
+
+
+async def test_openapi_document_needs_no_key(admin: Admin) -> None:
+    """GET /openapi.json answers the OpenAPI 3.1 document without a key."""
+    reply = await admin.call("GET", "/admin/v1/openapi.json", key=None)
+    assert reply.status == 200 and reply.body["openapi"] == "3.1.0"
+    assert reply.body["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
