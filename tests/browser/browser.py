@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -77,7 +78,9 @@ class Browser:
         self.driver.get(self.origin + path)
 
     def wait(self, condition: Callable[[webdriver.Chrome], T], timeout: float = 10, message: str = "") -> T:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(condition, message)
+        # The page swaps whole views when it re-renders: an element found a moment ago may be gone.
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
     def find(self, css: str, timeout: float = 10) -> WebElement:
         """The first visible element matching ``css``, once it is there."""
@@ -92,12 +95,19 @@ class Browser:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def click(self, css: str) -> None:
-        self.find(css).click()
+        """Clicks ``css``, again if a re-render swapped it out between finding and clicking."""
+        def clicked(_driver: webdriver.Chrome) -> bool:
+            self.find(css).click()
+            return True
+        self.wait(clicked, message=f"could not click {css!r}")
 
     def fill(self, css: str, text: str) -> None:
-        element = self.find(css)
-        element.clear()
-        element.send_keys(text)
+        def filled(_driver: webdriver.Chrome) -> bool:
+            element = self.find(css)
+            element.clear()
+            element.send_keys(text)
+            return True
+        self.wait(filled, message=f"could not fill {css!r}")
 
     def select(self, css: str, value: str) -> None:
         Select(self.find(css)).select_by_value(value)

@@ -48,3 +48,19 @@ def fill_create_form(browser: Browser, admin_key: AdminKey, name: str, operation
     browser.view("new")
     browser.fill("#create-name", name)
     browser.fill("#create-operations", operations)
+
+
+def key_id_of(key: str) -> str:
+    """A full key's public id: its prefix (here always kg_) and 12 id characters."""
+    return key[: len("kg_") + 12]
+
+
+def take_shown_key(browser: Browser, button: str) -> str:
+    """Presses ``button``, confirms, and reads the full key from its shown-once dialog before closing it."""
+    browser.click(button)
+    browser.click("#confirm-ok")
+    key = browser.find("#new-key").text
+    browser.click("#key-once-done")
+    # The page re-renders with a notice naming the new key's id.
+    browser.wait_text("#flash", key_id_of(key))
+    return key

@@ -8,7 +8,7 @@ from tests.e2e.harness import Keygate
 
 from .browser import Browser
 from .conftest import AdminKey
-from .flows import proxy_status, proxy_status_after, sign_in
+from .flows import key_id_of, proxy_status, proxy_status_after, sign_in
 
 
 def key_row_status(browser: Browser, key_id: str) -> str:
@@ -37,7 +37,7 @@ def test_create_use_revoke_from_the_page(browser: Browser, gateway: Keygate, adm
     browser.click("#copy-key")
     assert browser.find("#copy-status").text
     browser.click("#key-once-done")
-    key_id = key[: len("kg_") + 12]
+    key_id = key_id_of(key)
 
     # The key's own page follows, and the key is nowhere on it any more.
     browser.view("key")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from tests.e2e.harness import Keygate
 
 from .browser import Browser
 from .conftest import AdminKey, cli
-from .flows import sign_in
+from .flows import proxy_status, proxy_status_after, sign_in, take_shown_key
 
 
 def network_error(entry: dict[str, Any]) -> bool:
@@ -82,3 +83,74 @@ def test_a_refused_admin_key_shows_the_problem_and_stays_signed_out(browser: Bro
     browser.view("signin")
     assert browser.session_storage() == {}
     assert browser.console_errors(allow=network_error) == []
+
+
+def agent_key_from_page(browser: Browser, user: str) -> str:
+    """Issues ``user``'s agent key from the members page; the full key from its shown-once dialog."""
+    return take_shown_key(browser, f'#members-table tr[data-user="{user}"] button[data-action="agent-key"]')
+
+
+def test_agent_key_from_the_members_page(browser: Browser, gateway: Keygate, admin_key: AdminKey) -> None:
+    """An agent key issued on the page works; issuing the next one revokes it."""
+    cli(gateway, "members", "set", "default", "bob", "admin")
+    open_section(browser, admin_key, "members")
+    first = agent_key_from_page(browser, "bob")
+    assert proxy_status(gateway, first) == 200
+    second = agent_key_from_page(browser, "bob")
+    issued_at = time.monotonic()
+    assert proxy_status(gateway, second) == 200
+    assert proxy_status_after(gateway, first, issued_at) == 401
+    assert browser.console_errors() == []
+
+
+def test_removing_a_member_stops_their_keys(browser: Browser, gateway: Keygate, admin_key: AdminKey) -> None:
+    """A per-user key stops working once its user is removed from the org on the page."""
+    cli(gateway, "members", "set", "default", "carol", "admin")
+    record = json.loads(cli(gateway, "keys", "create", "--name", "carol laptop", "--user", "carol",
+                            "--operation", "read", "--json"))
+    assert proxy_status(gateway, record["key"]) == 200
+    open_section(browser, admin_key, "members")
+    browser.click('#members-table tr[data-user="carol"] button[data-action="remove"]')
+    browser.click("#confirm-ok")
+    removed_at = time.monotonic()
+    browser.wait_text("#flash", "carol removed")
+    assert browser.find_all('#members-table tr[data-user="carol"]') == []
+    assert proxy_status_after(gateway, record["key"], removed_at) == 401
+
+
+def table_statuses(browser: Browser) -> dict[str, str]:
+    """Key id -> status of every row of the keys table now shown (read in one step: re-renders swap rows)."""
+    return dict(browser.driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#main:not([aria-busy]) #keys-table "
+        "tr[data-key-id]')].map((r) => [r.dataset.keyId, r.querySelector('td.status').textContent]));"))
+
+
+async def test_keys_table_filters_by_status_and_org(browser: Browser, gateway: Keygate, admin_key: AdminKey) -> None:
+    """The status and org filters show only the matching keys."""
+    revoked, _ = await gateway.key(name="filtered-revoked", operations=["read"])
+    async with gateway.service() as service:
+        await service.revoke_key(revoked.id)
+    other_org, _ = await gateway.key(name="in acme", org="acme", operations=["read"])
+    sign_in(browser, admin_key)
+    assert set(table_statuses(browser).values()) == {"active", "revoked"}
+
+    def only_revoked(_driver: object) -> bool:
+        shown = table_statuses(browser)
+        return revoked.id in shown and set(shown.values()) == {"revoked"}
+
+    browser.select("#filter-status", "revoked")  # a change of status applies the filters at once
+    browser.wait(only_revoked, message="the status filter was not applied")
+    browser.fill("#filter-org", "acme")
+    browser.select("#filter-status", "")
+    browser.wait(lambda _d: set(table_statuses(browser)) == {other_org.id}, message="org filter not applied")
+
+
+async def test_load_more_pages_through_the_keys(browser: Browser, gateway: Keygate, admin_key: AdminKey) -> None:
+    """More keys than one page: "Load more" appends the next page until every key is listed."""
+    created = {(await gateway.key(name=f"bulk {n}", org="bulk", operations=["read"]))[0].id for n in range(55)}
+    sign_in(browser, admin_key)
+    browser.open("/ui/#/keys?org=bulk")
+    browser.wait(lambda _d: len(table_statuses(browser)) == 50, message="first page is not 50 keys")
+    browser.click("#load-more")
+    browser.wait(lambda _d: set(table_statuses(browser)) == created, message="second page not appended")
+    assert browser.find_all("#load-more") == []

@@ -171,6 +171,7 @@ export async function keyPage(main, id, ctx) {
             const body = grace.value ? { grace: grace.value } : {};
             const rotated = await api("POST", path("keys", id, "rotate"), { body });
             await showKeyOnce(rotated.key, { title: "Your rotated API key", id: rotated.id });
+            ctx.flash(`${k.id} is rotated: this is its replacement, ${rotated.id}.`);
             ctx.go(`#/keys/${encodeURIComponent(rotated.id)}`);
           })()) }, "Rotate key"))),
       h("div", { class: "action danger-zone" },

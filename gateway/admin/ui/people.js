@@ -26,12 +26,13 @@ export async function rolesPage(main, _params, ctx) {
       h("td", null, chips(r.grants)),
       h("td", null, time(r.updated_at)),
       h("td", { class: "row-actions" },
-        h("button", { type: "button", class: "button small", onclick: () => {
+        h("button", { type: "button", class: "button small", "data-action": "edit", onclick: () => {
           name.value = r.name;
           grants.value = r.grants.join(" ");
           grants.focus();
         } }, "Edit"),
-        h("button", { type: "button", class: "button small danger", onclick: () => ctx.guard((async () => {
+        h("button", { type: "button", class: "button small danger", "data-action": "delete",
+          onclick: () => ctx.guard((async () => {
           if (!await confirmAction({ title: `Delete role ${r.name}?`, confirm: "Delete role",
             body: "Keys and members that use it must be changed first." })) return;
           await api("DELETE", path("roles", r.name));
@@ -76,15 +77,19 @@ export async function membersPage(main, params, ctx) {
       h("td", null, time(m.created_at)),
       h("td", null, time(m.updated_at)),
       h("td", { class: "row-actions" },
-        h("button", { type: "button", class: "button small", onclick: () => ctx.guard((async () => {
+        h("button", { type: "button", class: "button small", "data-action": "agent-key",
+          onclick: () => ctx.guard((async () => {
           if (!await confirmAction({ title: `Issue an agent key for ${m.user}?`, danger: false,
             confirm: "Issue agent key",
             body: `${m.user}'s previous agent key in ${org}, if any, is revoked at the same time.` })) return;
           const issued = await api("POST", path("orgs", org, "members", m.user, "agent-key"));
           await showKeyOnce(issued.key, { title: `Agent key for ${m.user}`, id: issued.id });
+          ctx.flash(`Agent key ${issued.id} issued for ${m.user}` +
+            (issued.revoked_previous ? `; ${issued.revoked_previous} is revoked.` : "."));
           await ctx.render();
         })()) }, "Agent key"),
-        h("button", { type: "button", class: "button small danger", onclick: () => ctx.guard((async () => {
+        h("button", { type: "button", class: "button small danger", "data-action": "remove",
+          onclick: () => ctx.guard((async () => {
           if (!await confirmAction({ title: `Remove ${m.user} from ${org}?`, confirm: "Remove member",
             body: `${m.user}'s per-user keys in ${org} stop working within a second.` })) return;
           await api("DELETE", path("orgs", org, "members", m.user));
