@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..audit import AuditFilter, Position, parse_time
-from ..cursor import decode_cursor, encode_cursor
+from ..cursor import cursor_time, decode_cursor, encode_cursor
 from ..models import KeyRecord, iso
 from ..service import UNSET
 from . import models as m
@@ -51,9 +51,9 @@ async def list_keys(call: Call) -> dict[str, Any]:
     q: m.KeyListQuery = call.query
     after = _cursor_values(q.cursor, (str, str))
     try:
-        position = (datetime.fromisoformat(str(after[0])), str(after[1])) if after else None
-    except ValueError:
-        raise invalid([{"field": "query.cursor", "message": "not a cursor this API returned"}]) from None
+        position = (cursor_time(after[0]), str(after[1])) if after else None
+    except ValueError as exc:
+        raise invalid([{"field": "query.cursor", "message": str(exc)}]) from None
     records = await call.service.list_keys(org=q.org, user=q.user, status=q.status, kind=q.kind,
                                            limit=q.limit + 1, after=position)
     page = _page(records, q.limit, lambda r: [r.created_at.isoformat(), r.id])
