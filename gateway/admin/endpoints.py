@@ -17,8 +17,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from ..config import Settings
 from ..keys import SecretHasher
 from ..service import KeyService
+from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
 
@@ -59,8 +61,8 @@ class Context:
     """What every handler's service needs, built once per app."""
 
     auth: AdminAuth
-    store: Any
-    settings: Any
+    store: KeyStore
+    settings: Settings
     hasher: SecretHasher
 
 
