@@ -163,7 +163,7 @@ KEY_ID = "A key's id (its display prefix, e.g. kg_7Hq2ZrT9xLmP); a pasted full k
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/keys", "Create a key", create_key, "keys:write", m.KeyCreated, status=201,
-             body=m.KeyCreate, description="Answers with the full key in `key`, the only time it is shown."),
+             body=m.KeyCreate, location="/keys/{id}", description="Answers with the full key in `key`, the only time it is shown."),
     Endpoint("GET", "/keys", "List keys, newest first", list_keys, "keys:read", m.KeyPage, query=m.KeyListQuery),
     Endpoint("GET", "/keys/{id}", "One key", get_key, "keys:read", m.KeyOut, description=KEY_ID),
     Endpoint("PATCH", "/keys/{id}", "Change a key's settings", patch_key, "keys:write", m.KeyOut,
@@ -172,6 +172,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              m.KeyOut),
     Endpoint("POST", "/keys/{id}/rotate", "Replace a key with a new one with the same settings", rotate_key,
              "keys:write", m.KeyRotated, status=201, body=m.KeyRotate, body_required=False, conflicts=True,
+             location="/keys/{id}",
              description="The old key is revoked now, or after `grace`. A revoked or expired key cannot be "
                          "rotated (409)."),
     Endpoint("GET", "/roles", "List roles", list_roles, "roles:read", m.RolePage, query=m.PageQuery),
@@ -189,7 +190,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DELETE", "/orgs/{org}/members/{user}", "Remove a member (their per-user keys stop working)",
              delete_member, "members:write", None, status=204),
     Endpoint("POST", "/orgs/{org}/members/{user}/agent-key", "Issue the member's agent key", issue_agent_key,
-             "members:write", m.AgentKeyIssued, status=201,
+             "members:write", m.AgentKeyIssued, status=201, location="/keys/{id}",
              description="Revokes the member's previous agent key in the same transaction."),
     Endpoint("GET", "/audit", "Management events and request records, newest first", audit, "audit:read",
              m.AuditPage, query=m.AuditQuery),

@@ -35,6 +35,7 @@ async def test_create_answers_201_with_the_key_once(admin: Admin) -> None:
     full = created.pop("key")
     assert set(created) == RECORD_FIELDS
     assert full.startswith(created["id"]) and created["status"] == "active"
+    assert reply.headers["Location"] == f"/admin/v1/keys/{created['id']}"
     assert created["ip_allowlist"] == ["10.0.0.0/8"] and created["created_by"] == admin.root_id
     assert await events(admin, created["id"]) == [("key.create", admin.root_id)]
 
