@@ -115,9 +115,9 @@ async def delete_role(call: Call) -> None:
 async def list_members(call: Call) -> dict[str, Any]:
     q: m.PageQuery = call.query
     after = _cursor_values(q.cursor, (str,))
-    members = [x for x in await call.service.list_members(call.params["org"])
-               if after is None or x.user > str(after[0])]
-    page = _page(members[: q.limit + 1], q.limit, lambda x: [x.user])
+    members = await call.service.list_members(call.params["org"], after=str(after[0]) if after else None,
+                                              limit=q.limit + 1)
+    page = _page(members, q.limit, lambda x: [x.user])
     page["items"] = [x.public() for x in page["items"]]
     return page
 

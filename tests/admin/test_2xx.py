@@ -177,6 +177,18 @@ async def test_members_put_list_delete(admin: Admin) -> None:
     assert await events(admin, "acme/bob") == [("member.set", admin.root_id), ("member.remove", admin.root_id)]
 
 
+async def test_members_page(admin: Admin) -> None:
+    """GET /orgs/{org}/members pages by user with next_cursor, only that org's members."""
+    for user in ("carol", "alice", "bob"):
+        await admin.cli.set_member("acme", user, "admin")
+    await admin.cli.set_member("other", "zed", "admin")
+    first = await admin.call("GET", "/admin/v1/orgs/acme/members", params={"limit": 2})
+    second = await admin.call("GET", "/admin/v1/orgs/acme/members",
+                              params={"limit": 2, "cursor": first.body["next_cursor"]})
+    assert [x["user"] for x in first.body["items"] + second.body["items"]] == ["alice", "bob", "carol"]
+    assert second.body["next_cursor"] is None
+
+
 async def test_agent_key_replaces_the_previous_one(admin: Admin) -> None:
     """POST .../agent-key issues the member's key once and revokes their previous agent key."""
     await admin.cli.set_member("acme", "bob", "admin")
