@@ -114,6 +114,15 @@ async def test_admin_requests_and_health_gauges(admin: Admin) -> None:
     assert (value(m, "keygate_store_up"), value(m, "keygate_ready"), value(m, "keygate_workers")) == (1, 1, 1)
 
 
+async def test_openmetrics_when_asked(admin: Admin) -> None:
+    """A scraper that accepts OpenMetrics gets it; anyone else gets Prometheus text 0.0.4."""
+    async with admin.client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as r:
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await r.text()).endswith("# EOF\n")
+    async with admin.client.get("/metrics") as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
 def snap(pid: int, requests: int, depth: int, ready: int = 1) -> dict:
     return {"pid": pid, "values": {"keygate_requests": [["allowed", "allowed", requests]],
                                    "keygate_recorder_queue_depth": [[depth]], "keygate_ready": [[ready]]},
