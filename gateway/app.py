@@ -1,8 +1,9 @@
 """Wiring: builds every resource from the settings, each with one owner and one lifetime.
 
 :func:`runtime` is an async context manager that opens the store, the
-HTTP client session, the recorder and the change watcher in order and closes
-them in reverse, flushing the recorder last before the store closes.
+HTTP client session, the recorder, the change watcher and the audit pruner
+in order and closes them in reverse, flushing the recorder last before the
+store closes. The admin listener's app is :mod:`gateway.admin.listener`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from .cursor import INVALID, decode_cursor, encode_cursor
+from .cursor import INVALID, cursor_time, decode_cursor, encode_cursor
 from .models import AuditEvent, RequestRecord
 from .store import KeyStore, StoreError
 from .units import parse_duration
@@ -37,11 +37,11 @@ def parse_time(text: str, now: datetime) -> datetime:
         pass
     try:
         at = datetime.fromisoformat(text.strip())
-    except ValueError:
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValueError(
             f"{text!r}: use a duration ago (30m, 1h, 7d) or an ISO 8601 date or date-time"
         ) from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +82,9 @@ class Position:
     @classmethod
     def decode(cls, cursor: str) -> Position:
         at, kind, row_id = decode_cursor(cursor, (str, str, int))
-        try:
-            when = datetime.fromisoformat(str(at))
-            when.astimezone(UTC)  # out of range once in UTC (year 1 or 9999 with an offset)?
-        except (ValueError, OverflowError):
-            raise ValueError(INVALID) from None
-        if kind not in _RANK or when.tzinfo is None:
+        if kind not in _RANK:
             raise ValueError(INVALID)
-        return cls(when, kind, int(row_id))  # type: ignore[arg-type]
+        return cls(cursor_time(at), kind, int(row_id))  # type: ignore[arg-type]
 
     def bound_for(self, kind: EntryType) -> tuple[datetime, int]:
         """The (at, id) bound that selects the rows of ``kind`` after this position."""

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 INVALID = "cursor: not a cursor this API returned (pass next_cursor back unchanged)"
 
@@ -31,3 +32,14 @@ def decode_cursor(cursor: str, types: Sequence[type]) -> list[str | int]:
     ):
         raise ValueError(INVALID)
     return values
+
+
+def cursor_time(text: str | int) -> datetime:
+    """A time a cursor carries, in UTC; ValueError if it is not one this API wrote."""
+    try:
+        at = datetime.fromisoformat(str(text))
+        if at.tzinfo is None:
+            raise ValueError(text)
+        return at.astimezone(UTC)  # OverflowError for year 1 or 9999 with an offset
+    except (ValueError, OverflowError):
+        raise ValueError(INVALID) from None

@@ -9,6 +9,7 @@ headers of the verified key are added.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -16,6 +17,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .latency import Histogram
 from .pipeline.outcomes import Denied, Outcome
 from .pipeline.scope import Target
 
@@ -115,6 +117,8 @@ class Forwarder:
         self.client_timeout = client_timeout
         self.upstream_errors = 0
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        # Per upstream: time until the upstream's response headers arrived.
+        self.upstream_latency: dict[str, Histogram] = {}
 
     def _timeout(self, target: Target) -> aiohttp.ClientTimeout:
         up = target.upstream
@@ -139,6 +143,7 @@ class Forwarder:
             raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
         body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout) \
             if request.body_exists else None
+        started = time.perf_counter()
         try:
             upstream = await self.session.request(
                 request.method, self.url(target, request), headers=headers,
@@ -149,6 +154,10 @@ class Forwarder:
             raise
         except Exception as exc:
             raise self._failure(exc, body) from None
+        latency = self.upstream_latency.get(target.upstream.name)
+        if latency is None:
+            latency = self.upstream_latency[target.upstream.name] = Histogram()
+        latency.observe(time.perf_counter() - started)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                           headers=response_headers(upstream.headers))

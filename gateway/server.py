@@ -14,10 +14,13 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -48,7 +51,7 @@ async def _bound(site: web.TCPSite) -> str:
 
 
 async def serve_async(settings: Settings, *, reuse_port: bool = False,
-                      on_ready: Callable[[Runtime], None] | None = None) -> int:
+                      on_ready: Callable[[Runtime], None] | None = None, metrics_dir: Path | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -61,7 +64,7 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0),
             shutdown_timeout=grace,
         )
-        admin_runner = web.AppRunner(admin_app(rt), access_log=None, shutdown_timeout=5)
+        admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
         await proxy_runner.setup()
         await admin_runner.setup()
         try:
@@ -92,10 +95,10 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     return 0
 
 
-def run_worker(settings: Settings, *, reuse_port: bool = False) -> int:
+def run_worker(settings: Settings, *, reuse_port: bool = False, metrics_dir: Path | None = None) -> int:
     """One serving process; returns its exit status."""
     try:
-        return event_loop_runner()(serve_async(settings, reuse_port=reuse_port))
+        return event_loop_runner()(serve_async(settings, reuse_port=reuse_port, metrics_dir=metrics_dir))
     except StartupError as exc:
         log.error(json.dumps({"event": "startup_failed", "error": str(exc)}))
         return 1
@@ -104,9 +107,9 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> int:
         return 1
 
 
-def _worker_main(settings: Settings) -> None:
+def _worker_main(settings: Settings, metrics_dir: Path) -> None:
     configure_logging(settings.log.level)
-    sys.exit(run_worker(settings, reuse_port=True))
+    sys.exit(run_worker(settings, reuse_port=True, metrics_dir=metrics_dir))
 
 
 async def _prepare_once(settings: Settings) -> None:
@@ -128,9 +131,11 @@ def supervise(settings: Settings) -> int:
         return 1
     context = multiprocessing.get_context("fork")
     stopping = False
+    # Workers share /metrics through this directory; it lives as long as this run.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="keygate-metrics-"))
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker_main, args=(settings,), name="keygate-worker")
+        process = context.Process(target=_worker_main, args=(settings, metrics_dir), name="keygate-worker")
         process.start()
         return process
 
@@ -167,6 +172,7 @@ def supervise(settings: Settings) -> int:
         w.join()
         if w.exitcode and not status:
             status = 1
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 

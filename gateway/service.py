@@ -414,9 +414,9 @@ class KeyService:
             await self._changed(tx, now, "role", name)
 
     # -- members ---------------------------------------------------------
-    async def list_members(self, org: str) -> list[Member]:
+    async def list_members(self, org: str, *, after: str | None = None, limit: int | None = None) -> list[Member]:
         async with self.store.read() as tx:
-            return await tx.list_members(org)
+            return await tx.list_members(org, after=after, limit=limit)
 
     async def set_member(self, org: str, user: str, role: str) -> Member:
         now = self.clock()

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..audit import AuditFilter, Position, parse_time
-from ..cursor import decode_cursor, encode_cursor
+from ..cursor import cursor_time, decode_cursor, encode_cursor
 from ..models import KeyRecord, iso
 from ..service import UNSET
 from . import models as m
@@ -51,9 +51,9 @@ async def list_keys(call: Call) -> dict[str, Any]:
     q: m.KeyListQuery = call.query
     after = _cursor_values(q.cursor, (str, str))
     try:
-        position = (datetime.fromisoformat(str(after[0])), str(after[1])) if after else None
-    except ValueError:
-        raise invalid([{"field": "query.cursor", "message": "not a cursor this API returned"}]) from None
+        position = (cursor_time(after[0]), str(after[1])) if after else None
+    except ValueError as exc:
+        raise invalid([{"field": "query.cursor", "message": str(exc)}]) from None
     records = await call.service.list_keys(org=q.org, user=q.user, status=q.status, kind=q.kind,
                                            limit=q.limit + 1, after=position)
     page = _page(records, q.limit, lambda r: [r.created_at.isoformat(), r.id])
@@ -115,9 +115,9 @@ async def delete_role(call: Call) -> None:
 async def list_members(call: Call) -> dict[str, Any]:
     q: m.PageQuery = call.query
     after = _cursor_values(q.cursor, (str,))
-    members = [x for x in await call.service.list_members(call.params["org"])
-               if after is None or x.user > str(after[0])]
-    page = _page(members[: q.limit + 1], q.limit, lambda x: [x.user])
+    members = await call.service.list_members(call.params["org"], after=str(after[0]) if after else None,
+                                              limit=q.limit + 1)
+    page = _page(members, q.limit, lambda x: [x.user])
     page["items"] = [x.public() for x in page["items"]]
     return page
 
@@ -163,7 +163,7 @@ KEY_ID = "A key's id (its display prefix, e.g. kg_7Hq2ZrT9xLmP); a pasted full k
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/keys", "Create a key", create_key, "keys:write", m.KeyCreated, status=201,
-             body=m.KeyCreate, description="Answers with the full key in `key`, the only time it is shown."),
+             body=m.KeyCreate, location="/keys/{id}", description="Answers with the full key in `key`, the only time it is shown."),
     Endpoint("GET", "/keys", "List keys, newest first", list_keys, "keys:read", m.KeyPage, query=m.KeyListQuery),
     Endpoint("GET", "/keys/{id}", "One key", get_key, "keys:read", m.KeyOut, description=KEY_ID),
     Endpoint("PATCH", "/keys/{id}", "Change a key's settings", patch_key, "keys:write", m.KeyOut,
@@ -172,6 +172,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              m.KeyOut),
     Endpoint("POST", "/keys/{id}/rotate", "Replace a key with a new one with the same settings", rotate_key,
              "keys:write", m.KeyRotated, status=201, body=m.KeyRotate, body_required=False, conflicts=True,
+             location="/keys/{id}",
              description="The old key is revoked now, or after `grace`. A revoked or expired key cannot be "
                          "rotated (409)."),
     Endpoint("GET", "/roles", "List roles", list_roles, "roles:read", m.RolePage, query=m.PageQuery),
@@ -189,7 +190,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DELETE", "/orgs/{org}/members/{user}", "Remove a member (their per-user keys stop working)",
              delete_member, "members:write", None, status=204),
     Endpoint("POST", "/orgs/{org}/members/{user}/agent-key", "Issue the member's agent key", issue_agent_key,
-             "members:write", m.AgentKeyIssued, status=201,
+             "members:write", m.AgentKeyIssued, status=201, location="/keys/{id}",
              description="Revokes the member's previous agent key in the same transaction."),
     Endpoint("GET", "/audit", "Management events and request records, newest first", audit, "audit:read",
              m.AuditPage, query=m.AuditQuery),

@@ -17,8 +17,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from ..config import Settings
 from ..keys import SecretHasher
 from ..service import KeyService
+from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
 
@@ -52,6 +54,7 @@ class Endpoint:
     body_required: bool = True
     conflicts: bool = False  # may answer 409
     description: str = ""
+    location: str | None = None  # for a 201: the new resource's path, formatted with the answer's fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +62,8 @@ class Context:
     """What every handler's service needs, built once per app."""
 
     auth: AdminAuth
-    store: Any
-    settings: Any
+    store: KeyStore
+    settings: Settings
     hasher: SecretHasher
 
 
@@ -135,6 +138,9 @@ def route_handler(ctx: Context, endpoint: Endpoint) -> Callable[[web.Request], A
             return web.Response(status=204)
         # Validated against the declared model on the way out: the answer cannot drift from the document.
         data = answer.dump_python(answer.validate_python(result), mode="json")
-        return web.json_response(data, status=endpoint.status, headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"}
+        if endpoint.location is not None:
+            headers["Location"] = PREFIX + endpoint.location.format(**data)
+        return web.json_response(data, status=endpoint.status, headers=headers)
 
     return handle

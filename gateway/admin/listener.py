@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from ..service import hasher_from
 from .api import ENDPOINTS
 from .auth import AdminAuth
 from .endpoints import PREFIX, Call, Context, Endpoint, route_handler
+from .metrics import metrics_routes
 from .openapi import openapi_document
 from .problems import problem_middleware
 from .ui import add_ui_routes
@@ -32,7 +34,8 @@ def api_endpoints() -> tuple[Endpoint, ...]:
     return endpoints
 
 
-def admin_app(rt: Runtime) -> web.Application:
+def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Application:
+    """The admin listener's app; ``metrics_dir`` is the per-run directory workers share metrics through."""
     auth = AdminAuth(rt.gateway)
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -47,6 +50,7 @@ def admin_app(rt: Runtime) -> web.Application:
     app = web.Application(middlewares=[auth.middleware, problem_middleware], client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    metrics_routes(app, rt, auth, metrics_dir)
     ctx = Context(auth=auth, store=rt.store, settings=rt.settings, hasher=hasher_from(rt.settings))
     for endpoint in api_endpoints():
         app.router.add_route(endpoint.method, PREFIX + endpoint.path, route_handler(ctx, endpoint))

@@ -47,6 +47,22 @@ _ERRORS = {
 }
 
 
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "required": True, "schema": {"type": "string"}}
+
+
+_RATELIMIT_HEADERS = {
+    "RateLimit-Policy": _header('The key\'s bucket (IETF httpapi draft), e.g. "key";q=100;w=60.'),
+    "RateLimit": _header('What is left of it, e.g. "key";r=99;t=1.'),
+}
+# Headers an error answer always carries, by status.
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": _header('Bearer realm="keygate", with error="invalid_token" for a bad key.')},
+    429: {"Retry-After": _header("Seconds until the bucket holds a token again."), **_RATELIMIT_HEADERS},
+    503: {"Retry-After": _header("Seconds to wait before retrying.")},
+}
+
+
 def package_version() -> str:
     try:
         return version("keygate")
@@ -86,8 +102,12 @@ def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
     return params
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {"schema": {"$ref": REF.format(model="ProblemOut")}}}}
+def _problem(code: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": _ERRORS[code],
+                              "content": {PROBLEM_JSON: {"schema": {"$ref": REF.format(model="ProblemOut")}}}}
+    if code in _ERROR_HEADERS:
+        answer["headers"] = _ERROR_HEADERS[code]
+    return answer
 
 
 def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -134,8 +154,12 @@ def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, An
         codes |= {400, 413, 422}
     if e.conflicts:
         codes.add(409)
+    if e.operation is not None:
+        responses[str(e.status)]["headers"] = dict(_RATELIMIT_HEADERS)
+    if e.location is not None:
+        responses[str(e.status)]["headers"]["Location"] = _header("The new key's path.")
     for code in sorted(codes):
-        responses[str(code)] = _problem(_ERRORS[code])
+        responses[str(code)] = _problem(code)
     op["responses"] = responses
     return op
 

@@ -34,3 +34,21 @@ class Denied(Exception):
         self.outcome = outcome
         self.reason = reason or outcome.value
         self.retry_after = retry_after
+
+
+# How /metrics groups outcomes: let through, refused, or failed on our side or upstream.
+_FAILED = frozenset({
+    Outcome.STORE_UNAVAILABLE, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT, Outcome.INTERNAL_ERROR,
+})
+# Outcomes only a request that passed the rate-limit stage can have (the forward stage's).
+PAST_RATE_LIMIT = frozenset({
+    Outcome.ALLOWED, Outcome.BODY_TOO_LARGE, Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE,
+    Outcome.UPSTREAM_TIMEOUT,
+})
+
+
+def decision_of(outcome: Outcome) -> str:
+    """``allowed``, ``denied`` or ``failed``."""
+    if outcome is Outcome.ALLOWED:
+        return "allowed"
+    return "failed" if outcome in _FAILED else "denied"

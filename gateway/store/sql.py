@@ -258,10 +258,13 @@ class SqlTransaction:
         )
         return None if row is None else self._member(row)
 
-    async def list_members(self, org: str) -> list[Member]:
+    async def list_members(self, org: str, *, after: str | None = None, limit: int | None = None) -> list[Member]:
+        """The org's members by user name; ``after`` is the last user of the previous page."""
+        page, args = (" LIMIT ?", [limit]) if limit is not None else ("", [])
         rows = await self._fetch(
-            "SELECT org, user_name, role, created_at, updated_at FROM members WHERE org = ? ORDER BY user_name",
-            org,
+            "SELECT org, user_name, role, created_at, updated_at FROM members WHERE org = ? AND user_name > ? "
+            f"ORDER BY user_name{page}",
+            org, after or "", *args,
         )
         return [self._member(row) for row in rows]
 

@@ -35,6 +35,7 @@ async def test_create_answers_201_with_the_key_once(admin: Admin) -> None:
     full = created.pop("key")
     assert set(created) == RECORD_FIELDS
     assert full.startswith(created["id"]) and created["status"] == "active"
+    assert reply.headers["Location"] == f"/admin/v1/keys/{created['id']}"
     assert created["ip_allowlist"] == ["10.0.0.0/8"] and created["created_by"] == admin.root_id
     assert await events(admin, created["id"]) == [("key.create", admin.root_id)]
 
@@ -174,6 +175,18 @@ async def test_members_put_list_delete(admin: Admin) -> None:
     assert (await admin.call("DELETE", "/admin/v1/orgs/acme/members/bob")).status == 204
     assert (await admin.call("GET", "/admin/v1/orgs/acme/members")).body["items"] == []
     assert await events(admin, "acme/bob") == [("member.set", admin.root_id), ("member.remove", admin.root_id)]
+
+
+async def test_members_page(admin: Admin) -> None:
+    """GET /orgs/{org}/members pages by user with next_cursor, only that org's members."""
+    for user in ("carol", "alice", "bob"):
+        await admin.cli.set_member("acme", user, "admin")
+    await admin.cli.set_member("other", "zed", "admin")
+    first = await admin.call("GET", "/admin/v1/orgs/acme/members", params={"limit": 2})
+    second = await admin.call("GET", "/admin/v1/orgs/acme/members",
+                              params={"limit": 2, "cursor": first.body["next_cursor"]})
+    assert [x["user"] for x in first.body["items"] + second.body["items"]] == ["alice", "bob", "carol"]
+    assert second.body["next_cursor"] is None
 
 
 async def test_agent_key_replaces_the_previous_one(admin: Admin) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from gateway.cursor import encode_cursor
+
 from .conftest import Admin
 
 KEYS = "/admin/v1/keys"
@@ -55,35 +57,41 @@ async def test_400_for_a_body_that_is_not_json(admin: Admin, data: bytes, detail
     assert reply.status == 400 and detail in reply.body["detail"]
 
 
+NAIVE_TIME_CURSOR = encode_cursor(["2026-01-01T00:00:00", "kg_AAAAAAAAAAAA"])
+
+
 @pytest.mark.parametrize(
-    ("method", "path", "body", "field"),
+    ("method", "path", "body", "params", "field"),
     [
-        ("POST", KEYS, {"name": "ci"}, "body"),  # neither role nor operations
-        ("POST", KEYS, {"name": "ci", "operations": ["Deploy!"]}, "operations.0"),
-        ("POST", KEYS, {"name": "ci", "role": "nope"}, "body"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "ip_allowlist": ["10.0.0.300/8"]}, "ip_allowlist.0"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "expires": "yesterday"}, "body"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "rate_limit": "lots"}, "rate_limit"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "kind": "nope"}, "body"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "user": "stranger"}, "body"),
-        ("POST", KEYS, {"name": "ci", "role": "admin", "colour": "red"}, "colour"),
-        ("POST", KEYS, {"role": "admin"}, "name"),
-        ("POST", KEYS, ["not", "an", "object"], "body"),
-        ("PUT", "/admin/v1/roles/ci", {"grants": []}, "grants"),
-        ("PUT", "/admin/v1/roles/bad name", {"grants": ["read"]}, "body"),
-        ("PUT", "/admin/v1/orgs/acme/members/bob", {"role": "nope"}, "body"),
-        ("GET", KEYS, None, "query.limit"),
-        ("GET", "/admin/v1/audit", None, "query.since"),
-        ("GET", "/admin/v1/audit", None, "query.cursor"),
+        ("POST", KEYS, {"name": "ci"}, None, "body"),  # neither role nor operations
+        ("POST", KEYS, {"name": "ci", "operations": ["Deploy!"]}, None, "operations.0"),
+        ("POST", KEYS, {"name": "ci", "role": "nope"}, None, "body"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "ip_allowlist": ["10.0.0.300/8"]}, None, "ip_allowlist.0"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "expires": "yesterday"}, None, "body"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "expires": "9999-12-31T23:59:59-05:00"}, None, "body"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "rate_limit": "lots"}, None, "rate_limit"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "kind": "nope"}, None, "body"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "user": "stranger"}, None, "body"),
+        ("POST", KEYS, {"name": "ci", "role": "admin", "colour": "red"}, None, "colour"),
+        ("POST", KEYS, {"role": "admin"}, None, "name"),
+        ("POST", KEYS, ["not", "an", "object"], None, "body"),
+        ("POST", KEYS + "/kg_AAAAAAAAAAAA/rotate", {"grace": "forever"}, None, "body"),
+        ("PUT", "/admin/v1/roles/ci", {"grants": []}, None, "grants"),
+        ("PUT", "/admin/v1/roles/bad name", {"grants": ["read"]}, None, "body"),
+        ("PUT", "/admin/v1/orgs/acme/members/bob", {"role": "nope"}, None, "body"),
+        ("GET", KEYS, None, {"limit": "501"}, "query.limit"),
+        ("GET", KEYS, None, {"stauts": "active"}, "query.stauts"),
+        ("GET", KEYS, None, {"cursor": NAIVE_TIME_CURSOR}, "query.cursor"),
+        ("GET", "/admin/v1/audit", None, {"since": "last tuesday"}, "query.since"),
+        ("GET", "/admin/v1/audit", None, {"until": "9999-12-31T23:59:59-05:00"}, "query.until"),
+        ("GET", "/admin/v1/audit", None, {"cursor": "bm9wZQ"}, "query.cursor"),
+        ("GET", "/admin/v1/roles", None, {"cursor": "%%%"}, "query.cursor"),
     ],
 )
-async def test_422_for_invalid_fields(admin: Admin, method: str, path: str, body: Any, field: str) -> None:
-    """Invalid input is a 422 problem naming the field (or "body" for a rule across fields)."""
-    params = {"GET " + KEYS: {"limit": "501"}, "GET /admin/v1/audit": {}}.get(f"{method} {path}")
-    if field == "query.since":
-        params = {"since": "last tuesday"}
-    elif field == "query.cursor":
-        params = {"cursor": "bm9wZQ"}
+async def test_422_for_invalid_fields(
+    admin: Admin, method: str, path: str, body: Any, params: dict[str, str] | None, field: str,
+) -> None:
+    """Invalid input is a 422 problem naming the field (or "body" for a rule across fields), and changes nothing."""
     reply = await admin.call(method, path, json=body, params=params)
     assert reply.status == 422, reply.body
     assert reply.body["type"] == "urn:keygate:problem:invalid_input"

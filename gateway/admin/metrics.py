@@ -1,0 +1,222 @@
+"""``/metrics``: Prometheus text, read at scrape time from the plain counters the runtime keeps.
+
+The request path only bumps ints and observes :class:`gateway.latency.Histogram`
+buckets; a scrape turns a *snapshot* of them into metric families. With
+``--workers N`` every worker publishes its snapshot to a per-run directory
+once a second, and whichever worker answers a scrape sums its own live
+snapshot with the others' files, so every scrape shows the whole process
+group (other workers' numbers are at most ~1 s old). Counters of a worker that
+died stay in the sum, so totals never go backwards; its gauges are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..app import Runtime
+from ..latency import BUCKETS
+from ..pipeline.outcomes import PAST_RATE_LIMIT, Outcome, decision_of
+from .auth import AdminAuth
+
+log = logging.getLogger("keygate.metrics")
+
+PUBLISH_INTERVAL = 1.0
+
+
+# name -> (type, help, label names). Counters are named without "_total"; the exposition adds it.
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "keygate_requests": ("counter", "Proxied requests by decision (allowed, denied, failed) and outcome.",
+                         ("decision", "outcome")),
+    "keygate_admin_requests": ("counter", "Admin API requests by decision and outcome.", ("decision", "outcome")),
+    "keygate_request_duration_seconds": ("histogram", "Time the proxy spent on a request, by decision.",
+                                         ("decision",)),
+    "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
+                                          ("upstream",)),
+    "keygate_upstream_errors": ("counter", "Upstream connections refused, reset or timed out.", ()),
+    "keygate_cache_lookups": ("counter", "Key cache lookups by layer and result.", ("layer", "result")),
+    "keygate_cached_keys": ("gauge", "Verified keys held in the cache, by layer.", ("layer",)),
+    "keygate_argon2_verifications": ("counter", "argon2 verifications of a secret (cache misses).", ()),
+    "keygate_store_reads": ("counter", "Key reads from the store (cache misses).", ()),
+    "keygate_ratelimit_decisions": ("counter", "Rate-limit decisions: allowed or limited.", ("result",)),
+    "keygate_recorder_queue_depth": ("gauge", "Request records and last-used entries waiting to be written.", ()),
+    "keygate_recorder_flushed": ("counter", "Records written to the store, by kind.", ("kind",)),
+    "keygate_recorder_dropped": ("counter", "Records dropped because the buffer was full or the store down.", ()),
+    "keygate_recorder_failed_flushes": ("counter", "Batch writes that failed and were retried later.", ()),
+    "keygate_audit_pruned": ("counter", "Audit entries deleted past audit.retention_days.", ()),
+    "keygate_store_up": ("gauge", "1 if every worker can reach the store, else 0.", ()),
+    "keygate_ready": ("gauge", "1 if every worker is ready (not draining; store or warm cache), else 0.", ()),
+    "keygate_workers": ("gauge", "Worker processes whose numbers this scrape includes.", ()),
+}
+# Gauges that are true for the group only if true for every worker.
+_MIN_GAUGES = frozenset({"keygate_store_up", "keygate_ready"})
+
+Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "histograms": {name: [[labels..., h]]}}
+
+
+def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
+    """This process's numbers now; cheap (a few dozen dict reads)."""
+    gw, lookup, rec = rt.gateway, rt.gateway.lookup, rt.recorder
+    limited = gw.decisions.get(Outcome.RATE_LIMITED.value, 0) + admin.decisions.get(Outcome.RATE_LIMITED.value, 0)
+    passed = sum(n for o, n in gw.decisions.items() if Outcome(o) in PAST_RATE_LIMIT) + \
+        admin.decisions.get(Outcome.ALLOWED.value, 0)
+    values: dict[str, list[list[Any]]] = {
+        "keygate_requests": [[decision_of(Outcome(o)), o, n] for o, n in gw.decisions.items()],
+        "keygate_admin_requests": [[decision_of(Outcome(o)), o, n] for o, n in admin.decisions.items()],
+        "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],
+        "keygate_cache_lookups": [["local", "hit", rt.cache.hits], ["local", "miss", rt.cache.misses]],
+        "keygate_cached_keys": [["local", len(rt.cache)]],
+        "keygate_argon2_verifications": [[lookup.verifications]],
+        "keygate_store_reads": [[lookup.store_reads]],
+        "keygate_ratelimit_decisions": [["allowed", passed], ["limited", limited]],
+        "keygate_recorder_queue_depth": [[rec.pending]],
+        "keygate_recorder_flushed": [["usage", rec.flushed_usage], ["request", rec.flushed_requests]],
+        "keygate_recorder_dropped": [[rec.dropped]],
+        "keygate_recorder_failed_flushes": [[rec.failed_flushes]],
+        "keygate_audit_pruned": [[rt.pruner.pruned]],
+        "keygate_store_up": [[int(rt.watcher.store_ok)]],
+        "keygate_ready": [[int(rt.ready())]],
+        "keygate_workers": [[1]],
+    }
+    histograms = {
+        "keygate_request_duration_seconds": [[d, h.snapshot()] for d, h in gw.latency.items()],
+        "keygate_upstream_duration_seconds": [[u, h.snapshot()] for u, h in gw.forwarder.upstream_latency.items()],
+    }
+    return {"pid": os.getpid(), "values": values, "histograms": histograms}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class SnapshotDir:
+    """The per-run directory where workers publish their snapshots (one file per pid)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def publish(self, snap: Snapshot) -> None:
+        target = self.path / f"{snap['pid']}.json"
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(json.dumps(snap))
+        os.replace(temporary, target)  # readers never see a half-written file
+
+    def others(self, pid: int) -> list[Snapshot]:
+        found = []
+        for file in self.path.glob("*.json"):
+            if file.stem == str(pid):
+                continue
+            try:
+                snap = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue  # removed or replaced while we read: the next scrape sees it
+            if not _alive(int(snap["pid"])):
+                # A dead worker's counters stay (totals never go down); its gauges are gone.
+                snap["values"] = {k: v for k, v in snap["values"].items() if FAMILIES[k][0] == "counter"}
+            found.append(snap)
+        return found
+
+
+def merge(snaps: Iterable[Snapshot]) -> tuple[dict[str, dict[tuple[str, ...], float]], dict[str, dict[tuple[str, ...], Any]]]:
+    values: dict[str, dict[tuple[str, ...], float]] = {}
+    histograms: dict[str, dict[tuple[str, ...], Any]] = {}
+    for snap in snaps:
+        for name, rows in snap["values"].items():
+            family = values.setdefault(name, {})
+            for *labels, value in rows:
+                key = tuple(labels)
+                if name in _MIN_GAUGES and key in family:
+                    family[key] = min(family[key], value)
+                else:
+                    family[key] = family.get(key, 0) + value
+        for name, rows in snap["histograms"].items():
+            family = histograms.setdefault(name, {})
+            for *labels, h in rows:
+                key = tuple(labels)
+                if key in family:
+                    total = family[key]
+                    family[key] = {"counts": [a + b for a, b in zip(total["counts"], h["counts"])],
+                                   "sum": total["sum"] + h["sum"]}
+                else:
+                    family[key] = h
+    return values, histograms
+
+
+class KeygateCollector(Collector):
+    def __init__(self, local: Callable[[], Snapshot], peers: SnapshotDir | None = None) -> None:
+        self.local = local
+        self.peers = peers
+
+    def collect(self) -> Iterator[Metric]:
+        own = self.local()
+        values, histograms = merge([own, *(self.peers.others(own["pid"]) if self.peers else [])])
+        for name, (kind, help_text, labels) in FAMILIES.items():
+            if kind == "histogram":
+                family = HistogramMetricFamily(name, help_text, labels=labels)
+                for key, h in sorted(histograms.get(name, {}).items()):
+                    cumulative, buckets = 0, []
+                    for bound, count in zip((*map(str, BUCKETS), "+Inf"), h["counts"]):
+                        cumulative += count
+                        buckets.append((bound, cumulative))
+                    family.add_metric(list(key), buckets, h["sum"])
+            else:
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                family = cls(name, help_text, labels=labels)
+                for key, value in sorted(values.get(name, {}).items()):
+                    family.add_metric(list(key), value)
+            yield family
+
+
+def metrics_routes(app: web.Application, rt: Runtime, admin: AdminAuth, shared: Path | None) -> None:
+    """``GET /metrics`` on ``app``; with ``shared`` (several workers) also the snapshot publisher."""
+    peers = SnapshotDir(shared) if shared is not None else None
+    local = lambda: snapshot(rt, admin)  # noqa: E731
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KeygateCollector(local, peers))
+
+    async def metrics(request: web.Request) -> web.Response:
+        # Prometheus text 0.0.4 by default; OpenMetrics when the scraper asks for it.
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+
+    app.router.add_get("/metrics", metrics)
+    if peers is not None:
+        app.cleanup_ctx.append(lambda _app: _publisher(peers, local))
+
+
+async def _publisher(peers: SnapshotDir, local: Callable[[], Snapshot]) -> AsyncIterator[None]:
+    """Publishes this worker's snapshot every second while the admin app runs, and once at the end."""
+
+    async def run() -> None:
+        while True:
+            try:
+                peers.publish(local())
+            except OSError as exc:  # the directory went away: the group is stopping
+                log.warning(json.dumps({"event": "metrics_publish_failed", "error": str(exc)}))
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+    task = asyncio.create_task(run(), name="keygate-metrics-publisher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(OSError):
+        peers.publish(local())

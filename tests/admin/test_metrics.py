@@ -1,0 +1,179 @@
+"""/metrics: Prometheus text with the runtime's counters, read at scrape time, and summed over workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import RawTestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.admin.metrics import SnapshotDir, merge
+
+from ..e2e.harness import Keygate, Upstream
+from .conftest import Admin
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(admin: Admin) -> Samples:
+    async with admin.client.get("/metrics") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        return parse(await r.text())
+
+
+@pytest.fixture
+async def proxy(admin: Admin) -> AsyncIterator[str]:
+    """The runtime's proxy listener, in front of the demo upstream."""
+    server = RawTestServer(admin.rt.gateway.handle)
+    await server.start_server()
+    yield str(server.make_url(""))
+    await server.close()
+
+
+async def send(url: str, key: str | None, method: str = "GET", times: int = 1) -> list[int]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(times):
+            async with http.request(method, url + "/x", headers=headers) as r:
+                statuses.append(r.status)
+        return statuses
+
+
+async def test_requests_by_decision_and_outcome(admin: Admin, proxy: str) -> None:
+    """Proxied requests are counted by decision and outcome, and each is one latency observation."""
+    _, key = await admin.key(name="ci", operations=["read"], rate_limit="3/hour")
+    assert await send(proxy, key, times=4) == [200, 200, 200, 429]
+    assert await send(proxy, key, "POST") == [403]
+    assert await send(proxy, None) == [401]
+    m = await scrape(admin)
+    assert value(m, "keygate_requests_total", decision="allowed", outcome="allowed") == 3
+    assert value(m, "keygate_requests_total", decision="denied", outcome="rate_limited") == 1
+    assert value(m, "keygate_requests_total", decision="denied", outcome="insufficient_scope") == 1
+    assert value(m, "keygate_requests_total", decision="denied", outcome="no_credentials") == 1
+    assert value(m, "keygate_request_duration_seconds_count", decision="allowed") == 3
+    assert value(m, "keygate_request_duration_seconds_count", decision="denied") == 3
+    assert value(m, "keygate_request_duration_seconds_bucket", decision="denied", le="+Inf") == 3
+    assert value(m, "keygate_upstream_duration_seconds_count", upstream="app") == 3
+    assert value(m, "keygate_ratelimit_decisions_total", result="allowed") == 3
+    assert value(m, "keygate_ratelimit_decisions_total", result="limited") == 1
+
+
+async def test_cache_and_argon2(admin: Admin, proxy: str) -> None:
+    """A key is verified with argon2 once; later requests are cache hits."""
+    _, key = await admin.key(name="ci", operations=["read"])
+    before = await scrape(admin)  # the fixture's admin key was never used: nothing verified yet
+    await send(proxy, key, times=3)
+    m = await scrape(admin)
+    assert value(m, "keygate_argon2_verifications_total") - value(before, "keygate_argon2_verifications_total") == 1
+    assert value(m, "keygate_cache_lookups_total", layer="local", result="hit") - \
+        value(before, "keygate_cache_lookups_total", layer="local", result="hit") == 2
+    assert value(m, "keygate_cached_keys", layer="local") >= 1
+
+
+async def test_recorder_queue_and_flushes(admin: Admin, proxy: str) -> None:
+    """Records wait in the queue until a flush writes them, and flushed counts them."""
+    _, key = await admin.key(name="ci", operations=["read"])
+    await admin.rt.recorder.flush()
+    await send(proxy, key, times=2)
+    queued = await scrape(admin)
+    assert value(queued, "keygate_recorder_queue_depth") >= 2
+    await admin.rt.recorder.flush()
+    flushed = await scrape(admin)
+    assert value(flushed, "keygate_recorder_queue_depth") == 0
+    assert value(flushed, "keygate_recorder_flushed_total", kind="request") >= 2
+    assert value(flushed, "keygate_recorder_dropped_total") == 0
+
+
+async def test_admin_requests_and_health_gauges(admin: Admin) -> None:
+    """Admin API requests have their own counter; store_up, ready and workers are gauges."""
+    await admin.call("GET", "/admin/v1/keys")
+    await admin.call("GET", "/admin/v1/keys", key=None)
+    m = await scrape(admin)
+    assert value(m, "keygate_admin_requests_total", decision="allowed", outcome="allowed") == 1
+    assert value(m, "keygate_admin_requests_total", decision="denied", outcome="no_credentials") == 1
+    assert value(m, "keygate_requests_total", decision="allowed", outcome="allowed") == 0
+    assert (value(m, "keygate_store_up"), value(m, "keygate_ready"), value(m, "keygate_workers")) == (1, 1, 1)
+
+
+async def test_openmetrics_when_asked(admin: Admin) -> None:
+    """A scraper that accepts OpenMetrics gets it; anyone else gets Prometheus text 0.0.4."""
+    async with admin.client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as r:
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await r.text()).endswith("# EOF\n")
+    async with admin.client.get("/metrics") as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def snap(pid: int, requests: int, depth: int, ready: int = 1) -> dict:
+    return {"pid": pid, "values": {"keygate_requests": [["allowed", "allowed", requests]],
+                                   "keygate_recorder_queue_depth": [[depth]], "keygate_ready": [[ready]]},
+            "histograms": {"keygate_request_duration_seconds": [["allowed", {"counts": [1, 2], "sum": 0.5}]]}}
+
+
+def test_merge_sums_counters_and_histograms_and_takes_the_worst_readiness() -> None:
+    """Counters, gauges and histogram buckets add up over workers; ready is 1 only if every worker is."""
+    values, histograms = merge([snap(1, 3, 2), snap(2, 4, 5, ready=0)])
+    assert values["keygate_requests"][("allowed", "allowed")] == 7
+    assert values["keygate_recorder_queue_depth"][()] == 7
+    assert values["keygate_ready"][()] == 0
+    assert histograms["keygate_request_duration_seconds"][("allowed",)] == {"counts": [2, 4], "sum": 1.0}
+
+
+def test_a_dead_workers_counters_stay_and_its_gauges_go(tmp_path: Path) -> None:
+    """Totals never go down when a worker dies; its queue depth is no longer reported."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+    shared = SnapshotDir(tmp_path)
+    shared.publish(snap(dead_pid, 5, 9))
+    shared.publish(snap(os.getppid(), 1, 1))
+    others = shared.others(pid=os.getpid())
+    values, _ = merge(others)
+    assert values["keygate_requests"][("allowed", "allowed")] == 6
+    assert values["keygate_recorder_queue_depth"][()] == 1
+
+
+def test_workers_share_one_view(tmp_path: Path) -> None:
+    """With --workers 2 every scrape, whichever worker answers it, counts the requests of both."""
+    upstream = Upstream()
+    keygate = Keygate(tmp_path, upstream.url, workers=2).start()
+    try:
+        _, key = asyncio.run(keygate.key(name="ci", operations=["read"]))
+        sent = 40
+        for _ in range(sent):  # a new connection each: the kernel spreads them over the workers
+            request = urllib.request.Request(keygate.proxy_url + "/x", headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert r.status == 200
+
+        def counted() -> tuple[float, float]:
+            with urllib.request.urlopen(keygate.admin_url + "/metrics", timeout=10) as r:
+                m = parse(r.read().decode())
+            return (value(m, "keygate_requests_total", decision="allowed", outcome="allowed"),
+                    value(m, "keygate_workers"))
+
+        deadline = time.monotonic() + 20
+        while counted() != (sent, 2) and time.monotonic() < deadline:
+            time.sleep(0.2)  # other workers publish once a second
+        assert [counted() for _ in range(12)] == [(sent, 2)] * 12
+    finally:
+        assert keygate.stop() == 0
+        upstream.stop()
