@@ -10,7 +10,7 @@ from tests.e2e.harness import Keygate
 
 from .browser import Browser
 from .conftest import AdminKey, cli
-from .flows import proxy_status, proxy_status_after, sign_in, take_shown_key
+from .flows import PROPAGATION, proxy_status, proxy_status_after, sign_in, take_shown_key
 
 
 def network_error(entry: dict[str, Any]) -> bool:
@@ -154,3 +154,17 @@ async def test_load_more_pages_through_the_keys(browser: Browser, gateway: Keyga
     browser.click("#load-more")
     browser.wait(lambda _d: set(table_statuses(browser)) == created, message="second page not appended")
     assert browser.find_all("#load-more") == []
+
+
+def test_a_revoked_admin_key_signs_the_page_out(browser: Browser, gateway: Keygate) -> None:
+    """When the admin key in use is revoked, the next page load signs out and shows why."""
+    record = json.loads(cli(gateway, "keys", "create", "--name", "short-lived admin", "--role", "admin",
+                            "--server", "admin", "--json"))
+    sign_in(browser, AdminKey(record["id"], record["key"]))
+    cli(gateway, "keys", "revoke", record["id"])
+    time.sleep(PROPAGATION)  # the admin listener checks keys through the same cache as the proxy
+    browser.click('.nav a[data-section="roles"]')
+    browser.view("signin")
+    assert "(401)" in browser.find("#error").text
+    assert browser.session_storage() == {}
+    assert browser.console_errors(allow=network_error) == []
