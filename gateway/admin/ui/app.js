@@ -84,9 +84,9 @@ function signInPage(view) {
       await render();
     })()) },
     h("h2", null, "Sign in"),
-    field("Admin key", key, ["A key on the server admin, e.g. from ",
-      h("code", null, "keygate keys create --name me --role admin --server admin"),
-      ". It is kept in this browser tab only, until you sign out."]),
+    field("Admin key", key, ["A key on the server admin, for example from",
+      h("code", { class: "command" }, "keygate keys create --name me --role admin --server admin"),
+      "It is kept in this browser tab only, until you sign out."]),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "button primary", id: "signin-submit" },
       "Sign in")))));
 }

@@ -28,7 +28,7 @@ function keyLink(id) {
 
 function eventRow(e) {
   return h("tr", null,
-    h("td", null, time(e.at)),
+    h("td", null, time(e.at, { seconds: true })),
     h("td", { class: "mono small" }, e.actor),
     h("td", null, h("span", { class: "tag" }, e.action)),
     h("td", { class: "mono small" }, e.target),
@@ -43,7 +43,7 @@ function decision(r) {
 
 function requestRow(r) {
   return h("tr", null,
-    h("td", null, time(r.at)),
+    h("td", null, time(r.at, { seconds: true })),
     h("td", { class: "mono small request" }, `${r.method} ${r.path}`),
     h("td", null, decision(r)),
     h("td", { class: "num" }, r.status),
@@ -71,7 +71,7 @@ const FILTERS = ["type", "key", "action", "decision", "since", "until"];
 function mixedRow(item) {
   const request = isRequest(item);
   return h("tr", { "data-type": item.type },
-    h("td", null, time(item.at)),
+    h("td", null, time(item.at, { seconds: true })),
     h("td", null, h("span", { class: `type type-${item.type}` }, request ? "request" : "event")),
     h("td", { class: "mono small" }, request ? keyLink(item.key_id) : item.actor),
     h("td", null, request ? h("span", { class: "mono small request" }, `${item.method} ${item.path}`)

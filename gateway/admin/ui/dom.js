@@ -28,11 +28,12 @@ export function clear(el) {
   return el;
 }
 
-export function when(iso) {
+// "2026-11-23 05:38 UTC"; with seconds where order matters (the audit trail).
+export function when(iso, { seconds = false } = {}) {
   if (!iso) return null;
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return String(iso);
-  return date.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  return date.toISOString().slice(0, seconds ? 19 : 16).replace("T", " ") + " UTC";
 }
 
 export function ago(iso, now = Date.now()) {
@@ -47,9 +48,9 @@ export function ago(iso, now = Date.now()) {
 }
 
 // A date with its exact value on hover; "—" where there is none.
-export function time(iso, { relative = false, empty = "—" } = {}) {
+export function time(iso, { relative = false, seconds = false, empty = "—" } = {}) {
   if (!iso) return h("span", { class: "muted" }, empty);
-  return h("time", { datetime: iso, title: iso }, relative ? ago(iso) : when(iso));
+  return h("time", { datetime: iso, title: iso }, relative ? ago(iso) : when(iso, { seconds }));
 }
 
 export function badge(status) {
