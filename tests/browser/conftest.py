@@ -60,9 +60,13 @@ def cli(gateway: Keygate, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def admin_key(gateway: Keygate) -> AdminKey:
-    """The first admin key, bootstrapped with the CLI (no server involved)."""
+    """The first admin key, bootstrapped with the CLI (no server involved).
+
+    Every page load is a few admin API calls and a module signs in many times: a
+    generous rate limit keeps the default 100/minute out of what these tests prove.
+    """
     record = json.loads(cli(gateway, "keys", "create", "--name", "ui-admin", "--role", "admin",
-                            "--server", "admin", "--json"))
+                            "--server", "admin", "--rate-limit", "6000/minute", "--json"))
     return AdminKey(record["id"], record["key"])
 
 
