@@ -122,13 +122,15 @@ class RedisTokenBuckets:
 
 
 class _Lease:
-    __slots__ = ("spec", "tokens", "until", "shared_left")
+    __slots__ = ("spec", "tokens", "until", "shared_left", "empty_until")
 
-    def __init__(self, spec: RateLimitSpec, tokens: int, until: float, shared_left: float) -> None:
+    def __init__(self, spec: RateLimitSpec, tokens: int, until: float, shared_left: float, now: float) -> None:
         self.spec = spec
         self.tokens = tokens
         self.until = until
         self.shared_left = shared_left  # what the global bucket held at the lease, for the headers
+        # When nothing was granted: until when the global bucket cannot hold a whole token.
+        self.empty_until = now + (1.0 - shared_left) * spec.window / spec.limit if tokens == 0 else now
 
 
 class LocalFirstBuckets:
@@ -152,11 +154,17 @@ class LocalFirstBuckets:
         return max(1, int(spec.capacity * self.batch))
 
     async def take(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-        for _ in range(3):
+        while True:
             lease = self._leases.get(key_id)
-            if lease is not None and lease.tokens > 0 and lease.spec is spec and self._clock() < lease.until:
-                lease.tokens -= 1
-                return bucket_decision(True, spec, lease.tokens + lease.shared_left)
+            if lease is not None and lease.spec is spec:
+                now = self._clock()
+                if lease.tokens > 0 and now < lease.until:
+                    lease.tokens -= 1
+                    return bucket_decision(True, spec, lease.tokens + lease.shared_left)
+                if lease.tokens == 0 and now < lease.empty_until:
+                    # The global bucket was empty at the last sync: refuse without asking again
+                    # until a token can have come back, so a flood of refusals costs no round trips.
+                    return bucket_decision(False, spec, lease.shared_left)
             pending = self._syncing.get(key_id)
             if pending is None:
                 # One lease request per key at a time; concurrent requests wait for it.
@@ -167,12 +175,8 @@ class LocalFirstBuckets:
                 await asyncio.shield(pending)
             except RedisUnavailable:
                 return self.fallback.decide(key_id, spec)
-            lease = self._leases.get(key_id)
-            if lease is not None and lease.tokens == 0 and lease.shared_left < 1.0:
-                break  # the global bucket is empty: refuse without asking again
-        lease = self._leases.get(key_id)
-        left = lease.shared_left if lease is not None else 0.0
-        return bucket_decision(False, spec, left)
+            # Each sync either leased tokens (someone spends them) or found the bucket
+            # empty (the check above refuses), so this loop ends.
 
     async def _sync(self, key_id: str, spec: RateLimitSpec) -> None:
         old = self._leases.pop(key_id, None)
@@ -184,7 +188,8 @@ class LocalFirstBuckets:
             if old is not None and old.spec is spec:
                 self._leases[key_id] = old  # still ours: spend it when Redis is back
             raise
-        self._leases[key_id] = _Lease(spec, granted, self._clock() + self.sync_interval, left)
+        now = self._clock()
+        self._leases[key_id] = _Lease(spec, granted, now + self.sync_interval, left, now)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._return_idle(), name="keygate-lease-return")
