@@ -38,7 +38,7 @@ async def test_killing_redis_changes_no_decision_for_cached_keys(fleet: Fleet, o
 
     Rate-limit decisions are the exception by design: they follow on_backend_error (here: per process).
     """
-    _, allowed = fleet.create_key("--role", "admin")
+    _, allowed = fleet.create_key("--role", "admin", "--rate-limit", "100000/minute")
     revoked_id, revoked = fleet.create_key("--role", "admin")
     _, scoped = fleet.create_key("--operation", "deploy")
     fleet.cli("keys", "revoke", revoked_id)
@@ -50,7 +50,20 @@ async def test_killing_redis_changes_no_decision_for_cached_keys(fleet: Fleet, o
 
     before = await decisions()
     assert before == {"allowed": {200}, "revoked": {401}, "scoped": {403}}
-    own_redis.kill()
+    stop = asyncio.Event()
+    under_load: set[int] = set()
+
+    async def load() -> None:
+        while not stop.is_set():
+            under_load.update(status for _, status, _ in await statuses(allowed, urls))
+
+    loader = asyncio.create_task(load())
+    await asyncio.sleep(0.5)
+    own_redis.kill()  # mid-load
+    await asyncio.sleep(1.0)
+    stop.set()
+    await loader
+    assert under_load == {200}
     during = await decisions()
     assert during == before
     # The rate limit is now per process (on_backend_error = "local") and says so.
