@@ -24,7 +24,7 @@ from .config import Settings
 from .forward import Forwarder
 from .invalidation import ChangeWatcher
 from .keys import KeyParser
-from .notify import ChangeSubscriber
+from .notify import ChangePublisher, ChangeSubscriber
 from .pipeline.client_ip import ClientIpResolver
 from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
@@ -55,6 +55,9 @@ class Runtime:
     cache: KeyCache[CachedKey]
     redis: RedisLink | None = None
     fallback: Fallback | None = None
+    # For management actions made in this process (the admin API): publishes their changes.
+    publisher: ChangePublisher | None = None
+    subscriber: ChangeSubscriber | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -151,6 +154,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         await watcher.start()
         stack.push_async_callback(watcher.close)
 
+        subscriber: ChangeSubscriber | None = None
         if settings.redis.url:
             subscriber = ChangeSubscriber(settings.redis, cache)
             await subscriber.start()
@@ -175,7 +179,8 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             log_requests=p.access_log,
         )
         yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
-                      cache=cache, redis=link, fallback=fallback)
+                      cache=cache, redis=link, fallback=fallback, subscriber=subscriber,
+                      publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
 
 
 def admin_app(rt: Runtime) -> web.Application:

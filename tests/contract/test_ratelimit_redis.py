@@ -178,3 +178,20 @@ async def test_local_first_refuses_without_redis_while_the_bucket_is_empty(link:
     decisions = [await limiter.take(KEY, spec) for _ in range(10)]
     assert [d.allowed for d in decisions] == [True, True] + [False] * 8
     assert limiter.syncs == 2
+
+
+async def test_slow_redis_is_not_waited_for(own_redis: RedisServer) -> None:
+    """A Redis that hangs (DEBUG SLEEP) past redis.timeout gets a fallback decision, not a late answer."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.2))
+    blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
+    try:
+        limiter = exact(link)
+        assert not (await limiter.take(KEY, HOURLY)).degraded
+        hang = asyncio.create_task(blocker.client.execute_command("DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(0.1)
+        decision = await limiter.take(KEY, HOURLY)
+        assert decision.allowed and decision.degraded
+        await hang
+    finally:
+        await link.close()
+        await blocker.close()
