@@ -694,6 +694,10 @@ def redis_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
                                                 "pass": first >= TARGET_LOCAL_FIRST},
         "kg_redis/keygate_1w p99": {"value": summary["kg_redis"]["p99_ms"] / summary["keygate_1w"]["p99_ms"],
                                     "target": None, "pass": None},
+        # CPU per request moves least when the machine is busy: the cost of each policy per request.
+        **{f"{name}/keygate_1w CPU per request": {
+            "value": summary[name]["cpu_us_per_request"] / summary["keygate_1w"]["cpu_us_per_request"],
+            "target": None, "pass": None} for name in ("kg_redis", "kg_local1st")},
     }
 
 

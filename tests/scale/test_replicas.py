@@ -7,10 +7,12 @@ both workers of each replica: six processes decide, one bucket counts.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
+import redis.asyncio
 
 from ..e2e.harness import Upstream
 from ..redis_server import SHARED_REDIS_URL, drop_prefix, unique_prefix
@@ -73,3 +75,22 @@ async def test_role_change_reaches_every_replica_within_a_second(fleet: Fleet) -
     await asyncio.to_thread(fleet.cli, "roles", "set", "scale-ops", "--grant", "deploy")
     await asyncio.sleep(1.0)
     assert by_status(await statuses(key, urls(fleet, 10))) == {403: 30}
+
+
+async def test_cli_publishes_its_changes_on_redis(fleet: Fleet) -> None:
+    """With redis.url set, `keygate keys revoke` announces the change on <prefix>changes."""
+    client = redis.asyncio.Redis.from_url(fleet.redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(fleet.redis_prefix + "changes")
+        key_id, _ = fleet.create_key("--role", "admin")
+        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id)
+        message = None
+        for _ in range(50):
+            message = await pubsub.get_message(timeout=0.1)
+            if message is not None:
+                break
+        assert message is not None and json.loads(message["data"]) == [["key", key_id]]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
