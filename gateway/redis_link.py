@@ -63,11 +63,15 @@ class RedisLink:
         """Run ``callback`` each time the circuit closes again after Redis was down."""
         self._recover.append(callback)
 
-    async def run(self, call: Callable[[Redis], Awaitable[T]]) -> T:
-        """``call(client)`` within ``redis.timeout``, or :class:`RedisUnavailable`."""
+    def require_up(self) -> None:
+        """Raise :class:`RedisUnavailable` at once while the circuit is open."""
         if not self.up:
             self.failures += 1
             raise RedisUnavailable("redis is down")
+
+    async def run(self, call: Callable[[Redis], Awaitable[T]]) -> T:
+        """``call(client)`` within ``redis.timeout``, or :class:`RedisUnavailable`."""
+        self.require_up()
         try:
             async with asyncio.timeout(self.timeout):
                 return await call(self.client)

@@ -5,8 +5,9 @@ The bucket lives in a Redis hash and is only ever changed by one Lua script
 not matter). The script refills the bucket, adds back what a caller returns
 and hands out up to ``want`` whole tokens. Two policies use it:
 
-* ``redis`` (:class:`RedisTokenBuckets`): one script call per request
-  asking for one token -- exact, one round trip per request.
+* ``redis`` (:class:`RedisTokenBuckets`): one script run per request
+  asking for one token -- exact; concurrent requests share a pipelined
+  round trip (:class:`SharedBuckets`).
 * ``local-first`` (:class:`LocalFirstBuckets`): a process leases a batch of
   tokens (``ratelimit.batch`` of the capacity) and spends them without
   asking Redis; it asks again when the lease is spent, and returns what is
@@ -25,11 +26,15 @@ and marks the decision ``degraded`` (the response then carries
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from ..ratelimit_spec import RateLimitSpec
 from ..redis_link import RedisLink, RedisUnavailable
@@ -88,22 +93,74 @@ class Fallback:
 
 
 class SharedBuckets:
-    """The global buckets in Redis, reached through the one script."""
+    """The global buckets in Redis, reached through the one script.
+
+    Decisions asked for in the same event-loop turn (concurrent requests)
+    go to Redis together in one pipeline: each is still its own atomic
+    script run, but the client's per-call cost (most of a decision's CPU)
+    is paid once per turn rather than once per request.
+    """
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
-        self._script = link.client.register_script(TAKE_SCRIPT)
+        self._sha = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()
+        self._queue: list[tuple[str, tuple[float, ...], asyncio.Future[tuple[int, float]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.round_trips = 0
 
     def name(self, key_id: str) -> str:
         return self.link.key("rl:", key_id)
 
     async def take(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int = 0) -> tuple[int, float]:
         """Tokens granted (0..want) and tokens left; raises :class:`RedisUnavailable`."""
-        name = self.name(key_id)
-        granted, left = await self.link.run(
-            lambda r: self._script(keys=[name], args=[spec.capacity, spec.refill_per_second, want, give_back])
-        )
-        return int(granted), float(left)
+        self.link.require_up()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, float]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._send)
+        self._queue.append((self.name(key_id), (spec.capacity, spec.refill_per_second, want, give_back), future))
+        return await future
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[str, tuple[float, ...], asyncio.Future[tuple[int, float]]]]) -> None:
+        self.round_trips += 1
+        try:
+            replies = await self.link.run(lambda r: self._pipeline(r, batch))
+        except RedisUnavailable as exc:
+            for _name, _args, future in batch:
+                if not future.done():
+                    future.set_exception(RedisUnavailable(str(exc)))
+            return
+        for (_name, _args, future), (granted, left) in zip(batch, replies):
+            if not future.done():  # its request may have been cancelled (client gone)
+                future.set_result((int(granted), float(left)))
+
+    async def _pipeline(self, r: Any, batch: list[tuple[str, tuple[float, ...], Any]]) -> list[Any]:
+        def evalsha(pipe: Any, name: str, args: tuple[float, ...]) -> None:
+            pipe.execute_command("EVALSHA", self._sha, 1, name, *args)
+
+        async with r.pipeline(transaction=False) as pipe:
+            for name, args, _future in batch:
+                evalsha(pipe, name, args)
+            replies = await pipe.execute(raise_on_error=False)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis restarted (or flushed its scripts): load it once, then run exactly those again.
+            await r.script_load(TAKE_SCRIPT)
+            async with r.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    evalsha(pipe, batch[i][0], batch[i][1])
+                for i, reply in zip(missing, await pipe.execute(raise_on_error=False)):
+                    replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
 
 class RedisTokenBuckets:

@@ -195,3 +195,12 @@ async def test_slow_redis_is_not_waited_for(own_redis: RedisServer) -> None:
     finally:
         await link.close()
         await blocker.close()
+
+
+async def test_concurrent_decisions_share_a_round_trip(link: RedisLink) -> None:
+    """Decisions asked for together go to Redis in one pipeline, each still its own script run."""
+    shared = SharedBuckets(link)
+    limiter = RedisTokenBuckets(shared, Fallback("local"))
+    decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(25)))
+    assert sum(d.allowed for d in decisions) == 20
+    assert shared.round_trips == 1
