@@ -56,7 +56,9 @@ class Fleet:
         self.database = asyncio.run(create_pg_database())
         self.cli("migrate", redis=False)
         config = (
-            f'[redis]\nurl = "{self.redis_url}"\nprefix = "{self.redis_prefix}"\n'
+            # A generous timeout: these tests measure the policies, and a busy test machine
+            # must not push a replica onto its fallback (the failure tests kill Redis outright).
+            f'[redis]\nurl = "{self.redis_url}"\nprefix = "{self.redis_prefix}"\ntimeout = 2\n'
             f'[ratelimit]\npolicy = "{self.policy}"\n' + self.extra
         )
         for _ in range(self.replicas_count):
