@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio
 
 from gateway.cache import KeyCache
-from gateway.config import RedisSettings
+from gateway.config import RedisSettings, Settings
 from gateway.keys import KeyParser, cache_key, generate
 from gateway.notify import ChangePublisher
 from gateway.pipeline.lookup import CachedKey, KeyLookup
 from gateway.pipeline.outcomes import Denied
 from gateway.ratelimit_spec import parse_rate_limit
 from gateway.redis_link import RedisLink, RedisUnavailable
-from gateway.service import KeyService, resolve_pepper
+from gateway.service import KeyService, bootstrap, resolve_pepper
 from gateway.shared_cache import NEGATIVE, KeyFacts, SharedKeyCache, decode_facts, encode_facts
-from gateway.store import KeyStore
+from gateway.store import KeyStore, StoreUnavailable, create_store
 
 from ..e2e.relay import Relay
 from ..redis_server import RedisServer
@@ -227,3 +228,30 @@ async def test_missed_invalidation_orphans_everything_on_recovery(
     finally:
         relay.cut()
         await link.close()
+
+
+async def test_store_down_a_key_verified_elsewhere_still_works(
+    pg_database: str, settings: Settings, shared: SharedKeyCache
+) -> None:
+    """With PostgreSQL cut, a process that never saw a key serves it from Redis; an unverified key is a 503."""
+    db = urlparse(pg_database)
+    relay = Relay(db.hostname or "127.0.0.1", db.port or 5432)
+    relayed = pg_database.replace(f"{db.hostname}:{db.port or 5432}", f"127.0.0.1:{relay.port}")
+    store = create_store(relayed, min_size=0, max_size=2, connect_timeout=1)
+    await store.open()
+    try:
+        await bootstrap(store)
+        service = KeyService(store, settings, actor="test")
+        pepper = await resolve_pepper(store, settings)
+        first, second = (a_lookup(store, service, pepper, shared) for _ in range(2))
+        _, verified = await service.create_key(name="ci", role="admin")
+        _, never_seen = await service.create_key(name="other", role="admin")
+        await first.lookup(PARSER.parse(verified), "127.0.0.1")
+        relay.cut()
+        found = await second.lookup(PARSER.parse(verified), "127.0.0.1")
+        assert found.record.name == "ci" and second.verifications == 0
+        with pytest.raises(StoreUnavailable):
+            await second.lookup(PARSER.parse(never_seen), "127.0.0.1")
+    finally:
+        relay.cut()
+        await store.close()
