@@ -1,13 +1,15 @@
 """Wiring: builds every resource from the settings, each with one owner and one lifetime.
 
-:func:`runtime` is an async context manager that opens the store, the
-HTTP client session, the recorder, the change watcher and the audit pruner
-in order and closes them in reverse, flushing the recorder last before the
-store closes. The admin listener's app is :mod:`gateway.admin.listener`.
+:func:`runtime` is an async context manager that opens the store, Redis
+(when configured), the HTTP client session, the recorder, the change
+watcher, the change subscriber and the audit pruner in order and closes them
+in reverse, flushing the recorder before the store closes. The admin
+listener's app is :mod:`gateway.admin.listener`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,13 +25,17 @@ from .config import Settings
 from .forward import Forwarder
 from .invalidation import ChangeWatcher
 from .keys import KeyParser
+from .notify import ChangePublisher, ChangeSubscriber
 from .pipeline.client_ip import ClientIpResolver
 from .pipeline.lookup import CachedKey, KeyLookup
-from .pipeline.ratelimit import LocalTokenBuckets
+from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
+from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from .pipeline.scope import RouteTable
 from .proxy import Gateway
 from .ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
+from .redis_link import RedisLink
+from .shared_cache import SharedKeyCache
 from .service import bootstrap, hasher_from, resolve_pepper
 from .store import KeyStore, StoreError, create_store
 
@@ -49,11 +55,22 @@ class Runtime:
     recorder: Recorder
     cache: KeyCache[CachedKey]
     pruner: AuditPruner
+    redis: RedisLink | None = None
+    fallback: Fallback | None = None
+    # For management actions made in this process (the admin API): publishes their changes.
+    publisher: ChangePublisher | None = None
+    subscriber: ChangeSubscriber | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
-        """Ready unless draining, and only if keys can be checked: store reachable or cache warm."""
+        """Ready unless draining, and only if keys can be checked: store reachable or cache warm.
+
+        Redis is not a condition: without it requests still flow (see README, failure behaviour).
+        """
         return not self.draining and (self.watcher.store_ok or len(self.cache) > 0)
+
+    def redis_state(self) -> str:
+        return "off" if self.redis is None else ("up" if self.redis.up else "down")
 
 
 def store_options(settings: Settings) -> dict[str, float | int]:
@@ -69,6 +86,24 @@ async def prepare_store(store: KeyStore, settings: Settings) -> None:
         await bootstrap(store)
     elif await store.pending_migrations():
         raise StartupError("the store's schema is not up to date: run `keygate migrate` first")
+
+
+async def rate_limiter(
+    settings: Settings, link: RedisLink | None, stack: AsyncExitStack,
+) -> tuple[RateLimiter, Fallback | None]:
+    """The ``ratelimit.policy`` in force: per-process without Redis, else the chosen Redis policy."""
+    r = settings.ratelimit
+    if link is None or r.policy == "local":
+        return LocalTokenBuckets(), None
+    fallback = Fallback(r.on_backend_error)
+    shared = SharedBuckets(link)
+    if r.policy == "redis":
+        return RedisTokenBuckets(shared, fallback), fallback
+    limiter = LocalFirstBuckets(shared, fallback, batch=r.batch, sync_interval=r.sync_interval)
+    await limiter.start()
+    # Closed before Redis is: unused leases go back to the global buckets.
+    stack.push_async_callback(limiter.close)
+    return limiter, fallback
 
 
 @asynccontextmanager
@@ -87,10 +122,19 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         cache: KeyCache[CachedKey] = KeyCache(
             ttl=c.ttl, negative_ttl=c.negative_ttl, stale_if_error=c.stale_if_error, max_entries=c.max_entries,
         )
+        link: RedisLink | None = None
+        shared: SharedKeyCache | None = None
+        if settings.redis.url:
+            link = RedisLink(settings.redis)
+            stack.push_async_callback(link.close)
+            if not await link.probe():
+                # Start anyway: everything Redis does has a fallback, and the link reconnects.
+                log.warning(json.dumps({"event": "redis_unavailable_at_start"}))
+            shared = SharedKeyCache(link, ttl=c.ttl, negative_ttl=c.negative_ttl)
         lookup = KeyLookup(
             store, pepper=pepper, hasher=hasher_from(settings), cache=cache,
             default_rate_limit=parse_rate_limit(settings.ratelimit.default),
-            verify_concurrency=max(1, os.cpu_count() or 1),
+            verify_concurrency=max(1, os.cpu_count() or 1), shared=shared,
         )
         stack.callback(lookup.close)
 
@@ -108,9 +152,22 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         # Registered after the session, so it runs before the store closes: buffers are flushed.
         stack.push_async_callback(recorder.close)
 
-        watcher = ChangeWatcher(store, cache)
+        watcher = ChangeWatcher(store, cache, shared=shared)
         await watcher.start()
         stack.push_async_callback(watcher.close)
+
+        subscriber: ChangeSubscriber | None = None
+        if settings.redis.url:
+            subscriber = ChangeSubscriber(settings.redis, cache)
+            await subscriber.start()
+            stack.push_async_callback(subscriber.close)
+            try:
+                # Serve only once notices can be heard, unless Redis is down (then the feed covers).
+                await asyncio.wait_for(subscriber.connected.wait(), timeout=4 * settings.redis.timeout)
+            except TimeoutError:
+                log.warning(json.dumps({"event": "change_notices_unavailable_at_start"}))
+
+        limiter, fallback = await rate_limiter(settings, link, stack)
 
         # Every worker prunes: deletes are idempotent and batched, so they only share the work.
         pruner = AuditPruner(store, retention_days=settings.audit.retention_days,
@@ -124,13 +181,14 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             lookup=lookup,
             client_ips=ClientIpResolver(p.trusted_proxies),
             routes=RouteTable(settings.routes, settings.upstreams),
-            limiter=LocalTokenBuckets(),
+            limiter=limiter,
             forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
             recorder=recorder,
             log_requests=p.access_log,
         )
         yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
-                      cache=cache, pruner=pruner)
+                      cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber,
+                      publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
 
 
 def warn_if_exposed(settings: Settings) -> None:

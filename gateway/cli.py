@@ -22,6 +22,7 @@ import click
 from .audit import AuditEntry, AuditFilter, parse_time
 from .config import ConfigError, Settings, load_settings, masked, render_toml
 from .models import KeyRecord, iso
+from .notify import change_publisher
 from .service import (
     UNSET, KeyService, ServiceError, bootstrap, grace_seconds, key_changes, new_key_values, utcnow,
 )
@@ -105,8 +106,10 @@ def with_service(
             fail(str(exc))
 
     async def go() -> T:
-        async with opened_store(settings) as store:
-            return await action(KeyService(store, settings, actor=cli_actor()))
+        # With redis.url set, changes are published to running gateways at once
+        # (else they see them at their next change-feed poll).
+        async with opened_store(settings) as store, change_publisher(settings) as notifier:
+            return await action(KeyService(store, settings, actor=cli_actor(), notifier=notifier))
 
     return run(go())
 

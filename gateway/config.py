@@ -177,6 +177,18 @@ class RedisSettings(_Section):
         "empty = none (single node).",
         json_schema_extra=_SECRET_URL,
     )
+    prefix: str = Field(
+        "keygate:", min_length=1, max_length=64,
+        description="Prefix of every Redis key and channel Keygate uses, so several deployments can share a Redis.",
+    )
+    timeout: Duration = Field(
+        0.25, gt=0, le=10,
+        description="Seconds any one Redis call may take before Keygate decides without Redis.",
+    )
+    reconnect_backoff_max: Duration = Field(
+        5.0, gt=0, le=300,
+        description="Longest wait, in seconds, between attempts to reconnect to an unreachable Redis.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -207,6 +219,19 @@ class RateLimitSettings(_Section):
     on_backend_error: Literal["local", "allow", "deny"] = Field(
         "local",
         description="When Redis is unreachable: local (per-process buckets), allow (no limit) or deny (429).",
+    )
+    policy: Literal["redis", "local-first", "local"] = Field(
+        "redis",
+        description="With Redis: redis (exact global buckets, one Redis call per request), local-first "
+        "(tokens leased from the global bucket in batches) or local (per-process buckets). Without Redis: local.",
+    )
+    batch: float = Field(
+        0.1, gt=0, le=1,
+        description="local-first: share of a key's capacity a process leases from Redis at a time.",
+    )
+    sync_interval: Duration = Field(
+        1.0, gt=0, le=60,
+        description="local-first: seconds after which a process returns the unused rest of a lease.",
     )
 
     @field_validator("default")

@@ -5,6 +5,12 @@ transaction, so polling "anything after seq N?" misses nothing, whichever
 process (CLI, admin API, another replica) made the change. A key change drops
 that key's entries; a role or member change drops the whole cache (rare, and
 it can affect many keys).
+
+With Redis, changes normally arrive within milliseconds as pub/sub notices
+(:mod:`gateway.notify`) and this feed is the backstop: a change made by a
+CLI without ``redis.url``, or published while Redis was down, still reaches
+every worker within one poll interval -- and the watcher then also orphans
+the change's entries in the Redis cache, so no replica warms from them.
 """
 
 from __future__ import annotations
@@ -14,15 +20,22 @@ import json
 import logging
 
 from .cache import KeyCache
+from .notify import apply_change
+from .redis_link import RedisUnavailable
+from .shared_cache import SharedKeyCache
 from .store import KeyStore, StoreError
 
 log = logging.getLogger("keygate.invalidation")
 
 
 class ChangeWatcher:
-    def __init__(self, store: KeyStore, cache: KeyCache[object], *, interval: float = 0.25) -> None:
+    def __init__(
+        self, store: KeyStore, cache: KeyCache[object], *, interval: float = 0.25,
+        shared: SharedKeyCache | None = None,
+    ) -> None:
         self.store = store
         self.cache = cache
+        self.shared = shared
         self.interval = interval
         # None until the feed's position is known (the store may be down at start).
         self.seq: int | None = None
@@ -52,12 +65,18 @@ class ChangeWatcher:
             self.seq = await self.store.latest_change()
             self.cache.clear()
             return
-        for seq, entity, target in await self.store.changes_since(self.seq):
-            if entity == "key":
-                self.cache.invalidate_key(target)
-            else:
-                self.cache.clear()
+        changes = await self.store.changes_since(self.seq)
+        if not changes:
+            return
+        for seq, entity, target in changes:
+            apply_change(self.cache, entity, target)
             self.seq = seq
+        if self.shared is not None:
+            try:
+                # Usually already done by the publisher; bumping again only orphans a few fresh entries.
+                await self.shared.invalidate([(entity, target) for _seq, entity, target in changes])
+            except RedisUnavailable:
+                pass  # the shared cache is marked dirty and orphaned when Redis is back
 
     async def _run(self) -> None:
         while True:

@@ -2,17 +2,20 @@
 
 Each action runs in one store transaction that also writes its audit event
 and a change-feed entry, so an action without its audit record cannot happen
-and running gateways learn of every authorization change.
+and running gateways learn of every authorization change. With a notifier
+(Redis configured), the changes are also published once the transaction has
+committed, so gateways hear of them at once instead of at their next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from . import fields
 from .audit import AuditFilter, AuditPage, Position, query_audit
@@ -143,25 +146,46 @@ def grace_seconds(grace: str | float | None) -> float:
         raise InvalidInput(f"grace {grace!r}: {exc}") from None
 
 
+class Notifier(Protocol):
+    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool: ...
+
+
 class KeyService:
     """Every management action, performed as ``actor`` (``cli:alice``, an admin key id, ...)."""
 
     def __init__(
         self, store: KeyStore, settings: Settings, *, actor: str,
         clock: Callable[[], datetime] = utcnow, hasher: SecretHasher | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.actor = actor
         self.clock = clock
         self.hasher = hasher or hasher_from(settings)
+        self.notifier = notifier
+        # Changes of each open transaction, published once it commits.
+        self._pending: dict[int, list[tuple[str, str]]] = {}
 
     # -- helpers ---------------------------------------------------------
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Transaction]:
+        async with self.store.transaction() as tx:
+            self._pending[id(tx)] = changes = []
+            try:
+                yield tx
+            finally:
+                del self._pending[id(tx)]
+        # Only after the commit: a gateway that hears the notice must read the new state.
+        if changes and self.notifier is not None:
+            await self.notifier.publish(changes)
+
     async def _audit(self, tx: Transaction, now: datetime, action: str, target: str, **details: Any) -> None:
         await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details)
 
     async def _changed(self, tx: Transaction, now: datetime, entity: str, target: str) -> None:
         await tx.add_change(at=now, entity=entity, target=target)
+        self._pending[id(tx)].append((entity, target))
 
     def key_ref(self, text: str) -> str:
         """The key id ``text`` names: a pasted full key counts as its id.
@@ -215,7 +239,7 @@ class KeyService:
         )
         kind = values.pop("kind")
         prefix = self._prefix(kind)
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             await self._require_role(tx, values["role"])
             if values["user"] and await tx.get_member(values["org"], values["user"]) is None:
                 raise InvalidInput(
@@ -264,7 +288,7 @@ class KeyService:
         now = self.clock()
         changes = key_changes(now, name=name, role=role, operations=operations, servers=servers,
                               ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent and ({"role", "operations"} & changes.keys()):
                 raise InvalidInput("an agent key has no role or operations of its own: change the member's role")
@@ -281,7 +305,7 @@ class KeyService:
         key_id = self.key_ref(key_id)
         now = self.clock()
         role = _check(lambda: fields.identifier("role", role))
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent:
                 raise InvalidInput("an agent key has no role of its own: change the member's role")
@@ -296,7 +320,7 @@ class KeyService:
         """Revoke now. Idempotent: revoking a revoked key changes nothing."""
         key_id = self.key_ref(key_id)
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             record = await tx.get_key(key_id, for_update=True)
             if record is None:
                 raise _no_such_key(key_id)
@@ -316,7 +340,7 @@ class KeyService:
         key_id = self.key_ref(key_id)
         now = self.clock()
         grace_for = grace_seconds(grace)
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             old = await self._key_for_change(tx, key_id, now)
             if old.status(now) is KeyStatus.EXPIRED:
                 raise ConflictError(f"key {key_id} has expired; create a new key instead")
@@ -345,7 +369,7 @@ class KeyService:
         org = _check(lambda: fields.identifier("org", org))
         user = _check(lambda: fields.identifier("user", user))
         kind = self.settings.keys.default_kind
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             # Locking the membership row serialises concurrent issuances for this user.
             if await tx.get_member(org, user, for_update=True) is None:
                 raise NotFound(f"user {user!r} is not a member of org {org!r}")
@@ -388,7 +412,7 @@ class KeyService:
             raise ConflictError("the built-in admin role always grants '*'; make a new role instead")
         if not grant_list:
             raise InvalidInput("a role needs at least one grant (--grant)")
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             before = await tx.get_role(name)
             role = Role(name, grant_list, before.created_at if before else now, now)
             await tx.put_role(role)
@@ -401,7 +425,7 @@ class KeyService:
         now = self.clock()
         if name == ADMIN_ROLE:
             raise ConflictError("the built-in admin role cannot be deleted")
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             if await tx.get_role(name) is None:
                 raise NotFound(f"no role named {name!r}")
             keys, members = await tx.role_users(name)
@@ -422,7 +446,7 @@ class KeyService:
         now = self.clock()
         org = _check(lambda: fields.identifier("org", org))
         user = _check(lambda: fields.identifier("user", user))
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             await self._require_role(tx, role)
             before = await tx.get_member(org, user, for_update=True)
             member = Member(org, user, role, before.created_at if before else now, now)
@@ -435,7 +459,7 @@ class KeyService:
     async def remove_member(self, org: str, user: str) -> None:
         """Remove the member; their per-user keys stop working, org-level keys do not."""
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self._transaction() as tx:
             if await tx.get_member(org, user, for_update=True) is None:
                 raise NotFound(f"{user!r} is not a member of org {org!r}")
             await tx.delete_member(org, user)

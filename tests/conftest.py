@@ -16,9 +16,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.config import Settings
+from gateway.config import RedisSettings, Settings
+from gateway.redis_link import RedisLink
 from gateway.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store
+
+from .redis_server import SHARED_REDIS_URL, RedisServer, drop_prefix, unique_prefix
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -122,3 +125,37 @@ def fixed_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
     env["KEYGATE_STORE__URL"] = f"sqlite:///{tmp_path / 'cli.db'}"
     yield env
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return SHARED_REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own on the shared server, its keys deleted afterwards."""
+    prefix = unique_prefix()
+    yield prefix
+    drop_prefix(SHARED_REDIS_URL, prefix)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may kill."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_settings(redis_url: str, redis_prefix: str) -> RedisSettings:
+    return RedisSettings(url=redis_url, prefix=redis_prefix, timeout=2.0)
+
+
+@pytest.fixture
+async def link(redis_settings: RedisSettings) -> AsyncIterator[RedisLink]:
+    """A process's Redis link on the shared server, in this test's namespace."""
+    connection = RedisLink(redis_settings)
+    yield connection
+    await connection.close()

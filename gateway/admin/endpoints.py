@@ -19,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..config import Settings
 from ..keys import SecretHasher
-from ..service import KeyService
+from ..service import KeyService, Notifier
 from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
@@ -65,6 +65,8 @@ class Context:
     store: KeyStore
     settings: Settings
     hasher: SecretHasher
+    # With Redis: publishes each change once committed, so every replica hears of it at once.
+    notifier: Notifier | None = None
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
@@ -132,7 +134,7 @@ def route_handler(ctx: Context, endpoint: Endpoint) -> Callable[[web.Request], A
             actor = key.record.id
         query = _parse_query(endpoint.query, request)
         body = await _parse_body(endpoint, request)
-        service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher)
+        service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher, notifier=ctx.notifier)
         result = await endpoint.handler(Call(service, request.match_info, query, body))
         if answer is None:
             return web.Response(status=204)

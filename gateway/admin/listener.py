@@ -43,7 +43,9 @@ def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Applicatio
 
     async def readyz(_request: web.Request) -> web.Response:
         ready = rt.ready()
-        body = {"ready": ready, "draining": rt.draining, "store": rt.watcher.store_ok, "cached_keys": len(rt.cache)}
+        body = {"ready": ready, "draining": rt.draining, "store": rt.watcher.store_ok, "cached_keys": len(rt.cache),
+                "redis": rt.redis_state(),
+                "ratelimit_degraded": rt.fallback.decisions if rt.fallback is not None else 0}
         return web.json_response(body, status=200 if ready else 503)
 
     # The auth middleware is outermost, so it records the final status, problems included.
@@ -51,7 +53,8 @@ def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Applicatio
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics_routes(app, rt, auth, metrics_dir)
-    ctx = Context(auth=auth, store=rt.store, settings=rt.settings, hasher=hasher_from(rt.settings))
+    ctx = Context(auth=auth, store=rt.store, settings=rt.settings, hasher=hasher_from(rt.settings),
+                  notifier=rt.publisher)
     for endpoint in api_endpoints():
         app.router.add_route(endpoint.method, PREFIX + endpoint.path, route_handler(ctx, endpoint))
     add_ui_routes(app)

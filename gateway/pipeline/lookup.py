@@ -1,8 +1,11 @@
-"""Stage 2 — lookup: in-process cache, then the store; argon2 only on a miss.
+"""Stage 2 — lookup: in-process cache, then the Redis cache, then the store; argon2 only on a miss.
 
 A verified key is cached under HMAC(pepper, full key), with everything the
 later stages need already parsed (networks, grants, servers, rate limit), so
-the hit path does no parsing. A miss reads the store and verifies the secret
+the hit path does no parsing and no I/O. A miss asks the shared Redis cache
+(when configured; see :mod:`gateway.shared_cache`), whose entries prove a
+verification already happened somewhere in the fleet, and only then reads
+the store and verifies the secret
 in a thread pool with bounded concurrency; concurrent misses for the same
 key share one verification. Unknown ids and wrong secrets are cached as
 negative entries briefly, and a failure limiter per key id and per client
@@ -21,6 +24,8 @@ from ..cache import KeyCache
 from ..keys import ParsedKey, SecretHasher, cache_key
 from ..models import KeyRecord
 from ..ratelimit_spec import RateLimitSpec, parse_rate_limit
+from ..redis_link import RedisUnavailable
+from ..shared_cache import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable
 from .allowlist import Network, parse_networks
 from .outcomes import Denied, Outcome
@@ -77,10 +82,11 @@ class KeyLookup:
     def __init__(
         self, store: KeyStore, *, pepper: bytes, hasher: SecretHasher, cache: KeyCache[CachedKey],
         default_rate_limit: RateLimitSpec, verify_concurrency: int = 2,
-        failures_per_key: int = 100, failures_per_client: int = 30,
+        failures_per_key: int = 100, failures_per_client: int = 30, shared: SharedKeyCache | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
+        self.shared = shared
         self._pepper = pepper
         self._hasher = hasher
         self._default_rate_limit = default_rate_limit
@@ -125,37 +131,74 @@ class KeyLookup:
         return found
 
     async def _load(self, parsed: ParsedKey, digest: str) -> CachedKey | None:
-        self.store_reads += 1
         generation = self.cache.generation
-        async with self.store.read() as tx:
-            record = await tx.get_key(parsed.key_id)
-            if record is None:
-                self.cache.put_negative(digest)
-                return None
-            role = await tx.get_role(record.role) if record.role else None
-            member = await tx.get_member(record.org, record.user) if record.user else None
-            member_role = await tx.get_role(member.role) if member else None
+        slot: Slot | None = None
+        if self.shared is not None:
+            try:
+                slot, found = await self.shared.fetch(parsed.key_id, digest)
+            except RedisUnavailable:
+                pass  # the store answers instead
+            else:
+                if found is NEGATIVE:
+                    self.cache.put_negative(digest)
+                    return None
+                if isinstance(found, KeyFacts):
+                    # SECURITY: an entry under this digest was written only after argon2
+                    # accepted this exact key, so it needs no second verification.
+                    entry = self._prepare(found)
+                    self.cache.put(digest, found.record.id, entry, generation=generation)
+                    return entry
+        facts = await self._read(parsed.key_id)
+        if facts is None:
+            self.cache.put_negative(digest)
+            await self._share(slot, None)
+            return None
         async with self._verify_slots:
             self.verifications += 1
             ok = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._hasher.verify, record.secret_hash, parsed.secret
+                self._executor, self._hasher.verify, facts.record.secret_hash, parsed.secret
             )
         if not ok:
             self.per_key.failed(parsed.key_id)
             self.cache.put_negative(digest)
+            await self._share(slot, None)
             return None
-        entry = self._prepare(record, role.grants if role else None, member is not None,
-                              member.role if member else None, member_role.grants if member_role else None)
+        entry = self._prepare(facts)
         # A change notice that arrived while we read and verified wins: this
         # request may use what it read, but the cache must not keep it.
-        self.cache.put(digest, record.id, entry, generation=generation)
+        self.cache.put(digest, facts.record.id, entry, generation=generation)
+        await self._share(slot, facts)
         return entry
 
-    def _prepare(
-        self, record: KeyRecord, role_grants: tuple[str, ...] | None, is_member: bool,
-        member_role: str | None, member_grants: tuple[str, ...] | None,
-    ) -> CachedKey:
+    async def _read(self, key_id: str) -> KeyFacts | None:
+        self.store_reads += 1
+        async with self.store.read() as tx:
+            record = await tx.get_key(key_id)
+            if record is None:
+                return None
+            role = await tx.get_role(record.role) if record.role else None
+            member = await tx.get_member(record.org, record.user) if record.user else None
+            member_role = await tx.get_role(member.role) if member else None
+        return KeyFacts(record, role.grants if role else None, member is not None,
+                        member.role if member else None, member_role.grants if member_role else None)
+
+    async def _share(self, slot: Slot | None, facts: KeyFacts | None) -> None:
+        """Tell the fleet what was verified; a Redis failure only costs others an argon2 run."""
+        if self.shared is None or slot is None:
+            return
+        try:
+            if facts is None:
+                await self.shared.put_negative(slot)
+            else:
+                await self.shared.put(slot, facts)
+        except RedisUnavailable:
+            pass
+
+    def _prepare(self, facts: KeyFacts) -> CachedKey:
         """Parse everything the hot path needs, once."""
+        record, role_grants, member_role, member_grants = (
+            facts.record, facts.role_grants, facts.member_role, facts.member_grants)
+        is_member = facts.is_member
         sets: list[GrantSet] = []
         if record.agent:
             # An agent key acts as its user: exactly the member's role.

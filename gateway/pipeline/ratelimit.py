@@ -2,9 +2,10 @@
 
 ``"100/minute"`` is a bucket of 100 tokens refilled at 100 per minute (a
 burst raises the capacity, not the rate); each request costs one token.
-Buckets live in this process (policy ``local``); the Redis policy of the
-scale-out issue implements the same :class:`RateLimiter` interface, which is
-why :meth:`LocalTokenBuckets.take` is async although it never waits.
+Buckets live in this process (policy ``local``); the Redis policies
+(:mod:`gateway.pipeline.ratelimit_redis`) implement the same
+:class:`RateLimiter` interface, which is why :meth:`LocalTokenBuckets.take`
+is async although it never waits.
 
 Only keys that passed every earlier stage reach this one, so a request that
 fails authentication is never charged to the bucket of the key it claims.
@@ -27,6 +28,7 @@ from .outcomes import Denied, Outcome
 # is 0.99999... tokens); without the slack such a request would be refused
 # and a wait of exactly 1 s would round up to 2.
 _EPSILON = 1e-9
+DEGRADED_HEADER = "X-Keygate-RateLimit-Degraded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +106,16 @@ class LocalTokenBuckets:
         allowed = bucket.tokens >= 1.0 - _EPSILON
         if allowed:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
-        return _decision(allowed, spec, bucket.tokens)
+        return bucket_decision(allowed, spec, bucket.tokens)
 
     def peek(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
         """What a request would be told about the bucket now, without charging it."""
         bucket = self._buckets.get(key_id)
         if bucket is None:
-            return _decision(True, spec, float(spec.capacity))
+            return bucket_decision(True, spec, float(spec.capacity))
         elapsed = max(0.0, self._clock() - bucket.stamp)
         tokens = min(spec.capacity, bucket.tokens + elapsed * spec.limit / spec.window)
-        return _decision(tokens >= 1.0 - _EPSILON, spec, tokens)
+        return bucket_decision(tokens >= 1.0 - _EPSILON, spec, tokens)
 
     def _shrink(self, now: float, *, keep: str) -> None:
         """Bring the bucket count back under ``max_keys``.
@@ -138,7 +140,7 @@ class LocalTokenBuckets:
                 del self._buckets[oldest]
 
 
-def _decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLimitDecision:
+def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLimitDecision:
     """The decision for a bucket left holding ``tokens``."""
     # window / limit rather than 1 / refill_per_second, so that
     # "100/minute" is full again in exactly 60 s, not 60.000...1 (61).
@@ -164,6 +166,9 @@ def ratelimit_headers(decision: RateLimitDecision) -> dict[str, str]:
     }
     if decision.retry_after is not None:
         headers["Retry-After"] = str(decision.retry_after)
+    if decision.degraded:
+        # Tells operators (and clients) that the global limit was not consulted.
+        headers[DEGRADED_HEADER] = "1"
     return headers
 
 

@@ -1,4 +1,4 @@
-"""Keygate benchmark: nginx direct vs. a thin aiohttp proxy vs. Keygate (1 and 2 workers).
+"""Keygate benchmark: nginx direct vs. a thin aiohttp proxy vs. Keygate (1 and 2 workers), and Keygate's Redis policies.
 
 Run from the repository root (needs ``nginx`` and ``wrk`` on PATH; on Debian
 ``apt-get install -y nginx wrk``)::
@@ -38,6 +38,14 @@ What it does:
    used more than 25 % of a core or more than 10 % was stolen is marked
    DISTURBED and repeated, up to ``--retries`` times, and left out of the
    medians unless all of a target's runs were disturbed;
+   With Redis (unless ``--no-redis``; needs ``redis-server`` on PATH) it
+   also starts a ``redis-server`` of its own on a free port and two more
+   one-worker Keygates configured like ``keygate_1w`` plus ``redis.url``:
+   ``kg_redis`` (``ratelimit.policy = "redis"``: one Lua script call per
+   request) and ``kg_local1st`` (``"local-first"``: tokens leased in
+   batches); their throughput is reported as ratios to ``keygate_1w`` (the
+   in-process policy) measured in the same run, target >= 0.85 for
+   local-first;
 5. prints the median over rounds of requests/s, p50, p99 and cpu us/req per
    target and the ratios against the targets of issue 3 (keygate_1w ≥ 0.90 ×
    thin throughput, keygate_1w p99 ≤ 1.20 × thin p99, each PASS/FAIL), plus
@@ -111,6 +119,7 @@ BODY = b"ok\n"
 RECORDER_FLUSH = 5.0  # Keygate's default recorder.flush_interval, seconds
 TARGET_THROUGHPUT = 0.90
 TARGET_P99 = 1.20
+TARGET_LOCAL_FIRST = 0.85  # local-first Redis policy / in-process policy, throughput
 # A measured run during which other work used more than this much of a core, or the hypervisor
 # stole more than this much, is repeated (up to --retries times).
 DISTURBED_OTHER_PCT = 25.0
@@ -428,8 +437,9 @@ async def _create_key(store_url: str) -> str:
         await store.close()
 
 
-def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int) -> Target:
-    name = f"keygate_{workers}w"
+def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *, name: str | None = None,
+                  extra_env: dict[str, str] | None = None) -> Target:
+    name = name or f"keygate_{workers}w"
     home = folder / name
     home.mkdir()
     proxy_port, admin_port = free_port(), free_port()
@@ -439,7 +449,7 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int) -
                                             db=home / "keygate.db", upstream=upstream))
     key = asyncio.run(_create_key(store_url))
     log = home / "keygate.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | (extra_env or {})
     process = procs.start(name, [KEYGATE, "--config", str(config), "serve", "--workers", str(workers)],
                           log=log, env=env)
     admin = f"http://127.0.0.1:{admin_port}"
@@ -458,6 +468,37 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int) -
         raise BenchError(f"{exc}\n{tail(log)}") from None
     return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids,
                   all_pids=[process.pid, *_children(process.pid)], flushes=True)
+
+
+def start_redis(procs: Processes, folder: Path) -> str:
+    """A redis-server of the bench's own on a free port (no persistence); its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found: apt-get install -y redis-server (or pass --no-redis)")
+    port = free_port()
+    home = folder / "redis"
+    home.mkdir()
+    log = home / "redis.log"
+    process = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(home)], log=log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"redis-server exited with status {process.returncode}\n{tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"redis-server on port {port} did not answer\n{tail(log)}")
+
+
+def redis_policy_env(redis_url: str, policy: str) -> dict[str, str]:
+    # Each Keygate gets its own prefix: the two policies must not share buckets or cache entries.
+    return {"KEYGATE_REDIS__URL": redis_url, "KEYGATE_REDIS__PREFIX": f"bench-{policy}:",
+            "KEYGATE_RATELIMIT__POLICY": policy}
 
 
 def check_target(target: Target) -> None:
@@ -636,6 +677,27 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                             "target": None, "pass": None},
         "thin/nginx throughput": {"value": thin["requests_per_s"] / summary["nginx"]["requests_per_s"],
                                   "target": None, "pass": None},
+        **redis_ratios(summary),
+    }
+
+
+def redis_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Redis policies against the in-process policy (keygate_1w) of the same run."""
+    if "kg_redis" not in summary:
+        return {}
+    local = summary["keygate_1w"]["requests_per_s"]
+    exact = summary["kg_redis"]["requests_per_s"] / local
+    first = summary["kg_local1st"]["requests_per_s"] / local
+    return {
+        "kg_redis/keygate_1w throughput": {"value": exact, "target": None, "pass": None},
+        "kg_local1st/keygate_1w throughput": {"value": first, "target": f">= {TARGET_LOCAL_FIRST}",
+                                                "pass": first >= TARGET_LOCAL_FIRST},
+        "kg_redis/keygate_1w p99": {"value": summary["kg_redis"]["p99_ms"] / summary["keygate_1w"]["p99_ms"],
+                                    "target": None, "pass": None},
+        # CPU per request moves least when the machine is busy: the cost of each policy per request.
+        **{f"{name}/keygate_1w CPU per request": {
+            "value": summary[name]["cpu_us_per_request"] / summary["keygate_1w"]["cpu_us_per_request"],
+            "target": None, "pass": None} for name in ("kg_redis", "kg_local1st")},
     }
 
 
@@ -701,6 +763,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=2,
                         help="times a run disturbed by other load or hypervisor steal is repeated (2)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    parser.add_argument("--no-redis", dest="redis", action="store_false",
+                        help="leave out the Redis policy targets (kg_redis, kg_local1st)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.rounds < 1 or args.threads < 1 or args.retries < 0:
@@ -722,6 +786,14 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     keygate_2w = start_keygate(procs, folder, nginx.url, workers=2)
     thin = start_thin(procs, folder, nginx.url, keygate_1w.key or "")
     targets = [nginx, thin, keygate_1w, keygate_2w]
+    if args.redis:
+        # Issue 4: the same Keygate (1 worker) with global rate limits in Redis, exact and local-first.
+        redis_url = start_redis(procs, folder)
+        targets += [
+            start_keygate(procs, folder, nginx.url, workers=1, name=name,
+                          extra_env=redis_policy_env(redis_url, policy))
+            for name, policy in (("kg_redis", "redis"), ("kg_local1st", "local-first"))
+        ]
     for target in targets:
         check_target(target)
         print(f"  {target.name:<11} {target.url}  pids {' '.join(map(str, target.pids))}")

@@ -11,6 +11,7 @@ import pytest
 from gateway.cache import KeyCache
 from gateway.keys import SecretHasher
 from gateway.models import KeyRecord
+from gateway.shared_cache import KeyFacts
 from gateway.pipeline.lookup import CachedKey, KeyLookup
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.status import check_status
@@ -41,7 +42,7 @@ def lookup() -> Iterator[KeyLookup]:
 
 def prepared(lookup: KeyLookup, *, is_member: bool = True, **changes: object) -> CachedKey:
     record = replace(RECORD, **changes)  # type: ignore[arg-type]
-    return lookup._prepare(record, ("*",), is_member, "member" if is_member else None, ("*",))
+    return lookup._prepare(KeyFacts(record, ("*",), is_member, "member" if is_member else None, ("*",)))
 
 
 @pytest.mark.parametrize(

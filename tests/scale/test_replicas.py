@@ -1,0 +1,96 @@
+"""Three replicas with two workers each on one PostgreSQL and one Redis: global limits, fleet-wide revocation.
+
+Every request goes on a new connection, so SO_REUSEPORT spreads them over
+both workers of each replica: six processes decide, one bucket counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio
+
+from ..e2e.harness import Upstream
+from ..redis_server import SHARED_REDIS_URL, drop_prefix, unique_prefix
+from .fleet import Fleet, by_status, statuses
+
+LIMIT = 30
+HOUR = 3600.0
+
+
+@pytest.fixture(scope="module")
+def fleet(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    prefix = unique_prefix()
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), upstream, SHARED_REDIS_URL, prefix, policy="redis")
+    try:
+        yield fleet.start()
+    finally:
+        fleet.stop()
+        drop_prefix(SHARED_REDIS_URL, prefix)
+
+
+def urls(fleet: Fleet, per_replica: int) -> list[str]:
+    return [r.proxy_url for _ in range(per_replica) for r in fleet.replicas]
+
+
+# --- 200 / 429: one global bucket ------------------------------------------------------------------------
+
+
+async def test_exact_policy_allows_the_limit_in_total_across_replicas(fleet: Fleet) -> None:
+    """A 30/hour key hit 90 times across 3 replicas x 2 workers gets exactly 30 allowed, the rest 429."""
+    _, key = fleet.create_key("--role", "admin", "--rate-limit", f"{LIMIT}/hour")
+    started = time.monotonic()
+    results = await statuses(key, urls(fleet, 30))
+    refilled = int((time.monotonic() - started) * LIMIT / HOUR)  # one token per 2 minutes
+    counts = by_status(results)
+    assert set(counts) <= {200, 429}
+    assert LIMIT <= counts[200] <= LIMIT + refilled
+    # Every replica refused some: they all saw the one global bucket run dry.
+    assert {url for url, status, _ in results if status == 429} == {r.proxy_url for r in fleet.replicas}
+    assert not any("X-Keygate-RateLimit-Degraded" in headers for _, _, headers in results)
+
+
+# --- 401 after a change: every worker of every replica within 1 s ----------------------------------------
+
+
+@pytest.mark.parametrize("redis", [True, False], ids=["cli-publishes", "cli-without-redis"])
+async def test_cli_revoke_is_honoured_by_every_replica_within_a_second(fleet: Fleet, redis: bool) -> None:
+    """After `keygate keys revoke` returns, every replica refuses the key within 1 s (notice, or the feed)."""
+    key_id, key = fleet.create_key("--role", "admin")
+    assert by_status(await statuses(key, urls(fleet, 8))) == {200: 24}  # cached on (nearly) every worker
+    await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id, redis=redis)
+    await asyncio.sleep(1.0)
+    assert by_status(await statuses(key, urls(fleet, 10))) == {401: 30}
+
+
+async def test_role_change_reaches_every_replica_within_a_second(fleet: Fleet) -> None:
+    """Narrowing a role takes effect on every replica within 1 s: its keys get 403."""
+    fleet.cli("roles", "set", "scale-ops", "--grant", "read")
+    _, key = fleet.create_key("--role", "scale-ops")
+    assert by_status(await statuses(key, urls(fleet, 8))) == {200: 24}
+    await asyncio.to_thread(fleet.cli, "roles", "set", "scale-ops", "--grant", "deploy")
+    await asyncio.sleep(1.0)
+    assert by_status(await statuses(key, urls(fleet, 10))) == {403: 30}
+
+
+async def test_cli_publishes_its_changes_on_redis(fleet: Fleet) -> None:
+    """With redis.url set, `keygate keys revoke` announces the change on <prefix>changes."""
+    client = redis.asyncio.Redis.from_url(fleet.redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(fleet.redis_prefix + "changes")
+        key_id, _ = fleet.create_key("--role", "admin")
+        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id)
+        message = None
+        for _ in range(50):
+            message = await pubsub.get_message(timeout=0.1)
+            if message is not None:
+                break
+        assert message is not None and json.loads(message["data"]) == [["key", key_id]]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
