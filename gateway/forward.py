@@ -31,35 +31,44 @@ _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-we
 VIA = "1.1 keygate"
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
-    return HOP_BY_HOP | named if named else HOP_BY_HOP
+def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    """``base`` plus the headers the ``Connection`` header names (hop-by-hop too, RFC 9110 section 7.6.1)."""
+    connection = headers.getall("Connection", ())
+    if not connection:
+        return base
+    return base | {t.strip().lower() for v in connection for t in v.split(",")}
+
+
+# Every combination of what an upstream request drops, built once rather than per request.
+_DROPPED: dict[tuple[bool, bool], frozenset[str]] = {
+    (websocket, pass_credentials): HOP_BY_HOP | _REPLACED | (_WS_HANDSHAKE if websocket else frozenset())
+    | (frozenset() if pass_credentials else frozenset({"authorization"}))
+    for websocket in (False, True) for pass_credentials in (False, True)
+}
 
 
 def upstream_request_headers(
     request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
-    client_ip: str | None, peer_trusted: bool, request_id: str, websocket: bool = False,
+    client_ip: str | None, peer: str, peer_trusted: bool, request_id: str, websocket: bool = False,
 ) -> CIMultiDict[str]:
-    drop = _connection_named(request.headers) | _REPLACED
-    if websocket:
-        drop |= _WS_HANDSHAKE
+    headers = request.headers
+    drop = _connection_named(headers, _DROPPED[websocket, pass_credentials])
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
+    for name, value in headers.items():
         lower = name.lower()
+        # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
+        # and the key goes upstream only where a route says pass_credentials.
         if lower in drop or lower.startswith("x-keygate-"):
-            # SECURITY: clients must not be able to forge identity headers.
-            continue
-        if lower == "authorization" and not pass_credentials:
             continue
         out.add(name, value)
-    forwarded_for = request.headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
+    forwarded_for = headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
     # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
-    chain = [*forwarded_for, _peer(request)] if forwarded_for else [client_ip or _peer(request)]
+    chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
     out["X-Forwarded-For"] = ", ".join(hop for hop in chain if hop)
-    proto = request.headers.get("X-Forwarded-Proto") if peer_trusted else None
+    proto = headers.get("X-Forwarded-Proto") if peer_trusted else None
     out["X-Forwarded-Proto"] = proto or request.scheme
-    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host") if peer_trusted and \
-        "X-Forwarded-Host" in request.headers else request.host
+    forwarded_host = headers.get("X-Forwarded-Host") if peer_trusted else None
+    out["X-Forwarded-Host"] = forwarded_host if forwarded_host is not None else request.host
     out.add("Via", VIA)
     out["X-Request-Id"] = request_id
     for name, value in identity:
@@ -68,17 +77,12 @@ def upstream_request_headers(
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _connection_named(upstream)
+    drop = _connection_named(upstream, HOP_BY_HOP)
     out: CIMultiDict[str] = CIMultiDict(
         (name, value) for name, value in upstream.items() if name.lower() not in drop
     )
     out.add("Via", VIA)
     return out
-
-
-def _peer(request: web.BaseRequest) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return peer[0] if peer else ""
 
 
 class _Body:
@@ -150,11 +154,25 @@ class Forwarder:
         except Exception as exc:
             raise self._failure(exc, body) from None
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=response_headers(upstream.headers))
-            response.headers.update(extra_response_headers)
+            headers = response_headers(upstream.headers)
+            headers.update(extra_response_headers)
+            try:
+                # What has arrived already, without waiting: for most answers, the whole body.
+                first = upstream.content.read_nowait(CHUNK)
+            except (aiohttp.ClientError, TimeoutError):
+                first = b""  # the stream below meets the same error, after the headers as before
+            if upstream.content.at_eof():
+                # The whole body is here: headers and body leave in one write (one
+                # syscall less per request than prepare() + write() + write_eof()).
+                whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=first)
+                await whole.prepare(request)
+                await whole.write_eof()
+                return whole
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await response.prepare(request)
             try:
+                if first:
+                    await response.write(first)
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError):
