@@ -31,10 +31,14 @@ _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-we
 VIA = "1.1 keygate"
 
 
+# Connection values that name no header beyond the hop-by-hop ones: by far the most common.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+
+
 def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
     """``base`` plus the headers the ``Connection`` header names (hop-by-hop too, RFC 9110 section 7.6.1)."""
     connection = headers.getall("Connection", ())
-    if not connection:
+    if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
         return base
     return base | {t.strip().lower() for v in connection for t in v.split(",")}
 
@@ -77,10 +81,9 @@ def upstream_request_headers(
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _connection_named(upstream, HOP_BY_HOP)
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in drop
-    )
+    out = upstream.copy()
+    for name in _connection_named(upstream, HOP_BY_HOP):
+        out.popall(name, None)
     out.add("Via", VIA)
     return out
 
@@ -118,36 +121,37 @@ class Forwarder:
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
         self.upstream_errors = 0
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        # Per upstream, made on first use: its base URL and its timeouts.
+        self._upstreams: dict[str, tuple[str, aiohttp.ClientTimeout]] = {}
 
-    def _timeout(self, target: Target) -> aiohttp.ClientTimeout:
+    def _upstream(self, target: Target) -> tuple[str, aiohttp.ClientTimeout]:
         up = target.upstream
-        timeout = self._timeouts.get(up.name)
-        if timeout is None:
+        known = self._upstreams.get(up.name)
+        if known is None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.timeout)
-            self._timeouts[up.name] = timeout
-        return timeout
+            known = self._upstreams[up.name] = (up.url.rstrip("/"), timeout)
+        return known
 
-    @staticmethod
-    def url(target: Target, request: web.BaseRequest) -> URL:
+    def url(self, target: Target, request: web.BaseRequest) -> URL:
         # raw_path keeps the client's exact encoding (and query) for the upstream.
-        return URL(target.upstream.url.rstrip("/") + request.raw_path, encoded=True)
+        return URL(self._upstream(target)[0] + request.raw_path, encoded=True)
 
     async def forward(
         self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
-        length = request.content_length
-        if self.max_body_size and length is not None and length > self.max_body_size:
-            raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
-        body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout) \
-            if request.body_exists else None
+        body: _Body | None = None
+        if request.body_exists:
+            length = request.content_length
+            if self.max_body_size and length is not None and length > self.max_body_size:
+                raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
+            body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout)
         try:
             upstream = await self.session.request(
                 request.method, self.url(target, request), headers=headers,
                 data=body.__aiter__() if body is not None else None,
-                allow_redirects=False, timeout=self._timeout(target), compress=None,
+                allow_redirects=False, timeout=self._upstream(target)[1], compress=None,
             )
         except Denied:
             raise

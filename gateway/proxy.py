@@ -21,7 +21,7 @@ from .forward import Forwarder, upstream_request_headers
 from .keys import KeyParser
 from .models import RequestRecord
 from .pipeline.allowlist import check_allowlist
-from .pipeline.client_ip import ClientIpResolver, IPAddress
+from .pipeline.client_ip import ClientIpResolver, IPAddress, address_text
 from .pipeline.credential import bearer_credential
 from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.outcomes import Denied, Outcome
@@ -83,7 +83,7 @@ class Gateway:
             #    the order of refusals stays DESIGN's, and the lookup's failure
             #    limiter needs it to count per real client behind trusted proxies.
             client_ip = self.client_ips.resolve(peer, request.headers.getall("X-Forwarded-For", ()))
-            client = str(client_ip) if client_ip is not None else None
+            client = address_text(client_ip) if client_ip is not None else None
             # 2. Lookup: cache, store, argon2 on a miss.
             key = await self.lookup.lookup(parsed, str(client))
             # 3. Status: revoked, expired, member removed.
@@ -152,11 +152,12 @@ class Gateway:
         duration_ms = (time.perf_counter() - started) * 1000.0
         if key is not None and outcome is Outcome.ALLOWED and status != CLIENT_CLOSED:
             self.recorder.key_used(key.record.id, now, client or None)
-        self.decisions[outcome.value] = self.decisions.get(outcome.value, 0) + 1
+        decision = outcome.value
+        self.decisions[decision] = self.decisions.get(decision, 0) + 1
         record = RequestRecord(
             at=now, key_id=key_id, method=request.method, path=request.path,
             server=target.server if target else None, operation=target.operation if target else None,
-            decision=outcome.value, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
+            decision=decision, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
             reason=None if outcome is Outcome.ALLOWED else reason,
         )
         self.recorder.request(record)

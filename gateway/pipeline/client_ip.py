@@ -36,6 +36,12 @@ def _parse_peer(peer: str) -> IPAddress | None:
     return parse_ip(peer)
 
 
+@lru_cache(maxsize=4096)
+def address_text(ip: IPAddress) -> str:
+    """``str(ip)``, made once per address (``ipaddress`` builds the text anew on every call)."""
+    return str(ip)
+
+
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
