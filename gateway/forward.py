@@ -68,15 +68,17 @@ def upstream_request_headers(
     forwarded_for = headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
     # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
     chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
-    out["X-Forwarded-For"] = ", ".join(hop for hop in chain if hop)
     proto = headers.get("X-Forwarded-Proto") if peer_trusted else None
-    out["X-Forwarded-Proto"] = proto or request.scheme
     forwarded_host = headers.get("X-Forwarded-Host") if peer_trusted else None
-    out["X-Forwarded-Host"] = forwarded_host if forwarded_host is not None else request.host
-    out.add("Via", VIA)
-    out["X-Request-Id"] = request_id
-    for name, value in identity:
-        out[name] = value
+    # All but Via were dropped from the client's headers above, so adding never duplicates one.
+    out.extend((
+        ("X-Forwarded-For", ", ".join(hop for hop in chain if hop)),
+        ("X-Forwarded-Proto", proto or request.scheme),
+        ("X-Forwarded-Host", forwarded_host if forwarded_host is not None else request.host),
+        ("Via", VIA),
+        ("X-Request-Id", request_id),
+        *identity,
+    ))
     return out
 
 
