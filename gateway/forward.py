@@ -33,54 +33,63 @@ _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-we
 VIA = "1.1 keygate"
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
-    return HOP_BY_HOP | named if named else HOP_BY_HOP
+# Connection values that name no header beyond the hop-by-hop ones: by far the most common.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+
+
+def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    """``base`` plus the headers the ``Connection`` header names (hop-by-hop too, RFC 9110 section 7.6.1)."""
+    connection = headers.getall("Connection", ())
+    if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
+        return base
+    return base | {t.strip().lower() for v in connection for t in v.split(",")}
+
+
+# Every combination of what an upstream request drops, built once rather than per request.
+_DROPPED: dict[tuple[bool, bool], frozenset[str]] = {
+    (websocket, pass_credentials): HOP_BY_HOP | _REPLACED | (_WS_HANDSHAKE if websocket else frozenset())
+    | (frozenset() if pass_credentials else frozenset({"authorization"}))
+    for websocket in (False, True) for pass_credentials in (False, True)
+}
 
 
 def upstream_request_headers(
     request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
-    client_ip: str | None, peer_trusted: bool, request_id: str, websocket: bool = False,
+    client_ip: str | None, peer: str, peer_trusted: bool, request_id: str, websocket: bool = False,
 ) -> CIMultiDict[str]:
-    drop = _connection_named(request.headers) | _REPLACED
-    if websocket:
-        drop |= _WS_HANDSHAKE
+    headers = request.headers
+    drop = _connection_named(headers, _DROPPED[websocket, pass_credentials])
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
+    for name, value in headers.items():
         lower = name.lower()
+        # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
+        # and the key goes upstream only where a route says pass_credentials.
         if lower in drop or lower.startswith("x-keygate-"):
-            # SECURITY: clients must not be able to forge identity headers.
-            continue
-        if lower == "authorization" and not pass_credentials:
             continue
         out.add(name, value)
-    forwarded_for = request.headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
+    forwarded_for = headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
     # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
-    chain = [*forwarded_for, _peer(request)] if forwarded_for else [client_ip or _peer(request)]
-    out["X-Forwarded-For"] = ", ".join(hop for hop in chain if hop)
-    proto = request.headers.get("X-Forwarded-Proto") if peer_trusted else None
-    out["X-Forwarded-Proto"] = proto or request.scheme
-    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host") if peer_trusted and \
-        "X-Forwarded-Host" in request.headers else request.host
-    out.add("Via", VIA)
-    out["X-Request-Id"] = request_id
-    for name, value in identity:
-        out[name] = value
+    chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
+    proto = headers.get("X-Forwarded-Proto") if peer_trusted else None
+    forwarded_host = headers.get("X-Forwarded-Host") if peer_trusted else None
+    # All but Via were dropped from the client's headers above, so adding never duplicates one.
+    out.extend((
+        ("X-Forwarded-For", ", ".join(hop for hop in chain if hop)),
+        ("X-Forwarded-Proto", proto or request.scheme),
+        ("X-Forwarded-Host", forwarded_host if forwarded_host is not None else request.host),
+        ("Via", VIA),
+        ("X-Request-Id", request_id),
+        *identity,
+    ))
     return out
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _connection_named(upstream)
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in drop
-    )
+    out = upstream.copy()
+    for name in _connection_named(upstream, HOP_BY_HOP):
+        out.popall(name, None)
     out.add("Via", VIA)
     return out
-
-
-def _peer(request: web.BaseRequest) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return peer[0] if peer else ""
 
 
 class _Body:
@@ -116,39 +125,40 @@ class Forwarder:
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
         self.upstream_errors = 0
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        # Per upstream, made on first use: its base URL and its timeouts.
+        self._upstreams: dict[str, tuple[str, aiohttp.ClientTimeout]] = {}
         # Per upstream: time until the upstream's response headers arrived.
         self.upstream_latency: dict[str, Histogram] = {}
 
-    def _timeout(self, target: Target) -> aiohttp.ClientTimeout:
+    def _upstream(self, target: Target) -> tuple[str, aiohttp.ClientTimeout]:
         up = target.upstream
-        timeout = self._timeouts.get(up.name)
-        if timeout is None:
+        known = self._upstreams.get(up.name)
+        if known is None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.timeout)
-            self._timeouts[up.name] = timeout
-        return timeout
+            known = self._upstreams[up.name] = (up.url.rstrip("/"), timeout)
+        return known
 
-    @staticmethod
-    def url(target: Target, request: web.BaseRequest) -> URL:
+    def url(self, target: Target, request: web.BaseRequest) -> URL:
         # raw_path keeps the client's exact encoding (and query) for the upstream.
-        return URL(target.upstream.url.rstrip("/") + request.raw_path, encoded=True)
+        return URL(self._upstream(target)[0] + request.raw_path, encoded=True)
 
     async def forward(
         self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
-        length = request.content_length
-        if self.max_body_size and length is not None and length > self.max_body_size:
-            raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
-        body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout) \
-            if request.body_exists else None
+        body: _Body | None = None
+        if request.body_exists:
+            length = request.content_length
+            if self.max_body_size and length is not None and length > self.max_body_size:
+                raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
+            body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout)
         started = time.perf_counter()
         try:
             upstream = await self.session.request(
                 request.method, self.url(target, request), headers=headers,
                 data=body.__aiter__() if body is not None else None,
-                allow_redirects=False, timeout=self._timeout(target), compress=None,
+                allow_redirects=False, timeout=self._upstream(target)[1], compress=None,
             )
         except Denied:
             raise
@@ -159,11 +169,25 @@ class Forwarder:
             latency = self.upstream_latency[target.upstream.name] = Histogram()
         latency.observe(time.perf_counter() - started)
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=response_headers(upstream.headers))
-            response.headers.update(extra_response_headers)
+            headers = response_headers(upstream.headers)
+            headers.update(extra_response_headers)
+            try:
+                # What has arrived already, without waiting: for most answers, the whole body.
+                first = upstream.content.read_nowait(CHUNK)
+            except (aiohttp.ClientError, TimeoutError):
+                first = b""  # the stream below meets the same error, after the headers as before
+            if upstream.content.at_eof():
+                # The whole body is here: headers and body leave in one write (one
+                # syscall less per request than prepare() + write() + write_eof()).
+                whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=first)
+                await whole.prepare(request)
+                await whole.write_eof()
+                return whole
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await response.prepare(request)
             try:
+                if first:
+                    await response.write(first)
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError):

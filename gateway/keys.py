@@ -45,20 +45,21 @@ class ParsedKey:
     key_id: str
     # SECURITY: never in a repr, so never in a log line or a traceback.
     secret: str = field(repr=False)
+    # The full text as presented, when parsed from it: spares recomputing the checksum.
+    text: str = field(default="", repr=False, compare=False)
 
     @property
     def full(self) -> str:
         """The full key text, as shown once to its owner."""
+        if self.text:
+            return self.text
         body = self.key_id + self.secret
         return body + checksum(body)
 
 
-def _base62(number: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        number, rem = divmod(number, 62)
-        chars.append(BASE62[rem])
-    return "".join(reversed(chars))
+# Every two-digit base62 number, so a checksum is three lookups rather than six divisions.
+_BASE62_PAIRS = tuple(a + b for a in BASE62 for b in BASE62)
+_PAIR = len(_BASE62_PAIRS)  # 62 ** 2
 
 
 def random_base62(length: int) -> str:
@@ -67,7 +68,9 @@ def random_base62(length: int) -> str:
 
 def checksum(text: str) -> str:
     """Six base62 characters of CRC32 over ``text`` (62**6 > 2**32, so nothing is lost)."""
-    return _base62(zlib.crc32(text.encode("ascii")), CHECKSUM_LENGTH)
+    high, low = divmod(zlib.crc32(text.encode("ascii")), _PAIR * _PAIR)
+    middle, low = divmod(low, _PAIR)
+    return _BASE62_PAIRS[high] + _BASE62_PAIRS[middle] + _BASE62_PAIRS[low]
 
 
 def generate(prefix: str) -> ParsedKey:
@@ -108,6 +111,7 @@ class KeyParser:
             prefix=prefix,
             key_id=text[: split + ID_LENGTH],
             secret=body[ID_LENGTH : ID_LENGTH + SECRET_LENGTH],
+            text=text,
         )
 
 
@@ -134,3 +138,15 @@ class SecretHasher:
 def cache_key(pepper: bytes, full_key: str) -> str:
     """HMAC-SHA256(pepper, key) in hex: what caches are keyed by, never the key itself."""
     return hmac.new(pepper, full_key.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+class CacheKeyer:
+    """:func:`cache_key` for one pepper, with the pepper's HMAC set-up done once rather than per request."""
+
+    def __init__(self, pepper: bytes) -> None:
+        self._keyed = hmac.new(pepper, digestmod=hashlib.sha256)
+
+    def __call__(self, full_key: str) -> str:
+        mac = self._keyed.copy()
+        mac.update(full_key.encode("ascii"))
+        return mac.hexdigest()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -22,7 +22,7 @@ from .keys import KeyParser
 from .latency import Histogram
 from .models import RequestRecord
 from .pipeline.allowlist import check_allowlist
-from .pipeline.client_ip import ClientIpResolver, IPAddress
+from .pipeline.client_ip import ClientIpResolver, IPAddress, address_text
 from .pipeline.credential import bearer_credential
 from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.outcomes import Denied, Outcome, decision_of
@@ -43,7 +43,8 @@ CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-reque
 def request_id_of(request: web.BaseRequest) -> str:
     """The client's X-Request-Id if it is sane, else a fresh one."""
     given = request.headers.get("X-Request-Id")
-    return given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    # 32 hex digits like a uuid4's, from the same kind of randomness at a quarter of the cost.
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
 
 
 class Gateway:
@@ -69,10 +70,11 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_of(request)
-        peer = _peer(request)
+        peer = request.remote or ""
         key: CachedKey | None = None
         key_id: str | None = None
         client_ip: IPAddress | None = None
+        client: str | None = None  # client_ip as text, made once for the lookup, headers and record
         target: Target | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
@@ -85,8 +87,9 @@ class Gateway:
             #    the order of refusals stays DESIGN's, and the lookup's failure
             #    limiter needs it to count per real client behind trusted proxies.
             client_ip = self.client_ips.resolve(peer, request.headers.getall("X-Forwarded-For", ()))
+            client = address_text(client_ip) if client_ip is not None else None
             # 2. Lookup: cache, store, argon2 on a miss.
-            key = await self.lookup.lookup(parsed, str(client_ip))
+            key = await self.lookup.lookup(parsed, str(client))
             # 3. Status: revoked, expired, member removed.
             check_status(key, time.time())
             # 5. IP allowlist.
@@ -97,7 +100,7 @@ class Gateway:
             # 7. Rate limit: only keys that passed every check above are charged.
             decision = await check_rate_limit(self.limiter, key.record.id, key.rate_limit)
             # 8. Forward.
-            response = await self._forward(request, key, target, client_ip, peer, request_id,
+            response = await self._forward(request, key, target, client, peer, request_id,
                                            ratelimit_headers(decision))
             status = response.status
             return response
@@ -128,20 +131,19 @@ class Gateway:
             return response
         finally:
             # 9. Record: buffered, written in batches off the request path.
-            client = str(client_ip) if client_ip is not None else peer
-            self._record(request, key, key_id, target, outcome, reason, status, client, started)
+            self._record(request, key, key_id, target, outcome, reason, status, client or peer, started)
 
     async def _forward(
-        self, request: web.BaseRequest, key: CachedKey, target: Target, client_ip: IPAddress | None,
+        self, request: web.BaseRequest, key: CachedKey, target: Target, client_ip: str | None,
         peer: str, request_id: str, rate_headers: dict[str, str],
     ) -> web.StreamResponse:
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         headers = upstream_request_headers(
             request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
-            client_ip=str(client_ip) if client_ip is not None else None,
-            peer_trusted=self.client_ips.is_trusted_peer(peer), request_id=request_id, websocket=websocket,
+            client_ip=client_ip, peer=peer, peer_trusted=self.client_ips.is_trusted_peer(peer),
+            request_id=request_id, websocket=websocket,
         )
-        rate_headers = {**rate_headers, "X-Request-Id": request_id}
+        rate_headers["X-Request-Id"] = request_id  # a fresh dict per request
         if websocket:
             return await self.forwarder.websocket(request, target, headers, rate_headers)
         return await self.forwarder.forward(request, target, headers, rate_headers)
@@ -156,11 +158,12 @@ class Gateway:
         duration_ms = elapsed * 1000.0
         if key is not None and outcome is Outcome.ALLOWED and status != CLIENT_CLOSED:
             self.recorder.key_used(key.record.id, now, client or None)
-        self.decisions[outcome.value] = self.decisions.get(outcome.value, 0) + 1
+        decision = outcome.value
+        self.decisions[decision] = self.decisions.get(decision, 0) + 1
         record = RequestRecord(
             at=now, key_id=key_id, method=request.method, path=request.path,
             server=target.server if target else None, operation=target.operation if target else None,
-            decision=outcome.value, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
+            decision=decision, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
             reason=None if outcome is Outcome.ALLOWED else reason,
         )
         self.recorder.request(record)
@@ -176,12 +179,6 @@ def _started(request: web.BaseRequest) -> bool:
     """Whether a response has begun (then a new one cannot be sent)."""
     return getattr(request, "_payload_writer", None) is not None and \
         getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
-
-
-def _peer(request: web.BaseRequest) -> str:
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return peer[0] if peer else ""
 
 
 __all__ = ["Gateway", "request_id_of", "status_of"]

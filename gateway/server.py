@@ -27,6 +27,7 @@ from aiohttp import web
 from .admin.listener import admin_app
 from .app import Runtime, StartupError, prepare_store, runtime, store_options, warn_if_exposed
 from .config import Settings
+from .heap import settle_heap
 from .http_server import ProxyHTTPServer
 from .logs import configure_logging
 from .store import StoreError, create_store
@@ -67,6 +68,8 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
         admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
         await proxy_runner.setup()
         await admin_runner.setup()
+        # Everything long-lived exists now; what follows is per request.
+        settle_heap()
         try:
             sites = []
             for runner, listen in ((proxy_runner, settings.proxy.listen), (admin_runner, settings.admin.listen)):

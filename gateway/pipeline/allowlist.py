@@ -19,5 +19,8 @@ def check_allowlist(networks: Sequence[Network], client_ip: IPAddress | None) ->
     """An empty allowlist allows any client; otherwise the client must be in one network."""
     if not networks:
         return
-    if client_ip is None or not any(client_ip in net for net in networks):
-        raise Denied(Outcome.IP_NOT_ALLOWED, f"client {client_ip} not in allowlist")
+    if client_ip is not None:
+        for net in networks:
+            if client_ip in net:
+                return
+    raise Denied(Outcome.IP_NOT_ALLOWED, f"client {client_ip} not in allowlist")

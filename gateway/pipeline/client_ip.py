@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -27,6 +28,18 @@ def parse_ip(text: str) -> IPAddress | None:
         if ip.scope_id:
             return ipaddress.IPv6Address(text.split("%", 1)[0])
     return ip
+
+
+@lru_cache(maxsize=4096)
+def _parse_peer(peer: str) -> IPAddress | None:
+    # A server sees the same few socket peers over and over: each is parsed once.
+    return parse_ip(peer)
+
+
+@lru_cache(maxsize=4096)
+def address_text(ip: IPAddress) -> str:
+    """``str(ip)``, made once per address (``ipaddress`` builds the text anew on every call)."""
+    return str(ip)
 
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -57,12 +70,12 @@ class ClientIpResolver:
         """Whether the socket peer is a trusted proxy (whose forwarding headers count)."""
         if not self._trusted:
             return False
-        ip = parse_ip(peer)
+        ip = _parse_peer(peer)
         return ip is not None and self._is_trusted(ip)
 
     def resolve(self, peer: str | None, forwarded_for: Sequence[str]) -> IPAddress | None:
         """The client's address, or None when it cannot be known (then no allowlist matches)."""
-        peer_ip = parse_ip(peer) if peer else None
+        peer_ip = _parse_peer(peer) if peer else None
         if peer_ip is None or not self._trusted or not self._is_trusted(peer_ip):
             return peer_ip
         hops = [hop for header in forwarded_for for hop in header.split(",")]

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..cache import KeyCache
-from ..keys import ParsedKey, SecretHasher, cache_key
+from ..keys import CacheKeyer, ParsedKey, SecretHasher
 from ..models import KeyRecord
 from ..ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..redis_link import RedisUnavailable
@@ -87,7 +87,7 @@ class KeyLookup:
         self.store = store
         self.cache = cache
         self.shared = shared
-        self._pepper = pepper
+        self._cache_key = CacheKeyer(pepper)
         self._hasher = hasher
         self._default_rate_limit = default_rate_limit
         self._executor = ThreadPoolExecutor(max_workers=verify_concurrency, thread_name_prefix="argon2")
@@ -103,7 +103,7 @@ class KeyLookup:
 
     async def lookup(self, parsed: ParsedKey, client: str) -> CachedKey:
         """The cached key, or Denied(INVALID_TOKEN); StoreUnavailable when it cannot be known."""
-        digest = cache_key(self._pepper, parsed.full)
+        digest = self._cache_key(parsed.full)
         cached = self.cache.get(digest)
         if cached is not None:
             return cached

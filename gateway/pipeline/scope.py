@@ -134,6 +134,11 @@ def _compile(route: RouteSettings, upstream: UpstreamSettings) -> _Route:
 class RouteTable:
     """Maps (method, raw path) to a :class:`Target`; the first matching route wins."""
 
+    # Paths are memoised up to this length, this many at a time: a service sees
+    # the same paths again and again, and a flood of new ones only evicts old ones.
+    MEMO_PATH_LENGTH = 256
+    MEMO_SIZE = 1024
+
     def __init__(self, routes: Sequence[RouteSettings], upstreams: Sequence[UpstreamSettings]) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -144,20 +149,34 @@ class RouteTable:
             True: Target(self.default, self.default.name, "read", False),
             False: Target(self.default, self.default.name, "write", False),
         }
+        self._memo: dict[tuple[str, str], Target] = {}
 
     def match(self, method: str, raw_path: str) -> Target:
-        if self._routes:
-            # SECURITY: the raw path goes upstream unchanged, and upstreams read
-            # "/deploy/", "//deploy", "/x/../deploy" or "/%64eploy" as "/deploy";
-            # matching one literal spelling would let the others fall through to
-            # the catch-all operation.
-            segments = path_segments(raw_path)
-            for route in self._routes:
-                if route.methods and method not in route.methods:
-                    continue
-                server = route.server_of(segments)
-                if server is not None:
-                    return Target(route.upstream, server, route.operation, route.pass_credentials)
+        if not self._routes:
+            return self._catch_all[method in READ_METHODS]
+        # The query never takes part in matching.
+        path = raw_path.partition("?")[0]
+        target = self._memo.get((method, path))
+        if target is None:
+            target = self._match(method, path)
+            if len(path) <= self.MEMO_PATH_LENGTH:
+                if len(self._memo) >= self.MEMO_SIZE:
+                    del self._memo[next(iter(self._memo))]
+                self._memo[method, path] = target
+        return target
+
+    def _match(self, method: str, path: str) -> Target:
+        # SECURITY: the raw path goes upstream unchanged, and upstreams read
+        # "/deploy/", "//deploy", "/x/../deploy" or "/%64eploy" as "/deploy";
+        # matching one literal spelling would let the others fall through to
+        # the catch-all operation.
+        segments = path_segments(path)
+        for route in self._routes:
+            if route.methods and method not in route.methods:
+                continue
+            server = route.server_of(segments)
+            if server is not None:
+                return Target(route.upstream, server, route.operation, route.pass_credentials)
         # No route: the default upstream, "read" for safe methods, else "write".
         return self._catch_all[method in READ_METHODS]
 

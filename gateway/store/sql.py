@@ -46,7 +46,14 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 def _sqlite_time_in(value: datetime | None) -> str | None:
     # Fixed-width UTC text sorts and compares like the instants it names.
-    return None if value is None else value.astimezone(UTC).strftime(_TIME_FORMAT)
+    if value is None:
+        return None
+    utc = value.astimezone(UTC)
+    if utc.year < 1000:  # strftime leaves such years unpadded: keep its exact text
+        return utc.strftime(_TIME_FORMAT)
+    # The same text as _TIME_FORMAT at well under half the cost (one per request record):
+    # "YYYY-MM-DDTHH:MM:SS.ffffff+00:00" -> "YYYY-MM-DDTHH:MM:SS.ffffffZ".
+    return utc.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def _sqlite_time_out(value: Any) -> datetime | None:

@@ -1,0 +1,36 @@
+"""SQLite timestamps: fixed-width UTC text that sorts like the instants it names."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from gateway.store.sql import _TIME_FORMAT, _sqlite_time_in, _sqlite_time_out
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 23, 5, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 11, 23, 5, 0, 0, 0, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(2026, 1, 1, 0, 30, 0, 7, tzinfo=timezone(timedelta(hours=2))),  # converted to UTC
+    ],
+    ids=["micro", "whole-second", "offset"],
+)
+def test_text_is_the_documented_format_and_reads_back(value: datetime) -> None:
+    """The stored text is exactly strftime(_TIME_FORMAT) of the UTC instant, and reads back to it."""
+    text = _sqlite_time_in(value)
+    assert text == value.astimezone(UTC).strftime(_TIME_FORMAT)
+    assert _sqlite_time_out(text) == value
+
+
+def test_years_before_1000_keep_the_strftime_text() -> None:
+    """Years strftime does not pad are stored as strftime writes them, as before."""
+    value = datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert _sqlite_time_in(value) == value.strftime(_TIME_FORMAT)
+
+
+def test_none_stays_none() -> None:
+    """A missing time is stored as NULL."""
+    assert _sqlite_time_in(None) is None
