@@ -54,7 +54,8 @@ WORKDIR /etc/keygate
 # KEYGATE_STORE__URL at PostgreSQL for more than one replica.
 VOLUME ["/data"]
 USER 10001:10001
-# 8000: proxy listener (the guarded API). 8001: admin listener (/healthz, /readyz).
+# 8000: proxy listener (the guarded API). 8001: admin listener (admin API, /ui/,
+# /metrics, /healthz, /readyz).
 EXPOSE 8000 8001
 # No curl in the slim image: Python's urllib asks the admin listener, on the
 # port KEYGATE_ADMIN__LISTEN names. urlopen raises on a refused connection or a

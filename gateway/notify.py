@@ -46,6 +46,8 @@ class ChangePublisher:
         self.link = link
         self.shared = shared
         self.channel = link.key(CHANNEL)
+        self.published = 0  # notices Redis took
+        self.unpublished = 0  # notices left to the change feed because Redis failed
 
     async def publish(self, changes: Sequence[tuple[str, str]]) -> bool:
         """True if Redis took the notice; False leaves it to the change feed (within its poll interval)."""
@@ -57,7 +59,9 @@ class ChangePublisher:
             await self.link.run(lambda r: r.publish(self.channel, message))
         except RedisUnavailable as exc:
             log.warning(json.dumps({"event": "change_not_published", "error": str(exc)}))
+            self.unpublished += 1
             return False
+        self.published += 1
         return True
 
 

@@ -108,8 +108,10 @@ class SharedKeyCache:
         self._generation = link.key("generation")
         self._entries = link.key("vk:")
         self._fetch = link.client.register_script(_FETCH)
+        # Plain counters for /metrics: lookups Redis answered (hit, miss) or could not (errors).
         self.hits = 0
         self.misses = 0
+        self.errors = 0
         # An invalidation that could not reach Redis leaves entries that may be
         # stale; the first thing to do when Redis is back is orphan them all.
         self.dirty = False
@@ -123,9 +125,13 @@ class SharedKeyCache:
 
         Raises :class:`RedisUnavailable`; an entry that does not decode counts as absent.
         """
-        name, value = await self.link.run(
-            lambda r: self._fetch(keys=[self._generation, self._epoch(key_id)], args=[self._entries, digest])
-        )
+        try:
+            name, value = await self.link.run(
+                lambda r: self._fetch(keys=[self._generation, self._epoch(key_id)], args=[self._entries, digest])
+            )
+        except RedisUnavailable:
+            self.errors += 1
+            raise
         slot = Slot(name.decode() if isinstance(name, bytes) else name)
         if value is None:
             self.misses += 1

@@ -46,22 +46,31 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
                                           ("upstream",)),
     "keygate_upstream_errors": ("counter", "Upstream connections refused, reset or timed out.", ()),
-    "keygate_cache_lookups": ("counter", "Key cache lookups by layer and result.", ("layer", "result")),
+    "keygate_cache_lookups": ("counter", "Key cache lookups by layer (local, redis) and result (hit, miss; "
+                              "error: Redis did not answer).", ("layer", "result")),
     "keygate_cached_keys": ("gauge", "Verified keys held in the cache, by layer.", ("layer",)),
     "keygate_argon2_verifications": ("counter", "argon2 verifications of a secret (cache misses).", ()),
     "keygate_store_reads": ("counter", "Key reads from the store (cache misses).", ()),
     "keygate_ratelimit_decisions": ("counter", "Rate-limit decisions: allowed or limited.", ("result",)),
+    "keygate_ratelimit_degraded_decisions": (
+        "counter", "Rate-limit decisions made per ratelimit.on_backend_error because Redis failed "
+        "(also counted in keygate_ratelimit_decisions).", ("result",)),
     "keygate_recorder_queue_depth": ("gauge", "Request records and last-used entries waiting to be written.", ()),
     "keygate_recorder_flushed": ("counter", "Records written to the store, by kind.", ("kind",)),
     "keygate_recorder_dropped": ("counter", "Records dropped because the buffer was full or the store down.", ()),
     "keygate_recorder_failed_flushes": ("counter", "Batch writes that failed and were retried later.", ()),
     "keygate_audit_pruned": ("counter", "Audit entries deleted past audit.retention_days.", ()),
     "keygate_store_up": ("gauge", "1 if every worker can reach the store, else 0.", ()),
+    "keygate_redis_up": ("gauge", "1 if every worker can reach Redis, else 0; absent without redis.url.", ()),
+    "keygate_change_notices": ("counter", "Change notices published on Redis by this process's admin API, "
+                               "and received from Redis.", ("direction",)),
+    "keygate_change_notices_unpublished": ("counter", "Changes Redis did not take: left to the store's change "
+                                           "feed.", ()),
     "keygate_ready": ("gauge", "1 if every worker is ready (not draining; store or warm cache), else 0.", ()),
     "keygate_workers": ("gauge", "Worker processes whose numbers this scrape includes.", ()),
 }
 # Gauges that are true for the group only if true for every worker.
-_MIN_GAUGES = frozenset({"keygate_store_up", "keygate_ready"})
+_MIN_GAUGES = frozenset({"keygate_store_up", "keygate_redis_up", "keygate_ready"})
 
 Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "histograms": {name: [[labels..., h]]}}
 
@@ -90,11 +99,33 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_ready": [[int(rt.ready())]],
         "keygate_workers": [[1]],
     }
+    for name, rows in _redis_values(rt).items():
+        values.setdefault(name, []).extend(rows)
     histograms = {
         "keygate_request_duration_seconds": [[d, h.snapshot()] for d, h in gw.latency.items()],
         "keygate_upstream_duration_seconds": [[u, h.snapshot()] for u, h in gw.forwarder.upstream_latency.items()],
     }
     return {"pid": os.getpid(), "values": values, "histograms": histograms}
+
+
+def _redis_values(rt: Runtime) -> dict[str, list[list[Any]]]:
+    """The Redis parts' numbers: none without redis.url, so a single node shows no Redis families."""
+    if rt.redis is None:
+        return {}
+    shared, publisher, subscriber = rt.gateway.lookup.shared, rt.publisher, rt.subscriber
+    values: dict[str, list[list[Any]]] = {
+        "keygate_redis_up": [[int(rt.redis.up)]],
+        "keygate_change_notices": [["published", publisher.published if publisher else 0],
+                                   ["received", subscriber.received if subscriber else 0]],
+        "keygate_change_notices_unpublished": [[publisher.unpublished if publisher else 0]],
+    }
+    if shared is not None:
+        values["keygate_cache_lookups"] = [["redis", "hit", shared.hits], ["redis", "miss", shared.misses],
+                                           ["redis", "error", shared.errors]]
+    if rt.fallback is not None:  # ratelimit.policy = "local" never asks Redis, so it never degrades
+        values["keygate_ratelimit_degraded_decisions"] = [
+            ["allowed", rt.fallback.decisions - rt.fallback.limited], ["limited", rt.fallback.limited]]
+    return values
 
 
 def _alive(pid: int) -> bool:

@@ -79,17 +79,22 @@ class Fallback:
             raise ValueError(f"unknown on_backend_error {mode!r}")
         self.mode = mode
         self.local = local or LocalTokenBuckets()
-        self.decisions = 0  # degraded decisions made, for /readyz and the logs
+        self.decisions = 0  # degraded decisions made, for /readyz, /metrics and the logs
+        self.limited = 0  # of which refused
 
     def decide(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
         if self.decisions == 0:
             log.warning(json.dumps({"event": "ratelimit_degraded", "on_backend_error": self.mode}))
         self.decisions += 1
         if self.mode == "allow":
-            return RateLimitDecision(True, spec, spec.capacity, 0, None, degraded=True)
-        if self.mode == "deny":
-            return RateLimitDecision(False, spec, 0, 0, 1, degraded=True)
-        return replace(self.local.take_now(key_id, spec), degraded=True)
+            decision = RateLimitDecision(True, spec, spec.capacity, 0, None, degraded=True)
+        elif self.mode == "deny":
+            decision = RateLimitDecision(False, spec, 0, 0, 1, degraded=True)
+        else:
+            decision = replace(self.local.take_now(key_id, spec), degraded=True)
+        if not decision.allowed:
+            self.limited += 1
+        return decision
 
 
 class SharedBuckets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,9 @@ def settings_for(store_url: str, upstream_url: str, **extra: Any) -> Settings:
     })
 
 
-@pytest.fixture
-async def admin(store_url: str) -> AsyncIterator[Admin]:
+@asynccontextmanager
+async def admin_on(store_url: str, **extra: Any) -> AsyncIterator[Admin]:
+    """A runtime on ``store_url`` (with ``extra`` settings) and its admin listener, bootstrapped."""
     upstream = TestServer(demo_app())
     await upstream.start_server()
     if store_url.startswith("postgres"):
@@ -73,10 +75,16 @@ async def admin(store_url: str) -> AsyncIterator[Admin]:
         await bootstrap(store)
         await store.close()
     try:
-        async with runtime(settings_for(store_url, str(upstream.make_url("/")))) as rt:
+        async with runtime(settings_for(store_url, str(upstream.make_url("/")), **extra)) as rt:
             async with TestClient(TestServer(admin_app(rt))) as client:
                 cli = KeyService(rt.store, rt.settings, actor="cli:test")
                 record, root = await cli.create_key(name="root", role="admin", servers=["admin"])
                 yield Admin(rt, client, root, record.id, cli)
     finally:
         await upstream.close()
+
+
+@pytest.fixture
+async def admin(store_url: str) -> AsyncIterator[Admin]:
+    async with admin_on(store_url) as a:
+        yield a

@@ -9,17 +9,20 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import RawTestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin.metrics import SnapshotDir, merge
+from gateway.admin.metrics import PUBLISH_INTERVAL, SnapshotDir, merge
 
 from ..e2e.harness import Keygate, Upstream
-from .conftest import Admin
+from ..redis_server import SHARED_REDIS_URL, RedisServer
+from .conftest import Admin, admin_on
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -39,13 +42,21 @@ async def scrape(admin: Admin) -> Samples:
         return parse(await r.text())
 
 
-@pytest.fixture
-async def proxy(admin: Admin) -> AsyncIterator[str]:
+@asynccontextmanager
+async def serve_proxy(admin: Admin) -> AsyncIterator[str]:
     """The runtime's proxy listener, in front of the demo upstream."""
     server = RawTestServer(admin.rt.gateway.handle)
     await server.start_server()
-    yield str(server.make_url(""))
-    await server.close()
+    try:
+        yield str(server.make_url(""))
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def proxy(admin: Admin) -> AsyncIterator[str]:
+    async with serve_proxy(admin) as url:
+        yield url
 
 
 async def send(url: str, key: str | None, method: str = "GET", times: int = 1) -> list[int]:
@@ -123,6 +134,84 @@ async def test_openmetrics_when_asked(admin: Admin) -> None:
         assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
 
 
+async def test_without_redis_there_are_no_redis_numbers(admin: Admin) -> None:
+    """A single node (no redis.url) reports no Redis gauge and no Redis cache layer."""
+    m = await scrape(admin)
+    assert not [name for name, labels in m if name.startswith(("keygate_redis_", "keygate_change_notices",
+                                                                 "keygate_ratelimit_degraded"))]
+    assert not [labels for name, labels in m if ("layer", "redis") in labels]
+
+
+# --- With Redis (PostgreSQL store, a namespace of the shared Redis, or a redis-server of the test's own) ---
+
+
+def with_redis(url: str, prefix: str) -> dict[str, Any]:
+    return {"redis": {"url": url, "prefix": prefix, "timeout": 2}}
+
+
+@pytest.fixture
+async def redis_admin(pg_database: str, redis_prefix: str) -> AsyncIterator[Admin]:
+    async with admin_on(pg_database, **with_redis(SHARED_REDIS_URL, redis_prefix)) as a:
+        yield a
+
+
+async def test_cache_lookups_by_layer(redis_admin: Admin) -> None:
+    """A key is a miss in both layers once, a Redis hit once the process forgets it, then a local hit."""
+    admin = redis_admin
+    _, key = await admin.key(name="ci", operations=["read"])
+    async with serve_proxy(admin) as proxy:
+        before = await scrape(admin)
+        assert await send(proxy, key) == [200]  # verified with argon2, written to both layers
+        admin.rt.cache.clear()  # as a cold replica would be
+        assert await send(proxy, key, times=2) == [200, 200]  # Redis hit, then local hit
+        m = await scrape(admin)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(m, name, **labels) - value(before, name, **labels)
+
+    assert {(layer, result): delta("keygate_cache_lookups_total", layer=layer, result=result)
+            for layer in ("local", "redis") for result in ("hit", "miss", "error")} == {
+        ("local", "hit"): 1, ("local", "miss"): 2, ("local", "error"): 0,
+        ("redis", "hit"): 1, ("redis", "miss"): 1, ("redis", "error"): 0}
+    assert delta("keygate_argon2_verifications_total") == 1
+    assert value(m, "keygate_redis_up") == 1
+
+
+async def test_change_notices_published_and_received(redis_admin: Admin) -> None:
+    """A revoke through the admin API is one notice published, and this process's subscriber receives it."""
+    admin = redis_admin
+    key_id, _ = await admin.key(name="ci", operations=["read"])
+    before = await scrape(admin)
+    assert (await admin.call("POST", f"/admin/v1/keys/{key_id}/revoke")).status == 200
+    deadline = time.monotonic() + 10
+    while admin.rt.subscriber is not None and admin.rt.subscriber.received == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # the notice makes a round trip through Redis
+    m = await scrape(admin)
+    assert value(m, "keygate_change_notices_total", direction="published") - \
+        value(before, "keygate_change_notices_total", direction="published") == 1
+    assert value(m, "keygate_change_notices_total", direction="received") - \
+        value(before, "keygate_change_notices_total", direction="received") == 1
+    assert value(m, "keygate_change_notices_unpublished_total") == 0
+
+
+async def test_redis_down_is_a_gauge_and_degraded_decisions(
+    pg_database: str, own_redis: RedisServer, redis_prefix: str,
+) -> None:
+    """With Redis dead, redis_up is 0, Redis lookups are errors and the fallback's decisions are counted."""
+    async with admin_on(pg_database, **with_redis(own_redis.url, redis_prefix)) as admin, \
+            serve_proxy(admin) as proxy:
+        _, key = await admin.key(name="ci", operations=["read"], rate_limit="2/hour")
+        own_redis.kill()
+        # ratelimit.on_backend_error = "local": per-process buckets decide, and still limit.
+        assert await send(proxy, key, times=3) == [200, 200, 429]
+        m = await scrape(admin)
+    assert value(m, "keygate_redis_up") == 0
+    assert value(m, "keygate_cache_lookups_total", layer="redis", result="error") == 1
+    assert value(m, "keygate_ratelimit_degraded_decisions_total", result="allowed") == 2
+    assert value(m, "keygate_ratelimit_degraded_decisions_total", result="limited") == 1
+    assert value(m, "keygate_ratelimit_decisions_total", result="limited") == 1
+
+
 def snap(pid: int, requests: int, depth: int, ready: int = 1) -> dict:
     return {"pid": pid, "values": {"keygate_requests": [["allowed", "allowed", requests]],
                                    "keygate_recorder_queue_depth": [[depth]], "keygate_ready": [[ready]]},
@@ -136,6 +225,14 @@ def test_merge_sums_counters_and_histograms_and_takes_the_worst_readiness() -> N
     assert values["keygate_recorder_queue_depth"][()] == 7
     assert values["keygate_ready"][()] == 0
     assert histograms["keygate_request_duration_seconds"][("allowed",)] == {"counts": [2, 4], "sum": 1.0}
+
+
+@pytest.mark.parametrize(("ups", "merged"), [([1, 1], 1), ([1, 0], 0), ([0, 0], 0)])
+def test_redis_is_up_for_the_group_only_if_up_for_every_worker(ups: list[int], merged: int) -> None:
+    """keygate_redis_up merges like store_up: one worker without Redis makes the group's gauge 0."""
+    values, _ = merge({"pid": pid, "values": {"keygate_redis_up": [[up]]}, "histograms": {}}
+                      for pid, up in enumerate(ups))
+    assert values["keygate_redis_up"][()] == merged
 
 
 def test_a_dead_workers_counters_stay_and_its_gauges_go(tmp_path: Path) -> None:
@@ -173,6 +270,9 @@ def test_workers_share_one_view(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         while counted() != (sent, 2) and time.monotonic() < deadline:
             time.sleep(0.2)  # other workers publish once a second
+        # One right scrape may be the worker that served the last requests counting them live, while
+        # its file is still a second old: after two publish rounds every worker's file is current.
+        time.sleep(2 * PUBLISH_INTERVAL + 0.5)
         assert [counted() for _ in range(12)] == [(sent, 2)] * 12
     finally:
         assert keygate.stop() == 0

@@ -1,5 +1,8 @@
 """Three replicas with two workers each on one PostgreSQL and one Redis: global limits, fleet-wide revocation.
 
+Changes come from the CLI and from one replica's admin API (which publishes
+through its runtime's ChangePublisher).
+
 Every request goes on a new connection, so SO_REUSEPORT spreads them over
 both workers of each replica: six processes decide, one bucket counts.
 """
@@ -9,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio
 
@@ -77,20 +83,77 @@ async def test_role_change_reaches_every_replica_within_a_second(fleet: Fleet) -
     assert by_status(await statuses(key, urls(fleet, 10))) == {403: 30}
 
 
-async def test_cli_publishes_its_changes_on_redis(fleet: Fleet) -> None:
-    """With redis.url set, `keygate keys revoke` announces the change on <prefix>changes."""
+@asynccontextmanager
+async def changes_channel(fleet: Fleet) -> AsyncIterator[Any]:
+    """A subscription to the fleet's change notices, as every serving worker has."""
     client = redis.asyncio.Redis.from_url(fleet.redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         await pubsub.subscribe(fleet.redis_prefix + "changes")
-        key_id, _ = fleet.create_key("--role", "admin")
-        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id)
-        message = None
-        for _ in range(50):
-            message = await pubsub.get_message(timeout=0.1)
-            if message is not None:
-                break
-        assert message is not None and json.loads(message["data"]) == [["key", key_id]]
+        yield pubsub
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def next_notice(pubsub: Any) -> Any:
+    for _ in range(50):
+        message = await pubsub.get_message(timeout=0.1)
+        if message is not None:
+            return json.loads(message["data"])
+    return None
+
+
+async def test_cli_publishes_its_changes_on_redis(fleet: Fleet) -> None:
+    """With redis.url set, `keygate keys revoke` announces the change on <prefix>changes."""
+    key_id, _ = fleet.create_key("--role", "admin")
+    async with changes_channel(fleet) as pubsub:
+        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id)
+        assert await next_notice(pubsub) == [["key", key_id]]
+
+
+# --- admin API on one replica: its changes reach all, and are published on Redis ----------------------
+
+
+async def admin_call(replica_admin_url: str, admin_key: str, method: str, path: str, body: Any = None) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, replica_admin_url + "/admin/v1" + path, json=body,
+                                headers={"Authorization": f"Bearer {admin_key}"}) as r:
+            await r.read()
+            return r.status
+
+
+@pytest.fixture(scope="module")
+def admin_key(fleet: Fleet) -> str:
+    """An admin key bootstrapped with the CLI, as an operator's first step."""
+    _, key = fleet.create_key("--server", "admin", "--role", "admin")
+    return key
+
+
+async def test_admin_api_revoke_on_one_replica_is_honoured_by_every_replica_within_a_second(
+    fleet: Fleet, admin_key: str,
+) -> None:
+    """A revoke through replica A's admin API: within 1 s every worker of every replica answers 401."""
+    key_id, key = fleet.create_key("--role", "admin")
+    assert by_status(await statuses(key, urls(fleet, 8))) == {200: 24}  # cached on (nearly) every worker
+    assert await admin_call(fleet.replicas[0].admin_url, admin_key, "POST", f"/keys/{key_id}/revoke") == 200
+    await asyncio.sleep(1.0)
+    assert by_status(await statuses(key, urls(fleet, 10))) == {401: 30}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "notice"), [
+    ("POST", "/keys/{id}/revoke", None, [["key", "{id}"]]),
+    ("PATCH", "/keys/{id}", {"ip_allowlist": ["10.0.0.0/8"]}, [["key", "{id}"]]),
+    ("POST", "/keys/{id}/rotate", {}, [["key", "{id}"]]),
+    ("PUT", "/roles/scale-notice", {"grants": ["read"]}, [["role", "scale-notice"]]),
+    ("PUT", "/orgs/scale/members/alice", {"role": "admin"}, [["member", "scale/alice"]]),
+], ids=["revoke", "patch", "rotate", "role", "member"])
+async def test_admin_api_publishes_its_changes_on_redis(
+    fleet: Fleet, admin_key: str, method: str, path: str, body: Any, notice: list[list[str]],
+) -> None:
+    """Each authorization change made through a replica's admin API is announced on <prefix>changes."""
+    key_id, _ = fleet.create_key("--role", "admin")
+    async with changes_channel(fleet) as pubsub:
+        status = await admin_call(fleet.replicas[1].admin_url, admin_key, method, path.format(id=key_id), body)
+        assert status in (200, 201)
+        assert await next_notice(pubsub) == [[entity, target.format(id=key_id)] for entity, target in notice]
