@@ -354,7 +354,11 @@ class UpstreamSettings(_Section):
     name: str = Field(description="Server name that keys and routes refer to (the first upstream is the default).")
     url: str = Field(description="Base URL requests are forwarded to (http:// or https://).")
     connect_timeout: Duration = Field(5.0, gt=0, description="Seconds to connect before answering 502.")
-    timeout: Duration = Field(60.0, gt=0, description="Seconds to wait for the response before answering 504.")
+    timeout: Duration = Field(
+        60.0, gt=0,
+        description="Seconds the upstream may keep Keygate waiting (to take more of the request body, to answer, "
+                    "or for more of the response) before a 504, or mid-response a cut connection.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -92,24 +93,66 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+class _UpstreamClock:
+    """The upstream's ``timeout``, counted only while Keygate waits on the upstream, never on the client.
+
+    aiohttp's ``sock_read`` is not used for this: aiohttp 3.14 re-arms that timer
+    on a connection whose reading was paused when its response ended, after the
+    connection went back to the pool (aio-libs/aiohttp#12953 and #13000), and it
+    then fires in the middle of the next request on that connection — a large
+    upload still streaming got a 504. Here the clock restarts whenever the
+    upstream takes another chunk of the body, stops while the client's next
+    chunk is awaited, and after the body runs until the response headers arrive.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._scope: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> "_UpstreamClock":
+        self._scope = asyncio.timeout(None)
+        await self._scope.__aenter__()
+        self.restart()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        scope, self._scope = self._scope, None  # the body may still stream (an early answer): it must not reach it
+        assert scope is not None
+        return await scope.__aexit__(*exc)
+
+    def restart(self) -> None:
+        if self._scope is not None and not self._scope.expired():
+            self._scope.reschedule(asyncio.get_running_loop().time() + self.seconds)
+
+    def stop(self) -> None:
+        if self._scope is not None and not self._scope.expired():
+            self._scope.reschedule(None)
+
+
 class _Body:
     """The client's body as an async iterator, counted against the size limit as it streams."""
 
-    def __init__(self, request: web.BaseRequest, *, max_size: int, read_timeout: float) -> None:
+    def __init__(self, request: web.BaseRequest, *, max_size: int, read_timeout: float,
+                 clock: _UpstreamClock) -> None:
         self._content = request.content
         self._max = max_size
         self._timeout = read_timeout
+        self._clock = clock
         self.received = 0
         self.refusal: Outcome | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
+            # Waiting on the client is not the upstream's time; the client has its own timeout (408).
+            self._clock.stop()
             try:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._content.readany()
             except TimeoutError:
                 self.refusal = Outcome.CLIENT_TIMEOUT
                 raise
+            # From here until the upstream asks for more (or answers), it is the upstream we wait on.
+            self._clock.restart()
             if not chunk:
                 return
             self.received += len(chunk)
@@ -134,7 +177,8 @@ class Forwarder:
         up = target.upstream
         known = self._upstreams.get(up.name)
         if known is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.timeout)
+            # No sock_read: the upstream's read timeout is ours (_UpstreamClock and the per-read timeout below).
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
             known = self._upstreams[up.name] = (up.url.rstrip("/"), timeout)
         return known
 
@@ -147,19 +191,21 @@ class Forwarder:
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
+        clock = _UpstreamClock(target.upstream.timeout)
         body: _Body | None = None
         if request.body_exists:
             length = request.content_length
             if self.max_body_size and length is not None and length > self.max_body_size:
                 raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
-            body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout)
+            body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout, clock=clock)
         started = time.perf_counter()
         try:
-            upstream = await self.session.request(
-                request.method, self.url(target, request), headers=headers,
-                data=body.__aiter__() if body is not None else None,
-                allow_redirects=False, timeout=self._upstream(target)[1], compress=None,
-            )
+            async with clock:
+                upstream = await self.session.request(
+                    request.method, self.url(target, request), headers=headers,
+                    data=body.__aiter__() if body is not None else None,
+                    allow_redirects=False, timeout=self._upstream(target)[1], compress=None,
+                )
         except Denied:
             raise
         except Exception as exc:
@@ -188,7 +234,12 @@ class Forwarder:
             try:
                 if first:
                     await response.write(first)
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+                while True:
+                    # Only the wait for the upstream's next piece is timed, not a slow client's.
+                    async with asyncio.timeout(target.upstream.timeout):
+                        chunk = await upstream.content.read(CHUNK)
+                    if not chunk:
+                        break
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError):
                 # Headers are gone already: all we can do is cut the client off,

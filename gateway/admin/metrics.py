@@ -3,10 +3,13 @@
 The request path only bumps ints and observes :class:`gateway.latency.Histogram`
 buckets; a scrape turns a *snapshot* of them into metric families. With
 ``--workers N`` every worker publishes its snapshot to a per-run directory
-once a second, and whichever worker answers a scrape sums its own live
-snapshot with the others' files, so every scrape shows the whole process
-group (other workers' numbers are at most ~1 s old). Counters of a worker that
-died stay in the sum, so totals never go backwards; its gauges are dropped.
+once a second, and whichever worker answers a scrape first publishes its own
+live snapshot, then sums it with the others' files, so every scrape shows the
+whole process group (other workers' numbers are at most ~1 s old). Publishing
+before reading is what keeps counters monotonic across scrapes answered by
+different workers: a later scrape reads every file at least as new as an
+earlier one did. Counters of a worker that died stay in the sum, so totals
+never go backwards; its gauges are dropped.
 """
 
 from __future__ import annotations
@@ -198,7 +201,16 @@ class KeygateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         own = self.local()
-        values, histograms = merge([own, *(self.peers.others(own["pid"]) if self.peers else [])])
+        others: list[Snapshot] = []
+        if self.peers is not None:
+            # Publish before reading the others: our live numbers summed with a peer's file up to 1 s
+            # old would make the next scrape, answered by that peer (its numbers live, ours from our
+            # older file), count less than this one: a counter going backwards, which Prometheus reads
+            # as a reset. With every answering worker publishing first, each scrape reads every file
+            # at least as new as the scrape before it did.
+            _publish(self.peers, own)
+            others = self.peers.others(own["pid"])
+        values, histograms = merge([own, *others])
         for name, (kind, help_text, labels) in FAMILIES.items():
             if kind == "histogram":
                 family = HistogramMetricFamily(name, help_text, labels=labels)
@@ -233,15 +245,19 @@ def metrics_routes(app: web.Application, rt: Runtime, admin: AdminAuth, shared: 
         app.cleanup_ctx.append(lambda _app: _publisher(peers, local))
 
 
+def _publish(peers: SnapshotDir, snap: Snapshot) -> None:
+    try:
+        peers.publish(snap)
+    except OSError as exc:  # the directory went away: the group is stopping
+        log.warning(json.dumps({"event": "metrics_publish_failed", "error": str(exc)}))
+
+
 async def _publisher(peers: SnapshotDir, local: Callable[[], Snapshot]) -> AsyncIterator[None]:
     """Publishes this worker's snapshot every second while the admin app runs, and once at the end."""
 
     async def run() -> None:
         while True:
-            try:
-                peers.publish(local())
-            except OSError as exc:  # the directory went away: the group is stopping
-                log.warning(json.dumps({"event": "metrics_publish_failed", "error": str(exc)}))
+            _publish(peers, local())
             await asyncio.sleep(PUBLISH_INTERVAL)
 
     task = asyncio.create_task(run(), name="keygate-metrics-publisher")

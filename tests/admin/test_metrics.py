@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import RawTestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin.metrics import PUBLISH_INTERVAL, SnapshotDir, merge
+from gateway.admin.metrics import PUBLISH_INTERVAL, KeygateCollector, SnapshotDir, merge
 
 from ..e2e.harness import Keygate, Upstream
 from ..redis_server import SHARED_REDIS_URL, RedisServer
@@ -247,6 +247,24 @@ def test_a_dead_workers_counters_stay_and_its_gauges_go(tmp_path: Path) -> None:
     values, _ = merge(others)
     assert values["keygate_requests"][("allowed", "allowed")] == 6
     assert values["keygate_recorder_queue_depth"][()] == 1
+
+
+def test_a_later_scrape_never_counts_less_whichever_worker_answers(tmp_path: Path) -> None:
+    """A scrape answered by one worker never counts less than the scrape before it, answered by another."""
+    shared = SnapshotDir(tmp_path)
+    first, second = os.getpid(), os.getppid()  # two live pids stand for two workers
+    counted = {first: 0, second: 0}
+    workers = {pid: KeygateCollector(lambda pid=pid: snap(pid, counted[pid], 0), shared) for pid in counted}
+    for pid in counted:
+        shared.publish(snap(pid, 0, 0))  # each worker publishes once at start
+    counted.update({first: 20, second: 20})
+    shared.publish(snap(first, 20, 0))  # the first worker's once-a-second publish came; the second's not yet
+
+    def scrape_via(pid: int) -> float:
+        return next(s.value for family in workers[pid].collect() for s in family.samples
+                    if s.name == "keygate_requests_total")
+
+    assert [scrape_via(second), scrape_via(first)] == [40, 40]
 
 
 def test_workers_share_one_view(tmp_path: Path) -> None:

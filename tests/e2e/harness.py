@@ -79,6 +79,7 @@ class Keygate:
     config: str = ""
     proxy: str = ""
     workers: int = 1
+    upstream_timeout: float = 3
     store_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -98,7 +99,8 @@ class Keygate:
             f'[store]\nurl = "{self.store_url}"\n'
             f'[recorder]\nflush_interval = 0.2\n'
             f'[keys.argon2]\nmemory_cost = 1024\n'
-            f'[[upstreams]]\nname = "app"\nurl = "{self.upstream_url}"\nconnect_timeout = 2\ntimeout = 3\n'
+            f'[[upstreams]]\nname = "app"\nurl = "{self.upstream_url}"\nconnect_timeout = 2\n'
+            f'timeout = {self.upstream_timeout}\n'
             + self.config
         )
 
