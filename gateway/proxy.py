@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .forward import Forwarder, upstream_request_headers
+from .forward import ClientClosed, Forwarder, upstream_request_headers
 from .keys import KeyParser
 from .latency import Histogram
 from .models import RequestRecord
@@ -104,6 +104,9 @@ class Gateway:
                                            ratelimit_headers(decision))
             status = response.status
             return response
+        except ClientClosed as closed:
+            # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
+            return closed.response
         except RateLimited as limited:
             outcome, reason = Outcome.RATE_LIMITED, limited.reason
             response = denial(outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
