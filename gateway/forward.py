@@ -93,6 +93,14 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+class ClientClosed(Exception):
+    """The client's connection closed while its response was being written: not a fault, nobody to answer."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client closed the connection")
+        self.response = response
+
+
 class _UpstreamClock:
     """The upstream's ``timeout``, counted only while Keygate waits on the upstream, never on the client.
 
@@ -226,12 +234,15 @@ class Forwarder:
                 # The whole body is here: headers and body leave in one write (one
                 # syscall less per request than prepare() + write() + write_eof()).
                 whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=first)
-                await whole.prepare(request)
-                await whole.write_eof()
+                try:
+                    await whole.prepare(request)
+                    await whole.write_eof()
+                except ConnectionError:
+                    raise ClientClosed(whole) from None
                 return whole
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 if first:
                     await response.write(first)
                 while True:
@@ -241,6 +252,11 @@ class Forwarder:
                     if not chunk:
                         break
                     await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                # Writing to the client failed: it went away (aiohttp's ClientConnectionResetError
+                # is a ConnectionError too). The upstream's read errors below are not ConnectionErrors.
+                raise ClientClosed(response) from None
             except (aiohttp.ClientError, TimeoutError):
                 # Headers are gone already: all we can do is cut the client off,
                 # so it cannot mistake a truncated body for a whole one.
@@ -248,7 +264,6 @@ class Forwarder:
                 if request.transport is not None:
                     request.transport.abort()
                 return response
-            await response.write_eof()
             return response
         finally:
             upstream.release()

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .forward import Forwarder, upstream_request_headers
+from .forward import ClientClosed, Forwarder, upstream_request_headers
 from .keys import KeyParser
 from .latency import Histogram
-from .models import RequestRecord
+from .models import RequestRow
 from .pipeline.allowlist import check_allowlist
 from .pipeline.client_ip import ClientIpResolver, IPAddress, address_text
 from .pipeline.credential import bearer_credential
@@ -40,11 +42,29 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
 
 
-def request_id_of(request: web.BaseRequest) -> str:
+class RequestIds:
+    """Fresh request ids: 32 hex digits of ``os.urandom`` each, like a uuid4's randomness.
+
+    Read 128 ids at a time: one ``getrandom`` call per 128 requests rather than one per
+    request. Each process makes its own after the fork, so workers never share ids.
+    """
+
+    BATCH = 128
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+
+    def __call__(self) -> str:
+        if not self._ready:
+            block = os.urandom(16 * self.BATCH).hex()
+            self._ready = [block[i:i + 32] for i in range(0, len(block), 32)]
+        return self._ready.pop()
+
+
+def request_id_of(request: web.BaseRequest, fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
     """The client's X-Request-Id if it is sane, else a fresh one."""
     given = request.headers.get("X-Request-Id")
-    # 32 hex digits like a uuid4's, from the same kind of randomness at a quarter of the cost.
-    return given if given is not None and _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else fresh()
 
 
 class Gateway:
@@ -63,13 +83,14 @@ class Gateway:
         self.recorder = recorder
         self.log_requests = log_requests
         self.decisions: dict[str, int] = {}
+        self.request_ids = RequestIds()
         # Per decision, bound once per outcome so a request pays one dict lookup.
         self.latency = {decision: Histogram() for decision in ("allowed", "denied", "failed")}
         self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request_id_of(request)
+        request_id = request_id_of(request, self.request_ids)
         peer = request.remote or ""
         key: CachedKey | None = None
         key_id: str | None = None
@@ -104,6 +125,9 @@ class Gateway:
                                            ratelimit_headers(decision))
             status = response.status
             return response
+        except ClientClosed as closed:
+            # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
+            return closed.response
         except RateLimited as limited:
             outcome, reason = Outcome.RATE_LIMITED, limited.reason
             response = denial(outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
@@ -155,16 +179,15 @@ class Gateway:
         now = datetime.now(UTC)
         elapsed = time.perf_counter() - started
         self._latency_of[outcome].observe(elapsed)
-        duration_ms = elapsed * 1000.0
         if key is not None and outcome is Outcome.ALLOWED and status != CLIENT_CLOSED:
             self.recorder.key_used(key.record.id, now, client or None)
         decision = outcome.value
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
-        record = RequestRecord(
-            at=now, key_id=key_id, method=request.method, path=request.path,
-            server=target.server if target else None, operation=target.operation if target else None,
-            decision=decision, status=status, client_ip=client or None, duration_ms=round(duration_ms, 3),
-            reason=None if outcome is Outcome.ALLOWED else reason,
+        # Positional, in RequestRow's field order: a keyword call costs twice as much.
+        record = RequestRow(
+            now, key_id, request.method, request.path, target.server if target else None,
+            target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
+            None if outcome is Outcome.ALLOWED else reason,
         )
         self.recorder.request(record)
         if self.log_requests:
@@ -181,4 +204,4 @@ def _started(request: web.BaseRequest) -> bool:
         getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
 
 
-__all__ = ["Gateway", "request_id_of", "status_of"]
+__all__ = ["Gateway", "RequestIds", "request_id_of", "status_of"]

@@ -17,7 +17,7 @@ from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role
+from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, RequestRow, Role
 
 
 class Connection(Protocol):
@@ -363,7 +363,7 @@ class SqlTransaction:
         t = self._d.time_in
         await self._conn.executemany(sql, [(t(at), ip, t(at), t(at), key_id) for key_id, at, ip in usage])
 
-    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
+    async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None:
         sql = self._d.placeholders(
             "INSERT INTO request_records (at, key_id, method, path, server, operation, decision, status, "
             "client_ip, duration_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -487,7 +487,7 @@ class SqlStore(ABC):
         async with self.transaction() as tx:
             await tx.record_usage(usage)
 
-    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
+    async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None:
         async with self.transaction() as tx:
             await tx.add_request_records(records)
 

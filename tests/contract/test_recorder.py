@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.models import KeyRecord, RequestRecord
+from gateway.models import KeyRecord, RequestRecord, RequestRow
 from gateway.recorder import Recorder
 from gateway.store import KeyStore, StoreUnavailable
 
@@ -162,6 +162,15 @@ async def test_request_records_are_written_in_chunks(store: KeyStore) -> None:
 
     assert flaky.request_calls == [1000, 1000, 500]
     assert await stored_requests(store) == records
+
+
+async def test_a_request_row_is_stored_as_the_record_with_its_fields(store: KeyStore, recorder: Recorder) -> None:
+    """The proxy's RequestRow (a plain tuple) is written exactly like the RequestRecord with the same fields."""
+    await add_keys(store, KEY)
+    denied = a_request(1, decision="denied", status=403, reason="insufficient_scope")
+    recorder.request(RequestRow(*(getattr(denied, name) for name in RequestRow._fields)))
+    await recorder.flush()
+    assert await stored_requests(store) == [denied]
 
 
 async def test_records_made_during_a_flush_wait_for_the_next(store: KeyStore, recorder: Recorder) -> None:
