@@ -9,7 +9,6 @@ through do not shift or repeat later pages. :class:`AuditPruner` enforces
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any, Literal
 from .cursor import INVALID, cursor_time, decode_cursor, encode_cursor
 from .models import AuditEvent, RequestRecord
 from .store import KeyStore, StoreError
+from .tasks import stop_task
 from .units import parse_duration
 
 EntryType = Literal["event", "request"]
@@ -191,11 +191,8 @@ class AuditPruner:
             self._task = asyncio.create_task(self._run(), name="keygate-audit-pruner")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

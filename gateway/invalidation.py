@@ -24,6 +24,7 @@ from .notify import apply_change
 from .redis_link import RedisUnavailable
 from .shared_cache import SharedKeyCache
 from .store import KeyStore, StoreError
+from .tasks import stop_task
 
 log = logging.getLogger("keygate.invalidation")
 
@@ -52,12 +53,7 @@ class ChangeWatcher:
         self._task = asyncio.create_task(self._run(), name="keygate-change-watcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
 
     async def poll(self) -> None:
         if self.seq is None:

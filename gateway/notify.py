@@ -25,6 +25,7 @@ from .cache import KeyCache
 from .config import RedisSettings, Settings
 from .redis_link import FIRST_BACKOFF, RedisLink, RedisUnavailable, redis_client
 from .shared_cache import SharedKeyCache
+from .tasks import stop_task
 
 log = logging.getLogger("keygate.invalidation")
 
@@ -98,12 +99,7 @@ class ChangeSubscriber:
         self._task = asyncio.create_task(self._run(), name="keygate-change-subscriber")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         await self._client.aclose()
 
     async def _run(self) -> None:

@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .config import RedisSettings
+from .tasks import stop_task
 
 T = TypeVar("T")
 log = logging.getLogger("keygate.redis")
@@ -115,10 +116,5 @@ class RedisLink:
             return
 
     async def close(self) -> None:
-        if self._reconnect is not None:
-            self._reconnect.cancel()
-            try:
-                await self._reconnect
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._reconnect)
         await self.client.aclose()

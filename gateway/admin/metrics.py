@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from ..app import Runtime
 from ..latency import BUCKETS
 from ..pipeline.outcomes import PAST_RATE_LIMIT, Outcome, decision_of
+from ..tasks import stop_task
 from .auth import AdminAuth
 
 log = logging.getLogger("keygate.metrics")
@@ -262,8 +263,6 @@ async def _publisher(peers: SnapshotDir, local: Callable[[], Snapshot]) -> Async
 
     task = asyncio.create_task(run(), name="keygate-metrics-publisher")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
     with contextlib.suppress(OSError):
         peers.publish(local())

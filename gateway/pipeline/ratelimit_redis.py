@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError
 
 from ..ratelimit_spec import RateLimitSpec
 from ..redis_link import RedisLink, RedisUnavailable
+from ..tasks import stop_task
 from .ratelimit import LocalTokenBuckets, RateLimitDecision, bucket_decision
 
 log = logging.getLogger("keygate.ratelimit")
@@ -257,12 +258,7 @@ class LocalFirstBuckets:
         self._task = asyncio.create_task(self._return_idle(), name="keygate-lease-return")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         await self.return_idle(everything=True)
 
     async def return_idle(self, *, everything: bool = False) -> None:
