@@ -47,6 +47,14 @@ class KeyCache(Generic[V]):
         self.misses += 1
         return None
 
+    def probe(self, digest: str) -> V | None:
+        """:meth:`get` counting hits only: for a look that a full lookup follows on a miss (which counts it)."""
+        entry = self._entries.get(digest)
+        if entry is not None and self._clock() - entry[2] < self.ttl:
+            self.hits += 1
+            return entry[0]
+        return None
+
     def get_stale(self, digest: str) -> V | None:
         """An expired entry still within ``stale_if_error``, for when the store is down."""
         entry = self._entries.get(digest)

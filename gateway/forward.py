@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .deadlines import Clock, Deadlines
 from .latency import Histogram
 from .pipeline.outcomes import Denied, Outcome
 from .pipeline.scope import Target
@@ -101,47 +101,11 @@ class ClientClosed(Exception):
         self.response = response
 
 
-class _UpstreamClock:
-    """The upstream's ``timeout``, counted only while Keygate waits on the upstream, never on the client.
-
-    aiohttp's ``sock_read`` is not used for this: aiohttp 3.14 re-arms that timer
-    on a connection whose reading was paused when its response ended, after the
-    connection went back to the pool (aio-libs/aiohttp#12953 and #13000), and it
-    then fires in the middle of the next request on that connection — a large
-    upload still streaming got a 504. Here the clock restarts whenever the
-    upstream takes another chunk of the body, stops while the client's next
-    chunk is awaited, and after the body runs until the response headers arrive.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._scope: asyncio.Timeout | None = None
-
-    async def __aenter__(self) -> "_UpstreamClock":
-        self._scope = asyncio.timeout(None)
-        await self._scope.__aenter__()
-        self.restart()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        scope, self._scope = self._scope, None  # the body may still stream (an early answer): it must not reach it
-        assert scope is not None
-        return await scope.__aexit__(*exc)
-
-    def restart(self) -> None:
-        if self._scope is not None and not self._scope.expired():
-            self._scope.reschedule(asyncio.get_running_loop().time() + self.seconds)
-
-    def stop(self) -> None:
-        if self._scope is not None and not self._scope.expired():
-            self._scope.reschedule(None)
-
-
 class _Body:
     """The client's body as an async iterator, counted against the size limit as it streams."""
 
     def __init__(self, request: web.BaseRequest, *, max_size: int, read_timeout: float,
-                 clock: _UpstreamClock) -> None:
+                 clock: Clock) -> None:
         self._content = request.content
         self._max = max_size
         self._timeout = read_timeout
@@ -176,6 +140,7 @@ class Forwarder:
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
         self.upstream_errors = 0
+        self.deadlines = Deadlines()
         # Per upstream, made on first use: its base URL and its timeouts.
         self._upstreams: dict[str, tuple[str, aiohttp.ClientTimeout]] = {}
         # Per upstream: time until the upstream's response headers arrived.
@@ -185,7 +150,7 @@ class Forwarder:
         up = target.upstream
         known = self._upstreams.get(up.name)
         if known is None:
-            # No sock_read: the upstream's read timeout is ours (_UpstreamClock and the per-read timeout below).
+            # No sock_read: the upstream's read timeout is ours (gateway.deadlines and the per-read timeout below).
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
             known = self._upstreams[up.name] = (up.url.rstrip("/"), timeout)
         return known
@@ -199,7 +164,7 @@ class Forwarder:
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
-        clock = _UpstreamClock(target.upstream.timeout)
+        clock = self.deadlines.clock(target.upstream.timeout)
         body: _Body | None = None
         if request.body_exists:
             length = request.content_length
@@ -208,7 +173,7 @@ class Forwarder:
             body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout, clock=clock)
         started = time.perf_counter()
         try:
-            async with clock:
+            with clock:
                 upstream = await self.session.request(
                     request.method, self.url(target, request), headers=headers,
                     data=body.__aiter__() if body is not None else None,

@@ -23,12 +23,13 @@ from .forward import ClientClosed, Forwarder, upstream_request_headers
 from .keys import KeyParser
 from .latency import Histogram
 from .models import RequestRow
+from .ratelimit_spec import RateLimitSpec
 from .pipeline.allowlist import check_allowlist
-from .pipeline.client_ip import ClientIpResolver, IPAddress, address_text
-from .pipeline.credential import bearer_credential
+from .pipeline.client_ip import ClientIpResolver
+from .pipeline.credential import bearer_credential, common_bearer
 from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.outcomes import Denied, Outcome, decision_of
-from .pipeline.ratelimit import RateLimited, check_rate_limit, ratelimit_headers
+from .pipeline.ratelimit import RateLimitDecision, RateLimited, RateLimiter, ratelimit_headers
 from .pipeline.scope import RouteTable, Target, check_scope
 from .pipeline.status import check_status
 from .recorder import Recorder
@@ -72,7 +73,7 @@ class Gateway:
 
     def __init__(
         self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
-        limiter: object, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+        limiter: RateLimiter, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
     ) -> None:
         self.parser = parser
         self.lookup = lookup
@@ -84,33 +85,41 @@ class Gateway:
         self.log_requests = log_requests
         self.decisions: dict[str, int] = {}
         self.request_ids = RequestIds()
+        # In-process buckets decide without I/O: called directly, not awaited.
+        self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
         # Per decision, bound once per outcome so a request pays one dict lookup.
         self.latency = {decision: Histogram() for decision in ("allowed", "denied", "failed")}
         self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        headers = request.headers
         request_id = request_id_of(request, self.request_ids)
         peer = request.remote or ""
         key: CachedKey | None = None
         key_id: str | None = None
-        client_ip: IPAddress | None = None
-        client: str | None = None  # client_ip as text, made once for the lookup, headers and record
+        client: str | None = None  # the client IP as text, for the lookup, the headers and the record
         target: Target | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
         status = CLIENT_CLOSED
         try:
-            # 1. Credential: syntax only, no I/O.
-            parsed = bearer_credential(request.headers, self.parser)
-            key_id = parsed.key_id
-            # 4. Client IP is resolved here, before lookup: it refuses nothing, so
-            #    the order of refusals stays DESIGN's, and the lookup's failure
-            #    limiter needs it to count per real client behind trusted proxies.
-            client_ip = self.client_ips.resolve(peer, request.headers.getall("X-Forwarded-For", ()))
-            client = address_text(client_ip) if client_ip is not None else None
-            # 2. Lookup: cache, store, argon2 on a miss.
-            key = await self.lookup.lookup(parsed, str(client))
+            # 4. Client IP is resolved first: it refuses nothing, so the order of
+            #    refusals stays DESIGN's, and the lookup's failure limiter needs it
+            #    to count per real client behind trusted proxies.
+            client_ip, client = self.client_ips.client(peer, headers)
+            # 1-2, hot path: a key verified before is found by the MAC of its text,
+            #    which proves its syntax too.
+            token = common_bearer(headers)
+            key = self.lookup.cached(token) if token is not None else None
+            if key is None:
+                # 1. Credential: syntax only, no I/O.
+                parsed = bearer_credential(headers, self.parser)
+                key_id = parsed.key_id
+                # 2. Lookup: cache, store, argon2 on a miss.
+                key = await self.lookup.lookup(parsed, str(client))
+            record = key.record
+            key_id = record.id
             # 3. Status: revoked, expired, member removed.
             check_status(key, time.time())
             # 5. IP allowlist.
@@ -119,10 +128,25 @@ class Gateway:
             target = self.routes.match(request.method, request.raw_path)
             check_scope(key.servers, key.grants, target)
             # 7. Rate limit: only keys that passed every check above are charged.
-            decision = await check_rate_limit(self.limiter, key.record.id, key.rate_limit)
+            #    In-process buckets answer at once; shared (Redis) ones are awaited.
+            take_now = self._take_now
+            decision = take_now(key_id, key.rate_limit) if take_now is not None \
+                else await self.limiter.take(key_id, key.rate_limit)
+            if not decision.allowed:
+                raise RateLimited(decision)
             # 8. Forward.
-            response = await self._forward(request, key, target, client, peer, request_id,
-                                           ratelimit_headers(decision))
+            answer_headers = ratelimit_headers(decision)
+            answer_headers["X-Request-Id"] = request_id
+            websocket = headers.get("Upgrade", "").lower() == "websocket"
+            upstream_headers = upstream_request_headers(
+                request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
+                client_ip=client, peer=peer, peer_trusted=self.client_ips.is_trusted_peer(peer),
+                request_id=request_id, websocket=websocket,
+            )
+            if websocket:
+                response = await self.forwarder.websocket(request, target, upstream_headers, answer_headers)
+            else:
+                response = await self.forwarder.forward(request, target, upstream_headers, answer_headers)
             status = response.status
             return response
         except ClientClosed as closed:
@@ -156,21 +180,6 @@ class Gateway:
         finally:
             # 9. Record: buffered, written in batches off the request path.
             self._record(request, key, key_id, target, outcome, reason, status, client or peer, started)
-
-    async def _forward(
-        self, request: web.BaseRequest, key: CachedKey, target: Target, client_ip: str | None,
-        peer: str, request_id: str, rate_headers: dict[str, str],
-    ) -> web.StreamResponse:
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        headers = upstream_request_headers(
-            request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
-            client_ip=client_ip, peer=peer, peer_trusted=self.client_ips.is_trusted_peer(peer),
-            request_id=request_id, websocket=websocket,
-        )
-        rate_headers["X-Request-Id"] = request_id  # a fresh dict per request
-        if websocket:
-            return await self.forwarder.websocket(request, target, headers, rate_headers)
-        return await self.forwarder.forward(request, target, headers, rate_headers)
 
     def _record(
         self, request: web.BaseRequest, key: CachedKey | None, key_id: str | None, target: Target | None,

@@ -9,7 +9,7 @@ is the attacker). ``Forwarded`` and ``X-Real-IP`` are never believed.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -34,6 +34,12 @@ def parse_ip(text: str) -> IPAddress | None:
 def _parse_peer(peer: str) -> IPAddress | None:
     # A server sees the same few socket peers over and over: each is parsed once.
     return parse_ip(peer)
+
+
+@lru_cache(maxsize=4096)
+def _peer_and_text(peer: str) -> tuple[IPAddress | None, str | None]:
+    ip = parse_ip(peer) if peer else None
+    return ip, (str(ip) if ip is not None else None)
 
 
 @lru_cache(maxsize=4096)
@@ -72,6 +78,13 @@ class ClientIpResolver:
             return False
         ip = _parse_peer(peer)
         return ip is not None and self._is_trusted(ip)
+
+    def client(self, peer: str, headers: Mapping[str, str]) -> tuple[IPAddress | None, str | None]:
+        """:meth:`resolve` for a request, with the address's text; cached per peer when no proxy is trusted."""
+        if not self._trusted:
+            return _peer_and_text(peer)
+        ip = self.resolve(peer, headers.getall("X-Forwarded-For", ()))  # type: ignore[attr-defined]
+        return ip, (address_text(ip) if ip is not None else None)
 
     def resolve(self, peer: str | None, forwarded_for: Sequence[str]) -> IPAddress | None:
         """The client's address, or None when it cannot be known (then no allowlist matches)."""

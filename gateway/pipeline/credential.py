@@ -18,6 +18,21 @@ from .outcomes import Denied, Outcome
 _BEARER = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
 
 
+def common_bearer(headers: CIMultiDictProxy[str]) -> str | None:
+    """The token of the one ``Authorization: Bearer <token>`` header in its usual spelling, else None.
+
+    For the hot path only: it checks no syntax, so its answer is good only as
+    a cache lookup (a hit proves the token is a verified key); anything else
+    goes through :func:`bearer_credential`.
+    """
+    values = headers.getall("Authorization", ())
+    if len(values) == 1:
+        value = values[0]
+        if value.startswith("Bearer ") and value.isascii():
+            return value[7:]
+    return None
+
+
 def bearer_credential(headers: CIMultiDictProxy[str] | Mapping[str, str], parser: KeyParser) -> ParsedKey:
     """The parsed key, or a denial: no credentials (401), malformed (400) or invalid key (401)."""
     values = headers.getall("Authorization", ()) if hasattr(headers, "getall") else (

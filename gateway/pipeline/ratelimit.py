@@ -17,9 +17,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..ratelimit_spec import RateLimitSpec
 from .outcomes import Denied, Outcome
@@ -31,9 +30,11 @@ _EPSILON = 1e-9
 DEGRADED_HEADER = "X-Keygate-RateLimit-Degraded"
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
-    """What the bucket said about one request, with what the headers report."""
+class RateLimitDecision(NamedTuple):
+    """What the bucket said about one request, with what the headers report.
+
+    A tuple: one is made per request, at a fifth of a frozen dataclass's cost.
+    """
 
     allowed: bool
     spec: RateLimitSpec

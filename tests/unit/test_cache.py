@@ -210,3 +210,13 @@ def test_fill_started_before_an_invalidation_is_not_kept() -> None:
     assert cache.get("digest") is None
     cache.put("digest", "kg_AAAAAAAAAAAA", "fresh", generation=cache.generation)
     assert cache.get("digest") == "fresh"
+
+
+def test_probe_counts_hits_but_not_misses(cache: KeyCache[str], clock: FakeClock) -> None:
+    """The hot path's probe: a fresh entry is a hit; an absent or stale one is None and no miss (lookup counts it)."""
+    cache.put("d1", "kg_A", "value")
+    assert cache.probe("d1") == "value"
+    assert cache.probe("nope") is None
+    clock.advance(30)
+    assert cache.probe("d1") is None
+    assert (cache.hits, cache.misses) == (1, 0)

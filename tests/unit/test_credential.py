@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.keys import KeyParser, MalformedKey, ParsedKey, generate
-from gateway.pipeline.credential import bearer_credential
+from gateway.pipeline.credential import bearer_credential, common_bearer
 from gateway.pipeline.outcomes import Denied, Outcome
 
 PARSER = KeyParser(["kg_", "kga_"])
@@ -194,3 +194,18 @@ def test_refusal_reason_never_contains_the_key() -> None:
     bad = typo(KEY.full)
     denied = denial_of(headers(("Authorization", f"Bearer {bad}")))
     assert bad not in denied.reason and KEY.secret not in str(denied)
+
+
+@pytest.mark.parametrize(("given", "token"), [
+    ((("Authorization", f"Bearer {KEY.full}"),), KEY.full),
+    ((("Authorization", "Bearer anything at all"),), "anything at all"),  # no syntax check: only a cache probe
+    ((("Authorization", f"bearer {KEY.full}"),), None),
+    ((("Authorization", f"Bearer  {KEY.full}"),), f" {KEY.full}"),  # a miss; bearer_credential decides
+    ((("Authorization", f"Basic {KEY.full}"),), None),
+    ((("Authorization", f"Bearer {KEY.full}é"),), None),
+    ((("Authorization", f"Bearer {KEY.full}"), ("Authorization", f"Bearer {KEY.full}")), None),
+    ((), None),
+])
+def test_common_bearer_gives_only_the_usual_spelling(given: tuple[tuple[str, str], ...], token: str | None) -> None:
+    """The hot path's probe takes one header spelled ``Bearer <token>`` in ASCII; everything else is None."""
+    assert common_bearer(headers(*given)) == token

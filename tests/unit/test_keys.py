@@ -104,8 +104,10 @@ def test_hash_verifies_only_the_right_secret() -> None:
 
 
 def test_cache_key_depends_on_pepper_and_hides_the_key() -> None:
-    """The cache key is an HMAC: stable per pepper, different across peppers, never the key."""
+    """The cache key is a MAC: stable per pepper, different across peppers, never the key."""
     full = generate("kg_").full
+    long_pepper = b"q" * 65  # over BLAKE2b's 64-byte key limit: still accepted, still keyed
+    assert cache_key(long_pepper, full) != cache_key(b"q" * 64, full) != cache_key(b"", full)
     assert cache_key(b"p1", full) == cache_key(b"p1", full)
     assert cache_key(b"p1", full) != cache_key(b"p2", full)
     assert full not in cache_key(b"p1", full) and len(cache_key(b"p1", full)) == 64
