@@ -40,6 +40,12 @@ class _PgConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, rows)
 
+    async def insert_many(self, head: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            # asyncpg pipelines executemany's rows in one round trip.
+            values = ", ".join(f"${i}" for i in range(1, len(rows[0]) + 1))
+            await self._conn.executemany(f"{head} VALUES ({values})", rows)
+
 
 class PostgresStore(SqlStore):
     dialect = POSTGRES

@@ -24,6 +24,8 @@ class Connection(Protocol):
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]: ...
     async def execute(self, sql: str, args: Sequence[Any]) -> None: ...
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+    async def insert_many(self, head: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``head`` (``INSERT INTO t (a, b)``) with one ``VALUES`` row per item of ``rows``."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,11 @@ POSTGRES = Dialect(
     migration_lock="SELECT pg_advisory_xact_lock(4242004201)",
     time_type="TIMESTAMPTZ",
     migrations_table_exists="SELECT to_regclass('schema_migrations') IS NOT NULL AS found",
+)
+
+_INSERT_REQUEST_RECORDS = (
+    "INSERT INTO request_records (at, key_id, method, path, server, operation, decision, status, "
+    "client_ip, duration_ms, reason)"
 )
 
 _KEY_COLUMNS = (
@@ -364,12 +371,8 @@ class SqlTransaction:
         await self._conn.executemany(sql, [(t(at), ip, t(at), t(at), key_id) for key_id, at, ip in usage])
 
     async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None:
-        sql = self._d.placeholders(
-            "INSERT INTO request_records (at, key_id, method, path, server, operation, decision, status, "
-            "client_ip, duration_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
         t = self._d.time_in
-        await self._conn.executemany(sql, [
+        await self._conn.insert_many(_INSERT_REQUEST_RECORDS, [
             (t(r.at), r.key_id, r.method, r.path, r.server, r.operation, r.decision, r.status,
              r.client_ip, r.duration_ms, r.reason)
             for r in records

@@ -7,6 +7,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,32 @@ class _SqliteConnection:
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._db.executemany(sql, [tuple(r) for r in rows])
+
+    async def insert_many(self, head: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Many rows per statement, not one statement per row.
+
+        ``executemany`` steps the statement once per row and takes the GIL back
+        after every step; with the event loop busy serving, each of those waits
+        for a GIL hand-over, and 17 000 request records took a minute to write
+        (measured) instead of a third of a second.
+        """
+        if not rows:
+            return
+        width = len(rows[0])
+        per_statement = max(1, _MAX_VARIABLES // width)
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
+            await self._db.execute(_values_sql(head, width, len(chunk)), [v for row in chunk for v in row])
+
+
+# Bound parameters per statement: 500 request records; SQLite before 3.32 allows only 999.
+_MAX_VARIABLES = 5_500 if sqlite3.sqlite_version_info >= (3, 32) else 999
+
+
+@lru_cache(maxsize=64)
+def _values_sql(head: str, width: int, count: int) -> str:
+    row = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([row] * count)}"
 
 
 def path_from_url(url: str) -> Path:
