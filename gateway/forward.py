@@ -60,29 +60,30 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     headers = request.headers
     drop = _connection_named(headers, _DROPPED[websocket, pass_credentials])
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
-        # and the key goes upstream only where a route says pass_credentials.
-        if lower in drop or lower.startswith("x-keygate-"):
-            continue
-        out.add(name, value)
-    forwarded_for = headers.getall("X-Forwarded-For", ()) if peer_trusted else ()
-    # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
-    chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
-    proto = headers.get("X-Forwarded-Proto") if peer_trusted else None
-    forwarded_host = headers.get("X-Forwarded-Host") if peer_trusted else None
+    # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
+    # and the key goes upstream only where a route says pass_credentials.
+    out = [(name, value) for name, value in headers.items()
+           if (lower := name.lower()) not in drop and not lower.startswith("x-keygate-")]
+    if peer_trusted:
+        forwarded_for = headers.getall("X-Forwarded-For", ())
+        chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
+        hops = ", ".join(hop for hop in chain if hop)
+        proto = headers.get("X-Forwarded-Proto") or request.scheme
+        forwarded_host = headers.get("X-Forwarded-Host")
+        host = forwarded_host if forwarded_host is not None else request.host
+    else:
+        # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
+        hops, proto, host = client_ip or peer, request.scheme, request.host
     # All but Via were dropped from the client's headers above, so adding never duplicates one.
-    out.extend((
-        ("X-Forwarded-For", ", ".join(hop for hop in chain if hop)),
-        ("X-Forwarded-Proto", proto or request.scheme),
-        ("X-Forwarded-Host", forwarded_host if forwarded_host is not None else request.host),
+    out += (
+        ("X-Forwarded-For", hops),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
         ("Via", VIA),
         ("X-Request-Id", request_id),
         *identity,
-    ))
-    return out
+    )
+    return CIMultiDict(out)
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:

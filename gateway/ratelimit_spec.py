@@ -7,7 +7,7 @@ loaded) into a :class:`RateLimitSpec`; the token bucket works on its numbers.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _UNITS = {
     "second": 1.0, "sec": 1.0, "s": 1.0,
@@ -34,10 +34,19 @@ class RateLimitSpec:
     limit: int
     window: float
     burst: int | None = None
+    # Derived once here rather than per request on the hot path.
+    capacity: int = field(init=False, compare=False, repr=False)
+    # window / limit rather than 1 / refill_per_second, so that "100/minute"
+    # is full again in exactly 60 s, not 60.000...1 (61).
+    seconds_per_token: float = field(init=False, compare=False, repr=False)
+    # The RateLimit-Policy header's value (IETF httpapi draft), the same for every request of a key.
+    policy: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def capacity(self) -> int:
-        return self.burst if self.burst is not None else self.limit
+    def __post_init__(self) -> None:
+        capacity = self.burst if self.burst is not None else self.limit
+        object.__setattr__(self, "capacity", capacity)
+        object.__setattr__(self, "seconds_per_token", self.window / self.limit)
+        object.__setattr__(self, "policy", f'"key";q={capacity};w={int(self.window)}')
 
     @property
     def refill_per_second(self) -> float:

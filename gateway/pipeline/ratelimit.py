@@ -13,11 +13,10 @@ fails authentication is never charged to the bucket of the key it claims.
 
 from __future__ import annotations
 
-import math
+from math import ceil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from ..ratelimit_spec import RateLimitSpec
@@ -143,26 +142,18 @@ class LocalTokenBuckets:
 
 def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLimitDecision:
     """The decision for a bucket left holding ``tokens``."""
-    # window / limit rather than 1 / refill_per_second, so that
-    # "100/minute" is full again in exactly 60 s, not 60.000...1 (61).
-    seconds_per_token = spec.window / spec.limit
-    reset = max(0, math.ceil((spec.capacity - tokens) * seconds_per_token - _EPSILON))
+    seconds_per_token = spec.seconds_per_token
+    reset = max(0, ceil((spec.capacity - tokens) * seconds_per_token - _EPSILON))
     if allowed:
         return RateLimitDecision(True, spec, int(tokens + _EPSILON), reset, None)
-    retry_after = max(1, math.ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
+    retry_after = max(1, ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
     return RateLimitDecision(False, spec, 0, reset, retry_after)
-
-
-@lru_cache(maxsize=4096)
-def _policy(spec: RateLimitSpec) -> str:
-    # The same text for every request of a key: built once per spec.
-    return f'"key";q={spec.capacity};w={int(spec.window)}'
 
 
 def ratelimit_headers(decision: RateLimitDecision) -> dict[str, str]:
     """The IETF httpapi RateLimit header fields (structured fields draft), and Retry-After on refusal."""
     headers = {
-        "RateLimit-Policy": _policy(decision.spec),
+        "RateLimit-Policy": decision.spec.policy,
         "RateLimit": f'"key";r={decision.remaining};t={decision.reset}',
     }
     if decision.retry_after is not None:

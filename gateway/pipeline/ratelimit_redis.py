@@ -31,7 +31,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -92,7 +91,7 @@ class Fallback:
         elif self.mode == "deny":
             decision = RateLimitDecision(False, spec, 0, 0, 1, degraded=True)
         else:
-            decision = replace(self.local.take_now(key_id, spec), degraded=True)
+            decision = self.local.take_now(key_id, spec)._replace(degraded=True)
         if not decision.allowed:
             self.limited += 1
         return decision
