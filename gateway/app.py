@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-import aiohttp
 
 from .audit import AuditPruner
 from .cache import KeyCache
@@ -38,6 +37,7 @@ from .redis_link import RedisLink
 from .shared_cache import SharedKeyCache
 from .service import bootstrap, hasher_from, resolve_pepper
 from .store import KeyStore, StoreError, create_store
+from .upstream_client import upstream_session
 
 log = logging.getLogger("keygate")
 
@@ -138,12 +138,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         )
         stack.callback(lookup.close)
 
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            # The client's own headers go through; aiohttp must not invent any.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
+        session = upstream_session()
         stack.push_async_callback(session.close)
 
         recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -135,6 +136,15 @@ class _Body:
             yield chunk
 
 
+class _Upstream(NamedTuple):
+    """What forwarding to one upstream needs, made on its first request."""
+
+    base: str  # its URL without a trailing slash; the client's raw path is appended
+    timeout: aiohttp.ClientTimeout
+    seconds: float  # the upstream's read timeout (gateway.deadlines)
+    latency: Histogram  # time until its response headers arrived
+
+
 class Forwarder:
     def __init__(self, session: aiohttp.ClientSession, *, max_body_size: int, client_timeout: float) -> None:
         self.session = session
@@ -142,30 +152,31 @@ class Forwarder:
         self.client_timeout = client_timeout
         self.upstream_errors = 0
         self.deadlines = Deadlines()
-        # Per upstream, made on first use: its base URL and its timeouts.
-        self._upstreams: dict[str, tuple[str, aiohttp.ClientTimeout]] = {}
+        self._upstreams: dict[str, _Upstream] = {}
         # Per upstream: time until the upstream's response headers arrived.
         self.upstream_latency: dict[str, Histogram] = {}
 
-    def _upstream(self, target: Target) -> tuple[str, aiohttp.ClientTimeout]:
+    def _upstream(self, target: Target) -> _Upstream:
         up = target.upstream
         known = self._upstreams.get(up.name)
         if known is None:
             # No sock_read: the upstream's read timeout is ours (gateway.deadlines and the per-read timeout below).
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
-            known = self._upstreams[up.name] = (up.url.rstrip("/"), timeout)
+            latency = self.upstream_latency.setdefault(up.name, Histogram())
+            known = self._upstreams[up.name] = _Upstream(up.url.rstrip("/"), timeout, up.timeout, latency)
         return known
 
     def url(self, target: Target, request: web.BaseRequest) -> URL:
         # raw_path keeps the client's exact encoding (and query) for the upstream.
-        return URL(self._upstream(target)[0] + request.raw_path, encoded=True)
+        return URL(self._upstream(target).base + request.raw_path, encoded=True)
 
     async def forward(
         self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
-        clock = self.deadlines.clock(target.upstream.timeout)
+        up = self._upstream(target)
+        clock = self.deadlines.clock(up.seconds)
         body: _Body | None = None
         if request.body_exists:
             length = request.content_length
@@ -176,18 +187,15 @@ class Forwarder:
         try:
             with clock:
                 upstream = await self.session.request(
-                    request.method, self.url(target, request), headers=headers,
+                    request.method, URL(up.base + request.raw_path, encoded=True), headers=headers,
                     data=body.__aiter__() if body is not None else None,
-                    allow_redirects=False, timeout=self._upstream(target)[1], compress=None,
+                    allow_redirects=False, timeout=up.timeout, compress=None,
                 )
         except Denied:
             raise
         except Exception as exc:
             raise self._failure(exc, body) from None
-        latency = self.upstream_latency.get(target.upstream.name)
-        if latency is None:
-            latency = self.upstream_latency[target.upstream.name] = Histogram()
-        latency.observe(time.perf_counter() - started)
+        up.latency.observe(time.perf_counter() - started)
         try:
             headers = response_headers(upstream.headers)
             headers.update(extra_response_headers)

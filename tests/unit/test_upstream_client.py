@@ -1,0 +1,65 @@
+"""The forwarder's session sends exactly the headers it is given (plus Host), in order, and nothing of aiohttp's."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from gateway.upstream_client import upstream_session
+
+
+async def _echo_headers(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({"headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
+                              "body": body.decode()})
+
+
+async def _serve() -> TestServer:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _echo_headers)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def test_exactly_the_given_headers_go_upstream_in_order() -> None:
+    server = await _serve()
+    session = upstream_session()
+    try:
+        given = CIMultiDict([("X-One", "1"), ("x-two", "2"), ("X-One", "again"), ("Via", "1.1 keygate")])
+        async with session.get(server.make_url("/a?b=c"), headers=given) as r:
+            seen = (await r.json())["headers"]
+        host = f"127.0.0.1:{server.port}"
+        # No User-Agent, Accept or Accept-Encoding invented; repeated names kept; Host first.
+        assert seen == [["Host", host], ["X-One", "1"], ["x-two", "2"], ["X-One", "again"], ["Via", "1.1 keygate"]]
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_a_body_gets_its_framing_but_no_guessed_content_type() -> None:
+    server = await _serve()
+    session = upstream_session()
+    try:
+        async with session.post(server.make_url("/"), data=b"payload", headers=CIMultiDict()) as r:
+            answer = await r.json()
+        names = [name.lower() for name, _ in answer["headers"]]
+        assert answer["body"] == "payload"
+        assert names == ["host", "content-length"]
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_headers_given_another_way_take_aiohttps_own_path() -> None:
+    server = await _serve()
+    session = upstream_session()
+    try:
+        async with session.get(server.make_url("/"), headers={"Host": "example.test", "X-A": "1"}) as r:
+            seen = (await r.json())["headers"]
+        assert seen == [["Host", "example.test"], ["X-A", "1"]]
+    finally:
+        await session.close()
+        await server.close()
+
