@@ -79,6 +79,7 @@ class Gateway:
         self.parser = parser
         self.lookup = lookup
         self.client_ips = client_ips
+        self._trusts_proxies = client_ips.trusts_anyone
         self.routes = routes
         self.limiter = limiter
         self.forwarder = forwarder
@@ -139,10 +140,12 @@ class Gateway:
             # 8. Forward.
             answer_headers = ratelimit_headers(decision)
             answer_headers["X-Request-Id"] = request_id
-            websocket = headers.get("Upgrade", "").lower() == "websocket"
+            upgrade = headers.get("Upgrade")
+            websocket = upgrade is not None and upgrade.lower() == "websocket"
             upstream_headers = upstream_request_headers(
                 request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
-                client_ip=client, peer=peer, peer_trusted=self.client_ips.is_trusted_peer(peer),
+                client_ip=client, peer=peer,
+                peer_trusted=self._trusts_proxies and self.client_ips.is_trusted_peer(peer),
                 request_id=request_id, websocket=websocket,
             )
             if websocket:
