@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
-from gateway.models import KeyRecord
+from gateway.models import KeyRecord, RequestRecord
 from gateway.service import KeyService
 from gateway.store import create_store
 
@@ -149,3 +150,14 @@ class _ServiceContext:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.store.close()
+
+
+async def stored_requests(gateway: Keygate, key_id: str) -> list[RequestRecord]:
+    """The key's request records once the recorder has written at least one (it flushes every 0.2 s)."""
+    for _ in range(100):
+        async with gateway.service() as service, service.store.read() as tx:
+            requests = await tx.list_requests(key_id=key_id)
+        if requests:
+            return requests
+        await asyncio.sleep(0.1)
+    raise AssertionError("no request record reached the store")

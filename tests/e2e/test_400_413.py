@@ -13,7 +13,7 @@ import aiohttp.http_parser
 import pytest
 
 from .conftest import bearer
-from .harness import Keygate, Upstream
+from .harness import Keygate, Upstream, stored_requests
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ async def test_slow_client_gets_408(small: Keygate, upstream: Upstream) -> None:
 
 
 async def test_client_vanishing_mid_upload_aborts_upstream(small: Keygate, upstream: Upstream) -> None:
-    """When the client disconnects mid-upload, the upstream request is aborted, not completed."""
-    _, key = await small.key(name="ci", role="admin")
+    """When the client disconnects mid-upload, the upstream request is aborted, not completed, and recorded as 499."""
+    record, key = await small.key(name="ci", role="admin")
     before = upstream.count("completed")
     seen = upstream.count()
     with socket.create_connection(("127.0.0.1", small.proxy_port)) as s:
@@ -146,3 +146,6 @@ async def test_client_vanishing_mid_upload_aborts_upstream(small: Keygate, upstr
     await asyncio.sleep(0.5)
     assert upstream.count() == seen + 1  # it did start upstream...
     assert upstream.count("completed") == before  # ...and was aborted there
+    # Not an upstream failure (502) or a fault: the client went away.
+    [request] = await stored_requests(small, record.id)
+    assert (request.decision, request.status, request.reason) == ("allowed", 499, None)

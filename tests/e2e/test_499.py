@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-from gateway.models import RequestRecord
-
-from .harness import Keygate
+from .harness import Keygate, stored_requests
 
 def download_then_hang_up(port: int, key: str, path: str, read: int, stall: float) -> int:
     """Start a download, read ``read`` bytes of it, stop reading for ``stall`` s, close; returns the bytes read."""
@@ -24,16 +22,6 @@ def download_then_hang_up(port: int, key: str, path: str, read: int, stall: floa
             got += len(chunk)
         time.sleep(stall)
         return got
-
-async def stored_requests(gateway: Keygate, key_id: str) -> list[RequestRecord]:
-    """The key's request records once the recorder has written at least one (it flushes every 0.2 s)."""
-    for _ in range(100):
-        async with gateway.service() as service, service.store.read() as tx:
-            requests = await tx.list_requests(key_id=key_id)
-        if requests:
-            return requests
-        await asyncio.sleep(0.1)
-    raise AssertionError("no request record reached the store")
 
 # Closing while the gateway is writing, and closing while it waits for a client that stopped reading
 # (aiohttp raises a different error for each).

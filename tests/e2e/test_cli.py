@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +202,6 @@ def test_least_privilege_database_user_can_manage_keys(fixed_env: dict[str, str]
 
     keygate({**fixed_env, "KEYGATE_STORE__URL": pg_database}, "migrate")
     role = f"keygate_app_{uuid.uuid4().hex[:8]}"
-    database = pg_database.rsplit("/", 1)[1]
     admin = ["psql", pg_database.rsplit("/", 1)[0] + "/postgres", "-qc"]
     subprocess.run([*admin, f'CREATE ROLE "{role}" LOGIN'], check=True, capture_output=True)
     try:
