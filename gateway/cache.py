@@ -1,4 +1,4 @@
-"""The in-process key cache: verified keys by HMAC of the full key, plus short negative entries.
+"""The in-process key cache: verified keys by a MAC (keyed BLAKE2b) of the full key, plus short negative entries.
 
 Entries are indexed by key id too, so a change notice for one key drops
 exactly its entries. Expired entries are kept (until evicted) so that a key

@@ -305,7 +305,7 @@ def _default_kinds() -> dict[str, KindSettings]:
 class KeysSettings(_Section):
     pepper: str = Field(
         "",
-        description="HMAC key for cache keys, at least 32 characters; empty = generated into the store on first run.",
+        description="Secret key of the MAC that cache keys are made with, at least 32 characters; empty = generated into the store on first run.",
         json_schema_extra=_SECRET_VALUE,
     )
     # Before default_kind, whose check needs the kinds.

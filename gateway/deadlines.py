@@ -63,12 +63,13 @@ class Deadlines:
 class Clock:
     """One request's upstream timeout; ``with clock:`` raises ``TimeoutError`` when it ran out."""
 
-    __slots__ = ("_owner", "_task", "_loop", "seconds", "deadline", "expired")
+    __slots__ = ("_owner", "_task", "_loop", "_cancelling", "seconds", "deadline", "expired")
 
     def __init__(self, owner: Deadlines, seconds: float) -> None:
         self._owner = owner
         self._task: asyncio.Task[object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancelling = 0
         self.seconds = seconds
         self.deadline = math.inf
         self.expired = False
@@ -78,6 +79,8 @@ class Clock:
         if self._task is None:
             raise RuntimeError("an upstream clock must be used inside a task")
         self._loop = asyncio.get_running_loop()
+        # Cancellations already pending on the task are someone else's (as asyncio.timeout() counts them).
+        self._cancelling = self._task.cancelling()
         self.deadline = self._loop.time() + self.seconds
         self._owner._add(self)
         return self
@@ -86,10 +89,11 @@ class Clock:
                  tb: TracebackType | None) -> None:
         self._owner._running.discard(self)
         self.deadline = math.inf  # a body still streaming (an early answer) must not restart it
-        if self.expired and exc_type is asyncio.CancelledError and self._task is not None \
-                and self._task.uncancel() == 0:
-            # Our cancellation, and nobody else's: the upstream took too long.
-            raise TimeoutError from exc
+        if self.expired and self._task is not None:
+            # Take back our cancellation however the block ended; if no other is pending,
+            # the CancelledError was ours: the upstream took too long.
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
 
     def restart(self) -> None:
         """A full period again from now (the upstream took a chunk: it is making progress)."""

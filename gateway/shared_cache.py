@@ -2,7 +2,7 @@
 
 An entry is what the store said about a verified key (its record without
 the secret hash, its role's grants, its membership), stored under a name
-built from HMAC(pepper, full key) -- never the key itself. Only a process
+built from the MAC of the full key under the pepper (keyed BLAKE2b) -- never the key itself. Only a process
 that has just verified the secret with argon2 writes an entry, so finding
 one proves the secret was verified: a hit needs no argon2, and a cold
 replica warms from Redis instead of re-hashing every key. That makes Redis

@@ -1,6 +1,6 @@
 """Stage 2 — lookup: in-process cache, then the Redis cache, then the store; argon2 only on a miss.
 
-A verified key is cached under HMAC(pepper, full key), with everything the
+A verified key is cached under a MAC (keyed BLAKE2b) of the full key under the pepper, with everything the
 later stages need already parsed (networks, grants, servers, rate limit), so
 the hit path does no parsing and no I/O. A miss asks the shared Redis cache
 (when configured; see :mod:`gateway.shared_cache`), whose entries prove a

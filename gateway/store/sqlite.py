@@ -20,6 +20,7 @@ from .sql import SQLITE, SqlStore, SqlTransaction
 class _SqliteConnection:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self._max_variables = _MAX_VARIABLES
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]:
         async with self._db.execute(sql, tuple(args)) as cursor:
@@ -42,14 +43,25 @@ class _SqliteConnection:
         if not rows:
             return
         width = len(rows[0])
-        per_statement = max(1, _MAX_VARIABLES // width)
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start:start + per_statement]
-            await self._db.execute(_values_sql(head, width, len(chunk)), [v for row in chunk for v in row])
+        start = 0
+        while start < len(rows):
+            chunk = rows[start:start + max(1, self._max_variables // width)]
+            try:
+                await self._db.execute(_values_sql(head, width, len(chunk)), [v for row in chunk for v in row])
+            except sqlite3.OperationalError as exc:
+                # A SQLite built with a lower bound-parameter limit: fall back to the
+                # historical default (a failed statement leaves the transaction intact).
+                if "too many SQL variables" not in str(exc) or self._max_variables <= _MIN_VARIABLES:
+                    raise
+                self._max_variables = _MIN_VARIABLES
+                continue
+            start += len(chunk)
 
 
-# Bound parameters per statement: 500 request records; SQLite before 3.32 allows only 999.
-_MAX_VARIABLES = 5_500 if sqlite3.sqlite_version_info >= (3, 32) else 999
+# Bound parameters per statement: 500 request records. SQLite allows 32 766 by default
+# since 3.32 and 999 before (a build may lower it: see insert_many).
+_MIN_VARIABLES = 999
+_MAX_VARIABLES = 5_500 if sqlite3.sqlite_version_info >= (3, 32) else _MIN_VARIABLES
 
 
 @lru_cache(maxsize=64)

@@ -67,7 +67,7 @@ async def test_facts_survive_the_round_trip(service: KeyService) -> None:
 async def test_entry_is_keyed_by_digest_and_holds_no_secret(
     shared: SharedKeyCache, service: KeyService, raw: redis.asyncio.Redis, redis_prefix: str
 ) -> None:
-    """Redis sees the HMAC digest and the record, never the key, its secret or its hash."""
+    """Redis sees the MAC digest and the record, never the key, its secret or its hash."""
     facts, full = await facts_of(service)
     digest = cache_key(b"pepper" * 6, full)
     slot, found = await shared.fetch(facts.record.id, digest)

@@ -85,3 +85,21 @@ async def test_only_the_late_task_times_out() -> None:
     results = await asyncio.gather(waits(0.05, 0.2), *(waits(1.0, 0.1) for _ in range(20)))
     assert results == ["timeout"] + ["done"] * 20
 
+
+
+async def test_a_cancellation_pending_before_the_clock_does_not_hide_the_timeout() -> None:
+    """Like asyncio.timeout(): a swallowed earlier cancellation still leaves the clock's own as a TimeoutError."""
+    deadlines = Deadlines(resolution=RES)
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    try:
+        await asyncio.sleep(1)
+    except asyncio.CancelledError:
+        pass  # swallowed, without uncancel(): cancelling() stays 1
+    assert task.cancelling() == 1
+    with pytest.raises(TimeoutError):
+        with deadlines.clock(0.03):
+            await asyncio.sleep(10)
+    assert task.cancelling() == 1
+    task.uncancel()

@@ -1,0 +1,34 @@
+"""SQLite writes many rows per statement, and still writes them all where a build allows fewer parameters."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from gateway.store.sqlite import _SqliteConnection
+
+
+async def _rows(db: aiosqlite.Connection) -> list[tuple[int, str, float]]:
+    async with db.execute("SELECT a, b, c FROM t ORDER BY rowid") as cursor:
+        return [tuple(r) for r in await cursor.fetchall()]  # type: ignore[misc]
+
+
+async def test_every_row_in_order_across_statements(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        rows = [(i, f"r{i}", i / 4) for i in range(4321)]
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", rows)
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", [])
+        assert await _rows(db) == rows
+
+
+async def test_a_lower_parameter_limit_falls_back_to_smaller_statements(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        # As if SQLite had been built with the pre-3.32 default of 999 bound parameters.
+        await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        rows = [(i, f"r{i}", i / 4) for i in range(2000)]
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", rows)
+        assert await _rows(db) == rows
