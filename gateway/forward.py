@@ -22,6 +22,7 @@ from .deadlines import Clock, Deadlines
 from .latency import Histogram
 from .pipeline.outcomes import Denied, Outcome
 from .pipeline.scope import Target
+from .upstream_client import send
 
 CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({
@@ -186,8 +187,8 @@ class Forwarder:
         started = time.perf_counter()
         try:
             with clock:
-                upstream = await self.session.request(
-                    request.method, URL(up.base + request.raw_path, encoded=True), headers=headers,
+                upstream = await send(
+                    self.session, request.method, URL(up.base + request.raw_path, encoded=True), headers,
                     data=body.__aiter__() if body is not None else None,
                     allow_redirects=False, timeout=up.timeout, compress=None,
                 )

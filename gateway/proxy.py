@@ -126,7 +126,7 @@ class Gateway:
             # 3. Status: revoked, expired, member removed.
             check_status(key, time.time())
             # 5. IP allowlist.
-            check_allowlist(key.networks, client_ip)
+            check_allowlist(key.networks, client_ip, key.allowlist_seen, client)
             # 6. Scope: server and operation from the route table.
             target = self.routes.match(request.method, request.raw_path)
             check_scope(key.servers, key.grants, target)

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cache import KeyCache
 from ..keys import CacheKeyer, ParsedKey, SecretHasher
@@ -47,6 +47,8 @@ class CachedKey:
     member_role: str | None
     member_missing: bool
     identity_headers: tuple[tuple[str, str], ...]
+    # The allowlist's answer per client address, filled as requests come (see check_allowlist).
+    allowlist_seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _epoch(value: object) -> float:

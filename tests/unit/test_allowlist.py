@@ -6,7 +6,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from gateway.pipeline.allowlist import check_allowlist, parse_networks
+from gateway.pipeline.allowlist import MEMO_SIZE, check_allowlist, parse_networks
 from gateway.pipeline.client_ip import parse_ip
 from gateway.pipeline.outcomes import Denied, Outcome
 
@@ -105,3 +105,20 @@ def test_ipv4_mapped_rules_match_ipv4_clients() -> None:
     check_allowlist(networks, ip_address("10.1.2.3"))
     with pytest.raises(Denied):
         check_allowlist(networks, ip_address("11.1.2.3"))
+
+
+def test_answers_are_remembered_per_client_and_bounded() -> None:
+    """With a memo, each client address is matched once; refusals are remembered too; the memo stays bounded."""
+    networks = parse_networks(["10.0.0.0/8"])
+    seen: dict[str, bool] = {}
+    check_allowlist(networks, ip_address("10.1.2.3"), seen, "10.1.2.3")
+    with pytest.raises(Denied):
+        check_allowlist(networks, ip_address("192.0.2.1"), seen, "192.0.2.1")
+    assert seen == {"10.1.2.3": True, "192.0.2.1": False}
+    # The memo answers (a memo is per key, so its networks never change under it).
+    seen["192.0.2.1"] = True
+    check_allowlist(networks, ip_address("192.0.2.1"), seen, "192.0.2.1")
+    for i in range(MEMO_SIZE + 10):
+        client = f"10.9.{i // 256}.{i % 256}"
+        check_allowlist(networks, ip_address(client), seen, client)
+    assert len(seen) == MEMO_SIZE

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.upstream_client import upstream_session
+from gateway.upstream_client import send, upstream_session
 
 
 async def _echo_headers(request: web.Request) -> web.Response:
@@ -63,3 +65,27 @@ async def test_headers_given_another_way_take_aiohttps_own_path() -> None:
         await session.close()
         await server.close()
 
+
+
+async def test_send_hands_each_task_its_own_headers_and_leaves_nothing_behind() -> None:
+    server = await _serve()
+    session = upstream_session()
+    try:
+        async def one(i: int) -> list[list[str]]:
+            given = CIMultiDict([("X-Task", str(i)), ("X-Same", "s")])
+            response = await send(session, "GET", server.make_url(f"/{i}"), given)
+            try:
+                return (await response.json())["headers"]
+            finally:
+                response.release()
+
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        host = f"127.0.0.1:{server.port}"
+        assert results == [[["Host", host], ["X-Task", str(i)], ["X-Same", "s"]] for i in range(20)]
+        # After send() returns, a plain request of the same task carries none of them.
+        async with session.get(server.make_url("/plain")) as r:
+            assert (await r.json())["headers"] == [["Host", host]]
+        assert not session.headers  # send() relies on the session having no default headers
+    finally:
+        await session.close()
+        await server.close()
