@@ -50,7 +50,7 @@ def _sqlite_time_in(value: datetime | None) -> str | None:
     # Fixed-width UTC text sorts and compares like the instants it names.
     if value is None:
         return None
-    utc = value.astimezone(UTC)
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
     if utc.year < 1000:  # strftime leaves such years unpadded: keep its exact text
         return utc.strftime(_TIME_FORMAT)
     # The same text as _TIME_FORMAT at well under half the cost (one per request record):
