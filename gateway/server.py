@@ -30,6 +30,7 @@ from .config import Settings
 from .heap import settle_heap
 from .http_server import ProxyHTTPServer
 from .logs import configure_logging
+from .tasks import running_tasks
 from .store import StoreError, create_store
 from .units import parse_listen
 
@@ -42,6 +43,9 @@ def event_loop_runner() -> Callable[[Awaitable[int]], int]:
     except ImportError:  # uvloop is optional (not on every platform)
         return asyncio.run  # type: ignore[return-value]
     return uvloop.run  # type: ignore[no-any-return]
+
+
+STUCK_AFTER = 10.0  # seconds past the grace after which a shutdown still running is logged as stuck
 
 
 async def _bound(site: web.TCPSite) -> str:
@@ -58,6 +62,7 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     grace = settings.proxy.shutdown_grace
+    stuck: asyncio.TimerHandle | None = None
     async with runtime(settings) as rt:
         proxy_runner = web.ServerRunner(
             # lingering_time: after an early answer (413, 400) unread body is
@@ -89,11 +94,16 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             await stop.wait()
             log.info(json.dumps({"event": "draining", "grace_seconds": grace, "pid": os.getpid()}))
             rt.draining = True
+            # Should the shutdown ever hang, the log says where (it is then up to the supervisor's SIGKILL).
+            stuck = loop.call_later(grace + STUCK_AFTER, lambda: log.error(json.dumps({
+                "event": "shutdown_stuck", "pid": os.getpid(), "tasks": running_tasks()})))
             # Stops accepting, lets in-flight requests finish up to the grace, then cancels them.
             await proxy_runner.cleanup()
         finally:
             await proxy_runner.cleanup()
             await admin_runner.cleanup()
+    if stuck is not None:
+        stuck.cancel()
     log.info(json.dumps({"event": "stopped", "pid": os.getpid()}))
     return 0
 

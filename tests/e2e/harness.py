@@ -127,7 +127,15 @@ class Keygate:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Leave nothing running, and show why it did not stop (a stuck shutdown logs its tasks).
+            _kill_tree(self.process.pid)
+            self.process.wait(5)
+            self._log.close()
+            raise AssertionError(f"keygate did not stop within {timeout}s of signal {sig}; log tail:\n"
+                                 + "\n".join(self.log().splitlines()[-20:])) from None
         self._log.close()
         return code
 
@@ -161,3 +169,22 @@ async def stored_requests(gateway: Keygate, key_id: str) -> list[RequestRecord]:
             return requests
         await asyncio.sleep(0.1)
     raise AssertionError("no request record reached the store")
+
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its children (the workers of ``keygate serve --workers N``)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    for target in (pid, *children):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
