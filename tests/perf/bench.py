@@ -49,7 +49,8 @@ What it does:
 5. prints the median over rounds of requests/s, p50, p99 and cpu us/req per
    target and the ratios against the targets of issue 3 (keygate_1w ≥ 0.90 ×
    thin throughput, keygate_1w p99 ≤ 1.20 × thin p99, each PASS/FAIL), plus
-   keygate_2w / thin and keygate_1w / thin CPU per request;
+   keygate_2w / thin and keygate_1w / thin CPU per request, and for information the median over rounds
+   of keygate_1w / thin measured back to back (the figure least moved by a machine whose speed drifts);
    ``--json FILE`` also writes everything (raw runs included) as JSON.
 
 Exit status: 0 when the measurement completed, whether or not the targets
@@ -675,10 +676,20 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "keygate_2w/thin p99": {"value": two["p99_ms"] / thin["p99_ms"], "target": None, "pass": None},
         "keygate_1w/thin CPU per request": {"value": one["cpu_us_per_request"] / thin["cpu_us_per_request"],
                                             "target": None, "pass": None},
+        # Each round's two runs are back to back, so their ratio is the least moved by a machine
+        # whose speed drifts over minutes; for information beside the target's ratio of medians.
+        "keygate_1w/thin, median of rounds": {"value": _median_of_rounds(one, thin), "target": None, "pass": None},
         "thin/nginx throughput": {"value": thin["requests_per_s"] / summary["nginx"]["requests_per_s"],
                                   "target": None, "pass": None},
         **redis_ratios(summary),
     }
+
+
+def _median_of_rounds(one: dict[str, Any], other: dict[str, Any]) -> float:
+    """The median over rounds of one's requests/s over other's, leaving out rounds where either was disturbed."""
+    pairs = [a / b for a, b, da, db in zip(one["rounds_requests_per_s"], other["rounds_requests_per_s"],
+                                           one["rounds_disturbed"], other["rounds_disturbed"]) if not (da or db)]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def redis_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
