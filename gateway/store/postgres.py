@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +13,9 @@ import asyncpg
 
 from .base import Conflict, StoreError, StoreUnavailable
 from .sql import POSTGRES, SqlStore, SqlTransaction
+
+log = logging.getLogger("keygate.store")
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for connections in use before cutting them
 
 # Errors that mean "the server is not there or not usable", as opposed to a
 # bug in a query: these become StoreUnavailable (503 / exit 1 for users).
@@ -67,9 +73,16 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        try:
+            # asyncpg's close() waits for every connection to be released: bounded, as its docs advise.
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning(json.dumps({"event": "store_close_timeout", "seconds": CLOSE_TIMEOUT,
+                                    "detail": "a connection was still in use; closed without waiting for it"}))
+            pool.terminate()
 
     @asynccontextmanager
     async def _tx(self, *, write: bool) -> AsyncIterator[SqlTransaction]:
