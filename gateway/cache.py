@@ -40,12 +40,10 @@ class KeyCache(Generic[V]):
 
     def get(self, digest: str) -> V | None:
         """A fresh entry, or None."""
-        entry = self._entries.get(digest)
-        if entry is not None and self._clock() - entry[2] < self.ttl:
-            self.hits += 1
-            return entry[0]
-        self.misses += 1
-        return None
+        value = self.probe(digest)
+        if value is None:
+            self.misses += 1
+        return value
 
     def probe(self, digest: str) -> V | None:
         """:meth:`get` counting hits only: for a look that a full lookup follows on a miss (which counts it)."""

@@ -154,17 +154,19 @@ class Forwarder:
         self.upstream_errors = 0
         self.deadlines = Deadlines()
         self._upstreams: dict[str, _Upstream] = {}
-        # Per upstream: time until the upstream's response headers arrived.
-        self.upstream_latency: dict[str, Histogram] = {}
+
+    @property
+    def upstream_latency(self) -> dict[str, Histogram]:
+        """Per upstream used so far: time until its response headers arrived."""
+        return {name: up.latency for name, up in self._upstreams.items()}
 
     def _upstream(self, target: Target) -> _Upstream:
         up = target.upstream
         known = self._upstreams.get(up.name)
         if known is None:
-            # No sock_read: the upstream's read timeout is ours (gateway.deadlines and the per-read timeout below).
+            # No sock_read: the upstream's read timeout is ours (gateway.deadlines).
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
-            latency = self.upstream_latency.setdefault(up.name, Histogram())
-            known = self._upstreams[up.name] = _Upstream(up.url.rstrip("/"), timeout, up.timeout, latency)
+            known = self._upstreams[up.name] = _Upstream(up.url.rstrip("/"), timeout, up.timeout, Histogram())
         return known
 
     def url(self, target: Target, request: web.BaseRequest) -> URL:
@@ -220,13 +222,12 @@ class Forwarder:
                 await response.prepare(request)
                 if first:
                     await response.write(first)
-                while True:
-                    # Only the wait for the upstream's next piece is timed, not a slow client's.
-                    async with asyncio.timeout(target.upstream.timeout):
-                        chunk = await upstream.content.read(CHUNK)
-                    if not chunk:
-                        break
-                    await response.write(chunk)
+                # Only the wait for the upstream's next piece is timed, not a slow client's.
+                with self.deadlines.clock(up.seconds) as reading:
+                    while chunk := await upstream.content.read(CHUNK):
+                        reading.stop()
+                        await response.write(chunk)
+                        reading.restart()
                 await response.write_eof()
             except ConnectionError:
                 # Writing to the client failed: it went away (aiohttp's ClientConnectionResetError

@@ -37,15 +37,16 @@ def _parse_peer(peer: str) -> IPAddress | None:
 
 
 @lru_cache(maxsize=4096)
-def _peer_and_text(peer: str) -> tuple[IPAddress | None, str | None]:
-    ip = parse_ip(peer) if peer else None
-    return ip, (str(ip) if ip is not None else None)
-
-
-@lru_cache(maxsize=4096)
 def address_text(ip: IPAddress) -> str:
     """``str(ip)``, made once per address (``ipaddress`` builds the text anew on every call)."""
     return str(ip)
+
+
+@lru_cache(maxsize=4096)
+def _peer_and_text(peer: str) -> tuple[IPAddress | None, str | None]:
+    # The common case (no trusted proxy) in one cache lookup per request rather than two.
+    ip = _parse_peer(peer) if peer else None
+    return ip, (address_text(ip) if ip is not None else None)
 
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -34,6 +36,21 @@ async def test_hanging_upstream_is_504(http: aiohttp.ClientSession, gateway: Key
     async with http.get(gateway.proxy_url + "/hang", headers=bearer(key)) as r:
         assert r.status == 504
         assert json.loads(await r.read())["error"] == "gateway_timeout"
+
+
+async def test_upstream_stalling_mid_body_is_cut_off_after_its_timeout(
+    http: aiohttp.ClientSession, gateway: Keygate,
+) -> None:
+    """Once the body has started, an upstream silent for its timeout (3 s) gets the client cut off, not left hanging."""
+    _, key = await gateway.key(name="ci", role="admin")
+    started = time.monotonic()
+    async with http.get(gateway.proxy_url + "/stall", headers=bearer(key)) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == "100000"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), 30)
+    assert time.monotonic() - started >= 3  # never before the upstream's timeout
+    async with http.get(gateway.proxy_url + "/echo", headers=bearer(key)) as r:
+        assert r.status == 200
 
 
 async def test_reset_mid_body_cuts_the_client_off(http: aiohttp.ClientSession, gateway: Keygate) -> None:

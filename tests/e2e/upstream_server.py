@@ -78,6 +78,16 @@ async def reset(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def stall(request: web.Request) -> web.StreamResponse:
+    """Headers and part of the body, then nothing for an hour (the connection stays open)."""
+    response = web.StreamResponse()
+    response.content_length = 100_000
+    await response.prepare(request)
+    await response.write(b"x" * 1000)
+    await asyncio.sleep(3600)
+    return response
+
+
 async def gzip_body(_request: web.Request) -> web.Response:
     import gzip
 
@@ -104,6 +114,7 @@ def app() -> web.Application:
     application.router.add_get("/slow/{seconds}", slow)
     application.router.add_get("/hang", hang)
     application.router.add_get("/reset", reset)
+    application.router.add_get("/stall", stall)
     application.router.add_get("/gzip", gzip_body)
     application.router.add_get("/ws", websocket)
     application.router.add_route("*", "/{path:.*}", echo)
