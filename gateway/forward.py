@@ -23,6 +23,7 @@ from .latency import Histogram
 from .pipeline.outcomes import Denied, Outcome
 from .pipeline.scope import Target
 from .upstream_client import send
+from .upstream_exchange import Answer, Origin, exchange, plain_target
 
 CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({
@@ -141,6 +142,7 @@ class _Upstream(NamedTuple):
     """What forwarding to one upstream needs, made on its first request."""
 
     base: str  # its URL without a trailing slash; the client's raw path is appended
+    origin: Origin  # its place in the session's connection pool, for bodyless requests
     timeout: aiohttp.ClientTimeout
     seconds: float  # the upstream's read timeout (gateway.deadlines)
     latency: Histogram  # time until its response headers arrived
@@ -166,7 +168,9 @@ class Forwarder:
         if known is None:
             # No sock_read: the upstream's read timeout is ours (gateway.deadlines).
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
-            known = self._upstreams[up.name] = _Upstream(up.url.rstrip("/"), timeout, up.timeout, Histogram())
+            base = up.url.rstrip("/")
+            known = self._upstreams[up.name] = _Upstream(
+                base, Origin(self.session, URL(base)), timeout, up.timeout, Histogram())
         return known
 
     def url(self, target: Target, request: web.BaseRequest) -> URL:
@@ -187,13 +191,17 @@ class Forwarder:
                 raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
             body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout, clock=clock)
         started = time.perf_counter()
+        upstream: Answer | aiohttp.ClientResponse
         try:
             with clock:
-                upstream = await send(
-                    self.session, request.method, URL(up.base + request.raw_path, encoded=True), headers,
-                    data=body.__aiter__() if body is not None else None,
-                    allow_redirects=False, timeout=up.timeout, compress=None,
-                )
+                if body is None and plain_target(raw_path := request.raw_path):
+                    upstream = await exchange(up.origin, request.method, raw_path, headers, up.timeout)
+                else:
+                    upstream = await send(
+                        self.session, request.method, URL(up.base + request.raw_path, encoded=True), headers,
+                        data=body.__aiter__() if body is not None else None,
+                        allow_redirects=False, timeout=up.timeout, compress=None,
+                    )
         except Denied:
             raise
         except Exception as exc:

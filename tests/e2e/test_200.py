@@ -80,6 +80,23 @@ async def test_hop_by_hop_headers_are_removed(http: aiohttp.ClientSession, gatew
         assert name not in h
 
 
+async def test_bodyless_methods_are_forwarded(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """HEAD, DELETE and OPTIONS go upstream with their method and path; HEAD answers with the head only."""
+    _, key = await gateway.key(name="ci", role="admin")
+    for method in ("DELETE", "OPTIONS", "GET"):
+        response, body = await echo(http, gateway, key, "/things/7?force=1", method=method)
+        assert response.status == 200
+        assert body["method"] == method and body["path"] == "/things/7?force=1" and body["body_len"] == 0
+        # As aiohttp frames any bodyless request of a method that expects a body.
+        assert upstream_headers(body).get("content-length") == (["0"] if method == "DELETE" else None)
+    for _ in range(3):  # and the connections stay usable after a head-only answer
+        async with http.head(gateway.proxy_url + "/echo", headers=bearer(key)) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 0
+            assert await r.read() == b""
+    response, body = await echo(http, gateway, key)
+    assert response.status == 200 and body["method"] == "GET"
+
+
 async def test_allowed_responses_carry_ratelimit_headers(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """Every allowed response says the key's policy and what is left."""
     _, key = await gateway.key(name="ci", role="admin", rate_limit="10/minute")

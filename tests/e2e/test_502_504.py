@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +22,47 @@ def dead_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]
     keygate = Keygate(tmp_path_factory.mktemp("dead"), f"http://127.0.0.1:{free_port()}").start()
     yield keygate
     assert keygate.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def garbage_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway whose upstream answers every request with something that is not HTTP."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"SURPRISE / NOT-HTTP\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    keygate = Keygate(tmp_path_factory.mktemp("garbage"),
+                      f"http://127.0.0.1:{listener.getsockname()[1]}").start()
+    yield keygate
+    stop.set()
+    thread.join()
+    listener.close()
+    assert keygate.stop() == 0
+
+
+async def test_upstream_answering_garbage_is_502(http: aiohttp.ClientSession, garbage_upstream: Keygate) -> None:
+    """An upstream whose answer is not HTTP gives 502 bad_gateway, with or without a request body."""
+    _, key = await garbage_upstream.key(name="ci", role="admin")
+    for method, data in (("GET", None), ("POST", b"x" * 10)):
+        async with http.request(method, garbage_upstream.proxy_url + "/echo", headers=bearer(key), data=data) as r:
+            assert r.status == 502
+            assert json.loads(await r.read())["error"] == "bad_gateway"
 
 
 async def test_refused_upstream_is_502(http: aiohttp.ClientSession, dead_upstream: Keygate) -> None:

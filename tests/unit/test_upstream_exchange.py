@@ -1,0 +1,324 @@
+"""The bodyless exchange: the same bytes as ClientSession.request, the same pool, the same failures."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.upstream_client import send, upstream_session
+from gateway.upstream_exchange import InvalidUpstreamResponse, Origin, exchange, plain_target
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def ok(head: bytes) -> bytes:
+    """200 with a two-byte body (its head only, for HEAD)."""
+    return OK[:-2] if head.startswith(b"HEAD ") else OK
+CONNECT = aiohttp.ClientTimeout(total=None, sock_connect=2)
+
+
+class RawUpstream:
+    """A TCP upstream that records each request head as bytes and answers with ``reply(head)``.
+
+    ``reply`` returns the bytes to send, or ``None`` to close the connection without answering.
+    """
+
+    def __init__(self, reply: Callable[[bytes], bytes | None] = ok) -> None:
+        self.reply = reply
+        self.heads: list[bytes] = []
+        self.connections = 0
+        self.closed_by_client = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def url(self, path: str = "") -> URL:
+        return URL(f"http://127.0.0.1:{self.port}{path}")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.closed_by_client += 1
+                    return
+                self.heads.append(head)
+                answer = self.reply(head)
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
+        except ConnectionError:
+            self.closed_by_client += 1
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    made = upstream_session()
+    yield made
+    await made.close()
+
+
+async def _upstream(reply: Callable[[bytes], bytes | None] = ok) -> RawUpstream:
+    return await RawUpstream(reply).start()
+
+
+async def _read_all(answer: object) -> bytes:
+    content = answer.content  # type: ignore[attr-defined]
+    body = await content.read()
+    answer.release()  # type: ignore[attr-defined]
+    return bytes(body)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS", "POST"])
+async def test_the_same_bytes_as_clientsession_request(session: aiohttp.ClientSession, method: str) -> None:
+    """What goes upstream is byte for byte what ClientSession.request sends for the same bodyless request."""
+    upstream = await _upstream()
+    headers = CIMultiDict([("X-One", "1"), ("x-two", "2"), ("X-One", "again"), ("Via", "1.1 keygate")])
+    try:
+        via_session = await send(session, method, URL(str(upstream.url()) + "/a/b%2Fc?d=e&f", encoded=True),
+                                 headers, allow_redirects=False, timeout=CONNECT, compress=None)
+        await _read_all(via_session)
+        answer = await exchange(Origin(session, upstream.url()), method, "/a/b%2Fc?d=e&f", headers, CONNECT)
+        assert answer.status == 200
+        assert await _read_all(answer) == (b"" if method == "HEAD" else b"ok")
+        assert upstream.heads[0] == upstream.heads[1]
+        assert upstream.heads[1].startswith(f"{method} /a/b%2Fc?d=e&f HTTP/1.1\r\nHost: 127.0.0.1:".encode())
+        # Content-Length: 0 exactly where aiohttp adds it: for methods that expect a body.
+        assert (b"Content-Length: 0" in upstream.heads[1]) == (method in ("DELETE", "POST"))
+    finally:
+        await upstream.close()
+
+
+async def test_a_client_content_length_is_not_doubled(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream()
+    try:
+        answer = await exchange(Origin(session, upstream.url()), "POST", "/", CIMultiDict([("Content-Length", "0")]),
+                                CONNECT)
+        await _read_all(answer)
+        assert upstream.heads[0].count(b"Content-Length") == 1
+    finally:
+        await upstream.close()
+
+
+async def test_an_upstream_path_prefix_comes_first(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream()
+    try:
+        answer = await exchange(Origin(session, upstream.url("/v2/")), "GET", "/items?x=1", CIMultiDict(), CONNECT)
+        await _read_all(answer)
+        assert upstream.heads[0].startswith(b"GET /v2/items?x=1 HTTP/1.1\r\n")
+    finally:
+        await upstream.close()
+
+
+async def test_connections_are_pooled_and_shared_with_the_session(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream()
+    origin = Origin(session, upstream.url())
+    try:
+        for _ in range(3):
+            assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        # ClientSession.request takes the same pooled connection.
+        async with session.get(upstream.url("/")) as r:
+            assert await r.read() == b"ok"
+        assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        assert len(upstream.heads) == 5
+        assert upstream.connections == 1
+    finally:
+        await upstream.close()
+
+
+async def test_a_body_left_unread_closes_its_connection(session: aiohttp.ClientSession) -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000
+    upstream = await _upstream(lambda _head: big)
+    origin = Origin(session, upstream.url())
+    try:
+        answer = await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
+        answer.release()  # only part of the body arrived: the connection cannot carry another request
+        for _ in range(50):
+            if upstream.closed_by_client:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.closed_by_client == 1
+        answer = await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
+        answer.release()
+        assert upstream.connections == 2
+    finally:
+        await upstream.close()
+
+
+async def test_connection_close_is_honoured(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    origin = Origin(session, upstream.url())
+    try:
+        for _ in range(2):
+            assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        assert upstream.connections == 2
+    finally:
+        await upstream.close()
+
+
+async def test_a_body_without_length_is_read_to_the_close(session: aiohttp.ClientSession) -> None:
+    hang_up = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await hang_up.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        answer = await exchange(Origin(session, URL(f"http://127.0.0.1:{port}")), "GET", "/", CIMultiDict(),
+                                CONNECT)
+        read = asyncio.ensure_future(_read_all(answer))
+        await asyncio.sleep(0.05)
+        assert not read.done()  # the upstream has not closed: the body may go on
+        hang_up.set()
+        assert await read == b"until the end"
+    finally:
+        hang_up.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_interim_answers_are_skipped(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + OK)
+    try:
+        answer = await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict(), CONNECT)
+        assert answer.status == 200 and answer.reason == "OK"
+        assert await _read_all(answer) == b"ok"
+    finally:
+        await upstream.close()
+
+
+async def test_an_idempotent_request_is_retried_once_on_a_closed_pooled_connection(
+    session: aiohttp.ClientSession,
+) -> None:
+    seen: list[int] = []
+
+    def reply(_head: bytes) -> bytes | None:
+        seen.append(1)
+        # The second request meets a connection the upstream closes without answering.
+        return None if len(seen) == 2 else ok(_head)
+
+    upstream = await _upstream(reply)
+    origin = Origin(session, upstream.url())
+    try:
+        assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        assert len(upstream.heads) == 3 and upstream.connections == 2
+    finally:
+        await upstream.close()
+
+
+async def test_a_non_idempotent_request_is_never_sent_twice(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: None)
+    try:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await exchange(Origin(session, upstream.url()), "POST", "/", CIMultiDict(), CONNECT)
+        assert len(upstream.heads) == 1
+    finally:
+        await upstream.close()
+
+
+async def test_an_upstream_that_never_answers_fails_after_one_retry(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: None)
+    try:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict(), CONNECT)
+        assert len(upstream.heads) == 2
+    finally:
+        await upstream.close()
+
+
+async def test_an_invalid_answer_is_a_client_response_error(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: b"NOT HTTP AT ALL\r\n\r\n")
+    try:
+        with pytest.raises(InvalidUpstreamResponse) as caught:
+            await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict(), CONNECT)
+        assert isinstance(caught.value, aiohttp.ClientResponseError)
+        assert len(upstream.heads) == 1  # not retried: the upstream answered
+    finally:
+        await upstream.close()
+
+
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(
+    session: aiohttp.ClientSession,
+) -> None:
+    upstream = await _upstream()
+    try:
+        with pytest.raises(ValueError):
+            await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict([("X-A", "1\r\nX-B: 2")]),
+                           CONNECT)
+        assert upstream.connections == 0
+    finally:
+        await upstream.close()
+
+
+async def test_a_cancelled_exchange_closes_its_connection(session: aiohttp.ClientSession) -> None:
+    upstream = await _upstream(lambda _head: b"")  # never answers, keeps the connection open
+    origin = Origin(session, upstream.url())
+    loop = asyncio.get_running_loop()
+    reports: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: reports.append(context["message"]))
+    try:
+        waiting = asyncio.ensure_future(exchange(origin, "GET", "/", CIMultiDict(), CONNECT))
+        for _ in range(100):
+            if upstream.heads:
+                break
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for _ in range(100):
+            if upstream.closed_by_client:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.closed_by_client == 1  # not put back in the pool half-way through an answer
+        del waiting
+        gc.collect()
+        # Closed by the exchange itself, not left for the garbage collector to find.
+        assert "Unclosed connection" not in reports
+    finally:
+        loop.set_exception_handler(None)
+        await upstream.close()
+
+
+async def test_a_refused_connection_is_a_connector_error(session: aiohttp.ClientSession) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await exchange(Origin(session, URL(f"http://127.0.0.1:{port}")), "GET", "/", CIMultiDict(), CONNECT)
+
+
+@pytest.mark.parametrize(("raw_path", "plain"), [
+    ("/", True), ("/a/b?c=d", True), ("/a%23b", True),
+    ("/a#frag", False), ("http://other.example/a", False), ("*", False), ("", False),
+])
+def test_plain_target(raw_path: str, plain: bool) -> None:
+    assert plain_target(raw_path) is plain
