@@ -379,6 +379,11 @@ class UpstreamSettings(_Section):
             parts = parts._replace(netloc="")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080)")
+        if "@" in parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
+            # The client's path and query are appended to the URL's; credentials for the upstream are not
+            # Keygate's to send (routes with pass_credentials forward the client's own).
+            raise ValueError("must be scheme, host, port and an optional path prefix: no user:password@, "
+                             "query or fragment (e.g. http://10.0.0.5:8080/api)")
         return url
 
 

@@ -168,9 +168,11 @@ class Forwarder:
         if known is None:
             # No sock_read: the upstream's read timeout is ours (gateway.deadlines).
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
-            base = up.url.rstrip("/")
+            # One reading of the configured URL for both ways of sending (yarl's: percent-encoding,
+            # dot segments, host case and default port normalised), so they reach the same place.
+            base = str(URL(up.url)).rstrip("/")
             known = self._upstreams[up.name] = _Upstream(
-                base, Origin(self.session, URL(base)), timeout, up.timeout, Histogram())
+                base, Origin(self.session, URL(base, encoded=True)), timeout, up.timeout, Histogram())
         return known
 
     def url(self, target: Target, request: web.BaseRequest) -> URL:

@@ -54,15 +54,18 @@ class InvalidUpstreamResponse(aiohttp.ClientResponseError):
 
 
 class Origin:
-    """One upstream's key into the shared session's connection pool, and its Host header."""
+    """One upstream's key into the shared session's connection pool, and its Host header.
 
-    __slots__ = ("connector", "host", "path", "request", "url")
+    ``base`` is the upstream's URL as ``send()`` gets it before the client's
+    path is appended: ``ClientSession.request(URL(base + path, encoded=True))``
+    and ``exchange(Origin(session, URL(base, encoded=True)), path)`` send to
+    the same host and path.
+    """
+
+    __slots__ = ("host", "path", "request", "session", "url")
 
     def __init__(self, session: aiohttp.ClientSession, base: URL) -> None:
-        connector = session.connector
-        if connector is None:
-            raise RuntimeError("the upstream session has no connector (closed?)")
-        self.connector = connector
+        self.session = session
         # What the connector reads to pick or open a connection (host, port, TLS, pool key): one per upstream.
         self.request = aiohttp.ClientRequest("GET", base, loop=asyncio.get_running_loop(), session=session)
         host = base.host_port_subcomponent
@@ -114,8 +117,12 @@ async def exchange(origin: Origin, method: str, raw_path: str, headers: CIMultiD
     message = _serialize_headers(f"{method} {origin.path}{raw_path} HTTP/1.1", head)
     retry = method in _IDEMPOTENT
     while True:
+        connector = origin.session.connector
+        if connector is None or connector.closed:
+            # Shutting down: no new connection (the connector would open one before noticing).
+            raise aiohttp.ClientConnectionError("Connector is closed.")
         try:
-            connection = await origin.connector.connect(origin.request, traces=[], timeout=timeout)
+            connection = await connector.connect(origin.request, traces=[], timeout=timeout)
         except TimeoutError as exc:
             raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {origin.url}") from exc
         try:

@@ -9,11 +9,20 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import forward
+from gateway.config import UpstreamSettings
+from gateway.deadlines import Deadlines
+from gateway.forward import Forwarder
+from gateway.pipeline.scope import Target
 from gateway.upstream_client import send, upstream_session
 from gateway.upstream_exchange import InvalidUpstreamResponse, Origin, exchange, plain_target
+
+# pytest-asyncio 1.x calls overriding event_loop_policy deprecated; the session fixture checks it still works.
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding the \"event_loop_policy\" fixture:DeprecationWarning")
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -75,8 +84,19 @@ class RawUpstream:
         await self._server.wait_closed()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test on both loops: Keygate serves on uvloop, whose transports behave differently at the edges."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
+async def session(event_loop_policy: asyncio.AbstractEventLoopPolicy) -> AsyncIterator[aiohttp.ClientSession]:
+    # The policy really made this test's loop (pytest-asyncio calls its override deprecated: fail, not drift).
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == type(event_loop_policy).__module__.split(".")[0]
     made = upstream_session()
     yield made
     await made.close()
@@ -93,7 +113,7 @@ async def _read_all(answer: object) -> bytes:
     return bytes(body)
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS", "POST"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH"])
 async def test_the_same_bytes_as_clientsession_request(session: aiohttp.ClientSession, method: str) -> None:
     """What goes upstream is byte for byte what ClientSession.request sends for the same bodyless request."""
     upstream = await _upstream()
@@ -108,8 +128,71 @@ async def test_the_same_bytes_as_clientsession_request(session: aiohttp.ClientSe
         assert upstream.heads[0] == upstream.heads[1]
         assert upstream.heads[1].startswith(f"{method} /a/b%2Fc?d=e&f HTTP/1.1\r\nHost: 127.0.0.1:".encode())
         # Content-Length: 0 exactly where aiohttp adds it: for methods that expect a body.
-        assert (b"Content-Length: 0" in upstream.heads[1]) == (method in ("DELETE", "POST"))
+        assert (b"Content-Length: 0" in upstream.heads[1]) == (method in ("DELETE", "POST", "PUT", "PATCH"))
     finally:
+        await upstream.close()
+
+
+@pytest.mark.parametrize("configured", [
+    "http://127.0.0.1:{port}", "http://127.0.0.1:{port}/", "http://127.0.0.1:{port}/v2/", "http://LOCALHOST:{port}/v%7E1",
+    "http://127.0.0.1:{port}/a/./b/../c", "http://127.0.0.1:{port}/x%2Fy", "http://127.0.0.1:{port}/\u00e4pi",
+])
+async def test_the_forwarder_sends_both_ways_to_the_same_place(session: aiohttp.ClientSession, configured: str) -> None:
+    """However the upstream URL is written, a request with a body and one without reach the same host and path."""
+    upstream = await _upstream()
+    forwarder = Forwarder(session, max_body_size=0, client_timeout=5)
+    target = Target(upstream=UpstreamSettings(name="app", url=configured.format(port=upstream.port)), server="app",
+                    operation="read", pass_credentials=False)
+    try:
+        up = forwarder._upstream(target)
+        via_session = await send(session, "POST", URL(up.base + "/things?x=1", encoded=True), CIMultiDict(),
+                                 allow_redirects=False, timeout=CONNECT, compress=None)
+        await _read_all(via_session)
+        await _read_all(await exchange(up.origin, "POST", "/things?x=1", CIMultiDict(), CONNECT))
+        assert upstream.heads[0] == upstream.heads[1]
+        assert upstream.heads[0].split(b" ")[1].endswith(b"/things?x=1")
+        assert upstream.heads[0].isascii()  # a non-ASCII path prefix goes out percent-encoded
+    finally:
+        await upstream.close()
+
+
+async def test_the_forwarder_takes_the_exchange_only_for_bodyless_requests(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GET without a body goes through exchange(); a body goes through ClientSession.request."""
+    upstream = await _upstream()
+    taken: list[str] = []
+
+    async def counted_exchange(*args: object, **kwargs: object) -> object:
+        taken.append("exchange")
+        return await exchange(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def counted_send(*args: object, **kwargs: object) -> object:
+        taken.append("session")
+        return await send(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forward, "exchange", counted_exchange)
+    monkeypatch.setattr(forward, "send", counted_send)
+    forwarder = Forwarder(session, max_body_size=0, client_timeout=5)
+    target = Target(upstream=UpstreamSettings(name="app", url=str(upstream.url())), server="app",
+                    operation="read", pass_credentials=False)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return await forwarder.forward(request, target, CIMultiDict(), {})
+
+    runner = web.ServerRunner(web.Server(handler))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as client:
+            for method, data in (("GET", None), ("POST", b"body"), ("DELETE", None)):
+                async with client.request(method, f"http://127.0.0.1:{port}/p", data=data) as r:
+                    assert r.status == 200 and await r.read() == b"ok"
+        assert taken == ["exchange", "session", "exchange"]
+    finally:
+        await runner.cleanup()
         await upstream.close()
 
 
@@ -165,6 +248,37 @@ async def test_a_body_left_unread_closes_its_connection(session: aiohttp.ClientS
         answer = await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
         answer.release()
         assert upstream.connections == 2
+    finally:
+        await upstream.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+], ids=["204", "304", "empty 200"])
+async def test_bodyless_answers_leave_the_connection_reusable(session: aiohttp.ClientSession, answer: bytes) -> None:
+    upstream = await _upstream(lambda head: answer if b"/empty" in head else ok(head))
+    origin = Origin(session, upstream.url())
+    try:
+        for _ in range(2):
+            assert await _read_all(await exchange(origin, "GET", "/empty", CIMultiDict(), CONNECT)) == b""
+        assert await _read_all(await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)) == b"ok"
+        assert upstream.connections == 1
+    finally:
+        await upstream.close()
+
+
+async def test_head_answers_leave_the_connection_reusable(session: aiohttp.ClientSession) -> None:
+    """A HEAD answer announces a length but carries no body: the next request must not wait for one."""
+    upstream = await _upstream()
+    origin = Origin(session, upstream.url())
+    try:
+        for method, body in (("HEAD", b""), ("HEAD", b""), ("GET", b"ok")):
+            answer = await exchange(origin, method, "/", CIMultiDict(), CONNECT)
+            assert answer.headers["Content-Length"] == "2"
+            assert await asyncio.wait_for(_read_all(answer), 5) == body
+        assert upstream.connections == 1
     finally:
         await upstream.close()
 
@@ -305,6 +419,42 @@ async def test_a_cancelled_exchange_closes_its_connection(session: aiohttp.Clien
         assert "Unclosed connection" not in reports
     finally:
         loop.set_exception_handler(None)
+        await upstream.close()
+
+
+async def test_an_upstream_timeout_mid_answer_closes_the_connection(session: aiohttp.ClientSession) -> None:
+    """The forwarder's clock (gateway.deadlines) expiring while the answer is awaited: TimeoutError, closed."""
+    upstream = await _upstream(lambda _head: b"")  # never answers
+    deadlines = Deadlines(resolution=0.01)
+    try:
+        with pytest.raises(TimeoutError), deadlines.clock(0.05):
+            await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict(), CONNECT)
+        for _ in range(100):
+            if upstream.closed_by_client:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.closed_by_client == 1 and len(upstream.heads) == 1
+    finally:
+        deadlines.close()
+        await upstream.close()
+
+
+@pytest.mark.parametrize("closing", ["session", "connector"])
+async def test_a_closed_session_opens_no_connection(session: aiohttp.ClientSession, closing: str) -> None:
+    """Once shutdown closed the session (or, first, its connector), an exchange fails at once, connecting nowhere."""
+    upstream = await _upstream()
+    origin = Origin(session, upstream.url())
+    if closing == "session":
+        await session.close()
+    else:
+        assert session.connector is not None
+        await session.connector.close()
+    try:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
+        await asyncio.sleep(0.05)
+        assert upstream.connections == 0
+    finally:
         await upstream.close()
 
 
