@@ -352,7 +352,8 @@ class KeysSettings(_Section):
 
 class UpstreamSettings(_Section):
     name: str = Field(description="Server name that keys and routes refer to (the first upstream is the default).")
-    url: str = Field(description="Base URL requests are forwarded to (http:// or https://).")
+    url: str = Field(description="Base URL requests are forwarded to: http:// or https://, a host, an optional "
+                                 "port and path prefix; no user:password@, query or fragment.")
     connect_timeout: Duration = Field(5.0, gt=0, description="Seconds to connect before answering 502.")
     timeout: Duration = Field(
         60.0, gt=0,

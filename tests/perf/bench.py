@@ -17,7 +17,7 @@ What it does:
    loopback port: an upstream that cannot be the bottleneck;
 2. starts ``thin_proxy.py``: aiohttp's low-level server + one shared
    ``ClientSession`` (+ uvloop when importable) that checks the bearer key
-   against a dict and forwards — the ceiling for Keygate's stack;
+   against a dict and forwards: plain aiohttp forwarding, the reference;
 3. starts ``keygate serve`` twice (``--workers 1`` and ``--workers 2``), each
    on its own SQLite store in a temporary folder, with every check on: a key
    with a role *and* its own operations, a server list, an IP allowlist

@@ -1,4 +1,4 @@
-"""A thin reference proxy: the ceiling Keygate's stack can reach, for ``bench.py``.
+"""A thin reference proxy for ``bench.py``: plain aiohttp forwarding with a dict key check.
 
 Usage: ``THIN_PROXY_KEYS=KEY[,KEY...] python thin_proxy.py PORT UPSTREAM_URL``
 
