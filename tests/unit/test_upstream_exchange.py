@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -46,8 +48,8 @@ class RawUpstream:
         self.closed_by_client = 0
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         return self
 
     @property
@@ -464,6 +466,42 @@ async def test_a_refused_connection_is_a_connector_error(session: aiohttp.Client
         port = probe.getsockname()[1]
     with pytest.raises(aiohttp.ClientConnectorError):
         await exchange(Origin(session, URL(f"http://127.0.0.1:{port}")), "GET", "/", CIMultiDict(), CONNECT)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl, as on every Debian machine with CAs)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+async def test_a_tls_upstream_is_verified_and_pooled(tls_files: tuple[str, str]) -> None:
+    """https:// upstreams: the connector's TLS (with verification) carries the exchange, connections pooled."""
+    cert, key = tls_files
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    upstream = await RawUpstream().start(tls=served)
+    base = URL(f"https://127.0.0.1:{upstream.port}")
+    trusting = ssl.create_default_context(cafile=cert)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusting)) as session:
+            for _ in range(2):
+                assert await _read_all(await exchange(Origin(session, base), "GET", "/t", CIMultiDict(), CONNECT)) \
+                    == b"ok"
+            assert upstream.connections == 1
+            assert upstream.heads[0] == f"GET /t HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n\r\n".encode()
+        # Without trusting the certificate, the session's default verification refuses it.
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await exchange(Origin(session, base), "GET", "/t", CIMultiDict(), CONNECT)
+    finally:
+        await upstream.close()
 
 
 @pytest.mark.parametrize(("raw_path", "plain"), [
