@@ -200,7 +200,7 @@ class Forwarder:
                     upstream = await exchange(up.origin, request.method, raw_path, headers, up.timeout)
                 else:
                     upstream = await send(
-                        self.session, request.method, URL(up.base + request.raw_path, encoded=True), headers,
+                        self.session, request.method, self.url(target, request), headers,
                         data=body.__aiter__() if body is not None else None,
                         allow_redirects=False, timeout=up.timeout, compress=None,
                     )

@@ -34,19 +34,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
+from aiohttp.client import IDEMPOTENT_METHODS  # retried once on a connection that turned out closed
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import (
-    _serialize_headers,  # the C serialiser ClientRequest uses
-)
+from aiohttp.http_writer import _serialize_headers  # the C serialiser ClientRequest uses
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-# ClientRequest.GET_METHODS: the methods for which aiohttp adds no Content-Length: 0 when there is no body.
-_NO_LENGTH_NEEDED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-# aiohttp.client.IDEMPOTENT_METHODS: those retried once on a connection that turned out closed.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# The methods for which aiohttp adds no Content-Length: 0 when there is no body.
+_NO_LENGTH_NEEDED = aiohttp.ClientRequest.GET_METHODS
 
 
 class InvalidUpstreamResponse(aiohttp.ClientResponseError):
@@ -62,7 +59,7 @@ class Origin:
     the same host and path.
     """
 
-    __slots__ = ("host", "path", "request", "session", "url")
+    __slots__ = ("host", "path", "request", "session")
 
     def __init__(self, session: aiohttp.ClientSession, base: URL) -> None:
         self.session = session
@@ -72,7 +69,10 @@ class Origin:
         assert host is not None  # upstream URLs are absolute (config)
         self.host = host
         self.path = base.raw_path.rstrip("/")  # an upstream's path prefix, prepended to the client's path
-        self.url = base
+
+    @property
+    def url(self) -> URL:
+        return self.request.url
 
 
 class Answer:
@@ -115,7 +115,7 @@ async def exchange(origin: Origin, method: str, raw_path: str, headers: CIMultiD
     if method not in _NO_LENGTH_NEEDED and hdrs.CONTENT_LENGTH not in head:
         head[hdrs.CONTENT_LENGTH] = "0"
     message = _serialize_headers(f"{method} {origin.path}{raw_path} HTTP/1.1", head)
-    retry = method in _IDEMPOTENT
+    retry = method in IDEMPOTENT_METHODS
     while True:
         connector = origin.session.connector
         if connector is None or connector.closed:

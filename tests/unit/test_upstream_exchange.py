@@ -108,6 +108,14 @@ async def _upstream(reply: Callable[[bytes], bytes | None] = ok) -> RawUpstream:
     return await RawUpstream(reply).start()
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 1.0) -> None:
+    """Wait (at most ``seconds``) for what the upstream sees to catch up; the assertion after it decides."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 async def _read_all(answer: object) -> bytes:
     content = answer.content  # type: ignore[attr-defined]
     body = await content.read()
@@ -242,10 +250,7 @@ async def test_a_body_left_unread_closes_its_connection(session: aiohttp.ClientS
     try:
         answer = await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
         answer.release()  # only part of the body arrived: the connection cannot carry another request
-        for _ in range(50):
-            if upstream.closed_by_client:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(upstream.closed_by_client))
         assert upstream.closed_by_client == 1
         answer = await exchange(origin, "GET", "/", CIMultiDict(), CONNECT)
         answer.release()
@@ -403,17 +408,11 @@ async def test_a_cancelled_exchange_closes_its_connection(session: aiohttp.Clien
     loop.set_exception_handler(lambda _loop, context: reports.append(context["message"]))
     try:
         waiting = asyncio.ensure_future(exchange(origin, "GET", "/", CIMultiDict(), CONNECT))
-        for _ in range(100):
-            if upstream.heads:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(upstream.heads))
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        for _ in range(100):
-            if upstream.closed_by_client:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(upstream.closed_by_client))
         assert upstream.closed_by_client == 1  # not put back in the pool half-way through an answer
         del waiting
         gc.collect()
@@ -431,10 +430,7 @@ async def test_an_upstream_timeout_mid_answer_closes_the_connection(session: aio
     try:
         with pytest.raises(TimeoutError), deadlines.clock(0.05):
             await exchange(Origin(session, upstream.url()), "GET", "/", CIMultiDict(), CONNECT)
-        for _ in range(100):
-            if upstream.closed_by_client:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(upstream.closed_by_client))
         assert upstream.closed_by_client == 1 and len(upstream.heads) == 1
     finally:
         deadlines.close()
