@@ -30,6 +30,7 @@ from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
 from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from .pipeline.scope import RouteTable
+from .pipeline.target import TargetCanonicalizer
 from .proxy import Gateway
 from .ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
@@ -180,6 +181,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
             recorder=recorder,
             log_requests=p.access_log,
+            targets=TargetCanonicalizer(encoded_slashes=p.encoded_slashes, path_parameters=p.path_parameters),
         )
         yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber,

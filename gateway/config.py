@@ -122,6 +122,16 @@ class ProxySettings(_Section):
     client_timeout: Duration = Field(
         60.0, gt=0, description="Seconds a client may go without sending request body data before it gets 408."
     )
+    encoded_slashes: Literal["reject", "pass"] = Field(
+        "reject",
+        description='%2F, %5C or a backslash in a request path: "reject" (400) or "pass" (kept inside their '
+                    "segment, sent on as %2F and %5C, for upstreams that do not decode them).",
+    )
+    path_parameters: Literal["reject", "strip"] = Field(
+        "reject",
+        description='";" path parameters ("/deploy;jsessionid=1"): "reject" (400) or "strip" (removed from '
+                    "every segment before routing and forwarding, as Servlet containers read them).",
+    )
 
     @property
     def max_body_bytes(self) -> int:
@@ -394,6 +404,11 @@ class RouteSettings(_Section):
     upstream: str | None = Field(None, description="Upstream requests go to; unset = the default (first) upstream.")
     operation: str = Field(description="Operation a key needs for this route (e.g. deploy, servers:read).")
     pass_credentials: bool = Field(False, description="Forward the client's Authorization header upstream.")
+    pass_method_override: bool = Field(
+        False,
+        description="Forward X-HTTP-Method-Override, X-HTTP-Method and X-Method-Override (dropped otherwise: "
+                    "an upstream honouring them would run another method than the one the key was checked for).",
+    )
 
     @field_validator("path")
     @classmethod

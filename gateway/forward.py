@@ -23,7 +23,7 @@ from .latency import Histogram
 from .pipeline.outcomes import Denied, Outcome
 from .pipeline.scope import Target
 from .upstream_client import send
-from .upstream_exchange import Answer, Origin, exchange, plain_target
+from .upstream_exchange import Answer, Origin, exchange
 
 CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({
@@ -49,20 +49,31 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
     return base | {t.strip().lower() for v in connection for t in v.split(",")}
 
 
+# SECURITY: an upstream that honours these runs another method than the one the key was checked for.
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# SECURITY: forwarding headers Keygate does not set itself (it sets X-Forwarded-*): from a client
+# that is not a trusted proxy they are forgeries an upstream might believe.
+_UNTRUSTED_FORWARDING = frozenset({"forwarded", "x-real-ip"})
+
 # Every combination of what an upstream request drops, built once rather than per request.
-_DROPPED: dict[tuple[bool, bool], frozenset[str]] = {
-    (websocket, pass_credentials): HOP_BY_HOP | _REPLACED | (_WS_HANDSHAKE if websocket else frozenset())
-    | (frozenset() if pass_credentials else frozenset({"authorization"}))
+_DROPPED: dict[tuple[bool, bool, bool, bool], frozenset[str]] = {
+    (websocket, pass_credentials, pass_method_override, peer_trusted):
+        HOP_BY_HOP | _REPLACED | (_WS_HANDSHAKE if websocket else frozenset())
+        | (frozenset() if pass_credentials else frozenset({"authorization"}))
+        | (frozenset() if pass_method_override else METHOD_OVERRIDES)
+        | (frozenset() if peer_trusted else _UNTRUSTED_FORWARDING)
     for websocket in (False, True) for pass_credentials in (False, True)
+    for pass_method_override in (False, True) for peer_trusted in (False, True)
 }
 
 
 def upstream_request_headers(
     request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
     client_ip: str | None, peer: str, peer_trusted: bool, request_id: str, websocket: bool = False,
+    pass_method_override: bool = False,
 ) -> CIMultiDict[str]:
     headers = request.headers
-    drop = _connection_named(headers, _DROPPED[websocket, pass_credentials])
+    drop = _connection_named(headers, _DROPPED[websocket, pass_credentials, pass_method_override, peer_trusted])
     # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
     # and the key goes upstream only where a route says pass_credentials.
     out = [(name, value) for name, value in headers.items()
@@ -175,12 +186,12 @@ class Forwarder:
                 base, Origin(self.session, URL(base, encoded=True)), timeout, up.timeout, Histogram())
         return known
 
-    def url(self, target: Target, request: web.BaseRequest) -> URL:
-        # raw_path keeps the client's exact encoding (and query) for the upstream.
-        return URL(self._upstream(target).base + request.raw_path, encoded=True)
+    def url(self, target: Target, request_target: str) -> URL:
+        # The canonical request target (gateway.pipeline.target): exactly what the route table judged.
+        return URL(self._upstream(target).base + request_target, encoded=True)
 
     async def forward(
-        self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
+        self, request: web.BaseRequest, target: Target, request_target: str, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
@@ -196,11 +207,11 @@ class Forwarder:
         upstream: Answer | aiohttp.ClientResponse
         try:
             with clock:
-                if body is None and plain_target(raw_path := request.raw_path):
-                    upstream = await exchange(up.origin, request.method, raw_path, headers, up.timeout)
+                if body is None:
+                    upstream = await exchange(up.origin, request.method, request_target, headers, up.timeout)
                 else:
                     upstream = await send(
-                        self.session, request.method, self.url(target, request), headers,
+                        self.session, request.method, self.url(target, request_target), headers,
                         data=body.__aiter__() if body is not None else None,
                         allow_redirects=False, timeout=up.timeout, compress=None,
                     )
@@ -267,14 +278,14 @@ class Forwarder:
         raise exc
 
     async def websocket(
-        self, request: web.BaseRequest, target: Target, headers: CIMultiDict[str],
+        self, request: web.BaseRequest, target: Target, request_target: str, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Open the upstream WebSocket first, then accept the client's and relay both ways."""
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
             upstream = await self.session.ws_connect(
-                self.url(target, request), headers=headers, protocols=protocols, autoclose=False,
+                self.url(target, request_target), headers=headers, protocols=protocols, autoclose=False,
                 autoping=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
                 max_msg_size=0,
             )

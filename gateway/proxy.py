@@ -32,6 +32,7 @@ from .pipeline.outcomes import Denied, Outcome, decision_of
 from .pipeline.ratelimit import RateLimitDecision, RateLimited, RateLimiter, ratelimit_headers
 from .pipeline.scope import RouteTable, Target, check_scope
 from .pipeline.status import check_status
+from .pipeline.target import RequestTarget, TargetCanonicalizer
 from .recorder import Recorder
 from .responses import denial, status_of
 from .store import StoreUnavailable
@@ -75,8 +76,10 @@ class Gateway:
     def __init__(
         self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
         limiter: RateLimiter, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+        targets: TargetCanonicalizer | None = None,
     ) -> None:
         self.parser = parser
+        self.targets = targets if targets is not None else TargetCanonicalizer()
         self.lookup = lookup
         self.client_ips = client_ips
         self._trusts_proxies = client_ips.trusts_anyone
@@ -102,11 +105,16 @@ class Gateway:
         key: CachedKey | None = None
         key_id: str | None = None
         client: str | None = None  # the client IP as text, for the lookup, the headers and the record
+        request_target: RequestTarget | None = None
         target: Target | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
         status = CLIENT_CLOSED
         try:
+            # The request target in canonical form, decided before anything reads it: the
+            # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
+            # target is a malformed request (400) whoever sends it, so no key is looked up.
+            request_target = self.targets(request.raw_path)
             # 4. Client IP is resolved first: it refuses nothing, so the order of
             #    refusals stays DESIGN's, and the lookup's failure limiter needs it
             #    to count per real client behind trusted proxies.
@@ -128,7 +136,7 @@ class Gateway:
             # 5. IP allowlist.
             check_allowlist(key.networks, client_ip, key.allowlist_seen, client)
             # 6. Scope: server and operation from the route table.
-            target = self.routes.match(request.method, request.raw_path)
+            target = self.routes.match(request.method, request_target.path)
             check_scope(key.servers, key.grants, target)
             # 7. Rate limit: only keys that passed every check above are charged.
             #    In-process buckets answer at once; shared (Redis) ones are awaited.
@@ -146,12 +154,13 @@ class Gateway:
                 request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
                 client_ip=client, peer=peer,
                 peer_trusted=self._trusts_proxies and self.client_ips.is_trusted_peer(peer),
-                request_id=request_id, websocket=websocket,
+                request_id=request_id, websocket=websocket, pass_method_override=target.pass_method_override,
             )
+            forwarded = request_target.forwarded
             if websocket:
-                response = await self.forwarder.websocket(request, target, upstream_headers, answer_headers)
+                response = await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer_headers)
             else:
-                response = await self.forwarder.forward(request, target, upstream_headers, answer_headers)
+                response = await self.forwarder.forward(request, target, forwarded, upstream_headers, answer_headers)
             status = response.status
             return response
         except ClientClosed as closed:
@@ -184,11 +193,13 @@ class Gateway:
             return response
         finally:
             # 9. Record: buffered, written in batches off the request path.
-            self._record(request, key, key_id, target, outcome, reason, status, client or peer, started)
+            self._record(request, request_target, key, key_id, target, outcome, reason, status, client or peer,
+                         started)
 
     def _record(
-        self, request: web.BaseRequest, key: CachedKey | None, key_id: str | None, target: Target | None,
-        outcome: Outcome, reason: str | None, status: int, client: str, started: float,
+        self, request: web.BaseRequest, request_target: RequestTarget | None, key: CachedKey | None,
+        key_id: str | None, target: Target | None, outcome: Outcome, reason: str | None, status: int,
+        client: str, started: float,
     ) -> None:
         now = datetime.now(UTC)
         elapsed = time.perf_counter() - started
@@ -199,9 +210,12 @@ class Gateway:
         decision = self._value_of[outcome]
         decisions = self.decisions
         decisions[decision] = decisions.get(decision, 0) + 1
+        # What was judged and forwarded (the raw target if it was refused), with keys shown as their ids.
+        # SECURITY: a key pasted into a path or query must not reach the store or the log.
+        path = self.parser.redact(request_target.forwarded if request_target is not None else request.raw_path)
         # Positional, in RequestRow's field order: a keyword call costs twice as much.
         record = RequestRow(
-            now, key_id, request.method, request.path, target.server if target else None,
+            now, key_id, request.method, path, target.server if target else None,
             target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
             None if allowed else reason,
         )

@@ -24,6 +24,11 @@ _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
         400, "invalid_request", "Send exactly one Authorization header of the form 'Bearer <key>'.",
         f'{REALM}, error="invalid_request"',
     ),
+    Outcome.INVALID_TARGET: (
+        400, "invalid_request",
+        "The request path is ambiguous or malformed: a fragment, an encoded slash or backslash, a NUL, "
+        "path parameters or a bad percent-encoding.", None,
+    ),
     Outcome.INVALID_TOKEN: (
         401, "invalid_token", "The API key is invalid, expired or revoked.", f'{REALM}, error="invalid_token"',
     ),

@@ -23,8 +23,8 @@ the same request through :class:`~gateway.upstream_client.UpstreamRequest`
 method that expects a body), and failures surface as the same
 ``aiohttp.ClientError`` types, including one retry of an idempotent request
 whose pooled connection turned out closed (RFC 9112 section 9.3.1.1).
-Requests with a body, WebSocket upgrades and request targets other than a
-plain path go through ``ClientSession.request`` as before.
+Requests with a body and WebSocket upgrades go through ``ClientSession.request``
+as before; the target is always the canonical one (:mod:`gateway.pipeline.target`).
 """
 
 from __future__ import annotations
@@ -92,11 +92,6 @@ class Answer:
         # Back to the pool, unless the body was not read to its end or the upstream said close
         # (the connector asks the protocol's should_close).
         self._connection.release()
-
-
-def plain_target(raw_path: str) -> bool:
-    """Whether a client's request target can go upstream as ``<upstream path><raw_path>`` unchanged."""
-    return raw_path[:1] == "/" and "#" not in raw_path
 
 
 async def exchange(origin: Origin, method: str, raw_path: str, headers: CIMultiDict[str],

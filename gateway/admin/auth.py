@@ -125,7 +125,8 @@ class AdminAuth:
             recorder.key_used(attempt.key.record.id, now, client)
         self.decisions[attempt.outcome.value] = self.decisions.get(attempt.outcome.value, 0) + 1
         recorder.request(RequestRecord(
-            at=now, key_id=attempt.key_id, method=request.method, path=self.safe_path(request), server=ADMIN_SERVER,
+            at=now, key_id=attempt.key_id, method=request.method,
+            path=self.gateway.parser.redact(self.safe_path(request)), server=ADMIN_SERVER,
             operation=attempt.operation, decision=attempt.outcome.value, status=status, client_ip=client,
             duration_ms=round((time.perf_counter() - started) * 1000.0, 3), reason=attempt.reason,
         ))

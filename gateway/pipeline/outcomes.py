@@ -14,6 +14,7 @@ class Outcome(StrEnum):
     ALLOWED = "allowed"
     NO_CREDENTIALS = "no_credentials"
     INVALID_REQUEST = "invalid_request"
+    INVALID_TARGET = "invalid_target"
     INVALID_TOKEN = "invalid_token"
     IP_NOT_ALLOWED = "ip_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"

@@ -81,6 +81,7 @@ class Target:
     server: str
     operation: str
     pass_credentials: bool
+    pass_method_override: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class _Route:
     upstream: UpstreamSettings
     operation: str
     pass_credentials: bool
+    pass_method_override: bool
 
     def server_of(self, segments: tuple[str, ...]) -> str | None:
         """The server named by the path when this route matches it, else None."""
@@ -128,6 +130,7 @@ def _compile(route: RouteSettings, upstream: UpstreamSettings) -> _Route:
         methods=frozenset(route.methods), segments=segments, prefix=prefix,
         server_index=segments.index(None) if None in segments else None, upstream=upstream,
         operation=route.operation, pass_credentials=route.pass_credentials,
+        pass_method_override=route.pass_method_override,
     )
 
 
@@ -151,11 +154,12 @@ class RouteTable:
         }
         self._memo: dict[tuple[str, str], Target] = {}
 
-    def match(self, method: str, raw_path: str) -> Target:
+    def match(self, method: str, path: str) -> Target:
+        """The target of ``method path``; ``path`` is canonical (:mod:`.target`) on the request path."""
         if not self._routes:
             return self._catch_all[method in READ_METHODS]
         # The query never takes part in matching.
-        path = raw_path.partition("?")[0]
+        path = path.partition("?")[0]
         target = self._memo.get((method, path))
         if target is None:
             target = self._match(method, path)
@@ -166,17 +170,19 @@ class RouteTable:
         return target
 
     def _match(self, method: str, path: str) -> Target:
-        # SECURITY: the raw path goes upstream unchanged, and upstreams read
-        # "/deploy/", "//deploy", "/x/../deploy" or "/%64eploy" as "/deploy";
-        # matching one literal spelling would let the others fall through to
-        # the catch-all operation.
+        # SECURITY: upstreams read "/deploy/", "//deploy", "/x/../deploy" or
+        # "/%64eploy" as "/deploy"; matching one literal spelling would let the
+        # others fall through to the catch-all operation. On the request path the
+        # canonical form (.target) is matched and forwarded, so this is the same
+        # reading; it stays here for paths that come from elsewhere.
         segments = path_segments(path)
         for route in self._routes:
             if route.methods and method not in route.methods:
                 continue
             server = route.server_of(segments)
             if server is not None:
-                return Target(route.upstream, server, route.operation, route.pass_credentials)
+                return Target(route.upstream, server, route.operation, route.pass_credentials,
+                              route.pass_method_override)
         # No route: the default upstream, "read" for safe methods, else "write".
         return self._catch_all[method in READ_METHODS]
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from .conftest import bearer
 from .harness import Keygate, Upstream
@@ -17,7 +18,9 @@ from .harness import Keygate, Upstream
 async def echo(http: aiohttp.ClientSession, gateway: Keygate, key: str, path: str = "/echo",
                method: str = "GET", **kwargs: object) -> tuple[aiohttp.ClientResponse, dict]:
     headers = {**bearer(key), **kwargs.pop("headers", {})}  # type: ignore[dict-item]
-    async with http.request(method, gateway.proxy_url + path, headers=headers, **kwargs) as r:  # type: ignore[arg-type]
+    # encoded=True: the path goes out exactly as written, not re-encoded by the client.
+    url = URL(gateway.proxy_url + path, encoded=True)
+    async with http.request(method, url, headers=headers, **kwargs) as r:  # type: ignore[arg-type]
         body = await r.read()
         return r, json.loads(body) if r.content_type == "application/json" else {}
 
@@ -32,9 +35,9 @@ def upstream_headers(body: dict) -> dict[str, list[str]]:
 async def test_forwards_with_identity_headers(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """The upstream gets the request with the key's identity and forwarding headers."""
     record, key = await gateway.key(name="ci deploy", role="admin")
-    response, body = await echo(http, gateway, key, "/echo/a%2Fb?x=1&y=%20")
+    response, body = await echo(http, gateway, key, "/echo/a%2Cb%20c?x=1&y=%20%2F")
     assert response.status == 200
-    assert body["path"] == "/echo/a%2Fb?x=1&y=%20"
+    assert body["path"] == "/echo/a%2Cb%20c?x=1&y=%20%2F"
     h = upstream_headers(body)
     assert h["x-keygate-key-id"] == [record.id]
     assert h["x-keygate-key-name"] == ["ci deploy"]
@@ -58,6 +61,23 @@ async def test_client_identity_headers_are_dropped(http: aiohttp.ClientSession, 
     assert h["x-keygate-key-id"] == [record.id]
     assert "x-keygate-extra" not in h
     assert h["x-forwarded-for"] == ["127.0.0.1"]
+    # SECURITY: forwarding headers Keygate does not set are forgeries from an untrusted client.
+    assert "forwarded" not in h and "x-real-ip" not in h
+
+
+async def test_trusted_proxies_forwarding_headers_are_kept(
+    http: aiohttp.ClientSession, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Forwarded and X-Real-IP from a trusted proxy reach the upstream as sent."""
+    gateway = Keygate(tmp_path_factory.mktemp("trusted"), upstream.url,
+                      proxy='trusted_proxies = ["127.0.0.1/32"]\n').start()
+    try:
+        _, key = await gateway.key(name="ci", role="admin")
+        _, body = await echo(http, gateway, key, headers={"Forwarded": "for=10.1.2.3", "X-Real-IP": "10.1.2.3"})
+        h = upstream_headers(body)
+        assert h["forwarded"] == ["for=10.1.2.3"] and h["x-real-ip"] == ["10.1.2.3"]
+    finally:
+        assert gateway.stop() == 0
 
 
 async def test_request_id_is_kept(http: aiohttp.ClientSession, gateway: Keygate) -> None:
@@ -215,6 +235,26 @@ async def test_last_used_and_request_records_are_written(http: aiohttp.ClientSes
         await asyncio.sleep(0.1)
     assert stored.last_used_ip == "127.0.0.1"
     assert requests[0].path == "/recorded" and requests[0].decision == "allowed" and requests[0].status == 200
+
+
+async def test_a_key_in_the_path_or_query_is_stored_as_its_id(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A full key pasted into a path or query is in no request record, and nowhere in the store's files."""
+    record, key = await gateway.key(name="ci", role="admin")
+    secret = key[len(record.id):]
+    response, _ = await echo(http, gateway, key, f"/paste/{key}?token={key}&x=1")
+    assert response.status == 200
+    response, _ = await echo(http, gateway, key, f"/paste/{key}/%00")  # refused (400), recorded too
+    assert response.status == 400
+    for _ in range(50):
+        async with gateway.service() as service, service.store.read() as tx:
+            paths = [r.path for r in await tx.list_requests(key_id=record.id)]
+        if len(paths) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert f"/paste/{record.id}?token={record.id}&x=1" in paths
+    assert all(secret not in path for path in paths)
+    store_files = [p for p in gateway.folder.iterdir() if p.name.startswith("keygate.db")]
+    assert store_files and all(secret.encode() not in p.read_bytes() for p in store_files)
 
 
 def rss_bytes(pid: int) -> int:

@@ -65,7 +65,7 @@ async def test_forwarding_to_a_client_that_hung_up_raises_client_closed(upstream
             while request.transport is not None and not request.transport.is_closing():
                 await asyncio.sleep(0.01)  # until the client's hang-up has reached us
             try:
-                response = await forwarder.forward(request, target, CIMultiDict(), {})
+                response = await forwarder.forward(request, target, request.raw_path, CIMultiDict(), {})
             except BaseException as exc:
                 outcome.set_result(exc)
                 raise

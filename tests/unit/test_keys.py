@@ -118,3 +118,35 @@ def test_cache_key_depends_on_pepper_and_hides_the_key() -> None:
 def test_looks_like_key_id(text: str, ok: bool) -> None:
     """Key ids are a lowercase prefix followed by 12 base62 characters."""
     assert keys.looks_like_key_id(text) is ok
+
+
+# Redaction -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "shown"),
+    [
+        ("/x/{key}", "/x/{id}"),
+        ("/x/{key}/y?token={key}&b=1", "/x/{id}/y?token={id}&b=1"),
+        ("/x?k=abc{key}def", "/x?k=abc{id}def"),
+        ("/x/{typo}", "/x/{id}"),
+        ("/no/key/here?kg_=1", "/no/key/here?kg_=1"),
+        ("/x/{id}", "/x/{id}"),
+    ],
+    ids=["path", "path-and-query", "inside-a-word", "bad-checksum", "prefix-only", "id-only"],
+)
+def test_redact_shows_keys_as_their_ids(template: str, shown: str) -> None:
+    """Anything shaped like a key, in a path or query, becomes its id; the rest is left alone."""
+    key = generate("kg_")
+    full = key.full
+    typo = full[:-1] + ("A" if full[-1] != "A" else "B")
+    parser = KeyParser(["kg_", "kga_"])
+    text = template.format(key=full, typo=typo, id=key.key_id)
+    assert parser.redact(text) == shown.format(id=key.key_id)
+    assert key.secret not in parser.redact(text)
+
+
+def test_redact_keeps_the_longest_prefix() -> None:
+    """Of two prefixes ending alike ("kga_" and "a_"), a key of the longer one is shown with all of it."""
+    key = generate("kga_")
+    assert KeyParser(["a_", "kga_"]).redact(f"/{key.full}") == f"/{key.key_id}"
