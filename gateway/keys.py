@@ -101,10 +101,11 @@ class KeyParser:
         Anything shaped like a key counts, checksum or not: a mistyped key is still
         all but one character of a secret.
         """
-        # Most texts hold no prefix at all: a substring test per prefix, no regex.
-        if not any(prefix in text for prefix in self._prefixes):
-            return text
-        return self._key_in_text.sub(r"\1\2", text)
+        # Most texts hold no prefix at all: a substring test per prefix, no regex (runs per request).
+        for prefix in self._prefixes:
+            if prefix in text:
+                return self._key_in_text.sub(r"\1\2", text)
+        return text
 
     def parse(self, text: str) -> ParsedKey:
         if len(text) > MAX_KEY_LENGTH or len(text) <= BODY_LENGTH or not text.isascii():
