@@ -51,20 +51,32 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
 
 # SECURITY: an upstream that honours these runs another method than the one the key was checked for.
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-# SECURITY: forwarding headers Keygate does not set itself (it sets X-Forwarded-*): from a client
-# that is not a trusted proxy they are forgeries an upstream might believe.
-_UNTRUSTED_FORWARDING = frozenset({"forwarded", "x-real-ip"})
+# SECURITY: forwarding headers Keygate does not set itself (it sets X-Forwarded-For/-Proto/-Host):
+# from a client that is not a trusted proxy they are forgeries an upstream might believe (for the
+# client's address, the original path or method, the scheme).
+_UNTRUSTED_FORWARDING = frozenset({
+    "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip",
+    "x-original-uri", "x-original-method", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-prefix",
+    "x-forwarded-method", "x-forwarded-port", "x-forwarded-scheme", "x-forwarded-ssl", "x-forwarded-server",
+})
+# SECURITY: IIS and Symfony route by these instead of the request line: a key judged for one path
+# would run another. Keygate judged the path, so they never go upstream.
+_PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
 
 # Every combination of what an upstream request drops, built once rather than per request.
 _DROPPED: dict[tuple[bool, bool, bool, bool], frozenset[str]] = {
     (websocket, pass_credentials, pass_method_override, peer_trusted):
-        HOP_BY_HOP | _REPLACED | (_WS_HANDSHAKE if websocket else frozenset())
+        HOP_BY_HOP | _REPLACED | _PATH_OVERRIDES | (_WS_HANDSHAKE if websocket else frozenset())
         | (frozenset() if pass_credentials else frozenset({"authorization"}))
         | (frozenset() if pass_method_override else METHOD_OVERRIDES)
         | (frozenset() if peer_trusted else _UNTRUSTED_FORWARDING)
     for websocket in (False, True) for pass_credentials in (False, True)
     for pass_method_override in (False, True) for peer_trusted in (False, True)
 }
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-") if "_" in name else name
 
 
 def upstream_request_headers(
@@ -76,8 +88,10 @@ def upstream_request_headers(
     drop = _connection_named(headers, _DROPPED[websocket, pass_credentials, pass_method_override, peer_trusted])
     # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
     # and the key goes upstream only where a route says pass_credentials.
+    # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
+    # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
     out = [(name, value) for name, value in headers.items()
-           if (lower := name.lower()) not in drop and not lower.startswith("x-keygate-")]
+           if (lower := _dashed(name.lower())) not in drop and not lower.startswith("x-keygate-")]
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
@@ -281,7 +295,16 @@ class Forwarder:
         self, request: web.BaseRequest, target: Target, request_target: str, headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
     ) -> web.StreamResponse:
-        """Open the upstream WebSocket first, then accept the client's and relay both ways."""
+        """Open the upstream WebSocket first, then accept the client's and relay both ways.
+
+        Denied(INVALID_UPGRADE) for a handshake we could not complete with the client (not a GET,
+        no ``Connection: Upgrade``, no key, another version), before anything is opened upstream.
+        """
+        # SECURITY: checked first, or the upstream would run its handler for a request that was
+        # judged as another method (ws_connect always sends GET) or that fails with the client.
+        if request.method != "GET" or request.headers.get("Sec-WebSocket-Version") != "13" \
+                or not web.WebSocketResponse().can_prepare(request).ok:
+            raise Denied(Outcome.INVALID_UPGRADE)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
             upstream = await self.session.ws_connect(
@@ -301,7 +324,8 @@ class Forwarder:
             await asyncio.gather(_relay(client, upstream), _relay(upstream, client))
         finally:
             await upstream.close()
-            await client.close()
+            if client.prepared:
+                await client.close()
         return client
 
 

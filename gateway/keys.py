@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from urllib.parse import unquote
 import secrets
 import zlib
 from collections.abc import Iterable
@@ -29,6 +30,10 @@ BODY_LENGTH = ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
 MAX_KEY_LENGTH = 16 + BODY_LENGTH
 
 _BASE62_BODY = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
+# A key body standing alone (its prefix cut off), for redaction.
+_BODY_IN_TEXT = re.compile(rf"(?<![0-9A-Za-z])[0-9A-Za-z]{{{BODY_LENGTH}}}(?![0-9A-Za-z])")
+# How much of a key past its id makes text key-shaped for redaction: most of the secret.
+REDACT_TAIL = 28
 _KEY_ID = re.compile(r"[a-z][a-z0-9_]{0,15}[0-9A-Za-z]{%d}" % ID_LENGTH)
 
 
@@ -86,26 +91,57 @@ def looks_like_key_id(text: str) -> bool:
     return _KEY_ID.fullmatch(text) is not None
 
 
+def _fully_unquoted(text: str) -> str:
+    """``text`` percent-decoded until it stops changing (at most three rounds: "%2568" is "h" too)."""
+    for _ in range(3):
+        decoded = unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
 class KeyParser:
     """Parses presented keys against the configured prefixes, without I/O."""
 
     def __init__(self, prefixes: Iterable[str]) -> None:
         self._prefixes = frozenset(prefixes)
         # Longest prefix first, so that of two prefixes ending alike the longer one is shown whole.
+        # A prefix, the id and at least REDACT_TAIL more characters: a key, or one with a few
+        # characters missing (still all but those of a secret).
         alternatives = "|".join(re.escape(p) for p in sorted(self._prefixes, key=len, reverse=True))
-        self._key_in_text = re.compile(rf"({alternatives})([0-9A-Za-z]{{{ID_LENGTH}}})[0-9A-Za-z]{{{BODY_LENGTH - ID_LENGTH}}}")
+        self._key_in_text = re.compile(rf"({alternatives})([0-9A-Za-z]{{{ID_LENGTH}}})[0-9A-Za-z]{{{REDACT_TAIL},}}")
 
     def redact(self, text: str) -> str:
         """``text`` with every key in it replaced by its id: for paths and queries that are stored or logged.
 
-        Anything shaped like a key counts, checksum or not: a mistyped key is still
-        all but one character of a secret.
+        Anything shaped like a key counts, checksum or not (a mistyped key is
+        still most of a secret), percent-encoded too, and a whole key body whose
+        checksum shows it is a key without its prefix.
         """
-        # Most texts hold no prefix at all: a substring test per prefix, no regex (runs per request).
+        # Most texts hold no prefix, no escape and no 50-character word: a few substring
+        # tests and no regex (this runs per request).
+        if "%" in text:
+            decoded = _fully_unquoted(text)
+            if decoded != text and self._redact(decoded) != decoded:
+                # SECURITY: "kg_%68..." is a key too; the record shows the decoded text, redacted.
+                return self._redact(decoded)
+        return self._redact(text)
+
+    def _redact(self, text: str) -> str:
         for prefix in self._prefixes:
             if prefix in text:
-                return self._key_in_text.sub(r"\1\2", text)
+                text = self._key_in_text.sub(r"\1\2", text)
+                break
+        if len(text) >= BODY_LENGTH:
+            text = _BODY_IN_TEXT.sub(self._bare_body, text)
         return text
+
+    def _bare_body(self, match: re.Match[str]) -> str:
+        body = match[0]
+        if any(checksum(prefix + body[:-CHECKSUM_LENGTH]) == body[-CHECKSUM_LENGTH:] for prefix in self._prefixes):
+            return body[:ID_LENGTH]
+        return body
 
     def parse(self, text: str) -> ParsedKey:
         if len(text) > MAX_KEY_LENGTH or len(text) <= BODY_LENGTH or not text.isascii():

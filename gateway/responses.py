@@ -26,8 +26,14 @@ _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
     ),
     Outcome.INVALID_TARGET: (
         400, "invalid_request",
-        "The request path is ambiguous or malformed: a fragment, an encoded slash or backslash, a NUL, "
-        "path parameters or a bad percent-encoding.", None,
+        "The request path is ambiguous or malformed: a fragment, an encoded slash or backslash, an encoded "
+        "control character, path parameters, a bad percent-encoding, or letter case that selects another "
+        "route.", None,
+    ),
+    Outcome.INVALID_UPGRADE: (
+        400, "invalid_request",
+        "A WebSocket upgrade must be a GET with Connection: Upgrade, Sec-WebSocket-Key and "
+        "Sec-WebSocket-Version: 13.", None,
     ),
     Outcome.INVALID_TOKEN: (
         401, "invalid_token", "The API key is invalid, expired or revoked.", f'{REALM}, error="invalid_token"',
@@ -74,4 +80,8 @@ def denial(
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     headers["Cache-Control"] = "no-store"
     body = json.dumps({"error": error, "error_description": description, "request_id": request_id})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    response = web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    if outcome is Outcome.INVALID_UPGRADE:
+        # The client meant to leave HTTP on this connection; what it sends next cannot be read as HTTP.
+        response.force_close()
+    return response

@@ -107,7 +107,11 @@ async def exchange(origin: Origin, method: str, raw_path: str, headers: CIMultiD
     """
     head = CIMultiDict(((hdrs.HOST, origin.host),))
     head.extend(headers)
-    if method not in _NO_LENGTH_NEEDED and hdrs.CONTENT_LENGTH not in head:
+    if hdrs.CONTENT_LENGTH in head:
+        # SECURITY: no body follows, whatever the client declared; a length above 0 would make the
+        # upstream read the start of the next request on this pooled connection as this one's body.
+        head[hdrs.CONTENT_LENGTH] = "0"
+    elif method not in _NO_LENGTH_NEEDED:
         head[hdrs.CONTENT_LENGTH] = "0"
     message = _serialize_headers(f"{method} {origin.path}{raw_path} HTTP/1.1", head)
     retry = method in IDEMPOTENT_METHODS

@@ -15,6 +15,7 @@ class Outcome(StrEnum):
     NO_CREDENTIALS = "no_credentials"
     INVALID_REQUEST = "invalid_request"
     INVALID_TARGET = "invalid_target"
+    INVALID_UPGRADE = "invalid_upgrade"
     INVALID_TOKEN = "invalid_token"
     IP_NOT_ALLOWED = "ip_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"
@@ -44,7 +45,7 @@ _FAILED = frozenset({
 # Outcomes only a request that passed the rate-limit stage can have (the forward stage's).
 PAST_RATE_LIMIT = frozenset({
     Outcome.ALLOWED, Outcome.BODY_TOO_LARGE, Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE,
-    Outcome.UPSTREAM_TIMEOUT,
+    Outcome.UPSTREAM_TIMEOUT, Outcome.INVALID_UPGRADE,
 })
 
 

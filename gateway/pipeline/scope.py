@@ -96,11 +96,13 @@ class _Route:
     pass_credentials: bool
     pass_method_override: bool
 
-    def server_of(self, segments: tuple[str, ...]) -> str | None:
+    folded: tuple[str | None, ...]  # segments in lower case, for the case-insensitive reading
+
+    def server_of(self, segments: tuple[str, ...], *, folded: bool = False) -> str | None:
         """The server named by the path when this route matches it, else None."""
         if len(segments) < len(self.segments) or (not self.prefix and len(segments) != len(self.segments)):
             return None
-        for want, got in zip(self.segments, segments):
+        for want, got in zip(self.folded if folded else self.segments, segments):
             if want is not None and want != got:
                 return None
         return segments[self.server_index] if self.server_index is not None else self.upstream.name
@@ -131,6 +133,7 @@ def _compile(route: RouteSettings, upstream: UpstreamSettings) -> _Route:
         server_index=segments.index(None) if None in segments else None, upstream=upstream,
         operation=route.operation, pass_credentials=route.pass_credentials,
         pass_method_override=route.pass_method_override,
+        folded=tuple(None if part is None else part.lower() for part in segments),
     )
 
 
@@ -152,10 +155,14 @@ class RouteTable:
             True: Target(self.default, self.default.name, "read", False),
             False: Target(self.default, self.default.name, "write", False),
         }
-        self._memo: dict[tuple[str, str], Target] = {}
+        # Targets, or the reason a path is refused.
+        self._memo: dict[tuple[str, str], Target | str] = {}
 
     def match(self, method: str, path: str) -> Target:
-        """The target of ``method path``; ``path`` is canonical (:mod:`.target`) on the request path."""
+        """The target of ``method path``; ``path`` is canonical (:mod:`.target`) on the request path.
+
+        Denied(INVALID_TARGET) when letter case alone would pick another route.
+        """
         if not self._routes:
             return self._catch_all[method in READ_METHODS]
         # The query never takes part in matching.
@@ -167,24 +174,37 @@ class RouteTable:
                 if len(self._memo) >= self.MEMO_SIZE:
                     del self._memo[next(iter(self._memo))]
                 self._memo[method, path] = target
-        return target
+        if type(target) is str:
+            raise Denied(Outcome.INVALID_TARGET, target)
+        return target  # type: ignore[return-value]
 
-    def _match(self, method: str, path: str) -> Target:
+    def _match(self, method: str, path: str) -> Target | str:
         # SECURITY: upstreams read "/deploy/", "//deploy", "/x/../deploy" or
         # "/%64eploy" as "/deploy"; matching one literal spelling would let the
         # others fall through to the catch-all operation. On the request path the
         # canonical form (.target) is matched and forwarded, so this is the same
         # reading; it stays here for paths that come from elsewhere.
         segments = path_segments(path)
+        found = self._first(method, segments)
+        # SECURITY: ASP.NET, Express and nginx "location ~*" route without regard to case, so
+        # "/DEPLOY" runs deploy there while an exact reading falls to a wider route. A path
+        # whose route depends on letter case is refused rather than guessed at.
+        if self._first(method, tuple(s.lower() for s in segments), folded=True)[0] is not found[0]:
+            return "letter case alone would select another route"
+        route, server = found
+        if route is None:
+            # No route: the default upstream, "read" for safe methods, else "write".
+            return self._catch_all[method in READ_METHODS]
+        return Target(route.upstream, server, route.operation, route.pass_credentials, route.pass_method_override)
+
+    def _first(self, method: str, segments: tuple[str, ...], *, folded: bool = False) -> tuple[_Route | None, str]:
         for route in self._routes:
             if route.methods and method not in route.methods:
                 continue
-            server = route.server_of(segments)
+            server = route.server_of(segments, folded=folded)
             if server is not None:
-                return Target(route.upstream, server, route.operation, route.pass_credentials,
-                              route.pass_method_override)
-        # No route: the default upstream, "read" for safe methods, else "write".
-        return self._catch_all[method in READ_METHODS]
+                return route, server
+        return None, ""
 
 
 def check_scope(servers: Servers, grants: Grants, target: Target) -> None:

@@ -14,8 +14,10 @@ same choices):
 - a fragment (``#``) is refused: it is not part of a request target;
 - ``%2F``, ``%5C`` and a raw ``\\`` are refused with ``encoded_slashes =
   "reject"`` (the default); with ``"pass"`` they stay inside their segment,
-  sent as ``%2F`` / ``%5C``, for upstreams that do not decode them;
-- ``%00`` and malformed escapes (``%zz``, a lone ``%``) are always refused;
+  sent as ``%2F`` / ``%5C``, for upstreams that do not decode them (nginx does,
+  by default), and never around an empty or dot part (``x%2F..%2Fdeploy``);
+- escaped control characters (``%00``-``%1F``, ``%7F``) and malformed escapes
+  (``%zz``, a lone ``%``) are always refused;
 - ``;`` path parameters are refused with ``path_parameters = "reject"`` (the
   default) or removed from every segment with ``"strip"``, so a Servlet
   container and a server that reads ``;`` literally see the same path;
@@ -40,6 +42,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # What may stand unescaped in a segment (RFC 3986 pchar; ";" is handled before this).
 _RAW_OK = _UNRESERVED | frozenset("!$&'()*+,=:@")
 _HEX = frozenset("0123456789ABCDEFabcdef")
+_ENCODED_SLASH = re.compile("%2F|%5C")  # canonical escapes are upper-case
 # A path that is canonical as it stands, when it also has no "//" and no "/." (no empty or dot segment).
 _PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 
@@ -134,12 +137,14 @@ class TargetCanonicalizer:
                 digits = raw[i + 1:i + 3]
                 if len(digits) != 2 or digits[0] not in _HEX or digits[1] not in _HEX:
                     raise _Refused("malformed percent-encoding in the request target")
-                decoded = chr(int(digits, 16))
+                code = int(digits, 16)
+                decoded = chr(code)
                 if decoded in _UNRESERVED:
                     out.append(decoded)  # RFC 3986 section 6.2.2.2: the same character
-                elif decoded == "\0":
-                    # SECURITY: C-based upstreams end the path at a NUL.
-                    raise _Refused("encoded NUL in the request target")
+                elif code < 0x20 or code == 0x7F:
+                    # SECURITY: C-based upstreams end the path at a NUL, and a regex route
+                    # "^/deploy$" matches "/deploy\n" (PCRE's $ stops before a final newline).
+                    raise _Refused("encoded control character in the request target")
                 elif decoded in "/\\" and not self._pass_slashes:
                     # SECURITY: an upstream that decodes %2F (or reads \ as /) sees other segments.
                     raise _Refused("encoded slash in the request target")
@@ -154,4 +159,12 @@ class TargetCanonicalizer:
             else:
                 out.extend(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
             i += 1
-        return "".join(out)
+        segment = "".join(out)
+        if self._pass_slashes and "%" in segment:
+            # SECURITY: kept encoded, "x%2F..%2Fdeploy" is one segment here, but an upstream that
+            # decodes %2F after routing began (or despite the setting) resolves it to "deploy":
+            # no part of a segment between encoded slashes may be empty or a dot segment.
+            parts = _ENCODED_SLASH.split(segment)
+            if len(parts) > 1 and any(part in ("", ".", "..") for part in parts):
+                raise _Refused("dot or empty segment between encoded slashes in the request target")
+        return segment

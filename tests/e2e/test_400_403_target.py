@@ -60,12 +60,13 @@ def behind(request: pytest.FixtureRequest, upstream: Upstream, nginx: Nginx,
     assert gateway.stop() == 0
 
 
-async def send(port: int, method: str, target: str, key: str = "", headers: str = "") -> tuple[int, bytes]:
+async def send(port: int, method: str, target: str, key: str = "", headers: str = "",
+               connection: str = "close") -> tuple[int, bytes]:
     """One request with its target written exactly as given; the status and body of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     writer.write(f"{method} {target} HTTP/1.1\r\nHost: gw\r\n{auth}{headers}Content-Length: 0\r\n"
-                 "Connection: close\r\n\r\n".encode("utf-8", "surrogateescape"))
+                 f"Connection: {connection}\r\n\r\n".encode("utf-8", "surrogateescape"))
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 10)
     writer.close()
@@ -94,6 +95,10 @@ AMBIGUOUS = [
     ("path-parameter", "reader", DEPLOY + ";x=1"),
     ("servlet-dot-dot", "reader", "/api/servers/prod-2/deploy/x/..;/"),
     ("malformed-escape", "reader", "/api/servers/prod-2/%zzdeploy"),
+    ("encoded-newline", "reader", DEPLOY + "%0A"),  # PCRE: "^.../deploy$" matches "deploy\n"
+    ("encoded-tab", "reader", DEPLOY + "%09"),
+    ("upper-case", "reader", "/api/servers/prod-2/DEPLOY"),  # case-insensitive upstreams run deploy
+    ("mixed-case-escape", "reader", "/api/servers/prod-2/%44eploy"),
 ]
 
 
@@ -198,5 +203,34 @@ async def test_encoded_slashes_pass_inside_their_segment_when_configured(
         # The encoded slash is not a segment boundary: "prod-2%2Fx" is a server named "prod-2/x".
         assert (await send(gateway.proxy_port, "GET", "/api/servers/prod-2%2fx/status", reader))[0] == 403
         assert (await send(gateway.proxy_port, "GET", "/a%00", reader))[0] == 400  # NUL never passes
+        # Decoded, these climb out of the segment (and the server): refused even here.
+        for target in ("/api/servers/prod-2/x%2F..%2Fdeploy", "/api/servers/prod-2/%2Fdeploy",
+                       "/api/servers/prod-2/..%2Fprod-1%2Fdeploy", "/api/servers/prod-2/a%5C.%2E%5Cdeploy"):
+            assert (await send(gateway.proxy_port, "POST", target, reader))[0] == 400, target
     finally:
         assert gateway.stop() == 0
+
+
+WS_KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+BAD_UPGRADES = [
+    ("no-connection-upgrade", "GET", "close", f"Upgrade: websocket\r\n{WS_KEY}Sec-WebSocket-Version: 13\r\n"),
+    ("no-key", "GET", "Upgrade, close", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"),
+    ("version-8", "GET", "Upgrade, close", f"Upgrade: websocket\r\n{WS_KEY}Sec-WebSocket-Version: 8\r\n"),
+    ("post", "POST", "Upgrade, close", f"Upgrade: websocket\r\n{WS_KEY}Sec-WebSocket-Version: 13\r\n"),
+    ("delete", "DELETE", "Upgrade, close", f"Upgrade: websocket\r\n{WS_KEY}Sec-WebSocket-Version: 13\r\n"),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "connection", "headers"), BAD_UPGRADES, ids=[c[0] for c in BAD_UPGRADES])
+async def test_websocket_upgrades_that_cannot_complete_are_400_and_open_nothing(
+    gateway: Keygate, upstream: Upstream, case: str, method: str, connection: str, headers: str,
+) -> None:
+    """A WebSocket handshake we cannot complete (or one judged as another method than GET) is a 400, before
+    any upstream WebSocket is opened, and without a traceback."""
+    key = (await keys(gateway))["writer"]
+    before = upstream.count()
+    status, body = await send(gateway.proxy_port, method, "/ws", key, headers, connection)
+    assert status == 400, body
+    assert json.loads(body)["error"] == "invalid_request"
+    assert upstream.count() == before
+    assert "Traceback" not in gateway.log()

@@ -96,6 +96,8 @@ async def gzip_body(_request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    global seen
+    seen += 1
     ws = web.WebSocketResponse(protocols=("echo.v1",))
     await ws.prepare(request)
     await ws.send_str("hello " + request.headers.get("X-Keygate-Key-Id", "?"))

@@ -128,7 +128,7 @@ def test_looks_like_key_id(text: str, ok: bool) -> None:
     [
         ("/x/{key}", "/x/{id}"),
         ("/x/{key}/y?token={key}&b=1", "/x/{id}/y?token={id}&b=1"),
-        ("/x?k=abc{key}def", "/x?k=abc{id}def"),
+        ("/x?k=abc{key}-def", "/x?k=abc{id}-def"),
         ("/x/{typo}", "/x/{id}"),
         ("/no/key/here?kg_=1", "/no/key/here?kg_=1"),
         ("/x/{id}", "/x/{id}"),
@@ -150,3 +150,27 @@ def test_redact_keeps_the_longest_prefix() -> None:
     """Of two prefixes ending alike ("kga_" and "a_"), a key of the longer one is shown with all of it."""
     key = generate("kga_")
     assert KeyParser(["a_", "kga_"]).redact(f"/{key.full}") == f"/{key.key_id}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["/x?key={escaped}", "/x?key={double}", "/x/{missing}", "/x/{body}", "/x?key={escaped}#{key}"],
+    ids=["percent-encoded", "double-encoded", "characters-missing", "prefix-cut-off", "fragment"],
+)
+def test_redact_finds_keys_however_written(template: str) -> None:
+    """Escaped, double-escaped, shortened or prefix-less keys are redacted too: no secret survives."""
+    key = generate("kg_")
+    full = key.full
+    escaped = "".join(f"%{ord(c):02X}" if i % 2 else c for i, c in enumerate(full))
+    text = template.format(key=full, escaped=escaped, double=escaped.replace("%", "%25"), missing=full[:-3],
+                           body=full[3:])
+    shown = KeyParser(["kg_", "kga_"]).redact(text)
+    assert key.secret[:16] not in shown and key.secret[16:] not in shown
+    assert key.key_id[3:] in shown
+
+
+def test_redact_leaves_other_long_words() -> None:
+    """A 50-character word that is no key body (wrong checksum) and escapes without keys stay as they are."""
+    parser = KeyParser(["kg_"])
+    word = "a" * 50
+    assert parser.redact(f"/x/{word}?q=%2F%20") == f"/x/{word}?q=%2F%20"

@@ -322,3 +322,29 @@ def test_encoded_slash_stays_inside_its_segment(table: RouteTable) -> None:
     """An encoded '/' cannot add a segment: the route still matches, with the server as spelled."""
     target = table.match("POST", "/api/servers/x%2Fy/deploy")
     assert (target.server, target.operation) == ("x/y", "deploy")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/servers/web-1/DEPLOY"), ("POST", "/api/servers/web-1/Deploy"), ("GET", "/API/status"),
+     ("GET", "/Builds/x"), ("PUT", "/api/servers/web-1/EXEC")],
+)
+def test_paths_whose_route_depends_on_letter_case_are_refused(table: RouteTable, method: str, path: str) -> None:
+    """Where a case-insensitive upstream would pick another route than the exact reading, the path is a 400."""
+    for _ in range(2):  # and again from the memo
+        with pytest.raises(Denied) as refused:
+            table.match(method, path)
+        assert refused.value.outcome is Outcome.INVALID_TARGET
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "server", "operation"),
+    [("POST", "/api/servers/WEB-1/deploy", "WEB-1", "deploy"), ("GET", "/api/servers/Web-1", "Web-1", "servers:read"),
+     ("GET", "/builds/ABC", "builds", "pull"), ("POST", "/Not/Routed", "app", "write")],
+)
+def test_letter_case_that_selects_the_same_route_is_fine(
+    table: RouteTable, method: str, path: str, server: str, operation: str,
+) -> None:
+    """Upper case in a server name, below a prefix route or outside every route changes nothing."""
+    target = table.match(method, path)
+    assert (target.server, target.operation) == (server, operation)

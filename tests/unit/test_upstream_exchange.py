@@ -217,6 +217,20 @@ async def test_a_client_content_length_is_not_doubled(session: aiohttp.ClientSes
         await upstream.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "POST", "CONNECT"])
+async def test_a_declared_length_never_goes_upstream_without_its_body(session: aiohttp.ClientSession,
+                                                                      method: str) -> None:
+    """Bodyless means Content-Length: 0 upstream, whatever the client declared: no desync of a pooled connection."""
+    upstream = await _upstream()
+    try:
+        answer = await exchange(Origin(session, upstream.url()), method, "/",
+                                CIMultiDict([("Content-Length", "69")]), CONNECT)
+        await _read_all(answer)
+        assert b"Content-Length: 0\r\n" in upstream.heads[0] and b"69" not in upstream.heads[0]
+    finally:
+        await upstream.close()
+
+
 async def test_an_upstream_path_prefix_comes_first(session: aiohttp.ClientSession) -> None:
     upstream = await _upstream()
     try:
