@@ -90,7 +90,8 @@ def _head_size(message: RawRequestMessage) -> int:
 class _Handler(RequestHandler):
     """aiohttp's connection handler with a header deadline, a header size cap and the request-form checks."""
 
-    __slots__ = ("_head_timeout", "_max_head", "_head_timer", "_head_bytes", "_head_uncounted", "_body")
+    __slots__ = ("_head_timeout", "_max_head", "_head_timer", "_head_bytes", "_head_uncounted", "_body",
+                 "_linger", "_lingering")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, max_header_size: int, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -105,6 +106,9 @@ class _Handler(RequestHandler):
         # The last parsed request's body (None when it has none): reads that arrive while it is
         # unfinished are body, not the next head.
         self._body: StreamReader | None = None
+        # Set by an error answer after which what the client still sends is drained, not reset.
+        self._linger = False
+        self._lingering: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -112,6 +116,8 @@ class _Handler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -172,7 +178,23 @@ class _Handler(RequestHandler):
             elif not self._upgraded and self._head_timer is None:
                 self._arm()  # what was held back is the start of a head
                 self._head_uncounted = True
+        if self._linger:
+            await self._drain_and_close()
         return result
+
+    async def _drain_and_close(self) -> None:
+        """After an error answer, end our side and drop what the client still sends, for at most lingering_time.
+
+        Closing with unread input makes the kernel reset the connection, and a client still sending
+        (a head too large, say) may then lose the answer; our FIN after it tells the client to stop.
+        """
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            return
+        self._close = True  # data_received drops whatever still arrives
+        self._lingering = self._loop.create_future()
+        transport.write_eof()
+        await asyncio.wait((self._lingering,), timeout=self._lingering_time)
 
     def _parsed(self, new: int, *, exact: bool) -> None:
         """Check the ``new`` requests just queued; refuse each bad one in place, as aiohttp does parse errors."""
@@ -203,15 +225,17 @@ class _Handler(RequestHandler):
     def _refuse(self, status: int, exc: Refusal) -> None:
         """Answer ``status`` and close if the connection is idle, else just close."""
         self._disarm()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            # Idle: start() waits for the next request; this answer is that request.
-            self._messages.append((_ErrInfo(status=status, exc=exc, message=str(exc)), EMPTY_PAYLOAD))
-            waiter.set_result(None)
-            self._close = True  # parse nothing more; close() would cancel the waiter just woken
-        else:
+        if self._request_in_progress or self._messages:
             # A request is being handled or waits: an answer now would interleave with it.
             self.force_close()
+            return
+        # Idle: this answer is the next request start() takes, whether it waits already or not
+        # (on a new connection its task may not have run yet).
+        self._messages.append((_ErrInfo(status=status, exc=exc, message=str(exc)), EMPTY_PAYLOAD))
+        self._close = True  # parse nothing more; close() would cancel the waiter woken below
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _arm(self) -> None:
         loop = self._loop
@@ -233,6 +257,9 @@ class _Handler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         status = _status(status, exc)
+        # Drain after answers to requests no handler saw (a handler's 500/504 keeps aiohttp's own
+        # lingering for the body), except after 408: a client that stalled has nothing more to send.
+        self._linger = status not in (500, 504) and exc is not _TIMEOUT
         # SECURITY: never echo the request (it may carry a key) and never a traceback.
         entry: dict[str, Any] = {"event": "bad_http", "status": status, "error": type(exc).__name__ if exc else None}
         if isinstance(exc, Refusal):
