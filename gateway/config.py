@@ -132,11 +132,37 @@ class ProxySettings(_Section):
         description='";" path parameters ("/deploy;jsessionid=1"): "reject" (400) or "strip" (removed from '
                     "every segment before routing and forwarding, as Servlet containers read them).",
     )
+    header_timeout: Duration = Field(
+        10.0, gt=0,
+        description="Seconds a client has to send a complete request line and headers, counted from the "
+        "connection's start or from the first byte of the next request on a keep-alive connection; "
+        "past them it gets 408 and the connection is closed.",
+    )
+    max_header_size: Size = Field(
+        "64KiB",
+        description='Largest request line plus headers, in all (e.g. "64KiB"); larger ones get 431 and the '
+        "connection is closed. One header line is limited to 8190 bytes and the request target to 8192 "
+        "whatever this says.",
+    )
 
     @property
     def max_body_bytes(self) -> int:
         """``max_body_size`` in bytes; 0 means unlimited."""
         return parse_size(self.max_body_size)
+
+    @property
+    def max_header_bytes(self) -> int:
+        """``max_header_size`` in bytes."""
+        return parse_size(self.max_header_size)
+
+    @field_validator("max_header_size")
+    @classmethod
+    def _header_size(cls, size: str | int) -> str | int:
+        # Below this not even an ordinary request (a key, a few headers) fits; 0 is no "unlimited" here,
+        # since aiohttp's own limits (128 lines of 8190 bytes) would then be the only bound.
+        if parse_size(size) < 1024:
+            raise ValueError("must be at least 1KiB")
+        return size
 
 
 class AdminSettings(_Section):

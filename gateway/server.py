@@ -67,7 +67,9 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
         proxy_runner = web.ServerRunner(
             # lingering_time: after an early answer (413, 400) unread body is
             # drained for at most 2 s before the connection is closed.
-            ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0),
+            ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0,
+                            header_timeout=settings.proxy.header_timeout,
+                            max_header_size=settings.proxy.max_header_bytes),
             shutdown_timeout=grace,
         )
         admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)

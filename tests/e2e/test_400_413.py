@@ -1,4 +1,4 @@
-"""400, 408 and 413: smuggling attempts, oversized and slow bodies, vanishing clients."""
+"""400, 408 and 413: smuggling attempts, requests for anything but a path, oversized and slow bodies, vanishing clients."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from .conftest import bearer
 from .harness import Keygate, Upstream, stored_requests
+from .rawhttp import exchange as raw_exchange
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,42 @@ async def test_smuggling_never_makes_two_upstream_requests(gateway: Keygate, ups
     else:
         assert forwarded == 1, received
         assert responses_in(received) == 1
+
+
+# Forward-proxy and tunnel requests: Keygate serves one API by path and never connects anywhere else.
+NOT_A_PATH = {
+    "absolute-form": b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n{auth}\r\n",
+    "asterisk-form": b"OPTIONS * HTTP/1.1\r\nHost: x\r\n{auth}\r\n",
+    "connect": b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{auth}\r\n",
+    "connect-then-tunnel-bytes": b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{auth}\r\n"
+                                 b"\x16\x03\x01\x00\x05hello",
+    "authority-form": b"GET evil.example:443 HTTP/1.1\r\nHost: x\r\n{auth}\r\n",
+}
+
+
+# A declined upgrade (no key: 401) hands its held-back bytes to the parser outside data_received.
+DECLINED_UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("behind", [b"", DECLINED_UPGRADE], ids=["alone", "behind-a-declined-upgrade"])
+@pytest.mark.parametrize("name", list(NOT_A_PATH))
+async def test_request_not_for_a_path_is_400_and_closed(
+    gateway: Keygate, upstream: Upstream, name: str, behind: bytes,
+) -> None:
+    """A request whose target is not a path gets our 400, without echo, and a closed connection; nothing is forwarded."""
+    _, key = await gateway.key(name="ci", role="admin")
+    before, logged = upstream.count(), len(gateway.log())
+    responses, closed = await raw_exchange(
+        gateway.proxy_port, behind + NOT_A_PATH[name].replace(b"{auth}", f"Authorization: Bearer {key}\r\n".encode()))
+    assert [r.status for r in responses] == ([401, 400] if behind else [400])
+    response = responses[-1]
+    assert response.json()["error"] == "invalid_request"
+    assert b"evil.example" not in response.body and key.encode() not in response.body
+    assert b"\r\nconnection: close\r\n" in response.head.lower()
+    assert closed
+    assert upstream.count() == before
+    assert "Traceback" not in gateway.log()[logged:]
 
 
 def test_c_parser_is_in_use() -> None:
