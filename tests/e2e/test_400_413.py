@@ -97,6 +97,9 @@ NOT_A_PATH = {
     "connect-then-tunnel-bytes": b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{auth}\r\n"
                                  b"\x16\x03\x01\x00\x05hello",
     "authority-form": b"GET evil.example:443 HTTP/1.1\r\nHost: x\r\n{auth}\r\n",
+    # Forwarded, this declared a body it never sent, and the upstream read the next request on the
+    # pooled connection as that body (request smuggling past the scope check).
+    "connect-origin-form": b"CONNECT /echo HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 69\r\n\r\n",
 }
 
 
