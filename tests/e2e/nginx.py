@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .harness import free_port, wait_http
+from .harness import free_port, terminate, wait_http
 
 CONFIG = """\
 daemon off;
@@ -66,9 +66,4 @@ class Nginx:
         return log.read_text().splitlines() if log.exists() else []
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        terminate(self.process)
