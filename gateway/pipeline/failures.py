@@ -55,13 +55,14 @@ class WindowCounter:
     def __len__(self) -> int:
         return len(self._counts)
 
-    def over(self, subject: str) -> float | None:
-        """Seconds left in the subject's window once it reached the limit, else None."""
+    def over(self, subject: str, pending: int = 0) -> float | None:
+        """Seconds left in the subject's window once its count (+ ``pending``) reached the limit, else None."""
+        now = self._clock()
+        start, count = now, pending
         entry = self._counts.get(subject)
-        if entry is None or entry[1] < self.limit:
-            return None
-        left = entry[0] + self.window - self._clock()
-        return left if left > 0 else None
+        if entry is not None and now - entry[0] < self.window:
+            start, count = entry[0], count + entry[1]
+        return start + self.window - now if count >= self.limit else None
 
     def add(self, subject: str) -> None:
         now = self._clock()
@@ -119,12 +120,30 @@ class FailureLimiter:
         self.networks = WindowCounter(limit=per_network, window=window, clock=clock, max_subjects=max_subjects)
         self.keys = WindowCounter(limit=per_key, window=window, clock=clock, max_subjects=max_subjects)
         self.budget = VerifyBudget(per_second=verify_per_second, clock=clock, max_subjects=max_subjects)
+        # key id -> lookups of it in progress; bounded by the requests in progress.
+        self._pending: dict[str, int] = {}
 
     def suspicion(self, client: str, key_id: str) -> float | None:
         """None when nothing about the request has failed too often; else the seconds until that ends."""
         found = [left for left in (self.clients.over(client), self.networks.over(network_of(client)),
-                                   self.keys.over(key_id)) if left is not None]
+                                   self.keys.over(key_id, self._pending.get(key_id, 0))) if left is not None]
         return max(found) if found else None
+
+    def began(self, key_id: str) -> None:
+        """A lookup of ``key_id`` that may end in a wrong secret started.
+
+        SECURITY: it counts as a failure until it ends (:meth:`ended`), or a burst of
+        concurrent guesses would all pass before the first of them failed: a key id
+        never has more than ``per_key`` unsettled guesses.
+        """
+        self._pending[key_id] = self._pending.get(key_id, 0) + 1
+
+    def ended(self, key_id: str) -> None:
+        left = self._pending.get(key_id, 0) - 1
+        if left > 0:
+            self._pending[key_id] = left
+        else:
+            self._pending.pop(key_id, None)
 
     def take_verification(self, key_id: str, suspicion: float) -> float:
         """For a suspicious request: 0.0 when one more verification of ``key_id`` may run, else Retry-After.

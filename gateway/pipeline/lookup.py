@@ -20,7 +20,9 @@ failing, never a correct secret.
 
 Every ``invalid_token`` refusal is held until about as long after the
 request began as a verification takes (:meth:`KeyLookup.delay_refusal`), so
-the answer's timing does not tell an unknown id from a wrong secret.
+the answer's timing does not tell an unknown id from a wrong secret; a
+throttled guess is held until its Retry-After (at most 1 s), so a flood of
+them gets few answers and leaves the event loop to the keys it serves.
 """
 
 from __future__ import annotations
@@ -121,23 +123,31 @@ class KeyLookup:
         return self.cache.probe(self._cache_key(full_key))
 
     async def delay_refusal(self, denied: Denied, started: float) -> None:
-        """Hold an ``invalid_token`` refusal until ``started`` (``time.perf_counter()``) + a verification's time.
+        """Hold a refusal of the lookup or status stage, asleep (no CPU), for :meth:`refusal_delay`.
 
-        SECURITY: an unknown id costs a store read, a wrong secret a store read
-        and argon2; answered at once, the difference tells which ids exist.
-        Held (asleep, no CPU) until a wrong secret would have been answered,
-        both look alike -- and so do revoked, expired and negatively cached
-        keys. Other refusals tell nothing about an id and are not held.
+        SECURITY: ``invalid_token`` is held until ``started`` + a verification's
+        time: an unknown id costs a store read, a wrong secret a store read and
+        argon2, and answered at once the difference tells which ids exist;
+        held, both look alike -- and so do revoked, expired and negatively
+        cached keys. ``too_many_attempts`` is held until its Retry-After: a
+        client that keeps guessing gets one answer per connection per second
+        rather than as many as the event loop can make, so a flood cannot
+        take the event loop from the keys it serves. Other refusals tell
+        nothing about an id and are answered at once.
         """
         wait = self.refusal_delay(denied, started)
         if wait > 0:
             await asyncio.sleep(wait)
 
     def refusal_delay(self, denied: Denied, started: float) -> float:
-        """Seconds :meth:`delay_refusal` holds ``denied`` from now; 0 when it is not held."""
-        if denied.outcome is not Outcome.INVALID_TOKEN:
+        """Seconds :meth:`delay_refusal` holds ``denied`` from now (never past ``started`` + 1 s); 0 if not held."""
+        if denied.outcome is Outcome.INVALID_TOKEN:
+            hold = self.pace
+        elif denied.outcome is Outcome.TOO_MANY_ATTEMPTS:
+            hold = denied.retry_after or 0.0
+        else:
             return 0.0
-        return max(0.0, started + min(self.pace, MAX_REFUSAL_DELAY) - self._clock())
+        return max(0.0, started + min(hold, MAX_REFUSAL_DELAY) - self._clock())
 
     async def lookup(self, parsed: ParsedKey, client: str) -> CachedKey:
         """The cached key, or Denied (INVALID_TOKEN, TOO_MANY_ATTEMPTS, VERIFICATION_BUSY);
@@ -155,10 +165,16 @@ class KeyLookup:
         if pending is None and suspicion is not None:
             pending = self._inflight.get((digest, True))
         if pending is None:
-            flight = (digest, suspicion is not None)
+            flight, key_id = (digest, suspicion is not None), parsed.key_id
+            self.failures.began(key_id)
             pending = asyncio.ensure_future(self._load(parsed, digest, suspicion))
             self._inflight[flight] = pending
-            pending.add_done_callback(lambda _f: self._inflight.pop(flight, None))
+
+            def settled(_done: asyncio.Future[CachedKey | None]) -> None:
+                self._inflight.pop(flight, None)
+                self.failures.ended(key_id)
+
+            pending.add_done_callback(settled)
         try:
             found = await asyncio.shield(pending)
         except StoreUnavailable:

@@ -139,6 +139,15 @@ async def test_wrong_secrets_throttle_the_id_without_argon2(lookup: KeyLookup, s
     assert lookup.verifications == PER_KEY + 2
 
 
+async def test_a_burst_of_guesses_runs_per_key_verifications(lookup: KeyLookup, service: KeyService) -> None:
+    """Fifty guesses for one id at once: unsettled guesses count, so per_key of them (+ the id's budget) run argon2."""
+    record, _ = await service.create_key(name="ci", role="admin")
+    outcomes = await asyncio.gather(*(outcome_of(lookup, guess(record.id), f"10.{i}.0.1") for i in range(50)))
+    assert lookup.verifications == lookup.store_reads == PER_KEY + 1
+    assert outcomes.count(Outcome.INVALID_TOKEN) == PER_KEY + 1
+    assert outcomes.count(Outcome.TOO_MANY_ATTEMPTS) == 50 - PER_KEY - 1
+
+
 async def test_throttled_answer_says_when_to_retry(lookup: KeyLookup, service: KeyService) -> None:
     """A 429 for too many attempts carries the wait until the id's next verification (1/s)."""
     record, _ = await service.create_key(name="ci", role="admin")

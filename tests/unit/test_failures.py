@@ -95,6 +95,18 @@ def test_only_wrong_secrets_count_for_a_key_id(limiter: FailureLimiter) -> None:
     assert limiter.suspicion("192.0.2.1", OTHER_KEY) is None
 
 
+def test_lookups_in_progress_count_against_their_key_id(limiter: FailureLimiter) -> None:
+    """Unsettled lookups of an id count like failures until they end, so a burst cannot outrun per_key."""
+    limiter.began(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+    limiter.began(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is not None
+    assert limiter.suspicion("192.0.2.1", OTHER_KEY) is None
+    limiter.ended(KEY)
+    limiter.ended(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+
+
 def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, ticks: Ticks) -> None:
     """Over several limits at once, the wait is the longest window left."""
     for _ in range(2):

@@ -89,8 +89,23 @@ def test_invalid_token_is_held_until_a_verification_would_end(
         pytest.approx(wait)
 
 
-@pytest.mark.parametrize("outcome", [o for o in Outcome if o is not Outcome.INVALID_TOKEN])
+@pytest.mark.parametrize(("retry_after", "elapsed", "wait"), [(0.4, 0.1, 0.3), (10.0, 0.0, MAX_REFUSAL_DELAY),
+                                                               (0.4, 0.5, 0.0), (None, 0.0, 0.0)],
+                         ids=["held", "bounded", "already-late", "no-retry-after"])
+def test_a_throttled_guess_is_held_until_it_may_retry(
+    lookup: KeyLookup, now: Counter, retry_after: float | None, elapsed: float, wait: float,
+) -> None:
+    """too_many_attempts waits until start + its Retry-After (at most 1 s), whatever the verification pace."""
+    started = now.now
+    now.now += elapsed
+    lookup.pace = 0.005
+    denied = Denied(Outcome.TOO_MANY_ATTEMPTS, "too many failed attempts", retry_after=retry_after)
+    assert lookup.refusal_delay(denied, started) == pytest.approx(wait)
+
+
+@pytest.mark.parametrize("outcome", [o for o in Outcome
+                                     if o not in (Outcome.INVALID_TOKEN, Outcome.TOO_MANY_ATTEMPTS)])
 def test_other_refusals_are_not_held(lookup: KeyLookup, now: Counter, outcome: Outcome) -> None:
-    """Only invalid_token can tell an unknown id from a wrong secret, so only it is held."""
+    """Refusals that tell nothing about an id, and that no flood is made of, are answered at once."""
     lookup.pace = 0.5
-    assert lookup.refusal_delay(Denied(outcome), now.now) == 0.0
+    assert lookup.refusal_delay(Denied(outcome, retry_after=3.0), now.now) == 0.0
