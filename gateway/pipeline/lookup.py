@@ -1,8 +1,8 @@
 """Stage 2 — lookup: in-process cache, then the Redis cache, then the store; argon2 only on a miss.
 
 A verified key is cached under a MAC (keyed BLAKE2b) of the full key under the pepper, with everything the
-later stages need already parsed (networks, grants, servers, rate limit), so
-the hit path does no parsing and no I/O. A miss asks the shared Redis cache
+later stages need already parsed (:mod:`.cached_key`), so the hit path does
+no parsing and no I/O. A miss asks the shared Redis cache
 (when configured; see :mod:`gateway.shared_cache`), whose entries prove a
 verification already happened somewhere in the fleet, and only then reads
 the store and verifies the secret with argon2 (:mod:`.verify`: its own
@@ -31,48 +31,24 @@ import asyncio
 import hmac
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..cache import KeyCache
 from ..keys import CacheKeyer, ParsedKey, SecretHasher
-from ..models import KeyRecord
-from ..ratelimit_spec import RateLimitSpec, parse_rate_limit
+from ..ratelimit_spec import RateLimitSpec
 from ..redis_link import RedisUnavailable
 from ..shared_cache import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable
-from .allowlist import Network, parse_networks
+from .cached_key import CachedKey, prepare
 from .failures import FailureLimiter
 from .outcomes import Denied, Outcome
-from .scope import Grants, GrantSet, Servers
 from .verify import SecretVerifier
+
+__all__ = ["CachedKey", "KeyLookup", "MAX_REFUSAL_DELAY"]
 
 # A refusal is never held longer than this, whatever a verification has been taking.
 MAX_REFUSAL_DELAY = 1.0
 # Weight of the newest verification in the running average of their durations.
 PACE_WEIGHT = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class CachedKey:
-    """A verified key with its checks precomputed."""
-
-    record: KeyRecord
-    networks: tuple[Network, ...]
-    grants: Grants
-    servers: Servers
-    rate_limit: RateLimitSpec
-    # Epoch seconds; inf = never. Compared per request, so expiry needs no cache event.
-    revoked_at: float
-    expires_at: float
-    member_role: str | None
-    member_missing: bool
-    identity_headers: tuple[tuple[str, str], ...]
-    # The allowlist's answer per client address, filled as requests come (see check_allowlist).
-    allowlist_seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _epoch(value: object) -> float:
-    return value.timestamp() if value is not None else float("inf")  # type: ignore[attr-defined]
 
 
 class KeyLookup:
@@ -288,38 +264,4 @@ class KeyLookup:
             pass
 
     def _prepare(self, facts: KeyFacts) -> CachedKey:
-        """Parse everything the hot path needs, once."""
-        record, role_grants, member_role, member_grants = (
-            facts.record, facts.role_grants, facts.member_role, facts.member_grants)
-        is_member = facts.is_member
-        sets: list[GrantSet] = []
-        if record.agent:
-            # An agent key acts as its user: exactly the member's role.
-            sets.append(GrantSet(member_grants or ()))
-        else:
-            if record.role is not None:
-                sets.append(GrantSet(role_grants or ()))  # a missing role grants nothing
-            if record.operations:
-                sets.append(GrantSet(record.operations))
-            if record.user:
-                sets.append(GrantSet(member_grants or ()))
-        spec = parse_rate_limit(record.rate_limit) if record.rate_limit else self._default_rate_limit
-        role_header = member_role if record.agent else record.role
-        headers = (
-            ("X-Keygate-Key-Id", record.id),
-            ("X-Keygate-Key-Name", _header_safe(record.name)),
-            ("X-Keygate-Org", record.org),
-            ("X-Keygate-User", record.user),
-            ("X-Keygate-Role", role_header or ""),
-        )
-        return CachedKey(
-            record=record, networks=parse_networks(record.ip_allowlist), grants=Grants(sets),
-            servers=Servers(record.servers), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
-            expires_at=_epoch(record.expires_at), member_role=member_role,
-            member_missing=bool(record.user) and not is_member, identity_headers=headers,
-        )
-
-
-def _header_safe(text: str) -> str:
-    # Names are free text; headers must stay one line of visible ASCII.
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+        return prepare(facts, self._default_rate_limit)
