@@ -2,12 +2,12 @@
 
 argon2 is the one CPU-heavy step of a request, and only cache misses take
 it. It runs in a thread pool of its own (argon2-cffi releases the GIL), at
-most ``concurrency`` at a time -- by default one less than the CPUs, so the
-event loop keeps a core for the cache-hit path -- and at most ``queue``
-more misses wait for it. Past that a miss is shed with 429 and Retry-After
-rather than queued without bound, so a flood of wrong secrets costs the
-server a bounded amount of CPU and memory. The cache-hit path never comes
-here.
+a lower CPU priority than the event loop, at most ``concurrency`` at a
+time -- by default one less than the CPUs, so the event loop keeps a core
+for the cache-hit path -- and at most ``queue`` more misses wait for it.
+Past that a miss is shed with 429 and Retry-After rather than queued
+without bound, so a flood of wrong secrets costs the server a bounded
+amount of CPU and memory. The cache-hit path never comes here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,18 @@ from contextlib import contextmanager
 
 from ..keys import SecretHasher
 from .outcomes import Denied, Outcome
+
+
+# How much lower than the event loop's the verification threads' CPU priority is (nice, Linux).
+THREAD_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Runs in each verification thread: let the event loop (cache hits) win the CPU when both want it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), THREAD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: equal priority is still correct
+        pass
 
 
 def default_concurrency(cpus: int | None = None) -> int:
@@ -34,7 +47,8 @@ class SecretVerifier:
         self.concurrency = concurrency or default_concurrency()
         self.queue = queue
         self._hasher = hasher
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="argon2")
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="argon2",
+                                            initializer=_lower_priority)
         self._slots = asyncio.Semaphore(self.concurrency)
         # Misses admitted (verifying or waiting to); bounded by concurrency + queue.
         self.admitted = 0

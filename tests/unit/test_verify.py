@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +13,7 @@ from gateway.cache import KeyCache
 from gateway.keys import SecretHasher
 from gateway.pipeline.lookup import MAX_REFUSAL_DELAY, CachedKey, KeyLookup
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.verify import SecretVerifier, default_concurrency
+from gateway.pipeline.verify import THREAD_NICENESS, SecretVerifier, default_concurrency
 from gateway.ratelimit_spec import parse_rate_limit
 
 HASHER = SecretHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -109,3 +112,16 @@ def test_other_refusals_are_not_held(lookup: KeyLookup, now: Counter, outcome: O
     """Refusals that tell nothing about an id, and that no flood is made of, are answered at once."""
     lookup.pace = 0.5
     assert lookup.refusal_delay(Denied(outcome, retry_after=3.0), now.now) == 0.0
+
+
+async def test_verification_threads_yield_the_cpu_to_the_event_loop() -> None:
+    """The verification threads run at a lower CPU priority (nice) than the thread of the event loop."""
+    verifier = SecretVerifier(HASHER, concurrency=1, queue=0)
+    try:
+        loop = asyncio.get_running_loop()
+        niceness = await loop.run_in_executor(
+            verifier._executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert niceness == min(19, base + THREAD_NICENESS)  # 19 is the lowest priority there is
+    finally:
+        verifier.close()
