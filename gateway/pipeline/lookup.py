@@ -21,8 +21,8 @@ failing, never a correct secret.
 Every ``invalid_token`` refusal is held until about as long after the
 request began as a verification takes (:meth:`KeyLookup.delay_refusal`), so
 the answer's timing does not tell an unknown id from a wrong secret; a
-throttled guess is held until its Retry-After (at most 1 s), so a flood of
-them gets few answers and leaves the event loop to the keys it serves.
+throttled guess is held 1 s, so a flood of them gets few answers and
+leaves the event loop to the keys it serves.
 """
 
 from __future__ import annotations
@@ -43,10 +43,13 @@ from .failures import FailureLimiter
 from .outcomes import Denied, Outcome
 from .verify import SecretVerifier
 
-__all__ = ["CachedKey", "KeyLookup", "MAX_REFUSAL_DELAY"]
+__all__ = ["CachedKey", "KeyLookup", "MAX_REFUSAL_DELAY", "THROTTLED_HOLD"]
 
-# A refusal is never held longer than this, whatever a verification has been taking.
+# An invalid_token refusal is never held longer than this, whatever a verification has been taking.
 MAX_REFUSAL_DELAY = 1.0
+# A throttled guess is answered this long after it arrived: the shortest Retry-After a 429 can carry
+# (whole seconds), so the wait never contradicts it.
+THROTTLED_HOLD = 1.0
 # Weight of the newest verification in the running average of their durations.
 PACE_WEIGHT = 0.1
 
@@ -105,11 +108,13 @@ class KeyLookup:
         time: an unknown id costs a store read, a wrong secret a store read and
         argon2, and answered at once the difference tells which ids exist;
         held, both look alike -- and so do revoked, expired and negatively
-        cached keys. ``too_many_attempts`` is held until its Retry-After: a
-        client that keeps guessing gets one answer per connection per second
-        rather than as many as the event loop can make, so a flood cannot
-        take the event loop from the keys it serves. Other refusals tell
-        nothing about an id and are answered at once.
+        cached keys. ``too_many_attempts`` is held 1 s: a client that keeps
+        guessing gets one answer per connection per second rather than as
+        many as the event loop can make, so a flood cannot take the event
+        loop from the keys it serves. (Not until the id's next verification
+        is due: then every held guess for it would come back at that same
+        instant, a wave per id per second.) Other refusals tell nothing
+        about an id and are answered at once.
         """
         wait = self.refusal_delay(denied, started)
         if wait > 0:
@@ -118,12 +123,12 @@ class KeyLookup:
     def refusal_delay(self, denied: Denied, started: float) -> float:
         """Seconds :meth:`delay_refusal` holds ``denied`` from now (never past ``started`` + 1 s); 0 if not held."""
         if denied.outcome is Outcome.INVALID_TOKEN:
-            hold = self.pace
+            hold = min(self.pace, MAX_REFUSAL_DELAY)
         elif denied.outcome is Outcome.TOO_MANY_ATTEMPTS:
-            hold = denied.retry_after or 0.0
+            hold = THROTTLED_HOLD
         else:
             return 0.0
-        return max(0.0, started + min(hold, MAX_REFUSAL_DELAY) - self._clock())
+        return max(0.0, started + hold - self._clock())
 
     async def lookup(self, parsed: ParsedKey, client: str) -> CachedKey:
         """The cached key, or Denied (INVALID_TOKEN, TOO_MANY_ATTEMPTS, VERIFICATION_BUSY);
