@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .invalidation import ChangeWatcher
 from .keys import KeyParser
 from .notify import ChangePublisher, ChangeSubscriber
 from .pipeline.client_ip import ClientIpResolver
+from .pipeline.failures import FailureLimiter
 from .pipeline.lookup import CachedKey, KeyLookup
 from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
 from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
@@ -132,12 +132,18 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
                 # Start anyway: everything Redis does has a fallback, and the link reconnects.
                 log.warning(json.dumps({"event": "redis_unavailable_at_start"}))
             shared = SharedKeyCache(link, ttl=c.ttl, negative_ttl=c.negative_ttl)
+        argon2, f = settings.keys.argon2, settings.failures
         lookup = KeyLookup(
             store, pepper=pepper, hasher=hasher_from(settings), cache=cache,
             default_rate_limit=parse_rate_limit(settings.ratelimit.default),
-            verify_concurrency=max(1, os.cpu_count() or 1), shared=shared,
+            verify_concurrency=argon2.concurrency, verify_queue=argon2.queue,
+            failures=FailureLimiter(per_client=f.per_client, per_network=f.per_network, per_key=f.per_key,
+                                    window=f.window, verify_per_second=f.verify_per_second),
+            shared=shared,
         )
         stack.callback(lookup.close)
+        # Refusals are paced by how long a verification takes here; measured once before serving.
+        await lookup.calibrate()
 
         session = upstream_session()
         stack.push_async_callback(session.close)

@@ -307,6 +307,15 @@ class Argon2Settings(_Section):
     time_cost: int = Field(1, ge=1, le=2**32 - 1, description="argon2id passes over memory.")
     memory_cost: int = Field(8192, ge=1024, le=2**32 - 1, description="argon2id memory in KiB.")
     parallelism: int = Field(1, ge=1, le=255, description="argon2id lanes.")
+    concurrency: int = Field(
+        0, ge=0, le=256,
+        description="Verifications run at once, each on a thread of its own; 0 = one less than the CPUs "
+        "(at least 1), leaving a core to the event loop.",
+    )
+    queue: int = Field(
+        64, ge=0, le=100_000,
+        description="Cache misses that may wait for a verification; past them a miss gets 429 verification_busy.",
+    )
 
     @field_validator("parallelism")
     @classmethod
@@ -315,6 +324,28 @@ class Argon2Settings(_Section):
         if memory is not None and memory < 8 * lanes:
             raise ValueError(f"argon2 needs memory_cost >= 8 x parallelism ({8 * lanes} KiB)")
         return lanes
+
+
+class FailureSettings(_Section):
+    """Limits on failed key lookups (unknown ids, wrong secrets), counted per process.
+
+    A client address, network or key id over its limit is *suspicious*: its
+    lookups that argon2 would have to settle get 429 too_many_attempts,
+    except ``verify_per_second`` per key id. A key already verified by this
+    process (or found in the Redis cache) is never refused because of them.
+    """
+
+    per_client: int = Field(30, ge=1, description="Failed lookups from one client address per window.")
+    per_network: int = Field(
+        300, ge=1, description="Failed lookups from one network (IPv4 /24, IPv6 /56) per window."
+    )
+    per_key: int = Field(10, ge=1, description="Wrong secrets for one key id per window.")
+    window: Duration = Field(60.0, gt=0, description="Seconds over which failures are counted.")
+    verify_per_second: float = Field(
+        1.0, ge=0,
+        description="Verifications per key id per second still let through while suspicious, so a key never "
+        "verified here works from a busy address; 0 = none.",
+    )
 
 
 class KindSettings(_Section):
@@ -484,6 +515,7 @@ class Settings(_Section):
     recorder: RecorderSettings = Field(default_factory=RecorderSettings, description="Last-used and audit batching.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit trail's retention.")
     keys: KeysSettings = Field(default_factory=KeysSettings, description="Key format and hashing.")
+    failures: FailureSettings = Field(default_factory=FailureSettings, description=FailureSettings.__doc__)
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     # Before routes, whose check needs the upstreams.
     upstreams: list[UpstreamSettings] = Field(

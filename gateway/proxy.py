@@ -173,6 +173,7 @@ class Gateway:
             return response
         except Denied as denied:
             outcome, reason = denied.outcome, denied.reason
+            await self.lookup.delay_refusal(denied, started)
             response = denial(outcome, request_id, retry_after=denied.retry_after)
             status = response.status
             return response

@@ -28,7 +28,7 @@ from ..pipeline.ratelimit import RateLimited, check_rate_limit, ratelimit_header
 from ..pipeline.scope import ADMIN_SERVER, check_access
 from ..pipeline.status import check_status
 from ..proxy import Gateway
-from ..responses import answer_of
+from ..responses import answer_of, retry_after_header
 from ..store import StoreUnavailable
 from .problems import STORE_RETRY_AFTER, Problem
 
@@ -52,6 +52,9 @@ ATTEMPT = web.RequestKey("keygate_admin_attempt", Attempt)
 def _denial_problem(denied: Denied) -> Problem:
     status, code, description, challenge = answer_of(denied.outcome)
     headers = {"WWW-Authenticate": challenge} if challenge else {}
+    wait = retry_after_header(denied.outcome, denied.retry_after)
+    if wait is not None:
+        headers["Retry-After"] = wait
     if isinstance(denied, RateLimited):
         headers |= ratelimit_headers(denied.decision)
     return Problem(status, code, description, headers=headers)
@@ -66,7 +69,12 @@ class AdminAuth:
         self.decisions: dict[str, int] = {}
 
     async def authenticate(self, request: web.Request, operation: str) -> CachedKey:
-        """The admin key, allowed to perform ``operation``; else a :class:`Problem` (401/403/429/503)."""
+        """The admin key, allowed to perform ``operation``; else a :class:`Problem` (401/403/429/503).
+
+        A 429 is the key's rate limit (with RateLimit headers) or the lookup's
+        (too many failed attempts, verification busy: Retry-After only).
+        """
+        started = time.perf_counter()
         gw = self.gateway
         attempt = request[ATTEMPT] = Attempt(operation)
         try:
@@ -81,6 +89,7 @@ class AdminAuth:
             decision = await check_rate_limit(gw.limiter, key.record.id, key.rate_limit)  # type: ignore[arg-type]
         except Denied as denied:
             attempt.outcome, attempt.reason = denied.outcome, denied.reason
+            await gw.lookup.delay_refusal(denied, started)
             raise _denial_problem(denied) from None
         except StoreUnavailable as exc:
             attempt.outcome, attempt.reason = Outcome.STORE_UNAVAILABLE, str(exc)

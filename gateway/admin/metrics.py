@@ -55,6 +55,13 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "keygate_cached_keys": ("gauge", "Verified keys held in the cache, by layer.", ("layer",)),
     "keygate_argon2_verifications": ("counter", "argon2 verifications of a secret (cache misses).", ()),
     "keygate_store_reads": ("counter", "Key reads from the store (cache misses).", ()),
+    "keygate_argon2_skipped": ("counter", "Cache misses for a key text this process verified before: a store "
+                               "read, no argon2.", ()),
+    "keygate_argon2_admitted": ("gauge", "Cache misses verifying or waiting to (at most keys.argon2.concurrency "
+                                "+ keys.argon2.queue).", ()),
+    "keygate_lookups_refused": ("counter", "Cache misses refused before any argon2 run: throttled (failure "
+                                "limits, too_many_attempts) or shed (argon2 queue full, verification_busy).",
+                                ("reason",)),
     "keygate_ratelimit_decisions": ("counter", "Rate-limit decisions: allowed or limited.", ("result",)),
     "keygate_ratelimit_degraded_decisions": (
         "counter", "Rate-limit decisions made per ratelimit.on_backend_error because Redis failed "
@@ -93,6 +100,9 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_cached_keys": [["local", len(rt.cache)]],
         "keygate_argon2_verifications": [[lookup.verifications]],
         "keygate_store_reads": [[lookup.store_reads]],
+        "keygate_argon2_skipped": [[lookup.proven_hits]],
+        "keygate_argon2_admitted": [[lookup.verifier.admitted]],
+        "keygate_lookups_refused": [["throttled", lookup.throttled], ["shed", lookup.shed]],
         "keygate_ratelimit_decisions": [["allowed", passed], ["limited", limited]],
         "keygate_recorder_queue_depth": [[rec.pending]],
         "keygate_recorder_flushed": [["usage", rec.flushed_usage], ["request", rec.flushed_requests]],

@@ -42,7 +42,8 @@ _ERRORS = {
     409: "The change conflicts with the current state.",
     413: "The request body is too large.",
     422: "Invalid input: `errors` lists each field's problem.",
-    429: "The key's rate limit is exhausted (Retry-After, RateLimit headers).",
+    429: "The key's rate limit is exhausted (Retry-After, RateLimit headers), or too many failed attempts "
+         "(too_many_attempts) or too many keys being verified (verification_busy) (Retry-After only).",
     503: "The key store cannot be reached and the key is not cached (Retry-After).",
 }
 
@@ -58,7 +59,9 @@ _RATELIMIT_HEADERS = {
 # Headers an error answer always carries, by status.
 _ERROR_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": _header('Bearer realm="keygate", with error="invalid_token" for a bad key.')},
-    429: {"Retry-After": _header("Seconds until the bucket holds a token again."), **_RATELIMIT_HEADERS},
+    429: {"Retry-After": _header("Seconds until the bucket holds a token again, or until a retry may succeed."),
+          # Only the key's own rate limit has a bucket to describe; the lookup's 429s come before any key.
+          **{name: {**header, "required": False} for name, header in _RATELIMIT_HEADERS.items()}},
     503: {"Retry-After": _header("Seconds to wait before retrying.")},
 }
 

@@ -1,107 +1,96 @@
 """Stage 2 — lookup: in-process cache, then the Redis cache, then the store; argon2 only on a miss.
 
 A verified key is cached under a MAC (keyed BLAKE2b) of the full key under the pepper, with everything the
-later stages need already parsed (networks, grants, servers, rate limit), so
-the hit path does no parsing and no I/O. A miss asks the shared Redis cache
+later stages need already parsed (:mod:`.cached_key`), so the hit path does
+no parsing and no I/O. A miss asks the shared Redis cache
 (when configured; see :mod:`gateway.shared_cache`), whose entries prove a
 verification already happened somewhere in the fleet, and only then reads
-the store and verifies the secret
-in a thread pool with bounded concurrency; concurrent misses for the same
+the store and verifies the secret with argon2 (:mod:`.verify`: its own
+threads, bounded concurrency and queue); concurrent misses for the same
 key share one verification. Unknown ids and wrong secrets are cached as
-negative entries briefly, and a failure limiter per key id and per client
-keeps random secrets from burning the CPU.
+negative entries briefly.
+
+Failures are counted per client, network and key id (:mod:`.failures`). A
+suspicious miss still goes through when its text is proven -- by the Redis
+entry, or because this process verified exactly this text for this id
+before (a key id's secret never changes: rotation makes a new id) -- and
+otherwise only as far as a few verifications per key id per second allow;
+the rest get 429 before any store or argon2 work. So failures cost the one
+failing, never a correct secret.
+
+Every ``invalid_token`` refusal is held until about as long after the
+request began as a verification takes (:meth:`KeyLookup.delay_refusal`), so
+the answer's timing does not tell an unknown id from a wrong secret; a
+throttled guess is held 1 s, so a flood of them gets few answers and
+leaves the event loop to the keys it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from ..cache import KeyCache
 from ..keys import CacheKeyer, ParsedKey, SecretHasher
-from ..models import KeyRecord
-from ..ratelimit_spec import RateLimitSpec, parse_rate_limit
+from ..ratelimit_spec import RateLimitSpec
 from ..redis_link import RedisUnavailable
 from ..shared_cache import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable
-from .allowlist import Network, parse_networks
+from .cached_key import CachedKey, prepare
+from .failures import FailureLimiter
 from .outcomes import Denied, Outcome
-from .scope import Grants, GrantSet, Servers
+from .verify import SecretVerifier
 
+__all__ = ["CachedKey", "KeyLookup", "MAX_REFUSAL_DELAY", "THROTTLED_HOLD"]
 
-@dataclass(frozen=True, slots=True)
-class CachedKey:
-    """A verified key with its checks precomputed."""
-
-    record: KeyRecord
-    networks: tuple[Network, ...]
-    grants: Grants
-    servers: Servers
-    rate_limit: RateLimitSpec
-    # Epoch seconds; inf = never. Compared per request, so expiry needs no cache event.
-    revoked_at: float
-    expires_at: float
-    member_role: str | None
-    member_missing: bool
-    identity_headers: tuple[tuple[str, str], ...]
-    # The allowlist's answer per client address, filled as requests come (see check_allowlist).
-    allowlist_seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _epoch(value: object) -> float:
-    return value.timestamp() if value is not None else float("inf")  # type: ignore[attr-defined]
-
-
-class FailureLimiter:
-    """Counts failed lookups per subject in fixed windows; past ``limit`` lookups are refused unverified."""
-
-    def __init__(self, *, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_subjects: int = 100_000) -> None:
-        self.limit = limit
-        self.window = window
-        self._clock = clock
-        self._max = max_subjects
-        self._counts: dict[str, tuple[float, int]] = {}
-
-    def blocked(self, subject: str) -> bool:
-        entry = self._counts.get(subject)
-        return entry is not None and self._clock() - entry[0] < self.window and entry[1] >= self.limit
-
-    def failed(self, subject: str) -> None:
-        now = self._clock()
-        start, count = self._counts.get(subject, (now, 0))
-        if now - start >= self.window:
-            start, count = now, 0
-        if len(self._counts) >= self._max and subject not in self._counts:
-            self._counts.pop(next(iter(self._counts)))
-        self._counts[subject] = (start, count + 1)
+# An invalid_token refusal is never held longer than this, whatever a verification has been taking.
+MAX_REFUSAL_DELAY = 1.0
+# A throttled guess is answered this long after it arrived: the shortest Retry-After a 429 can carry
+# (whole seconds), so the wait never contradicts it.
+THROTTLED_HOLD = 1.0
+# Weight of the newest verification in the running average of their durations.
+PACE_WEIGHT = 0.1
 
 
 class KeyLookup:
     def __init__(
         self, store: KeyStore, *, pepper: bytes, hasher: SecretHasher, cache: KeyCache[CachedKey],
-        default_rate_limit: RateLimitSpec, verify_concurrency: int = 2,
-        failures_per_key: int = 100, failures_per_client: int = 30, shared: SharedKeyCache | None = None,
+        default_rate_limit: RateLimitSpec, verify_concurrency: int = 0, verify_queue: int = 64,
+        failures: FailureLimiter | None = None, shared: SharedKeyCache | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.store = store
         self.cache = cache
         self.shared = shared
         self._cache_key = CacheKeyer(pepper)
-        self._hasher = hasher
         self._default_rate_limit = default_rate_limit
-        self._executor = ThreadPoolExecutor(max_workers=verify_concurrency, thread_name_prefix="argon2")
-        self._verify_slots = asyncio.Semaphore(verify_concurrency)
-        self._inflight: dict[str, asyncio.Future[CachedKey | None]] = {}
-        self.per_key = FailureLimiter(limit=failures_per_key)
-        self.per_client = FailureLimiter(limit=failures_per_client)
+        self._clock = clock  # time.perf_counter's, which the proxy and admin API take their start times from
+        self.verifier = SecretVerifier(hasher, concurrency=verify_concurrency, queue=verify_queue)
+        self.failures = failures if failures is not None else FailureLimiter()
+        # (digest, suspicious) -> the load in progress; see lookup() for why suspicion is part of the key.
+        self._inflight: dict[tuple[str, bool], asyncio.Future[CachedKey | None]] = {}
+        # key id -> digest of the one text argon2 accepted for it, oldest first; bounded like the cache.
+        self._proven: dict[str, str] = {}
+        # Running average of how long a verified miss takes (store read + argon2), in seconds.
+        self.pace = 0.0
         self.verifications = 0
         self.store_reads = 0
+        self.proven_hits = 0  # misses that skipped argon2 because the text was proven before
+        self.throttled = 0  # misses refused by the failure limiter, without store or argon2 work
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.verifier.close()
+
+    async def calibrate(self) -> None:
+        """Seed :attr:`pace` with one throwaway verification, so refusals are paced from the first request."""
+        self.pace = await self.verifier.calibrate()
+
+    @property
+    def shed(self) -> int:
+        """Misses refused because the argon2 queue was full."""
+        return self.verifier.shed
 
     def cached(self, full_key: str) -> CachedKey | None:
         """The hot path: a key verified before, found by the MAC of its text; no parsing, no I/O.
@@ -112,23 +101,61 @@ class KeyLookup:
         """
         return self.cache.probe(self._cache_key(full_key))
 
+    async def delay_refusal(self, denied: Denied, started: float) -> None:
+        """Hold a refusal of the lookup or status stage, asleep (no CPU), for :meth:`refusal_delay`.
+
+        SECURITY: ``invalid_token`` is held until ``started`` + a verification's
+        time: an unknown id costs a store read, a wrong secret a store read and
+        argon2, and answered at once the difference tells which ids exist;
+        held, both look alike -- and so do revoked, expired and negatively
+        cached keys. ``too_many_attempts`` is held 1 s: a client that keeps
+        guessing gets one answer per connection per second rather than as
+        many as the event loop can make, so a flood cannot take the event
+        loop from the keys it serves. (Not until the id's next verification
+        is due: then every held guess for it would come back at that same
+        instant, a wave per id per second.) Other refusals tell nothing
+        about an id and are answered at once.
+        """
+        wait = self.refusal_delay(denied, started)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def refusal_delay(self, denied: Denied, started: float) -> float:
+        """Seconds :meth:`delay_refusal` holds ``denied`` from now (never past ``started`` + 1 s); 0 if not held."""
+        if denied.outcome is Outcome.INVALID_TOKEN:
+            hold = min(self.pace, MAX_REFUSAL_DELAY)
+        elif denied.outcome is Outcome.TOO_MANY_ATTEMPTS:
+            hold = THROTTLED_HOLD
+        else:
+            return 0.0
+        return max(0.0, started + hold - self._clock())
+
     async def lookup(self, parsed: ParsedKey, client: str) -> CachedKey:
-        """The cached key, or Denied(INVALID_TOKEN); StoreUnavailable when it cannot be known."""
+        """The cached key, or Denied (INVALID_TOKEN, TOO_MANY_ATTEMPTS, VERIFICATION_BUSY);
+        StoreUnavailable when it cannot be known."""
         digest = self._cache_key(parsed.full)
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
         if self.cache.is_negative(digest):
             raise Denied(Outcome.INVALID_TOKEN, "negative cache")
-        # SECURITY: refuse before any store or argon2 work once a client or an id
-        # has failed too often; the answer is the same 401 as for a wrong key.
-        if self.per_client.blocked(client) or self.per_key.blocked(parsed.key_id):
-            raise Denied(Outcome.INVALID_TOKEN, "too many failed attempts")
-        pending = self._inflight.get(digest)
+        suspicion = self.failures.suspicion(client, parsed.key_id)
+        # A load started for an unsuspicious request serves a suspicious one for free, but
+        # not the other way round: a throttled load must not refuse an unsuspicious request.
+        pending = self._inflight.get((digest, False))
+        if pending is None and suspicion is not None:
+            pending = self._inflight.get((digest, True))
         if pending is None:
-            pending = asyncio.ensure_future(self._load(parsed, digest))
-            self._inflight[digest] = pending
-            pending.add_done_callback(lambda _f: self._inflight.pop(digest, None))
+            flight, key_id = (digest, suspicion is not None), parsed.key_id
+            self.failures.began(key_id)
+            pending = asyncio.ensure_future(self._load(parsed, digest, suspicion))
+            self._inflight[flight] = pending
+
+            def settled(_done: asyncio.Future[CachedKey | None]) -> None:
+                self._inflight.pop(flight, None)
+                self.failures.ended(key_id)
+
+            pending.add_done_callback(settled)
         try:
             found = await asyncio.shield(pending)
         except StoreUnavailable:
@@ -136,12 +163,17 @@ class KeyLookup:
             if stale is not None:
                 return stale
             raise
+        except Denied as denied:
+            if denied.outcome is Outcome.TOO_MANY_ATTEMPTS:
+                self.throttled += 1
+            raise
         if found is None:
-            self.per_client.failed(client)
+            self.failures.failed(client)
             raise Denied(Outcome.INVALID_TOKEN, "unknown key or wrong secret")
         return found
 
-    async def _load(self, parsed: ParsedKey, digest: str) -> CachedKey | None:
+    async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None) -> CachedKey | None:
+        started = self._clock()
         generation = self.cache.generation
         slot: Slot | None = None
         if self.shared is not None:
@@ -159,27 +191,58 @@ class KeyLookup:
                     entry = self._prepare(found)
                     self.cache.put(digest, found.record.id, entry, generation=generation)
                     return entry
-        facts = await self._read(parsed.key_id)
-        if facts is None:
-            self.cache.put_negative(digest)
-            await self._share(slot, None)
-            return None
-        async with self._verify_slots:
+        if self._is_proven(parsed.key_id, digest):
+            # SECURITY: this exact text passed argon2 for this id before, and an id's secret
+            # never changes; only what may have changed since (status, roles) is read again.
+            facts = await self._read(parsed.key_id)
+            if facts is None:
+                return None
+            self.proven_hits += 1
+            return await self._admit(facts, digest, slot, generation)
+        if suspicion is not None:
+            # SECURITY: taken before the store is read, so the answer is the same whether
+            # the id exists or not; without it a flood of guesses would buy argon2 runs.
+            wait = self.failures.take_verification(parsed.key_id, suspicion)
+            if wait > 0:
+                raise Denied(Outcome.TOO_MANY_ATTEMPTS, "too many failed attempts", retry_after=wait)
+        with self.verifier.admit():
+            facts = await self._read(parsed.key_id)
+            if facts is None:
+                self.cache.put_negative(digest)
+                await self._share(slot, None)
+                return None
             self.verifications += 1
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._hasher.verify, facts.record.secret_hash, parsed.secret
-            )
+            ok = await self.verifier.verify(facts.record.secret_hash, parsed.secret)
+        self._observe(self._clock() - started)
         if not ok:
-            self.per_key.failed(parsed.key_id)
+            self.failures.wrong_secret(parsed.key_id)
             self.cache.put_negative(digest)
             await self._share(slot, None)
             return None
+        self._remember(parsed.key_id, digest)
+        return await self._admit(facts, digest, slot, generation)
+
+    async def _admit(self, facts: KeyFacts, digest: str, slot: Slot | None, generation: int) -> CachedKey:
         entry = self._prepare(facts)
         # A change notice that arrived while we read and verified wins: this
         # request may use what it read, but the cache must not keep it.
         self.cache.put(digest, facts.record.id, entry, generation=generation)
         await self._share(slot, facts)
         return entry
+
+    def _is_proven(self, key_id: str, digest: str) -> bool:
+        known = self._proven.get(key_id)
+        # SECURITY: constant time, though the digest is a MAC nobody can aim at without the pepper.
+        return known is not None and hmac.compare_digest(known, digest)
+
+    def _remember(self, key_id: str, digest: str) -> None:
+        self._proven.pop(key_id, None)
+        while len(self._proven) >= self.cache.max_entries:
+            self._proven.pop(next(iter(self._proven)))
+        self._proven[key_id] = digest
+
+    def _observe(self, seconds: float) -> None:
+        self.pace = seconds if self.pace == 0.0 else self.pace + PACE_WEIGHT * (seconds - self.pace)
 
     async def _read(self, key_id: str) -> KeyFacts | None:
         self.store_reads += 1
@@ -206,38 +269,4 @@ class KeyLookup:
             pass
 
     def _prepare(self, facts: KeyFacts) -> CachedKey:
-        """Parse everything the hot path needs, once."""
-        record, role_grants, member_role, member_grants = (
-            facts.record, facts.role_grants, facts.member_role, facts.member_grants)
-        is_member = facts.is_member
-        sets: list[GrantSet] = []
-        if record.agent:
-            # An agent key acts as its user: exactly the member's role.
-            sets.append(GrantSet(member_grants or ()))
-        else:
-            if record.role is not None:
-                sets.append(GrantSet(role_grants or ()))  # a missing role grants nothing
-            if record.operations:
-                sets.append(GrantSet(record.operations))
-            if record.user:
-                sets.append(GrantSet(member_grants or ()))
-        spec = parse_rate_limit(record.rate_limit) if record.rate_limit else self._default_rate_limit
-        role_header = member_role if record.agent else record.role
-        headers = (
-            ("X-Keygate-Key-Id", record.id),
-            ("X-Keygate-Key-Name", _header_safe(record.name)),
-            ("X-Keygate-Org", record.org),
-            ("X-Keygate-User", record.user),
-            ("X-Keygate-Role", role_header or ""),
-        )
-        return CachedKey(
-            record=record, networks=parse_networks(record.ip_allowlist), grants=Grants(sets),
-            servers=Servers(record.servers), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
-            expires_at=_epoch(record.expires_at), member_role=member_role,
-            member_missing=bool(record.user) and not is_member, identity_headers=headers,
-        )
-
-
-def _header_safe(text: str) -> str:
-    # Names are free text; headers must stay one line of visible ASCII.
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+        return prepare(facts, self._default_rate_limit)

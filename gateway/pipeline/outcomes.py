@@ -17,12 +17,16 @@ class Outcome(StrEnum):
     INVALID_TARGET = "invalid_target"
     INVALID_UPGRADE = "invalid_upgrade"
     INVALID_TOKEN = "invalid_token"
+    # Failed too often (client, network or key id) and no verification left for now: no argon2 was run.
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
     IP_NOT_ALLOWED = "ip_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"
     RATE_LIMITED = "rate_limited"
     BODY_TOO_LARGE = "body_too_large"
     CLIENT_TIMEOUT = "client_timeout"
     STORE_UNAVAILABLE = "store_unavailable"
+    # The argon2 queue is full: the miss is shed rather than queued without bound.
+    VERIFICATION_BUSY = "verification_busy"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL_ERROR = "internal_error"
@@ -40,7 +44,8 @@ class Denied(Exception):
 
 # How /metrics groups outcomes: let through, refused, or failed on our side or upstream.
 _FAILED = frozenset({
-    Outcome.STORE_UNAVAILABLE, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT, Outcome.INTERNAL_ERROR,
+    Outcome.STORE_UNAVAILABLE, Outcome.VERIFICATION_BUSY, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT,
+    Outcome.INTERNAL_ERROR,
 })
 # Outcomes only a request that passed the rate-limit stage can have (the forward stage's).
 PAST_RATE_LIMIT = frozenset({

@@ -71,3 +71,27 @@ async def test_decisions_are_counted(rt: tuple[Runtime, str]) -> None:
         async with http.get(url + "/x"):
             pass
     assert runtime_.gateway.decisions == {"allowed": 1, "insufficient_scope": 1, "no_credentials": 1}
+
+
+async def test_failure_and_argon2_settings_reach_the_lookup(store_url: str) -> None:
+    """[failures] and keys.argon2.concurrency/queue configure the lookup, calibrated before it serves."""
+    if store_url.startswith("postgres"):
+        from gateway.service import bootstrap
+        from gateway.store import create_store
+
+        store = create_store(store_url)
+        await store.open()
+        await bootstrap(store)
+        await store.close()
+    settings = Settings.model_validate({
+        "store": {"url": store_url}, "upstreams": [{"name": "app", "url": "http://127.0.0.1:9"}],
+        "keys": {"argon2": {"memory_cost": 1024, "concurrency": 3, "queue": 7}},
+        "failures": {"per_client": 4, "per_network": 40, "per_key": 2, "window": 90, "verify_per_second": 0.5},
+    })
+    async with runtime(settings) as runtime_:
+        lookup = runtime_.gateway.lookup
+        failures = lookup.failures
+        assert (failures.clients.limit, failures.networks.limit, failures.keys.limit) == (4, 40, 2)
+        assert failures.window == 90 and failures.budget.interval == 2.0
+        assert (lookup.verifier.concurrency, lookup.verifier.queue) == (3, 7)
+        assert lookup.pace > 0  # one throwaway verification at start

@@ -15,7 +15,8 @@ from gateway.config import RedisSettings, Settings
 from gateway.keys import KeyParser, cache_key, generate
 from gateway.notify import ChangePublisher
 from gateway.pipeline.lookup import CachedKey, KeyLookup
-from gateway.pipeline.outcomes import Denied
+from gateway.pipeline.failures import FailureLimiter
+from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.ratelimit_spec import parse_rate_limit
 from gateway.redis_link import RedisLink, RedisUnavailable
 from gateway.service import KeyService, bootstrap, resolve_pepper
@@ -45,11 +46,12 @@ async def facts_of(service: KeyService, **kwargs: object) -> tuple[KeyFacts, str
     return KeyFacts(record, ("*",), False, None, None), full
 
 
-def a_lookup(store: KeyStore, service: KeyService, pepper: bytes, shared: SharedKeyCache | None) -> KeyLookup:
+def a_lookup(store: KeyStore, service: KeyService, pepper: bytes, shared: SharedKeyCache | None,
+             failures: FailureLimiter | None = None) -> KeyLookup:
     """One worker's lookup: its own in-process cache, the fleet's shared one."""
     cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
     return KeyLookup(store, pepper=pepper, hasher=service.hasher, cache=cache,
-                     default_rate_limit=parse_rate_limit("100/minute"), shared=shared)
+                     default_rate_limit=parse_rate_limit("100/minute"), shared=shared, failures=failures)
 
 
 # --- entries -------------------------------------------------------------------------------------
@@ -155,6 +157,26 @@ async def test_cold_replica_warms_from_redis_without_argon2(
     found = await second.lookup(parsed, "127.0.0.1")
     assert found.record.id == parsed.key_id
     assert (first.verifications, second.verifications, second.store_reads) == (1, 0, 0)
+
+
+async def test_redis_proves_an_attacked_key_on_a_replica_that_never_verified_it(
+    store: KeyStore, service: KeyService, shared: SharedKeyCache
+) -> None:
+    """A key id suspicious on the second process, with no verifications left there: the real key still
+    passes, proven by the first process's Redis entry, and the guesses get 429."""
+    pepper = await resolve_pepper(store, service.settings)
+    first = a_lookup(store, service, pepper, shared)
+    second = a_lookup(store, service, pepper, shared,
+                      failures=FailureLimiter(per_key=1, verify_per_second=0))
+    record, full = await service.create_key(name="ci", role="admin")
+    await first.lookup(PARSER.parse(full), "127.0.0.1")
+    with pytest.raises(Denied):
+        await second.lookup(replace(generate("kg_"), key_id=record.id), "203.0.113.1")
+    with pytest.raises(Denied) as guessed:
+        await second.lookup(replace(generate("kg_"), key_id=record.id), "203.0.113.2")
+    assert guessed.value.outcome is Outcome.TOO_MANY_ATTEMPTS
+    assert (await second.lookup(PARSER.parse(full), "203.0.113.2")).record.id == record.id
+    assert second.verifications == 1  # the first guess's; the real key needed none
 
 
 async def test_wrong_secret_is_negative_fleet_wide(store: KeyStore, service: KeyService, shared: SharedKeyCache) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.keys import generate
 
 from .harness import Keygate, Upstream
 
@@ -31,6 +35,21 @@ def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
     keygate.stop()
 
 
+@pytest.fixture(scope="module")
+def guarded(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway behind a trusted proxy (127.0.0.1 sends X-Forwarded-For naming the client), with a 1 s key cache.
+
+    The failure limits are the defaults but verify_per_second = 0.1: an attacker's one verification
+    while suspicious keeps that key id's budget spent for 10 s, so a test that finds the real key
+    working right after an attack proves it passed without that budget.
+    """
+    folder = tmp_path_factory.mktemp("guarded")
+    keygate = Keygate(folder, upstream.url, proxy='trusted_proxies = ["127.0.0.1/32"]\n',
+                      config="[cache]\nttl = 1\n[failures]\nverify_per_second = 0.1\n").start()
+    yield keygate
+    keygate.stop()
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -39,3 +58,24 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def from_address(address: str, key: str) -> dict[str, str]:
+    """Headers of a request from ``address``, as a trusted proxy in front of Keygate would send them."""
+    return {**bearer(key), "X-Forwarded-For": address}
+
+
+def wrong_secret(key_id: str) -> str:
+    """A well-formed key (its checksum valid) for ``key_id`` with a random, wrong secret."""
+    return replace(generate(key_id[: key_id.index("_") + 1]), key_id=key_id).full
+
+
+async def metric(http: aiohttp.ClientSession, gateway: Keygate, name: str, **labels: str) -> float:
+    """One sample of the gateway's /metrics (0 when absent)."""
+    async with http.get(gateway.admin_url + "/metrics") as r:
+        text = await r.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

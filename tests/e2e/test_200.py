@@ -11,7 +11,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from .conftest import bearer
+from gateway.keys import generate
+
+from .conftest import bearer, from_address, wrong_secret
 from .harness import Keygate, Upstream
 
 
@@ -337,3 +339,55 @@ async def test_uploads_longer_than_the_timeout_after_downloads_on_the_same_conne
             assert len(await r.read()) == 4 << 20
         response, echoed = await echo(http, impatient, key, method="PUT", data=body())
         assert response.status == 200 and echoed["body_len"] == 12 * 1024
+
+
+# --- failures elsewhere never refuse a correct key (issue 11) ----------------------------------
+
+
+ATTACKERS = [f"203.0.113.{host}" for host in range(1, 11)]
+
+
+async def attack(http: aiohttp.ClientSession, url: str, key_id: str, times: int) -> list[int]:
+    """``times`` wrong secrets for ``key_id`` at ``url``, 50 at a time, from the ten ATTACKERS in turn."""
+    lanes = asyncio.Semaphore(50)  # throttled answers are held up to 1 s: lanes keep the test short
+
+    async def one(i: int) -> int:
+        async with lanes, http.get(url, headers=from_address(ATTACKERS[i % 10], wrong_secret(key_id))) as r:
+            await r.read()
+            return r.status
+
+    return list(await asyncio.gather(*(one(i) for i in range(times))))
+
+
+async def test_an_attacked_key_still_answers_after_its_cache_lapses(
+    http: aiohttp.ClientSession, guarded: Keygate,
+) -> None:
+    """150 wrong secrets for a key's public id from 10 addresses lock nothing out: once its cache entry
+    lapses the real key still gets 200, from its own address and from an attacker's, on both listeners."""
+    key_record, key = await guarded.key(name="ci", role="admin")
+    admin_record, admin_key = await guarded.key(name="ops", role="admin", servers=["admin"])
+    proxy_url, admin_url = guarded.proxy_url + "/echo", guarded.admin_url + "/admin/v1/keys"
+    for url, record, full in ((proxy_url, key_record, key), (admin_url, admin_record, admin_key)):
+        async with http.get(url, headers=from_address("192.0.2.10", full)) as r:
+            assert r.status == 200  # verified once: this process knows the key
+        statuses = await attack(http, url, record.id, 150)
+        assert set(statuses) == {401, 429} and statuses.count(429) > 100
+    await asyncio.sleep(1.5)  # cache.ttl = 1 s: the entries lapsed; the ids are still under attack
+    for url, full in ((proxy_url, key), (admin_url, admin_key)):
+        for address in ("192.0.2.10", ATTACKERS[0]):
+            async with http.get(url, headers=from_address(address, full)) as r:
+                assert r.status == 200, (url, address, await r.text())
+
+
+async def test_a_never_used_key_works_from_an_address_that_failed_40_times(
+    http: aiohttp.ClientSession, guarded: Keygate,
+) -> None:
+    """Behind one NAT address, 40 failed lookups (unknown keys) do not refuse another, never-used key."""
+    shared_address = "198.51.100.40"
+    for _ in range(40):
+        async with http.get(guarded.proxy_url + "/echo",
+                            headers=from_address(shared_address, generate("kg_").full)) as r:
+            assert r.status in (401, 429)
+    _, key = await guarded.key(name="runner", role="admin")
+    async with http.get(guarded.proxy_url + "/echo", headers=from_address(shared_address, key)) as r:
+        assert r.status == 200, await r.text()

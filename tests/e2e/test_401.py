@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import statistics
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 
+from gateway.config import Settings
 from gateway.keys import generate
+from gateway.service import KeyService
+from gateway.store import create_store
 
-from .conftest import bearer
-from .harness import Keygate
+from .conftest import bearer, wrong_secret
+from .harness import Keygate, Upstream
 
 REALM = 'Bearer realm="keygate"'
 
@@ -123,3 +129,50 @@ async def test_refused_keys_are_indistinguishable(http: aiohttp.ClientSession, g
         answers.add((headers["WWW-Authenticate"], headers["Content-Type"], body))
     assert len(answers) == 1
     assert (await get(http, gateway, bearer(good)))[0] == 200
+
+
+# --- timing: an unknown id costs what a wrong secret costs (issue 11) ---------------------------
+
+# argon2 memory for the timing test's key: about 7 ms a verification here, well over the 2 ms
+# the medians may differ by, so an unpaced unknown id would stand out.
+TIMED_ARGON2 = {"time_cost": 1, "memory_cost": 16384, "parallelism": 1}
+
+
+@pytest.fixture(scope="module")
+def roomy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway whose failure limits are out of reach, so hundreds of guesses from one address are all answered."""
+    keygate = Keygate(
+        tmp_path_factory.mktemp("roomy"), upstream.url,
+        config="[failures]\nper_client = 1000000\nper_network = 1000000\nper_key = 1000000\n",
+        env={"KEYGATE_KEYS__ARGON2__MEMORY_COST": str(TIMED_ARGON2["memory_cost"])},
+    ).start()
+    yield keygate
+    keygate.stop()
+
+
+async def test_unknown_id_and_wrong_secret_take_the_same_time(http: aiohttp.ClientSession, roomy: Keygate) -> None:
+    """Median latencies of 200 unknown ids and 200 wrong secrets are within 2 ms: timing tells no id exists."""
+    store = create_store(roomy.store_url)
+    await store.open()
+    try:
+        service = KeyService(store, Settings.model_validate({"keys": {"argon2": TIMED_ARGON2}}), actor="test")
+        record, _ = await service.create_key(name="timed", role="admin")
+    finally:
+        await store.close()
+
+    async def took(key: str) -> float:
+        started = time.perf_counter()
+        async with http.get(roomy.proxy_url + "/echo", headers=bearer(key)) as r:
+            await r.read()
+        assert r.status == 401
+        return time.perf_counter() - started
+
+    for _ in range(10):  # warm: connection, caches, the pace of verifications
+        await took(generate("kg_").full)
+        await took(wrong_secret(record.id))
+    unknown, wrong = [], []
+    for _ in range(200):  # interleaved, so drift on the machine hits both alike
+        unknown.append(await took(generate("kg_").full))
+        wrong.append(await took(wrong_secret(record.id)))
+    medians = statistics.median(unknown) * 1000, statistics.median(wrong) * 1000
+    assert abs(medians[0] - medians[1]) <= 2.0, f"median unknown {medians[0]:.2f} ms, wrong secret {medians[1]:.2f} ms"

@@ -1,7 +1,8 @@
-"""429: a key's token bucket runs dry; failed authentications never charge it."""
+"""429: a key's token bucket runs dry (failed authentications never charge it); too many failed attempts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import aiohttp
 
 from gateway.keys import generate
 
-from .conftest import bearer
+from .conftest import bearer, from_address, metric, wrong_secret
 from .harness import Keygate
 
 
@@ -54,3 +55,44 @@ async def test_keys_have_separate_buckets(http: aiohttp.ClientSession, gateway: 
     _, second = await gateway.key(name="b", role="admin", rate_limit="1/minute")
     assert [(await status_of(http, gateway, first))[0] for _ in range(2)] == [200, 429]
     assert (await status_of(http, gateway, second))[0] == 200
+
+
+# --- too many failed attempts: the attacker is throttled, before any argon2 (issue 11) ---------
+
+
+async def test_wrong_secrets_are_throttled_without_argon2(http: aiohttp.ClientSession, guarded: Keygate) -> None:
+    """Past failures.per_key (10) wrong secrets, an id's guesses get 429 with Retry-After and run no argon2."""
+    record, _ = await guarded.key(name="victim", role="admin")
+    verified = await metric(http, guarded, "keygate_argon2_verifications_total")
+    throttled = await metric(http, guarded, "keygate_lookups_refused_total", reason="throttled")
+
+    async def guess(address: str) -> tuple[int, dict[str, str], dict[str, str]]:
+        async with http.get(guarded.proxy_url + "/echo", headers=from_address(address, wrong_secret(record.id))) as r:
+            return r.status, dict(r.headers), json.loads(await r.read())
+
+    # Ten wrong secrets, then the id's one verification while suspicious (verify_per_second = 0.1)...
+    first = [await guess(f"203.0.113.{i + 1}") for i in range(11)]
+    assert [status for status, _, _ in first] == [401] * 11
+    # ...then 429s, each held until its Retry-After (at most 1 s): sent at once, so the test stays short.
+    rest = await asyncio.gather(*(guess(f"198.51.100.{i + 1}") for i in range(30)))
+    assert [status for status, _, _ in rest] == [429] * 30
+    _, headers, body = rest[-1]
+    assert body["error"] == "too_many_attempts" and 1 <= int(headers["Retry-After"]) <= 10
+    assert "RateLimit" not in headers and "WWW-Authenticate" not in headers
+    assert await metric(http, guarded, "keygate_argon2_verifications_total") - verified == 11
+    assert await metric(http, guarded, "keygate_lookups_refused_total", reason="throttled") - throttled == 30
+    assert await metric(http, guarded, "keygate_requests_total", decision="denied",
+                        outcome="too_many_attempts") >= 30
+
+
+async def test_admin_api_throttles_with_a_problem(http: aiohttp.ClientSession, guarded: Keygate) -> None:
+    """The admin listener answers a throttled guess with a problem+json 429 and Retry-After."""
+    record, _ = await guarded.key(name="ops", role="admin", servers=["admin"])
+    for i in range(12):
+        headers = from_address(f"198.51.100.{i + 1}", wrong_secret(record.id))
+        async with http.get(guarded.admin_url + "/admin/v1/keys", headers=headers) as r:
+            status, content_type, body = r.status, r.content_type, await r.json(content_type=None)
+            retry_after = r.headers.get("Retry-After")
+    assert (status, content_type) == (429, "application/problem+json")
+    assert body["type"] == "urn:keygate:problem:too_many_attempts" and body["status"] == 429
+    assert retry_after is not None and int(retry_after) >= 1

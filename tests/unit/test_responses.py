@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.responses import REALM, STORE_RETRY_AFTER, denial, status_of
+from gateway.responses import BUSY_RETRY_AFTER, REALM, STORE_RETRY_AFTER, denial, status_of
 
 REQUEST_ID = "req-123"
 
@@ -31,6 +31,8 @@ def body_of(response: web.Response) -> dict[str, Any]:
         (Outcome.INSUFFICIENT_SCOPE, 403, 'Bearer realm="keygate", error="insufficient_scope"'),
         (Outcome.IP_NOT_ALLOWED, 403, None),
         (Outcome.RATE_LIMITED, 429, None),
+        (Outcome.TOO_MANY_ATTEMPTS, 429, None),
+        (Outcome.VERIFICATION_BUSY, 429, None),
         (Outcome.BODY_TOO_LARGE, 413, None),
         (Outcome.STORE_UNAVAILABLE, 503, None),
         (Outcome.UPSTREAM_UNAVAILABLE, 502, None),
@@ -56,6 +58,8 @@ def test_no_credentials_challenge_has_no_error_code() -> None:
         (Outcome.INVALID_TOKEN, "invalid_token"),
         (Outcome.INSUFFICIENT_SCOPE, "insufficient_scope"),
         (Outcome.IP_NOT_ALLOWED, "ip_not_allowed"),
+        (Outcome.TOO_MANY_ATTEMPTS, "too_many_attempts"),
+        (Outcome.VERIFICATION_BUSY, "verification_busy"),
     ],
 )
 def test_body_error_matches_the_documented_code(outcome: Outcome, error: str) -> None:
@@ -94,6 +98,29 @@ def test_rate_limited_has_retry_after_in_whole_seconds(retry_after: float, heade
     assert response.headers["Retry-After"] == header
 
 
+@pytest.mark.parametrize(("retry_after", "header"), [(0.2, "1"), (1.0, "1"), (37.5, "38")])
+def test_too_many_attempts_has_retry_after_and_no_ratelimit_headers(retry_after: float, header: str) -> None:
+    """The failure limiter's 429 says when to retry and nothing about any key's bucket."""
+    response = denial(Outcome.TOO_MANY_ATTEMPTS, REQUEST_ID, retry_after=retry_after)
+    assert response.status == 429 and response.headers["Retry-After"] == header
+    assert "RateLimit" not in response.headers and "RateLimit-Policy" not in response.headers
+
+
+def test_verification_busy_retries_after_one_second() -> None:
+    """A shed verification is a 429 with Retry-After 1, whatever the stage passed."""
+    assert denial(Outcome.VERIFICATION_BUSY, REQUEST_ID).headers["Retry-After"] == str(BUSY_RETRY_AFTER) == "1"
+
+
+def test_too_many_attempts_is_one_answer_whatever_the_reason() -> None:
+    """Every too_many_attempts answer is the same bytes: it tells nothing about the id it refused."""
+    answers = set()
+    for reason in ("too many failed attempts", "client", "key id"):
+        denied = Denied(Outcome.TOO_MANY_ATTEMPTS, reason, retry_after=1)
+        response = denial(denied.outcome, REQUEST_ID, retry_after=denied.retry_after)
+        answers.add((response.status, response.body, tuple(sorted(response.headers.items()))))
+    assert len(answers) == 1
+
+
 def test_rate_limited_keeps_ratelimit_headers() -> None:
     """Extra headers (the RateLimit fields) are sent alongside the 429's Retry-After."""
     extra = {"RateLimit-Policy": '"default";q=100;w=60', "RateLimit": '"default";r=0;t=7'}
@@ -125,7 +152,7 @@ def test_no_retry_after_unless_asked(outcome: Outcome) -> None:
 
 
 REASONS = ["unknown key or wrong secret", "negative cache", "revoked", "expired",
-           "user is no longer a member of the org", "too many failed attempts", "bad checksum"]
+           "user is no longer a member of the org", "bad checksum", "wrong length"]
 
 
 def test_invalid_token_answers_are_byte_identical_whatever_the_reason() -> None:

@@ -1,0 +1,179 @@
+"""The failure limiter: failures per client, network and key id in fixed windows, on an injected clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.pipeline.failures import FailureLimiter, VerifyBudget, WindowCounter, network_of
+
+KEY = "kg_7Hq2ZrT9xLmP"
+OTHER_KEY = "kg_AAAAAAAAAAAA"
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ticks() -> Ticks:
+    return Ticks()
+
+
+@pytest.fixture
+def limiter(ticks: Ticks) -> FailureLimiter:
+    return FailureLimiter(per_client=3, per_network=5, per_key=2, window=60, verify_per_second=1, clock=ticks)
+
+
+# --- who is suspicious -------------------------------------------------------------------------
+
+
+def test_nothing_is_suspicious_at_first(limiter: FailureLimiter) -> None:
+    """A client, network and key id without failures are not suspicious."""
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+
+
+def test_a_client_is_suspicious_at_its_limit_until_the_window_ends(limiter: FailureLimiter, ticks: Ticks) -> None:
+    """per_client failures make the address suspicious for the rest of its window, then it starts afresh."""
+    for _ in range(2):
+        limiter.failed("192.0.2.1")
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+    limiter.failed("192.0.2.1")
+    ticks.now += 20
+    assert limiter.suspicion("192.0.2.1", KEY) == pytest.approx(40)
+    ticks.now += 40
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+    limiter.failed("192.0.2.1")
+    assert limiter.suspicion("192.0.2.1", KEY) is None  # a new window counts from one
+
+
+def test_another_clients_failures_do_not_count(limiter: FailureLimiter) -> None:
+    """One address's failures never make another address (outside its network) suspicious."""
+    for _ in range(10):
+        limiter.failed("192.0.2.1")
+    assert limiter.suspicion("198.51.100.1", KEY) is None
+
+
+@pytest.mark.parametrize(
+    ("client", "network"),
+    [
+        ("192.0.2.77", "192.0.2.0/24"),
+        ("10.1.2.3", "10.1.2.0/24"),
+        ("2001:db8:aa:bb11::1", "2001:db8:aa:bb00::/56"),
+        ("2001:db8:aa:ccff:1:2:3:4", "2001:db8:aa:cc00::/56"),
+        ("None", "None"),
+        ("", ""),
+    ],
+    ids=["v4", "v4-other", "v6", "v6-low-bits", "unknown-client", "empty"],
+)
+def test_networks_are_v4_24_and_v6_56(client: str, network: str) -> None:
+    """An address's network is its /24 (IPv4) or /56 (IPv6); text that is no address stands alone."""
+    assert network_of(client) == network
+
+
+def test_a_network_is_suspicious_when_its_addresses_fail_together(limiter: FailureLimiter) -> None:
+    """Failures spread over one /24 (each address under per_client) make the whole /24 suspicious."""
+    for host in range(1, 6):
+        limiter.failed(f"203.0.113.{host}")
+    assert limiter.suspicion("203.0.113.200", KEY) is not None
+    assert limiter.suspicion("203.0.114.1", KEY) is None
+
+
+def test_only_wrong_secrets_count_for_a_key_id(limiter: FailureLimiter) -> None:
+    """Client failures do not count against a key id; per_key wrong secrets make it suspicious from anywhere."""
+    for host in range(1, 3):
+        limiter.failed(f"10.{host}.0.1")
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+    for _ in range(2):
+        limiter.wrong_secret(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is not None
+    assert limiter.suspicion("192.0.2.1", OTHER_KEY) is None
+
+
+def test_lookups_in_progress_count_against_their_key_id(limiter: FailureLimiter) -> None:
+    """Unsettled lookups of an id count like failures until they end, so a burst cannot outrun per_key."""
+    limiter.began(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+    limiter.began(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is not None
+    assert limiter.suspicion("192.0.2.1", OTHER_KEY) is None
+    limiter.ended(KEY)
+    limiter.ended(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is None
+
+
+def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, ticks: Ticks) -> None:
+    """Over several limits at once, the wait is the longest window left."""
+    for _ in range(2):
+        limiter.wrong_secret(KEY)
+    ticks.now += 30
+    for _ in range(3):
+        limiter.failed("192.0.2.1")
+    assert limiter.suspicion("192.0.2.1", KEY) == pytest.approx(60)
+
+
+# --- verifications while suspicious -------------------------------------------------------------
+
+
+def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: Ticks) -> None:
+    """verify_per_second = 1: one verification per key id, the next a second later; ids are independent."""
+    assert limiter.take_verification(KEY, 60) == 0.0
+    ticks.now += 0.25
+    assert limiter.take_verification(KEY, 60) == pytest.approx(0.75)
+    assert limiter.take_verification(OTHER_KEY, 60) == 0.0
+    ticks.now += 0.75
+    assert limiter.take_verification(KEY, 60) == 0.0
+
+
+def test_without_verifications_the_wait_is_the_suspicion(ticks: Ticks) -> None:
+    """verify_per_second = 0: nothing is verified while suspicious, and Retry-After is the suspicion's end."""
+    limiter = FailureLimiter(verify_per_second=0, clock=ticks)
+    assert limiter.take_verification(KEY, 42.0) == 42.0
+
+
+@pytest.mark.parametrize(("per_second", "waits"), [(2.0, [0.0, 0.5]), (0.5, [0.0, 2.0]), (0.0, [math.inf] * 2)])
+def test_budget_interval(ticks: Ticks, per_second: float, waits: list[float]) -> None:
+    """The budget's interval is 1 / verify_per_second."""
+    budget = VerifyBudget(per_second=per_second, clock=ticks, max_subjects=10)
+    assert [budget.take(KEY), budget.take(KEY)] == waits
+
+
+# --- bounded memory -----------------------------------------------------------------------------
+
+
+def test_counters_are_bounded_oldest_first(ticks: Ticks) -> None:
+    """Past max_subjects the subject with the oldest window goes; it then simply counts again."""
+    counter = WindowCounter(limit=2, window=60, clock=ticks, max_subjects=3)
+    for subject in ("a", "a", "b", "c"):
+        counter.add(subject)
+        ticks.now += 1
+    assert counter.over("a") is not None
+    counter.add("d")
+    assert len(counter) == 3 and counter.over("a") is None
+    assert counter.over("b") is None and counter.over("d") is None
+
+
+def test_lapsed_windows_are_dropped_before_live_ones(ticks: Ticks) -> None:
+    """Adding a subject drops lapsed windows first, so a live one is evicted only when the table is full of them."""
+    counter = WindowCounter(limit=1, window=60, clock=ticks, max_subjects=3)
+    counter.add("old")
+    ticks.now += 61
+    counter.add("b")
+    counter.add("c")
+    assert len(counter) == 2  # "old" went, nothing live did
+    counter.add("d")
+    assert counter.over("b") is not None and counter.over("c") is not None
+
+
+def test_budget_is_bounded(ticks: Ticks) -> None:
+    """The budget table keeps at most max_subjects ids; lapsed ones go first."""
+    budget = VerifyBudget(per_second=1, clock=ticks, max_subjects=2)
+    for key in ("a", "b", "c"):
+        budget.take(key)
+    assert budget.take("a") == 0.0  # evicted, so it starts afresh
+    assert budget.take("c") > 0
