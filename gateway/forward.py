@@ -75,10 +75,6 @@ _DROPPED: dict[tuple[bool, bool, bool, bool], frozenset[str]] = {
 }
 
 
-def _dashed(name: str) -> str:
-    return name.replace("_", "-") if "_" in name else name
-
-
 def upstream_request_headers(
     request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
     client_ip: str | None, peer: str, peer_trusted: bool, request_id: str, websocket: bool = False,
@@ -91,7 +87,7 @@ def upstream_request_headers(
     # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
     # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
     out = [(name, value) for name, value in headers.items()
-           if (lower := _dashed(name.lower())) not in drop and not lower.startswith("x-keygate-")]
+           if (lower := name.lower().replace("_", "-")) not in drop and not lower.startswith("x-keygate-")]
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]

@@ -101,6 +101,21 @@ def _fully_unquoted(text: str) -> str:
     return text
 
 
+def _printable(text: str) -> str:
+    """``text`` with control and other unprintable characters percent-escaped (UTF-8): safe to store and log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    try:
+        data = char.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        data = b"?"
+    return "".join(f"%{b:02X}" for b in data)
+
+
 class KeyParser:
     """Parses presented keys against the configured prefixes, without I/O."""
 
@@ -123,10 +138,13 @@ class KeyParser:
         # tests and no regex (this runs per request).
         if "%" in text:
             decoded = _fully_unquoted(text)
-            if decoded != text and self._redact(decoded) != decoded:
-                # SECURITY: "kg_%68..." is a key too; the record shows the decoded text, redacted.
-                return self._redact(decoded)
-        return self._redact(text)
+            if decoded != text:
+                shown = self._redact(decoded)
+                if shown != decoded:
+                    # SECURITY: "kg_%68..." is a key too; the record shows the decoded text, redacted,
+                    # with what decoding made unprintable escaped again (PostgreSQL refuses a NUL in text).
+                    return _printable(shown)
+        return _printable(self._redact(text))
 
     def _redact(self, text: str) -> str:
         for prefix in self._prefixes:

@@ -18,9 +18,10 @@ same choices):
   by default), and never around an empty or dot part (``x%2F..%2Fdeploy``);
 - escaped control characters (``%00``-``%1F``, ``%7F``) and malformed escapes
   (``%zz``, a lone ``%``) are always refused;
-- ``;`` path parameters are refused with ``path_parameters = "reject"`` (the
-  default) or removed from every segment with ``"strip"``, so a Servlet
-  container and a server that reads ``;`` literally see the same path;
+- ``;`` path parameters (``%3B`` too: some upstreams decode before they drop
+  parameters) are refused with ``path_parameters = "reject"`` (the default) or
+  removed from every segment with ``"strip"``, so a Servlet container and a
+  server that reads ``;`` literally see the same path;
 - escapes of unreserved characters are decoded (``%64eploy`` is ``deploy``),
   other escapes get upper-case hex, characters that must be escaped are;
 - empty, ``.`` and ``..`` segments are removed (``..`` removes the one before).
@@ -66,9 +67,9 @@ class _Refused(Exception):
 class TargetCanonicalizer:
     """Turns a client's raw request target into its :class:`RequestTarget`, or refuses it (400).
 
-    Answers are remembered per raw target (up to :attr:`MEMO_SIZE` targets no
-    longer than :attr:`MEMO_LENGTH`): a service sees the same targets over and
-    over, and a flood of new ones only evicts old ones.
+    Answers are remembered per raw path (up to :attr:`MEMO_SIZE` paths no
+    longer than :attr:`MEMO_LENGTH`; the query takes no part): a service sees
+    the same paths over and over, and a flood of new ones only evicts old ones.
     """
 
     MEMO_LENGTH = 512
@@ -77,35 +78,38 @@ class TargetCanonicalizer:
     def __init__(self, *, encoded_slashes: EncodedSlashes = "reject", path_parameters: PathParameters = "reject") -> None:
         self._pass_slashes = encoded_slashes == "pass"
         self._strip_parameters = path_parameters == "strip"
+        # raw path -> its target without a query, or the reason it is refused
         self._memo: dict[str, RequestTarget | str] = {}
 
     def __call__(self, raw: str) -> RequestTarget:
-        known = self._memo.get(raw)
+        path, mark, query = raw.partition("?")
+        # SECURITY: a fragment is never sent upstream, so "/deploy#x" would be judged as one
+        # path ("deploy#x") and run as another ("deploy"); one in the query is refused alike.
+        if "#" in query:
+            raise Denied(Outcome.INVALID_TARGET, "fragment in the request target")
+        known = self._memo.get(path)
         if known is None:
             try:
-                known = self._canonical(raw)
+                known = RequestTarget(self._canonical(path), "")
             except _Refused as refused:
                 known = str(refused)
-            if len(raw) <= self.MEMO_LENGTH:
+            if len(path) <= self.MEMO_LENGTH:
                 if len(self._memo) >= self.MEMO_SIZE:
                     del self._memo[next(iter(self._memo))]
-                self._memo[raw] = known
+                self._memo[path] = known
         if type(known) is str:
             raise Denied(Outcome.INVALID_TARGET, known)
-        return known  # type: ignore[return-value]
+        return RequestTarget(known[0], mark + query) if mark else known  # type: ignore[return-value,index]
 
-    def _canonical(self, raw: str) -> RequestTarget:
-        # SECURITY: a fragment is never sent upstream, so "/deploy#x" would be judged as one
-        # path ("deploy#x") and run as another ("deploy").
-        if "#" in raw:
+    def _canonical(self, path: str) -> str:
+        """The canonical form of a path (no query)."""
+        if "#" in path:
             raise _Refused("fragment in the request target")
         # Origin-form only; the HTTP server refuses the other forms before the pipeline runs.
-        if not raw.startswith("/"):
+        if not path.startswith("/"):
             raise _Refused("not an origin-form request target")
-        path, mark, query = raw.partition("?")
-        query = mark + query
         if _PLAIN.fullmatch(path) is not None and "//" not in path and "/." not in path:
-            return RequestTarget(path, query)
+            return path
         segments: list[str] = []
         segment = ""
         for raw_segment in path.split("/")[1:]:
@@ -117,7 +121,7 @@ class TargetCanonicalizer:
                 segments.append(segment)
         # The trailing slash is kept ("/dir/" and "/dir" may differ upstream); routes ignore it.
         trailing = "/" if segments and segment in ("", ".", "..") else ""
-        return RequestTarget("/" + "/".join(segments) + trailing, query)
+        return "/" + "/".join(segments) + trailing
 
     def _segment(self, raw: str) -> str:
         """One segment in canonical form: parameters handled, escapes normalised."""
@@ -141,6 +145,12 @@ class TargetCanonicalizer:
                 decoded = chr(code)
                 if decoded in _UNRESERVED:
                     out.append(decoded)  # RFC 3986 section 6.2.2.2: the same character
+                elif code == 0x3B:
+                    # SECURITY: an upstream that decodes before it drops parameters reads "deploy%3Bx"
+                    # as "deploy": an escaped ";" is a parameter too.
+                    if not self._strip_parameters:
+                        raise _Refused("path parameters (;) in the request target")
+                    break
                 elif code < 0x20 or code == 0x7F:
                     # SECURITY: C-based upstreams end the path at a NUL, and a regex route
                     # "^/deploy$" matches "/deploy\n" (PCRE's $ stops before a final newline).

@@ -93,6 +93,7 @@ AMBIGUOUS = [
     ("backslash", "reader", "/api/servers/prod-2/x/..\\deploy"),
     ("encoded-nul", "reader", DEPLOY + "%00.json"),
     ("path-parameter", "reader", DEPLOY + ";x=1"),
+    ("escaped-path-parameter", "reader", DEPLOY + "%3Bx=1"),
     ("servlet-dot-dot", "reader", "/api/servers/prod-2/deploy/x/..;/"),
     ("malformed-escape", "reader", "/api/servers/prod-2/%zzdeploy"),
     ("encoded-newline", "reader", DEPLOY + "%0A"),  # PCRE: "^.../deploy$" matches "deploy\n"

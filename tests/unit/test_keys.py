@@ -174,3 +174,16 @@ def test_redact_leaves_other_long_words() -> None:
     parser = KeyParser(["kg_"])
     word = "a" * 50
     assert parser.redact(f"/x/{word}?q=%2F%20") == f"/x/{word}?q=%2F%20"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/x?q=%00{key}", "/x/%0a%0d{key}", "/admin/v1/roles/a\x00b", "/x?q=%2500{key}", "/x/\udcff{key}"],
+    ids=["escaped-nul-beside-a-key", "escaped-newlines", "decoded-nul", "double-escaped-nul", "raw-byte"],
+)
+def test_redacted_text_is_always_printable(text: str) -> None:
+    """What redaction returns holds no control character (PostgreSQL refuses NUL in text, logs break on CR/LF)."""
+    key = generate("kg_")
+    shown = KeyParser(["kg_"]).redact(text.format(key=key.full))
+    assert shown.isprintable()
+    assert key.secret not in shown
