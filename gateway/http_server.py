@@ -91,7 +91,7 @@ class _Handler(RequestHandler):
     """aiohttp's connection handler with a header deadline, a header size cap and the request-form checks."""
 
     __slots__ = ("_head_timeout", "_max_head", "_head_timer", "_head_bytes", "_head_uncounted", "_body",
-                 "_linger", "_lingering")
+                 "_body_chunked", "_body_decoded", "_ending", "_linger", "_lingering")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, max_header_size: int, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -106,6 +106,13 @@ class _Handler(RequestHandler):
         # The last parsed request's body (None when it has none): reads that arrive while it is
         # unfinished are body, not the next head.
         self._body: StreamReader | None = None
+        # How that body is framed on the wire: chunked, or (when not) decoded (Content-Encoding), so that
+        # its reader counts other bytes than arrived.
+        self._body_chunked = False
+        self._body_decoded = False
+        # Set when a head is refused (too slow, too large) while requests are in hand: those are answered,
+        # nothing more is read, and the connection closes after the last answer.
+        self._ending: Refusal | None = None
         # Set by an error answer after which what the client still sends is drained, not reset.
         self._linger = False
         self._lingering: asyncio.Future[None] | None = None
@@ -121,9 +128,11 @@ class _Handler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._upgraded or self._payload_parser is not None or self._close or self._force_close:
-            # A WebSocket (or what follows a CONNECT) is not HTTP; a closing connection parses nothing more.
-            super().data_received(data)
+        if self._upgraded or self._payload_parser is not None or self._close or self._force_close or self._ending:
+            # A WebSocket (or what follows a CONNECT) is not HTTP; a closing connection parses nothing more,
+            # nor does one ending after the requests in hand (what arrives is dropped).
+            if self._ending is None:
+                super().data_received(data)
             return
         body = self._body
         in_body = body is not None and not body.is_eof()
@@ -138,22 +147,34 @@ class _Handler(RequestHandler):
             self._head_bytes = 0
             # Did the next head begin in this read? Its bytes here are then uncounted, so that
             # request is measured whole when it completes.
+            # No clock, though, when an upgrade request came last: what follows it is no head (a WebSocket's
+            # frames, say). If the upgrade is declined, finish_response parses what was held back, and arms.
             body = self._body
             if body is not None:
                 # Not if the read ended inside a body; perhaps if the body ended in it.
-                self._head_uncounted = body.is_eof()
+                self._head_uncounted = ended = body.is_eof()
+                if (ended and data and not self._buffer_paused and not self._upgraded
+                        and self._next_head_began(data, body.total_bytes, True)):
+                    self._arm()  # the next head's clock starts now, as after a bodiless head below
             elif data.endswith(b"\r\n\r\n"):
                 self._head_uncounted = False  # the read ended with a bodiless head's blank line
             else:
                 self._head_uncounted = True
-                if data and not self._buffer_paused:
+                if data and not self._buffer_paused and not self._upgraded:
                     # Bytes followed a bodiless head: the next head's clock starts now. (With the queue
                     # full they wait in the parser unread, and it starts when reading resumes.)
                     self._arm()
         elif in_body:
-            if body.is_eof() and body.total_bytes - body_before != len(data):  # type: ignore[union-attr]
-                # The body ended inside this read and something followed: the next head, uncounted.
-                self._head_uncounted = True
+            if body.is_eof():  # type: ignore[union-attr]
+                received = body.total_bytes - body_before  # type: ignore[union-attr]
+                if received != len(data):
+                    # Perhaps something followed the body's end in this read: the next head, uncounted.
+                    self._head_uncounted = True
+                if (data and not self._upgraded and not self._buffer_paused and self._head_timer is None
+                        and self._next_head_began(data, received, False)):
+                    # It did: that head's clock starts now. (Else a stall there would last until the
+                    # keep-alive timeout.)
+                    self._arm()
         elif data:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
@@ -170,6 +191,13 @@ class _Handler(RequestHandler):
         count = self._request_count
         held_back = self._upgraded and bool(self._message_tail)
         result = await super().finish_response(request, resp, start_time)
+        if self._ending is not None and not self._messages:
+            # The last request in hand before a refused head is answered: close now.
+            if self._ending is _TOO_LARGE:
+                # The client may still be sending that head: drain (below), lest closing reset the connection.
+                self._linger = True
+            else:
+                self.close()  # a client that stalled has nothing more to send
         if held_back:
             if self._request_count != count:
                 # Requests data_received parsed meanwhile are among these; checking one twice is harmless.
@@ -181,6 +209,25 @@ class _Handler(RequestHandler):
         if self._linger:
             await self._drain_and_close()
         return result
+
+    def _next_head_began(self, data: bytes, received: int, whole: bool) -> bool:
+        """Whether bytes of a next head followed, in ``data``, the end of the body that ended in it.
+
+        ``received``: the bytes the body's reader got from this read, all of the body when ``whole``
+        (its head completed in this read). Only when sure: else the keep-alive timeout ends a stall.
+        """
+        if self._body_chunked:
+            # The (strict) parser ends a chunked body with CRLF CRLF: a read that ends inside those
+            # four bytes ends with the body; anything else after the end is the next head.
+            return not b"\r\n\r\n".endswith(data[-4:])
+        if self._body_decoded:
+            return False  # its reader counts decoded bytes, not those of this read
+        if not whole:
+            return received < len(data)
+        # The body is the last ``received`` bytes of the read unless something followed it; its head
+        # ended right before it, with CRLF CRLF (or the part of those that came in this read).
+        end = len(data) - received
+        return end > 0 and not b"\r\n\r\n".endswith(data[max(end - 4, 0):end])
 
     async def _drain_and_close(self) -> None:
         """After an error answer, end our side and drop what the client still sends, for at most lingering_time.
@@ -204,7 +251,12 @@ class _Handler(RequestHandler):
             message, payload = messages[i]
             if isinstance(message, _ErrInfo):
                 continue
-            self._body = None if payload is EMPTY_PAYLOAD else payload
+            if payload is EMPTY_PAYLOAD:
+                self._body = None
+            else:
+                self._body = payload
+                self._body_chunked = bool(message.chunked)
+                self._body_decoded = message.compression is not None
             if message.version not in _HTTP1:
                 refusal: tuple[int, Refusal] | None = (505, _VERSION)
             elif message.method == "CONNECT":
@@ -223,11 +275,16 @@ class _Handler(RequestHandler):
                 messages[i] = (_ErrInfo(status=status, exc=exc, message=str(exc)), EMPTY_PAYLOAD)
 
     def _refuse(self, status: int, exc: Refusal) -> None:
-        """Answer ``status`` and close if the connection is idle, else just close."""
+        """Answer ``status`` and close if the connection is idle, else close once the requests in hand are answered."""
         self._disarm()
         if self._request_in_progress or self._messages:
-            # A request is being handled or waits: an answer now would interleave with it.
-            self.force_close()
+            # A request is being handled or waits: an answer now would interleave with its response, and
+            # cutting that would lose an answer to a request that came complete and in time. Those are
+            # answered, what arrives meanwhile is dropped (the refused head with it), and finish_response
+            # closes after the last. No answer for the refused head, then: the client sees the close.
+            self._ending = exc
+            if not self._messages:
+                self.close()  # ends start()'s loop after the current request; its handler runs on
             return
         # Idle: this answer is the next request start() takes, whether it waits already or not
         # (on a new connection its task may not have run yet).
@@ -248,7 +305,9 @@ class _Handler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not (self._close or self._force_close or self.transport is None):
+        if not (self._close or self._force_close or self._ending or self.transport is None
+                or self._upgraded or self._payload_parser is not None):
+            # (An upgraded connection carries no more heads; a declined upgrade is re-armed in finish_response.)
             # SECURITY: slowloris; a head that trickles in must still be complete in time.
             self._refuse(408, _TIMEOUT)
 

@@ -7,6 +7,8 @@ closed and nothing forwarded.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import resource
 from collections.abc import Iterator
 
@@ -171,6 +173,156 @@ async def test_websocket_outlives_header_timeout(http: aiohttp.ClientSession, sl
         await ws.send_str("still here")
         message = await asyncio.wait_for(ws.receive(), 5)
     assert message.type is aiohttp.WSMsgType.TEXT
+
+
+def _ws_frame(text: str) -> bytes:
+    """One masked (client-to-server) WebSocket text frame, payload under 126 bytes."""
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _read_ws_text(reader: asyncio.StreamReader, timeout: float = 5.0) -> str:
+    """The next (unmasked, server-to-client) text frame's payload, payload under 126 bytes."""
+    first, length = await asyncio.wait_for(reader.readexactly(2), timeout)
+    assert first == 0x81 and length < 126, (first, length)
+    return (await asyncio.wait_for(reader.readexactly(length), timeout)).decode()
+
+
+async def test_websocket_whose_first_frame_shares_the_handshake_read_outlives_header_timeout(slow: Keygate) -> None:
+    """A WebSocket handshake and its first frame in one write: the frame is no head, so the deadline does not apply."""
+    record, key = await slow.key(name="ci", role="admin")
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow.proxy_port)
+    handshake = (
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: echo.v1\r\nAuthorization: Bearer {key}\r\n\r\n"
+    ).encode()
+    writer.write(handshake + _ws_frame("one"))
+    sent = loop.time()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert (await _read_ws_text(reader)).startswith("hello ")
+        assert await _read_ws_text(reader) == "echo:one"
+        await asyncio.sleep(sent + 2.0 - loop.time())  # past the header timeout
+        writer.write(_ws_frame("two"))
+        assert await _read_ws_text(reader) == "echo:two"
+        # Still open at 2.5 s: nothing more arrives, and no end of stream.
+        assert not await closed_by_server(reader, sent + 2.5 - loop.time())
+    finally:
+        writer.close()
+
+
+async def _rest(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
+    """What the server still sends, and whether it closed the connection within ``timeout`` seconds."""
+    received = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except TimeoutError:
+        return bytes(received), False
+    except ConnectionResetError:
+        pass
+    return bytes(received), True
+
+
+async def test_request_in_hand_when_the_next_head_times_out_is_answered_then_closed(
+    slow: Keygate, upstream: Upstream,
+) -> None:
+    """A complete request followed by a stalled partial head: the request's whole answer comes, then the close (no 408)."""
+    _, key = await slow.key(name="ci", role="admin")
+    before = upstream.count()
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow.proxy_port)
+    try:
+        writer.write(_get(key, "/slow/2") + b"GET / HT")  # answered after 2 s, the next head's deadline at 1 s
+        first = await read_response(reader, timeout=5)
+        rest, closed = await _rest(reader, MARGIN)
+    finally:
+        writer.close()
+    assert first is not None and first.status == 200, first
+    assert first.json() == {"slept": 2.0}
+    assert rest == b""  # no 408 after (or in) it
+    assert closed
+    assert upstream.count() == before + 1
+
+
+async def test_requests_in_hand_when_a_head_grows_too_large_are_answered_then_closed(
+    gateway: Keygate, upstream: Upstream,
+) -> None:
+    """A next head passing the size cap while a request is handled: that request is answered, then the close (no 431)."""
+    _, key = await gateway.key(name="ci", role="admin")
+    before = upstream.count()
+    # The next head's 70 KB arrive over 1.8 s, the first request is answered at 3 s.
+    responses, closed = await exchange(
+        gateway.proxy_port, [_get(key, "/slow/3") + HEAD] + pieces(_headers(70, 1000), 4096), timeout=6)
+    assert [r.status for r in responses] == [200]
+    assert responses[0].json() == {"slept": 3.0}
+    assert closed
+    assert upstream.count() == before + 1
+
+
+NEXT_HEAD = b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+BODY_THEN_STALLED_HEAD = {
+    # The body ends in a read of its own that the next head's first bytes share.
+    "content-length": [b"Content-Length: 5\r\n\r\nhel", b"lo" + NEXT_HEAD],
+    "chunked": [b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel", b"lo\r\n0\r\n\r\n" + NEXT_HEAD],
+    # The whole request and the next head's first bytes in one read.
+    "content-length-with-its-head": [b"Content-Length: 5\r\n\r\nhello" + NEXT_HEAD],
+    "chunked-with-its-head": [b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + NEXT_HEAD],
+}
+
+
+@pytest.mark.parametrize("name", list(BODY_THEN_STALLED_HEAD))
+async def test_head_stalled_in_the_read_ending_a_body_is_408(slow: Keygate, name: str) -> None:
+    """A next head beginning in the read that ends a body is held to the header timeout from there."""
+    _, key = await slow.key(name="ci", role="admin")
+    post = f"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n".encode()
+    *earlier, last = BODY_THEN_STALLED_HEAD[name]
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow.proxy_port)
+    try:
+        for i, piece in enumerate(earlier):
+            writer.write((post if i == 0 else b"") + piece)
+            await asyncio.sleep(0.2)  # a read of its own
+        writer.write((b"" if earlier else post) + last)
+        sent = loop.time()
+        first = await read_response(reader)
+        rest, closed = await _rest(reader, HEADER_TIMEOUT + MARGIN)
+        waited = loop.time() - sent
+    finally:
+        writer.close()
+    assert first is not None and first.status == 200, first
+    assert closed and waited < HEADER_TIMEOUT + MARGIN
+    # The echo is answered long before the deadline, so the connection is idle then: 408.
+    assert rest.split(b" ", 2)[1] == b"408", rest
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_keep_alive_connection_idle_after_a_body_outlives_header_timeout(slow: Keygate, framing: str) -> None:
+    """A body's last bytes in a read of their own start no header clock: the connection may idle, then be used."""
+    _, key = await slow.key(name="ci", role="admin")
+    post = f"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n".encode()
+    if framing == "chunked":
+        parts = [post + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"0\r\n\r", b"\n"]
+    else:
+        parts = [post + b"Content-Length: 5\r\n\r\nhel", b"lo"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow.proxy_port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await asyncio.sleep(0.2)
+        first = await read_response(reader)
+        await asyncio.sleep(HEADER_TIMEOUT + 0.5)
+        writer.write(_get(key))
+        second = await read_response(reader)
+    finally:
+        writer.close()
+    assert first is not None and first.status == 200
+    assert second is not None and second.status == 200
 
 
 # --- 414 ------------------------------------------------------------------------------------------------------
