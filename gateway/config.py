@@ -330,9 +330,13 @@ class FailureSettings(_Section):
     """Limits on failed key lookups (unknown ids, wrong secrets), counted per process.
 
     A client address, network or key id over its limit is *suspicious*: its
-    lookups that argon2 would have to settle get 429 too_many_attempts,
-    except ``verify_per_second`` per key id. A key already verified by this
-    process (or found in the Redis cache) is never refused because of them.
+    lookups that argon2 would have to settle get 429 too_many_attempts
+    (counted as a failure of the address and network), except
+    ``verify_per_second`` per key id for requests from clean addresses (only
+    the key id over its limit) and as many for requests from suspicious
+    ones. A key already verified by this process (or found in the Redis
+    cache) is never refused because of them; one never verified here shares
+    the clean addresses' verifications with any guesses from clean addresses.
     """
 
     per_client: int = Field(30, ge=1, description="Failed lookups from one client address per window.")
@@ -343,8 +347,9 @@ class FailureSettings(_Section):
     window: Duration = Field(60.0, gt=0, description="Seconds over which failures are counted.")
     verify_per_second: float = Field(
         1.0, ge=0,
-        description="Verifications per key id per second still let through while suspicious, so a key never "
-        "verified here works from a busy address; 0 = none.",
+        description="Verifications per key id per second still let through while suspicious, once for requests "
+        "from clean addresses (only the key id over its limit) and once for requests from suspicious ones, so a "
+        "key never verified here works from a busy address; 0 = none.",
     )
 
 

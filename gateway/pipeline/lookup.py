@@ -14,9 +14,11 @@ Failures are counted per client, network and key id (:mod:`.failures`). A
 suspicious miss still goes through when its text is proven -- by the Redis
 entry, or because this process verified exactly this text for this id
 before (a key id's secret never changes: rotation makes a new id) -- and
-otherwise only as far as a few verifications per key id per second allow;
-the rest get 429 before any store or argon2 work. So failures cost the one
-failing, never a correct secret.
+otherwise only as far as a few verifications per key id per second allow,
+counted apart for clean and for suspicious addresses; the rest get 429
+before any store or argon2 work, and each such 429 counts as a failure of
+its address. So a proven key is never refused for others' failures, and
+an unproven one only competes with guesses from clean addresses.
 
 Every ``invalid_token`` refusal is held until about as long after the
 request began as a verification takes (:meth:`KeyLookup.delay_refusal`), so
@@ -52,6 +54,8 @@ MAX_REFUSAL_DELAY = 1.0
 THROTTLED_HOLD = 1.0
 # Weight of the newest verification in the running average of their durations.
 PACE_WEIGHT = 0.1
+# Suspicion levels of a miss (0: none): only its key id is over its limit, or its address or network is.
+CLEAN, SUSPECT = 1, 2
 
 
 class KeyLookup:
@@ -69,8 +73,8 @@ class KeyLookup:
         self._clock = clock  # time.perf_counter's, which the proxy and admin API take their start times from
         self.verifier = SecretVerifier(hasher, concurrency=verify_concurrency, queue=verify_queue)
         self.failures = failures if failures is not None else FailureLimiter()
-        # (digest, suspicious) -> the load in progress; see lookup() for why suspicion is part of the key.
-        self._inflight: dict[tuple[str, bool], asyncio.Future[CachedKey | None]] = {}
+        # (digest, suspicion level) -> the load in progress; see lookup() for why the level is part of the key.
+        self._inflight: dict[tuple[str, int], asyncio.Future[CachedKey | None]] = {}
         # key id -> digest of the one text argon2 accepted for it, oldest first; bounded like the cache.
         self._proven: dict[str, str] = {}
         # Running average of how long a verified miss takes (store read + argon2), in seconds.
@@ -140,15 +144,19 @@ class KeyLookup:
         if self.cache.is_negative(digest):
             raise Denied(Outcome.INVALID_TOKEN, "negative cache")
         suspicion = self.failures.suspicion(client, parsed.key_id)
-        # A load started for an unsuspicious request serves a suspicious one for free, but
-        # not the other way round: a throttled load must not refuse an unsuspicious request.
-        pending = self._inflight.get((digest, False))
-        if pending is None and suspicion is not None:
-            pending = self._inflight.get((digest, True))
+        # 0: nothing suspicious; CLEAN: only the key id (the request draws on the id's budget for
+        # clean addresses); SUSPECT: the address or its network (the budget for suspicious ones).
+        level = 0 if suspicion is None else SUSPECT if self.failures.address_suspicious(client) else CLEAN
+        # A load started for an unsuspicious request serves any other for free (it is never
+        # throttled); otherwise only one of the same level: a load throttled on one budget must
+        # not refuse a request entitled to the other.
+        pending = self._inflight.get((digest, 0))
+        if pending is None and level:
+            pending = self._inflight.get((digest, level))
         if pending is None:
-            flight, key_id = (digest, suspicion is not None), parsed.key_id
+            flight, key_id = (digest, level), parsed.key_id
             self.failures.began(key_id)
-            pending = asyncio.ensure_future(self._load(parsed, digest, suspicion))
+            pending = asyncio.ensure_future(self._load(parsed, digest, suspicion, level))
             self._inflight[flight] = pending
 
             def settled(_done: asyncio.Future[CachedKey | None]) -> None:
@@ -166,13 +174,16 @@ class KeyLookup:
         except Denied as denied:
             if denied.outcome is Outcome.TOO_MANY_ATTEMPTS:
                 self.throttled += 1
+                # SECURITY: a throttled guess is a failure of its address (not of the key id), so an
+                # address that only gets 429s turns suspicious and leaves the clean budget alone.
+                self.failures.throttled(client)
             raise
         if found is None:
             self.failures.failed(client)
             raise Denied(Outcome.INVALID_TOKEN, "unknown key or wrong secret")
         return found
 
-    async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None) -> CachedKey | None:
+    async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None, level: int) -> CachedKey | None:
         started = self._clock()
         generation = self.cache.generation
         slot: Slot | None = None
@@ -202,7 +213,7 @@ class KeyLookup:
         if suspicion is not None:
             # SECURITY: taken before the store is read, so the answer is the same whether
             # the id exists or not; without it a flood of guesses would buy argon2 runs.
-            wait = self.failures.take_verification(parsed.key_id, suspicion)
+            wait = self.failures.take_verification(parsed.key_id, suspicion, clean=level == CLEAN)
             if wait > 0:
                 raise Denied(Outcome.TOO_MANY_ATTEMPTS, "too many failed attempts", retry_after=wait)
         with self.verifier.admit():

@@ -92,6 +92,6 @@ async def test_failure_and_argon2_settings_reach_the_lookup(store_url: str) -> N
         lookup = runtime_.gateway.lookup
         failures = lookup.failures
         assert (failures.clients.limit, failures.networks.limit, failures.keys.limit) == (4, 40, 2)
-        assert failures.window == 90 and failures.budget.interval == 2.0
+        assert failures.window == 90 and failures.clean_budget.interval == failures.suspect_budget.interval == 2.0
         assert (lookup.verifier.concurrency, lookup.verifier.queue) == (3, 7)
         assert lookup.pace > 0  # one throwaway verification at start

@@ -191,6 +191,40 @@ async def test_a_never_used_key_works_from_a_suspicious_address(lookup: KeyLooku
     assert (await lookup.lookup(PARSER.parse(full), "198.51.100.7")).record.name == "ci"
 
 
+async def test_a_flood_from_one_address_leaves_a_never_verified_key_its_verification(
+    lookup: KeyLookup, service: KeyService, ticks: Ticks,
+) -> None:
+    """A key this lookup never verified, its id flooded with wrong secrets from one address past per_key and
+    on, second after second: the attacker's 429s make its address suspicious, so it guesses on its own
+    budget, and the owner, from a clean address, gets its key verified at the first try."""
+    record, full = await service.create_key(name="ci", role="admin")
+    attacker = "198.51.100.7"
+    for second in range(3):
+        outcomes = [await outcome_of(lookup, guess(record.id), attacker) for _ in range(20)]
+        assert outcomes.count(Outcome.TOO_MANY_ATTEMPTS) >= 20 - PER_KEY - 2, second
+        ticks.now += 1.0
+        # The next second's verifications are due again: the attacker is first to send.
+        assert await outcome_of(lookup, guess(record.id), attacker) is Outcome.INVALID_TOKEN
+    assert (await lookup.lookup(PARSER.parse(full), "192.0.2.1")).record.id == record.id
+    assert lookup.proven_hits == 0  # really verified: this lookup had never seen the key
+    assert lookup.failures.suspicion(attacker, generate("kg_").key_id) is not None  # the address itself
+
+
+async def test_throttled_guesses_count_against_their_address_not_the_key(
+    lookup: KeyLookup, service: KeyService,
+) -> None:
+    """A 429 too_many_attempts is a failure of its client (so a lone attacker soon becomes suspicious), but no
+    wrong secret: the id's count is only the secrets argon2 refused."""
+    record, _ = await service.create_key(name="ci", role="admin")
+    for i in range(PER_KEY + 1):  # the id past per_key, from addresses that stay clean
+        await outcome_of(lookup, guess(record.id), f"10.{i}.0.1")
+    attacker = "203.0.113.9"
+    outcomes = [await outcome_of(lookup, guess(record.id), attacker) for _ in range(PER_CLIENT)]
+    assert outcomes == [Outcome.TOO_MANY_ATTEMPTS] * PER_CLIENT  # the clean budget is spent for this second
+    assert lookup.failures.suspicion(attacker, generate("kg_").key_id) is not None  # the address itself
+    assert lookup.failures.keys.count(record.id) == PER_KEY + 1 == lookup.verifications
+
+
 @pytest.mark.parametrize("known", [True, False], ids=["known-id", "unknown-id"])
 async def test_suspicious_ids_are_answered_alike_whether_they_exist_or_not(
     lookup: KeyLookup, service: KeyService, known: bool,

@@ -391,3 +391,52 @@ async def test_a_never_used_key_works_from_an_address_that_failed_40_times(
     _, key = await guarded.key(name="runner", role="admin")
     async with http.get(guarded.proxy_url + "/echo", headers=from_address(shared_address, key)) as r:
         assert r.status == 200, await r.text()
+
+
+@pytest.fixture(scope="module")
+def fresh(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway behind a trusted proxy with the default failure limits (verify_per_second = 1) and no Redis:
+    nothing proves a key it has not verified itself."""
+    keygate = Keygate(tmp_path_factory.mktemp("fresh"), upstream.url,
+                      proxy='trusted_proxies = ["127.0.0.1/32"]\n').start()
+    yield keygate
+    keygate.stop()
+
+
+FLOOD_LANES = 100  # each throttled guess is held 1 s: about 100 guesses a second
+
+
+async def test_a_flood_from_one_address_does_not_lock_out_a_key_never_verified_here(
+    http: aiohttp.ClientSession, fresh: Keygate,
+) -> None:
+    """One address floods a key's public id with wrong secrets, past failures.per_key and on; the key was
+    never verified by this gateway and there is no Redis. Its owner, from another address, still gets 200
+    -- at once, or after the one Retry-After of a verification the attacker took before it became suspicious."""
+    record, key = await fresh.key(name="owner", role="admin")
+    url, attacker = fresh.proxy_url + "/echo", "203.0.113.66"
+    answers: list[int] = []
+    stop = asyncio.Event()
+
+    async def lane(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            async with session.get(url, headers=from_address(attacker, wrong_secret(record.id))) as r:
+                await r.read()
+                answers.append(r.status)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=FLOOD_LANES)) as flood:
+        lanes = [asyncio.ensure_future(lane(flood)) for _ in range(FLOOD_LANES)]
+        try:
+            while len(answers) < 2 * FLOOD_LANES:  # per_key (10) and per_client (30) are long past
+                await asyncio.sleep(0.05)
+            tries = []
+            for _ in range(3):
+                async with http.get(url, headers=from_address("192.0.2.77", key)) as r:
+                    tries.append((r.status, await r.text()))
+                    if r.status != 429:
+                        break
+                    await asyncio.sleep(int(r.headers["Retry-After"]))
+        finally:
+            stop.set()
+            await asyncio.gather(*lanes)
+    assert tries[-1][0] == 200 and len(tries) <= 2, tries
+    assert set(answers) == {401, 429} and answers.count(429) > FLOOD_LANES, answers

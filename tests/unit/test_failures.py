@@ -120,20 +120,77 @@ def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, 
 # --- verifications while suspicious -------------------------------------------------------------
 
 
-def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: Ticks) -> None:
+@pytest.mark.parametrize("clean", [True, False], ids=["clean-address", "suspicious-address"])
+def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: Ticks, clean: bool) -> None:
     """verify_per_second = 1: one verification per key id, the next a second later; ids are independent."""
-    assert limiter.take_verification(KEY, 60) == 0.0
+    assert limiter.take_verification(KEY, 60, clean=clean) == 0.0
     ticks.now += 0.25
-    assert limiter.take_verification(KEY, 60) == pytest.approx(0.75)
-    assert limiter.take_verification(OTHER_KEY, 60) == 0.0
+    assert limiter.take_verification(KEY, 60, clean=clean) == pytest.approx(0.75)
+    assert limiter.take_verification(OTHER_KEY, 60, clean=clean) == 0.0
     ticks.now += 0.75
-    assert limiter.take_verification(KEY, 60) == 0.0
+    assert limiter.take_verification(KEY, 60, clean=clean) == 0.0
+
+
+def test_clean_and_suspicious_addresses_have_separate_budgets(limiter: FailureLimiter, ticks: Ticks) -> None:
+    """A key id over its limit gets a verification per second for requests from clean addresses and another
+    for requests from suspicious ones: guesses from suspicious addresses never spend the clean one."""
+    for _ in range(5):  # an attacker's address, suspicious, hammering the id
+        limiter.take_verification(KEY, 60, clean=False)
+        ticks.now += 0.1
+    assert limiter.take_verification(KEY, 60, clean=True) == 0.0  # the owner, from a clean address
+    assert limiter.take_verification(KEY, 60, clean=True) == pytest.approx(1.0)
+    assert limiter.take_verification(KEY, 60, clean=False) == pytest.approx(0.5)  # nor the other way round
+    ticks.now += 1.0
+    assert limiter.take_verification(KEY, 60, clean=False) == 0.0
+    assert limiter.take_verification(KEY, 60, clean=True) == 0.0
+
+
+def test_an_address_is_clean_while_it_and_its_network_are_within_limits(limiter: FailureLimiter) -> None:
+    """Only the key id over its limit: clean. The address or its network over its limit: not clean."""
+    for _ in range(2):
+        limiter.wrong_secret(KEY)
+    assert limiter.suspicion("192.0.2.1", KEY) is not None
+    assert not limiter.address_suspicious("192.0.2.1")
+    for _ in range(3):
+        limiter.failed("192.0.2.1")
+    assert limiter.address_suspicious("192.0.2.1")
+    for host in range(2, 4):  # 192.0.2.0/24: 3 + 2 = per_network failures, none of these two at its own limit
+        limiter.failed(f"192.0.2.{host}")
+    assert limiter.address_suspicious("192.0.2.200")
+    assert not limiter.address_suspicious("198.51.100.1")
 
 
 def test_without_verifications_the_wait_is_the_suspicion(ticks: Ticks) -> None:
     """verify_per_second = 0: nothing is verified while suspicious, and Retry-After is the suspicion's end."""
     limiter = FailureLimiter(verify_per_second=0, clock=ticks)
-    assert limiter.take_verification(KEY, 42.0) == 42.0
+    assert limiter.take_verification(KEY, 42.0, clean=True) == 42.0
+    assert limiter.take_verification(KEY, 42.0, clean=False) == 42.0
+
+
+# --- throttled attempts ---------------------------------------------------------------------------
+
+
+def test_throttled_attempts_count_against_the_address_and_network(limiter: FailureLimiter, ticks: Ticks) -> None:
+    """A 429 too_many_attempts counts as a failure of its client address and network, for the window."""
+    for _ in range(2):
+        limiter.throttled("192.0.2.1")
+    assert not limiter.address_suspicious("192.0.2.1")
+    limiter.throttled("192.0.2.1")
+    assert limiter.address_suspicious("192.0.2.1")
+    assert limiter.suspicion("192.0.2.1", KEY) == pytest.approx(60)
+    for host in range(2, 4):
+        limiter.throttled(f"192.0.2.{host}")
+    assert limiter.address_suspicious("192.0.2.99")  # per_network = 5 reached over the /24
+    ticks.now += 60
+    assert not limiter.address_suspicious("192.0.2.1")
+
+
+def test_throttled_attempts_do_not_count_against_the_key_id(limiter: FailureLimiter) -> None:
+    """A throttled attempt is no wrong secret: however many, the key id stays unsuspicious to everyone else."""
+    for host in range(50):
+        limiter.throttled(f"10.{host}.0.1")
+    assert len(limiter.keys) == 0
+    assert limiter.suspicion("198.51.100.1", KEY) is None
 
 
 @pytest.mark.parametrize(("per_second", "waits"), [(2.0, [0.0, 0.5]), (0.5, [0.0, 2.0]), (0.0, [math.inf] * 2)])
@@ -168,6 +225,17 @@ def test_lapsed_windows_are_dropped_before_live_ones(ticks: Ticks) -> None:
     assert len(counter) == 2  # "old" went, nothing live did
     counter.add("d")
     assert counter.over("b") is not None and counter.over("c") is not None
+
+
+def test_a_flood_of_throttled_attempts_keeps_every_table_bounded(ticks: Ticks) -> None:
+    """Throttled attempts and verifications from ever new addresses and ids never grow a table past max_subjects."""
+    limiter = FailureLimiter(per_client=3, per_network=5, per_key=2, clock=ticks, max_subjects=4)
+    for i in range(100):
+        limiter.throttled(f"10.{i}.0.1")
+        limiter.take_verification(f"kg_{i:012d}", 60, clean=i % 2 == 0)
+        ticks.now += 0.01
+    assert max(len(limiter.clients), len(limiter.networks), len(limiter.keys)) <= 4
+    assert len(limiter.clean_budget) <= 4 and len(limiter.suspect_budget) <= 4
 
 
 def test_budget_is_bounded(ticks: Ticks) -> None:
