@@ -20,26 +20,18 @@ from gateway.ratelimit_spec import parse_rate_limit
 from gateway.service import KeyService, resolve_pepper
 from gateway.store import KeyStore
 
+from ..clocks import FakeClock
+
 PARSER = KeyParser(["kg_", "kga_"])
 PER_CLIENT, PER_KEY = 5, 3
 
 
-class Ticks:
-    """The failure limiter's clock: moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def ticks() -> Ticks:
-    return Ticks()
+def ticks() -> FakeClock:
+    return FakeClock()
 
 
-def make_lookup(store: KeyStore, service: KeyService, pepper: bytes, ticks: Ticks, **options: object) -> KeyLookup:
+def make_lookup(store: KeyStore, service: KeyService, pepper: bytes, ticks: FakeClock, **options: object) -> KeyLookup:
     cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
     failures = FailureLimiter(per_client=PER_CLIENT, per_network=50, per_key=PER_KEY, window=60,
                               verify_per_second=1, clock=ticks)
@@ -49,7 +41,7 @@ def make_lookup(store: KeyStore, service: KeyService, pepper: bytes, ticks: Tick
 
 
 @pytest.fixture
-async def lookup(store: KeyStore, service: KeyService, ticks: Ticks) -> AsyncIterator[KeyLookup]:
+async def lookup(store: KeyStore, service: KeyService, ticks: FakeClock) -> AsyncIterator[KeyLookup]:
     instance = make_lookup(store, service, await resolve_pepper(store, service.settings), ticks)
     yield instance
     instance.close()
@@ -128,7 +120,7 @@ async def test_refusals_are_paced_by_verifications_only(lookup: KeyLookup, servi
 
 
 async def test_wrong_secrets_throttle_the_id_without_argon2(lookup: KeyLookup, service: KeyService,
-                                                           ticks: Ticks) -> None:
+                                                           ticks: FakeClock) -> None:
     """Past per_key wrong secrets an id gets one verification per second; the other guesses get 429, no argon2."""
     record, _ = await service.create_key(name="ci", role="admin")
     outcomes = [await outcome_of(lookup, guess(record.id), f"10.{i}.0.1") for i in range(PER_KEY + 4)]
@@ -192,7 +184,7 @@ async def test_a_never_used_key_works_from_a_suspicious_address(lookup: KeyLooku
 
 
 async def test_a_flood_from_one_address_leaves_a_never_verified_key_its_verification(
-    lookup: KeyLookup, service: KeyService, ticks: Ticks,
+    lookup: KeyLookup, service: KeyService, ticks: FakeClock,
 ) -> None:
     """A key this lookup never verified, its id flooded with wrong secrets from one address past per_key and
     on, second after second: the attacker's 429s make its address suspicious, so it guesses on its own
@@ -276,7 +268,7 @@ def gated() -> Iterator[GatedHasher]:
     hasher.gate.set()  # never leave a thread waiting
 
 
-async def test_misses_past_the_queue_are_shed(store: KeyStore, service: KeyService, ticks: Ticks,
+async def test_misses_past_the_queue_are_shed(store: KeyStore, service: KeyService, ticks: FakeClock,
                                               gated: GatedHasher) -> None:
     """With every thread busy and the queue full, a miss gets 429 verification_busy at once; hits still answer."""
     lookup = make_lookup(store, service, await resolve_pepper(store, service.settings), ticks,

@@ -8,25 +8,19 @@ import pytest
 
 from gateway.pipeline.failures import FailureLimiter, VerifyBudget, WindowCounter, network_of
 
+from ..clocks import FakeClock
+
 KEY = "kg_7Hq2ZrT9xLmP"
 OTHER_KEY = "kg_AAAAAAAAAAAA"
 
 
-class Ticks:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def ticks() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def ticks() -> Ticks:
-    return Ticks()
-
-
-@pytest.fixture
-def limiter(ticks: Ticks) -> FailureLimiter:
+def limiter(ticks: FakeClock) -> FailureLimiter:
     return FailureLimiter(per_client=3, per_network=5, per_key=2, window=60, verify_per_second=1, clock=ticks)
 
 
@@ -38,7 +32,7 @@ def test_nothing_is_suspicious_at_first(limiter: FailureLimiter) -> None:
     assert limiter.suspicion("192.0.2.1", KEY) is None
 
 
-def test_a_client_is_suspicious_at_its_limit_until_the_window_ends(limiter: FailureLimiter, ticks: Ticks) -> None:
+def test_a_client_is_suspicious_at_its_limit_until_the_window_ends(limiter: FailureLimiter, ticks: FakeClock) -> None:
     """per_client failures make the address suspicious for the rest of its window, then it starts afresh."""
     for _ in range(2):
         limiter.failed("192.0.2.1")
@@ -107,7 +101,7 @@ def test_lookups_in_progress_count_against_their_key_id(limiter: FailureLimiter)
     assert limiter.suspicion("192.0.2.1", KEY) is None
 
 
-def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, ticks: Ticks) -> None:
+def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, ticks: FakeClock) -> None:
     """Over several limits at once, the wait is the longest window left."""
     for _ in range(2):
         limiter.wrong_secret(KEY)
@@ -121,7 +115,7 @@ def test_suspicion_lasts_as_long_as_its_longest_reason(limiter: FailureLimiter, 
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["clean-address", "suspicious-address"])
-def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: Ticks, clean: bool) -> None:
+def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: FakeClock, clean: bool) -> None:
     """verify_per_second = 1: one verification per key id, the next a second later; ids are independent."""
     assert limiter.take_verification(KEY, 60, clean=clean) == 0.0
     ticks.now += 0.25
@@ -131,7 +125,7 @@ def test_one_verification_per_key_id_per_second(limiter: FailureLimiter, ticks: 
     assert limiter.take_verification(KEY, 60, clean=clean) == 0.0
 
 
-def test_clean_and_suspicious_addresses_have_separate_budgets(limiter: FailureLimiter, ticks: Ticks) -> None:
+def test_clean_and_suspicious_addresses_have_separate_budgets(limiter: FailureLimiter, ticks: FakeClock) -> None:
     """A key id over its limit gets a verification per second for requests from clean addresses and another
     for requests from suspicious ones: guesses from suspicious addresses never spend the clean one."""
     for _ in range(5):  # an attacker's address, suspicious, hammering the id
@@ -160,7 +154,7 @@ def test_an_address_is_clean_while_it_and_its_network_are_within_limits(limiter:
     assert not limiter.address_suspicious("198.51.100.1")
 
 
-def test_without_verifications_the_wait_is_the_suspicion(ticks: Ticks) -> None:
+def test_without_verifications_the_wait_is_the_suspicion(ticks: FakeClock) -> None:
     """verify_per_second = 0: nothing is verified while suspicious, and Retry-After is the suspicion's end."""
     limiter = FailureLimiter(verify_per_second=0, clock=ticks)
     assert limiter.take_verification(KEY, 42.0, clean=True) == 42.0
@@ -170,7 +164,7 @@ def test_without_verifications_the_wait_is_the_suspicion(ticks: Ticks) -> None:
 # --- throttled attempts ---------------------------------------------------------------------------
 
 
-def test_throttled_attempts_count_against_the_address_and_network(limiter: FailureLimiter, ticks: Ticks) -> None:
+def test_throttled_attempts_count_against_the_address_and_network(limiter: FailureLimiter, ticks: FakeClock) -> None:
     """A 429 too_many_attempts counts as a failure of its client address and network, for the window."""
     for _ in range(2):
         limiter.throttled("192.0.2.1")
@@ -194,7 +188,7 @@ def test_throttled_attempts_do_not_count_against_the_key_id(limiter: FailureLimi
 
 
 @pytest.mark.parametrize(("per_second", "waits"), [(2.0, [0.0, 0.5]), (0.5, [0.0, 2.0]), (0.0, [math.inf] * 2)])
-def test_budget_interval(ticks: Ticks, per_second: float, waits: list[float]) -> None:
+def test_budget_interval(ticks: FakeClock, per_second: float, waits: list[float]) -> None:
     """The budget's interval is 1 / verify_per_second."""
     budget = VerifyBudget(per_second=per_second, clock=ticks, max_subjects=10)
     assert [budget.take(KEY), budget.take(KEY)] == waits
@@ -203,7 +197,7 @@ def test_budget_interval(ticks: Ticks, per_second: float, waits: list[float]) ->
 # --- bounded memory -----------------------------------------------------------------------------
 
 
-def test_counters_are_bounded_oldest_first(ticks: Ticks) -> None:
+def test_counters_are_bounded_oldest_first(ticks: FakeClock) -> None:
     """Past max_subjects the subject with the oldest window goes; it then simply counts again."""
     counter = WindowCounter(limit=2, window=60, clock=ticks, max_subjects=3)
     for subject in ("a", "a", "b", "c"):
@@ -215,7 +209,7 @@ def test_counters_are_bounded_oldest_first(ticks: Ticks) -> None:
     assert counter.over("b") is None and counter.over("d") is None
 
 
-def test_lapsed_windows_are_dropped_before_live_ones(ticks: Ticks) -> None:
+def test_lapsed_windows_are_dropped_before_live_ones(ticks: FakeClock) -> None:
     """Adding a subject drops lapsed windows first, so a live one is evicted only when the table is full of them."""
     counter = WindowCounter(limit=1, window=60, clock=ticks, max_subjects=3)
     counter.add("old")
@@ -227,7 +221,7 @@ def test_lapsed_windows_are_dropped_before_live_ones(ticks: Ticks) -> None:
     assert counter.over("b") is not None and counter.over("c") is not None
 
 
-def test_a_flood_of_throttled_attempts_keeps_every_table_bounded(ticks: Ticks) -> None:
+def test_a_flood_of_throttled_attempts_keeps_every_table_bounded(ticks: FakeClock) -> None:
     """Throttled attempts and verifications from ever new addresses and ids never grow a table past max_subjects."""
     limiter = FailureLimiter(per_client=3, per_network=5, per_key=2, clock=ticks, max_subjects=4)
     for i in range(100):
@@ -238,7 +232,7 @@ def test_a_flood_of_throttled_attempts_keeps_every_table_bounded(ticks: Ticks) -
     assert len(limiter.clean_budget) <= 4 and len(limiter.suspect_budget) <= 4
 
 
-def test_budget_is_bounded(ticks: Ticks) -> None:
+def test_budget_is_bounded(ticks: FakeClock) -> None:
     """The budget table keeps at most max_subjects ids; lapsed ones go first."""
     budget = VerifyBudget(per_second=1, clock=ticks, max_subjects=2)
     for key in ("a", "b", "c"):

@@ -16,6 +16,8 @@ from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.verify import THREAD_NICENESS, SecretVerifier, default_concurrency
 from gateway.ratelimit_spec import parse_rate_limit
 
+from ..clocks import FakeClock
+
 HASHER = SecretHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
 
@@ -53,23 +55,13 @@ async def test_verify_answers_on_its_own_threads() -> None:
         verifier.close()
 
 
-class Counter:
-    """A perf_counter that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def now() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def now() -> Counter:
-    return Counter()
-
-
-@pytest.fixture
-def lookup(now: Counter) -> Iterator[KeyLookup]:
+def lookup(now: FakeClock) -> Iterator[KeyLookup]:
     """A lookup whose store is never read: only its refusal pacing is used."""
     cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=0, max_entries=10)
     instance = KeyLookup(None, pepper=b"pepper", hasher=HASHER, cache=cache,  # type: ignore[arg-type]
@@ -82,7 +74,7 @@ def lookup(now: Counter) -> Iterator[KeyLookup]:
                                                        (0.010, 0.020, 0.0), (0.0, 0.0, 0.0)],
                          ids=["held", "bounded", "already-late", "uncalibrated"])
 def test_invalid_token_is_held_until_a_verification_would_end(
-    lookup: KeyLookup, now: Counter, pace: float, elapsed: float, wait: float,
+    lookup: KeyLookup, now: FakeClock, pace: float, elapsed: float, wait: float,
 ) -> None:
     """An invalid_token refusal waits until start + the verification pace (at most 1 s), never longer."""
     started = now.now
@@ -96,7 +88,7 @@ def test_invalid_token_is_held_until_a_verification_would_end(
                                                                (0.4, 1.5, 0.0), (None, 0.0, THROTTLED_HOLD)],
                          ids=["held", "longer-retry", "already-late", "no-retry-after"])
 def test_a_throttled_guess_is_held_one_second(
-    lookup: KeyLookup, now: Counter, retry_after: float | None, elapsed: float, wait: float,
+    lookup: KeyLookup, now: FakeClock, retry_after: float | None, elapsed: float, wait: float,
 ) -> None:
     """too_many_attempts is answered 1 s after it began, whatever its Retry-After or the verification pace."""
     started = now.now
@@ -108,7 +100,7 @@ def test_a_throttled_guess_is_held_one_second(
 
 @pytest.mark.parametrize("outcome", [o for o in Outcome
                                      if o not in (Outcome.INVALID_TOKEN, Outcome.TOO_MANY_ATTEMPTS)])
-def test_other_refusals_are_not_held(lookup: KeyLookup, now: Counter, outcome: Outcome) -> None:
+def test_other_refusals_are_not_held(lookup: KeyLookup, now: FakeClock, outcome: Outcome) -> None:
     """Refusals that tell nothing about an id, and that no flood is made of, are answered at once."""
     lookup.pace = 0.5
     assert lookup.refusal_delay(Denied(outcome, retry_after=3.0), now.now) == 0.0
