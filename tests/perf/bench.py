@@ -105,6 +105,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -848,8 +849,11 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_with_processes(prefix: str, keep: bool, body: Callable[[Processes, Path], int]) -> int:
+    """Run ``body(procs, folder)`` in a fresh temporary folder; every process it started is stopped, whatever happens.
+
+    SIGTERM and Ctrl-C interrupt it (exit 130); a BenchError is reported (exit 1).
+    """
 
     def terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -857,11 +861,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     # Interruptible even when started with SIGINT ignored (e.g. as a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    folder = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     procs = Processes()
     try:
-        return bench(args, procs, folder)
-    except BenchError as exc:
+        return body(procs, folder)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -871,10 +875,15 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C during clean-up must not leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         procs.stop_all()
-        if args.keep:
+        if keep:
             print(f"kept {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_with_processes("keygate-bench-", args.keep, lambda procs, folder: bench(args, procs, folder))
 
 
 if __name__ == "__main__":

@@ -53,11 +53,8 @@ import os
 import random
 import resource
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -73,7 +70,7 @@ for path in (str(ROOT), str(HERE)):
 
 from bench import (  # noqa: E402
     KEYGATE, PYTHON, BenchError, Processes, _children, children_cpu, free_port, machine_cpu, process_cpu,
-    start_nginx, tail, wait_http,
+    run_with_processes, start_nginx, tail, wait_http,
 )
 
 PATH = "/flood/probe"
@@ -356,28 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: nginx not found: apt-get install -y nginx", file=sys.stderr)
         return 1
 
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    folder = Path(tempfile.mkdtemp(prefix="keygate-flood-"))
-    procs = Processes()
-    try:
-        return run(args, procs, folder)
-    except (BenchError, subprocess.TimeoutExpired) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {folder}", file=sys.stderr)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    return run_with_processes("keygate-flood-", args.keep, lambda procs, folder: run(args, procs, folder))
 
 
 if __name__ == "__main__":
