@@ -19,11 +19,11 @@ from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 import click
 
-from .audit import AuditEntry, AuditFilter, parse_time
-from .config import ConfigError, Settings, load_settings, masked, render_toml
+from .manage.audit import AuditEntry, AuditFilter, parse_time
+from .config.load import ConfigError, Settings, load_settings, masked, render_toml
 from .models import KeyRecord, iso
-from .notify import change_publisher
-from .service import (
+from .cache.notices import change_publisher
+from .manage.service import (
     UNSET, KeyService, ServiceError, bootstrap, grace_seconds, key_changes, new_key_values, utcnow,
 )
 from .store import KeyStore, StoreError, StoreUnavailable, create_store
@@ -204,7 +204,7 @@ def migrate(ctx: click.Context) -> None:
 @click.pass_context
 def serve(ctx: click.Context, workers: int | None, proxy_listen: str | None, admin_listen: str | None) -> None:
     """Run the proxy and admin listeners until SIGTERM."""
-    from .server import serve as run_server
+    from .serve import serve as run_server
 
     settings = settings_from(ctx, {"proxy.workers": workers, "proxy.listen": proxy_listen,
                                    "admin.listen": admin_listen})

@@ -12,17 +12,35 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from .app import StartupError
-from .config import ConfigError, Settings, load_settings
-from .demo_upstream import demo_app
-from .logs import configure_logging
-from .server import event_loop_runner, serve_async
-from .service import KeyService, bootstrap
+from .runtime import StartupError
+from .config.load import ConfigError, Settings, load_settings
+from .process.log_format import configure_logging
+from .serve import event_loop_runner, serve_async
+from .manage.service import KeyService, bootstrap
 from .store import create_store
-from .units import parse_listen
+from .config.units import parse_listen
 
 FOLDER = Path("keygate-quickstart")
 DEMO_NAME = "quickstart demo"
+
+
+# The demo upstream: answers every request with what it received, as JSON.
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({
+        "method": request.method,
+        "path": request.path_qs,
+        "headers": dict(request.headers),
+        "body_bytes": len(body),
+        "message": "Hello from the demo upstream: Keygate let this request through.",
+    })
+
+
+def demo_app() -> web.Application:
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{path:.*}", echo)
+    return app
 
 
 async def _start_demo_upstream() -> tuple[web.AppRunner, str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.config import RedisSettings, Settings
-from gateway.redis_link import RedisLink
-from gateway.service import KeyService, bootstrap
+from gateway.config.load import RedisSettings, Settings
+from gateway.cache.redis_link import RedisLink
+from gateway.manage.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store
 
 from .redis_server import SHARED_REDIS_URL, RedisServer, drop_prefix, unique_prefix

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ..audit import AuditFilter, Position, parse_time
-from ..cursor import cursor_time, decode_cursor, encode_cursor
+from ..manage.audit import AuditFilter, Position, parse_time
+from ..manage.cursor import cursor_time, decode_cursor, encode_cursor
 from ..models import KeyRecord, iso
-from ..service import UNSET
+from ..manage.service import UNSET
 from . import models as m
 from .endpoints import Call, Endpoint, invalid
 

@@ -27,8 +27,8 @@ from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import RateLimited, check_rate_limit, ratelimit_headers
 from ..pipeline.scope import ADMIN_SERVER, check_access
 from ..pipeline.status import check_status
-from ..proxy import Gateway
-from ..responses import answer_of, retry_after_header
+from ..dataplane.proxy import Gateway
+from ..pipeline.responses import answer_of, retry_after_header
 from ..store import StoreUnavailable
 from .problems import STORE_RETRY_AFTER, Problem
 

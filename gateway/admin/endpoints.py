@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..config import Settings
+from ..config.load import Settings
 from ..keys import SecretHasher
-from ..service import KeyService, Notifier
+from ..manage.service import KeyService, Notifier
 from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
@@ -70,7 +70,7 @@ class Context:
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
-    """One ``{field, message}`` per problem, with :mod:`gateway.fields`' messages as they are."""
+    """One ``{field, message}`` per problem, with :mod:`gateway.manage.inputs`' messages as they are."""
     errors = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")

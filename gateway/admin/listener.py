@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..app import Runtime
-from ..service import hasher_from
+from ..runtime import Runtime
+from ..manage.service import hasher_from
 from .api import ENDPOINTS
 from .auth import AdminAuth
 from .endpoints import PREFIX, Call, Context, Endpoint, route_handler

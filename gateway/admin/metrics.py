@@ -1,6 +1,6 @@
 """``/metrics``: Prometheus text, read at scrape time from the plain counters the runtime keeps.
 
-The request path only bumps ints and observes :class:`gateway.latency.Histogram`
+The request path only bumps ints and observes :class:`gateway.dataplane.latency.Histogram`
 buckets; a scrape turns a *snapshot* of them into metric families. With
 ``--workers N`` every worker publishes its snapshot to a per-run directory
 once a second, and whichever worker answers a scrape first publishes its own
@@ -29,10 +29,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..app import Runtime
-from ..latency import BUCKETS
+from ..runtime import Runtime
+from ..dataplane.latency import BUCKETS
 from ..pipeline.outcomes import PAST_RATE_LIMIT, Outcome, decision_of
-from ..tasks import stop_task
+from ..process.tasks import stop_task
 from .auth import AdminAuth
 
 log = logging.getLogger("keygate.metrics")

@@ -1,7 +1,7 @@
 """The admin API's request and response bodies and query strings, as pydantic models.
 
 These models validate every request at the edge (with the same field rules
-the CLI uses, from :mod:`gateway.fields`) and shape every response; the
+the CLI uses, from :mod:`gateway.manage.inputs`) and shape every response; the
 OpenAPI document is generated from them, so it cannot drift from the code.
 """
 
@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .. import fields
+from ..manage import inputs as fields
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 
 
 def _rule(check: Callable[[Any], Any]) -> AfterValidator:
-    """A pydantic validator running one of :mod:`gateway.fields`' checks (its message is the error)."""
+    """A pydantic validator running one of :mod:`gateway.manage.inputs`' checks (its message is the error)."""
     return AfterValidator(check)
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..proxy import request_id_of
-from ..service import ConflictError, InvalidInput, NotFound, ServiceError
+from ..dataplane.proxy import request_id_of
+from ..manage.service import ConflictError, InvalidInput, NotFound, ServiceError
 from ..store import Conflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("keygate.admin")

@@ -1,1 +1,1 @@
-"""The proxy pipeline: one module per stage, run in a fixed order by ``gateway.proxy``."""
+"""The proxy pipeline: one module per stage, run in a fixed order by ``gateway.dataplane.proxy``."""

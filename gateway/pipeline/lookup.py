@@ -1,9 +1,9 @@
 """Stage 2 — lookup: in-process cache, then the Redis cache, then the store; argon2 only on a miss.
 
 A verified key is cached under a MAC (keyed BLAKE2b) of the full key under the pepper, with everything the
-later stages need already parsed (:mod:`.cached_key`), so the hit path does
+later stages need already parsed (:mod:`.prepared`), so the hit path does
 no parsing and no I/O. A miss asks the shared Redis cache
-(when configured; see :mod:`gateway.shared_cache`), whose entries prove a
+(when configured; see :mod:`gateway.cache.shared`), whose entries prove a
 verification already happened somewhere in the fleet, and only then reads
 the store and verifies the secret with argon2 (:mod:`.verify`: its own
 threads, bounded concurrency and queue); concurrent misses for the same
@@ -34,13 +34,13 @@ import hmac
 import time
 from collections.abc import Callable
 
-from ..cache import KeyCache
+from ..cache.local import KeyCache
 from ..keys import CacheKeyer, ParsedKey, SecretHasher
-from ..ratelimit_spec import RateLimitSpec
-from ..redis_link import RedisUnavailable
-from ..shared_cache import NEGATIVE, KeyFacts, SharedKeyCache, Slot
+from .ratelimit_spec import RateLimitSpec
+from ..cache.redis_link import RedisUnavailable
+from ..cache.shared import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable
-from .cached_key import CachedKey, prepare
+from .prepared import CachedKey, prepare
 from .failures import FailureLimiter
 from .outcomes import Denied, Outcome
 from .verify import SecretVerifier

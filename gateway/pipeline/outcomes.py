@@ -1,7 +1,7 @@
 """What a stage decides: a request is allowed, or refused with a typed denial.
 
 A *denial is data*: stages raise :class:`Denied` with an :class:`Outcome`,
-and only :mod:`gateway.responses` turns it into HTTP. Anything else that
+and only :mod:`gateway.pipeline.responses` turns it into HTTP. Anything else that
 goes wrong (store down, bug) is a system fault with its own answer.
 """
 

@@ -35,9 +35,9 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from ..ratelimit_spec import RateLimitSpec
-from ..redis_link import RedisLink, RedisUnavailable
-from ..tasks import stop_task
+from .ratelimit_spec import RateLimitSpec
+from ..cache.redis_link import RedisLink, RedisUnavailable
+from ..process.tasks import stop_task
 from .ratelimit import LocalTokenBuckets, RateLimitDecision, bucket_decision
 
 log = logging.getLogger("keygate.ratelimit")

@@ -6,7 +6,7 @@ that the key exists.
 
 from __future__ import annotations
 
-from .cached_key import CachedKey
+from .prepared import CachedKey
 from .outcomes import Denied, Outcome
 
 

@@ -11,10 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin.listener import admin_app
-from gateway.app import Runtime, runtime
-from gateway.config import Settings
-from gateway.demo_upstream import demo_app
-from gateway.service import KeyService, bootstrap
+from gateway.runtime import Runtime, runtime
+from gateway.config.load import Settings
+from gateway.quickstart import demo_app
+from gateway.manage.service import KeyService, bootstrap
 from gateway.store import create_store
 
 

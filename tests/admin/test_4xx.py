@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.cursor import encode_cursor
+from gateway.manage.cursor import encode_cursor
 
 from .conftest import Admin
 

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway.admin.api import ENDPOINTS
 from gateway.admin.listener import admin_app, api_endpoints
 from gateway.admin.openapi import openapi_document
-from gateway.app import runtime
+from gateway.runtime import runtime
 
 from ..e2e.harness import Keygate, Upstream
 from .conftest import settings_for

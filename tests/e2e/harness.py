@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
+from gateway.config.load import Settings
 from gateway.models import KeyRecord, RequestRecord
-from gateway.service import KeyService
+from gateway.manage.service import KeyService
 from gateway.store import create_store
 
 KEYGATE = str(Path(sys.executable).with_name("keygate"))

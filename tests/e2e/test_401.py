@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from gateway.config import Settings
+from gateway.config.load import Settings
 from gateway.keys import generate
-from gateway.service import KeyService
+from gateway.manage.service import KeyService
 from gateway.store import create_store
 
 from .conftest import bearer, wrong_secret

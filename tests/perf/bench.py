@@ -420,8 +420,8 @@ operation = "billing:read"
 
 
 async def _create_key(store_url: str) -> str:
-    from gateway.config import Settings
-    from gateway.service import KeyService, bootstrap
+    from gateway.config.load import Settings
+    from gateway.manage.service import KeyService, bootstrap
     from gateway.store import create_store
 
     store = create_store(store_url)

@@ -106,8 +106,8 @@ url = "{upstream}"
 
 async def _create_keys(store_url: str, victims: int) -> tuple[str, list[str]]:
     """The legitimate key, and the victims' ids; argon2 at the default cost, as in production."""
-    from gateway.config import Settings
-    from gateway.service import KeyService, bootstrap
+    from gateway.config.load import Settings
+    from gateway.manage.service import KeyService, bootstrap
     from gateway.store import create_store
 
     store = create_store(store_url)

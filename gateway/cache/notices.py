@@ -1,0 +1,147 @@
+"""Change notices over Redis pub/sub: every worker of every replica drops changed keys at once.
+
+Whoever changes authorization (the CLI, the admin API, any replica) first
+orphans the affected entries of the Redis cache, then publishes the change
+on ``<prefix>changes``. Every serving process subscribes and drops the
+affected entries of its in-process cache. The store's change feed, polled
+by :class:`gateway.cache.change_feed.ChangeWatcher`, stays the backstop for a
+notice that was lost (publisher without Redis, Redis down).
+
+A subscriber that lost its connection may have missed notices, so when it
+is subscribed again it clears its whole in-process cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from redis.exceptions import RedisError
+
+from .local import KeyCache
+from ..config.load import RedisSettings, Settings
+from .redis_link import FIRST_BACKOFF, RedisLink, RedisUnavailable, redis_client
+from .shared import SharedKeyCache
+from ..process.tasks import stop_task
+
+log = logging.getLogger("keygate.invalidation")
+
+CHANNEL = "changes"
+
+
+def apply_change(cache: KeyCache[object], entity: str, target: str) -> None:
+    """Drop what a change affects: one key's entries, or everything for a role or member change."""
+    if entity == "key":
+        cache.invalidate_key(target)
+    else:
+        cache.clear()
+
+
+class ChangePublisher:
+    """Orphans the Redis cache entries a change affects and publishes it; never fails the change."""
+
+    def __init__(self, link: RedisLink, shared: SharedKeyCache) -> None:
+        self.link = link
+        self.shared = shared
+        self.channel = link.key(CHANNEL)
+        self.published = 0  # notices Redis took
+        self.unpublished = 0  # notices left to the change feed because Redis failed
+
+    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool:
+        """True if Redis took the notice; False leaves it to the change feed (within its poll interval)."""
+        if not changes:
+            return True
+        message = json.dumps([[entity, target] for entity, target in changes])
+        try:
+            await self.shared.invalidate(list(changes))
+            await self.link.run(lambda r: r.publish(self.channel, message))
+        except RedisUnavailable as exc:
+            log.warning(json.dumps({"event": "change_not_published", "error": str(exc)}))
+            self.unpublished += 1
+            return False
+        self.published += 1
+        return True
+
+
+@asynccontextmanager
+async def change_publisher(settings: Settings) -> AsyncIterator[ChangePublisher | None]:
+    """A publisher for a process that changes keys (the CLI), or None without ``redis.url``."""
+    if not settings.redis.url:
+        yield None
+        return
+    link = RedisLink(settings.redis)
+    try:
+        yield ChangePublisher(link, SharedKeyCache(link, ttl=settings.cache.ttl,
+                                                   negative_ttl=settings.cache.negative_ttl))
+    finally:
+        await link.close()
+
+
+class ChangeSubscriber:
+    """One pub/sub connection per process, reconnecting with backoff."""
+
+    def __init__(self, settings: RedisSettings, cache: KeyCache[object], *, health_check_interval: int = 1) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.channel = settings.prefix + CHANNEL
+        # Its own client: a subscribed connection can do nothing else, and the
+        # periodic PING (health check) notices a Redis that hangs without closing.
+        self._client = redis_client(settings, health_check_interval=health_check_interval)
+        self.connected = asyncio.Event()
+        self.received = 0
+        self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="keygate-change-subscriber")
+
+    async def close(self) -> None:
+        await stop_task(self._task)
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        backoff = FIRST_BACKOFF
+        lost = False
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                if lost:
+                    # Notices may have been published while we could not hear them.
+                    self.cache.clear()
+                    self.reconnects += 1
+                    log.info(json.dumps({"event": "change_notices_resumed", "cache": "cleared"}))
+                lost = False
+                backoff = FIRST_BACKOFF
+                self.connected.set()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._apply(message["data"])
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.connected.clear()
+                if not lost:
+                    log.warning(json.dumps({"event": "change_notices_lost", "error": str(exc) or type(exc).__name__}))
+                lost = True
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.reconnect_backoff_max)
+
+    def _apply(self, data: bytes | str) -> None:
+        try:
+            changes = json.loads(data)
+            for entity, target in changes:
+                apply_change(self.cache, str(entity), str(target))
+        except (ValueError, TypeError) as exc:
+            # Someone else's message on our channel: the safe reading is "anything changed".
+            log.warning(json.dumps({"event": "change_notice_unreadable", "error": str(exc)}))
+            self.cache.clear()
+            return
+        self.received += 1

@@ -1,0 +1,238 @@
+"""The proxy listener's one handler: the pipeline of DESIGN.md, top to bottom.
+
+Stages refuse by raising :class:`Denied`; system faults (store down) have
+their own answers; :func:`gateway.pipeline.responses.denial` makes every response
+the proxy writes itself. Nothing here waits on a write: stage 9 only
+appends to the recorder's buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .forward import ClientClosed, Forwarder, upstream_request_headers
+from ..keys import KeyParser
+from .latency import Histogram
+from ..models import RequestRow
+from ..pipeline.ratelimit_spec import RateLimitSpec
+from ..pipeline.allowlist import check_allowlist
+from ..pipeline.client_ip import ClientIpResolver
+from ..pipeline.credential import bearer_credential, common_bearer
+from ..pipeline.lookup import CachedKey, KeyLookup
+from ..pipeline.outcomes import Denied, Outcome, decision_of
+from ..pipeline.ratelimit import RateLimitDecision, RateLimited, RateLimiter, ratelimit_headers
+from ..pipeline.scope import RouteTable, Target, check_scope
+from ..pipeline.status import check_status
+from ..pipeline.target import RequestTarget, TargetCanonicalizer
+from ..recorder import Recorder
+from ..pipeline.responses import denial, status_of
+from ..store import StoreUnavailable
+
+log = logging.getLogger("keygate.proxy")
+access_log = logging.getLogger("keygate.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
+_ALLOWED = Outcome.ALLOWED
+
+
+class RequestIds:
+    """Fresh request ids: 32 hex digits of ``os.urandom`` each, like a uuid4's randomness.
+
+    Read 128 ids at a time: one ``getrandom`` call per 128 requests rather than one per
+    request. Each process makes its own after the fork, so workers never share ids.
+    """
+
+    BATCH = 128
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+
+    def __call__(self) -> str:
+        if not self._ready:
+            block = os.urandom(16 * self.BATCH).hex()
+            self._ready = [block[i:i + 32] for i in range(0, len(block), 32)]
+        return self._ready.pop()
+
+
+def request_id_of(request: web.BaseRequest, fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
+    """The client's X-Request-Id if it is sane, else a fresh one."""
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else fresh()
+
+
+class Gateway:
+    """Authenticates, authorizes, rate-limits and forwards each request."""
+
+    def __init__(
+        self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
+        limiter: RateLimiter, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+        targets: TargetCanonicalizer | None = None,
+    ) -> None:
+        self.parser = parser
+        self.targets = targets if targets is not None else TargetCanonicalizer()
+        self.lookup = lookup
+        self.client_ips = client_ips
+        self._trusts_proxies = client_ips.trusts_anyone
+        self.routes = routes
+        self.limiter = limiter
+        self.forwarder = forwarder
+        self.recorder = recorder
+        self.log_requests = log_requests
+        self.decisions: dict[str, int] = {}
+        self.request_ids = RequestIds()
+        # In-process buckets decide without I/O: called directly, not awaited.
+        self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
+        # Per decision, bound once per outcome so a request pays one dict lookup.
+        self.latency = {decision: Histogram() for decision in ("allowed", "denied", "failed")}
+        self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
+        self._value_of = {outcome: outcome.value for outcome in Outcome}  # Enum.value is a slow property
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        headers = request.headers
+        request_id = request_id_of(request, self.request_ids)
+        peer = request.remote or ""
+        key: CachedKey | None = None
+        key_id: str | None = None
+        client: str | None = None  # the client IP as text, for the lookup, the headers and the record
+        request_target: RequestTarget | None = None
+        target: Target | None = None
+        outcome = Outcome.ALLOWED
+        reason: str | None = None
+        status = CLIENT_CLOSED
+        try:
+            # The request target in canonical form, decided before anything reads it: the
+            # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
+            # target is a malformed request (400) whoever sends it, so no key is looked up.
+            request_target = self.targets(request.raw_path)
+            # 4. Client IP is resolved first: it refuses nothing, so the order of
+            #    refusals stays DESIGN's, and the lookup's failure limiter needs it
+            #    to count per real client behind trusted proxies.
+            client_ip, client = self.client_ips.client(peer, headers)
+            # 1-2, hot path: a key verified before is found by the MAC of its text,
+            #    which proves its syntax too.
+            token = common_bearer(headers)
+            key = self.lookup.cached(token) if token is not None else None
+            if key is None:
+                # 1. Credential: syntax only, no I/O.
+                parsed = bearer_credential(headers, self.parser)
+                key_id = parsed.key_id
+                # 2. Lookup: cache, store, argon2 on a miss.
+                key = await self.lookup.lookup(parsed, str(client))
+            record = key.record
+            key_id = record.id
+            # 3. Status: revoked, expired, member removed.
+            check_status(key, time.time())
+            # 5. IP allowlist.
+            check_allowlist(key.networks, client_ip, key.allowlist_seen, client)
+            # 6. Scope: server and operation from the route table.
+            target = self.routes.match(request.method, request_target.path)
+            check_scope(key.servers, key.grants, target)
+            # 7. Rate limit: only keys that passed every check above are charged.
+            #    In-process buckets answer at once; shared (Redis) ones are awaited.
+            take_now = self._take_now
+            decision = take_now(key_id, key.rate_limit) if take_now is not None \
+                else await self.limiter.take(key_id, key.rate_limit)
+            if not decision.allowed:
+                raise RateLimited(decision)
+            # 8. Forward.
+            answer_headers = ratelimit_headers(decision)
+            answer_headers["X-Request-Id"] = request_id
+            upgrade = headers.get("Upgrade")
+            websocket = upgrade is not None and upgrade.lower() == "websocket"
+            upstream_headers = upstream_request_headers(
+                request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
+                client_ip=client, peer=peer,
+                peer_trusted=self._trusts_proxies and self.client_ips.is_trusted_peer(peer),
+                request_id=request_id, websocket=websocket, pass_method_override=target.pass_method_override,
+            )
+            forwarded = request_target.forwarded
+            if websocket:
+                response = await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer_headers)
+            else:
+                response = await self.forwarder.forward(request, target, forwarded, upstream_headers, answer_headers)
+            status = response.status
+            return response
+        except ClientClosed as closed:
+            # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
+            return closed.response
+        except RateLimited as limited:
+            outcome, reason = Outcome.RATE_LIMITED, limited.reason
+            response = denial(outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
+            status = response.status
+            return response
+        except Denied as denied:
+            outcome, reason = denied.outcome, denied.reason
+            await self.lookup.delay_refusal(denied, started)
+            response = denial(outcome, request_id, retry_after=denied.retry_after)
+            status = response.status
+            return response
+        except StoreUnavailable as exc:
+            outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
+            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
+            response = denial(outcome, request_id)
+            status = response.status
+            return response
+        except Exception as exc:
+            # A bug, not a decision: log it whole, tell the client nothing about it.
+            outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
+            log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
+            if _started(request):
+                raise
+            response = denial(outcome, request_id)
+            status = response.status
+            return response
+        finally:
+            # 9. Record: buffered, written in batches off the request path.
+            self._record(request, request_target, key, key_id, target, outcome, reason, status, client or peer,
+                         started)
+
+    def _record(
+        self, request: web.BaseRequest, request_target: RequestTarget | None, key: CachedKey | None,
+        key_id: str | None, target: Target | None, outcome: Outcome, reason: str | None, status: int,
+        client: str, started: float,
+    ) -> None:
+        now = datetime.now(UTC)
+        elapsed = time.perf_counter() - started
+        self._latency_of[outcome].observe(elapsed)
+        allowed = outcome is _ALLOWED
+        if allowed and key is not None and status != CLIENT_CLOSED:
+            self.recorder.key_used(key.record.id, now, client or None)
+        decision = self._value_of[outcome]
+        decisions = self.decisions
+        decisions[decision] = decisions.get(decision, 0) + 1
+        # What was judged and forwarded (the raw target if it was refused), with keys shown as their ids.
+        # SECURITY: a key pasted into a path or query must not reach the store or the log.
+        path = self.parser.redact(request_target.forwarded if request_target is not None else request.raw_path)
+        # Positional, in RequestRow's field order: a keyword call costs twice as much.
+        record = RequestRow(
+            now, key_id, request.method, path, target.server if target else None,
+            target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
+            None if allowed else reason,
+        )
+        self.recorder.request(record)
+        if self.log_requests:
+            access_log.info(json.dumps({
+                "event": "request", "key_id": key_id, "method": record.method, "path": record.path,
+                "decision": record.decision, "status": status, "client_ip": record.client_ip,
+                "duration_ms": record.duration_ms,
+            }))
+
+
+def _started(request: web.BaseRequest) -> bool:
+    """Whether a response has begun (then a new one cannot be sent)."""
+    return getattr(request, "_payload_writer", None) is not None and \
+        getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
+
+
+__all__ = ["Gateway", "RequestIds", "request_id_of", "status_of"]

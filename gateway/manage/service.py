@@ -1,0 +1,489 @@
+"""Key management: the one implementation of every action, for the CLI and the admin API.
+
+Each action runs in one store transaction that also writes its audit event
+and a change-feed entry, so an action without its audit record cannot happen
+and running gateways learn of every authorization change. With a notifier
+(Redis configured), the changes are also published once the transaction has
+committed, so gateways hear of them at once instead of at their next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from . import inputs as fields
+from .audit import AuditFilter, AuditPage, Position, query_audit
+from ..config.load import Settings
+from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
+from ..models import KeyRecord, KeyStatus, Member, Role
+from ..store import KeyStore, Transaction
+from ..config.units import parse_duration
+
+ADMIN_ROLE = "admin"
+
+
+class ServiceError(Exception):
+    """A management action was refused; the message is for the user as it is."""
+
+
+def _no_such_key(key_id: str) -> "NotFound":
+    # SECURITY: echo the argument only when it has an id's shape: whatever
+    # else it is (a mistyped full key?) may hold a secret.
+    shown = repr(key_id) if looks_like_key_id(key_id) else "given"
+    return NotFound(f"no key with the id {shown}")
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class InvalidInput(ServiceError):
+    pass
+
+
+class ConflictError(ServiceError):
+    pass
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def hasher_from(settings: Settings) -> SecretHasher:
+    a = settings.keys.argon2
+    return SecretHasher(time_cost=a.time_cost, memory_cost=a.memory_cost, parallelism=a.parallelism)
+
+
+async def bootstrap(store: KeyStore, *, clock: Callable[[], datetime] = utcnow) -> list[int]:
+    """Apply migrations and make sure the built-in ``admin`` role exists."""
+    applied = await store.migrate()
+    async with store.transaction() as tx:
+        now = clock()
+        # Insert-if-absent, so concurrent migrations create (and audit) it once.
+        if await tx.insert_role_if_absent(Role(ADMIN_ROLE, ("*",), now, now)):
+            await tx.add_audit(at=now, actor="system:migrate", action="role.set", target=ADMIN_ROLE,
+                               details={"grants": ["*"]})
+    return applied
+
+
+async def resolve_pepper(store: KeyStore, settings: Settings) -> bytes:
+    """The configured pepper, else the one generated into the store on first use."""
+    if settings.keys.pepper:
+        return settings.keys.pepper.encode()
+    async with store.transaction() as tx:
+        return (await tx.set_meta_if_absent("pepper", secrets.token_urlsafe(48))).encode()
+
+
+def _check(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except fields.InvalidField as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def new_key_values(
+    settings: Settings, now: datetime, *, name: str, kind: str | None = None, org: str = "default",
+    user: str = "", role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
+    ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
+) -> dict[str, Any]:
+    """A new key's settings, validated without touching the store (so bad input writes nothing)."""
+    kind = kind or settings.keys.default_kind
+    if kind not in settings.keys.kinds:
+        raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(settings.keys.kinds))}")
+    values = _check(lambda: dict(
+        kind=kind, name=fields.key_name(name), org=fields.identifier("org", org),
+        user=fields.identifier("user", user) if user else "",
+        role=fields.identifier("role", role) if role else None,
+        operations=fields.operations(operations), servers=fields.servers(servers),
+        ip_allowlist=fields.cidrs(ip_allowlist), rate_limit=fields.rate_limit(rate_limit),
+        expires_at=fields.parse_expiry(expires, now),
+    ))
+    if values["role"] is None and not values["operations"]:
+        raise InvalidInput("a key needs a role (--role) or at least one operation (--operation)")
+    return values
+
+
+def key_changes(
+    now: datetime, *, name: str | None = None, role: str | None = UNSET,
+    operations: Sequence[str] | None = None, servers: Sequence[str] | None = None,
+    ip_allowlist: Sequence[str] | None = None, rate_limit: str | None = UNSET, expires: str | None = None,
+) -> dict[str, Any]:
+    """The validated changes of an update; ``None``/UNSET leaves a setting as it is."""
+    changes: dict[str, Any] = _check(lambda: {
+        k: v for k, v in {
+            "name": fields.key_name(name) if name is not None else UNSET,
+            "role": (fields.identifier("role", role) if role else None) if role is not UNSET else UNSET,
+            "operations": fields.operations(operations) if operations is not None else UNSET,
+            "servers": fields.servers(servers) if servers is not None else UNSET,
+            "ip_allowlist": fields.cidrs(ip_allowlist) if ip_allowlist is not None else UNSET,
+            "rate_limit": fields.rate_limit(rate_limit) if rate_limit is not UNSET else UNSET,
+            "expires_at": fields.parse_expiry(expires, now) if expires is not None else UNSET,
+        }.items() if v is not UNSET
+    })
+    if not changes:
+        raise InvalidInput("nothing to change: give at least one setting")
+    return changes
+
+
+def grace_seconds(grace: str | float | None) -> float:
+    try:
+        return parse_duration(grace) if grace not in (None, "") else 0.0
+    except ValueError as exc:
+        raise InvalidInput(f"grace {grace!r}: {exc}") from None
+
+
+class Notifier(Protocol):
+    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool: ...
+
+
+class KeyService:
+    """Every management action, performed as ``actor`` (``cli:alice``, an admin key id, ...)."""
+
+    def __init__(
+        self, store: KeyStore, settings: Settings, *, actor: str,
+        clock: Callable[[], datetime] = utcnow, hasher: SecretHasher | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.actor = actor
+        self.clock = clock
+        self.hasher = hasher or hasher_from(settings)
+        self.notifier = notifier
+        # Changes of each open transaction, published once it commits.
+        self._pending: dict[int, list[tuple[str, str]]] = {}
+
+    # -- helpers ---------------------------------------------------------
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Transaction]:
+        async with self.store.transaction() as tx:
+            self._pending[id(tx)] = changes = []
+            try:
+                yield tx
+            finally:
+                del self._pending[id(tx)]
+        # Only after the commit: a gateway that hears the notice must read the new state.
+        if changes and self.notifier is not None:
+            await self.notifier.publish(changes)
+
+    async def _audit(self, tx: Transaction, now: datetime, action: str, target: str, **details: Any) -> None:
+        await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details)
+
+    async def _changed(self, tx: Transaction, now: datetime, entity: str, target: str) -> None:
+        await tx.add_change(at=now, entity=entity, target=target)
+        self._pending[id(tx)].append((entity, target))
+
+    def key_ref(self, text: str) -> str:
+        """The key id ``text`` names: a pasted full key counts as its id.
+
+        People paste a leaked key to revoke it; it must work, and the secret
+        must never be echoed back in a message.
+        """
+        try:
+            return KeyParser(k.prefix for k in self.settings.keys.kinds.values()).parse(text).key_id
+        except MalformedKey:
+            return text
+
+    def _prefix(self, kind: str) -> str:
+        kinds = self.settings.keys.kinds
+        if kind not in kinds:
+            raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(kinds))}")
+        return kinds[kind].prefix
+
+    async def _new_secret(self, tx: Transaction, prefix: str) -> tuple[ParsedKey, str]:
+        while True:
+            parsed = generate(prefix)
+            # 62**12 ids make a clash astronomically unlikely; checking costs one indexed read.
+            if await tx.get_key(parsed.key_id) is None:
+                break
+        secret_hash = await asyncio.to_thread(self.hasher.hash, parsed.secret)
+        return parsed, secret_hash
+
+    async def _require_role(self, tx: Transaction, role: str | None) -> None:
+        if role is not None and await tx.get_role(role) is None:
+            raise InvalidInput(f"role {role!r}: no such role (see `keygate roles list`)")
+
+    async def _key_for_change(self, tx: Transaction, key_id: str, now: datetime) -> KeyRecord:
+        record = await tx.get_key(key_id, for_update=True)
+        if record is None:
+            raise _no_such_key(key_id)
+        if record.status(now) is KeyStatus.REVOKED:
+            raise ConflictError(f"key {key_id} is revoked; revocation is permanent")
+        return record
+
+    # -- keys ------------------------------------------------------------
+    async def create_key(
+        self, *, name: str, kind: str | None = None, org: str = "default", user: str = "",
+        role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
+        ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
+    ) -> tuple[KeyRecord, str]:
+        """Create a key; returns its record and the full key, which is never available again."""
+        now = self.clock()
+        values = new_key_values(
+            self.settings, now, name=name, kind=kind, org=org, user=user, role=role, operations=operations,
+            servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires,
+        )
+        kind = values.pop("kind")
+        prefix = self._prefix(kind)
+        async with self._transaction() as tx:
+            await self._require_role(tx, values["role"])
+            if values["user"] and await tx.get_member(values["org"], values["user"]) is None:
+                raise InvalidInput(
+                    f"user {values['user']!r} is not a member of org {values['org']!r} "
+                    "(add them with `keygate members set`)"
+                )
+            parsed, secret_hash = await self._new_secret(tx, prefix)
+            record = KeyRecord(
+                id=parsed.key_id, kind=kind, created_by=self.actor, created_at=now, revoked_at=None,
+                last_used_at=None, last_used_ip=None, secret_hash=secret_hash, **values,
+            )
+            await tx.insert_key(record)
+            await self._audit(tx, now, "key.create", record.id, **_settings_of(record))
+        return record, parsed.full
+
+    async def list_keys(
+        self, *, org: str | None = None, user: str | None = None, status: str | None = None,
+        kind: str | None = None, limit: int = 1000, offset: int = 0, after: tuple[datetime, str] | None = None,
+    ) -> list[KeyRecord]:
+        try:
+            wanted = KeyStatus(status) if status else None
+        except ValueError:
+            raise InvalidInput(f"status {status!r}: use active, expired or revoked") from None
+        async with self.store.read() as tx:
+            return await tx.list_keys(
+                now=self.clock(), org=org, user=user, status=wanted, kind=kind, limit=limit, offset=offset,
+                after=after,
+            )
+
+    async def get_key(self, key_id: str) -> KeyRecord:
+        key_id = self.key_ref(key_id)
+        async with self.store.read() as tx:
+            record = await tx.get_key(key_id)
+        if record is None:
+            raise _no_such_key(key_id)
+        return record
+
+    async def update_key(
+        self, key_id: str, *, name: str | None = None, role: str | None = UNSET,
+        operations: Sequence[str] | None = None, servers: Sequence[str] | None = None,
+        ip_allowlist: Sequence[str] | None = None, rate_limit: str | None = UNSET,
+        expires: str | None = None,
+    ) -> KeyRecord:
+        """Change the given settings; ``None``/UNSET leaves a setting as it is."""
+        key_id = self.key_ref(key_id)
+        now = self.clock()
+        changes = key_changes(now, name=name, role=role, operations=operations, servers=servers,
+                              ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
+        async with self._transaction() as tx:
+            record = await self._key_for_change(tx, key_id, now)
+            if record.agent and ({"role", "operations"} & changes.keys()):
+                raise InvalidInput("an agent key has no role or operations of its own: change the member's role")
+            await self._require_role(tx, changes.get("role"))
+            updated = replace(record, **changes)
+            if not updated.agent and updated.role is None and not updated.operations:
+                raise InvalidInput("a key needs a role or at least one operation")
+            await tx.save_key(updated)
+            await self._audit(tx, now, "key.update", key_id, **_diff(record, updated))
+            await self._changed(tx, now, "key", key_id)
+        return updated
+
+    async def set_role(self, key_id: str, role: str) -> KeyRecord:
+        key_id = self.key_ref(key_id)
+        now = self.clock()
+        role = _check(lambda: fields.identifier("role", role))
+        async with self._transaction() as tx:
+            record = await self._key_for_change(tx, key_id, now)
+            if record.agent:
+                raise InvalidInput("an agent key has no role of its own: change the member's role")
+            await self._require_role(tx, role)
+            updated = replace(record, role=role)
+            await tx.save_key(updated)
+            await self._audit(tx, now, "key.set_role", key_id, before=record.role, after=role)
+            await self._changed(tx, now, "key", key_id)
+        return updated
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        """Revoke now. Idempotent: revoking a revoked key changes nothing."""
+        key_id = self.key_ref(key_id)
+        now = self.clock()
+        async with self._transaction() as tx:
+            record = await tx.get_key(key_id, for_update=True)
+            if record is None:
+                raise _no_such_key(key_id)
+            if record.status(now) is KeyStatus.REVOKED:
+                return record
+            updated = replace(record, revoked_at=now)
+            await tx.save_key(updated)
+            await self._audit(tx, now, "key.revoke", key_id)
+            await self._changed(tx, now, "key", key_id)
+        return updated
+
+    async def rotate_key(self, key_id: str, *, grace: str | float | None = None) -> tuple[KeyRecord, str, KeyRecord]:
+        """A new key with the same settings; the old one is revoked now or after ``grace``.
+
+        Returns ``(new record, full new key, old record)``.
+        """
+        key_id = self.key_ref(key_id)
+        now = self.clock()
+        grace_for = grace_seconds(grace)
+        async with self._transaction() as tx:
+            old = await self._key_for_change(tx, key_id, now)
+            if old.status(now) is KeyStatus.EXPIRED:
+                raise ConflictError(f"key {key_id} has expired; create a new key instead")
+            revoke_at = now + timedelta(seconds=grace_for)
+            if old.revoked_at is not None:
+                revoke_at = min(revoke_at, old.revoked_at)
+            old_updated = replace(old, revoked_at=revoke_at)
+            await tx.save_key(old_updated)
+            parsed, secret_hash = await self._new_secret(tx, self._prefix(old.kind))
+            new = replace(
+                old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
+                revoked_at=None, last_used_at=None, last_used_ip=None,
+            )
+            await tx.insert_key(new)
+            await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_for)
+            await self._audit(tx, now, "key.create", new.id, rotated_from=key_id, **_settings_of(new))
+            await self._changed(tx, now, "key", key_id)
+        return new, parsed.full, old_updated
+
+    async def issue_agent_key(self, org: str, user: str) -> tuple[KeyRecord, str, str | None]:
+        """The user's agent key for ``org``; any previous one is revoked in the same transaction.
+
+        Returns ``(record, full key, id of the revoked previous key or None)``.
+        """
+        now = self.clock()
+        org = _check(lambda: fields.identifier("org", org))
+        user = _check(lambda: fields.identifier("user", user))
+        kind = self.settings.keys.default_kind
+        async with self._transaction() as tx:
+            # Locking the membership row serialises concurrent issuances for this user.
+            if await tx.get_member(org, user, for_update=True) is None:
+                raise NotFound(f"user {user!r} is not a member of org {org!r}")
+            # Every live one: a rotated agent key in its grace period counts too.
+            live = await tx.live_agent_keys(org, user, now)
+            for old in live:
+                await tx.save_key(replace(old, revoked_at=now))
+                await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
+                await self._changed(tx, now, "key", old.id)
+            previous = live[0] if live else None
+            parsed, secret_hash = await self._new_secret(tx, self._prefix(kind))
+            record = KeyRecord(
+                id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
+                operations=(), servers=("*",), ip_allowlist=(), rate_limit=None, agent=True,
+                created_by=self.actor, created_at=now, expires_at=None, revoked_at=None,
+                last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
+            )
+            await tx.insert_key(record)
+            await self._audit(tx, now, "key.agent", record.id, org=org, user=user,
+                              replaced=previous.id if previous else None)
+        return record, parsed.full, previous.id if previous else None
+
+    # -- roles -----------------------------------------------------------
+    async def list_roles(self) -> list[Role]:
+        async with self.store.read() as tx:
+            return await tx.list_roles()
+
+    async def get_role(self, name: str) -> Role:
+        async with self.store.read() as tx:
+            role = await tx.get_role(name)
+        if role is None:
+            raise NotFound(f"no role named {name!r}")
+        return role
+
+    async def put_role(self, name: str, grants: Iterable[str]) -> Role:
+        now = self.clock()
+        name = _check(lambda: fields.identifier("role", name))
+        grant_list = _check(lambda: fields.operations(grants))
+        if name == ADMIN_ROLE:
+            raise ConflictError("the built-in admin role always grants '*'; make a new role instead")
+        if not grant_list:
+            raise InvalidInput("a role needs at least one grant (--grant)")
+        async with self._transaction() as tx:
+            before = await tx.get_role(name)
+            role = Role(name, grant_list, before.created_at if before else now, now)
+            await tx.put_role(role)
+            await self._audit(tx, now, "role.set", name, grants=list(grant_list),
+                              before=list(before.grants) if before else None)
+            await self._changed(tx, now, "role", name)
+        return role
+
+    async def delete_role(self, name: str) -> None:
+        now = self.clock()
+        if name == ADMIN_ROLE:
+            raise ConflictError("the built-in admin role cannot be deleted")
+        async with self._transaction() as tx:
+            if await tx.get_role(name) is None:
+                raise NotFound(f"no role named {name!r}")
+            keys, members = await tx.role_users(name)
+            if keys or members:
+                raise ConflictError(
+                    f"role {name!r} is in use by {keys} key(s) and {members} member(s); reassign them first"
+                )
+            await tx.delete_role(name)
+            await self._audit(tx, now, "role.delete", name)
+            await self._changed(tx, now, "role", name)
+
+    # -- members ---------------------------------------------------------
+    async def list_members(self, org: str, *, after: str | None = None, limit: int | None = None) -> list[Member]:
+        async with self.store.read() as tx:
+            return await tx.list_members(org, after=after, limit=limit)
+
+    async def set_member(self, org: str, user: str, role: str) -> Member:
+        now = self.clock()
+        org = _check(lambda: fields.identifier("org", org))
+        user = _check(lambda: fields.identifier("user", user))
+        async with self._transaction() as tx:
+            await self._require_role(tx, role)
+            before = await tx.get_member(org, user, for_update=True)
+            member = Member(org, user, role, before.created_at if before else now, now)
+            await tx.put_member(member)
+            await self._audit(tx, now, "member.set", f"{org}/{user}", role=role,
+                              before=before.role if before else None)
+            await self._changed(tx, now, "member", f"{org}/{user}")
+        return member
+
+    async def remove_member(self, org: str, user: str) -> None:
+        """Remove the member; their per-user keys stop working, org-level keys do not."""
+        now = self.clock()
+        async with self._transaction() as tx:
+            if await tx.get_member(org, user, for_update=True) is None:
+                raise NotFound(f"{user!r} is not a member of org {org!r}")
+            await tx.delete_member(org, user)
+            await self._audit(tx, now, "member.remove", f"{org}/{user}")
+            await self._changed(tx, now, "member", f"{org}/{user}")
+
+    # -- audit -----------------------------------------------------------
+    async def audit(self, wanted: AuditFilter, *, limit: int = 100, after: Position | None = None) -> AuditPage:
+        """Management events and request records, newest first (the CLI and the admin API share this)."""
+        if wanted.key:
+            wanted = replace(wanted, key=self.key_ref(wanted.key))
+        return await query_audit(self.store, wanted, limit=limit, after=after)
+
+
+_SETTINGS = ("kind", "name", "org", "user", "role", "operations", "servers", "ip_allowlist", "rate_limit")
+
+
+def _settings_of(record: KeyRecord) -> dict[str, Any]:
+    data = {name: getattr(record, name) for name in _SETTINGS}
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    data["expires_at"] = record.expires_at.isoformat() if record.expires_at else None
+    return data
+
+
+def _diff(before: KeyRecord, after: KeyRecord) -> dict[str, Any]:
+    old, new = _settings_of(before), _settings_of(after)
+    return {k: {"before": old[k], "after": new[k]} for k in new if old[k] != new[k]}

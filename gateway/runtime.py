@@ -1,0 +1,208 @@
+"""Wiring: builds every resource from the settings, each with one owner and one lifetime.
+
+:func:`runtime` is an async context manager that opens the store, Redis
+(when configured), the HTTP client session, the recorder, the change
+watcher, the change subscriber and the audit pruner in order and closes them
+in reverse, flushing the recorder before the store closes. The admin
+listener's app is :mod:`gateway.admin.listener`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+
+from .manage.audit import AuditPruner
+from .cache.local import KeyCache
+from .config.load import Settings
+from .dataplane.forward import Forwarder
+from .cache.change_feed import ChangeWatcher
+from .keys import KeyParser
+from .cache.notices import ChangePublisher, ChangeSubscriber
+from .pipeline.client_ip import ClientIpResolver
+from .pipeline.failures import FailureLimiter
+from .pipeline.lookup import CachedKey, KeyLookup
+from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
+from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
+from .pipeline.scope import RouteTable
+from .pipeline.target import TargetCanonicalizer
+from .dataplane.proxy import Gateway
+from .pipeline.ratelimit_spec import parse_rate_limit
+from .recorder import Recorder
+from .cache.redis_link import RedisLink
+from .cache.shared import SharedKeyCache
+from .manage.service import bootstrap, hasher_from, resolve_pepper
+from .store import KeyStore, StoreError, create_store
+from .dataplane.upstream_client import upstream_session
+
+log = logging.getLogger("keygate")
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one line for the operator."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: KeyStore
+    gateway: Gateway
+    watcher: ChangeWatcher
+    recorder: Recorder
+    cache: KeyCache[CachedKey]
+    pruner: AuditPruner
+    redis: RedisLink | None = None
+    fallback: Fallback | None = None
+    # For management actions made in this process (the admin API): publishes their changes.
+    publisher: ChangePublisher | None = None
+    subscriber: ChangeSubscriber | None = None
+    draining: bool = field(default=False)
+
+    def ready(self) -> bool:
+        """Ready unless draining, and only if keys can be checked: store reachable or cache warm.
+
+        Redis is not a condition: without it requests still flow (see README, failure behaviour).
+        """
+        return not self.draining and (self.watcher.store_ok or len(self.cache) > 0)
+
+    def redis_state(self) -> str:
+        return "off" if self.redis is None else ("up" if self.redis.up else "down")
+
+
+def store_options(settings: Settings) -> dict[str, float | int]:
+    s = settings.store
+    if s.url.startswith("sqlite:"):
+        return {}
+    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
+
+
+async def prepare_store(store: KeyStore, settings: Settings) -> None:
+    """The embedded store migrates itself; PostgreSQL must have been migrated."""
+    if settings.store.url.startswith("sqlite:"):
+        await bootstrap(store)
+    elif await store.pending_migrations():
+        raise StartupError("the store's schema is not up to date: run `keygate migrate` first")
+
+
+async def rate_limiter(
+    settings: Settings, link: RedisLink | None, stack: AsyncExitStack,
+) -> tuple[RateLimiter, Fallback | None]:
+    """The ``ratelimit.policy`` in force: per-process without Redis, else the chosen Redis policy."""
+    r = settings.ratelimit
+    if link is None or r.policy == "local":
+        return LocalTokenBuckets(), None
+    fallback = Fallback(r.on_backend_error)
+    shared = SharedBuckets(link)
+    if r.policy == "redis":
+        return RedisTokenBuckets(shared, fallback), fallback
+    limiter = LocalFirstBuckets(shared, fallback, batch=r.batch, sync_interval=r.sync_interval)
+    await limiter.start()
+    # Closed before Redis is: unused leases go back to the global buckets.
+    stack.push_async_callback(limiter.close)
+    return limiter, fallback
+
+
+@asynccontextmanager
+async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Runtime]:
+    if not settings.upstreams:
+        raise StartupError("no upstreams configured: add an [[upstreams]] table (name, url) to the config")
+    async with AsyncExitStack() as stack:
+        store = create_store(settings.store.url, **store_options(settings))
+        await store.open()
+        stack.push_async_callback(store.close)
+        if migrate:
+            await prepare_store(store, settings)
+        pepper = await resolve_pepper(store, settings)
+
+        c = settings.cache
+        cache: KeyCache[CachedKey] = KeyCache(
+            ttl=c.ttl, negative_ttl=c.negative_ttl, stale_if_error=c.stale_if_error, max_entries=c.max_entries,
+        )
+        link: RedisLink | None = None
+        shared: SharedKeyCache | None = None
+        if settings.redis.url:
+            link = RedisLink(settings.redis)
+            stack.push_async_callback(link.close)
+            if not await link.probe():
+                # Start anyway: everything Redis does has a fallback, and the link reconnects.
+                log.warning(json.dumps({"event": "redis_unavailable_at_start"}))
+            shared = SharedKeyCache(link, ttl=c.ttl, negative_ttl=c.negative_ttl)
+        argon2, f = settings.keys.argon2, settings.failures
+        lookup = KeyLookup(
+            store, pepper=pepper, hasher=hasher_from(settings), cache=cache,
+            default_rate_limit=parse_rate_limit(settings.ratelimit.default),
+            verify_concurrency=argon2.concurrency, verify_queue=argon2.queue,
+            failures=FailureLimiter(per_client=f.per_client, per_network=f.per_network, per_key=f.per_key,
+                                    window=f.window, verify_per_second=f.verify_per_second),
+            shared=shared,
+        )
+        stack.callback(lookup.close)
+        # Refusals are paced by how long a verification takes here; measured once before serving.
+        await lookup.calibrate()
+
+        session = upstream_session()
+        stack.push_async_callback(session.close)
+
+        recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,
+                            max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"))
+        await recorder.start()
+        # Registered after the session, so it runs before the store closes: buffers are flushed.
+        stack.push_async_callback(recorder.close)
+
+        watcher = ChangeWatcher(store, cache, shared=shared)
+        await watcher.start()
+        stack.push_async_callback(watcher.close)
+
+        subscriber: ChangeSubscriber | None = None
+        if settings.redis.url:
+            subscriber = ChangeSubscriber(settings.redis, cache)
+            await subscriber.start()
+            stack.push_async_callback(subscriber.close)
+            try:
+                # Serve only once notices can be heard, unless Redis is down (then the feed covers).
+                await asyncio.wait_for(subscriber.connected.wait(), timeout=4 * settings.redis.timeout)
+            except TimeoutError:
+                log.warning(json.dumps({"event": "change_notices_unavailable_at_start"}))
+
+        limiter, fallback = await rate_limiter(settings, link, stack)
+
+        # Every worker prunes: deletes are idempotent and batched, so they only share the work.
+        pruner = AuditPruner(store, retention_days=settings.audit.retention_days,
+                             interval=settings.audit.prune_interval, logger=logging.getLogger("keygate.audit"))
+        await pruner.start()
+        stack.push_async_callback(pruner.close)
+
+        p = settings.proxy
+        gateway = Gateway(
+            parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
+            lookup=lookup,
+            client_ips=ClientIpResolver(p.trusted_proxies),
+            routes=RouteTable(settings.routes, settings.upstreams),
+            limiter=limiter,
+            forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
+            recorder=recorder,
+            log_requests=p.access_log,
+            targets=TargetCanonicalizer(encoded_slashes=p.encoded_slashes, path_parameters=p.path_parameters),
+        )
+        yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
+                      cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber,
+                      publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    host = settings.proxy.listen.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost") and not settings.proxy.trusted_proxies:
+        log.warning(json.dumps({
+            "event": "no_trusted_proxies",
+            "message": f"proxy listens on {settings.proxy.listen} with no proxy.trusted_proxies: "
+                       "X-Forwarded-For is ignored and the socket peer is the client IP. If Keygate runs "
+                       "behind a load balancer, set proxy.trusted_proxies to its addresses.",
+        }))
+
+
+__all__ = ["Runtime", "StartupError", "StoreError", "runtime", "prepare_store", "warn_if_exposed"]

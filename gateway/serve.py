@@ -1,0 +1,203 @@
+"""``keygate serve``: the listeners, worker processes and graceful shutdown.
+
+SIGTERM (or SIGINT): readiness goes false, the proxy listener stops
+accepting, in-flight requests get ``proxy.shutdown_grace`` seconds to finish,
+buffers are flushed, and the process exits 0. With ``--workers N`` a small
+supervisor forks N workers that share the ports through SO_REUSEPORT,
+forwards signals to them and restarts one that dies unexpectedly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from .admin.listener import admin_app
+from .runtime import Runtime, StartupError, prepare_store, runtime, store_options, warn_if_exposed
+from .config.load import Settings
+from .process.gc_tuning import settle_heap
+from .dataplane.http_server import ProxyHTTPServer
+from .process.log_format import configure_logging
+from .process.tasks import running_tasks
+from .store import StoreError, create_store
+from .config.units import parse_listen
+
+log = logging.getLogger("keygate")
+
+
+def event_loop_runner() -> Callable[[Awaitable[int]], int]:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not on every platform)
+        return asyncio.run  # type: ignore[return-value]
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+STUCK_AFTER = 10.0  # seconds past the grace after which a shutdown still running is logged as stuck
+
+
+async def _bound(site: web.TCPSite) -> str:
+    server = site._server  # aiohttp keeps the asyncio server here
+    sockets = getattr(server, "sockets", None) or []
+    host, port = sockets[0].getsockname()[:2] if sockets else ("?", 0)
+    return f"{host}:{port}"
+
+
+async def serve_async(settings: Settings, *, reuse_port: bool = False,
+                      on_ready: Callable[[Runtime], None] | None = None, metrics_dir: Path | None = None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    grace = settings.proxy.shutdown_grace
+    stuck: asyncio.TimerHandle | None = None
+    async with runtime(settings) as rt:
+        proxy_runner = web.ServerRunner(
+            # lingering_time: after an early answer (413, 400) unread body is
+            # drained for at most 2 s before the connection is closed.
+            ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0,
+                            header_timeout=settings.proxy.header_timeout,
+                            max_header_size=settings.proxy.max_header_bytes),
+            shutdown_timeout=grace,
+        )
+        admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
+        await proxy_runner.setup()
+        await admin_runner.setup()
+        # Everything long-lived exists now; what follows is per request.
+        settle_heap()
+        try:
+            sites = []
+            for runner, listen in ((proxy_runner, settings.proxy.listen), (admin_runner, settings.admin.listen)):
+                host, port = parse_listen(listen)
+                site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+                sites.append(site)
+            log.info(json.dumps({
+                "event": "listening", "proxy": await _bound(sites[0]), "admin": await _bound(sites[1]),
+                "pid": os.getpid(), "store": settings.store.url.split(":", 1)[0],
+            }))
+            if on_ready is not None:
+                on_ready(rt)
+            await stop.wait()
+            log.info(json.dumps({"event": "draining", "grace_seconds": grace, "pid": os.getpid()}))
+            rt.draining = True
+            # Should the shutdown ever hang, the log says where (it is then up to the supervisor's SIGKILL).
+            stuck = loop.call_later(grace + STUCK_AFTER, lambda: log.error(json.dumps({
+                "event": "shutdown_stuck", "pid": os.getpid(), "tasks": running_tasks()})))
+            # Stops accepting, lets in-flight requests finish up to the grace, then cancels them.
+            await proxy_runner.cleanup()
+        finally:
+            await proxy_runner.cleanup()
+            await admin_runner.cleanup()
+    if stuck is not None:
+        stuck.cancel()
+    log.info(json.dumps({"event": "stopped", "pid": os.getpid()}))
+    return 0
+
+
+def run_worker(settings: Settings, *, reuse_port: bool = False, metrics_dir: Path | None = None) -> int:
+    """One serving process; returns its exit status."""
+    try:
+        return event_loop_runner()(serve_async(settings, reuse_port=reuse_port, metrics_dir=metrics_dir))
+    except StartupError as exc:
+        log.error(json.dumps({"event": "startup_failed", "error": str(exc)}))
+        return 1
+    except StoreError as exc:
+        log.error(json.dumps({"event": "startup_failed", "error": f"store unavailable: {exc}"}))
+        return 1
+
+
+def _worker_main(settings: Settings, metrics_dir: Path) -> None:
+    configure_logging(settings.log.level)
+    sys.exit(run_worker(settings, reuse_port=True, metrics_dir=metrics_dir))
+
+
+async def _prepare_once(settings: Settings) -> None:
+    store = create_store(settings.store.url, **store_options(settings))
+    await store.open()
+    try:
+        await prepare_store(store, settings)
+    finally:
+        await store.close()
+
+
+def supervise(settings: Settings) -> int:
+    """Fork ``proxy.workers`` workers, pass signals on, restart crashed ones, exit 0 after a clean stop."""
+    try:
+        # Migrate once here, not racing in every worker.
+        asyncio.run(_prepare_once(settings))
+    except (StartupError, StoreError) as exc:
+        log.error(json.dumps({"event": "startup_failed", "error": str(exc)}))
+        return 1
+    context = multiprocessing.get_context("fork")
+    stopping = False
+    # Workers share /metrics through this directory; it lives as long as this run.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="keygate-metrics-"))
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker_main, args=(settings, metrics_dir), name="keygate-worker")
+        process.start()
+        return process
+
+    workers = [start() for _ in range(settings.proxy.workers)]
+    started_at = {w.pid: time.monotonic() for w in workers}
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info(json.dumps({"event": "supervising", "workers": [w.pid for w in workers], "pid": os.getpid()}))
+    status = 0
+    while not (stopping and not any(w.is_alive() for w in workers)):
+        time.sleep(0.2)
+        if stopping:
+            continue
+        for i, w in enumerate(workers):
+            if w.is_alive():
+                continue
+            log.error(json.dumps({"event": "worker_exited", "pid": w.pid, "exitcode": w.exitcode}))
+            if time.monotonic() - started_at.get(w.pid, 0.0) < 5:
+                # Dying right after start means it cannot start (port, store): give up.
+                status = 1
+                forward(signal.SIGTERM, None)
+                break
+            workers[i] = start()
+            started_at[workers[i].pid] = time.monotonic()
+    for w in workers:
+        w.join()
+        if w.exitcode and not status:
+            status = 1
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log.level)
+    warn_if_exposed(settings)
+    if not settings.upstreams:
+        log.error(json.dumps({"event": "startup_failed",
+                              "error": "no upstreams configured: add an [[upstreams]] table (name, url)"}))
+        return 2
+    if settings.proxy.workers > 1:
+        return supervise(settings)
+    return run_worker(settings)

@@ -1,0 +1,206 @@
+"""The Redis rate-limit policies against a real Redis: exact under concurrency, local-first within its bound, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.config.load import RedisSettings
+from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
+from gateway.pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
+from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.cache.redis_link import RedisLink
+
+from ...clocks import FakeClock
+from ...redis_server import RedisServer
+
+KEY = "kg_AAAAAAAAAAAA"
+HOURLY = parse_rate_limit("20/hour")  # refills one token per 3 minutes: nothing refills during a test
+
+
+@pytest.fixture
+async def links(redis_settings: RedisSettings) -> AsyncIterator[list[RedisLink]]:
+    """Three processes' links to one Redis, as three replicas would have."""
+    made = [RedisLink(redis_settings) for _ in range(3)]
+    yield made
+    for link in made:
+        await link.close()
+
+
+def exact(link: RedisLink, mode: str = "local") -> RedisTokenBuckets:
+    return RedisTokenBuckets(SharedBuckets(link), Fallback(mode))
+
+
+async def test_exact_policy_allows_exactly_the_capacity_across_processes(links: list[RedisLink]) -> None:
+    """Sixty concurrent requests from three processes on a 20/hour key: exactly 20 allowed."""
+    limiters = [exact(link) for link in links]
+    decisions = await asyncio.gather(*(limiters[i % 3].take(KEY, HOURLY) for i in range(60)))
+    assert sum(d.allowed for d in decisions) == 20
+    assert not any(d.degraded for d in decisions)
+
+
+async def test_exact_policy_reports_remaining_and_retry_after(link: RedisLink) -> None:
+    """Remaining counts down to 0; a refusal says when one token is back."""
+    limiter = exact(link)
+    spec = parse_rate_limit("3/minute")
+    remaining = [(await limiter.take(KEY, spec)).remaining for _ in range(3)]
+    refused = await limiter.take(KEY, spec)
+    assert remaining == [2, 1, 0]
+    assert not refused.allowed and refused.retry_after is not None and 1 <= refused.retry_after <= 20
+
+
+async def test_buckets_are_per_key(link: RedisLink) -> None:
+    """An empty bucket of one key does not limit another key."""
+    limiter = exact(link)
+    spec = parse_rate_limit("1/hour")
+    assert (await limiter.take(KEY, spec)).allowed
+    assert not (await limiter.take(KEY, spec)).allowed
+    assert (await limiter.take("kg_BBBBBBBBBBBB", spec)).allowed
+
+
+async def test_lower_limit_applies_at_once(link: RedisLink) -> None:
+    """A key whose limit drops keeps no more tokens than the new capacity."""
+    limiter = exact(link)
+    await limiter.take(KEY, parse_rate_limit("100/hour"))
+    allowed = [(await limiter.take(KEY, parse_rate_limit("2/hour"))).allowed for _ in range(4)]
+    assert allowed == [True, True, False, False]
+
+
+async def test_local_first_never_exceeds_the_limit(links: list[RedisLink]) -> None:
+    """Three local-first processes together never allow more than the capacity."""
+    limiters = [LocalFirstBuckets(SharedBuckets(link), Fallback("local"), batch=0.1, sync_interval=60)
+                for link in links]
+    decisions = await asyncio.gather(*(limiters[i % 3].take(KEY, HOURLY) for i in range(90)))
+    allowed = sum(d.allowed for d in decisions)
+    # Leases of 2 tokens: at most (processes - 1) x lease tokens can sit unused in other processes.
+    assert 20 - 2 * 2 <= allowed <= 20
+
+
+async def test_local_first_asks_redis_once_per_lease(link: RedisLink) -> None:
+    """With leases of 10 tokens, 30 requests cost 3 Redis calls."""
+    limiter = LocalFirstBuckets(SharedBuckets(link), Fallback("local"), batch=0.1, sync_interval=60)
+    spec = parse_rate_limit("100/hour")
+    for _ in range(30):
+        assert (await limiter.take(KEY, spec)).allowed
+    assert limiter.syncs == 3
+
+
+async def test_local_first_returns_unused_tokens(link: RedisLink) -> None:
+    """Tokens of an expired lease go back to the global bucket, where another process can spend them."""
+    clock = FakeClock()
+    first = LocalFirstBuckets(SharedBuckets(link), Fallback("local"), batch=0.5, sync_interval=1, clock=clock)
+    second = exact(link)
+    spec = parse_rate_limit("4/hour")
+    assert (await first.take(KEY, spec)).allowed  # leases 2, spends 1
+    assert [(await second.take(KEY, spec)).allowed for _ in range(3)] == [True, True, False]
+    clock.advance(2)
+    await first.return_idle()
+    assert (await second.take(KEY, spec)).allowed
+
+
+async def test_local_first_closing_returns_every_lease(link: RedisLink) -> None:
+    """A process that stops gives its unused tokens back."""
+    first = LocalFirstBuckets(SharedBuckets(link), Fallback("local"), batch=0.5, sync_interval=60)
+    spec = parse_rate_limit("4/hour")
+    await first.take(KEY, spec)
+    await first.close()
+    second = exact(link)
+    assert [(await second.take(KEY, spec)).allowed for _ in range(4)] == [True, True, True, False]
+
+
+# --- Redis down ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "allowed"), [
+    ("local", [True, True, False]),
+    ("allow", [True, True, True]),
+    ("deny", [False, False, False]),
+])
+async def test_on_backend_error_decides_when_redis_is_dead(
+    own_redis: RedisServer, mode: str, allowed: list[bool]
+) -> None:
+    """With Redis dead, every decision follows on_backend_error and is marked degraded."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5))
+    try:
+        limiter = exact(link, mode)
+        own_redis.kill()
+        decisions = [await limiter.take(KEY, parse_rate_limit("2/hour")) for _ in range(3)]
+        assert [d.allowed for d in decisions] == allowed
+        assert all(d.degraded for d in decisions)
+        assert limiter.fallback.decisions == 3
+        assert ratelimit_headers(decisions[0])[DEGRADED_HEADER] == "1"
+    finally:
+        await link.close()
+
+
+async def test_local_first_falls_back_when_redis_is_dead(own_redis: RedisServer) -> None:
+    """A local-first process without a lease and without Redis decides per on_backend_error."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5))
+    try:
+        limiter = LocalFirstBuckets(SharedBuckets(link), Fallback("deny"), batch=0.1, sync_interval=60)
+        own_redis.kill()
+        decision = await limiter.take(KEY, HOURLY)
+        assert not decision.allowed and decision.degraded
+    finally:
+        await link.close()
+
+
+async def test_exact_policy_recovers_when_redis_is_back(own_redis: RedisServer) -> None:
+    """After Redis returns (reconnect with backoff), decisions are global again, not degraded."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5, reconnect_backoff_max=0.1))
+    try:
+        limiter = exact(link)
+        own_redis.kill()
+        assert (await limiter.take(KEY, HOURLY)).degraded
+        own_redis.start()
+        for _ in range(100):
+            if link.up:
+                break
+            await asyncio.sleep(0.05)
+        decision = await limiter.take(KEY, HOURLY)
+        assert decision.allowed and not decision.degraded
+    finally:
+        await link.close()
+
+
+def test_degraded_header_absent_on_normal_decisions() -> None:
+    """A decision of the policy in force carries no degraded header."""
+    decision = LocalTokenBuckets().take_now(KEY, HOURLY)
+    assert DEGRADED_HEADER not in ratelimit_headers(decision)
+
+
+async def test_local_first_refuses_without_redis_while_the_bucket_is_empty(link: RedisLink) -> None:
+    """Once the global bucket is known empty, further refusals cost no Redis call until a token can be back."""
+    limiter = LocalFirstBuckets(SharedBuckets(link), Fallback("local"), batch=1, sync_interval=60)
+    spec = parse_rate_limit("2/hour")
+    decisions = [await limiter.take(KEY, spec) for _ in range(10)]
+    assert [d.allowed for d in decisions] == [True, True] + [False] * 8
+    assert limiter.syncs == 2
+
+
+async def test_slow_redis_is_not_waited_for(own_redis: RedisServer) -> None:
+    """A Redis that hangs (DEBUG SLEEP) past redis.timeout gets a fallback decision, not a late answer."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.2))
+    blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
+    try:
+        limiter = exact(link)
+        assert not (await limiter.take(KEY, HOURLY)).degraded
+        hang = asyncio.create_task(blocker.client.execute_command("DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(0.1)
+        decision = await limiter.take(KEY, HOURLY)
+        assert decision.allowed and decision.degraded
+        await hang
+    finally:
+        await link.close()
+        await blocker.close()
+
+
+async def test_concurrent_decisions_share_a_round_trip(link: RedisLink) -> None:
+    """Decisions asked for together go to Redis in one pipeline, each still its own script run."""
+    shared = SharedBuckets(link)
+    limiter = RedisTokenBuckets(shared, Fallback("local"))
+    decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(25)))
+    assert sum(d.allowed for d in decisions) == 20
+    assert shared.round_trips == 1

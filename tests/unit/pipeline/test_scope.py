@@ -1,0 +1,350 @@
+"""Stage 6 — scope: grants with wildcards, narrowing, servers, the route table and the scope check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from gateway.config.load import RouteSettings, UpstreamSettings
+from gateway.pipeline.outcomes import Denied, Outcome
+from gateway.pipeline.scope import Grants, GrantSet, RouteTable, Servers, Target, check_scope
+
+APP = UpstreamSettings(name="app", url="http://127.0.0.1:8080")
+BUILDS = UpstreamSettings(name="builds", url="http://127.0.0.1:8081")
+UPSTREAMS = [APP, BUILDS]
+
+
+def route(path: str, operation: str, *, methods: Sequence[str] = (), upstream: str | None = None,
+          pass_credentials: bool = False) -> RouteSettings:
+    return RouteSettings(methods=list(methods), path=path, upstream=upstream, operation=operation,
+                         pass_credentials=pass_credentials)
+
+
+ROUTES = [
+    route("/api/servers/{server}/deploy", "deploy", methods=["POST"]),
+    route("/api/servers/{server}/exec", "exec", methods=["POST", "PUT"], pass_credentials=True),
+    route("/api/servers/{server}", "servers:read", methods=["GET"]),
+    route("/builds/*", "pull", methods=["GET"], upstream="builds"),
+    route("/builds/*", "push", upstream="builds"),
+    route("/api/status", "status"),
+    route("/api/status", "never-reached"),
+]
+
+
+@pytest.fixture
+def table() -> RouteTable:
+    return RouteTable(ROUTES, UPSTREAMS)
+
+
+# GrantSet -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grants", "operation", "allowed"),
+    [
+        (["deploy"], "deploy", True),
+        (["deploy"], "deploy2", False),
+        (["deploy"], "Deploy", False),
+        (["deploy"], "", False),
+        (["*"], "deploy", True),
+        (["*"], "servers:read", True),
+        (["servers:*"], "servers:read", True),
+        (["servers:*"], "servers:write", True),
+        (["servers:*"], "servers", False),
+        (["servers:*"], "keys:read", False),
+        (["servers:*"], "xservers:read", False),
+        (["*:read"], "servers:read", True),
+        (["*:read"], "keys:read", True),
+        (["*:read"], "read", False),
+        (["*:read"], "servers:readme", False),
+        (["*:read"], "servers:write", False),
+        (["read", "servers:*"], "read", True),
+        (["a.b"], "aXb", False),
+        ([], "read", False),
+    ],
+)
+def test_grant_set_matches_exactly_or_by_wildcard(grants: list[str], operation: str, allowed: bool) -> None:
+    """A grant matches its operation exactly, or by `*` standing for any run of characters."""
+    assert GrantSet(grants).allows(operation) is allowed
+
+
+# Grants: narrowing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "operation", "allowed"),
+    [
+        ([["*"]], "deploy", True),
+        ([["*"], ["deploy"]], "deploy", True),
+        ([["*"], ["deploy"]], "exec", False),
+        ([["deploy"], ["*"]], "exec", False),
+        ([["servers:*"], ["*:read"]], "servers:read", True),
+        ([["servers:*"], ["*:read"]], "servers:write", False),
+        ([["servers:*"], ["*:read"]], "keys:read", False),
+        ([["*"], ["deploy", "exec"], ["deploy"]], "deploy", True),
+        ([["*"], ["deploy", "exec"], ["deploy"]], "exec", False),
+        ([["admin:write"], ["*"], ["general:read"]], "admin:write", False),
+    ],
+    ids=["one-set", "role-and-ops", "ops-narrow-role", "role-narrows-ops", "wildcards-intersect",
+         "wildcards-intersect-out", "wildcards-intersect-out2", "member-role-allows", "member-role-narrows",
+         "member-role-disjoint"],
+)
+def test_grants_allow_only_what_every_set_allows(sets: list[list[str]], operation: str, allowed: bool) -> None:
+    """Role ∩ key operations ∩ member role: an operation is allowed only if every set allows it."""
+    assert Grants([GrantSet(s) for s in sets]).allows(operation) is allowed
+
+
+@pytest.mark.parametrize("sets", [[], [[]], [["*"], []]], ids=["no-sets", "one-empty-set", "wildcard-and-empty"])
+def test_empty_grants_grant_nothing(sets: list[list[str]]) -> None:
+    """No sets, or any empty set among them, grants nothing (fail closed)."""
+    grants = Grants([GrantSet(s) for s in sets])
+    assert not grants.allows("read")
+    assert not grants.allows("*")
+
+
+def test_grants_answer_the_same_when_asked_again() -> None:
+    """The memoised answer for an operation equals the first one, allowed or not."""
+    grants = Grants([GrantSet(["*:read"]), GrantSet(["servers:read", "keys:read"])])
+    first = [grants.allows(op) for op in ("servers:read", "servers:write", "keys:read")]
+    again = [grants.allows(op) for op in ("servers:read", "servers:write", "keys:read")]
+    assert first == again == [True, False, True]
+
+
+def test_grants_stay_correct_past_the_memo_size() -> None:
+    """Beyond the memo's bound, answers are still computed correctly."""
+    grants = Grants([GrantSet(["op:*"])])
+    for n in range(1000):
+        assert grants.allows(f"op:{n}")
+        assert not grants.allows(f"other:{n}")
+
+
+# Servers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "server", "allowed"),
+    [
+        (["*"], "app", True),
+        (["*"], "anything-at-all", True),
+        (["*"], "admin", False),
+        (["app"], "app", True),
+        (["app"], "builds", False),
+        (["app"], "admin", False),
+        (["admin"], "admin", True),
+        (["admin"], "app", False),
+        (["*", "admin"], "admin", True),
+        (["*", "admin"], "app", True),
+        ([], "app", False),
+        ([], "admin", False),
+    ],
+)
+def test_servers(names: list[str], server: str, allowed: bool) -> None:
+    """`*` covers every server except `admin`, which must be listed by name."""
+    assert Servers(names).allows(server) is allowed
+
+
+# RouteTable -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "upstream", "server", "operation"),
+    [
+        ("POST", "/api/servers/web-1/deploy", "app", "web-1", "deploy"),
+        ("POST", "/api/servers/db/exec", "app", "db", "exec"),
+        ("PUT", "/api/servers/db/exec", "app", "db", "exec"),
+        ("GET", "/api/servers/web-1", "app", "web-1", "servers:read"),
+        ("GET", "/builds", "builds", "builds", "pull"),
+        ("GET", "/builds/", "builds", "builds", "pull"),
+        ("GET", "/builds/a/b/c.tar", "builds", "builds", "pull"),
+        ("PUT", "/builds/a/b/c.tar", "builds", "builds", "push"),
+        ("DELETE", "/api/status", "app", "app", "status"),
+    ],
+    ids=["deploy", "exec-post", "exec-put", "server-read", "prefix-root", "prefix-slash", "prefix-deep",
+         "prefix-other-method", "any-method"],
+)
+def test_route_table_maps_request_to_target(
+    table: RouteTable, method: str, path: str, upstream: str, server: str, operation: str
+) -> None:
+    """A matching route gives its upstream, its operation, and the server from `{server}` or the upstream's name."""
+    target = table.match(method, path)
+    assert (target.upstream.name, target.server, target.operation) == (upstream, server, operation)
+
+
+def test_first_matching_route_wins(table: RouteTable) -> None:
+    """When two routes match, the earlier one decides."""
+    assert table.match("GET", "/api/status").operation == "status"
+
+
+def test_route_methods_filter(table: RouteTable) -> None:
+    """A route listing methods is skipped for other methods, which fall through to later routes."""
+    assert table.match("GET", "/builds/x").operation == "pull"
+    assert table.match("POST", "/builds/x").operation == "push"
+    assert table.match("GET", "/api/servers/web-1/deploy").operation == "read"
+
+
+def test_pass_credentials_comes_from_the_route(table: RouteTable) -> None:
+    """Only a route that says so passes the client's credentials upstream; the catch-all never does."""
+    assert table.match("POST", "/api/servers/db/exec").pass_credentials is True
+    assert table.match("POST", "/api/servers/db/deploy").pass_credentials is False
+    assert table.match("POST", "/elsewhere").pass_credentials is False
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/servers/web-1/deploy/x",
+        "/api/servers/web-1/deployx",
+        "/api/servers/web-1/deplo",
+        "/api/servers//deploy",
+        "/xapi/servers/web-1/deploy",
+        "/api/servers/web-1/deploy.json",
+        "/buildsx",
+        "/api/servers.web-1/deploy",
+    ],
+    ids=["deeper", "longer-segment", "shorter-segment", "empty-server", "prefix-before", "suffix",
+         "prefix-route-sibling", "dot-is-literal"],
+)
+def test_exact_routes_do_not_match_near_misses(table: RouteTable, path: str) -> None:
+    """Only whole paths match an exact route; near misses use the catch-all."""
+    assert table.match("POST", path) == Target(APP, "app", "write", False)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/servers/web-1/deploy/",
+        "/api/servers/web-1/./deploy",
+        "//api/servers/web-1/deploy",
+        "/api//servers/web-1/deploy",
+        "/api/servers/other/../web-1/deploy",
+        "/api/servers/web-1/deploy/.",
+        "/api/servers/web-1/%64eploy",
+        "/api/servers/web-1/deploy?x=/../status",
+        "/api/servers/web-1/%2e%2e/web-1/deploy",
+    ],
+    ids=["trailing-slash", "dot-segment", "leading-double-slash", "inner-double-slash", "dot-dot", "trailing-dot",
+         "percent-encoded-letter", "query-ignored", "encoded-dot-dot"],
+)
+def test_equivalent_spellings_of_a_route_match_it(table: RouteTable, path: str) -> None:
+    """Paths that upstream servers commonly treat as the route's path need the route's operation, not `write`."""
+    target = table.match("POST", path)
+    assert (target.server, target.operation) == ("web-1", "deploy")
+
+
+@pytest.mark.parametrize("path", ["/", "/a", "/a/b/c", "//"], ids=["root", "one", "deep", "double-slash"])
+def test_root_prefix_route_matches_everything(path: str) -> None:
+    """A `/*` route matches every path, the root included."""
+    assert RouteTable([route("/*", "anything")], UPSTREAMS).match("GET", path).operation == "anything"
+
+
+@pytest.mark.parametrize("path", ["/api/jobs", "/api/jobs/"], ids=["without-slash", "with-slash"])
+def test_configured_trailing_slash_is_not_significant(path: str) -> None:
+    """A route configured with a trailing slash matches the path with or without one."""
+    assert RouteTable([route("/api/jobs/", "jobs")], UPSTREAMS).match("POST", path).operation == "jobs"
+
+
+@pytest.mark.parametrize(
+    ("method", "operation"),
+    [("GET", "read"), ("HEAD", "read"), ("OPTIONS", "read"), ("POST", "write"), ("PUT", "write"),
+     ("PATCH", "write"), ("DELETE", "write"), ("TRACE", "write"), ("get", "write")],
+)
+def test_catch_all_uses_default_upstream_and_read_or_write(table: RouteTable, method: str, operation: str) -> None:
+    """An unrouted request goes to the first upstream as `read` for GET/HEAD/OPTIONS and `write` otherwise."""
+    assert table.match(method, "/not/routed") == Target(APP, "app", operation, False)
+
+
+def test_route_without_upstream_uses_the_default() -> None:
+    """A route that names no upstream goes to the first one, and its server is that upstream's name."""
+    table = RouteTable([route("/jobs", "jobs")], [BUILDS, APP])
+    target = table.match("POST", "/jobs")
+    assert (target.upstream, target.server) == (BUILDS, "builds")
+
+
+def test_route_upstream_overrides_the_default() -> None:
+    """A route that names an upstream sends there, while unrouted requests still use the first."""
+    table = RouteTable([route("/builds/*", "pull", upstream="builds")], UPSTREAMS)
+    assert table.match("GET", "/builds/1").upstream == BUILDS
+    assert table.match("GET", "/other").upstream == APP
+
+
+def test_server_segment_can_name_admin() -> None:
+    """The `{server}` segment is taken as written, so a request can ask for `admin` and scope decides."""
+    assert RouteTable(ROUTES, UPSTREAMS).match("POST", "/api/servers/admin/deploy").server == "admin"
+
+
+def test_route_table_needs_an_upstream() -> None:
+    """A route table without upstreams cannot be built."""
+    with pytest.raises(ValueError):
+        RouteTable([], [])
+
+
+# check_scope ----------------------------------------------------------------
+
+
+def target(server: str = "app", operation: str = "read") -> Target:
+    return Target(APP, server, operation, False)
+
+
+@pytest.mark.parametrize(
+    ("servers", "grants", "target_"),
+    [
+        (["*"], ["*"], target("app", "deploy")),
+        (["app"], ["read"], target("app", "read")),
+        (["admin"], ["keys:*"], target("admin", "keys:read")),
+    ],
+    ids=["wildcards", "exact", "admin-listed"],
+)
+def test_check_scope_passes_granted_requests(servers: list[str], grants: list[str], target_: Target) -> None:
+    """A key granted both the server and the operation passes."""
+    check_scope(Servers(servers), Grants([GrantSet(grants)]), target_)
+
+
+@pytest.mark.parametrize(
+    ("servers", "grants", "target_"),
+    [
+        (["builds"], ["*"], target("app", "read")),
+        (["*"], ["*"], target("admin", "keys:read")),
+        (["*"], ["read"], target("app", "write")),
+        (["*"], [], target("app", "read")),
+        ([], ["*"], target("app", "read")),
+    ],
+    ids=["other-server", "admin-by-wildcard", "operation-missing", "no-grants", "no-servers"],
+)
+def test_check_scope_refuses_with_insufficient_scope(servers: list[str], grants: list[str], target_: Target) -> None:
+    """A server or operation not granted is refused with INSUFFICIENT_SCOPE."""
+    with pytest.raises(Denied) as caught:
+        check_scope(Servers(servers), Grants([GrantSet(grants)]), target_)
+    assert caught.value.outcome is Outcome.INSUFFICIENT_SCOPE
+
+
+def test_encoded_slash_stays_inside_its_segment(table: RouteTable) -> None:
+    """An encoded '/' cannot add a segment: the route still matches, with the server as spelled."""
+    target = table.match("POST", "/api/servers/x%2Fy/deploy")
+    assert (target.server, target.operation) == ("x/y", "deploy")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/servers/web-1/DEPLOY"), ("POST", "/api/servers/web-1/Deploy"), ("GET", "/API/status"),
+     ("GET", "/Builds/x"), ("PUT", "/api/servers/web-1/EXEC")],
+)
+def test_paths_whose_route_depends_on_letter_case_are_refused(table: RouteTable, method: str, path: str) -> None:
+    """Where a case-insensitive upstream would pick another route than the exact reading, the path is a 400."""
+    for _ in range(2):  # and again from the memo
+        with pytest.raises(Denied) as refused:
+            table.match(method, path)
+        assert refused.value.outcome is Outcome.INVALID_TARGET
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "server", "operation"),
+    [("POST", "/api/servers/WEB-1/deploy", "WEB-1", "deploy"), ("GET", "/api/servers/Web-1", "Web-1", "servers:read"),
+     ("GET", "/builds/ABC", "builds", "pull"), ("POST", "/Not/Routed", "app", "write")],
+)
+def test_letter_case_that_selects_the_same_route_is_fine(
+    table: RouteTable, method: str, path: str, server: str, operation: str,
+) -> None:
+    """Upper case in a server name, below a prefix route or outside every route changes nothing."""
+    target = table.match(method, path)
+    assert (target.server, target.operation) == (server, operation)

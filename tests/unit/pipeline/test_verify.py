@@ -1,0 +1,119 @@
+"""argon2 isolation and refusal pacing: bounded threads and queue, and where an invalid_token refusal is held."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.cache.local import KeyCache
+from gateway.keys import SecretHasher
+from gateway.pipeline.lookup import MAX_REFUSAL_DELAY, THROTTLED_HOLD, CachedKey, KeyLookup
+from gateway.pipeline.outcomes import Denied, Outcome
+from gateway.pipeline.verify import THREAD_NICENESS, SecretVerifier, default_concurrency
+from gateway.pipeline.ratelimit_spec import parse_rate_limit
+
+from ...clocks import FakeClock
+
+HASHER = SecretHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_default_concurrency_leaves_a_core_to_the_event_loop(cpus: int, threads: int) -> None:
+    """concurrency = 0 means one thread per CPU but one, and at least one."""
+    assert default_concurrency(cpus) == threads
+
+
+def test_admission_is_bounded_by_concurrency_and_queue() -> None:
+    """concurrency + queue misses are admitted; the next is shed with verification_busy, and places come back."""
+    verifier = SecretVerifier(HASHER, concurrency=2, queue=1)
+    try:
+        with verifier.admit(), verifier.admit(), verifier.admit():
+            with pytest.raises(Denied) as denied:
+                with verifier.admit():
+                    pass
+            assert denied.value.outcome is Outcome.VERIFICATION_BUSY and verifier.shed == 1
+        assert verifier.admitted == 0
+        with verifier.admit():
+            assert verifier.admitted == 1
+    finally:
+        verifier.close()
+
+
+async def test_verify_answers_on_its_own_threads() -> None:
+    """The verifier tells a matching secret from another one."""
+    verifier = SecretVerifier(HASHER, concurrency=1, queue=0)
+    try:
+        secret_hash = HASHER.hash("right")
+        assert await verifier.verify(secret_hash, "right") is True
+        assert await verifier.verify(secret_hash, "wrong") is False
+        assert await verifier.calibrate() > 0
+    finally:
+        verifier.close()
+
+
+@pytest.fixture
+def now() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def lookup(now: FakeClock) -> Iterator[KeyLookup]:
+    """A lookup whose store is never read: only its refusal pacing is used."""
+    cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=0, max_entries=10)
+    instance = KeyLookup(None, pepper=b"pepper", hasher=HASHER, cache=cache,  # type: ignore[arg-type]
+                         default_rate_limit=parse_rate_limit("100/minute"), clock=now)
+    yield instance
+    instance.close()
+
+
+@pytest.mark.parametrize(("pace", "elapsed", "wait"), [(0.010, 0.002, 0.008), (5.0, 0.0, MAX_REFUSAL_DELAY),
+                                                       (0.010, 0.020, 0.0), (0.0, 0.0, 0.0)],
+                         ids=["held", "bounded", "already-late", "uncalibrated"])
+def test_invalid_token_is_held_until_a_verification_would_end(
+    lookup: KeyLookup, now: FakeClock, pace: float, elapsed: float, wait: float,
+) -> None:
+    """An invalid_token refusal waits until start + the verification pace (at most 1 s), never longer."""
+    started = now.now
+    now.now += elapsed
+    lookup.pace = pace
+    assert lookup.refusal_delay(Denied(Outcome.INVALID_TOKEN, "unknown key or wrong secret"), started) == \
+        pytest.approx(wait)
+
+
+@pytest.mark.parametrize(("retry_after", "elapsed", "wait"), [(0.4, 0.1, 0.9), (10.0, 0.0, THROTTLED_HOLD),
+                                                               (0.4, 1.5, 0.0), (None, 0.0, THROTTLED_HOLD)],
+                         ids=["held", "longer-retry", "already-late", "no-retry-after"])
+def test_a_throttled_guess_is_held_one_second(
+    lookup: KeyLookup, now: FakeClock, retry_after: float | None, elapsed: float, wait: float,
+) -> None:
+    """too_many_attempts is answered 1 s after it began, whatever its Retry-After or the verification pace."""
+    started = now.now
+    now.now += elapsed
+    lookup.pace = 0.005
+    denied = Denied(Outcome.TOO_MANY_ATTEMPTS, "too many failed attempts", retry_after=retry_after)
+    assert lookup.refusal_delay(denied, started) == pytest.approx(wait)
+
+
+@pytest.mark.parametrize("outcome", [o for o in Outcome
+                                     if o not in (Outcome.INVALID_TOKEN, Outcome.TOO_MANY_ATTEMPTS)])
+def test_other_refusals_are_not_held(lookup: KeyLookup, now: FakeClock, outcome: Outcome) -> None:
+    """Refusals that tell nothing about an id, and that no flood is made of, are answered at once."""
+    lookup.pace = 0.5
+    assert lookup.refusal_delay(Denied(outcome, retry_after=3.0), now.now) == 0.0
+
+
+async def test_verification_threads_yield_the_cpu_to_the_event_loop() -> None:
+    """The verification threads run at a lower CPU priority (nice) than the thread of the event loop."""
+    verifier = SecretVerifier(HASHER, concurrency=1, queue=0)
+    try:
+        loop = asyncio.get_running_loop()
+        niceness = await loop.run_in_executor(
+            verifier._executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert niceness == min(19, base + THREAD_NICENESS)  # 19 is the lowest priority there is
+    finally:
+        verifier.close()
