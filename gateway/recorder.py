@@ -22,7 +22,7 @@ from datetime import datetime
 from itertools import chain, islice
 from typing import Protocol
 
-from .models import RequestRecord, RequestRow
+from .models import RequestRecord
 
 # Rows per store call: keeps each statement and transaction a sensible size.
 CHUNK_SIZE = 1000
@@ -32,7 +32,7 @@ class RecordSink(Protocol):
     """The part of the key store the recorder writes to."""
 
     async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None: ...
-    async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None: ...
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None: ...
 
 
 class Recorder:
@@ -57,7 +57,7 @@ class Recorder:
         # keys that passed authentication get here, so it is bounded by the
         # number of real keys.
         self._usage: dict[str, tuple[datetime, str | None]] = {}
-        self._requests: deque[RequestRecord | RequestRow] = deque()
+        self._requests: deque[RequestRecord] = deque()
         # One flush at a time, so records put back after a failure keep their order.
         self._flush_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -82,7 +82,7 @@ class Recorder:
         if current is None or at >= current[0]:
             self._usage[key_id] = (at, ip)
 
-    def request(self, record: RequestRecord | RequestRow) -> None:
+    def request(self, record: RequestRecord) -> None:
         if len(self._requests) >= self._max_buffer:
             self._drop(1)
             return
@@ -167,7 +167,7 @@ class Recorder:
             return True
 
     def _put_back(
-        self, usage: Sequence[tuple[str, datetime, str | None]], requests: Sequence[RequestRecord | RequestRow],
+        self, usage: Sequence[tuple[str, datetime, str | None]], requests: Sequence[RequestRecord],
     ) -> None:
         for key_id, at, ip in usage:
             current = self._usage.get(key_id)

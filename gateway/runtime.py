@@ -26,7 +26,9 @@ from .keys import KeyParser
 from .cache.notices import ChangePublisher, ChangeSubscriber
 from .pipeline.client_ip import ClientIpResolver
 from .pipeline.failures import FailureLimiter
-from .pipeline.lookup import CachedKey, KeyLookup
+from .pipeline.authenticate import Authenticator
+from .pipeline.lookup import KeyLookup
+from .pipeline.prepared import PreparedKey
 from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
 from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from .pipeline.scope import RouteTable
@@ -51,10 +53,11 @@ class StartupError(Exception):
 class Runtime:
     settings: Settings
     store: KeyStore
+    authenticator: Authenticator
     gateway: Gateway
     watcher: ChangeWatcher
     recorder: Recorder
-    cache: KeyCache[CachedKey]
+    cache: KeyCache[PreparedKey]
     pruner: AuditPruner
     redis: RedisLink | None = None
     fallback: Fallback | None = None
@@ -120,7 +123,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         pepper = await resolve_pepper(store, settings)
 
         c = settings.cache
-        cache: KeyCache[CachedKey] = KeyCache(
+        cache: KeyCache[PreparedKey] = KeyCache(
             ttl=c.ttl, negative_ttl=c.negative_ttl, stale_if_error=c.stale_if_error, max_entries=c.max_entries,
         )
         link: RedisLink | None = None
@@ -178,18 +181,22 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         stack.push_async_callback(pruner.close)
 
         p = settings.proxy
-        gateway = Gateway(
+        # Stages 1-7, one instance for every listener of this process.
+        authenticator = Authenticator(
             parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
             lookup=lookup,
             client_ips=ClientIpResolver(p.trusted_proxies),
             routes=RouteTable(settings.routes, settings.upstreams),
             limiter=limiter,
+        )
+        gateway = Gateway(
+            authenticator=authenticator,
             forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
             recorder=recorder,
             log_requests=p.access_log,
             targets=TargetCanonicalizer(encoded_slashes=p.encoded_slashes, path_parameters=p.path_parameters),
         )
-        yield Runtime(settings=settings, store=store, gateway=gateway, watcher=watcher, recorder=recorder,
+        yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber,
                       publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
 

@@ -1,11 +1,11 @@
-"""Authentication of admin API requests: the proxy's own stages, on the server ``admin``.
+"""Authentication of admin API requests: the proxy's stages 1-7, on the server ``admin``.
 
-The order is the proxy's (DESIGN.md "The proxy pipeline"): credential,
-lookup, status, client IP, IP allowlist, scope, rate limit. Each stage is the
-very unit the proxy runs, so a key means the same thing on both listeners;
-only the answer differs: a problem+json body instead of the proxy's JSON.
-Every admin request leaves a request record (server ``admin``) in the audit
-trail, refused ones too.
+:class:`~gateway.pipeline.authenticate.Authenticator` runs them, the very
+function the proxy listener calls, so a key means the same thing on both
+listeners (the same order, the same allowlist memo, the same held
+refusals); only the answer differs: a problem+json body instead of the
+proxy's JSON. Every admin request leaves a request record (server
+``admin``) in the audit trail, refused ones too.
 """
 
 from __future__ import annotations
@@ -19,34 +19,28 @@ from aiohttp import web
 
 from ..keys import MalformedKey, looks_like_key_id
 from ..models import RequestRecord
-from ..pipeline.allowlist import check_allowlist
-from ..pipeline.client_ip import IPAddress
-from ..pipeline.credential import bearer_credential
-from ..pipeline.lookup import CachedKey
+from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome
-from ..pipeline.ratelimit import RateLimited, check_rate_limit, ratelimit_headers
-from ..pipeline.scope import ADMIN_SERVER, check_access
-from ..pipeline.status import check_status
-from ..dataplane.proxy import Gateway
-from ..pipeline.responses import answer_of, retry_after_header
+from ..pipeline.prepared import PreparedKey
+from ..pipeline.ratelimit import RateLimited, ratelimit_headers
+from ..pipeline.responses import STORE_RETRY_AFTER, answer_of, retry_after_header
+from ..pipeline.scope import ADMIN_SERVER, Target
+from ..recorder import Recorder
 from ..store import StoreUnavailable
-from .problems import STORE_RETRY_AFTER, Problem
+from .problems import Problem
 
 
 @dataclass
-class Attempt:
-    """What one admin request got through the stages, for its request record."""
+class AdminAttempt:
+    """One admin request: its endpoint's operation and what it got through the stages, for its record."""
 
     operation: str
-    key_id: str | None = None
-    key: CachedKey | None = None
-    client_ip: IPAddress | None = None
+    stages: Attempt = field(default_factory=Attempt)
     outcome: Outcome = Outcome.ALLOWED
     reason: str | None = None
-    rate_headers: dict[str, str] = field(default_factory=dict)
 
 
-ATTEMPT = web.RequestKey("keygate_admin_attempt", Attempt)
+ATTEMPT = web.RequestKey("keygate_admin_attempt", AdminAttempt)
 
 
 def _denial_problem(denied: Denied) -> Problem:
@@ -61,42 +55,40 @@ def _denial_problem(denied: Denied) -> Problem:
 
 
 class AdminAuth:
-    """Runs the stages for one admin request and records it."""
+    """Runs stages 1-7 for one admin request and records it."""
 
-    def __init__(self, gateway: Gateway, *, clock: Callable[[], float] = time.time) -> None:
-        self.gateway = gateway
-        self._clock = clock
+    def __init__(self, authenticator: Authenticator, recorder: Recorder) -> None:
+        self.authenticator = authenticator
+        self.parser = authenticator.parser
+        self.recorder = recorder
         self.decisions: dict[str, int] = {}
+        # One target per operation: the admin API is the server "admin", whatever its upstreams.
+        self._targets: dict[str, Target] = {}
 
-    async def authenticate(self, request: web.Request, operation: str) -> CachedKey:
+    async def authenticate(self, request: web.Request, operation: str) -> PreparedKey:
         """The admin key, allowed to perform ``operation``; else a :class:`Problem` (401/403/429/503).
 
         A 429 is the key's rate limit (with RateLimit headers) or the lookup's
         (too many failed attempts, verification busy: Retry-After only).
         """
         started = time.perf_counter()
-        gw = self.gateway
-        attempt = request[ATTEMPT] = Attempt(operation)
-        try:
-            parsed = bearer_credential(request.headers, gw.parser)
-            attempt.key_id = parsed.key_id
-            attempt.client_ip = gw.client_ips.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
-            key = attempt.key = await gw.lookup.lookup(parsed, str(attempt.client_ip))
-            check_status(key, self._clock())
-            check_allowlist(key.networks, attempt.client_ip)
+        attempt = request[ATTEMPT] = AdminAttempt(operation)
+        target = self._targets.get(operation)
+        if target is None:
             # SECURITY: scope on the server "admin": a "*" server list never covers it.
-            check_access(key.servers, key.grants, ADMIN_SERVER, operation)
-            decision = await check_rate_limit(gw.limiter, key.record.id, key.rate_limit)  # type: ignore[arg-type]
+            target = self._targets[operation] = Target(None, ADMIN_SERVER, operation, False)
+        try:
+            stages = await self.authenticator.authenticate(
+                attempt.stages, request.headers, request.remote or "", request.method, request.path, started,
+                target=target)
         except Denied as denied:
             attempt.outcome, attempt.reason = denied.outcome, denied.reason
-            await gw.lookup.delay_refusal(denied, started)
             raise _denial_problem(denied) from None
         except StoreUnavailable as exc:
             attempt.outcome, attempt.reason = Outcome.STORE_UNAVAILABLE, str(exc)
             raise Problem(503, "temporarily_unavailable", answer_of(Outcome.STORE_UNAVAILABLE)[2],
                           headers={"Retry-After": str(STORE_RETRY_AFTER)}) from None
-        attempt.rate_headers = ratelimit_headers(decision)
-        return key
+        return stages.key  # type: ignore[return-value]
 
     @web.middleware
     async def middleware(
@@ -108,8 +100,8 @@ class AdminAuth:
         attempt = request.get(ATTEMPT)
         if attempt is None:  # not an authenticated endpoint (openapi.json, unknown path)
             return response
-        if attempt.outcome is Outcome.ALLOWED:
-            response.headers.update(attempt.rate_headers)
+        if attempt.outcome is Outcome.ALLOWED and attempt.stages.rate is not None:
+            response.headers.update(ratelimit_headers(attempt.stages.rate))
         self._record(request, attempt, response.status, started)
         return response
 
@@ -121,21 +113,21 @@ class AdminAuth:
         # SECURITY: a pasted (or mistyped) full key in the path must not reach the
         # audit trail: keep its id if it parses, else nothing of it.
         try:
-            shown = self.gateway.parser.parse(given).key_id
+            shown = self.parser.parse(given).key_id
         except MalformedKey:
             shown = "(not a key id)"
         return request.path.replace(given, shown)
 
-    def _record(self, request: web.Request, attempt: Attempt, status: int, started: float) -> None:
+    def _record(self, request: web.Request, attempt: AdminAttempt, status: int, started: float) -> None:
         now = datetime.now(UTC)
-        client = str(attempt.client_ip) if attempt.client_ip is not None else request.remote
-        recorder = self.gateway.recorder
-        if attempt.key is not None and attempt.outcome is Outcome.ALLOWED:
-            recorder.key_used(attempt.key.record.id, now, client)
+        stages = attempt.stages
+        client = stages.client or request.remote
+        if stages.key is not None and attempt.outcome is Outcome.ALLOWED:
+            self.recorder.key_used(stages.key.record.id, now, client)
         self.decisions[attempt.outcome.value] = self.decisions.get(attempt.outcome.value, 0) + 1
-        recorder.request(RequestRecord(
-            at=now, key_id=attempt.key_id, method=request.method,
-            path=self.gateway.parser.redact(self.safe_path(request)), server=ADMIN_SERVER,
+        self.recorder.request(RequestRecord(
+            at=now, key_id=stages.key_id, method=request.method,
+            path=self.parser.redact(self.safe_path(request)), server=ADMIN_SERVER,
             operation=attempt.operation, decision=attempt.outcome.value, status=status, client_ip=client,
             duration_ms=round((time.perf_counter() - started) * 1000.0, 3), reason=attempt.reason,
         ))

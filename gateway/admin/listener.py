@@ -36,7 +36,7 @@ def api_endpoints() -> tuple[Endpoint, ...]:
 
 def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Application:
     """The admin listener's app; ``metrics_dir`` is the per-run directory workers share metrics through."""
-    auth = AdminAuth(rt.gateway)
+    auth = AdminAuth(rt.authenticator, rt.recorder)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -88,7 +88,7 @@ Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "hi
 
 def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
     """This process's numbers now; cheap (a few dozen dict reads)."""
-    gw, lookup, rec = rt.gateway, rt.gateway.lookup, rt.recorder
+    gw, lookup, rec = rt.gateway, rt.authenticator.lookup, rt.recorder
     limited = gw.decisions.get(Outcome.RATE_LIMITED.value, 0) + admin.decisions.get(Outcome.RATE_LIMITED.value, 0)
     passed = sum(n for o, n in gw.decisions.items() if Outcome(o) in PAST_RATE_LIMIT) + \
         admin.decisions.get(Outcome.ALLOWED.value, 0)
@@ -126,7 +126,7 @@ def _redis_values(rt: Runtime) -> dict[str, list[list[Any]]]:
     """The Redis parts' numbers: none without redis.url, so a single node shows no Redis families."""
     if rt.redis is None:
         return {}
-    shared, publisher, subscriber = rt.gateway.lookup.shared, rt.publisher, rt.subscriber
+    shared, publisher, subscriber = rt.authenticator.lookup.shared, rt.publisher, rt.subscriber
     values: dict[str, list[list[Any]]] = {
         "keygate_redis_up": [[int(rt.redis.up)]],
         "keygate_change_notices": [["published", publisher.published if publisher else 0],

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..dataplane.proxy import request_id_of
 from ..manage.service import ConflictError, InvalidInput, NotFound, ServiceError
+from ..pipeline.responses import STORE_RETRY_AFTER
 from ..store import Conflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("keygate.admin")
@@ -25,7 +26,6 @@ log = logging.getLogger("keygate.admin")
 PROBLEM_JSON = "application/problem+json"
 # Problem types are URNs: stable identifiers that need no web page to exist.
 TYPE_PREFIX = "urn:keygate:problem:"
-STORE_RETRY_AFTER = 5
 
 
 class Problem(Exception):

@@ -1,8 +1,10 @@
 """The proxy listener's one handler: the pipeline of DESIGN.md, top to bottom.
 
-Stages refuse by raising :class:`Denied`; system faults (store down) have
-their own answers; :func:`gateway.pipeline.responses.denial` makes every response
-the proxy writes itself. Nothing here waits on a write: stage 9 only
+Stages 1-7 are :class:`~gateway.pipeline.authenticate.Authenticator`'s (the
+admin API runs the same); stage 8 forwards, stage 9 records. Stages refuse
+by raising :class:`Denied`; system faults (store down) have their own
+answers; :func:`gateway.pipeline.responses.denial` makes every response the
+proxy writes itself. Nothing here waits on a write: stage 9 only
 appends to the recorder's buffers.
 """
 
@@ -19,23 +21,16 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .forward import ClientClosed, Forwarder, upstream_request_headers
-from ..keys import KeyParser
-from .latency import Histogram
-from ..models import RequestRow
-from ..pipeline.ratelimit_spec import RateLimitSpec
-from ..pipeline.allowlist import check_allowlist
-from ..pipeline.client_ip import ClientIpResolver
-from ..pipeline.credential import bearer_credential, common_bearer
-from ..pipeline.lookup import CachedKey, KeyLookup
+from ..models import RequestRecord
+from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome, decision_of
-from ..pipeline.ratelimit import RateLimitDecision, RateLimited, RateLimiter, ratelimit_headers
-from ..pipeline.scope import RouteTable, Target, check_scope
-from ..pipeline.status import check_status
+from ..pipeline.ratelimit import RateLimited, ratelimit_headers
+from ..pipeline.responses import denial
 from ..pipeline.target import RequestTarget, TargetCanonicalizer
 from ..recorder import Recorder
-from ..pipeline.responses import denial, status_of
 from ..store import StoreUnavailable
+from .forward import ClientClosed, Forwarder, upstream_request_headers
+from .latency import Histogram
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
@@ -71,27 +66,22 @@ def request_id_of(request: web.BaseRequest, fresh: Callable[[], str] = lambda: s
 
 
 class Gateway:
-    """Authenticates, authorizes, rate-limits and forwards each request."""
+    """The proxy listener's handler: stages 1-7 (:class:`Authenticator`), then forward and record."""
 
     def __init__(
-        self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
-        limiter: RateLimiter, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+        self, *, authenticator: Authenticator, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
         targets: TargetCanonicalizer | None = None,
     ) -> None:
-        self.parser = parser
+        self.authenticator = authenticator
+        self.parser = authenticator.parser
         self.targets = targets if targets is not None else TargetCanonicalizer()
-        self.lookup = lookup
-        self.client_ips = client_ips
-        self._trusts_proxies = client_ips.trusts_anyone
-        self.routes = routes
-        self.limiter = limiter
+        self.client_ips = authenticator.client_ips
+        self._trusts_proxies = self.client_ips.trusts_anyone
         self.forwarder = forwarder
         self.recorder = recorder
         self.log_requests = log_requests
         self.decisions: dict[str, int] = {}
         self.request_ids = RequestIds()
-        # In-process buckets decide without I/O: called directly, not awaited.
-        self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
         # Per decision, bound once per outcome so a request pays one dict lookup.
         self.latency = {decision: Histogram() for decision in ("allowed", "denied", "failed")}
         self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
@@ -102,11 +92,8 @@ class Gateway:
         headers = request.headers
         request_id = request_id_of(request, self.request_ids)
         peer = request.remote or ""
-        key: CachedKey | None = None
-        key_id: str | None = None
-        client: str | None = None  # the client IP as text, for the lookup, the headers and the record
+        attempt = Attempt()
         request_target: RequestTarget | None = None
-        target: Target | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
         status = CLIENT_CLOSED
@@ -115,52 +102,27 @@ class Gateway:
             # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
             # target is a malformed request (400) whoever sends it, so no key is looked up.
             request_target = self.targets(request.raw_path)
-            # 4. Client IP is resolved first: it refuses nothing, so the order of
-            #    refusals stays DESIGN's, and the lookup's failure limiter needs it
-            #    to count per real client behind trusted proxies.
-            client_ip, client = self.client_ips.client(peer, headers)
-            # 1-2, hot path: a key verified before is found by the MAC of its text,
-            #    which proves its syntax too.
-            token = common_bearer(headers)
-            key = self.lookup.cached(token) if token is not None else None
-            if key is None:
-                # 1. Credential: syntax only, no I/O.
-                parsed = bearer_credential(headers, self.parser)
-                key_id = parsed.key_id
-                # 2. Lookup: cache, store, argon2 on a miss.
-                key = await self.lookup.lookup(parsed, str(client))
-            record = key.record
-            key_id = record.id
-            # 3. Status: revoked, expired, member removed.
-            check_status(key, time.time())
-            # 5. IP allowlist.
-            check_allowlist(key.networks, client_ip, key.allowlist_seen, client)
-            # 6. Scope: server and operation from the route table.
-            target = self.routes.match(request.method, request_target.path)
-            check_scope(key.servers, key.grants, target)
-            # 7. Rate limit: only keys that passed every check above are charged.
-            #    In-process buckets answer at once; shared (Redis) ones are awaited.
-            take_now = self._take_now
-            decision = take_now(key_id, key.rate_limit) if take_now is not None \
-                else await self.limiter.take(key_id, key.rate_limit)
-            if not decision.allowed:
-                raise RateLimited(decision)
+            # 1-7. Credential, lookup, status, client IP, allowlist, scope, rate limit.
+            await self.authenticator.authenticate(
+                attempt, headers, peer, request.method, request_target.path, started)
+            key, target, client = attempt.key, attempt.target, attempt.client
             # 8. Forward.
-            answer_headers = ratelimit_headers(decision)
+            answer_headers = ratelimit_headers(attempt.rate)  # type: ignore[arg-type]
             answer_headers["X-Request-Id"] = request_id
             upgrade = headers.get("Upgrade")
             websocket = upgrade is not None and upgrade.lower() == "websocket"
             upstream_headers = upstream_request_headers(
-                request, pass_credentials=target.pass_credentials, identity=key.identity_headers,
-                client_ip=client, peer=peer,
+                request, pass_credentials=target.pass_credentials,  # type: ignore[union-attr]
+                identity=key.identity_headers, client_ip=client, peer=peer,  # type: ignore[union-attr]
                 peer_trusted=self._trusts_proxies and self.client_ips.is_trusted_peer(peer),
-                request_id=request_id, websocket=websocket, pass_method_override=target.pass_method_override,
+                request_id=request_id, websocket=websocket,
+                pass_method_override=target.pass_method_override,  # type: ignore[union-attr]
             )
             forwarded = request_target.forwarded
             if websocket:
-                response = await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer_headers)
+                response = await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer_headers)  # type: ignore[arg-type]
             else:
-                response = await self.forwarder.forward(request, target, forwarded, upstream_headers, answer_headers)
+                response = await self.forwarder.forward(request, target, forwarded, upstream_headers, answer_headers)  # type: ignore[arg-type]
             status = response.status
             return response
         except ClientClosed as closed:
@@ -173,7 +135,6 @@ class Gateway:
             return response
         except Denied as denied:
             outcome, reason = denied.outcome, denied.reason
-            await self.lookup.delay_refusal(denied, started)
             response = denial(outcome, request_id, retry_after=denied.retry_after)
             status = response.status
             return response
@@ -194,36 +155,36 @@ class Gateway:
             return response
         finally:
             # 9. Record: buffered, written in batches off the request path.
-            self._record(request, request_target, key, key_id, target, outcome, reason, status, client or peer,
-                         started)
+            self._record(request, request_target, attempt, outcome, reason, status, peer, started)
 
     def _record(
-        self, request: web.BaseRequest, request_target: RequestTarget | None, key: CachedKey | None,
-        key_id: str | None, target: Target | None, outcome: Outcome, reason: str | None, status: int,
-        client: str, started: float,
+        self, request: web.BaseRequest, request_target: RequestTarget | None, attempt: Attempt, outcome: Outcome,
+        reason: str | None, status: int, peer: str, started: float,
     ) -> None:
         now = datetime.now(UTC)
         elapsed = time.perf_counter() - started
         self._latency_of[outcome].observe(elapsed)
         allowed = outcome is _ALLOWED
-        if allowed and key is not None and status != CLIENT_CLOSED:
-            self.recorder.key_used(key.record.id, now, client or None)
+        client = attempt.client or peer
+        if allowed and attempt.key is not None and status != CLIENT_CLOSED:
+            self.recorder.key_used(attempt.key.record.id, now, client or None)
         decision = self._value_of[outcome]
         decisions = self.decisions
         decisions[decision] = decisions.get(decision, 0) + 1
         # What was judged and forwarded (the raw target if it was refused), with keys shown as their ids.
         # SECURITY: a key pasted into a path or query must not reach the store or the log.
         path = self.parser.redact(request_target.forwarded if request_target is not None else request.raw_path)
-        # Positional, in RequestRow's field order: a keyword call costs twice as much.
-        record = RequestRow(
-            now, key_id, request.method, path, target.server if target else None,
+        target = attempt.target
+        # Positional, in RequestRecord's field order: a keyword call costs twice as much.
+        record = RequestRecord(
+            now, attempt.key_id, request.method, path, target.server if target else None,
             target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
             None if allowed else reason,
         )
         self.recorder.request(record)
         if self.log_requests:
             access_log.info(json.dumps({
-                "event": "request", "key_id": key_id, "method": record.method, "path": record.path,
+                "event": "request", "key_id": attempt.key_id, "method": record.method, "path": record.path,
                 "decision": record.decision, "status": status, "client_ip": record.client_ip,
                 "duration_ms": record.duration_ms,
             }))
@@ -235,4 +196,4 @@ def _started(request: web.BaseRequest) -> bool:
         getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
 
 
-__all__ = ["Gateway", "RequestIds", "request_id_of", "status_of"]
+__all__ = ["Gateway", "RequestIds", "request_id_of"]

@@ -40,12 +40,12 @@ from .ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisUnavailable
 from ..cache.shared import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable
-from .prepared import CachedKey, prepare
+from .prepared import PreparedKey, prepare
 from .failures import FailureLimiter
 from .outcomes import Denied, Outcome
 from .verify import SecretVerifier
 
-__all__ = ["CachedKey", "KeyLookup", "MAX_REFUSAL_DELAY", "THROTTLED_HOLD"]
+__all__ = ["KeyLookup", "MAX_REFUSAL_DELAY", "THROTTLED_HOLD"]
 
 # An invalid_token refusal is never held longer than this, whatever a verification has been taking.
 MAX_REFUSAL_DELAY = 1.0
@@ -60,7 +60,7 @@ CLEAN, SUSPECT = 1, 2
 
 class KeyLookup:
     def __init__(
-        self, store: KeyStore, *, pepper: bytes, hasher: SecretHasher, cache: KeyCache[CachedKey],
+        self, store: KeyStore, *, pepper: bytes, hasher: SecretHasher, cache: KeyCache[PreparedKey],
         default_rate_limit: RateLimitSpec, verify_concurrency: int = 0, verify_queue: int = 64,
         failures: FailureLimiter | None = None, shared: SharedKeyCache | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -74,7 +74,7 @@ class KeyLookup:
         self.verifier = SecretVerifier(hasher, concurrency=verify_concurrency, queue=verify_queue)
         self.failures = failures if failures is not None else FailureLimiter()
         # (digest, suspicion level) -> the load in progress; see lookup() for why the level is part of the key.
-        self._inflight: dict[tuple[str, int], asyncio.Future[CachedKey | None]] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Future[PreparedKey | None]] = {}
         # key id -> digest of the one text argon2 accepted for it, oldest first; bounded like the cache.
         self._proven: dict[str, str] = {}
         # Running average of how long a verified miss takes (store read + argon2), in seconds.
@@ -96,7 +96,7 @@ class KeyLookup:
         """Misses refused because the argon2 queue was full."""
         return self.verifier.shed
 
-    def cached(self, full_key: str) -> CachedKey | None:
+    def cached(self, full_key: str) -> PreparedKey | None:
         """The hot path: a key verified before, found by the MAC of its text; no parsing, no I/O.
 
         Only keys that passed parsing and argon2 are cached, so a hit proves
@@ -134,7 +134,7 @@ class KeyLookup:
             return 0.0
         return max(0.0, started + hold - self._clock())
 
-    async def lookup(self, parsed: ParsedKey, client: str) -> CachedKey:
+    async def lookup(self, parsed: ParsedKey, client: str) -> PreparedKey:
         """The cached key, or Denied (INVALID_TOKEN, TOO_MANY_ATTEMPTS, VERIFICATION_BUSY);
         StoreUnavailable when it cannot be known."""
         digest = self._cache_key(parsed.full)
@@ -159,7 +159,7 @@ class KeyLookup:
             pending = asyncio.ensure_future(self._load(parsed, digest, suspicion, level))
             self._inflight[flight] = pending
 
-            def settled(_done: asyncio.Future[CachedKey | None]) -> None:
+            def settled(_done: asyncio.Future[PreparedKey | None]) -> None:
                 self._inflight.pop(flight, None)
                 self.failures.ended(key_id)
 
@@ -183,7 +183,7 @@ class KeyLookup:
             raise Denied(Outcome.INVALID_TOKEN, "unknown key or wrong secret")
         return found
 
-    async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None, level: int) -> CachedKey | None:
+    async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None, level: int) -> PreparedKey | None:
         started = self._clock()
         generation = self.cache.generation
         slot: Slot | None = None
@@ -199,7 +199,7 @@ class KeyLookup:
                 if isinstance(found, KeyFacts):
                     # SECURITY: an entry under this digest was written only after argon2
                     # accepted this exact key, so it needs no second verification.
-                    entry = self._prepare(found)
+                    entry = prepare(found, self._default_rate_limit)
                     self.cache.put(digest, found.record.id, entry, generation=generation)
                     return entry
         if self._is_proven(parsed.key_id, digest):
@@ -233,8 +233,8 @@ class KeyLookup:
         self._remember(parsed.key_id, digest)
         return await self._admit(facts, digest, slot, generation)
 
-    async def _admit(self, facts: KeyFacts, digest: str, slot: Slot | None, generation: int) -> CachedKey:
-        entry = self._prepare(facts)
+    async def _admit(self, facts: KeyFacts, digest: str, slot: Slot | None, generation: int) -> PreparedKey:
+        entry = prepare(facts, self._default_rate_limit)
         # A change notice that arrived while we read and verified wins: this
         # request may use what it read, but the cache must not keep it.
         self.cache.put(digest, facts.record.id, entry, generation=generation)
@@ -278,6 +278,3 @@ class KeyLookup:
                 await self.shared.put(slot, facts)
         except RedisUnavailable:
             pass
-
-    def _prepare(self, facts: KeyFacts) -> CachedKey:
-        return prepare(facts, self._default_rate_limit)

@@ -16,7 +16,7 @@ from .scope import Grants, GrantSet, Servers
 
 
 @dataclass(frozen=True, slots=True)
-class CachedKey:
+class PreparedKey:
     """A verified key with its checks precomputed."""
 
     record: KeyRecord
@@ -38,7 +38,7 @@ def _epoch(value: object) -> float:
     return value.timestamp() if value is not None else float("inf")  # type: ignore[attr-defined]
 
 
-def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> CachedKey:
+def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> PreparedKey:
     """Parse everything the hot path needs, once, when a key enters the cache."""
     record, role_grants, member_role, member_grants = (
         facts.record, facts.role_grants, facts.member_role, facts.member_grants)
@@ -63,7 +63,7 @@ def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> CachedKey:
         ("X-Keygate-User", record.user),
         ("X-Keygate-Role", role_header or ""),
     )
-    return CachedKey(
+    return PreparedKey(
         record=record, networks=parse_networks(record.ip_allowlist), grants=Grants(sets),
         servers=Servers(record.servers), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
         expires_at=_epoch(record.expires_at), member_role=member_role,

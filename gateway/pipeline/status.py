@@ -6,11 +6,11 @@ that the key exists.
 
 from __future__ import annotations
 
-from .prepared import CachedKey
+from .prepared import PreparedKey
 from .outcomes import Denied, Outcome
 
 
-def check_status(key: CachedKey, now: float) -> None:
+def check_status(key: PreparedKey, now: float) -> None:
     if key.revoked_at <= now:
         raise Denied(Outcome.INVALID_TOKEN, "revoked")
     if key.expires_at <= now:

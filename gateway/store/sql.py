@@ -17,7 +17,7 @@ from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, RequestRow, Role
+from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role
 
 
 class Connection(Protocol):
@@ -370,7 +370,7 @@ class SqlTransaction:
         t = self._d.time_in
         await self._conn.executemany(sql, [(t(at), ip, t(at), t(at), key_id) for key_id, at, ip in usage])
 
-    async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None:
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
         t = self._d.time_in
         await self._conn.insert_many(_INSERT_REQUEST_RECORDS, [
             (t(r.at), r.key_id, r.method, r.path, r.server, r.operation, r.decision, r.status,
@@ -490,7 +490,7 @@ class SqlStore(ABC):
         async with self.transaction() as tx:
             await tx.record_usage(usage)
 
-    async def add_request_records(self, records: Sequence[RequestRecord | RequestRow]) -> None:
+    async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
         async with self.transaction() as tx:
             await tx.add_request_records(records)
 

@@ -103,15 +103,20 @@ async def test_bad_checksum_is_invalid_token(http: aiohttp.ClientSession, gatewa
     assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
 
 
-async def test_refused_keys_are_indistinguishable(http: aiohttp.ClientSession, gateway: Keygate) -> None:
-    """Unknown, wrong-secret, revoked, expired and ex-member keys get byte-identical 401s."""
+async def test_refused_keys_are_indistinguishable_on_both_listeners(
+    http: aiohttp.ClientSession, gateway: Keygate,
+) -> None:
+    """Unknown, wrong-secret, revoked, expired and ex-member keys get byte-identical 401s from the proxy,
+    and byte-identical 401s (problem+json) from the admin API, with the same status and challenge on both."""
     past = datetime.now(UTC) - timedelta(minutes=1)
-    _, good = await gateway.key(name="good", role="admin")
-    revoked_record, revoked = await gateway.key(name="revoked", role="admin")
-    expired_record, expired = await gateway.key(name="expired", role="admin", expires="1d")
+    # Every key would be allowed on both listeners if it were valid: the admin server is named.
+    servers = ["*", "admin"]
+    _, good = await gateway.key(name="good", role="admin", servers=servers)
+    revoked_record, revoked = await gateway.key(name="revoked", role="admin", servers=servers)
+    expired_record, expired = await gateway.key(name="expired", role="admin", servers=servers, expires="1d")
     async with gateway.service() as service:
         await service.set_member("acme", "bob", "admin")
-        _, member_key = await service.create_key(name="bob", org="acme", user="bob", operations=["read"])
+        _, member_key = await service.create_key(name="bob", org="acme", user="bob", role="admin", servers=servers)
         await service.revoke_key(revoked_record.id)
         await service.remove_member("acme", "bob")
         async with service.store.transaction() as tx:
@@ -122,13 +127,21 @@ async def test_refused_keys_are_indistinguishable(http: aiohttp.ClientSession, g
     wrong_secret = generate("kg_")
     wrong_secret = replace(wrong_secret, key_id=good[:15]).full
     await asyncio.sleep(1.0)  # change notices reach the gateway within a second
-    answers = set()
-    for key in (unknown, wrong_secret, revoked, expired, member_key):
-        status, headers, body = await get(http, gateway, {**bearer(key), "X-Request-Id": "same-id"})
-        assert status == 401, key
-        answers.add((headers["WWW-Authenticate"], headers["Content-Type"], body))
-    assert len(answers) == 1
-    assert (await get(http, gateway, bearer(good)))[0] == 200
+    listeners = {"proxy": gateway.proxy_url + "/echo", "admin": gateway.admin_url + "/admin/v1/keys"}
+    answers: dict[str, set[tuple[int, str, str, bytes]]] = {name: set() for name in listeners}
+    for name, url in listeners.items():
+        for key in (unknown, wrong_secret, revoked, expired, member_key):
+            # The same request id each time: it is the one part of an answer that is per request.
+            async with http.get(url, headers={**bearer(key), "X-Request-Id": "same-id"}) as r:
+                answers[name].add((r.status, r.headers["WWW-Authenticate"], r.headers["Content-Type"], await r.read()))
+    assert len(answers["proxy"]) == 1 and len(answers["admin"]) == 1, answers
+    (proxy,), (admin,) = answers["proxy"], answers["admin"]
+    assert proxy[:2] == admin[:2] == (401, f'{REALM}, error="invalid_token"')
+    assert json.loads(proxy[3])["error"] == "invalid_token"
+    assert json.loads(admin[3])["type"] == "urn:keygate:problem:invalid_token"
+    for url in listeners.values():
+        async with http.get(url, headers=bearer(good)) as r:
+            assert r.status == 200
 
 
 # --- timing: an unknown id costs what a wrong secret costs (issue 11) ---------------------------

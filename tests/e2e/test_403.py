@@ -27,6 +27,26 @@ async def test_ip_not_in_allowlist(http: aiohttp.ClientSession, gateway: Keygate
     assert "WWW-Authenticate" not in headers
 
 
+@pytest.mark.parametrize(
+    ("allowlist", "status", "error"),
+    [(["10.0.0.0/8"], 403, "ip_not_allowed"), (["2001:db8::/32", "127.0.0.0/8"], 200, None)],
+    ids=["outside", "inside"],
+)
+async def test_the_admin_api_judges_an_allowlist_as_the_proxy_does(
+    http: aiohttp.ClientSession, gateway: Keygate, allowlist: list[str], status: int, error: str | None,
+) -> None:
+    """The same key from the same address: both listeners allow it, or both refuse it with ip_not_allowed."""
+    _, key = await gateway.key(name="ops", role="admin", servers=["*", "admin"], ip_allowlist=allowlist)
+    answers = []
+    for url in (gateway.proxy_url + "/echo", gateway.admin_url + "/admin/v1/keys"):
+        async with http.get(url, headers=bearer(key)) as r:
+            body = await r.json(content_type=None)
+            answers.append((r.status, "WWW-Authenticate" in r.headers, body.get("error") or body.get("type")))
+    assert answers[0][:2] == answers[1][:2] == (status, False)
+    if error is not None:
+        assert answers == [(403, False, error), (403, False, f"urn:keygate:problem:{error}")]
+
+
 async def test_loopback_allowlist_allows(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """A key allowlisted for 127.0.0.0/8 (and an IPv6 net) works from 127.0.0.1."""
     _, key = await gateway.key(name="ci", role="admin", ip_allowlist=["2001:db8::/32", "127.0.0.0/8"])

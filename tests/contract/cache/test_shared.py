@@ -14,7 +14,8 @@ from gateway.cache.local import KeyCache
 from gateway.config.load import RedisSettings, Settings
 from gateway.keys import KeyParser, cache_key, generate
 from gateway.cache.notices import ChangePublisher
-from gateway.pipeline.lookup import CachedKey, KeyLookup
+from gateway.pipeline.lookup import KeyLookup
+from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.failures import FailureLimiter
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.ratelimit_spec import parse_rate_limit
@@ -49,7 +50,7 @@ async def facts_of(service: KeyService, **kwargs: object) -> tuple[KeyFacts, str
 def a_lookup(store: KeyStore, service: KeyService, pepper: bytes, shared: SharedKeyCache | None,
              failures: FailureLimiter | None = None) -> KeyLookup:
     """One worker's lookup: its own in-process cache, the fleet's shared one."""
-    cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
+    cache: KeyCache[PreparedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
     return KeyLookup(store, pepper=pepper, hasher=service.hasher, cache=cache,
                      default_rate_limit=parse_rate_limit("100/minute"), shared=shared, failures=failures)
 

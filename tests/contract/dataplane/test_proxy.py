@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import RawTestServer, TestServer
 
+from gateway.keys import generate
 from gateway.runtime import Runtime, runtime
 from gateway.config.load import Settings
 from gateway.quickstart import demo_app
@@ -47,7 +50,7 @@ async def test_bad_checksum_costs_no_store_query_and_no_argon2(rt: tuple[Runtime
     service = KeyService(runtime_.store, runtime_.settings, actor="test")
     _, key = await service.create_key(name="ci", role="admin")
     typo = key[:-1] + ("A" if key[-1] != "A" else "B")
-    lookup = runtime_.gateway.lookup
+    lookup = runtime_.authenticator.lookup
     async with aiohttp.ClientSession() as http:
         for bad in (typo, "kg_" + "A" * 50, "nope", key + "x"):
             async with http.get(url + "/x", headers={"Authorization": f"Bearer {bad}"}) as r:
@@ -56,6 +59,42 @@ async def test_bad_checksum_costs_no_store_query_and_no_argon2(rt: tuple[Runtime
         async with http.get(url + "/x", headers={"Authorization": f"Bearer {key}"}) as r:
             assert r.status == 200
         assert (lookup.store_reads, lookup.verifications) == (1, 1)
+
+
+async def test_every_dead_key_gets_the_same_bytes(rt: tuple[Runtime, str]) -> None:
+    """Unknown id, wrong secret, a key refused from the negative cache, revoked, expired and ex-member keys:
+    the proxy's 401s are byte-identical, headers included, though each was refused by another stage."""
+    runtime_, url = rt
+    service = KeyService(runtime_.store, runtime_.settings, actor="test")
+    _, good = await service.create_key(name="good", role="admin")
+    revoked_record, revoked = await service.create_key(name="revoked", role="admin")
+    expired_record, expired = await service.create_key(name="expired", role="admin", expires="1d")
+    await service.set_member("acme", "bob", "admin")
+    _, member_key = await service.create_key(name="bob", org="acme", user="bob", role="admin")
+    await service.revoke_key(revoked_record.id)
+    await service.remove_member("acme", "bob")
+    async with runtime_.store.transaction() as tx:
+        # No user can set a past expiry; the store can, to simulate time passing.
+        await tx.save_key(replace(expired_record, expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+    unknown = generate("kg_").full
+    wrong = replace(generate("kg_"), key_id=good[:15]).full
+    answers = {}
+    async with aiohttp.ClientSession() as http:
+        # The wrong secret twice: the second is refused from the negative cache, without argon2.
+        for name, key in [("unknown", unknown), ("wrong secret", wrong), ("negative cache", wrong),
+                          ("revoked", revoked), ("expired", expired), ("ex-member", member_key)]:
+            async with http.get(url + "/x", headers={"Authorization": f"Bearer {key}", "X-Request-Id": "same"}) as r:
+                headers = {k: v for k, v in r.headers.items() if k != "Date"}
+                answers[name] = (r.status, sorted(headers.items()), await r.read())
+    assert len(set(map(repr, answers.values()))) == 1, answers
+    assert answers["revoked"][0] == 401
+    assert runtime_.authenticator.lookup.verifications == 4  # revoked, expired, ex-member and one wrong secret
+    # Each was refused for its own reason: the records say which (the client never does).
+    await runtime_.recorder.flush()
+    async with runtime_.store.read() as tx:
+        reasons = [r.reason for r in reversed(await tx.list_requests())]
+    assert reasons == ["unknown key or wrong secret", "unknown key or wrong secret", "negative cache", "revoked",
+                       "expired", "user is no longer a member of the org"]
 
 
 async def test_decisions_are_counted(rt: tuple[Runtime, str]) -> None:
@@ -89,7 +128,7 @@ async def test_failure_and_argon2_settings_reach_the_lookup(store_url: str) -> N
         "failures": {"per_client": 4, "per_network": 40, "per_key": 2, "window": 90, "verify_per_second": 0.5},
     })
     async with runtime(settings) as runtime_:
-        lookup = runtime_.gateway.lookup
+        lookup = runtime_.authenticator.lookup
         failures = lookup.failures
         assert (failures.clients.limit, failures.networks.limit, failures.keys.limit) == (4, 40, 2)
         assert failures.window == 90 and failures.clean_budget.interval == failures.suspect_budget.interval == 2.0

@@ -72,8 +72,8 @@ async def test_second_replica_serves_a_key_without_argon2(replicas: list[Replica
     async with aiohttp.ClientSession() as http:
         assert await get(http, url1, key) == 200
         assert await get(http, url2, key) == 200
-    assert (first.gateway.lookup.verifications, second.gateway.lookup.verifications) == (1, 0)
-    assert second.gateway.lookup.store_reads == 0
+    assert (first.authenticator.lookup.verifications, second.authenticator.lookup.verifications) == (1, 0)
+    assert second.authenticator.lookup.store_reads == 0
 
 
 @pytest.mark.parametrize(("replicas", "scripts_per_hit"), [("redis", 1), ("local", 0)], indirect=["replicas"])

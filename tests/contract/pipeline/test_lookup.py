@@ -14,7 +14,8 @@ from gateway.cache.local import KeyCache
 from gateway.cache.change_feed import ChangeWatcher
 from gateway.keys import KeyParser, ParsedKey, SecretHasher, generate
 from gateway.pipeline.failures import FailureLimiter
-from gateway.pipeline.lookup import CachedKey, KeyLookup
+from gateway.pipeline.lookup import KeyLookup
+from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.ratelimit_spec import parse_rate_limit
 from gateway.manage.service import KeyService, resolve_pepper
@@ -32,7 +33,7 @@ def ticks() -> FakeClock:
 
 
 def make_lookup(store: KeyStore, service: KeyService, pepper: bytes, ticks: FakeClock, **options: object) -> KeyLookup:
-    cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
+    cache: KeyCache[PreparedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=1000)
     failures = FailureLimiter(per_client=PER_CLIENT, per_network=50, per_key=PER_KEY, window=60,
                               verify_per_second=1, clock=ticks)
     return KeyLookup(store, pepper=pepper, hasher=options.pop("hasher", service.hasher),  # type: ignore[arg-type]

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.cache.local import KeyCache
-from gateway.keys import SecretHasher
 from gateway.models import KeyRecord
 from gateway.cache.shared import KeyFacts
-from gateway.pipeline.lookup import CachedKey, KeyLookup
+from gateway.pipeline.prepared import PreparedKey, prepare
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.status import check_status
 from gateway.pipeline.ratelimit_spec import parse_rate_limit
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 T = NOW.timestamp()
+DEFAULT_RATE_LIMIT = parse_rate_limit("100/minute")
 
 RECORD = KeyRecord(
     id="kg_7Hq2ZrT9xLmP", kind="integration", name="ci", org="default", user="", role="admin",
@@ -27,22 +25,10 @@ RECORD = KeyRecord(
 )
 
 
-@pytest.fixture
-def lookup() -> Iterator[KeyLookup]:
-    """A lookup used only to prepare cache entries the way the hot path gets them; its store is never read."""
-    cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=0, max_entries=10)
-    instance = KeyLookup(
-        None,  # type: ignore[arg-type]
-        pepper=b"pepper", hasher=SecretHasher(time_cost=1, memory_cost=1024, parallelism=1), cache=cache,
-        default_rate_limit=parse_rate_limit("100/minute"),
-    )
-    yield instance
-    instance.close()
-
-
-def prepared(lookup: KeyLookup, *, is_member: bool = True, **changes: object) -> CachedKey:
+def prepared(*, is_member: bool = True, **changes: object) -> PreparedKey:
+    """The key as the pipeline gets it from the cache (:func:`prepare`, as the lookup calls it)."""
     record = replace(RECORD, **changes)  # type: ignore[arg-type]
-    return lookup._prepare(KeyFacts(record, ("*",), is_member, "member" if is_member else None, ("*",)))
+    return prepare(KeyFacts(record, ("*",), is_member, "member" if is_member else None, ("*",)), DEFAULT_RATE_LIMIT)
 
 
 @pytest.mark.parametrize(
@@ -55,9 +41,9 @@ def prepared(lookup: KeyLookup, *, is_member: bool = True, **changes: object) ->
     ],
     ids=["no-dates", "expires-later", "revocation-scheduled", "per-user-member"],
 )
-def test_active_key_passes(lookup: KeyLookup, changes: dict[str, object]) -> None:
+def test_active_key_passes(changes: dict[str, object]) -> None:
     """An unrevoked, unexpired key (with its user still a member) passes the status check."""
-    check_status(prepared(lookup, **changes), T)
+    check_status(prepared(**changes), T)
 
 
 @pytest.mark.parametrize(
@@ -72,41 +58,41 @@ def test_active_key_passes(lookup: KeyLookup, changes: dict[str, object]) -> Non
     ],
     ids=["revoked-now", "revoked-earlier", "expires-now", "expired", "revoked-and-expired", "member-removed"],
 )
-def test_dead_key_is_invalid_token(lookup: KeyLookup, changes: dict[str, object], is_member: bool) -> None:
+def test_dead_key_is_invalid_token(changes: dict[str, object], is_member: bool) -> None:
     """Revoked (revoked_at <= now), expired (expires_at <= now) and member-removed keys are INVALID_TOKEN."""
     with pytest.raises(Denied) as caught:
-        check_status(prepared(lookup, is_member=is_member, **changes), T)
+        check_status(prepared(is_member=is_member, **changes), T)
     assert caught.value.outcome is Outcome.INVALID_TOKEN
 
 
-def test_scheduled_revocation_takes_effect_on_time(lookup: KeyLookup) -> None:
+def test_scheduled_revocation_takes_effect_on_time() -> None:
     """A revocation set for later (a rotation's grace) lets the key work until then and not after."""
-    key = prepared(lookup, revoked_at=NOW + timedelta(hours=1))
+    key = prepared(revoked_at=NOW + timedelta(hours=1))
     check_status(key, T + 3599)
     with pytest.raises(Denied) as caught:
         check_status(key, T + 3600)
     assert caught.value.outcome is Outcome.INVALID_TOKEN
 
 
-def test_expiry_needs_no_cache_event(lookup: KeyLookup) -> None:
+def test_expiry_needs_no_cache_event() -> None:
     """The same cached entry passes before its expiry and is refused from that instant, with no refresh."""
-    key = prepared(lookup, expires_at=NOW + timedelta(days=30))
+    key = prepared(expires_at=NOW + timedelta(days=30))
     check_status(key, T + 30 * 86400 - 0.001)
     with pytest.raises(Denied):
         check_status(key, T + 30 * 86400)
 
 
-def test_org_level_key_needs_no_membership(lookup: KeyLookup) -> None:
+def test_org_level_key_needs_no_membership() -> None:
     """An org-level key (no user) is not refused for lacking a member record."""
-    check_status(prepared(lookup, is_member=False, user=""), T)
+    check_status(prepared(is_member=False, user=""), T)
 
 
-def test_all_refusals_share_one_outcome(lookup: KeyLookup) -> None:
+def test_all_refusals_share_one_outcome() -> None:
     """Revoked, expired and member-removed keys are told apart only by the log-only reason, never the outcome."""
     keys = [
-        prepared(lookup, revoked_at=NOW),
-        prepared(lookup, expires_at=NOW),
-        prepared(lookup, is_member=False, user="alice"),
+        prepared(revoked_at=NOW),
+        prepared(expires_at=NOW),
+        prepared(is_member=False, user="alice"),
     ]
     refusals = []
     for key in keys:
@@ -117,9 +103,9 @@ def test_all_refusals_share_one_outcome(lookup: KeyLookup) -> None:
     assert len({d.reason for d in refusals}) == 3
 
 
-def test_directly_built_entry_is_checked_by_its_epochs(lookup: KeyLookup) -> None:
+def test_directly_built_entry_is_checked_by_its_epochs() -> None:
     """The stage reads only the entry's epoch fields and member flag, so a hand-built entry behaves the same."""
-    base = prepared(lookup)
+    base = prepared()
     check_status(replace(base, revoked_at=float("inf"), expires_at=float("inf")), T)
     with pytest.raises(Denied):
         check_status(replace(base, revoked_at=T - 1), T)

@@ -11,7 +11,8 @@ import pytest
 
 from gateway.cache.local import KeyCache
 from gateway.keys import SecretHasher
-from gateway.pipeline.lookup import MAX_REFUSAL_DELAY, THROTTLED_HOLD, CachedKey, KeyLookup
+from gateway.pipeline.lookup import MAX_REFUSAL_DELAY, THROTTLED_HOLD, KeyLookup
+from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.verify import THREAD_NICENESS, SecretVerifier, default_concurrency
 from gateway.pipeline.ratelimit_spec import parse_rate_limit
@@ -63,7 +64,7 @@ def now() -> FakeClock:
 @pytest.fixture
 def lookup(now: FakeClock) -> Iterator[KeyLookup]:
     """A lookup whose store is never read: only its refusal pacing is used."""
-    cache: KeyCache[CachedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=0, max_entries=10)
+    cache: KeyCache[PreparedKey] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=0, max_entries=10)
     instance = KeyLookup(None, pepper=b"pepper", hasher=HASHER, cache=cache,  # type: ignore[arg-type]
                          default_rate_limit=parse_rate_limit("100/minute"), clock=now)
     yield instance
