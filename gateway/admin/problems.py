@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..dataplane.proxy import request_id_of
 from ..manage.service import ConflictError, InvalidInput, NotFound, ServiceError
+from ..pipeline.request_ids import request_id_of
 from ..pipeline.responses import STORE_RETRY_AFTER
 from ..store import Conflict, StoreError, StoreUnavailable
 
@@ -44,7 +44,7 @@ class Problem(Exception):
 
 
 def problem_response(request: web.Request, problem: Problem) -> web.Response:
-    request_id = request_id_of(request)
+    request_id = request_id_of(request.headers)
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + problem.code,
         "title": HTTPStatus(problem.status).phrase,

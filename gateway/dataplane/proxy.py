@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import secrets
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -25,6 +21,7 @@ from ..models import RequestRecord
 from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome, decision_of
 from ..pipeline.ratelimit import RateLimited, ratelimit_headers
+from ..pipeline.request_ids import RequestIds, request_id_of
 from ..pipeline.responses import denial
 from ..pipeline.target import RequestTarget, TargetCanonicalizer
 from ..recorder import Recorder
@@ -35,34 +32,8 @@ from .latency import Histogram
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
 _ALLOWED = Outcome.ALLOWED
-
-
-class RequestIds:
-    """Fresh request ids: 32 hex digits of ``os.urandom`` each, like a uuid4's randomness.
-
-    Read 128 ids at a time: one ``getrandom`` call per 128 requests rather than one per
-    request. Each process makes its own after the fork, so workers never share ids.
-    """
-
-    BATCH = 128
-
-    def __init__(self) -> None:
-        self._ready: list[str] = []
-
-    def __call__(self) -> str:
-        if not self._ready:
-            block = os.urandom(16 * self.BATCH).hex()
-            self._ready = [block[i:i + 32] for i in range(0, len(block), 32)]
-        return self._ready.pop()
-
-
-def request_id_of(request: web.BaseRequest, fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
-    """The client's X-Request-Id if it is sane, else a fresh one."""
-    given = request.headers.get("X-Request-Id")
-    return given if given is not None and _REQUEST_ID.fullmatch(given) else fresh()
 
 
 class Gateway:
@@ -90,7 +61,7 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         headers = request.headers
-        request_id = request_id_of(request, self.request_ids)
+        request_id = request_id_of(headers, self.request_ids)
         peer = request.remote or ""
         attempt = Attempt()
         request_target: RequestTarget | None = None
@@ -196,4 +167,4 @@ def _started(request: web.BaseRequest) -> bool:
         getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
 
 
-__all__ = ["Gateway", "RequestIds", "request_id_of"]
+__all__ = ["Gateway"]

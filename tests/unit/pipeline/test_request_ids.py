@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.dataplane.proxy import RequestIds
+from gateway.pipeline.request_ids import RequestIds
 
 
 def test_fresh_request_ids_are_distinct_32_hex_digits_across_batches() -> None:

@@ -1,0 +1,41 @@
+"""Request ids: the client's ``X-Request-Id`` when it is sane, else a fresh one; the same on every listener.
+
+The id goes upstream, comes back in ``X-Request-Id`` and in every answer
+Keygate makes itself (the proxy's JSON ``request_id``, the admin API's
+problem ``instance``), so one request can be followed through the logs of
+the client, Keygate and the upstream.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIds:
+    """Fresh request ids: 32 hex digits of ``os.urandom`` each, like a uuid4's randomness.
+
+    Read 128 ids at a time: one ``getrandom`` call per 128 requests rather than one per
+    request. Each process makes its own after the fork, so workers never share ids.
+    """
+
+    BATCH = 128
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+
+    def __call__(self) -> str:
+        if not self._ready:
+            block = os.urandom(16 * self.BATCH).hex()
+            self._ready = [block[i:i + 32] for i in range(0, len(block), 32)]
+        return self._ready.pop()
+
+
+def request_id_of(headers: Mapping[str, str], fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
+    """The client's X-Request-Id if it is sane, else a fresh one."""
+    given = headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else fresh()
