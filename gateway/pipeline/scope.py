@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..config.load import RouteSettings, UpstreamSettings
+from ..config.schema import RouteSettings, UpstreamSettings
 from .outcomes import Denied, Outcome
 
 ADMIN_SERVER = "admin"

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import RawTestServer, TestServer
 
 from gateway.runtime import Runtime, runtime
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
 from gateway.manage.service import KeyService
 

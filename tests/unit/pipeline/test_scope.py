@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.config.load import RouteSettings, UpstreamSettings
+from gateway.config.schema import RouteSettings, UpstreamSettings
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.scope import Grants, GrantSet, RouteTable, Servers, Target, check_scope
 
