@@ -237,10 +237,14 @@ def _describe(exc: ValidationError) -> list[str]:
             lines.append(f"unknown setting {_dotted(loc)}")
         else:
             ctx = error.get("ctx", {})
+            template = _REASONS.get(error["type"])
             if error["type"] == "value_error":
                 reason = str(ctx["error"])
+            elif template is None:
+                # Already worded, and may hold braces of its own ("{id} appears twice").
+                reason = error["msg"]
             else:
-                reason = _REASONS.get(error["type"], error["msg"]).format(**{k: _plain(v) for k, v in ctx.items()})
+                reason = template.format(**{k: _plain(v) for k, v in ctx.items()})
             lines.append(f"{_dotted(loc)} = {_shown(loc, error['input'])}: {reason}")
     return lines
 

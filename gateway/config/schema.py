@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..pipeline.ratelimit_spec import parse_rate_limit
+from ..pipeline.scope import route_operation, route_path
 from .units import parse_duration, parse_listen, parse_size
 
 # Marks settings that may carry credentials: "url" hides a URL's password,
@@ -41,6 +42,7 @@ _PREFIX = re.compile(r"[a-z][a-z0-9_]{0,14}_")
 # upstream can be granted.
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _OPERATION = re.compile(r"[a-z0-9*][a-z0-9:_.*-]*")
+_PLACEHOLDERS = re.compile(r"\{[^{}]*\}")
 _METHOD = re.compile(r"[A-Za-z]+")
 
 
@@ -453,9 +455,15 @@ class UpstreamSettings(_Section):
 
 class RouteSettings(_Section):
     methods: list[Method] = Field(default_factory=list, description="HTTP methods the route matches; empty = any.")
-    path: str = Field(description="Path the route matches; a {server} segment names the server.")
+    path: str = Field(
+        description="Path the route matches; a {server} segment names the server, any other {name} segment "
+                    "(a whole segment) may be named in the operation."
+    )
     upstream: str | None = Field(None, description="Upstream requests go to; unset = the default (first) upstream.")
-    operation: str = Field(description="Operation a key needs for this route (e.g. deploy, servers:read).")
+    operation: str = Field(
+        description="Operation a key needs for this route (e.g. deploy, servers:read); {name} stands for the "
+                    "path's segment of that name (registry_login:{credential})."
+    )
     pass_credentials: bool = Field(False, description="Forward the client's Authorization header upstream.")
     pass_method_override: bool = Field(
         False,
@@ -470,9 +478,9 @@ class RouteSettings(_Section):
             raise ValueError(
                 "must start with '/' and hold no spaces, query or fragment (e.g. /api/servers/{server}/deploy)"
             )
-        placeholders = [segment for segment in path.split("/") if "{" in segment or "}" in segment]
-        if placeholders not in ([], ["{server}"]):
-            raise ValueError("the only placeholder allowed is {server}, once, as a whole path segment")
+        problems = route_path(path)[2]
+        if problems:
+            _fail([((), path, problem) for problem in problems])
         return path
 
     @field_validator("upstream", mode="before")
@@ -484,11 +492,15 @@ class RouteSettings(_Section):
 
     @field_validator("operation")
     @classmethod
-    def _operation(cls, operation: str) -> str:
-        if _OPERATION.fullmatch(operation) is None:
-            raise ValueError(
-                "must be lowercase letters, digits and ':_.-', with '*' as a wildcard (e.g. deploy, servers:read)"
-            )
+    def _operation(cls, operation: str, info: ValidationInfo) -> str:
+        path = info.data.get("path")  # absent when already reported as invalid
+        problems = route_operation(operation, None if path is None else route_path(path)[1])[1]
+        # Stray braces are route_operation's to report; the rest must be an operation.
+        if _OPERATION.fullmatch(re.sub(r"[{}]", "", _PLACEHOLDERS.sub("x", operation))) is None:
+            problems.insert(0, "must be lowercase letters, digits and ':_.-', with '*' as a wildcard and {name} "
+                               "for a placeholder of the path (e.g. deploy, servers:read, registry_login:{credential})")
+        if problems:
+            _fail([((), operation, problem) for problem in problems])
         return operation
 
 

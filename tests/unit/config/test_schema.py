@@ -142,9 +142,8 @@ def test_settings_are_immutable() -> None:
         ({"upstreams": [APP], "routes": [{"path": "/"}]}, "routes.0.operation is required"),
         ({"upstreams": [APP], "routes": [{"path": "api", "operation": "read"}]}, "routes.0.path = 'api': must start with '/'"),
         ({"upstreams": [APP], "routes": [{"path": "/a?b=1", "operation": "read"}]}, "routes.0.path = '/a?b=1': must start with '/'"),
-        ({"upstreams": [APP], "routes": [{"path": "/a/{id}", "operation": "read"}]}, "routes.0.path = '/a/{id}': the only placeholder allowed is {server}"),
-        ({"upstreams": [APP], "routes": [{"path": "/a/x{server}", "operation": "read"}]}, "routes.0.path = '/a/x{server}': the only placeholder"),
-        ({"upstreams": [APP], "routes": [{"path": "/{server}/{server}", "operation": "read"}]}, "routes.0.path = '/{server}/{server}': the only placeholder"),
+        ({"upstreams": [APP], "routes": [{"path": "/a/x{server}", "operation": "read"}]}, "routes.0.path = '/a/x{server}': a placeholder must be a whole path segment"),
+        ({"upstreams": [APP], "routes": [{"path": "/{server}/{server}", "operation": "read"}]}, "routes.0.path = '/{server}/{server}': {server} appears twice"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "Deploy"}]}, "routes.0.operation = 'Deploy': must be lowercase letters"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": ":read"}]}, "routes.0.operation = ':read': must be lowercase letters"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "read", "methods": ["GET", "GET /"]}]}, "routes.0.methods.1 = 'GET /': must be an HTTP method"),
@@ -196,6 +195,10 @@ def test_invalid_value_is_reported_with_setting_value_and_rule(
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "read", "methods": ["get", "Post"]}]}, lambda s: s.routes[0].methods, ["GET", "POST"]),
         ({"upstreams": [APP], "routes": [{"path": "/api/servers/{server}/deploy", "operation": "deploy"}]}, lambda s: s.routes[0].path, "/api/servers/{server}/deploy"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "*:read"}]}, lambda s: s.routes[0].operation, "*:read"),
+        ({"upstreams": [APP], "routes": [{"path": "/a/{id}", "operation": "read"}]}, lambda s: s.routes[0].path, "/a/{id}"),
+        ({"upstreams": [APP], "routes": [{"path": "/api/registry/{credential}/login", "operation": "registry_login:{credential}"}]}, lambda s: s.routes[0].operation, "registry_login:{credential}"),
+        ({"upstreams": [APP], "routes": [{"path": "/api/servers/{server}/secrets/{name}/*", "operation": "secrets:{name}:read"}]}, lambda s: s.routes[0].operation, "secrets:{name}:read"),
+        ({"upstreams": [APP], "routes": [{"path": "/orgs/{org}/repos/{repo}", "operation": "repos:{org}:{repo}-push"}]}, lambda s: s.routes[0].operation, "repos:{org}:{repo}-push"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "read"}]}, lambda s: s.routes[0].upstream, None),
         ({"upstreams": [{"name": "api.v2", "url": "https://api.example:8443/base"}]}, lambda s: s.upstreams[0].name, "api.v2"),
         ({"upstreams": [{**APP, "timeout": "2m"}]}, lambda s: s.upstreams[0].timeout, 120.0),
@@ -223,6 +226,53 @@ def test_upstream_and_route_problems_come_from_a_file_with_their_index(tmp_path:
     )
     assert problems(tmp_path, config_file=path) == [
         "routes.1.upstream = 'nope': must be a configured upstream (app)"
+    ]
+
+
+# --- route placeholders -------------------------------------------------------------
+
+
+BAD_PLACEHOLDERS = [
+    ("/a/{id}/b/{id}", "read:{id}", "routes.1.path = '/a/{id}/b/{id}': {id} appears twice in the path; give each placeholder its own name"),
+    ("/{server}/x/{server}", "read", "routes.1.path = '/{server}/x/{server}': {server} appears twice in the path"),
+    ("/api/x{id}", "read", "routes.1.path = '/api/x{id}': a placeholder must be a whole path segment, not part of one (x{id})"),
+    ("/api/{a}{b}", "read", "routes.1.path = '/api/{a}{b}': a placeholder must be a whole path segment, not part of one ({a}{b})"),
+    ("/api/{id}.json", "read", "routes.1.path = '/api/{id}.json': a placeholder must be a whole path segment"),
+    ("/api/servers/{server}/deploy", "deploy:{server}", "routes.1.operation = 'deploy:{server}': {server} cannot be part of the operation"),
+    ("/api/registry/{credential}/login", "registry_login:{cred}", "routes.1.operation = 'registry_login:{cred}': {cred} is not a placeholder of the path ({credential})"),
+    ("/api/registry/login", "registry_login:{credential}", "routes.1.operation = 'registry_login:{credential}': {credential} is not a placeholder of the path (it has none)"),
+    ("/api/{id", "read", "routes.1.path = '/api/{id': malformed placeholder in '{id': write {name}"),
+    ("/api/id}", "read", "routes.1.path = '/api/id}': malformed placeholder in 'id}'"),
+    ("/api/{}", "read", "routes.1.path = '/api/{}': malformed placeholder in '{}'"),
+    ("/api/{a-b}", "read", "routes.1.path = '/api/{a-b}': malformed placeholder in '{a-b}'"),
+    ("/api/{id}", "read:{id", "routes.1.operation = 'read:{id': malformed placeholder in 'read:{id'"),
+    ("/api/{id}", "read:id}", "routes.1.operation = 'read:id}': malformed placeholder in 'read:id}'"),
+    ("/api/{id}", "read:{i d}", "routes.1.operation = 'read:{i d}': malformed placeholder in '{i d}'"),
+    ("/{org}/{repo}", "push:{org}{repo}", "routes.1.operation = 'push:{org}{repo}': '{org}{repo}' holds two placeholders"),
+    ("/{org}/{repo}", "push:{org}-{repo}", "routes.1.operation = 'push:{org}-{repo}': '{org}-{repo}' holds two placeholders"),
+]
+
+
+@pytest.mark.parametrize(("path", "operation", "expected"), BAD_PLACEHOLDERS)
+def test_bad_placeholder_is_one_line_naming_the_route(tmp_path: Path, path: str, operation: str, expected: str) -> None:
+    """Each placeholder mistake in a route is one problem line naming the route and its path or operation."""
+    config = write(tmp_path, f'[[upstreams]]\nname = "app"\nurl = "http://a"\n\n'
+                             f'[[routes]]\npath = "/ok/{{id}}"\noperation = "read:{{id}}"\n\n'
+                             f'[[routes]]\npath = "{path}"\noperation = "{operation}"\n')
+    [line] = problems(tmp_path, config_file=config)
+    assert line.startswith(expected), line
+
+
+def test_every_bad_placeholder_of_a_route_is_reported() -> None:
+    """A route with several placeholder mistakes gets a line for each, path and operation alike."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={}, overrides={"upstreams": [APP], "routes": [
+            {"path": "/a/{id}/{id}/x{y}", "operation": "read"},
+            {"path": "/b/{id}", "operation": "read:{server}:{name}"},
+        ]})
+    assert [line.partition("': ")[0] for line in caught.value.problems] == [
+        "routes.0.path = '/a/{id}/{id}/x{y}", "routes.0.path = '/a/{id}/{id}/x{y}",
+        "routes.1.operation = 'read:{server}:{name}", "routes.1.operation = 'read:{server}:{name}",
     ]
 
 
@@ -258,7 +308,8 @@ def test_example_file_commented_settings_are_valid(tmp_path: Path) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     uncommented = re.sub(r"^#(?=[\[a-z])", "", text, flags=re.MULTILINE)
     settings = load(tmp_path, config_file=write(tmp_path, uncommented))
-    assert settings.upstreams[0].name == "app" and settings.routes[0].operation == "deploy"
+    assert settings.upstreams[0].name == "app"
+    assert [route.operation for route in settings.routes] == ["deploy", "registry_login:{credential}"]
 
 
 @pytest.mark.parametrize(
