@@ -20,7 +20,9 @@ from typing import Any, AsyncIterator, NoReturn, TypeVar
 import click
 
 from .manage.audit import AuditEntry, AuditFilter, parse_time
-from .config.load import ConfigError, Settings, load_settings, masked, render_toml
+from .config.load import ConfigError, load_settings
+from .config.render import masked, render_toml
+from .config.schema import Settings
 from .models import KeyRecord, iso
 from .cache.notices import change_publisher
 from .manage.service import (

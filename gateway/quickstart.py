@@ -13,7 +13,8 @@ import click
 from aiohttp import web
 
 from .runtime import StartupError
-from .config.load import ConfigError, Settings, load_settings
+from .config.load import ConfigError, load_settings
+from .config.schema import Settings
 from .process.log_format import configure_logging
 from .serve import event_loop_runner, serve_async
 from .manage.service import KeyService, bootstrap

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .manage.audit import AuditPruner
 from .cache.local import KeyCache
-from .config.load import Settings
+from .config.schema import Settings
 from .dataplane.forward import Forwarder
 from .cache.change_feed import ChangeWatcher
 from .keys import KeyParser

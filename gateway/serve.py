@@ -26,7 +26,7 @@ from aiohttp import web
 
 from .admin.listener import admin_app
 from .runtime import Runtime, StartupError, prepare_store, runtime, store_options, warn_if_exposed
-from .config.load import Settings
+from .config.schema import Settings
 from .process.gc_tuning import settle_heap
 from .dataplane.http_server import ProxyHTTPServer
 from .process.log_format import configure_logging

@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.config.load import RedisSettings, Settings
+from gateway.config.schema import RedisSettings, Settings
 from gateway.cache.redis_link import RedisLink
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store

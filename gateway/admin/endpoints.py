@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..config.load import Settings
+from ..config.schema import Settings
 from ..keys import SecretHasher
 from ..manage.service import KeyService, Notifier
 from ..store import KeyStore

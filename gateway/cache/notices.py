@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from redis.exceptions import RedisError
 
 from .local import KeyCache
-from ..config.load import RedisSettings, Settings
+from ..config.schema import RedisSettings, Settings
 from .redis_link import FIRST_BACKOFF, RedisLink, RedisUnavailable, redis_client
 from .shared import SharedKeyCache
 from ..process.tasks import stop_task

@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..config.load import RedisSettings
+from ..config.schema import RedisSettings
 from ..process.tasks import stop_task
 
 T = TypeVar("T")

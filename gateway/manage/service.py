@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from . import inputs as fields
 from .audit import AuditFilter, AuditPage, Position, query_audit
-from ..config.load import Settings
+from ..config.schema import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
 from ..models import KeyRecord, KeyStatus, Member, Role
 from ..store import KeyStore, Transaction

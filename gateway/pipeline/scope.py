@@ -3,20 +3,48 @@
 The route table is compiled once at start; grants are compiled once when a
 key enters the cache. Per request this is one regex match per route tried
 and, for a key, one dict lookup per operation after the first time.
+
+A route's path may hold placeholders, each a whole segment: ``{server}`` names
+the server, any other ``{name}`` may be used in the operation
+(``registry_login:{credential}``), so ordinary grants limit a key to particular
+resources. The settings check routes with :func:`route_path` and
+:func:`route_operation`, the same reading the table compiles.
 """
 
 from __future__ import annotations
 
 import re
 from urllib.parse import unquote
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config.load import RouteSettings, UpstreamSettings
 from .outcomes import Denied, Outcome
+
+if TYPE_CHECKING:
+    # Types only: the settings validate route paths and operations with this module's grammar.
+    from ..config.schema import RouteSettings, UpstreamSettings
 
 ADMIN_SERVER = "admin"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_SERVER = "server"  # the placeholder naming the server
+
+# A placeholder names one whole path segment: {server} names the server, any other
+# name a value that the route's operation may use ("registry_login:{credential}").
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_BRACED = re.compile(r"(\{[^{}]*\})")
+# SECURITY: a segment's value goes into the operation only when it is made of RFC 3986
+# unreserved characters (letters, digits, "-._~"); any other path is refused (400). Grants
+# read ":" as the separator their wildcards anchor on and "*" as a wildcard, so a value
+# holding them could make the operation match grants never meant for it: with
+# "registry_login:{credential}", "/api/registry/x:read/login" would need
+# "registry_login:x:read", which a key granted only "*:read" holds. Such values are refused
+# rather than escaped: an escape's hex digits could still meet a grant's literal text
+# ("registry_login:*2" would match the "%C3%A2" of "â"), and no exact grant (lower-case
+# letters, digits, ":_.-") could name an escaped value anyway. Letter case is kept: grants
+# are lower case, so "GHCR-Prod" is matched only by a wildcard covering it, never by the
+# exact grant for "ghcr-prod", which a case-sensitive upstream reads as another resource.
+_OPERATION_VALUE = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 class GrantSet:
@@ -87,12 +115,15 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class _Route:
     methods: frozenset[str]
-    # One entry per path segment: the literal text, or None for {server}.
+    # One entry per path segment: the literal text, or None for a placeholder.
     segments: tuple[str | None, ...]
     prefix: bool  # a trailing "/*": matches this path and anything below it
     server_index: int | None
     upstream: UpstreamSettings
     operation: str
+    # The operation in pieces when it uses placeholders: literal text, or the index of the
+    # path segment whose value goes there. Empty when the operation is fixed.
+    operation_pieces: tuple[str | int, ...]
     pass_credentials: bool
     pass_method_override: bool
 
@@ -106,6 +137,21 @@ class _Route:
             if want is not None and want != got:
                 return None
         return segments[self.server_index] if self.server_index is not None else self.upstream.name
+
+    def operation_of(self, segments: tuple[str, ...]) -> str | None:
+        """The operation a request for ``segments`` (a path this route matches) needs, or None
+        when a segment's value may not go into it."""
+        if not self.operation_pieces:
+            return self.operation
+        operation = []
+        for piece in self.operation_pieces:
+            if isinstance(piece, str):
+                operation.append(piece)
+            elif _OPERATION_VALUE.fullmatch(segments[piece]) is None:
+                return None
+            else:
+                operation.append(segments[piece])
+        return "".join(operation)
 
 
 def path_segments(raw_path: str) -> tuple[str, ...]:
@@ -124,15 +170,77 @@ def path_segments(raw_path: str) -> tuple[str, ...]:
     return tuple(segments)
 
 
+def route_path(path: str) -> tuple[tuple[str | None, ...], dict[str, int], list[str]]:
+    """A route's path as the table reads it: its segments (literal text, or None for a
+    placeholder; a trailing ``/*`` left out), the segment index of each placeholder by name,
+    and what is wrong with it, one line per problem.
+
+    The settings check routes with this, so what loads is exactly what the table compiles.
+    """
+    segments: list[str | None] = []
+    placeholders: dict[str, int] = {}
+    problems: list[str] = []
+    for part in path_segments(path[:-2] if path.endswith("/*") else path):
+        placeholder = _PLACEHOLDER.fullmatch(part)
+        if placeholder is None:
+            if "{" in part or "}" in part:
+                problems.append(
+                    f"a placeholder must be a whole path segment, not part of one ({part})"
+                    if _PLACEHOLDER.search(part) else
+                    f"malformed placeholder in {part!r}: write {{name}}, a name of letters, digits and '_'"
+                )
+            segments.append(part)
+            continue
+        if placeholder[1] in placeholders:
+            problems.append(f"{part} appears twice in the path; give each placeholder its own name")
+        placeholders.setdefault(placeholder[1], len(segments))
+        segments.append(None)
+    return tuple(segments), placeholders, problems
+
+
+def route_operation(operation: str, placeholders: Mapping[str, int] | None) -> tuple[tuple[str | int, ...], list[str]]:
+    """A route's operation in pieces (literal text, or the index of the path segment whose value
+    goes there) and what is wrong with it, one line per problem.
+
+    ``placeholders`` are the path's (:func:`route_path`); None when the path is itself wrong,
+    and then only the operation's own form is checked.
+    """
+    pieces: list[str | int] = []
+    problems: list[str] = []
+    for text in _BRACED.split(operation):
+        placeholder = _PLACEHOLDER.fullmatch(text)
+        if placeholder is None:
+            if "{" in text or "}" in text:
+                problems.append(f"malformed placeholder in {text!r}: write {{name}}, a name of letters, digits and '_'")
+            elif text:
+                pieces.append(text)
+        elif placeholder[1] == _SERVER:
+            problems.append("{server} cannot be part of the operation: the server is checked on its own, "
+                            "against the key's servers")
+        elif placeholders is not None and placeholder[1] not in placeholders:
+            defined = ", ".join(f"{{{name}}}" for name in placeholders if name != _SERVER)
+            problems.append(f"{text} is not a placeholder of the path ({defined or 'it has none'})")
+        elif placeholders is not None:
+            pieces.append(placeholders[placeholder[1]])
+    # SECURITY: values hold no ":", so one placeholder per ":"-separated part keeps every
+    # operation naming one set of values; "{owner}-{repo}" would read "a-b-c" two ways.
+    for part in operation.split(":"):
+        if len(_PLACEHOLDER.findall(part)) > 1:
+            problems.append(f"{part!r} holds two placeholders, which could not be told apart; "
+                            "separate them with ':'")
+    return tuple(pieces), problems
+
+
 def _compile(route: RouteSettings, upstream: UpstreamSettings) -> _Route:
-    prefix = route.path.endswith("/*")
-    parts = path_segments(route.path[:-2] if prefix else route.path)
-    segments = tuple(None if part == "{server}" else part for part in parts)
+    segments, placeholders, problems = route_path(route.path)
+    pieces, operation_problems = route_operation(route.operation, placeholders)
+    if problems or operation_problems:  # the settings refuse these; routes built by hand may not
+        raise ValueError(f"route {route.path}: " + "; ".join(problems + operation_problems))
     return _Route(
-        methods=frozenset(route.methods), segments=segments, prefix=prefix,
-        server_index=segments.index(None) if None in segments else None, upstream=upstream,
-        operation=route.operation, pass_credentials=route.pass_credentials,
-        pass_method_override=route.pass_method_override,
+        methods=frozenset(route.methods), segments=segments, prefix=route.path.endswith("/*"),
+        server_index=placeholders.get(_SERVER), upstream=upstream, operation=route.operation,
+        operation_pieces=pieces if any(type(piece) is int for piece in pieces) else (),
+        pass_credentials=route.pass_credentials, pass_method_override=route.pass_method_override,
         folded=tuple(None if part is None else part.lower() for part in segments),
     )
 
@@ -195,7 +303,10 @@ class RouteTable:
         if route is None:
             # No route: the default upstream, "read" for safe methods, else "write".
             return self._catch_all[method in READ_METHODS]
-        return Target(route.upstream, server, route.operation, route.pass_credentials, route.pass_method_override)
+        operation = route.operation_of(segments)
+        if operation is None:
+            return "a path segment named in the operation holds characters other than letters, digits and '-._~'"
+        return Target(route.upstream, server, operation, route.pass_credentials, route.pass_method_override)
 
     def _first(self, method: str, segments: tuple[str, ...], *, folded: bool = False) -> tuple[_Route | None, str]:
         for route in self._routes:

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin.listener import admin_app
 from gateway.runtime import Runtime, runtime
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import create_store

@@ -23,12 +23,14 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
-    """A running gateway with the default (catch-all) routing in front of the upstream."""
+    """A running gateway in front of the upstream: a few routes (one with a placeholder in its operation), else the catch-all."""
     folder = tmp_path_factory.mktemp("keygate")
     config = (
         '[[routes]]\nmethods = ["POST"]\npath = "/api/servers/{server}/deploy"\noperation = "deploy"\n'
         '[[routes]]\npath = "/api/servers/{server}/*"\noperation = "servers:read"\n'
         '[[routes]]\npath = "/private/*"\noperation = "private"\npass_credentials = true\n'
+        '[[routes]]\nmethods = ["GET", "POST"]\npath = "/api/registry/{credential}/login"\n'
+        'operation = "registry_login:{credential}"\n'
     )
     keygate = Keygate(folder, upstream.url, config=config, proxy='max_body_size = "2GiB"\n').start()
     yield keygate

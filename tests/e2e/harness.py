@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.models import KeyRecord, RequestRecord
 from gateway.manage.service import KeyService
 from gateway.store import create_store

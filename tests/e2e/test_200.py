@@ -14,7 +14,7 @@ from yarl import URL
 from gateway.keys import generate
 
 from .conftest import bearer, from_address, wrong_secret
-from .harness import Keygate, Upstream
+from .harness import Keygate, Upstream, stored_requests
 
 
 async def echo(http: aiohttp.ClientSession, gateway: Keygate, key: str, path: str = "/echo",
@@ -149,6 +149,17 @@ async def test_route_operation_and_server(http: aiohttp.ClientSession, gateway: 
     _, key = await gateway.key(name="deployer", operations=["deploy"], servers=["prod-1"])
     response, body = await echo(http, gateway, key, "/api/servers/prod-1/deploy", method="POST", data=b"go")
     assert response.status == 200 and body["body_len"] == 2
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_key_granted_one_registry_credential_may_use_it(
+    http: aiohttp.ClientSession, gateway: Keygate, method: str
+) -> None:
+    """registry_login:ghcr-prod lets a key through /api/registry/ghcr-prod/login, recorded as that operation."""
+    record, key = await gateway.key(name="registry", operations=["registry_login:ghcr-prod"])
+    response, body = await echo(http, gateway, key, "/api/registry/ghcr-prod/login", method=method)
+    assert response.status == 200 and body["path"] == "/api/registry/ghcr-prod/login"
+    assert [r.operation for r in await stored_requests(gateway, record.id)] == ["registry_login:ghcr-prod"]
 
 
 async def test_pass_credentials_route_keeps_authorization(http: aiohttp.ClientSession, gateway: Keygate) -> None:

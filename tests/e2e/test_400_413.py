@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import aiohttp
 import aiohttp.http_parser
 import pytest
+from yarl import URL
 
 from .conftest import bearer
 from .harness import Keygate, Upstream, stored_requests
@@ -126,6 +127,19 @@ async def test_request_not_for_a_path_is_400_and_closed(
     assert closed
     assert upstream.count() == before
     assert "Traceback" not in gateway.log()[logged:]
+
+
+@pytest.mark.parametrize("credential", ["x:read", "x%3Aread", "*", "%2A"])
+async def test_placeholder_value_that_could_widen_a_grant_is_400(
+    http: aiohttp.ClientSession, gateway: Keygate, upstream: Upstream, credential: str,
+) -> None:
+    """A segment named in the operation may not hold ':' or '*': "x:read" would give a `*:read` key a registry login."""
+    _, key = await gateway.key(name="reader", operations=["*:read"])
+    before = upstream.count()
+    url = URL(f"{gateway.proxy_url}/api/registry/{credential}/login", encoded=True)
+    async with http.post(url, headers=bearer(key)) as response:
+        assert response.status == 400 and (await response.json())["error"] == "invalid_request"
+    assert upstream.count() == before
 
 
 def test_c_parser_is_in_use() -> None:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.keys import generate
 from gateway.manage.service import KeyService
 from gateway.store import create_store

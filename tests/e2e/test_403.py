@@ -103,6 +103,18 @@ async def test_operation_not_granted(http: aiohttp.ClientSession, gateway: Keyga
     assert status == 403 and headers["WWW-Authenticate"] == SCOPE_CHALLENGE
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_key_granted_one_registry_credential_may_not_use_another(
+    http: aiohttp.ClientSession, gateway: Keygate, method: str
+) -> None:
+    """registry_login:ghcr-prod does not reach /api/registry/dockerhub/login: insufficient_scope."""
+    _, key = await gateway.key(name="registry", operations=["registry_login:ghcr-prod"])
+    assert (await call(http, gateway, key, "/api/registry/ghcr-prod/login", method))[0] == 200
+    status, headers, body = await call(http, gateway, key, "/api/registry/dockerhub/login", method)
+    assert status == 403 and headers["WWW-Authenticate"] == SCOPE_CHALLENGE
+    assert body["error"] == "insufficient_scope"
+
+
 async def test_wildcard_server_never_covers_admin(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """servers = ['*'] reaches every server but 'admin'; admin must be named."""
     _, everywhere = await gateway.key(name="all", operations=["*"])

@@ -256,6 +256,35 @@ def test_invalid_config_is_exit_2_with_every_problem(fixed_env: dict[str, str], 
     assert any("lisen" in l for l in lines)
 
 
+@pytest.mark.parametrize(
+    ("path", "operation", "expected"),
+    [
+        ("/api/registry/{credential}/{credential}", "registry_login:{credential}",
+         "routes.0.path = '/api/registry/{credential}/{credential}': {credential} appears twice"),
+        ("/api/registry/x{credential}/login", "registry_login",
+         "routes.0.path = '/api/registry/x{credential}/login': a placeholder must be a whole path segment"),
+        ("/api/servers/{server}/deploy", "deploy:{server}",
+         "routes.0.operation = 'deploy:{server}': {server} cannot be part of the operation"),
+        ("/api/registry/{credential}/login", "registry_login:{cred}",
+         "routes.0.operation = 'registry_login:{cred}': {cred} is not a placeholder of the path"),
+        ("/api/registry/{credential/login", "registry_login",
+         "routes.0.path = '/api/registry/{credential/login': malformed placeholder"),
+    ],
+    ids=["twice", "part-of-a-segment", "server-in-operation", "undefined", "malformed"],
+)
+def test_bad_route_placeholder_is_one_line_and_exit_2(
+    fixed_env: dict[str, str], tmp_path: Path, path: str, operation: str, expected: str
+) -> None:
+    """check-config on a route with a bad placeholder prints one line naming the route, exit status 2."""
+    config = tmp_path / "routes.toml"
+    config.write_text(f'[[upstreams]]\nname = "app"\nurl = "http://127.0.0.1:9"\n'
+                      f'[[routes]]\npath = "{path}"\noperation = "{operation}"\n')
+    result = keygate(fixed_env, "--config", str(config), "check-config", check=False)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"keygate: invalid configuration: {expected}"), line
+
+
 def test_check_config_masks_secrets(fixed_env: dict[str, str]) -> None:
     """check-config prints the effective settings with passwords and the pepper masked."""
     env = {**fixed_env, "KEYGATE_STORE__URL": "postgresql://kg:hunter2@db/keygate",

@@ -420,7 +420,7 @@ operation = "billing:read"
 
 
 async def _create_key(store_url: str) -> str:
-    from gateway.config.load import Settings
+    from gateway.config.schema import Settings
     from gateway.manage.service import KeyService, bootstrap
     from gateway.store import create_store
 

@@ -106,7 +106,7 @@ url = "{upstream}"
 
 async def _create_keys(store_url: str, victims: int) -> tuple[str, list[str]]:
     """The legitimate key, and the victims' ids; argon2 at the default cost, as in production."""
-    from gateway.config.load import Settings
+    from gateway.config.schema import Settings
     from gateway.manage.service import KeyService, bootstrap
     from gateway.store import create_store
 

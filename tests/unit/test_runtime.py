@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 import pytest
 
 from gateway.runtime import rate_limiter, warn_if_exposed
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.pipeline.ratelimit import LocalTokenBuckets
 from gateway.pipeline.ratelimit_redis import LocalFirstBuckets, RedisTokenBuckets
 from gateway.cache.redis_link import RedisLink

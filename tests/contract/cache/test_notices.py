@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.cache.local import KeyCache
-from gateway.config.load import RedisSettings, Settings
+from gateway.config.schema import RedisSettings, Settings
 from gateway.cache.change_feed import ChangeWatcher
 from gateway.cache.notices import ChangePublisher, ChangeSubscriber, change_publisher
 from gateway.cache.redis_link import RedisLink

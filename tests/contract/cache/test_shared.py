@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio
 
 from gateway.cache.local import KeyCache
-from gateway.config.load import RedisSettings, Settings
+from gateway.config.schema import RedisSettings, Settings
 from gateway.keys import KeyParser, cache_key, generate
 from gateway.cache.notices import ChangePublisher
 from gateway.pipeline.lookup import KeyLookup

@@ -12,7 +12,7 @@ import redis.asyncio
 from aiohttp.test_utils import RawTestServer, TestServer
 
 from gateway.runtime import Runtime, runtime
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import create_store

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.config.load import RedisSettings
+from gateway.config.schema import RedisSettings
 from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
 from gateway.pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from gateway.pipeline.ratelimit_spec import parse_rate_limit

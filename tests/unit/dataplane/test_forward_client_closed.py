@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.config.load import UpstreamSettings
+from gateway.config.schema import UpstreamSettings
 from gateway.dataplane.forward import ClientClosed, Forwarder
 from gateway.pipeline.scope import Target
 

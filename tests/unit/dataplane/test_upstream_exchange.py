@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.dataplane import forward
-from gateway.config.load import UpstreamSettings
+from gateway.config.schema import UpstreamSettings
 from gateway.dataplane.deadlines import Deadlines
 from gateway.dataplane.forward import Forwarder
 from gateway.pipeline.scope import Target

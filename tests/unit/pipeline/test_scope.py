@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.config.load import RouteSettings, UpstreamSettings
+from gateway.config.schema import RouteSettings, UpstreamSettings
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.scope import Grants, GrantSet, RouteTable, Servers, Target, check_scope
 
@@ -348,3 +348,125 @@ def test_letter_case_that_selects_the_same_route_is_fine(
     """Upper case in a server name, below a prefix route or outside every route changes nothing."""
     target = table.match(method, path)
     assert (target.server, target.operation) == (server, operation)
+
+
+# Placeholders in the operation ----------------------------------------------
+
+PLACEHOLDER_ROUTES = [
+    route("/api/registry/{credential}/login", "registry_login:{credential}", methods=["GET", "POST"]),
+    route("/api/servers/{server}/secrets/{secret}/*", "secrets:{secret}:read", methods=["GET"]),
+    route("/orgs/{org}/repos/{repo}", "repos:{org}:{repo}-push"),
+    route("/items/{id}", "items:read"),
+]
+
+
+@pytest.fixture
+def placeholders() -> RouteTable:
+    return RouteTable(PLACEHOLDER_ROUTES, UPSTREAMS)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "server", "operation"),
+    [
+        ("POST", "/api/registry/ghcr-prod/login", "app", "registry_login:ghcr-prod"),
+        ("GET", "/api/registry/dockerhub/login", "app", "registry_login:dockerhub"),
+        ("POST", "/api/registry/ghcr%2Dprod/login", "app", "registry_login:ghcr-prod"),
+        ("POST", "/api/registry/other/../ghcr-prod/./login/", "app", "registry_login:ghcr-prod"),
+        ("POST", "/api/registry/GHCR-Prod/login", "app", "registry_login:GHCR-Prod"),
+        ("POST", "/api/registry/v1.2_x~y/login", "app", "registry_login:v1.2_x~y"),
+        ("GET", "/api/servers/web-1/secrets/db-password/versions/3", "web-1", "secrets:db-password:read"),
+        ("PUT", "/orgs/acme/repos/api", "app", "repos:acme:api-push"),
+        ("GET", "/items/42", "app", "items:read"),
+    ],
+    ids=["post", "get", "escaped-letter", "dot-segments", "letter-case-kept", "unreserved", "with-server-and-prefix",
+         "two-placeholders", "unused-placeholder"],
+)
+def test_placeholder_value_goes_into_the_operation(
+    placeholders: RouteTable, method: str, path: str, server: str, operation: str
+) -> None:
+    """A `{name}` in the operation is the path's segment of that name, decoded as the route table reads it."""
+    target = placeholders.match(method, path)
+    assert (target.server, target.operation) == (server, operation)
+
+
+def test_each_path_keeps_its_own_operation(placeholders: RouteTable) -> None:
+    """The memo keys on the path, so each path keeps its own operation when asked again."""
+    paths = ["/api/registry/ghcr-prod/login", "/api/registry/dockerhub/login"] * 2
+    assert [placeholders.match("POST", p).operation for p in paths] == [
+        "registry_login:ghcr-prod", "registry_login:dockerhub"] * 2
+
+
+@pytest.mark.parametrize(
+    ("grants", "path", "allowed"),
+    [
+        (["registry_login:ghcr-prod"], "/api/registry/ghcr-prod/login", True),
+        (["registry_login:ghcr-prod"], "/api/registry/dockerhub/login", False),
+        (["registry_login:ghcr-prod"], "/api/registry/ghcr-prod2/login", False),
+        (["registry_login:ghcr-prod"], "/api/registry/GHCR-PROD/login", False),
+        (["registry_login:*"], "/api/registry/dockerhub/login", True),
+        (["registry_login:ghcr-*"], "/api/registry/ghcr-prod/login", True),
+        (["registry_login:ghcr-*"], "/api/registry/dockerhub/login", False),
+        (["*"], "/api/registry/dockerhub/login", True),
+        (["registry_login"], "/api/registry/dockerhub/login", False),
+        (["*:read"], "/api/registry/dockerhub/login", False),
+        (["registry_login:{credential}"], "/api/registry/dockerhub/login", False),
+    ],
+    ids=["exact", "exact-other", "exact-longer", "exact-other-case", "wildcard", "prefix-wildcard",
+         "prefix-wildcard-other", "everything", "bare-name", "other-wildcard", "literal-template"],
+)
+def test_ordinary_grants_limit_a_key_to_particular_resources(grants: list[str], path: str, allowed: bool) -> None:
+    """Grants match a placeholder's operation as any other: exactly, or by wildcard."""
+    target = RouteTable(PLACEHOLDER_ROUTES, UPSTREAMS).match("POST", path)
+    if allowed:
+        check_scope(Servers(["*"]), Grants([GrantSet(grants)]), target)
+    else:
+        with pytest.raises(Denied) as caught:
+            check_scope(Servers(["*"]), Grants([GrantSet(grants)]), target)
+        assert caught.value.outcome is Outcome.INSUFFICIENT_SCOPE
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/registry/*/login",
+        "/api/registry/%2A/login",
+        "/api/registry/x:read/login",
+        "/api/registry/x%3Aread/login",
+        "/api/registry/ghcr-prod:x/login",
+        "/api/registry/a%25b/login",
+        "/api/registry/a%2Fb/login",
+        "/api/registry/a@b/login",
+        "/api/registry/a+b/login",
+        "/api/registry/caf%C3%A9/login",
+        "/api/registry/a%20b/login",
+    ],
+    ids=["star", "escaped-star", "colon", "escaped-colon", "colon-after-granted", "percent", "encoded-slash",
+         "at", "plus", "non-ascii", "space"],
+)
+def test_values_that_could_widen_a_grant_are_refused(placeholders: RouteTable, path: str) -> None:
+    """A value other than letters, digits and `-._~` never reaches the operation: the path is a 400."""
+    for _ in range(2):  # and again from the memo
+        with pytest.raises(Denied) as refused:
+            placeholders.match("POST", path)
+        assert refused.value.outcome is Outcome.INVALID_TARGET
+
+
+def test_a_colon_in_a_value_cannot_meet_another_grant() -> None:
+    """SECURITY: "x:read" would make registry_login:x:read, which `*:read` matches; it is refused instead."""
+    assert GrantSet(["*:read"]).allows("registry_login:x:read")  # what the refusal prevents
+    with pytest.raises(Denied):
+        RouteTable(PLACEHOLDER_ROUTES, UPSTREAMS).match("POST", "/api/registry/x:read/login")
+
+
+def test_values_are_checked_only_where_the_operation_uses_them(placeholders: RouteTable) -> None:
+    """A placeholder the operation does not name matches any segment, as `{server}` does."""
+    assert placeholders.match("GET", "/items/a:b*").operation == "items:read"
+
+
+def test_route_table_refuses_a_placeholder_the_settings_would() -> None:
+    """A route built without the settings' checks cannot name an undefined placeholder in its operation."""
+    bad = RouteSettings.model_construct(methods=[], path="/api/registry/login", upstream=None,
+                                        operation="registry_login:{credential}", pass_credentials=False,
+                                        pass_method_override=False)
+    with pytest.raises(ValueError, match="credential"):
+        RouteTable([bad], UPSTREAMS)
