@@ -29,8 +29,9 @@ _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
     Outcome.INVALID_TARGET: (
         400, "invalid_request",
         "The request path is ambiguous or malformed: a fragment, an encoded slash or backslash, an encoded "
-        "control character, path parameters, a bad percent-encoding, or letter case that selects another "
-        "route.", None,
+        "control character, path parameters, a bad percent-encoding, letter case that selects another "
+        "route, or a resource name (a path segment that names what a key may act on) with characters other "
+        "than letters, digits and -._~.", None,
     ),
     Outcome.INVALID_UPGRADE: (
         400, "invalid_request",

@@ -103,9 +103,9 @@ class Servers:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a request goes and what it needs."""
+    """Where a request goes and what it needs; the admin API's targets (server ``admin``) have no upstream."""
 
-    upstream: UpstreamSettings
+    upstream: UpstreamSettings | None
     server: str
     operation: str
     pass_credentials: bool
@@ -319,12 +319,8 @@ class RouteTable:
 
 
 def check_scope(servers: Servers, grants: Grants, target: Target) -> None:
-    check_access(servers, grants, target.server, target.operation)
-
-
-def check_access(servers: Servers, grants: Grants, server: str, operation: str) -> None:
-    """Refuse unless the key may perform ``operation`` on ``server`` (the admin API calls this directly)."""
-    if not servers.allows(server):
-        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {server!r} not granted")
-    if not grants.allows(operation):
-        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {operation!r} not granted")
+    """Refuse unless the key may perform the target's operation on its server."""
+    if not servers.allows(target.server):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {target.server!r} not granted")
+    if not grants.allows(target.operation):
+        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {target.operation!r} not granted")
