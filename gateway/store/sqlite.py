@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -15,6 +17,8 @@ import aiosqlite
 
 from .base import Conflict, StoreUnavailable
 from .sql import SQLITE, SqlStore, SqlTransaction
+
+log = logging.getLogger("keygate.store")
 
 
 class _SqliteConnection:
@@ -127,20 +131,50 @@ class SqliteStore(SqlStore):
         db = self._db
         async with self._lock:
             try:
-                await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite store is busy or unusable: {exc}") from None
-            try:
-                yield SqlTransaction(_SqliteConnection(db), SQLITE)
-            except BaseException as exc:
-                await db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.IntegrityError):
+                try:
+                    await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(f"SQLite store is busy or unusable: {exc}") from None
+                try:
+                    yield SqlTransaction(_SqliteConnection(db), SQLITE)
+                except sqlite3.IntegrityError as exc:
                     raise Conflict(str(exc)) from None
-                if isinstance(exc, sqlite3.OperationalError):
+                except sqlite3.OperationalError as exc:
                     raise StoreUnavailable(f"SQLite store failed: {exc}") from None
+                try:
+                    await db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(f"SQLite commit failed: {exc}") from None
+            except BaseException:
+                # Whatever ended the transaction early (an error, or a cancellation of any
+                # of the awaits above), the connection leaves the lock out of any transaction.
+                await _roll_back(db)
                 raise
-            try:
-                await db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                await db.execute("ROLLBACK")
-                raise StoreUnavailable(f"SQLite commit failed: {exc}") from None
+
+
+async def _roll_back(db: aiosqlite.Connection) -> None:
+    """Roll back whatever transaction is open on ``db``, and wait for it even if cancelled meanwhile.
+
+    aiosqlite's worker thread runs every queued statement, in order, whether or
+    not the task awaiting it is still there: a task cancelled while awaiting its
+    BEGIN still has the BEGIN run after it has gone, and a COMMIT that fails
+    leaves SQLite's transaction open. Released then, the lock would hand the
+    next transaction a connection already in one ("cannot start a transaction
+    within a transaction", for every later transaction). A rollback queued now
+    runs after anything a cancelled await left behind, and ``rollback()`` is a
+    no-op when no transaction is open (a BEGIN that failed, a COMMIT that
+    succeeded before its await was cancelled). A cancellation arriving while it
+    runs is raised once it is done, so callers are still cancelled.
+    """
+    rolling_back = asyncio.ensure_future(db.rollback())
+    cancelled: asyncio.CancelledError | None = None
+    while not rolling_back.done():
+        try:
+            await asyncio.wait({rolling_back})  # never cancels what it waits for
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if not rolling_back.cancelled() and (error := rolling_back.exception()) is not None:
+        if not isinstance(error, ValueError):  # aiosqlite's "Connection closed": nothing is open
+            log.warning(json.dumps({"event": "sqlite_rollback_failed", "error": f"{type(error).__name__}: {error}"}))
+    if cancelled is not None:
+        raise cancelled
