@@ -68,10 +68,6 @@ STORE_RETRY_AFTER = 5
 BUSY_RETRY_AFTER = 1
 
 
-def status_of(outcome: Outcome) -> int:
-    return _ANSWERS[outcome][0]
-
-
 def answer_of(outcome: Outcome) -> tuple[int, str, str, str | None]:
     """``(status, error code, public description, WWW-Authenticate or None)`` for ``outcome``."""
     return _ANSWERS[outcome]

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.responses import BUSY_RETRY_AFTER, REALM, STORE_RETRY_AFTER, denial, status_of
+from gateway.pipeline.responses import BUSY_RETRY_AFTER, REALM, STORE_RETRY_AFTER, answer_of, denial
 
 REQUEST_ID = "req-123"
 
@@ -42,7 +42,7 @@ def body_of(response: web.Response) -> dict[str, Any]:
 def test_status_and_challenge(outcome: Outcome, status: int, challenge: str | None) -> None:
     """Each outcome has DESIGN.md's status code and exactly its WWW-Authenticate challenge, or none."""
     response = denial(outcome, REQUEST_ID)
-    assert response.status == status == status_of(outcome)
+    assert response.status == status == answer_of(outcome)[0]
     assert response.headers.get("WWW-Authenticate") == challenge
 
 
