@@ -125,6 +125,9 @@ class Gateway:
             status = response.status
             return response
         finally:
+            if attempt.denied is not None and outcome is _ALLOWED:
+                # The client left while the refusal was held (see Authenticator.authenticate): it was refused.
+                outcome, reason = attempt.denied.outcome, attempt.denied.reason
             # 9. Record: buffered, written in batches off the request path.
             self._record(request, request_target, attempt, outcome, reason, status, peer, started)
 

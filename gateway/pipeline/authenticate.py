@@ -46,11 +46,13 @@ class Attempt:
     Read by the request record whether the request was allowed or refused:
     ``key_id`` is set once a key was claimed (stage 1), ``key`` once it was
     found (2), ``client`` once the address is known (4), ``target`` once the
-    route is (6) and ``rate`` when the bucket allowed it (7). A plain object
-    with slots: one is made per request.
+    route is (6) and ``rate`` when the bucket allowed it (7); ``denied`` is
+    the refusal, set before it is held, so a client that hangs up while it
+    is held is still recorded as refused. A plain object with slots: one is
+    made per request.
     """
 
-    __slots__ = ("key_id", "key", "client_ip", "client", "target", "rate")
+    __slots__ = ("key_id", "key", "client_ip", "client", "target", "rate", "denied")
 
     def __init__(self) -> None:
         self.key_id: str | None = None
@@ -59,6 +61,7 @@ class Attempt:
         self.client: str | None = None  # the client address as text: lookup, allowlist memo, headers, record
         self.target: Target | None = None
         self.rate: RateLimitDecision | None = None
+        self.denied: Denied | None = None
 
 
 class Authenticator:
@@ -131,6 +134,7 @@ class Authenticator:
             attempt.rate = rate
             return attempt
         except Denied as denied:
+            attempt.denied = denied
             # SECURITY: invalid_token is held as long as a verification takes, and throttled
             # guesses 1 s, on every listener alike (see KeyLookup.delay_refusal).
             await self.lookup.delay_refusal(denied, started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,8 @@ async def rt(store_url: str) -> AsyncIterator[tuple[Runtime, str]]:
         await bootstrap(store)
         await store.close()
     async with runtime(settings) as runtime_:
-        proxy = RawTestServer(runtime_.gateway.handle)
+        # As keygate serve runs it: a client that hangs up cancels its handler.
+        proxy = RawTestServer(runtime_.gateway.handle, handler_cancellation=True)
         await proxy.start_server()
         try:
             yield runtime_, str(proxy.make_url(""))
@@ -95,6 +97,29 @@ async def test_every_dead_key_gets_the_same_bytes(rt: tuple[Runtime, str]) -> No
         reasons = [r.reason for r in reversed(await tx.list_requests())]
     assert reasons == ["unknown key or wrong secret", "unknown key or wrong secret", "negative cache", "revoked",
                        "expired", "user is no longer a member of the org"]
+
+
+async def test_a_client_that_hangs_up_while_its_refusal_is_held_is_recorded_as_refused(
+    rt: tuple[Runtime, str],
+) -> None:
+    """An unknown key's 401 is held (as long as a verification takes); a guesser that does not wait for it
+    is still recorded and counted as invalid_token (status 499), never as allowed."""
+    runtime_, url = rt
+    runtime_.authenticator.lookup.pace = 0.8  # the hold: longer than the client waits
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    unknown = generate("kg_")
+    writer.write(f"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {unknown.full}\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(1.0)  # past the hold
+    await runtime_.recorder.flush()
+    async with runtime_.store.read() as tx:
+        records = await tx.list_requests()
+    assert [(r.key_id, r.decision, r.status, r.reason) for r in records] == [
+        (unknown.key_id, "invalid_token", 499, "unknown key or wrong secret")]
+    assert runtime_.gateway.decisions == {"invalid_token": 1}
 
 
 async def test_decisions_are_counted(rt: tuple[Runtime, str]) -> None:
