@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Conflict, KeyStore, StoreError, StoreUnavailable, Transaction
+from .base import Conflict, KeyStore, StoreError, StoreUnavailable, Transaction, Transactions
 
-__all__ = ["Conflict", "KeyStore", "StoreError", "StoreUnavailable", "Transaction", "create_store"]
+__all__ = ["Conflict", "KeyStore", "StoreError", "StoreUnavailable", "Transaction", "Transactions", "create_store"]
 
 
 def create_store(url: str, **options: float | int) -> KeyStore:

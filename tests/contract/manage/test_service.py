@@ -36,6 +36,18 @@ async def test_create_returns_the_key_once_and_stores_only_a_hash(service: KeySe
     assert await actions(store, record.id) == ["key.create"]
 
 
+async def test_servers_default_to_everything(service: KeyService) -> None:
+    """No servers means every upstream ('*'); a value given twice counts once."""
+    everywhere, _ = await service.create_key(name="ci", role="admin")
+    listed, _ = await service.create_key(name="ci", operations=["read", "read"],
+                                         servers=["prod-1", "prod-1", "prod-2"],
+                                         ip_allowlist=["10.1.2.3/8", "10.0.0.0/8"])
+    assert everywhere.servers == ("*",)
+    assert (listed.operations, listed.servers, listed.ip_allowlist) == (("read",), ("prod-1", "prod-2"), ("10.0.0.0/8",))
+    updated = await service.update_key(listed.id, servers=[])
+    assert updated.servers == ("*",)
+
+
 async def test_kind_sets_the_prefix(service: KeyService) -> None:
     """An automation key gets the automation prefix."""
     record, full = await service.create_key(name="nightly", kind="automation", role="admin")
