@@ -22,9 +22,7 @@ class InvalidField(ValueError):
 _OPERATION = re.compile(r"[a-z0-9*][a-z0-9:_.*-]{0,63}")
 _SERVER = re.compile(r"\*|[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
-# The same rules as JSON Schema patterns, for the admin API's OpenAPI document.
-OPERATION_PATTERN = f"^{_OPERATION.pattern}$"
-SERVER_PATTERN = f"^({_SERVER.pattern})$"
+# The names' rule as a JSON Schema pattern, for the admin API's path parameters.
 IDENTIFIER_PATTERN = f"^{_IDENT.pattern}$"
 _RELATIVE = re.compile(r"(\d{1,5})([hdwy])")
 _RELATIVE_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1), "y": timedelta(days=365)}
