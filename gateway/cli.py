@@ -19,11 +19,11 @@ from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 import click
 
-from .manage.audit import AuditEntry, AuditFilter, parse_time
+from .manage.audit import AuditEntry, AuditFilter, parse_time, utcnow
 from .config.load import ConfigError, Settings, load_settings, masked, render_toml
 from .models import KeyRecord, iso
 from .cache.notices import change_publisher
-from .manage.service import UNSET, KeyService, ServiceError, bootstrap, utcnow
+from .manage.service import UNSET, KeyService, ServiceError, bootstrap
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, create_store
 
 T = TypeVar("T")

@@ -139,6 +139,7 @@ async def query_audit(
 
 
 def utcnow() -> datetime:
+    """The wall clock of the management plane (the service's and the pruner's default)."""
     return datetime.now(UTC)
 
 

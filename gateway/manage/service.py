@@ -19,11 +19,11 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import inputs as fields
-from .audit import AuditFilter, AuditPage, Position, query_audit
+from .audit import AuditFilter, AuditPage, Position, query_audit, utcnow
 from ..config.load import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
 from ..models import KeyRecord, KeyStatus, Member, Role
@@ -77,10 +77,6 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def hasher_from(settings: Settings) -> SecretHasher:
