@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +21,7 @@ from gateway.cache.redis_link import RedisLink
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store
 
+from .clocks import WALL_START, FakeClock
 from .redis_server import SHARED_REDIS_URL, RedisServer, drop_prefix, unique_prefix
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -89,22 +90,10 @@ async def store(store_url: str) -> AsyncIterator[KeyStore]:
         await s.close()
 
 
-class Clock:
-    """A test clock that only moves when told to."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock[datetime]:
+    """The management plane's wall clock, standing still until a test moves it."""
+    return FakeClock(WALL_START)
 
 
 @pytest.fixture
@@ -115,7 +104,7 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def service(store: KeyStore, settings: Settings, clock: Clock) -> KeyService:
+def service(store: KeyStore, settings: Settings, clock: FakeClock[datetime]) -> KeyService:
     return KeyService(store, settings, actor="test:alice", clock=clock)
 
 

@@ -4,6 +4,7 @@ and reports every problem, each naming the parameter it is about."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, NoReturn
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from gateway.config.load import Settings
 from gateway.manage.service import UNSET, FieldProblem, InvalidInput, KeyService
 
-from ...conftest import Clock
+from ...clocks import FakeClock
 
 OPERATION = ("operation 'Bad!': use lowercase letters, digits and ':_.-', with '*' as a wildcard "
              "(e.g. deploy, servers:read, servers:*, *:read, *)")
@@ -28,7 +29,7 @@ class Untouchable:
 
 
 @pytest.fixture
-def service(settings: Settings, clock: Clock) -> KeyService:
+def service(settings: Settings, clock: FakeClock[datetime]) -> KeyService:
     return KeyService(Untouchable(), settings, actor="test:alice", clock=clock)
 
 
