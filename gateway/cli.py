@@ -21,10 +21,10 @@ import click
 
 from .manage.audit import AuditEntry, AuditFilter, parse_time, utcnow
 from .config.load import ConfigError, Settings, load_settings, masked, render_toml
-from .models import KeyRecord, iso
+from .models import KeyRecord, Role, iso
 from .cache.notices import change_publisher
 from .manage.service import UNSET, KeyService, ServiceError, bootstrap
-from .store import KeyStore, StoreError, StoreUnavailable, Transaction, create_store
+from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
 T = TypeVar("T")
 
@@ -55,13 +55,6 @@ def settings_from(ctx: click.Context, overrides: dict[str, Any] | None = None) -
         sys.exit(EXIT_USAGE)
 
 
-def store_options(settings: Settings) -> dict[str, Any]:
-    s = settings.store
-    if s.url.startswith("sqlite:"):
-        return {}
-    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
-
-
 class StoreOnFirstUse:
     """The configured store, opened (and migrated if embedded) when the service first reads or writes.
 
@@ -76,7 +69,7 @@ class StoreOnFirstUse:
 
     async def _opened(self) -> KeyStore:
         if self._store is None:
-            store = create_store(self.settings.store.url, **store_options(self.settings))
+            store = configured_store(self.settings.store)
             await store.open()
             self._store = store
             if await store.pending_migrations():
@@ -166,6 +159,10 @@ def key_table(records: Sequence[KeyRecord], now: datetime) -> None:
     table(["ID", "NAME", "KIND", "ORG/USER", "ACCESS", "SERVERS", "STATUS", "EXPIRES", "LAST USED"], rows)
 
 
+def role_table(found: Sequence[Role]) -> None:
+    table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
+
+
 def key_details(record: KeyRecord, now: datetime) -> None:
     for name, value in record.public(now).items():
         if isinstance(value, list):
@@ -203,7 +200,7 @@ def migrate(ctx: click.Context) -> None:
     settings = settings_from(ctx)
 
     async def go() -> list[int]:
-        store = create_store(settings.store.url, **store_options(settings))
+        store = configured_store(settings.store)
         await store.open()
         try:
             return await bootstrap(store)
@@ -401,7 +398,7 @@ def roles_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json([r.public() for r in found])
     else:
-        table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
+        role_table(found)
 
 
 @roles.command("show")
@@ -413,7 +410,7 @@ def roles_show(ctx: click.Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json(role.public())
     else:
-        table(["ROLE", "GRANTS"], [[role.name, ", ".join(role.grants)]])
+        role_table([role])
 
 
 @roles.command("set")
