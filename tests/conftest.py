@@ -66,16 +66,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+def store_url(request: pytest.FixtureRequest) -> str:
     """The URL of an empty store of each kind: the contract suite runs against both."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'keygate.db'}"
-    else:
-        name = await create_pg_database()
-        try:
-            yield pg_url_for(name)
-        finally:
-            await drop_pg_database(name)
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_database"))
 
 
 @pytest.fixture
