@@ -19,16 +19,14 @@ from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 import click
 
-from .manage.audit import AuditEntry, AuditFilter, parse_time
+from .manage.audit import AuditEntry, AuditFilter, parse_time, utcnow
 from .config.load import ConfigError, load_settings
 from .config.render import masked, render_toml
 from .config.schema import Settings
-from .models import KeyRecord, iso
+from .models import KeyRecord, Role, iso
 from .cache.notices import change_publisher
-from .manage.service import (
-    UNSET, KeyService, ServiceError, bootstrap, grace_seconds, key_changes, new_key_values, utcnow,
-)
-from .store import KeyStore, StoreError, StoreUnavailable, create_store
+from .manage.service import UNSET, KeyService, ServiceError, bootstrap
+from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
 T = TypeVar("T")
 
@@ -59,26 +57,42 @@ def settings_from(ctx: click.Context, overrides: dict[str, Any] | None = None) -
         sys.exit(EXIT_USAGE)
 
 
-def store_options(settings: Settings) -> dict[str, Any]:
-    s = settings.store
-    if s.url.startswith("sqlite:"):
-        return {}
-    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
+class StoreOnFirstUse:
+    """The configured store, opened (and migrated if embedded) when the service first reads or writes.
 
+    The service checks a command's input before it touches the store, so input
+    refused on its face neither waits for a database nor creates the embedded
+    store's file.
+    """
 
-@asynccontextmanager
-async def opened_store(settings: Settings) -> AsyncIterator[KeyStore]:
-    """The configured store, migrated if embedded, ready for management commands."""
-    store = create_store(settings.store.url, **store_options(settings))
-    await store.open()
-    try:
-        if await store.pending_migrations():
-            if not settings.store.url.startswith("sqlite:"):
-                fail("the store's schema is not up to date: run `keygate migrate` first", EXIT_UNAVAILABLE)
-            await bootstrap(store)  # the embedded store migrates itself
-        yield store
-    finally:
-        await store.close()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: KeyStore | None = None
+
+    async def _opened(self) -> KeyStore:
+        if self._store is None:
+            store = configured_store(self.settings.store)
+            await store.open()
+            self._store = store
+            if await store.pending_migrations():
+                if not self.settings.store.url.startswith("sqlite:"):
+                    fail("the store's schema is not up to date: run `keygate migrate` first", EXIT_UNAVAILABLE)
+                await bootstrap(store)  # the embedded store migrates itself
+        return self._store
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with (await self._opened()).transaction() as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Transaction]:
+        async with (await self._opened()).read() as tx:
+            yield tx
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -95,23 +109,19 @@ def run(coro: Awaitable[T]) -> T:
         fail(f"unexpected error ({type(exc).__name__}): {exc}", EXIT_UNAVAILABLE)
 
 
-def with_service(
-    ctx: click.Context, action: Callable[[KeyService], Awaitable[T]],
-    precheck: Callable[[Settings], object] | None = None,
-) -> T:
-    """Run ``action`` on the configured store; ``precheck`` validates input before the store is opened."""
+def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]]) -> T:
+    """Run ``action`` on the configured store; the service checks the command's input, before the store opens."""
     settings = settings_from(ctx)
-    if precheck is not None:
-        try:
-            precheck(settings)
-        except ServiceError as exc:
-            fail(str(exc))
 
     async def go() -> T:
-        # With redis.url set, changes are published to running gateways at once
-        # (else they see them at their next change-feed poll).
-        async with opened_store(settings) as store, change_publisher(settings) as notifier:
-            return await action(KeyService(store, settings, actor=cli_actor(), notifier=notifier))
+        store = StoreOnFirstUse(settings)
+        try:
+            # With redis.url set, changes are published to running gateways at once
+            # (else they see them at their next change-feed poll).
+            async with change_publisher(settings) as notifier:
+                return await action(KeyService(store, settings, actor=cli_actor(), notifier=notifier))
+        finally:
+            await store.close()
 
     return run(go())
 
@@ -151,6 +161,10 @@ def key_table(records: Sequence[KeyRecord], now: datetime) -> None:
     table(["ID", "NAME", "KIND", "ORG/USER", "ACCESS", "SERVERS", "STATUS", "EXPIRES", "LAST USED"], rows)
 
 
+def role_table(found: Sequence[Role]) -> None:
+    table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
+
+
 def key_details(record: KeyRecord, now: datetime) -> None:
     for name, value in record.public(now).items():
         if isinstance(value, list):
@@ -188,7 +202,7 @@ def migrate(ctx: click.Context) -> None:
     settings = settings_from(ctx)
 
     async def go() -> list[int]:
-        store = create_store(settings.store.url, **store_options(settings))
+        store = configured_store(settings.store)
         await store.open()
         try:
             return await bootstrap(store)
@@ -255,10 +269,11 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
                 operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
                 rate_limit: str | None, expires: str, as_json: bool) -> None:
     """Create a key and print it once."""
-    given = dict(name=name, kind=kind, org=org, user=user, role=role, operations=operations, servers=servers,
-                 ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires)
-    record, full = with_service(ctx, lambda svc: svc.create_key(**given),
-                                precheck=lambda settings: new_key_values(settings, utcnow(), **given))
+    record, full = with_service(ctx, lambda svc: svc.create_key(
+        # --role '' is no role, as for update.
+        name=name, kind=kind, org=org, user=user, role=role or None, operations=operations, servers=servers,
+        ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires,
+    ))
     show_new_key(record, full, as_json, utcnow())
 
 
@@ -317,14 +332,13 @@ def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | N
     """Change a key's settings; what is not given stays as it is."""
     if (clear_operations and operations) or (clear_allow_ip and allow_ips):
         fail("give either a new list or --clear-..., not both")
-    given = dict(
-        name=name, role=UNSET if role is None else role,
+    record = with_service(ctx, lambda svc: svc.update_key(
+        # A command line has no null: --role '' removes the role.
+        key_id, name=name, role=UNSET if role is None else (role or None),
         operations=[] if clear_operations else (operations or None), servers=servers or None,
         ip_allowlist=[] if clear_allow_ip else (allow_ips or None),
         rate_limit=UNSET if rate_limit is None else rate_limit, expires=expires,
-    )
-    record = with_service(ctx, lambda svc: svc.update_key(key_id, **given),
-                          precheck=lambda _settings: key_changes(utcnow(), **given))
+    ))
     if as_json:
         emit_json(record.public(utcnow()))
     else:
@@ -347,8 +361,7 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 @click.pass_context
 def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: bool) -> None:
     """Replace a key with a new one with the same settings."""
-    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace),
-                                  precheck=lambda _settings: grace_seconds(grace))
+    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace))
     show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=iso(old.revoked_at))
 
 
@@ -387,7 +400,7 @@ def roles_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json([r.public() for r in found])
     else:
-        table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
+        role_table(found)
 
 
 @roles.command("show")
@@ -399,7 +412,7 @@ def roles_show(ctx: click.Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json(role.public())
     else:
-        table(["ROLE", "GRANTS"], [[role.name, ", ".join(role.grants)]])
+        role_table([role])
 
 
 @roles.command("set")

@@ -39,7 +39,7 @@ from .recorder import Recorder
 from .cache.redis_link import RedisLink
 from .cache.shared import SharedKeyCache
 from .manage.service import bootstrap, hasher_from, resolve_pepper
-from .store import KeyStore, StoreError, create_store
+from .store import KeyStore, StoreError, configured_store
 from .dataplane.upstream_client import upstream_session
 
 log = logging.getLogger("keygate")
@@ -77,13 +77,6 @@ class Runtime:
         return "off" if self.redis is None else ("up" if self.redis.up else "down")
 
 
-def store_options(settings: Settings) -> dict[str, float | int]:
-    s = settings.store
-    if s.url.startswith("sqlite:"):
-        return {}
-    return {"min_size": s.pool_min_size, "max_size": s.pool_max_size, "connect_timeout": s.connect_timeout}
-
-
 async def prepare_store(store: KeyStore, settings: Settings) -> None:
     """The embedded store migrates itself; PostgreSQL must have been migrated."""
     if settings.store.url.startswith("sqlite:"):
@@ -115,7 +108,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
     if not settings.upstreams:
         raise StartupError("no upstreams configured: add an [[upstreams]] table (name, url) to the config")
     async with AsyncExitStack() as stack:
-        store = create_store(settings.store.url, **store_options(settings))
+        store = configured_store(settings.store)
         await store.open()
         stack.push_async_callback(store.close)
         if migrate:

@@ -25,13 +25,13 @@ from pathlib import Path
 from aiohttp import web
 
 from .admin.listener import admin_app
-from .runtime import Runtime, StartupError, prepare_store, runtime, store_options, warn_if_exposed
+from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_exposed
 from .config.schema import Settings
 from .process.gc_tuning import settle_heap
 from .dataplane.http_server import ProxyHTTPServer
 from .process.log_format import configure_logging
 from .process.tasks import running_tasks
-from .store import StoreError, create_store
+from .store import StoreError, configured_store
 from .config.units import parse_listen
 
 log = logging.getLogger("keygate")
@@ -128,7 +128,7 @@ def _worker_main(settings: Settings, metrics_dir: Path) -> None:
 
 
 async def _prepare_once(settings: Settings) -> None:
-    store = create_store(settings.store.url, **store_options(settings))
+    store = configured_store(settings.store)
     await store.open()
     try:
         await prepare_store(store, settings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +21,7 @@ from gateway.cache.redis_link import RedisLink
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store
 
+from .clocks import WALL_START, FakeClock
 from .redis_server import SHARED_REDIS_URL, RedisServer, drop_prefix, unique_prefix
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -65,16 +66,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+def store_url(request: pytest.FixtureRequest) -> str:
     """The URL of an empty store of each kind: the contract suite runs against both."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'keygate.db'}"
-    else:
-        name = await create_pg_database()
-        try:
-            yield pg_url_for(name)
-        finally:
-            await drop_pg_database(name)
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_database"))
 
 
 @pytest.fixture
@@ -89,22 +83,10 @@ async def store(store_url: str) -> AsyncIterator[KeyStore]:
         await s.close()
 
 
-class Clock:
-    """A test clock that only moves when told to."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock[datetime]:
+    """The management plane's wall clock, standing still until a test moves it."""
+    return FakeClock(WALL_START)
 
 
 @pytest.fixture
@@ -115,7 +97,7 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def service(store: KeyStore, settings: Settings, clock: Clock) -> KeyService:
+def service(store: KeyStore, settings: Settings, clock: FakeClock[datetime]) -> KeyService:
     return KeyService(store, settings, actor="test:alice", clock=clock)
 
 

@@ -1,7 +1,8 @@
 """The admin API's endpoints (DESIGN.md "Admin API"): thin adapters onto :class:`KeyService`.
 
-Every action is the service's, the same one the CLI runs; a handler only
-maps validated input to a service call and the result to the answer's model.
+Every action is the service's, the same one the CLI runs, and so are the
+checks of its values; a handler only maps the parsed input to a service call
+and the result to the answer's model.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..config.schema import Settings
 from ..keys import SecretHasher
-from ..manage.service import KeyService, Notifier
+from ..manage.service import InvalidInput, KeyService, Notifier
 from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
@@ -29,7 +29,7 @@ PREFIX = "/admin/v1"
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """What a handler gets: the service acting as the admin key, and the validated input."""
+    """What a handler gets: the service acting as the admin key, and the parsed query and body."""
 
     service: KeyService
     params: Mapping[str, str]
@@ -70,13 +70,11 @@ class Context:
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
-    """One ``{field, message}`` per problem, with :mod:`gateway.manage.inputs`' messages as they are."""
+    """One ``{field, message}`` per problem with the shape of a query string or body."""
     errors = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-        if error["type"] == "value_error":
-            message = str(error["ctx"]["error"])
-        elif error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden":
             message = "unknown field"
         elif error["type"] == "missing":
             message = "required"
@@ -89,6 +87,18 @@ def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]
 def invalid(errors: list[dict[str, str]]) -> Problem:
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return Problem(422, "invalid_input", f"invalid input: {summary}", errors=errors)
+
+
+def body_field_errors(endpoint: Endpoint, exc: InvalidInput) -> list[dict[str, str]]:
+    """The service's problems with fields of the request body, listed like the body's shape problems.
+
+    A problem with a path parameter (``/roles/{name}``) or with the input as a
+    whole has no body field to name: it is the answer's detail (as the service
+    words it) only when the body has no problem of its own.
+    """
+    declared = endpoint.body.model_fields if endpoint.body is not None else {}
+    return [{"field": p.field, "message": p.message} for p in exc.problems
+            if p.field is not None and p.field.partition(".")[0] in declared]
 
 
 def _parse_query(model: type[BaseModel] | None, request: web.Request) -> Any:
@@ -135,7 +145,12 @@ def route_handler(ctx: Context, endpoint: Endpoint) -> Callable[[web.Request], A
         query = _parse_query(endpoint.query, request)
         body = await _parse_body(endpoint, request)
         service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher, notifier=ctx.notifier)
-        result = await endpoint.handler(Call(service, request.match_info, query, body))
+        try:
+            result = await endpoint.handler(Call(service, request.match_info, query, body))
+        except InvalidInput as exc:
+            if errors := body_field_errors(endpoint, exc):
+                raise invalid(errors) from None
+            raise
         if answer is None:
             return web.Response(status=204)
         # Validated against the declared model on the way out: the answer cannot drift from the document.

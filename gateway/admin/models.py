@@ -1,40 +1,34 @@
 """The admin API's request and response bodies and query strings, as pydantic models.
 
-These models validate every request at the edge (with the same field rules
-the CLI uses, from :mod:`gateway.manage.inputs`) and shape every response; the
-OpenAPI document is generated from them, so it cannot drift from the code.
+The request models check a request's shape: JSON types, required fields and
+unknown fields, which the service layer cannot see once the body is parsed.
+Values are checked once, by the service (:mod:`gateway.manage.service`), as
+for the CLI: a constraint the models state (a name's length, a role's
+grants) is described in the OpenAPI document, not enforced here. The models
+also shape every response, and the document is generated from them, so it
+cannot drift from the code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..manage import inputs as fields
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 
-
-def _rule(check: Callable[[Any], Any]) -> AfterValidator:
-    """A pydantic validator running one of :mod:`gateway.manage.inputs`' checks (its message is the error)."""
-    return AfterValidator(check)
-
-
-Operation = Annotated[str, _rule(fields.operation),
-                      Field(pattern=fields.OPERATION_PATTERN, examples=["deploy", "servers:read", "*:read"])]
-Server = Annotated[str, _rule(fields.server), Field(pattern=fields.SERVER_PATTERN, examples=["prod-1", "*", "admin"])]
-Cidr = Annotated[str, _rule(fields.cidr), Field(examples=["10.0.0.0/8", "2001:db8::/32"])]
-RateLimit = Annotated[str, _rule(fields.rate_limit), Field(examples=["100/minute", "10/second; burst=50"])]
-Org = Annotated[str, _rule(lambda v: fields.identifier("org", v)),
-                Field(pattern=fields.IDENTIFIER_PATTERN, examples=["default", "acme"])]
-User = Annotated[str, _rule(lambda v: fields.identifier("user", v) if v else v),
-                 Field(pattern=f"^$|{fields.IDENTIFIER_PATTERN}", examples=["alice"])]
-RoleName = Annotated[str, _rule(lambda v: fields.identifier("role", v)),
-                     Field(pattern=fields.IDENTIFIER_PATTERN, examples=["admin", "deploy-only"])]
-KeyName = Annotated[str, _rule(fields.key_name), Field(min_length=1, max_length=200, examples=["deploy from CI"])]
+Operation = Annotated[str, Field(examples=["deploy", "servers:read", "*:read"])]
+Server = Annotated[str, Field(examples=["prod-1", "*", "admin"])]
+Cidr = Annotated[str, Field(examples=["10.0.0.0/8", "2001:db8::/32"])]
+RateLimit = Annotated[str, Field(examples=["100/minute", "10/second; burst=50"])]
+Org = Annotated[str, Field(examples=["default", "acme"])]
+User = Annotated[str, Field(examples=["alice"])]
+RoleName = Annotated[str, Field(examples=["admin", "deploy-only"])]
+# Described, not enforced: the service checks names (with its own message).
+KeyName = Annotated[str, Field(examples=["deploy from CI"], json_schema_extra={"minLength": 1, "maxLength": 200})]
 Expires = Annotated[str, Field(
     description=f"When the key stops working: {fields.EXPIRY_FORMS}.", examples=["30d", "never", "2027-01-31"],
 )]
@@ -84,7 +78,9 @@ class KeyRotate(_Edge):
 
 
 class RolePut(_Edge):
-    grants: list[Operation] = Field(min_length=1, description="Operation grants, e.g. deploy, servers:*, *:read.")
+    # Described, not enforced: the service refuses a role without grants.
+    grants: list[Operation] = Field(description="Operation grants, e.g. deploy, servers:*, *:read.",
+                                    json_schema_extra={"minItems": 1})
 
 
 class MemberPut(_Edge):

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from ..manage.inputs import IDENTIFIER_PATTERN
 from .endpoints import PREFIX, Endpoint
 from .models import ProblemOut
 from .problems import PROBLEM_JSON
@@ -23,9 +24,9 @@ REF = "#/components/schemas/{model}"
 # Path parameters as their values look; anything else still gets a clear 404 or 422.
 _PATH_PATTERNS = {
     "id": r"^[A-Za-z0-9_]{1,128}$",
-    "name": r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$",
-    "org": r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$",
-    "user": r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$",
+    "name": IDENTIFIER_PATTERN,
+    "org": IDENTIFIER_PATTERN,
+    "user": IDENTIFIER_PATTERN,
 }
 _PATH_DESCRIPTIONS = {
     "id": "A key's id (e.g. kg_7Hq2ZrT9xLmP); a pasted full key counts as its id.",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from .cursor import INVALID, cursor_time, decode_cursor, encode_cursor
 from ..models import AuditEvent, RequestRecord
-from ..store import KeyStore, StoreError
+from ..store import KeyStore, StoreError, Transactions
 from ..process.tasks import stop_task
 from ..config.units import parse_duration
 
@@ -116,7 +116,7 @@ class AuditPage:
 
 
 async def query_audit(
-    store: KeyStore, wanted: AuditFilter, *, limit: int, after: Position | None = None,
+    store: Transactions, wanted: AuditFilter, *, limit: int, after: Position | None = None,
 ) -> AuditPage:
     """Up to ``limit`` entries matching ``wanted``, newest first, starting after ``after``."""
     events: list[AuditEvent] = []
@@ -139,6 +139,7 @@ async def query_audit(
 
 
 def utcnow() -> datetime:
+    """The wall clock of the management plane (the service's and the pruner's default)."""
     return datetime.now(UTC)
 
 

@@ -1,15 +1,15 @@
 """Validation of the values users give for a key, a role or a member.
 
-Each function returns the normalised value or raises :class:`InvalidField`
-with a message that names the field, the value and what is allowed; the CLI
-and the admin API show that message as it is.
+Each function checks one value and returns it normalised, or raises
+:class:`InvalidField` with a message that names the field, the value and what
+is allowed. The service layer (:mod:`gateway.manage.service`) is their one
+caller: the CLI and the admin API show its messages as they are.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 
 from ..pipeline.ratelimit_spec import InvalidRateLimit, parse_rate_limit
@@ -22,9 +22,7 @@ class InvalidField(ValueError):
 _OPERATION = re.compile(r"[a-z0-9*][a-z0-9:_.*-]{0,63}")
 _SERVER = re.compile(r"\*|[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
-# The same rules as JSON Schema patterns, for the admin API's OpenAPI document.
-OPERATION_PATTERN = f"^{_OPERATION.pattern}$"
-SERVER_PATTERN = f"^({_SERVER.pattern})$"
+# The names' rule as a JSON Schema pattern, for the admin API's path parameters.
 IDENTIFIER_PATTERN = f"^{_IDENT.pattern}$"
 _RELATIVE = re.compile(r"(\d{1,5})([hdwy])")
 _RELATIVE_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1), "y": timedelta(days=365)}
@@ -74,19 +72,10 @@ def operation(text: str) -> str:
     return text
 
 
-def operations(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(operation(v) for v in values))
-
-
 def server(text: str) -> str:
     if not isinstance(text, str) or _SERVER.fullmatch(text) is None:
         raise InvalidField(f"server {text!r}: use '*' or a name of letters, digits and '._-'")
     return text
-
-
-def servers(values: Iterable[str]) -> tuple[str, ...]:
-    result = tuple(dict.fromkeys(server(v) for v in values))
-    return result or ("*",)
 
 
 def cidr(text: str) -> str:
@@ -98,10 +87,6 @@ def cidr(text: str) -> str:
             f"allow-ip {text!r}: use an IPv4 or IPv6 address or CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)"
         ) from None
     return str(network)
-
-
-def cidrs(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(cidr(v) for v in values))
 
 
 def rate_limit(text: str | None) -> str | None:
@@ -121,6 +106,18 @@ def identifier(field: str, text: str) -> str:
             f"{field} {text!r}: use 1-128 letters, digits and '._@:+-', starting with a letter or digit"
         )
     return text
+
+
+def org(text: str) -> str:
+    return identifier("org", text)
+
+
+def user(text: str) -> str:
+    return identifier("user", text)
+
+
+def role(text: str) -> str:
+    return identifier("role", text)
 
 
 def key_name(text: str) -> str:

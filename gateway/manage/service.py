@@ -5,6 +5,11 @@ and a change-feed entry, so an action without its audit record cannot happen
 and running gateways learn of every authorization change. With a notifier
 (Redis configured), the changes are also published once the transaction has
 committed, so gateways hear of them at once instead of at their next poll.
+
+Each action first checks and normalises its input (with :mod:`.inputs`),
+before it reads or writes the store: this is the one place values are
+checked, for the CLI and the admin API alike, so both refuse the same input
+with the same message, and input refused on its face touches no store.
 """
 
 from __future__ import annotations
@@ -14,15 +19,15 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import inputs as fields
-from .audit import AuditFilter, AuditPage, Position, query_audit
+from .audit import AuditFilter, AuditPage, Position, query_audit, utcnow
 from ..config.schema import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
 from ..models import KeyRecord, KeyStatus, Member, Role
-from ..store import KeyStore, Transaction
+from ..store import KeyStore, Transaction, Transactions
 from ..config.units import parse_duration
 
 ADMIN_ROLE = "admin"
@@ -43,8 +48,23 @@ class NotFound(ServiceError):
     pass
 
 
+class FieldProblem(NamedTuple):
+    """One problem with an action's input: the parameter it is about, or None for the input as a whole."""
+
+    field: str | None  # "org", or "operations.1" for an item of a list
+    message: str
+
+
 class InvalidInput(ServiceError):
-    pass
+    """Input the service refuses. ``problems`` lists every one found; the message is the first's.
+
+    A refusal made after the input's form was checked (no such role, not a member, ...) has one
+    problem about the input as a whole.
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[FieldProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems) or (FieldProblem(None, message),)
 
 
 class ConflictError(ServiceError):
@@ -57,10 +77,6 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def hasher_from(settings: Settings) -> SecretHasher:
@@ -88,58 +104,100 @@ async def resolve_pepper(store: KeyStore, settings: Settings) -> bytes:
         return (await tx.set_meta_if_absent("pepper", secrets.token_urlsafe(48))).encode()
 
 
-def _check(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except fields.InvalidField as exc:
-        raise InvalidInput(str(exc)) from None
+T = TypeVar("T")
 
 
-def new_key_values(
-    settings: Settings, now: datetime, *, name: str, kind: str | None = None, org: str = "default",
-    user: str = "", role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
-    ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
+class _Checks:
+    """Checks an action's values with :mod:`.inputs`, collecting every problem before anything is refused.
+
+    Each problem names the parameter it is about (a list's item by its place: ``operations.1``), so
+    the admin API can answer per field; the CLI shows the first.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[FieldProblem] = []
+
+    def one(self, field: str, check: Callable[[Any], T], value: Any) -> T:
+        try:
+            return check(value)
+        except fields.InvalidField as exc:
+            self.problems.append(FieldProblem(field, str(exc)))
+            return value  # unused: done() refuses the input
+
+    def each(self, field: str, check: Callable[[Any], T], values: Iterable[Any]) -> tuple[T, ...]:
+        """Every item checked; a value given twice counts once."""
+        return tuple(dict.fromkeys(self.one(f"{field}.{place}", check, v) for place, v in enumerate(values)))
+
+    def whole(self, check: Callable[[], T]) -> T | None:
+        """A check whose problem is reported for the input as a whole (the admin API names no field for it)."""
+        try:
+            return check()
+        except (fields.InvalidField, InvalidInput) as exc:
+            self.problems.append(FieldProblem(None, str(exc)))
+            return None
+
+    def done(self) -> None:
+        if self.problems:
+            raise InvalidInput(self.problems[0].message, problems=self.problems)
+
+
+def _prefix(settings: Settings, kind: str) -> str:
+    """The key prefix of ``kind``."""
+    kinds = settings.keys.kinds
+    if kind not in kinds:
+        raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(kinds))}")
+    return kinds[kind].prefix
+
+
+def _new_key_values(
+    settings: Settings, now: datetime, *, name: str, kind: str | None, org: str, user: str, role: str | None,
+    operations: Iterable[str], servers: Iterable[str], ip_allowlist: Iterable[str], rate_limit: str | None,
+    expires: str,
 ) -> dict[str, Any]:
-    """A new key's settings, validated without touching the store (so bad input writes nothing)."""
+    """A new key's settings, checked and normalised without touching the store (so bad input writes nothing)."""
+    check = _Checks()
     kind = kind or settings.keys.default_kind
-    if kind not in settings.keys.kinds:
-        raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(settings.keys.kinds))}")
-    values = _check(lambda: dict(
-        kind=kind, name=fields.key_name(name), org=fields.identifier("org", org),
-        user=fields.identifier("user", user) if user else "",
-        role=fields.identifier("role", role) if role else None,
-        operations=fields.operations(operations), servers=fields.servers(servers),
-        ip_allowlist=fields.cidrs(ip_allowlist), rate_limit=fields.rate_limit(rate_limit),
-        expires_at=fields.parse_expiry(expires, now),
-    ))
+    # The kind is checked against the configuration, the expiry against the clock: both are
+    # refusals of the input as a whole, and the kind's is the one shown first.
+    values = dict(
+        kind=kind, prefix=check.whole(lambda: _prefix(settings, kind)),
+        name=check.one("name", fields.key_name, name), org=check.one("org", fields.org, org),
+        user=check.one("user", fields.user, user) if user else "",
+        role=check.one("role", fields.role, role) if role is not None else None,
+        operations=check.each("operations", fields.operation, operations),
+        servers=check.each("servers", fields.server, servers) or ("*",),
+        ip_allowlist=check.each("ip_allowlist", fields.cidr, ip_allowlist),
+        rate_limit=check.one("rate_limit", fields.rate_limit, rate_limit),
+        expires_at=check.whole(lambda: fields.parse_expiry(expires, now)),
+    )
+    check.done()
     if values["role"] is None and not values["operations"]:
         raise InvalidInput("a key needs a role (--role) or at least one operation (--operation)")
     return values
 
 
-def key_changes(
-    now: datetime, *, name: str | None = None, role: str | None = UNSET,
-    operations: Sequence[str] | None = None, servers: Sequence[str] | None = None,
-    ip_allowlist: Sequence[str] | None = None, rate_limit: str | None = UNSET, expires: str | None = None,
+def _key_changes(
+    now: datetime, *, name: str | None, role: str | None, operations: Sequence[str] | None,
+    servers: Sequence[str] | None, ip_allowlist: Sequence[str] | None, rate_limit: str | None, expires: str | None,
 ) -> dict[str, Any]:
-    """The validated changes of an update; ``None``/UNSET leaves a setting as it is."""
-    changes: dict[str, Any] = _check(lambda: {
-        k: v for k, v in {
-            "name": fields.key_name(name) if name is not None else UNSET,
-            "role": (fields.identifier("role", role) if role else None) if role is not UNSET else UNSET,
-            "operations": fields.operations(operations) if operations is not None else UNSET,
-            "servers": fields.servers(servers) if servers is not None else UNSET,
-            "ip_allowlist": fields.cidrs(ip_allowlist) if ip_allowlist is not None else UNSET,
-            "rate_limit": fields.rate_limit(rate_limit) if rate_limit is not UNSET else UNSET,
-            "expires_at": fields.parse_expiry(expires, now) if expires is not None else UNSET,
-        }.items() if v is not UNSET
-    })
+    """The checked changes of an update; ``None``/UNSET leaves a setting as it is."""
+    check = _Checks()
+    changes: dict[str, Any] = {k: v for k, v in {
+        "name": check.one("name", fields.key_name, name) if name is not None else UNSET,
+        "role": (check.one("role", fields.role, role) if role is not None else None) if role is not UNSET else UNSET,
+        "operations": check.each("operations", fields.operation, operations) if operations is not None else UNSET,
+        "servers": (check.each("servers", fields.server, servers) or ("*",)) if servers is not None else UNSET,
+        "ip_allowlist": check.each("ip_allowlist", fields.cidr, ip_allowlist) if ip_allowlist is not None else UNSET,
+        "rate_limit": check.one("rate_limit", fields.rate_limit, rate_limit) if rate_limit is not UNSET else UNSET,
+        "expires_at": check.whole(lambda: fields.parse_expiry(expires, now)) if expires is not None else UNSET,
+    }.items() if v is not UNSET}
+    check.done()
     if not changes:
         raise InvalidInput("nothing to change: give at least one setting")
     return changes
 
 
-def grace_seconds(grace: str | float | None) -> float:
+def _grace_seconds(grace: str | float | None) -> float:
     try:
         return parse_duration(grace) if grace not in (None, "") else 0.0
     except ValueError as exc:
@@ -154,7 +212,7 @@ class KeyService:
     """Every management action, performed as ``actor`` (``cli:alice``, an admin key id, ...)."""
 
     def __init__(
-        self, store: KeyStore, settings: Settings, *, actor: str,
+        self, store: Transactions, settings: Settings, *, actor: str,
         clock: Callable[[], datetime] = utcnow, hasher: SecretHasher | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -198,12 +256,6 @@ class KeyService:
         except MalformedKey:
             return text
 
-    def _prefix(self, kind: str) -> str:
-        kinds = self.settings.keys.kinds
-        if kind not in kinds:
-            raise InvalidInput(f"kind {kind!r}: unknown; configured kinds are {', '.join(sorted(kinds))}")
-        return kinds[kind].prefix
-
     async def _new_secret(self, tx: Transaction, prefix: str) -> tuple[ParsedKey, str]:
         while True:
             parsed = generate(prefix)
@@ -233,12 +285,11 @@ class KeyService:
     ) -> tuple[KeyRecord, str]:
         """Create a key; returns its record and the full key, which is never available again."""
         now = self.clock()
-        values = new_key_values(
+        values = _new_key_values(
             self.settings, now, name=name, kind=kind, org=org, user=user, role=role, operations=operations,
             servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires,
         )
-        kind = values.pop("kind")
-        prefix = self._prefix(kind)
+        kind, prefix = values.pop("kind"), values.pop("prefix")
         async with self._transaction() as tx:
             await self._require_role(tx, values["role"])
             if values["user"] and await tx.get_member(values["org"], values["user"]) is None:
@@ -286,8 +337,8 @@ class KeyService:
         """Change the given settings; ``None``/UNSET leaves a setting as it is."""
         key_id = self.key_ref(key_id)
         now = self.clock()
-        changes = key_changes(now, name=name, role=role, operations=operations, servers=servers,
-                              ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
+        changes = _key_changes(now, name=name, role=role, operations=operations, servers=servers,
+                               ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
         async with self._transaction() as tx:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent and ({"role", "operations"} & changes.keys()):
@@ -304,7 +355,9 @@ class KeyService:
     async def set_role(self, key_id: str, role: str) -> KeyRecord:
         key_id = self.key_ref(key_id)
         now = self.clock()
-        role = _check(lambda: fields.identifier("role", role))
+        check = _Checks()
+        role = check.one("role", fields.role, role)
+        check.done()
         async with self._transaction() as tx:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent:
@@ -339,7 +392,7 @@ class KeyService:
         """
         key_id = self.key_ref(key_id)
         now = self.clock()
-        grace_for = grace_seconds(grace)
+        grace_for = _grace_seconds(grace)
         async with self._transaction() as tx:
             old = await self._key_for_change(tx, key_id, now)
             if old.status(now) is KeyStatus.EXPIRED:
@@ -349,7 +402,7 @@ class KeyService:
                 revoke_at = min(revoke_at, old.revoked_at)
             old_updated = replace(old, revoked_at=revoke_at)
             await tx.save_key(old_updated)
-            parsed, secret_hash = await self._new_secret(tx, self._prefix(old.kind))
+            parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, old.kind))
             new = replace(
                 old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
                 revoked_at=None, last_used_at=None, last_used_ip=None,
@@ -366,8 +419,9 @@ class KeyService:
         Returns ``(record, full key, id of the revoked previous key or None)``.
         """
         now = self.clock()
-        org = _check(lambda: fields.identifier("org", org))
-        user = _check(lambda: fields.identifier("user", user))
+        check = _Checks()
+        org, user = check.one("org", fields.org, org), check.one("user", fields.user, user)
+        check.done()
         kind = self.settings.keys.default_kind
         async with self._transaction() as tx:
             # Locking the membership row serialises concurrent issuances for this user.
@@ -380,7 +434,7 @@ class KeyService:
                 await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
                 await self._changed(tx, now, "key", old.id)
             previous = live[0] if live else None
-            parsed, secret_hash = await self._new_secret(tx, self._prefix(kind))
+            parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, kind))
             record = KeyRecord(
                 id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
                 operations=(), servers=("*",), ip_allowlist=(), rate_limit=None, agent=True,
@@ -406,12 +460,14 @@ class KeyService:
 
     async def put_role(self, name: str, grants: Iterable[str]) -> Role:
         now = self.clock()
-        name = _check(lambda: fields.identifier("role", name))
-        grant_list = _check(lambda: fields.operations(grants))
+        check = _Checks()
+        name = check.one("name", fields.role, name)
+        grant_list = check.each("grants", fields.operation, grants)
+        if not grant_list:
+            check.problems.append(FieldProblem("grants", "a role needs at least one grant (--grant)"))
+        check.done()
         if name == ADMIN_ROLE:
             raise ConflictError("the built-in admin role always grants '*'; make a new role instead")
-        if not grant_list:
-            raise InvalidInput("a role needs at least one grant (--grant)")
         async with self._transaction() as tx:
             before = await tx.get_role(name)
             role = Role(name, grant_list, before.created_at if before else now, now)
@@ -444,8 +500,10 @@ class KeyService:
 
     async def set_member(self, org: str, user: str, role: str) -> Member:
         now = self.clock()
-        org = _check(lambda: fields.identifier("org", org))
-        user = _check(lambda: fields.identifier("user", user))
+        check = _Checks()
+        org, user = check.one("org", fields.org, org), check.one("user", fields.user, user)
+        role = check.one("role", fields.role, role)
+        check.done()
         async with self._transaction() as tx:
             await self._require_role(tx, role)
             before = await tx.get_member(org, user, for_update=True)

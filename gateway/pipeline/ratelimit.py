@@ -108,15 +108,6 @@ class LocalTokenBuckets:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
         return bucket_decision(allowed, spec, bucket.tokens)
 
-    def peek(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-        """What a request would be told about the bucket now, without charging it."""
-        bucket = self._buckets.get(key_id)
-        if bucket is None:
-            return bucket_decision(True, spec, float(spec.capacity))
-        elapsed = max(0.0, self._clock() - bucket.stamp)
-        tokens = min(spec.capacity, bucket.tokens + elapsed * spec.limit / spec.window)
-        return bucket_decision(tokens >= 1.0 - _EPSILON, spec, tokens)
-
     def _shrink(self, now: float, *, keep: str) -> None:
         """Bring the bucket count back under ``max_keys``.
 

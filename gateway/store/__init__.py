@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from .base import Conflict, KeyStore, StoreError, StoreUnavailable, Transaction
+from typing import TYPE_CHECKING
 
-__all__ = ["Conflict", "KeyStore", "StoreError", "StoreUnavailable", "Transaction", "create_store"]
+from .base import Conflict, KeyStore, StoreError, StoreUnavailable, Transaction, Transactions
+
+if TYPE_CHECKING:
+    from ..config.schema import StoreSettings
+
+__all__ = [
+    "Conflict", "KeyStore", "StoreError", "StoreUnavailable", "Transaction", "Transactions", "configured_store",
+    "create_store",
+]
 
 
 def create_store(url: str, **options: float | int) -> KeyStore:
@@ -18,3 +26,11 @@ def create_store(url: str, **options: float | int) -> KeyStore:
 
         return PostgresStore(url, **options)  # type: ignore[arg-type]
     raise ValueError(f"unsupported store url scheme: {url.split(':', 1)[0]!r}")
+
+
+def configured_store(settings: StoreSettings) -> KeyStore:
+    """The store the ``store`` settings name, not yet opened (the pool settings are PostgreSQL's)."""
+    if settings.url.startswith("sqlite:"):
+        return create_store(settings.url)
+    return create_store(settings.url, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+                        connect_timeout=settings.connect_timeout)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.manage.cursor import encode_cursor
+from gateway.manage.service import InvalidInput
 
 from .conftest import Admin
 
@@ -100,6 +101,37 @@ async def test_422_for_invalid_fields(
     else:
         assert field == "body" and reply.body["detail"]
     assert await admin.cli.list_keys(limit=10) == [await admin.cli.get_key(admin.root_id)]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "fields"),
+    [
+        ("POST", KEYS, {"name": "", "org": "bad org", "operations": ["read", "Bad!"], "ip_allowlist": ["nope"]},
+         ["name", "org", "operations.1", "ip_allowlist.0"]),
+        ("POST", KEYS, {"name": "ci", "kind": "nope", "role": "bad role", "expires": "soon"}, ["role"]),
+        ("PATCH", f"{KEYS}/{UNKNOWN}", {"servers": ["bad!"], "rate_limit": "lots"}, ["servers.0", "rate_limit"]),
+        ("PUT", "/admin/v1/roles/bad name", {"grants": ["read", "Bad!", "x y"]}, ["grants.1", "grants.2"]),
+        ("PUT", "/admin/v1/orgs/bad org/members/bob", {"role": "bad role"}, ["role"]),
+    ],
+)
+async def test_422_lists_every_bad_value_of_the_body(
+    admin: Admin, method: str, path: str, body: Any, fields: list[str],
+) -> None:
+    """Every bad value in the body is listed in field order; a bad path, kind or expiry is told only without one."""
+    reply = await admin.call(method, path, json=body)
+    assert reply.status == 422, reply.body
+    assert [e["field"] for e in reply.body["errors"]] == fields
+    listed = "; ".join(f"{e['field']}: {e['message']}" for e in reply.body["errors"])
+    assert reply.body["detail"] == f"invalid input: {listed}"
+
+
+async def test_422_is_the_services_refusal(admin: Admin) -> None:
+    """The admin API answers with the problems the service (as the CLI runs it) finds in the same values."""
+    body = {"name": "ci", "org": "bad org", "servers": ["prod-1", "bad!"], "rate_limit": "lots"}
+    with pytest.raises(InvalidInput) as refused:
+        await admin.cli.create_key(**body)
+    reply = await admin.call("POST", KEYS, json=body)
+    assert reply.body["errors"] == [{"field": p.field, "message": p.message} for p in refused.value.problems]
 
 
 @pytest.mark.parametrize(

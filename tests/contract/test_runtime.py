@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import RawTestServer, TestServer
 
-from gateway.config.load import Settings
+from gateway.config.schema import Settings
 from gateway.manage.service import KeyService, bootstrap
 from gateway.quickstart import demo_app
 from gateway.runtime import Runtime, runtime

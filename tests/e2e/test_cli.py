@@ -110,6 +110,8 @@ def test_set_role_and_update(fixed_env: dict[str, str]) -> None:
     keygate(fixed_env, "keys", "update", record["id"], "--name", "renamed", "--server", "prod-2")
     shown = json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)
     assert (shown["role"], shown["name"], shown["servers"]) == ("ci", "renamed", ["prod-2"])
+    keygate(fixed_env, "keys", "update", record["id"], "--role", "")  # '' removes the role
+    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["role"] is None
 
 
 BAD_INPUT = [
@@ -141,6 +143,27 @@ def test_bad_input_creates_no_store(fixed_env: dict[str, str], tmp_path: Path, a
     """Input that is wrong on its face is refused before the embedded store is even created."""
     result = keygate(fixed_env, "keys", "create", "--name", "x", *args, check=False)
     assert result.returncode == 2 and message in result.stderr
+    assert not list(tmp_path.glob("cli.db*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "update", "kg_unknown00000", "--allow-ip", "nope"], "allow-ip 'nope'"),
+        (["keys", "rotate", "kg_unknown00000", "--grace", "forever"], "grace 'forever'"),
+        (["keys", "set-role", "kg_unknown00000", "bad role"], "role 'bad role'"),
+        (["keys", "agent", "--org", "bad org", "--user", "bob"], "org 'bad org'"),
+        (["roles", "set", "ci", "--grant", "Bad!"], "operation 'Bad!'"),
+        (["members", "set", "acme", "bob", "bad role"], "role 'bad role'"),
+    ],
+)
+def test_every_command_refuses_bad_input_before_the_store(
+    fixed_env: dict[str, str], tmp_path: Path, args: list[str], message: str,
+) -> None:
+    """Whatever the command, input refused on its face is one line, exit 2, and no embedded store is created."""
+    result = keygate(fixed_env, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("cli.db*"))
 
 

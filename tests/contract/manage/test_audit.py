@@ -12,6 +12,8 @@ from gateway.manage.audit import AuditFilter, AuditPruner, Position, query_audit
 from gateway.models import RequestRecord
 from gateway.store import KeyStore
 
+from ...clocks import FakeClock
+
 T0 = datetime(2020, 1, 1, 12, 0, 0, tzinfo=UTC)
 # Leaves out the events of the store's set-up (the built-in admin role), which are much newer.
 BEFORE_SETUP = T0 + timedelta(days=1)
@@ -94,7 +96,7 @@ async def test_prune_deletes_only_what_is_past_retention(store: KeyStore) -> Non
         await tx.add_audit(at=T0 - timedelta(days=2), actor="a", action="key.revoke", target="kg_1", details={})
     await store.add_request_records([request(T0 - timedelta(days=10 + d)) for d in range(3)] +
                                     [request(T0 - timedelta(hours=1))])
-    pruner = AuditPruner(store, retention_days=7, interval=3600, batch=2, clock=lambda: T0)
+    pruner = AuditPruner(store, retention_days=7, interval=3600, batch=2, clock=FakeClock(T0))
     assert await pruner.prune() == 8
     left = (await query_audit(store, ALL, limit=100)).entries
     assert summary(left) == [("request", "allowed"), ("event", "key.revoke")]
@@ -104,7 +106,7 @@ async def test_retention_zero_keeps_everything(store: KeyStore) -> None:
     """retention_days = 0 means keep forever: nothing is deleted and no task runs."""
     async with store.transaction() as tx:
         await tx.add_audit(at=T0 - timedelta(days=9999), actor="a", action="key.create", target="kg_1", details={})
-    pruner = AuditPruner(store, retention_days=0, interval=0.01, clock=lambda: T0)
+    pruner = AuditPruner(store, retention_days=0, interval=0.01, clock=FakeClock(T0))
     await pruner.start()
     assert await pruner.prune() == 0
     await pruner.close()
@@ -112,7 +114,7 @@ async def test_retention_zero_keeps_everything(store: KeyStore) -> None:
 
 async def test_the_periodic_task_prunes(store: KeyStore) -> None:
     """Started, the pruner deletes expired entries on its own, again after each interval."""
-    pruner = AuditPruner(store, retention_days=1, interval=0.01, clock=lambda: T0)
+    pruner = AuditPruner(store, retention_days=1, interval=0.01, clock=FakeClock(T0))
     await pruner.start()
     try:
         for _ in range(2):  # once at start, and again for entries that expire later

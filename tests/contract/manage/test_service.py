@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from gateway.models import KeyStatus
 from gateway.manage.service import ConflictError, InvalidInput, KeyService, NotFound, resolve_pepper
 from gateway.store import KeyStore
 
-from ...conftest import Clock
+from ...clocks import FakeClock
 
 PARSER = KeyParser(["kg_", "kga_"])
 
@@ -34,6 +34,18 @@ async def test_create_returns_the_key_once_and_stores_only_a_hash(service: KeySe
     assert "secret_hash" not in stored.public(service.clock())
     assert stored.expires_at == service.clock() + timedelta(days=30)
     assert await actions(store, record.id) == ["key.create"]
+
+
+async def test_servers_default_to_everything(service: KeyService) -> None:
+    """No servers means every upstream ('*'); a value given twice counts once."""
+    everywhere, _ = await service.create_key(name="ci", role="admin")
+    listed, _ = await service.create_key(name="ci", operations=["read", "read"],
+                                         servers=["prod-1", "prod-1", "prod-2"],
+                                         ip_allowlist=["10.1.2.3/8", "10.0.0.0/8"])
+    assert everywhere.servers == ("*",)
+    assert (listed.operations, listed.servers, listed.ip_allowlist) == (("read",), ("prod-1", "prod-2"), ("10.0.0.0/8",))
+    updated = await service.update_key(listed.id, servers=[])
+    assert updated.servers == ("*",)
 
 
 async def test_kind_sets_the_prefix(service: KeyService) -> None:
@@ -72,7 +84,7 @@ async def test_per_user_key_needs_membership(service: KeyService) -> None:
     assert (record.org, record.user) == ("acme", "bob")
 
 
-async def test_revoke_is_immediate_idempotent_and_audited(service: KeyService, store: KeyStore, clock: Clock) -> None:
+async def test_revoke_is_immediate_idempotent_and_audited(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
     """Revoking sets the status, a second revoke changes nothing, and both steps are audited once."""
     record, _ = await service.create_key(name="ci", role="admin")
     revoked = await service.revoke_key(record.id)
@@ -123,7 +135,7 @@ async def test_update_cannot_leave_a_key_without_access(service: KeyService) -> 
         await service.update_key(record.id, role=None)
 
 
-async def test_rotate_revokes_now_by_default(service: KeyService, store: KeyStore, clock: Clock) -> None:
+async def test_rotate_revokes_now_by_default(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
     """Rotation makes a new key with the same settings and revokes the old one at once."""
     old, old_full = await service.create_key(name="ci", operations=["deploy"], servers=["prod-1"],
                                              ip_allowlist=["10.0.0.0/8"], rate_limit="5/second")
@@ -137,7 +149,7 @@ async def test_rotate_revokes_now_by_default(service: KeyService, store: KeyStor
     assert await actions(store, new.id) == ["key.create"]
 
 
-async def test_rotate_with_grace_keeps_the_old_key_until_then(service: KeyService, store: KeyStore, clock: Clock) -> None:
+async def test_rotate_with_grace_keeps_the_old_key_until_then(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
     """With a grace period the old key stays active until it ends."""
     old, _ = await service.create_key(name="ci", role="admin")
     await service.rotate_key(old.id, grace="1h")
@@ -154,7 +166,7 @@ async def test_rotate_refuses_a_bad_grace(service: KeyService) -> None:
         await service.rotate_key(old.id, grace="a while")
 
 
-async def test_agent_key_replaces_the_previous_one(service: KeyService, store: KeyStore, clock: Clock) -> None:
+async def test_agent_key_replaces_the_previous_one(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
     """Issuing an agent key revokes the user's previous one in the same org, not in others."""
     await service.set_member("acme", "bob", "admin")
     await service.set_member("other", "bob", "admin")
@@ -246,7 +258,7 @@ async def test_admin_role_cannot_be_narrowed(service: KeyService) -> None:
     assert (await service.get_role("admin")).grants == ("*",)
 
 
-async def test_new_agent_key_replaces_one_in_its_grace_period(service: KeyService, clock: Clock) -> None:
+async def test_new_agent_key_replaces_one_in_its_grace_period(service: KeyService, clock: FakeClock[datetime]) -> None:
     """An agent key rotated with a grace period is replaced too when a new agent key is issued."""
     await service.set_member("acme", "bob", "admin")
     first, _, _ = await service.issue_agent_key("acme", "bob")
@@ -302,7 +314,7 @@ class _FailingAudit:
         return getattr(self._store, name)
 
 
-async def test_no_change_without_its_audit_event(store: KeyStore, settings, clock: Clock) -> None:
+async def test_no_change_without_its_audit_event(store: KeyStore, settings, clock: FakeClock[datetime]) -> None:
     """When the audit event cannot be written, the change it describes is not made either."""
     failing = KeyService(_FailingAudit(store), settings, actor="test", clock=clock)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):

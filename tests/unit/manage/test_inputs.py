@@ -107,9 +107,3 @@ def test_bad_operations_are_refused(text: str) -> None:
     """Operations outside the grammar are refused."""
     with pytest.raises(InvalidField, match="operation"):
         fields.operation(text)
-
-
-def test_servers_default_to_everything() -> None:
-    """No servers means every upstream ('*'); duplicates collapse."""
-    assert fields.servers([]) == ("*",)
-    assert fields.servers(["prod-1", "prod-1", "prod-2"]) == ("prod-1", "prod-2")

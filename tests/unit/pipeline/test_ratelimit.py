@@ -122,28 +122,21 @@ def test_reset_is_the_time_until_full(buckets: LocalTokenBuckets, text: str, tak
     assert drain(buckets, KEY, spec, taken)[-1].reset == reset
 
 
+FIRST_OF_100 = RateLimitDecision(True, parse_rate_limit("100/minute"), remaining=99, reset=1, retry_after=None)
+
+
+async def test_an_unseen_key_starts_with_a_full_bucket(buckets: LocalTokenBuckets) -> None:
+    """A key's first request is taken from a full bucket: capacity - 1 left, one token's refill to full."""
+    assert await buckets.take(KEY, parse_rate_limit("100/minute")) == FIRST_OF_100
+
+
 @pytest.mark.parametrize("elapsed", [60.0, 3600.0])
-def test_a_full_bucket_has_reset_zero(buckets: LocalTokenBuckets, clock: FakeClock, elapsed: float) -> None:
-    """A bucket that has refilled completely reports all its tokens and reset 0."""
+async def test_a_refilled_bucket_is_a_full_one(buckets: LocalTokenBuckets, clock: FakeClock, elapsed: float) -> None:
+    """A bucket that has refilled completely answers its next request as a fresh key's bucket does."""
     spec = parse_rate_limit("100/minute")
     drain(buckets, KEY, spec, 100)
     clock.advance(elapsed)
-    decision = buckets.peek(KEY, spec)
-    assert (decision.allowed, decision.remaining, decision.reset) == (True, 100, 0)
-
-
-def test_an_unseen_key_is_full(buckets: LocalTokenBuckets) -> None:
-    """A key without a bucket reports a full one, and peeking charges nothing."""
-    spec = parse_rate_limit("100/minute")
-    assert buckets.peek(KEY, spec) == RateLimitDecision(True, spec, remaining=100, reset=0, retry_after=None)
-    assert buckets.take_now(KEY, spec).remaining == 99
-
-
-def test_peek_does_not_charge(buckets: LocalTokenBuckets) -> None:
-    """Peeking reports the bucket without taking a token from it."""
-    spec = parse_rate_limit("3/minute")
-    buckets.take_now(KEY, spec)
-    assert [buckets.peek(KEY, spec).remaining for _ in range(3)] == [2, 2, 2]
+    assert await buckets.take(KEY, spec) == FIRST_OF_100
 
 
 def test_keys_have_independent_buckets(buckets: LocalTokenBuckets) -> None:
