@@ -153,11 +153,3 @@ def ratelimit_headers(decision: RateLimitDecision) -> dict[str, str]:
         # Tells operators (and clients) that the global limit was not consulted.
         headers[DEGRADED_HEADER] = "1"
     return headers
-
-
-async def check_rate_limit(limiter: RateLimiter, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-    """Charge the request to its key's bucket; raise :class:`RateLimited` when it is empty."""
-    decision = await limiter.take(key_id, spec)
-    if not decision.allowed:
-        raise RateLimited(decision)
-    return decision

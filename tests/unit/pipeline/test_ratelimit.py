@@ -9,7 +9,6 @@ from gateway.pipeline.ratelimit import (
     LocalTokenBuckets,
     RateLimitDecision,
     RateLimited,
-    check_rate_limit,
     ratelimit_headers,
 )
 from gateway.pipeline.ratelimit_spec import RateLimitSpec, parse_rate_limit
@@ -226,19 +225,17 @@ def test_headers_follow_the_ietf_draft(decision: RateLimitDecision, expected: di
     assert ratelimit_headers(decision) == expected
 
 
-async def test_check_allows_and_returns_the_decision(buckets: LocalTokenBuckets) -> None:
+async def test_an_allowed_take_reports_what_is_left(buckets: LocalTokenBuckets) -> None:
     """An allowed request gets its decision back, for the response headers."""
-    decision = await check_rate_limit(buckets, KEY, parse_rate_limit("2/minute"))
+    decision = await buckets.take(KEY, parse_rate_limit("2/minute"))
     assert (decision.allowed, decision.remaining) == (True, 1)
 
 
-async def test_check_raises_a_rate_limited_denial(buckets: LocalTokenBuckets) -> None:
-    """An empty bucket raises a RATE_LIMITED denial that carries retry_after and the decision."""
+async def test_an_empty_bucket_makes_a_rate_limited_denial(buckets: LocalTokenBuckets) -> None:
+    """The denial the pipeline raises for an empty bucket carries RATE_LIMITED, retry_after and the decision."""
     spec = parse_rate_limit("1/day")
-    await check_rate_limit(buckets, KEY, spec)
-    with pytest.raises(RateLimited) as raised:
-        await check_rate_limit(buckets, KEY, spec)
-    denial = raised.value
+    await buckets.take(KEY, spec)
+    denial = RateLimited(await buckets.take(KEY, spec))
     assert isinstance(denial, Denied)
     assert (denial.outcome, denial.retry_after) == (Outcome.RATE_LIMITED, 86400)
     assert denial.decision.allowed is False
