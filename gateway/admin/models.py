@@ -11,11 +11,12 @@ cannot drift from the code.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..manage import inputs as fields
+from ..models import RequestRecord
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -174,22 +175,18 @@ class EventOut(_Edge):
     details: dict[str, Any]
 
 
-class RequestOut(_Edge):
-    """One request through the proxy or the admin API (server "admin")."""
+def _request_out() -> type[_Edge]:
+    """The audit trail's request entry: the fields of :class:`~gateway.models.RequestRecord`, the one
+    request-record type, as the API shows them (``at`` as RFC 3339 text), tagged ``type: request``."""
+    fields_: dict[str, Any] = {"type": (Literal["request"], ...)}
+    for name, hint in get_type_hints(RequestRecord).items():
+        fields_[name] = (Timestamp if name == "at" else hint, ...)
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        "RequestOut", __base__=_Edge, __doc__='One request through the proxy or the admin API (server "admin").',
+        **fields_)
 
-    type: Literal["request"]
-    id: int
-    at: Timestamp
-    key_id: str | None
-    method: str
-    path: str
-    server: str | None
-    operation: str | None
-    decision: str
-    status: int
-    client_ip: str | None
-    duration_ms: float
-    reason: str | None
+
+RequestOut = _request_out()
 
 
 AuditEntryOut = Annotated[EventOut | RequestOut, Field(discriminator="type")]
