@@ -34,7 +34,7 @@ from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuc
 from .pipeline.scope import RouteTable
 from .pipeline.target import TargetCanonicalizer
 from .dataplane.proxy import Gateway
-from .pipeline.ratelimit_spec import parse_rate_limit
+from .config.ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
 from .cache.redis_link import RedisLink
 from .cache.shared import SharedKeyCache

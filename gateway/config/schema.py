@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..pipeline.ratelimit_spec import parse_rate_limit
-from ..pipeline.scope import route_operation, route_path
+from .ratelimit_spec import parse_rate_limit
+from .routes import route_operation, route_path
 from .units import parse_duration, parse_listen, parse_size
 
 # Marks settings that may carry credentials: "url" hides a URL's password,

@@ -12,7 +12,7 @@ import ipaddress
 import re
 from datetime import UTC, date, datetime, time, timedelta
 
-from ..pipeline.ratelimit_spec import InvalidRateLimit, parse_rate_limit
+from ..config.ratelimit_spec import InvalidRateLimit, parse_rate_limit
 
 
 class InvalidField(ValueError):

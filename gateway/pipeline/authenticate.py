@@ -33,7 +33,7 @@ from .lookup import KeyLookup
 from .outcomes import Denied
 from .prepared import PreparedKey
 from .ratelimit import RateLimitDecision, RateLimited, RateLimiter
-from .ratelimit_spec import RateLimitSpec
+from ..config.ratelimit_spec import RateLimitSpec
 from .scope import RouteTable, Target, check_scope
 from .status import check_status
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from ..cache.local import KeyCache
 from ..keys import CacheKeyer, ParsedKey, SecretHasher
-from .ratelimit_spec import RateLimitSpec
+from ..config.ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisUnavailable
 from ..cache.shared import NEGATIVE, KeyFacts, SharedKeyCache, Slot
 from ..store import KeyStore, StoreUnavailable

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models import KeyRecord
-from .ratelimit_spec import RateLimitSpec, parse_rate_limit
+from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..cache.shared import KeyFacts
 from .allowlist import Network, parse_networks
 from .scope import Grants, GrantSet, Servers

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from .ratelimit_spec import RateLimitSpec
+from ..config.ratelimit_spec import RateLimitSpec
 from .outcomes import Denied, Outcome
 
 # Float arithmetic can land a hair below a whole token (0.6 s of 100/minute

@@ -35,7 +35,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from .ratelimit_spec import RateLimitSpec
+from ..config.ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisLink, RedisUnavailable
 from ..process.tasks import stop_task
 from .ratelimit import LocalTokenBuckets, RateLimitDecision, bucket_decision

@@ -18,7 +18,7 @@ from gateway.pipeline.lookup import KeyLookup
 from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.failures import FailureLimiter
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.cache.redis_link import RedisLink, RedisUnavailable
 from gateway.manage.service import KeyService, bootstrap, resolve_pepper
 from gateway.cache.shared import NEGATIVE, KeyFacts, SharedKeyCache, decode_facts, encode_facts

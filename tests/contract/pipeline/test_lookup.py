@@ -17,7 +17,7 @@ from gateway.pipeline.failures import FailureLimiter
 from gateway.pipeline.lookup import KeyLookup
 from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.manage.service import KeyService, resolve_pepper
 from gateway.store import KeyStore
 

@@ -10,7 +10,7 @@ import pytest
 from gateway.config.schema import RedisSettings
 from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
 from gateway.pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
-from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.cache.redis_link import RedisLink
 
 from ...clocks import FakeClock

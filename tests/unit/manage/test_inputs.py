@@ -8,7 +8,7 @@ import pytest
 
 from gateway.manage import inputs as fields
 from gateway.manage.inputs import InvalidField
-from gateway.pipeline.ratelimit_spec import InvalidRateLimit, RateLimitSpec, parse_rate_limit
+from gateway.config.ratelimit_spec import InvalidRateLimit, RateLimitSpec, parse_rate_limit
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ from gateway.pipeline.ratelimit import (
     RateLimited,
     ratelimit_headers,
 )
-from gateway.pipeline.ratelimit_spec import RateLimitSpec, parse_rate_limit
+from gateway.config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 
 from ...clocks import FakeClock
 

@@ -12,7 +12,7 @@ from gateway.cache.shared import KeyFacts
 from gateway.pipeline.prepared import PreparedKey, prepare
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.status import check_status
-from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.config.ratelimit_spec import parse_rate_limit
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 T = NOW.timestamp()

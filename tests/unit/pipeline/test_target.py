@@ -7,7 +7,7 @@ from urllib.parse import unquote
 import pytest
 
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.scope import path_segments
+from gateway.config.routes import path_segments
 from gateway.pipeline.target import RequestTarget, TargetCanonicalizer
 
 STRICT = TargetCanonicalizer()

@@ -15,7 +15,7 @@ from gateway.pipeline.lookup import MAX_REFUSAL_DELAY, THROTTLED_HOLD, KeyLookup
 from gateway.pipeline.prepared import PreparedKey
 from gateway.pipeline.outcomes import Denied, Outcome
 from gateway.pipeline.verify import THREAD_NICENESS, SecretVerifier, default_concurrency
-from gateway.pipeline.ratelimit_spec import parse_rate_limit
+from gateway.config.ratelimit_spec import parse_rate_limit
 
 from ...clocks import FakeClock
 
