@@ -15,7 +15,19 @@ from gateway.keys import generate
 from gateway.runtime import Runtime, runtime
 from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
-from gateway.manage.service import KeyService
+from gateway.manage.service import KeyService, bootstrap
+from gateway.store import create_store
+
+
+async def migrated(store_url: str) -> None:
+    """A PostgreSQL store is set up (as `keygate migrate` does) before a runtime opens it; SQLite sets itself up."""
+    if store_url.startswith("postgres"):
+        store = create_store(store_url)
+        await store.open()
+        try:
+            await bootstrap(store)
+        finally:
+            await store.close()
 
 
 @pytest.fixture
@@ -27,14 +39,7 @@ async def rt(store_url: str) -> AsyncIterator[tuple[Runtime, str]]:
         "store": {"url": store_url}, "keys": {"argon2": {"memory_cost": 1024}},
         "upstreams": [{"name": "app", "url": str(upstream.make_url("/"))}],
     })
-    if store_url.startswith("postgres"):
-        from gateway.manage.service import bootstrap
-        from gateway.store import create_store
-
-        store = create_store(store_url)
-        await store.open()
-        await bootstrap(store)
-        await store.close()
+    await migrated(store_url)
     async with runtime(settings) as runtime_:
         # As keygate serve runs it: a client that hangs up cancels its handler.
         proxy = RawTestServer(runtime_.gateway.handle, handler_cancellation=True)
@@ -139,14 +144,7 @@ async def test_decisions_are_counted(rt: tuple[Runtime, str]) -> None:
 
 async def test_failure_and_argon2_settings_reach_the_lookup(store_url: str) -> None:
     """[failures] and keys.argon2.concurrency/queue configure the lookup, calibrated before it serves."""
-    if store_url.startswith("postgres"):
-        from gateway.manage.service import bootstrap
-        from gateway.store import create_store
-
-        store = create_store(store_url)
-        await store.open()
-        await bootstrap(store)
-        await store.close()
+    await migrated(store_url)
     settings = Settings.model_validate({
         "store": {"url": store_url}, "upstreams": [{"name": "app", "url": "http://127.0.0.1:9"}],
         "keys": {"argon2": {"memory_cost": 1024, "concurrency": 3, "queue": 7}},
