@@ -40,7 +40,7 @@ from .cache.redis_link import RedisLink
 from .cache.shared import SharedKeyCache
 from .manage.service import bootstrap, hasher_from, resolve_pepper
 from .store import KeyStore, StoreError, configured_store
-from .dataplane.upstream_client import upstream_session
+from .dataplane.sweeper import Sweeper
 
 log = logging.getLogger("keygate")
 
@@ -129,6 +129,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
                 log.warning(json.dumps({"event": "redis_unavailable_at_start"}))
             shared = SharedKeyCache(link, ttl=c.ttl, negative_ttl=c.negative_ttl)
         argon2, f = settings.keys.argon2, settings.failures
+        p = settings.proxy
         lookup = KeyLookup(
             store, pepper=pepper, hasher=hasher_from(settings), cache=cache,
             default_rate_limit=parse_rate_limit(settings.ratelimit.default),
@@ -141,13 +142,16 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         # Refusals are paced by how long a verification takes here; measured once before serving.
         await lookup.calibrate()
 
-        session = upstream_session()
-        stack.push_async_callback(session.close)
+        # Every timeout of the proxy listener and its upstream connections runs on this one timer.
+        sweeper = Sweeper(asyncio.get_running_loop())
+        stack.callback(sweeper.close)
+        forwarder = Forwarder(sweeper, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout)
+        stack.callback(forwarder.close)
 
         recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,
                             max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"))
         await recorder.start()
-        # Registered after the session, so it runs before the store closes: buffers are flushed.
+        # Registered after the forwarder, so it runs before the store closes: buffers are flushed.
         stack.push_async_callback(recorder.close)
 
         watcher = ChangeWatcher(store, cache, shared=shared)
@@ -173,7 +177,6 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         await pruner.start()
         stack.push_async_callback(pruner.close)
 
-        p = settings.proxy
         # Stages 1-7, one instance for every listener of this process.
         authenticator = Authenticator(
             parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
@@ -184,7 +187,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         )
         gateway = Gateway(
             authenticator=authenticator,
-            forwarder=Forwarder(session, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout),
+            forwarder=forwarder,
             recorder=recorder,
             log_requests=p.access_log,
             targets=TargetCanonicalizer(encoded_slashes=p.encoded_slashes, path_parameters=p.path_parameters),

@@ -28,7 +28,7 @@ from .admin.listener import admin_app
 from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_exposed
 from .config.schema import Settings
 from .process.gc_tuning import settle_heap
-from .dataplane.http_server import ProxyHTTPServer
+from .dataplane.listener import proxy_listener
 from .process.log_format import configure_logging
 from .process.tasks import running_tasks
 from .store import StoreError, configured_store
@@ -64,31 +64,27 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     grace = settings.proxy.shutdown_grace
     stuck: asyncio.TimerHandle | None = None
     async with runtime(settings) as rt:
-        proxy_runner = web.ServerRunner(
-            # lingering_time: after an early answer (413, 400) unread body is
-            # drained for at most 2 s before the connection is closed.
-            ProxyHTTPServer(rt.gateway.handle, handler_cancellation=True, access_log=None, lingering_time=2.0,
-                            header_timeout=settings.proxy.header_timeout,
-                            max_header_size=settings.proxy.max_header_bytes),
-            shutdown_timeout=grace,
-        )
+        proxy = proxy_listener(rt.gateway.handle, rt.gateway.forwarder.sweeper, settings.proxy)
         admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
-        await proxy_runner.setup()
         await admin_runner.setup()
         # Everything long-lived exists now; what follows is per request.
         settle_heap()
         try:
-            sites = []
-            for runner, listen in ((proxy_runner, settings.proxy.listen), (admin_runner, settings.admin.listen)):
-                host, port = parse_listen(listen)
-                site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-                sites.append(site)
+            bound = []
+            host, port = parse_listen(settings.proxy.listen)
+            try:
+                bound.append(await proxy.start(host, port, reuse_port=reuse_port))
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {settings.proxy.listen}: {exc.strerror or exc}") from None
+            host, port = parse_listen(settings.admin.listen)
+            site = web.TCPSite(admin_runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {settings.admin.listen}: {exc.strerror or exc}") from None
+            bound.append(await _bound(site))
             log.info(json.dumps({
-                "event": "listening", "proxy": await _bound(sites[0]), "admin": await _bound(sites[1]),
+                "event": "listening", "proxy": bound[0], "admin": bound[1],
                 "pid": os.getpid(), "store": settings.store.url.split(":", 1)[0],
             }))
             if on_ready is not None:
@@ -99,10 +95,10 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             # Should the shutdown ever hang, the log says where (it is then up to the supervisor's SIGKILL).
             stuck = loop.call_later(grace + STUCK_AFTER, lambda: log.error(json.dumps({
                 "event": "shutdown_stuck", "pid": os.getpid(), "tasks": running_tasks()})))
-            # Stops accepting, lets in-flight requests finish up to the grace, then cancels them.
-            await proxy_runner.cleanup()
+            # Stops accepting, lets in-flight requests finish up to the grace, then cuts them.
+            await proxy.shutdown(grace)
         finally:
-            await proxy_runner.cleanup()
+            await proxy.shutdown(0)
             await admin_runner.cleanup()
     if stuck is not None:
         stuck.cancel()

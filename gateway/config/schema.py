@@ -131,6 +131,14 @@ class ProxySettings(_Section):
         "connection's start or from the first byte of the next request on a keep-alive connection; "
         "past them it gets 408 and the connection is closed.",
     )
+    max_connections: int = Field(
+        10000, ge=1,
+        description="Open client connections per worker process; past it new ones are closed at once "
+        "(keep the process's file-descriptor limit above this plus the upstream connections).",
+    )
+    idle_timeout: Duration = Field(
+        75.0, gt=0, description="Seconds an idle keep-alive connection waits for its next request before it is closed.",
+    )
     max_header_size: Size = Field(
         "64KiB",
         description='Largest request line plus headers, in all (e.g. "64KiB"); larger ones get 431 and the '

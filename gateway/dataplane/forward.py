@@ -1,53 +1,46 @@
 """Stage 8 — forward: stream the request upstream and the response back.
 
-One shared ``aiohttp.ClientSession`` per process; bodies are streamed both
-ways in chunks, never buffered whole; hop-by-hop headers are dropped, the
-client's ``Authorization`` and ``X-Keygate-*`` are removed, and the identity
-headers of the verified key are added.
+Request heads are built as bytes: the client's headers minus hop-by-hop
+ones, the client's ``Authorization`` (unless the route passes it) and
+anything ``X-Keygate-*``, then ``X-Forwarded-*``, ``Via``, ``X-Request-Id``
+and the verified key's identity headers (encoded once when the key entered
+the cache). Bodies stream both ways in the pieces they arrive in, never
+buffered whole, with the framing they came with: a Content-Length body goes
+on with that length, a chunked one chunked. A WebSocket handshake that the
+upstream accepts turns the connection into a tunnel: bytes relayed both
+ways untouched, until either side closes or both are idle for the
+upstream's ``timeout``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
-import aiohttp
-from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from multidict import CIMultiDictProxy
 
-from .deadlines import Clock, Deadlines
-from .latency import Histogram
+from ..config.schema import UpstreamSettings
 from ..pipeline.outcomes import Denied, Outcome
+from ..pipeline.ratelimit import DEGRADED_HEADER
 from ..pipeline.scope import Target
-from .upstream_client import send
-from .upstream_exchange import Answer, Origin, exchange
+from .http1 import Body, BodyTimeout, ClientGone, MalformedBody, Request, reason_of
+from .latency import Histogram
+from .sweeper import Sweeper
+from .upstream_pool import ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
+    UpstreamError
 
-CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
-# Headers we set ourselves (or that aiohttp's server already acted on).
+# Headers we set ourselves (or that the server already acted on: Expect).
 _REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
-_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                           "sec-websocket-accept", "sec-websocket-protocol"})
 VIA = "1.1 keygate"
-
 
 # Connection values that name no header beyond the hop-by-hop ones: by far the most common.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-
-
-def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
-    """``base`` plus the headers the ``Connection`` header names (hop-by-hop too, RFC 9110 section 7.6.1)."""
-    connection = headers.getall("Connection", ())
-    if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
-        return base
-    return base | {t.strip().lower() for v in connection for t in v.split(",")}
-
 
 # SECURITY: an upstream that honours these runs another method than the one the key was checked for.
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
@@ -64,279 +57,354 @@ _UNTRUSTED_FORWARDING = frozenset({
 _PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
 
 # Every combination of what an upstream request drops, built once rather than per request.
-_DROPPED: dict[tuple[bool, bool, bool, bool], frozenset[str]] = {
-    (websocket, pass_credentials, pass_method_override, peer_trusted):
-        HOP_BY_HOP | _REPLACED | _PATH_OVERRIDES | (_WS_HANDSHAKE if websocket else frozenset())
+# (A WebSocket handshake keeps its Sec-WebSocket-* headers: the tunnel relays the upstream's answer to them.)
+_DROPPED: dict[tuple[bool, bool, bool], frozenset[str]] = {
+    (pass_credentials, pass_method_override, peer_trusted):
+        HOP_BY_HOP | _REPLACED | _PATH_OVERRIDES
         | (frozenset() if pass_credentials else frozenset({"authorization"}))
         | (frozenset() if pass_method_override else METHOD_OVERRIDES)
         | (frozenset() if peer_trusted else _UNTRUSTED_FORWARDING)
-    for websocket in (False, True) for pass_credentials in (False, True)
-    for pass_method_override in (False, True) for peer_trusted in (False, True)
+    for pass_credentials in (False, True) for pass_method_override in (False, True) for peer_trusted in (False, True)
 }
+
+# Methods sent without a Content-Length when they carry no body; others get "Content-Length: 0"
+# (an upstream may otherwise wait for a body, or answer 411).
+_NO_LENGTH_NEEDED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+# Retried once on a pooled connection that turned out closed (RFC 9112 section 9.3.1.1).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+# Response headers Keygate sets itself on an allowed answer: the upstream's own are replaced.
+_ANSWERED = frozenset({b"x-request-id", b"ratelimit", b"ratelimit-policy", DEGRADED_HEADER.lower().encode()})
+_VIA_LINE = f"Via: {VIA}\r\n".encode()
+
+
+def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    """``base`` plus the headers the ``Connection`` header names (hop-by-hop too, RFC 9110 section 7.6.1)."""
+    connection = headers.getall("Connection", ())
+    if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
+        return base
+    return base | {t.strip().lower() for v in connection for t in v.split(",")}
+
+
+def header_block(headers: Sequence[tuple[str, str]] | dict[str, str]) -> bytes:
+    """``Name: value`` lines for our own headers (request id, rate limit, identity)."""
+    items = headers.items() if isinstance(headers, dict) else headers
+    return "".join([f"{name}: {value}\r\n" for name, value in items]).encode("utf-8")
 
 
 def upstream_request_headers(
-    request: web.BaseRequest, *, pass_credentials: bool, identity: Sequence[tuple[str, str]],
-    client_ip: str | None, peer: str, peer_trusted: bool, request_id: str, websocket: bool = False,
-    pass_method_override: bool = False,
-) -> CIMultiDict[str]:
+    request: Request, *, pass_credentials: bool, identity: bytes, client_ip: str | None, peer: str,
+    peer_trusted: bool, request_id: str, pass_method_override: bool = False,
+) -> bytes:
+    """The header lines that go upstream (without Host and framing), as bytes."""
     headers = request.headers
-    drop = _connection_named(headers, _DROPPED[websocket, pass_credentials, pass_method_override, peer_trusted])
+    drop = _connection_named(headers, _DROPPED[pass_credentials, pass_method_override, peer_trusted])
     # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
     # and the key goes upstream only where a route says pass_credentials.
     # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
     # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
-    out = [(name, value) for name, value in headers.items()
-           if (lower := name.lower().replace("_", "-")) not in drop and not lower.startswith("x-keygate-")]
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()
+             if (lower := name.lower().replace("_", "-")) not in drop and not lower.startswith("x-keygate-")]
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
         hops = ", ".join(hop for hop in chain if hop)
-        proto = headers.get("X-Forwarded-Proto") or request.scheme
+        proto = headers.get("X-Forwarded-Proto") or "http"
         forwarded_host = headers.get("X-Forwarded-Host")
         host = forwarded_host if forwarded_host is not None else request.host
     else:
         # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
-        hops, proto, host = client_ip or peer, request.scheme, request.host
+        hops, proto, host = client_ip or peer, "http", request.host
     # All but Via were dropped from the client's headers above, so adding never duplicates one.
-    out += (
-        ("X-Forwarded-For", hops),
-        ("X-Forwarded-Proto", proto),
-        ("X-Forwarded-Host", host),
-        ("Via", VIA),
-        ("X-Request-Id", request_id),
-        *identity,
-    )
-    return CIMultiDict(out)
+    lines.append(f"X-Forwarded-For: {hops}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\n"
+                 f"Via: {VIA}\r\nX-Request-Id: {request_id}\r\n")
+    # Client values arrived as bytes and were read as latin-1: the same bytes go on.
+    return "".join(lines).encode("latin-1") + identity
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    out = upstream.copy()
-    for name in _connection_named(upstream, HOP_BY_HOP):
-        out.popall(name, None)
-    out.add("Via", VIA)
-    return out
+def response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> bytes:
+    """The upstream's response headers minus hop-by-hop ones and those we set, plus Via and ``answer``."""
+    named: frozenset[bytes] | None = None
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
+            if tokens:
+                named = (named or frozenset()) | tokens
+    drop = _HOP_BY_HOP_BYTES | _ANSWERED if named is None else _HOP_BY_HOP_BYTES | _ANSWERED | named
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]) \
+        + _VIA_LINE + answer
 
 
-class ClientClosed(Exception):
-    """The client's connection closed while its response was being written: not a fault, nobody to answer."""
+class _Upstream:
+    """What forwarding to one configured upstream needs, made on its first request."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("the client closed the connection")
-        self.response = response
+    __slots__ = ("pool", "latency")
 
-
-class _Body:
-    """The client's body as an async iterator, counted against the size limit as it streams."""
-
-    def __init__(self, request: web.BaseRequest, *, max_size: int, read_timeout: float,
-                 clock: Clock) -> None:
-        self._content = request.content
-        self._max = max_size
-        self._timeout = read_timeout
-        self._clock = clock
-        self.received = 0
-        self.refusal: Outcome | None = None
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            # Waiting on the client is not the upstream's time; the client has its own timeout (408).
-            self._clock.stop()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.refusal = Outcome.CLIENT_TIMEOUT
-                raise
-            # From here until the upstream asks for more (or answers), it is the upstream we wait on.
-            self._clock.restart()
-            if not chunk:
-                return
-            self.received += len(chunk)
-            if self._max and self.received > self._max:
-                self.refusal = Outcome.BODY_TOO_LARGE
-                raise Denied(Outcome.BODY_TOO_LARGE)
-            yield chunk
-
-
-class _Upstream(NamedTuple):
-    """What forwarding to one upstream needs, made on its first request."""
-
-    base: str  # its URL without a trailing slash; the client's raw path is appended
-    origin: Origin  # its place in the session's connection pool, for bodyless requests
-    timeout: aiohttp.ClientTimeout
-    seconds: float  # the upstream's read timeout (gateway.dataplane.deadlines)
-    latency: Histogram  # time until its response headers arrived
+    def __init__(self, pool: Upstream) -> None:
+        self.pool = pool
+        self.latency = Histogram()  # time until its response head arrived
 
 
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession, *, max_body_size: int, client_timeout: float) -> None:
-        self.session = session
+    def __init__(self, sweeper: Sweeper, *, max_body_size: int, client_timeout: float) -> None:
+        self.sweeper = sweeper
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
         self.upstream_errors = 0
-        self.deadlines = Deadlines()
         self._upstreams: dict[str, _Upstream] = {}
 
     @property
     def upstream_latency(self) -> dict[str, Histogram]:
-        """Per upstream used so far: time until its response headers arrived."""
+        """Per upstream used so far: time until its response head arrived."""
         return {name: up.latency for name, up in self._upstreams.items()}
 
-    def _upstream(self, target: Target) -> _Upstream:
-        up = target.upstream
-        known = self._upstreams.get(up.name)
+    def _upstream(self, settings: UpstreamSettings) -> _Upstream:
+        known = self._upstreams.get(settings.name)
         if known is None:
-            # No sock_read: the upstream's read timeout is ours (gateway.dataplane.deadlines).
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=None)
-            # One reading of the configured URL for both ways of sending (yarl's: percent-encoding,
-            # dot segments, host case and default port normalised), so they reach the same place.
-            base = str(URL(up.url)).rstrip("/")
-            known = self._upstreams[up.name] = _Upstream(
-                base, Origin(self.session, URL(base, encoded=True)), timeout, up.timeout, Histogram())
+            known = self._upstreams[settings.name] = _Upstream(Upstream(
+                settings.url, self.sweeper, connect_timeout=settings.connect_timeout,
+                read_timeout=settings.timeout))
         return known
 
-    def url(self, target: Target, request_target: str) -> URL:
-        # The canonical request target (gateway.pipeline.target): exactly what the route table judged.
-        return URL(self._upstream(target).base + request_target, encoded=True)
+    def close(self) -> None:
+        for up in self._upstreams.values():
+            up.pool.close()
 
-    async def forward(
-        self, request: web.BaseRequest, target: Target, request_target: str, headers: CIMultiDict[str],
-        extra_response_headers: dict[str, str],
-    ) -> web.StreamResponse:
+    async def forward(self, request: Request, target: Target, path: str, headers: bytes, answer: bytes) -> None:
         """Relay the exchange; Denied for 413/408/502/504 raised before the response starts."""
-        up = self._upstream(target)
-        clock = self.deadlines.clock(up.seconds)
-        body: _Body | None = None
-        if request.body_exists:
-            length = request.content_length
-            if self.max_body_size and length is not None and length > self.max_body_size:
-                raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {length}")
-            body = _Body(request, max_size=self.max_body_size, read_timeout=self.client_timeout, clock=clock)
+        up = self._upstream(target.upstream)  # type: ignore[arg-type]
+        pool = up.pool
+        body = request.body
+        method = request.method
+        if body is None:
+            framing = b"Content-Length: 0\r\n" if request.content_length is None and method not in _NO_LENGTH_NEEDED \
+                else b""
+        else:
+            if self.max_body_size and body.expected is not None and body.expected > self.max_body_size:
+                raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {body.expected}")
+            if body.failed and body.received == 0:
+                # Broken off before any of it arrived (a malformed first chunk): nothing goes upstream.
+                raise Denied(Outcome.INVALID_BODY)
+            framing = b"Transfer-Encoding: chunked\r\n" if body.chunked else b""
+        head = b"%s %s%s HTTP/1.1\r\n%s%s%s\r\n" % (
+            method.encode("ascii"), pool.prefix, path.encode("latin-1"), pool.host_line, headers, framing)
         started = time.perf_counter()
-        upstream: Answer | aiohttp.ClientResponse
-        try:
-            with clock:
-                if body is None:
-                    upstream = await exchange(up.origin, request.method, request_target, headers, up.timeout)
-                else:
-                    upstream = await send(
-                        self.session, request.method, self.url(target, request_target), headers,
-                        data=body.__aiter__() if body is not None else None,
-                        allow_redirects=False, timeout=up.timeout, compress=None,
-                    )
-        except Denied:
-            raise
-        except Exception as exc:
-            raise self._failure(exc, body) from None
+        conn, response = await self._exchange(pool, request, head)
         up.latency.observe(time.perf_counter() - started)
+        await self._relay(request, conn, response, answer)
+
+    async def _exchange(self, pool: Upstream, request: Request, head: bytes) -> tuple[UpstreamConnection, Response]:
+        body = request.body
+        retry = body is None and request.method in IDEMPOTENT_METHODS
+        while True:
+            try:
+                conn, reused = await pool.connection()
+            except UpstreamError as exc:
+                raise self._failure(exc) from None
+            conn.begin(bodyless=request.method == "HEAD")
+            try:
+                conn.write(head)
+                if body is not None:
+                    await self._send_body(conn, body)
+                return conn, await conn.response()
+            except Disconnected as exc:
+                conn.abort()
+                if retry and reused and not conn.received:
+                    retry = False  # the pooled connection had been closed by the upstream: once more
+                    continue
+                raise self._failure(exc) from None
+            except UpstreamError as exc:
+                conn.abort()
+                raise self._failure(exc) from None
+            except BaseException:
+                conn.abort()  # refused, cancelled or failed mid-exchange: its state is unknown
+                raise
+
+    async def _send_body(self, conn: UpstreamConnection, body: Body) -> None:
+        limit = self.max_body_size
+        sent = 0
+        chunked = body.chunked
+        while True:
+            try:
+                # Waiting on the client is not the upstream's time; the client has its own timeout (408).
+                chunk = await body.read()
+            except BodyTimeout:
+                raise Denied(Outcome.CLIENT_TIMEOUT) from None
+            except MalformedBody:
+                raise Denied(Outcome.INVALID_BODY) from None
+            if not chunk:
+                break
+            sent += len(chunk)
+            if limit and sent > limit:
+                raise Denied(Outcome.BODY_TOO_LARGE)
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+
+    async def _relay(self, request: Request, conn: UpstreamConnection, response: Response, answer: bytes) -> None:
+        status = response.status
+        reason = response.reason.decode("latin-1") if response.reason else reason_of(status)
+        block = response_header_block(response.headers, answer)
+        bodyless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if conn.complete:
+            # The whole body is here: head and body leave in one write.
+            request.send(status, reason, block, conn.take_buffered(),
+                         add_length=response.length is None and not bodyless)
+            conn.finish()
+            return
+        request.start(status, reason, block, length=response.length if not response.chunked else None,
+                      bodyless=bodyless)
         try:
-            headers = response_headers(upstream.headers)
-            headers.update(extra_response_headers)
-            try:
-                # What has arrived already, without waiting: for most answers, the whole body.
-                first = upstream.content.read_nowait(CHUNK)
-            except (aiohttp.ClientError, TimeoutError):
-                first = b""  # the stream below meets the same error, after the headers as before
-            if upstream.content.at_eof():
-                # The whole body is here: headers and body leave in one write (one
-                # syscall less per request than prepare() + write() + write_eof()).
-                whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=first)
-                try:
-                    await whole.prepare(request)
-                    await whole.write_eof()
-                except ConnectionError:
-                    raise ClientClosed(whole) from None
-                return whole
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            try:
-                await response.prepare(request)
-                if first:
-                    await response.write(first)
-                # Only the wait for the upstream's next piece is timed, not a slow client's.
-                with self.deadlines.clock(up.seconds) as reading:
-                    while chunk := await upstream.content.read(CHUNK):
-                        reading.stop()
-                        await response.write(chunk)
-                        reading.restart()
-                await response.write_eof()
-            except ConnectionError:
-                # Writing to the client failed: it went away (aiohttp's ClientConnectionResetError
-                # is a ConnectionError too). The upstream's read errors below are not ConnectionErrors.
-                raise ClientClosed(response) from None
-            except (aiohttp.ClientError, TimeoutError):
-                # Headers are gone already: all we can do is cut the client off,
-                # so it cannot mistake a truncated body for a whole one.
-                self.upstream_errors += 1
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            return response
-        finally:
-            upstream.release()
+            request.write(conn.take_buffered())
+            while True:
+                await request.drain()  # the client takes what was written before more is read
+                chunk = await conn.read()
+                if not chunk:
+                    break
+                request.write(chunk)
+        except ClientGone:
+            conn.abort()
+            raise
+        except UpstreamError:
+            # The head is gone already: all we can do is cut the client off,
+            # so it cannot mistake a truncated body for a whole one.
+            self.upstream_errors += 1
+            conn.abort()
+            request.abort()
+            return
+        except BaseException:
+            conn.abort()
+            raise
+        request.end()
+        conn.finish()
 
-    def _failure(self, exc: BaseException, body: _Body | None) -> Denied:
-        if body is not None and body.refusal is not None:
-            return Denied(body.refusal)
+    def _failure(self, exc: UpstreamError) -> Denied:
         self.upstream_errors += 1
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return Denied(Outcome.UPSTREAM_UNAVAILABLE, "connect timeout")
-        if isinstance(exc, (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError)):
+        if isinstance(exc, ReadTimeout):
             return Denied(Outcome.UPSTREAM_TIMEOUT, "read timeout")
-        if isinstance(exc, (aiohttp.ClientError, OSError)):
-            return Denied(Outcome.UPSTREAM_UNAVAILABLE, type(exc).__name__)
-        raise exc
+        if isinstance(exc, ConnectTimeout):
+            return Denied(Outcome.UPSTREAM_UNAVAILABLE, "connect timeout")
+        return Denied(Outcome.UPSTREAM_UNAVAILABLE, exc.kind)
 
-    async def websocket(
-        self, request: web.BaseRequest, target: Target, request_target: str, headers: CIMultiDict[str],
-        extra_response_headers: dict[str, str],
-    ) -> web.StreamResponse:
-        """Open the upstream WebSocket first, then accept the client's and relay both ways.
+    async def websocket(self, request: Request, target: Target, path: str, headers: bytes, answer: bytes) -> None:
+        """Relay a WebSocket handshake; on the upstream's 101, tunnel bytes both ways until either side closes.
 
-        Denied(INVALID_UPGRADE) for a handshake we could not complete with the client (not a GET,
-        no ``Connection: Upgrade``, no key, another version), before anything is opened upstream.
+        Denied(INVALID_UPGRADE) for a handshake that could not complete with the client (not a GET,
+        no ``Connection: Upgrade``, no valid key, another version), before anything is opened upstream.
         """
         # SECURITY: checked first, or the upstream would run its handler for a request that was
-        # judged as another method (ws_connect always sends GET) or that fails with the client.
-        if request.method != "GET" or request.headers.get("Sec-WebSocket-Version") != "13" \
-                or not web.WebSocketResponse().can_prepare(request).ok:
+        # judged as another method or that fails with the client.
+        if not valid_handshake(request):
             raise Denied(Outcome.INVALID_UPGRADE)
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        try:
-            upstream = await self.session.ws_connect(
-                self.url(target, request_target), headers=headers, protocols=protocols, autoclose=False,
-                autoping=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
-                max_msg_size=0,
-            )
-        except Exception as exc:
-            raise self._failure(exc, None) from None
-        client = web.WebSocketResponse(
-            protocols=[upstream.protocol] if upstream.protocol else (), autoclose=False, autoping=False,
-            max_msg_size=0,
-        )
-        client.headers.update(extra_response_headers)
-        try:
-            await client.prepare(request)
-            await asyncio.gather(_relay(client, upstream), _relay(upstream, client))
-        finally:
-            await upstream.close()
-            if client.prepared:
-                await client.close()
-        return client
+        up = self._upstream(target.upstream)  # type: ignore[arg-type]
+        pool = up.pool
+        head = b"GET %s%s HTTP/1.1\r\n%s%sConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (
+            pool.prefix, path.encode("latin-1"), pool.host_line, headers)
+        started = time.perf_counter()
+        conn, response = await self._exchange(pool, request, head)
+        up.latency.observe(time.perf_counter() - started)
+        if response.status != 101:
+            await self._relay(request, conn, response, answer)
+            return
+        block = b"".join([name + b": " + value + b"\r\n" for name, value in response.headers
+                          if name.lower() not in _ANSWERED])
+        request.switch(b"HTTP/1.1 101 Switching Protocols\r\n%s%s\r\n" % (block, answer))
+        tunnel = Tunnel(request, conn, response.upgraded, idle=pool.read_timeout)
+        await tunnel.closed
 
 
-async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-    async for message in source:
-        if message.type is WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type is WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type is WSMsgType.PING:
-            await sink.ping(message.data)
-        elif message.type is WSMsgType.PONG:
-            await sink.pong(message.data)
-        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            break
-    if not sink.closed:
-        await sink.close(code=source.close_code or 1000)
+def valid_handshake(request: Request) -> bool:
+    """An RFC 6455 opening handshake a server could accept (section 4.2.1)."""
+    headers = request.headers
+    if request.method != "GET" or request.version != "1.1" or headers.get("Sec-WebSocket-Version") != "13":
+        return False
+    if not any(t.strip().lower() == "upgrade" for v in headers.getall("Connection", ()) for t in v.split(",")):
+        return False
+    key = headers.get("Sec-WebSocket-Key")
+    if key is None:
+        return False
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+class Tunnel:
+    """Bytes both ways between a client and an upstream connection, with flow control and an idle timeout."""
+
+    def __init__(self, request: Request, upstream: UpstreamConnection, early_upstream: bytes, *, idle: float) -> None:
+        self.client = request.conn
+        self.upstream = upstream
+        self.sweeper = upstream.sweeper
+        self.loop = upstream.loop
+        self.idle = idle
+        self.closed = self.loop.create_future()
+        self.deadline = self.sweeper.time() + idle
+        self._eofs = 0
+        early_client = self.client.take_tunnel(self)
+        upstream._tunnel = self
+        self.sweeper.watch(self)
+        if early_upstream:
+            self.client.write(early_upstream)
+        if early_client:
+            self.from_client(early_client)
+
+    def from_client(self, data: bytes) -> None:
+        self.deadline = self.sweeper.time() + self.idle
+        transport = self.upstream.transport
+        if transport is None or self.upstream.closed:
+            return
+        transport.write(data)
+        if self.upstream._write_paused:
+            self.client.pause(4)
+
+    def from_upstream(self, data: bytes) -> None:
+        self.deadline = self.sweeper.time() + self.idle
+        self.client.write(data)
+        if self.client._write_paused and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def client_drained(self) -> None:
+        if self.upstream.transport is not None and not self.upstream.closed:
+            self.upstream.transport.resume_reading()
+
+    def upstream_drained(self) -> None:
+        self.client.resume(4)
+
+    def client_eof(self) -> bool:
+        # Half-close passed on: the other side may still answer (a WebSocket close frame, say).
+        self._eofs += 1
+        transport = self.upstream.transport
+        if self._eofs < 2 and transport is not None and not self.upstream.closed and transport.can_write_eof():
+            transport.write_eof()
+            return True
+        self._end()
+        return False
+
+    def upstream_eof(self) -> bool:
+        self._eofs += 1
+        transport = self.client.transport
+        if self._eofs < 2 and transport is not None and not self.client._closed and transport.can_write_eof():
+            transport.write_eof()
+            return True
+        self._end()
+        return False
+
+    def client_lost(self) -> None:
+        self._end()
+
+    def upstream_lost(self) -> None:
+        self._end()
+
+    def expire(self, now: float) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        self.sweeper.forget(self)
+        self.upstream.close()
+        if self.client.transport is not None and not self.client._closed:
+            self.client.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(None)

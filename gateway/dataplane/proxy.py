@@ -15,8 +15,6 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from aiohttp import web
-
 from ..models import RequestRecord
 from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome, decision_of
@@ -26,7 +24,8 @@ from ..pipeline.responses import denial
 from ..pipeline.target import RequestTarget, TargetCanonicalizer
 from ..recorder import Recorder
 from ..store import StoreUnavailable
-from .forward import ClientClosed, Forwarder, upstream_request_headers
+from .forward import Forwarder, header_block, upstream_request_headers
+from .http1 import ClientGone, Request, reason_of
 from .latency import Histogram
 
 log = logging.getLogger("keygate.proxy")
@@ -58,16 +57,15 @@ class Gateway:
         self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
         self._value_of = {outcome: outcome.value for outcome in Outcome}  # Enum.value is a slow property
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
-        peer = request.remote or ""
+        peer = request.peer
         attempt = Attempt()
         request_target: RequestTarget | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
-        status = CLIENT_CLOSED
         try:
             # The request target in canonical form, decided before anything reads it: the
             # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
@@ -78,61 +76,64 @@ class Gateway:
                 attempt, headers, peer, request.method, request_target.path, started)
             key, target, client = attempt.key, attempt.target, attempt.client
             # 8. Forward.
-            answer_headers = ratelimit_headers(attempt.rate)  # type: ignore[arg-type]
-            answer_headers["X-Request-Id"] = request_id
+            answer = header_block(ratelimit_headers(attempt.rate)) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[arg-type]
             upgrade = headers.get("Upgrade")
             websocket = upgrade is not None and upgrade.lower() == "websocket"
             upstream_headers = upstream_request_headers(
                 request, pass_credentials=target.pass_credentials,  # type: ignore[union-attr]
-                identity=key.identity_headers, client_ip=client, peer=peer,  # type: ignore[union-attr]
+                identity=key.identity_block, client_ip=client, peer=peer,  # type: ignore[union-attr]
                 peer_trusted=self._trusts_proxies and self.client_ips.is_trusted_peer(peer),
-                request_id=request_id, websocket=websocket,
-                pass_method_override=target.pass_method_override,  # type: ignore[union-attr]
+                request_id=request_id, pass_method_override=target.pass_method_override,  # type: ignore[union-attr]
             )
             forwarded = request_target.forwarded
             if websocket:
-                response = await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer_headers)  # type: ignore[arg-type]
+                await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type]
             else:
-                response = await self.forwarder.forward(request, target, forwarded, upstream_headers, answer_headers)  # type: ignore[arg-type]
-            status = response.status
-            return response
-        except ClientClosed as closed:
+                await self.forwarder.forward(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type]
+        except ClientGone:
             # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
-            return closed.response
+            request.status = CLIENT_CLOSED
         except RateLimited as limited:
             outcome, reason = Outcome.RATE_LIMITED, limited.reason
-            response = denial(outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
-            status = response.status
-            return response
+            self._deny(request, outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
         except Denied as denied:
             outcome, reason = denied.outcome, denied.reason
-            response = denial(outcome, request_id, retry_after=denied.retry_after)
-            status = response.status
-            return response
+            self._deny(request, outcome, request_id, retry_after=denied.retry_after)
         except StoreUnavailable as exc:
             outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
             log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
-            response = denial(outcome, request_id)
-            status = response.status
-            return response
+            self._deny(request, outcome, request_id)
         except Exception as exc:
             # A bug, not a decision: log it whole, tell the client nothing about it.
             outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
             log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
-            if _started(request):
-                raise
-            response = denial(outcome, request_id)
-            status = response.status
-            return response
+            if request.started:
+                request.abort()
+            else:
+                self._deny(request, outcome, request_id)
         finally:
             if attempt.denied is not None and outcome is _ALLOWED:
                 # The client left while the refusal was held (see Authenticator.authenticate): it was refused.
                 outcome, reason = attempt.denied.outcome, attempt.denied.reason
             # 9. Record: buffered, written in batches off the request path.
+            # (Cancelled because the client went away before its answer: recorded as CLIENT_CLOSED.)
+            status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
             self._record(request, request_target, attempt, outcome, reason, status, peer, started)
 
+    @staticmethod
+    def _deny(request: Request, outcome: Outcome, request_id: str, *, retry_after: float | None = None,
+              extra_headers: dict[str, str] | None = None) -> None:
+        if request.started:
+            request.abort()  # an answer has begun: it cannot become a refusal
+            return
+        answer = denial(outcome, request_id, retry_after=retry_after, extra_headers=extra_headers)
+        if outcome is Outcome.INVALID_UPGRADE:
+            # The client meant to leave HTTP on this connection; what it sends next cannot be read as HTTP.
+            request.keep_alive = False
+        request.send(answer.status, reason_of(answer.status), answer.block, answer.body)
+
     def _record(
-        self, request: web.BaseRequest, request_target: RequestTarget | None, attempt: Attempt, outcome: Outcome,
+        self, request: Request, request_target: RequestTarget | None, attempt: Attempt, outcome: Outcome,
         reason: str | None, status: int, peer: str, started: float,
     ) -> None:
         now = datetime.now(UTC)
@@ -162,12 +163,6 @@ class Gateway:
                 "decision": record.decision, "status": status, "client_ip": record.client_ip,
                 "duration_ms": record.duration_ms,
             }))
-
-
-def _started(request: web.BaseRequest) -> bool:
-    """Whether a response has begun (then a new one cannot be sent)."""
-    return getattr(request, "_payload_writer", None) is not None and \
-        getattr(request._payload_writer, "buffer_size", 0) > 0  # type: ignore[attr-defined]
 
 
 __all__ = ["Gateway"]

@@ -16,6 +16,8 @@ class Outcome(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_TARGET = "invalid_target"
     INVALID_UPGRADE = "invalid_upgrade"
+    # The request body's framing broke off (a malformed chunk): nothing whole was forwarded.
+    INVALID_BODY = "invalid_body"
     INVALID_TOKEN = "invalid_token"
     # Failed too often (client, network or key id) and no verification left for now: no argon2 was run.
     TOO_MANY_ATTEMPTS = "too_many_attempts"
@@ -50,7 +52,7 @@ _FAILED = frozenset({
 # Outcomes only a request that passed the rate-limit stage can have (the forward stage's).
 PAST_RATE_LIMIT = frozenset({
     Outcome.ALLOWED, Outcome.BODY_TOO_LARGE, Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE,
-    Outcome.UPSTREAM_TIMEOUT, Outcome.INVALID_UPGRADE,
+    Outcome.UPSTREAM_TIMEOUT, Outcome.INVALID_UPGRADE, Outcome.INVALID_BODY,
 })
 
 

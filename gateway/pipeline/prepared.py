@@ -30,6 +30,8 @@ class PreparedKey:
     member_role: str | None
     member_missing: bool
     identity_headers: tuple[tuple[str, str], ...]
+    # The same as the header lines that go upstream, encoded once here rather than per request.
+    identity_block: bytes = b""
     # The allowlist's answer per client address, filled as requests come (see check_allowlist).
     allowlist_seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
@@ -68,6 +70,7 @@ def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> PreparedKey:
         servers=Servers(record.servers), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
         expires_at=_epoch(record.expires_at), member_role=member_role,
         member_missing=bool(record.user) and not is_member, identity_headers=headers,
+        identity_block="".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8"),
     )
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-
-from aiohttp import web
+from typing import NamedTuple
 
 from .outcomes import Outcome
 
 REALM = 'Bearer realm="keygate"'
+JSON = "application/json; charset=utf-8"
 
 # outcome -> (status, error code, description, WWW-Authenticate)
 _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
@@ -38,6 +38,7 @@ _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
         "A WebSocket upgrade must be a GET with Connection: Upgrade, Sec-WebSocket-Key and "
         "Sec-WebSocket-Version: 13.", None,
     ),
+    Outcome.INVALID_BODY: (400, "invalid_request", "The request body is not well-formed HTTP.", None),
     Outcome.INVALID_TOKEN: (
         401, "invalid_token", "The API key is invalid, expired or revoked.", f'{REALM}, error="invalid_token"',
     ),
@@ -84,10 +85,23 @@ def retry_after_header(outcome: Outcome, retry_after: float | None) -> str | Non
     return str(max(1, math.ceil(retry_after)))
 
 
+class Denial(NamedTuple):
+    """The proxy's own answer to a refused request; the server adds framing and ``Connection``."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def block(self) -> bytes:
+        """The headers as ``Name: value`` lines."""
+        return "".join([f"{name}: {value}\r\n" for name, value in self.headers.items()]).encode("utf-8")
+
+
 def denial(
     outcome: Outcome, request_id: str, *, retry_after: float | None = None,
     extra_headers: Mapping[str, str] | None = None,
-) -> web.Response:
+) -> Denial:
     status, error, description, challenge = _ANSWERS[outcome]
     headers = dict(extra_headers or {})
     if challenge:
@@ -96,9 +110,6 @@ def denial(
     if wait is not None:
         headers["Retry-After"] = wait
     headers["Cache-Control"] = "no-store"
+    headers["Content-Type"] = JSON
     body = json.dumps({"error": error, "error_description": description, "request_id": request_id})
-    response = web.Response(status=status, text=body, content_type="application/json", headers=headers)
-    if outcome is Outcome.INVALID_UPGRADE:
-        # The client meant to leave HTTP on this connection; what it sends next cannot be read as HTTP.
-        response.force_close()
-    return response
+    return Denial(status, headers, body.encode("utf-8"))

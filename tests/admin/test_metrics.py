@@ -15,10 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import RawTestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin.metrics import PUBLISH_INTERVAL, KeygateCollector, SnapshotDir, merge
+from tests.proxy_listener import serving
 
 from ..e2e.harness import Keygate, Upstream
 from ..redis_server import SHARED_REDIS_URL, RedisServer
@@ -45,12 +45,8 @@ async def scrape(admin: Admin) -> Samples:
 @asynccontextmanager
 async def serve_proxy(admin: Admin) -> AsyncIterator[str]:
     """The runtime's proxy listener, in front of the demo upstream."""
-    server = RawTestServer(admin.rt.gateway.handle)
-    await server.start_server()
-    try:
-        yield str(server.make_url(""))
-    finally:
-        await server.close()
+    async with serving(admin.rt) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 
 from gateway.config.schema import Settings
 from gateway.manage.service import KeyService, bootstrap
@@ -18,6 +18,7 @@ from gateway.quickstart import demo_app
 from gateway.runtime import Runtime, runtime
 from gateway.store import create_store
 from gateway.store.sqlite import SqliteStore
+from tests.proxy_listener import serving
 
 from ..sqlite_hold import HeldWorker
 
@@ -99,16 +100,10 @@ async def test_records_made_just_before_shutdown_are_stored(
         async with runtime(settings) as runtime_:
             _, key = await KeyService(runtime_.store, runtime_.settings, actor="test").create_key(
                 name="ci", role="admin")
-            proxy = RawTestServer(runtime_.gateway.handle)
-            await proxy.start_server()
-            try:
-                async with aiohttp.ClientSession() as http:
-                    for path in paths:
-                        async with http.get(str(proxy.make_url(path)),
-                                            headers={"Authorization": f"Bearer {key}"}) as r:
-                            assert r.status == 200
-            finally:
-                await proxy.close()
+            async with serving(runtime_) as url, aiohttp.ClientSession() as http:
+                for path in paths:
+                    async with http.get(url + path, headers={"Authorization": f"Bearer {key}"}) as r:
+                        assert r.status == 200
             assert runtime_.recorder.pending == len(paths) + 1  # the requests and the key's last use
             assert runtime_.recorder.flushed_requests == 0
             release = await hold_the_watchers_poll(runtime_, store_url)

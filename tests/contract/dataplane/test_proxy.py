@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 
 from gateway.keys import generate
 from gateway.runtime import Runtime, runtime
@@ -17,6 +17,7 @@ from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import create_store
+from tests.proxy_listener import serving
 
 
 async def migrated(store_url: str) -> None:
@@ -41,13 +42,8 @@ async def rt(store_url: str) -> AsyncIterator[tuple[Runtime, str]]:
     })
     await migrated(store_url)
     async with runtime(settings) as runtime_:
-        # As keygate serve runs it: a client that hangs up cancels its handler.
-        proxy = RawTestServer(runtime_.gateway.handle, handler_cancellation=True)
-        await proxy.start_server()
-        try:
-            yield runtime_, str(proxy.make_url(""))
-        finally:
-            await proxy.close()
+        async with serving(runtime_) as url:
+            yield runtime_, url
     await upstream.close()
 
 

@@ -9,13 +9,14 @@ from contextlib import AsyncExitStack
 import aiohttp
 import pytest
 import redis.asyncio
-from aiohttp.test_utils import RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 
 from gateway.runtime import Runtime, runtime
 from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
 from gateway.manage.service import KeyService, bootstrap
 from gateway.store import create_store
+from tests.proxy_listener import serving
 
 from ...redis_server import RedisServer
 
@@ -41,10 +42,7 @@ async def replicas(request: pytest.FixtureRequest, store_url: str, own_redis: Re
         made = []
         for _ in range(2):
             rt = await stack.enter_async_context(runtime(settings))
-            proxy = RawTestServer(rt.gateway.handle)
-            await proxy.start_server()
-            stack.push_async_callback(proxy.close)
-            made.append((rt, str(proxy.make_url(""))))
+            made.append((rt, await stack.enter_async_context(serving(rt))))
         yield made
     await upstream.close()
 

@@ -6,16 +6,15 @@ import json
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from gateway.pipeline.outcomes import Denied, Outcome
-from gateway.pipeline.responses import BUSY_RETRY_AFTER, REALM, STORE_RETRY_AFTER, answer_of, denial
+from gateway.pipeline.responses import BUSY_RETRY_AFTER, REALM, STORE_RETRY_AFTER, Denial, answer_of, denial
 
 REQUEST_ID = "req-123"
 
 
-def body_of(response: web.Response) -> dict[str, Any]:
-    assert response.content_type == "application/json"
+def body_of(response: Denial) -> dict[str, Any]:
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     assert isinstance(response.body, bytes)
     data = json.loads(response.body)
     assert isinstance(data, dict)

@@ -1,0 +1,791 @@
+"""The proxy listener's HTTP/1.1 server: one ``asyncio.Protocol`` per connection, llhttp in strict mode.
+
+The parser is llhttp through httptools (the binding uvicorn uses), with none
+of its leniencies: bare LF, obs-fold, a Content-Length beside a
+Transfer-Encoding, duplicate lengths, bad chunk sizes and spaces where none
+belong are parse errors. Around it this module adds what a reverse proxy
+needs before any request reaches the pipeline:
+
+- a deadline for the request line and headers (``proxy.header_timeout``,
+  408), from the connection's start or the next request's first byte;
+- size limits: the target (8192 bytes, 414), one header line (8190, 431),
+  the number of headers (128, 431), the request line and headers in all
+  (``proxy.max_header_size``, 431);
+- the request forms a reverse proxy serves: origin-form targets over
+  HTTP/1.0 or 1.1 (else 400, or 505 for another version); a transfer coding
+  other than exactly ``chunked`` is 501, and any in an HTTP/1.0 request 400;
+- keep-alive with an idle timeout, pipelined requests answered in order
+  (reading pauses while one waits), request bodies streamed with flow
+  control (reading pauses while the handler is slower), ``Expect:
+  100-continue`` answered when the handler first reads the body;
+- after a WebSocket handshake the connection is handed to a tunnel.
+
+Each request runs as one task of ``handler(request)``; the handler writes
+its response through the :class:`Request` (``send`` for a whole one, or
+``start``/``write``/``end``). If the client goes away first, the task is
+cancelled. Every refusal here is our JSON body, never an echo of the
+request (it may carry a key), and is followed by a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .sweeper import Sweeper
+
+log = logging.getLogger("keygate.http")
+
+MAX_TARGET = 8192  # bytes of the request target
+MAX_FIELD = 8190  # bytes of one header's name plus value
+MAX_HEADERS = 128  # header lines; more is 431
+KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection waits for its next request (nginx's default)
+LINGER = 2.0  # seconds a refused connection still drains what the client sends, so the answer is not reset
+# Request body bytes buffered before reading from the client pauses, and the level at which it resumes.
+BODY_HIGH = 256 * 1024
+BODY_LOW = 64 * 1024
+
+_INF = float("inf")
+
+# Why reading from a connection is paused: reading resumes only once none is left.
+_PAUSE_BODY = 1  # the handler has not taken enough of the body yet
+_PAUSE_QUEUE = 2  # a pipelined request waits for the one before it to be answered
+_PAUSE_TUNNEL = 4  # the tunnel's other side cannot take more
+
+# Connection states, for the deadline that applies.
+_HEAD = 0  # a request line and headers are arriving (or the connection just opened)
+_BODY = 1  # a request's head is complete; its body (if any) is read under the body's own deadline
+_IDLE = 2  # between requests
+_TUNNEL = 3  # bytes are relayed; the tunnel keeps its own deadline
+
+_REASONS = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    206: "Partial Content", 301: "Moved Permanently", 302: "Found", 304: "Not Modified",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 409: "Conflict", 413: "Content Too Large", 414: "URI Too Long",
+    415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+_ERRORS = {
+    400: ("invalid_request", "The request is not well-formed HTTP."),
+    408: ("request_timeout", "The request line and headers did not arrive in time."),
+    414: ("uri_too_long", f"The request target is longer than {MAX_TARGET} bytes."),
+    431: ("request_header_fields_too_large",
+          f"A header line is longer than {MAX_FIELD} bytes, or the request has too many or too large headers."),
+    501: ("not_implemented", 'Only the "chunked" transfer coding is accepted for request bodies.'),
+    505: ("http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are served here."),
+}
+# Parsed requests that are never forwarded: Keygate serves one API by path, it is no forward proxy or tunnel.
+_NOT_ORIGIN_FORM = ("invalid_request",
+                    'Only requests for a path starting with "/" are served; CONNECT, absolute-form and '
+                    "OPTIONS * requests are not.")
+_FRAMING_10 = ("invalid_request", "An HTTP/1.0 request cannot carry a Transfer-Encoding.")
+
+
+def reason_of(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+class Refused(Exception):
+    """A request refused before any handler ran: its status, and a constant reason that is safe to log."""
+
+    def __init__(self, status: int, reason: str, body: tuple[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.body = body or _ERRORS.get(status, ("invalid_request", "The request could not be handled."))
+
+
+class BodyTimeout(Exception):
+    """The client sent no request body data for ``proxy.client_timeout`` seconds."""
+
+
+class MalformedBody(Exception):
+    """The request body's framing broke off (a malformed chunk): it can never be forwarded whole."""
+
+
+class ClientGone(ConnectionError):
+    """The client's connection closed while its request was read or its response written."""
+
+
+class Body:
+    """A request body as it arrives: the handler reads it chunk by chunk; reading pauses while it lags."""
+
+    __slots__ = ("_chunks", "_conn", "_error", "_waiter", "buffered", "deadline", "eof", "expected",
+                 "received", "timeout", "chunked", "taken", "discarding")
+
+    def __init__(self, conn: Connection, expected: int | None, chunked: bool, timeout: float) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.buffered = 0
+        self.received = 0  # bytes of body that arrived (decoded of chunked framing)
+        self.taken = 0  # bytes the handler read
+        self.expected = expected  # Content-Length, or None when chunked
+        self.chunked = chunked
+        self.eof = False
+        self.discarding = False  # the response is done: what still arrives is dropped
+        self.timeout = timeout
+        self.deadline = _INF
+
+    # -- the parser's side
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.discarding:
+            return
+        self._chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > BODY_HIGH:
+            self._conn.pause(_PAUSE_BODY)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._wake()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None and not self._chunks
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.eof and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self.deadline = _INF
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def expire(self, now: float) -> None:
+        self._conn.sweeper.forget(self)
+        self.fail(BodyTimeout())
+
+    # -- the handler's side
+
+    async def read(self) -> bytes:
+        """The next piece of the body; ``b""`` at its end. Raises BodyTimeout or ClientGone."""
+        conn = self._conn
+        if conn.continue_due:
+            conn.send_continue()
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.eof:
+                return b""
+            waiter = self._waiter = conn.loop.create_future()
+            self.deadline = conn.sweeper.time() + self.timeout
+            conn.sweeper.watch(self)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                self.deadline = _INF
+                conn.sweeper.forget(self)
+        data = self._chunks.popleft()
+        self.buffered -= len(data)
+        self.taken += len(data)
+        if self.buffered < BODY_LOW:
+            conn.resume(_PAUSE_BODY)
+        return data
+
+    def discard(self) -> None:
+        """The handler is done: drop what is buffered and what still arrives."""
+        self.discarding = True
+        self._chunks.clear()
+        self.buffered = 0
+        self._conn.resume(_PAUSE_BODY)
+
+
+class Request:
+    """One parsed request and the writing of its response."""
+
+    __slots__ = ("_conn", "body", "chunked_out", "content_length", "ended", "expect_continue", "head_size",
+                 "headers", "keep_alive", "method", "peer", "raw_path", "started", "status", "upgrade",
+                 "version", "bytes_out", "__weakref__")
+
+    def __init__(self, conn: Connection, method: str, raw_path: str, version: str,
+                 headers: CIMultiDictProxy[str], keep_alive: bool, upgrade: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.peer = conn.peer
+        self.body: Body | None = None
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.head_size = 0
+        self.started = False  # the response head was written
+        self.ended = False  # the response was written whole
+        self.chunked_out = False
+        self.status = 0
+        self.bytes_out = 0
+
+    @property
+    def host(self) -> str:
+        """The Host header, or the address the client connected to."""
+        host = self.headers.get("Host")
+        return host if host is not None else self._conn.local
+
+    @property
+    def conn(self) -> Connection:
+        return self._conn
+
+    # -- the response
+
+    def send(self, status: int, reason: str, header_block: bytes, body: bytes, *, add_length: bool = True) -> None:
+        """A whole response in one write: status, headers (``Name: value\\r\\n`` lines), body.
+
+        ``add_length``: append ``Content-Length`` for ``body`` (else ``header_block`` holds the framing,
+        or the response has none: a HEAD's, a 204, a 304).
+        """
+        conn = self._conn
+        self.started = self.ended = True
+        self.status = status
+        close = conn.closing_after(self)
+        framing = b"Content-Length: %d\r\n" % len(body) if add_length else b""
+        head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
+            status, reason.encode("latin-1", "replace"), header_block, framing, conn.connection_header(self, close))
+        if self.method == "HEAD" or status in (204, 304):
+            body = b""
+        self.bytes_out = len(body)
+        conn.write(head + body if body else head)
+        conn.response_done(self, close)
+
+    def switch(self, head: bytes) -> None:
+        """The upgrade's 101 answer: after it the connection is a tunnel (see Connection.take_tunnel)."""
+        self.started = self.ended = True
+        self.status = 101
+        self._conn.write(head)
+
+    def start(self, status: int, reason: str, header_block: bytes, *, length: int | None,
+              bodyless: bool = False) -> None:
+        """Begin a streamed response; ``header_block`` holds Content-Length when ``length`` is known.
+
+        An unknown length is sent chunked to an HTTP/1.1 client, and delimited by the close to HTTP/1.0.
+        """
+        conn = self._conn
+        self.started = True
+        self.status = status
+        close = conn.closing_after(self)
+        framing = b""
+        if not bodyless and length is None:
+            if self.version == "1.1":
+                self.chunked_out = True
+                framing = b"Transfer-Encoding: chunked\r\n"
+            else:
+                close = conn.must_close = True
+        head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
+            status, reason.encode("latin-1", "replace"), header_block, framing, conn.connection_header(self, close))
+        conn.write(head)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.bytes_out += len(data)
+        if self.chunked_out:
+            self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self._conn.write(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.chunked_out:
+            self._conn.write(b"0\r\n\r\n")
+        self._conn.response_done(self, self._conn.closing_after(self))
+
+    def abort(self) -> None:
+        """Cut the client off: a response that cannot be completed must not look complete."""
+        self.ended = True
+        self._conn.abort()
+
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class Connection(asyncio.Protocol):
+    """One client connection of the proxy listener."""
+
+    def __init__(self, server: Any, handler: Handler, sweeper: Sweeper, *, header_timeout: float,
+                 max_header_size: int, client_timeout: float, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+        self.server = server
+        self.handler = handler
+        self.sweeper = sweeper
+        self.loop = sweeper._loop
+        self.header_timeout = header_timeout
+        self.max_header_size = max_header_size
+        self.client_timeout = client_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.local = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = _INF
+        self.state = _HEAD
+        self.must_close = False  # no request after the current one
+        self._read_last = False  # a request that closes the connection was read: nothing after it is
+        self.continue_due = False
+        self._paused = 0
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._raw_head = 0  # bytes of the current head counted read by read (for heads that never complete)
+        self._head_completed = False  # a head completed during the current data_received
+        self._parsing: Request | None = None  # the request whose head or body the parser is in
+        self._current: Request | None = None  # the request being handled
+        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[Request] = deque()
+        self._refusal: Refused | None = None  # raised from a parser callback
+        self._ending = False  # a later head was refused: answer what is in hand, then close
+        self._closed = False
+        self._tunnel: Any = None
+        self._after_upgrade: bytes | None = None  # bytes that followed an upgrade request's head
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        local = transport.get_extra_info("sockname")
+        self.local = f"{local[0]}:{local[1]}" if local and len(local) >= 2 else ""
+        self.deadline = self.sweeper.time() + self.header_timeout
+        self.sweeper.watch(self)
+        self.server.connection_made(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        self.sweeper.forget(self)
+        self.server.connection_lost(self)
+        gone = ClientGone("the client closed the connection")
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.fail(gone)
+        for request in self._queue:
+            if request.body is not None:
+                request.body.fail(gone)
+        self._queue.clear()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(gone)
+        if self._task is not None and not self._task.done() and not (self._current and self._current.ended):
+            self._task.cancel()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._tunnel is not None:
+            self._tunnel.client_drained()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
+        if self._closed or self._ending or (self.must_close or self._read_last) and self._parsing is None:
+            return  # nothing more is parsed on this connection
+        if self._after_upgrade is not None:
+            self._after_upgrade += data  # held until the upgrade is taken or declined
+            return
+        self._head_completed = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0]:])
+            return
+        except httptools.HttpParserError as exc:
+            refusal = self._refusal or self._parse_error(exc)
+            self._refusal = None
+            self._refuse(refusal)
+            return
+        if self.state == _HEAD and not self._head_completed:
+            # A head still arriving: count its bytes, read by read (its parts are counted exactly once it completes).
+            self._raw_head += len(data)
+            if self._raw_head > self.max_header_size:
+                self._refuse(Refused(431, "request line and headers over max_header_size"))
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            return self._tunnel.client_eof()
+        return None
+
+    # -- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._url_size = 0
+        self._headers = []
+        self._head_size = 0
+        if self.state != _HEAD:
+            self.state = _HEAD
+            self._raw_head = 0
+            if self._paused & _PAUSE_QUEUE:
+                self.deadline = _INF  # the client cannot send the rest while we do not read: no clock yet
+            else:
+                self.deadline = self.sweeper.time() + self.header_timeout
+
+    def on_url(self, piece: bytes) -> None:
+        self._url_size += len(piece)
+        if self._url_size > MAX_TARGET:
+            raise self._stop(Refused(414, "request target too long"))
+        self._url.append(piece)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        if self._parsing is not None:
+            # A trailer of a chunked body: not forwarded, but bounded like the head.
+            self._head_size += size + 4
+            if size > MAX_FIELD or self._head_size > self.max_header_size:
+                raise self._stop(Refused(431, "trailers too large"))
+            return
+        if size > MAX_FIELD:
+            raise self._stop(Refused(431, "header line too long"))
+        if len(self._headers) >= MAX_HEADERS:
+            raise self._stop(Refused(431, "too many headers"))
+        self._head_size += size + 4
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self._head_completed = True
+        self.state = _BODY
+        self.deadline = _INF
+        version = parser.get_http_version()
+        method = parser.get_method().decode("ascii")
+        raw_path = b"".join(self._url).decode("latin-1")
+        if version != "1.1" and version != "1.0":
+            raise self._stop(Refused(505, "HTTP version not supported"))
+        if method == "CONNECT":
+            # SECURITY: no tunnels. llhttp treats CONNECT as an upgrade.
+            raise self._stop(Refused(400, "CONNECT", _NOT_ORIGIN_FORM))
+        if not raw_path.startswith("/"):
+            # SECURITY: absolute-form (http://other.host/...) and OPTIONS * are not requests for our API.
+            raise self._stop(Refused(400, "target not in origin-form", _NOT_ORIGIN_FORM))
+        head_size = len(method) + self._url_size + self._head_size + 14
+        if head_size > self.max_header_size:
+            # SECURITY: bounds the memory a client can pin with one head, and what reaches the upstream.
+            raise self._stop(Refused(431, "request line and headers over max_header_size"))
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
+                          parser.should_upgrade())
+        request.head_size = head_size
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None:
+            if version == "1.0":
+                # RFC 9112 section 6.1: such framing is faulty; a proxy must not guess.
+                raise self._stop(Refused(400, "transfer-encoding in HTTP/1.0", _FRAMING_10))
+            if len(headers.getall("Transfer-Encoding")) != 1 or coding.strip().lower() != "chunked":
+                # llhttp accepts "gzip, chunked": the body would reach the upstream still gzip-coded
+                # and unlabelled. Only plain chunked framing is forwarded.
+                raise self._stop(Refused(501, "transfer coding other than chunked"))
+            request.body = Body(self, None, True, self.client_timeout)
+        else:
+            length = headers.get("Content-Length")
+            if length is not None:
+                request.content_length = int(length)  # llhttp checked: digits only, one value
+                if request.content_length:
+                    request.body = Body(self, request.content_length, False, self.client_timeout)
+        if request.upgrade and request.body is not None:
+            # llhttp hands what follows an upgrade's head to us unparsed: a body there is unframed.
+            raise self._stop(Refused(400, "upgrade request with a body"))
+        if request.body is not None:
+            expect = headers.get("Expect")
+            request.expect_continue = expect is not None and expect.lower() == "100-continue"
+        self._parsing = request if request.body is not None else None
+        if not request.keep_alive:
+            self._read_last = True  # its answer closes the connection: nothing after it is read
+        self._enqueue(request)
+
+    def on_body(self, data: bytes) -> None:
+        request = self._parsing
+        if request is not None and request.body is not None:
+            request.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is not None and request.body is not None:
+            request.body.feed_eof()
+        self.state = _IDLE
+        self._raw_head = 0
+        if self._current is None and not self._queue:
+            self.deadline = self.sweeper.time() + self.keepalive_timeout
+
+    def _stop(self, refusal: Refused) -> Refused:
+        """Stop the parser from a callback with ``refusal`` (feed_data then raises HttpParserCallbackError)."""
+        self._refusal = refusal
+        return refusal
+
+    @staticmethod
+    def _parse_error(exc: httptools.HttpParserError) -> Refused:
+        if isinstance(exc, httptools.HttpParserError) and "Invalid HTTP version" in str(exc):
+            return Refused(505, "HTTP version not supported")
+        return Refused(400, type(exc).__name__)
+
+    # -- requests in order
+
+    def _enqueue(self, request: Request) -> None:
+        if self._current is None:
+            self._begin(request)
+        else:
+            self._queue.append(request)
+            self.pause(_PAUSE_QUEUE)
+
+    def _begin(self, request: Request) -> None:
+        self._current = request
+        if request.expect_continue and request.body is not None and not request.body.received:
+            self.continue_due = True
+        self._task = task = self.loop.create_task(self.handler(request))
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        request = self._current
+        if request is None or self._task is not task:
+            return
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error(json.dumps({"event": "handler_failed", "error": type(exc).__name__}), exc_info=exc)
+        if not request.ended:
+            # The handler failed or was cancelled without a whole answer: the client must not wait for one.
+            self.abort()
+
+    def closing_after(self, request: Request) -> bool:
+        """Whether the connection closes after ``request``'s response (decided when its head is written)."""
+        if self.must_close or self._ending or self.server.draining or not request.keep_alive:
+            return True
+        body = request.body
+        if body is not None and not body.eof:
+            if body._error is not None:
+                return True  # the body stalled or broke off: nothing more can be read from this client
+            if self.continue_due:
+                return True  # the client waits for 100 Continue before sending a body nobody will read
+            if body.expected is not None and body.expected - body.received > BODY_HIGH:
+                return True  # more to drain than is worth reading
+        if request.upgrade:
+            return False
+        return False
+
+    def connection_header(self, request: Request, close: bool) -> bytes:
+        if close:
+            self.must_close = True
+            return b"Connection: close\r\n"
+        if request.version == "1.0":
+            return b"Connection: keep-alive\r\n"
+        return b""
+
+    def send_continue(self) -> None:
+        self.continue_due = False
+        if self.transport is not None and not self._closed:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def response_done(self, request: Request, close: bool) -> None:
+        if request is not self._current:
+            return
+        self.continue_due = False
+        body = request.body
+        unread = body is not None and not body.eof
+        if body is not None:
+            body.discard()
+        if close:
+            self._close_after_answer(lingering=unread)
+            return
+        if request.upgrade and self._tunnel is None:
+            self.decline_upgrade()
+        if unread:
+            # The rest of the body is read (and dropped) before the next request; the client's body deadline applies.
+            self._current = None
+            self._task = None
+            self._resume_queue()
+            return
+        self._current = None
+        self._task = None
+        self._resume_queue()
+
+    def _resume_queue(self) -> None:
+        if self._queue:
+            request = self._queue.popleft()
+            if not self._queue:
+                self.resume(_PAUSE_QUEUE)
+                if self.state == _HEAD and self.deadline == _INF:
+                    self.deadline = self.sweeper.time() + self.header_timeout
+            self._begin(request)
+        elif self._ending:
+            self._close_after_answer(lingering=False)
+        elif self.state == _IDLE:
+            self.deadline = self.sweeper.time() + self.keepalive_timeout
+        elif self.state == _HEAD and self.deadline == _INF:
+            self.deadline = self.sweeper.time() + self.header_timeout
+
+    def _close_after_answer(self, *, lingering: bool) -> None:
+        self._current = None
+        self._task = None
+        self._queue.clear()
+        if lingering:
+            self._linger()
+        elif self.transport is not None:
+            self.transport.close()
+
+    # -- refusals and closing
+
+    def _refuse(self, refusal: Refused) -> None:
+        """Answer ``refusal`` and close if nothing is in hand, else close once the requests in hand are answered."""
+        self.deadline = _INF
+        entry: dict[str, Any] = {"event": "bad_http", "status": refusal.status, "reason": refusal.reason}
+        log.info(json.dumps(entry))
+        if self._parsing is not None and self._parsing.body is not None:
+            # A body that cannot be parsed to its end (a bad chunk): its upstream request must not look complete.
+            self._parsing.body.fail(MalformedBody())
+            self._parsing = None
+        if self._current is not None or self._queue:
+            # A request is being handled or waits: an answer now would interleave with its response.
+            # Those are answered, nothing more is read, and the connection closes after the last.
+            # The refused head gets no answer: the client sees the close.
+            self._ending = True
+            self.pause(_PAUSE_QUEUE)
+            return
+        error, description = refusal.body
+        body = json.dumps({"error": error, "error_description": description}).encode()
+        self.must_close = True
+        if self.transport is not None and not self._closed:
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (refusal.status, reason_of(refusal.status).encode(), len(body), body))
+            if refusal.status == 408:
+                self.transport.close()  # a client that stalled has nothing more to send
+            else:
+                self._linger()
+
+    def _linger(self) -> None:
+        """End our side and drop what the client still sends, for at most LINGER seconds.
+
+        Closing with unread input makes the kernel reset the connection, and a client still sending
+        (a head too large, a body nobody reads) may then lose the answer; our FIN tells it to stop.
+        """
+        transport = self.transport
+        self._ending = True
+        self.state = _IDLE
+        if transport is None or self._closed:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.resume(_PAUSE_BODY | _PAUSE_QUEUE)
+        transport.write_eof()
+        self.deadline = self.sweeper.time() + LINGER
+
+    def expire(self, now: float) -> None:
+        if self._closed or self.transport is None:
+            return
+        if self._ending:
+            self.transport.close()  # lingering ran out
+        elif self.state == _HEAD:
+            # SECURITY: slowloris; a head that trickles in must still be complete in time.
+            self._refuse(Refused(408, "request line and headers not complete within header_timeout"))
+        elif self.state == _IDLE and self._current is None:
+            self.transport.close()  # idle keep-alive connection
+        else:
+            self.deadline = _INF
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Draining: close now if idle, else after the response in hand."""
+        if self._current is None and not self._queue and self._tunnel is None and self.transport is not None:
+            if self.state != _HEAD or self._head_size == 0 and self._url_size == 0 and self._raw_head == 0:
+                self.transport.close()
+
+    # -- flow control
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ClientGone("the client closed the connection")
+        if self._write_paused:
+            waiter = self._drain_waiter
+            if waiter is None:
+                waiter = self._drain_waiter = self.loop.create_future()
+            await waiter
+
+    # -- upgrades
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request's head: what follows is not parsed (yet)."""
+        self._after_upgrade = rest
+        self.pause(_PAUSE_QUEUE)
+
+    def take_tunnel(self, tunnel: Any) -> bytes:
+        """The upgrade was accepted: bytes now go to ``tunnel``; returns what the client already sent."""
+        rest = self._after_upgrade or b""
+        self._after_upgrade = None
+        self._tunnel = tunnel
+        self.state = _TUNNEL
+        self.deadline = _INF
+        self.sweeper.forget(self)
+        self._paused = 0
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+        return rest
+
+    def decline_upgrade(self) -> None:
+        """The upgrade was answered without 101: parse what followed as the next request."""
+        rest = self._after_upgrade
+        self._after_upgrade = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.state = _IDLE
+        self.resume(_PAUSE_QUEUE)
+        if rest:
+            self.loop.call_soon(self._replay, rest)
+
+    def _replay(self, data: bytes) -> None:
+        if self._current is None and not self._closed:
+            self.data_received(data)
+        elif not self._closed:
+            # Still answering: try again once this answer is out.
+            self.loop.call_later(0.01, self._replay, data)

@@ -1,0 +1,444 @@
+"""Keep-alive connections to each upstream, and one request/response exchange on them.
+
+Each configured upstream gets an :class:`Upstream`: its address (DNS
+answers cached for ``DNS_TTL`` seconds), TLS context (verified, with the
+URL's host as server name), path prefix and ``Host`` header, encoded once,
+and a stack of idle connections (the most recently used first: it is the
+least likely to have been closed by the upstream's idle timeout).
+
+An :class:`UpstreamConnection` is an ``asyncio.Protocol`` with llhttp's
+response parser (httptools, no leniencies). Its response head is reported
+once complete; its body is kept in a small queue that the forwarder takes
+from, and reading from the upstream pauses while that queue is full (a slow
+client slows the upstream down instead of filling memory). Interim 1xx
+answers are skipped, 101 is the response. A connection goes back to the
+pool only when its response ended as framed and the upstream did not ask to
+close. Waiting on the upstream (to connect, to take the request body, for
+the answer and each part of its body) is timed by the loop's
+:class:`~gateway.dataplane.sweeper.Sweeper`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+from .sweeper import Sweeper
+
+DNS_TTL = 10.0  # seconds an upstream host's addresses are reused
+MAX_IDLE = 512  # idle connections kept per upstream; more are closed
+BODY_HIGH = 256 * 1024  # response bytes buffered before reading from the upstream pauses
+BODY_LOW = 64 * 1024
+MAX_FIELD = 64 * 1024  # one response header line; more is a bad response
+MAX_HEAD = 256 * 1024  # a whole response head
+
+_INF = float("inf")
+
+
+class UpstreamError(Exception):
+    """An exchange with the upstream failed; ``kind`` says how (for the answer and the metrics)."""
+
+    kind = "error"
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect"
+
+
+class ConnectTimeout(UpstreamError):
+    kind = "connect_timeout"
+
+
+class ReadTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class Disconnected(UpstreamError):
+    kind = "disconnected"
+
+
+class BadResponse(UpstreamError):
+    kind = "bad_response"
+
+
+class Response:
+    """An upstream's response head, and how its body is framed."""
+
+    __slots__ = ("status", "reason", "headers", "length", "chunked", "keep_alive", "upgraded")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgraded = b""  # after a 101: the bytes that followed its head
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream; one exchange at a time."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.sweeper = upstream.sweeper
+        self.loop = upstream.sweeper._loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.deadline = _INF
+        self.timeout = upstream.read_timeout
+        self.used = 0  # exchanges begun on it
+        self._error: BaseException | None = None
+        self._head: asyncio.Future[Response] | None = None
+        self._response: Response | None = None
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._bodyless = False  # a HEAD: the response ends with its head
+        self.complete = False  # the response was read to its end
+        self.received = False  # a byte of the response arrived
+        self._tunnel: Any = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.sweeper.forget(self)
+        self.upstream.forget(self)
+        if self._tunnel is not None:
+            self._tunnel.upstream_lost()
+            return
+        response = self._response
+        if response is not None and not self.complete and response.length is None and not response.chunked \
+                and self._head is not None and self._head.done():
+            # A body delimited by the close: this is its end.
+            self.complete = True
+            self._wake()
+            return
+        self._fail(Disconnected("the upstream closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.from_upstream(data)
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._response is not None:
+                self._response.upgraded = data[upgrade.args[0]:]
+                self.complete = True
+                self._wake()
+        except httptools.HttpParserError as exc:
+            self._fail(BadResponse(str(exc.__context__ or exc) if exc.args else type(exc).__name__))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+        if self._tunnel is not None:
+            self._tunnel.upstream_drained()
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            return self._tunnel.upstream_eof()
+        return None
+
+    # -- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._head_size = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD or len(name) + len(value) > MAX_FIELD:
+            raise BadResponse("response head too large")
+        if self._response is None:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._reason = b""
+            return  # interim (100 Continue, 103 Early Hints): the response is still to come
+        headers = self._headers
+        response = self._response = Response(status, self._reason, headers)
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                response.length = int(value)
+            elif lower == b"transfer-encoding":
+                response.chunked = value.strip().lower().endswith(b"chunked")
+        response.keep_alive = self.parser.should_keep_alive()
+        if self._bodyless or status in (204, 304):
+            response.length = 0
+            response.chunked = False
+            self.complete = True
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(response)
+        self.deadline = _INF
+
+    def on_body(self, data: bytes) -> None:
+        if self._response is None or self.complete:
+            if self._bodyless:
+                raise BadResponse("a body after a HEAD response")
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > BODY_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._response is None:
+            return  # the end of an interim answer
+        if not self.complete:
+            self.complete = True
+            self._wake()
+
+    # -- the exchange
+
+    def begin(self, *, bodyless: bool) -> None:
+        """Start a new exchange on this connection."""
+        self.used += 1
+        self._head = self.loop.create_future()
+        self._response = None
+        self._status = 0
+        self._reason = b""
+        self._error = None
+        self._chunks.clear()
+        self._buffered = 0
+        self._bodyless = bodyless
+        self.complete = False
+        self.received = False
+        if self.used > 1 and bodyless:
+            pass
+        self.timeout = self.upstream.read_timeout
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise Disconnected("the upstream closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the upstream takes what was written (timed as a wait on the upstream)."""
+        if self.closed:
+            raise self._error or Disconnected("the upstream closed the connection")
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            await self._timed(self._drain)
+
+    async def response(self) -> Response:
+        head = self._head
+        assert head is not None
+        if not head.done():
+            await self._timed(head)
+        return head.result()
+
+    async def read(self) -> bytes:
+        """The next piece of the response body; ``b""`` at its end."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                await self._timed(waiter)
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._paused and self._buffered < BODY_LOW and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def take_buffered(self) -> bytes:
+        """All of the body that has arrived, without waiting."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def _timed(self, waiter: asyncio.Future[Any]) -> None:
+        self.deadline = self.sweeper.time() + self.timeout
+        self.sweeper.watch(self)
+        try:
+            await waiter
+        finally:
+            self.deadline = _INF
+            self.sweeper.forget(self)
+
+    def expire(self, now: float) -> None:
+        self.sweeper.forget(self)
+        self._fail(ReadTimeout("the upstream did not answer in time"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+            head.exception()  # retrieved: a failure nobody awaits is not "never retrieved"
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(exc)
+            drain.exception()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def reusable(self) -> bool:
+        response = self._response
+        return (not self.closed and self.complete and self._error is None and response is not None
+                and response.keep_alive and response.status != 101 and not self._chunks)
+
+    def finish(self) -> None:
+        """The exchange is over: back to the pool, or closed."""
+        if self.reusable():
+            if self._bodyless:
+                # llhttp expects the body the head announced; the next exchange starts afresh.
+                self.parser = httptools.HttpResponseParser(self)
+            self._response = None
+            self._head = None
+            self.upstream.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sweeper.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.sweeper.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Upstream:
+    """One configured upstream: where it is, how to reach it, and its idle connections."""
+
+    def __init__(self, url: str, sweeper: Sweeper, *, connect_timeout: float, read_timeout: float) -> None:
+        parts = urlsplit(url)
+        self.sweeper = sweeper
+        self.loop = sweeper._loop
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default_port = 443 if self.tls else 80
+        authority = host if self.port == default_port else f"{host}:{self.port}"
+        self.host_line = b"Host: " + authority.encode("idna" if not host.isascii() else "ascii") + b"\r\n"
+        self.prefix = parts.path.rstrip("/").encode("ascii")
+        self._idle: list[UpstreamConnection] = []
+        self._all: set[UpstreamConnection] = set()
+        self._addresses: list[tuple[Any, ...]] = []
+        self._resolved_at = -_INF
+        self.closed = False
+
+    async def connection(self) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange, and whether it was used before (it may have been closed since)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        return await self._connect(), False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self._idle) >= MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    async def _connect(self) -> UpstreamConnection:
+        if self.closed:
+            raise ConnectFailed("shutting down")
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                last: BaseException | None = None
+                for family, address in await self._resolve():
+                    try:
+                        _, conn = await self.loop.create_connection(
+                            lambda: UpstreamConnection(self), address[0], address[1], family=family,
+                            ssl=self.ssl, server_hostname=self.host if self.ssl else None)
+                    except (OSError, ssl.SSLError) as exc:
+                        last = exc
+                        continue
+                    self._all.add(conn)
+                    return conn
+                raise ConnectFailed(type(last).__name__ if last else "no address")
+        except TimeoutError:
+            raise ConnectTimeout("connect timeout") from None
+
+    async def _resolve(self) -> list[tuple[int, tuple[Any, ...]]]:
+        now = self.sweeper.time()
+        if now - self._resolved_at < DNS_TTL and self._addresses:
+            return self._addresses
+        try:
+            infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            if self._addresses:
+                return self._addresses  # a resolver hiccup: the last answer still serves
+            raise ConnectFailed(f"cannot resolve: {exc.strerror or exc}") from None
+        self._addresses = [(info[0], info[4]) for info in infos]
+        self._resolved_at = now
+        return self._addresses
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
