@@ -540,7 +540,10 @@ operation = "billing:read"
 """
 
 
-async def _create_key(store_url: str) -> str:
+KEY_OPERATIONS = ("servers:read", "deploy", "read")
+
+
+async def _create_key(store_url: str, operations: tuple[str, ...] = KEY_OPERATIONS) -> str:
     from gateway.config.schema import Settings
     from gateway.manage.service import KeyService, bootstrap
     from gateway.store import create_store
@@ -552,7 +555,7 @@ async def _create_key(store_url: str) -> str:
         service = KeyService(store, Settings.model_validate({}), actor="bench")
         await service.put_role("bench", ["servers:*", "deploy", "read", "write"])
         _record, key = await service.create_key(
-            name="bench", role="bench", operations=["servers:read", "deploy", "read"],
+            name="bench", role="bench", operations=list(operations),
             servers=["app"], ip_allowlist=["127.0.0.0/8"], rate_limit="100000000/minute", expires="1y",
         )
         return key
@@ -561,7 +564,8 @@ async def _create_key(store_url: str) -> str:
 
 
 def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *, name: str | None = None,
-                  extra_env: dict[str, str] | None = None) -> Target:
+                  extra_env: dict[str, str] | None = None,
+                  operations: tuple[str, ...] = KEY_OPERATIONS) -> Target:
     name = name or f"keygate_{workers}w"
     home = folder / name
     home.mkdir()
@@ -570,7 +574,7 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
     config = home / "keygate.toml"
     config.write_text(KEYGATE_CONFIG.format(proxy_port=proxy_port, admin_port=admin_port,
                                             db=home / "keygate.db", upstream=upstream))
-    key = asyncio.run(_create_key(store_url))
+    key = asyncio.run(_create_key(store_url, operations))
     log = home / "keygate.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | (extra_env or {})
     process = procs.start(name, [KEYGATE, "--config", str(config), "serve", "--workers", str(workers)],
