@@ -54,7 +54,9 @@ What it does:
    During each run it also reads, from ``/proc``, the CPU the target's
    processes used (``cpu us/req``: CPU time per request, the figure least
    sensitive to a busy machine; the upstream nginx's is not counted for any
-   proxy), the CPU used by anything else ("other") and
+   proxy, nor redis-server's for kg_redis and kg_local1st), the CPU used by
+   anything else ("other": neither a target, the upstream, redis-server,
+   wrk nor this script) and
    the CPU the hypervisor stole ("steal"). A run during which other work
    used more than 25 % of a core or more than 10 % was stolen is marked
    DISTURBED and repeated, up to ``--retries`` times, and left out of the
@@ -597,8 +599,8 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
                   all_pids=[process.pid, *_children(process.pid)], flushes=True)
 
 
-def start_redis(procs: Processes, folder: Path) -> str:
-    """A redis-server of the bench's own on a free port (no persistence); its URL."""
+def start_redis(procs: Processes, folder: Path) -> Target:
+    """A redis-server of the bench's own on a free port (no persistence); its URL (redis://) and pid."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise BenchError("redis-server not found: apt-get install -y redis-server (or pass --no-redis)")
@@ -616,7 +618,8 @@ def start_redis(procs: Processes, folder: Path) -> str:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
                 conn.sendall(b"PING\r\n")
                 if conn.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
+                    return Target("redis", f"redis://127.0.0.1:{port}/0", pids=[process.pid],
+                                  all_pids=[process.pid])
         except OSError:
             time.sleep(0.05)
     raise BenchError(f"redis-server on port {port} did not answer\n{tail(log)}")
@@ -986,11 +989,12 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
             started[f"keygate_{workers}w"] = start_keygate(procs, folder, nginx.url, workers=workers)
     if any(name in wanted for name in REDIS_TARGETS):
         # Issue 4: the same Keygate (1 worker) with global rate limits in Redis, exact and local-first.
-        redis_url = start_redis(procs, folder)
+        # Its CPU is not the proxy's, but not other load either: it is in `ours` below.
+        started["redis"] = redis = start_redis(procs, folder)
         for name, policy in (("kg_redis", "redis"), ("kg_local1st", "local-first")):
             if name in wanted:
                 started[name] = start_keygate(procs, folder, nginx.url, workers=1, name=name,
-                                              extra_env=redis_policy_env(redis_url, policy))
+                                              extra_env=redis_policy_env(redis.url, policy))
     # The references check a key of Keygate's own (same request bytes), or one made up when no Keygate runs.
     key = next((t.key for t in started.values() if t.key), None) or f"kg_bench_{secrets.token_urlsafe(32)}"
     for name, start in (("nginx_gw", start_nginx_gw), ("py_floor", start_py_floor), ("thin", start_thin)):
@@ -1003,7 +1007,7 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     print(f"wrk -t {args.threads} -c {args.connections} -d {args.duration}s --latency, "
           f"{args.rounds} round(s), GET {PATH}")
 
-    # Every process of ours (the upstream nginx too, measured or not): the rest is "other" load.
+    # Every process of ours (the upstream nginx and redis-server too): the rest is "other" load.
     ours = sorted({pid for t in started.values() for pid in t.all_pids} | {os.getpid()})
     results: list[WrkResult] = []
     for round_no in range(1, args.rounds + 1):
