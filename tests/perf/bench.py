@@ -430,7 +430,7 @@ NGINX_GATEWAY = """
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "";
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-For $remote_addr;  # replaced, as Keygate does for an untrusted peer
             proxy_set_header X-Keygate-Key-Id $key_id;
         }}
     }}
