@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -487,6 +488,9 @@ def start_thin(procs: Processes, folder: Path, upstream: str, key: str) -> Targe
 
 
 def start_py_floor(procs: Processes, folder: Path, upstream: str, key: str) -> Target:
+    if importlib.util.find_spec("httptools") is None:
+        raise BenchError("py_floor needs httptools: .venv/bin/pip install httptools "
+                         "(or leave it out: --targets without py_floor)")
     port = free_port()
     log = folder / "python_floor.log"
     env = {**os.environ, "PY_FLOOR_KEYS": key}
