@@ -6,20 +6,28 @@ connection from a loopback address of its own, and must produce exactly
 the answers and upstream requests :mod:`tests.e2e.http_corpus` expects:
 a refusal and a closed connection with nothing forwarded, or the expected
 requests upstream with identical framing and their answers in order.
+
+The same corpus against aiohttp's own server is the reference run: it
+proves that the differences listed in ``http_corpus_differences.md`` are
+exactly the ones there are.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from .corpus_run import PROBE, mismatches, next_source, observe, start_gateway
+from .corpus_run import PROBE, PROBE_TARGET, describe, mismatches, next_source, observe, start_gateway
 from .harness import Keygate
 from .http_corpus import CASES, Case
-from .recording_upstream import RecordingUpstream
+from .recording_upstream import RecordingUpstream, Seen
 
 # Where today's (aiohttp-based) proxy listener differs from the corpus: each flips to a pass, and so fails
 # as strict xfail, once the llhttp strict-mode listener of issue 13 lands. Remove the entry then.
@@ -122,3 +130,82 @@ async def test_nothing_reached_the_upstream_late_or_unattributed(corpus: Corpus)
     assert late == {}
     assert set(counts) <= corpus.used
 
+
+# --- the reference run: aiohttp's own server ---------------------------------------------------------------------
+
+DIFFERENCES = Path(__file__).with_name("http_corpus_differences.md")
+
+
+def documented_differences() -> dict[str, str]:
+    """The cases http_corpus_differences.md lists as parsed otherwise by aiohttp, with the why it gives for each."""
+    rows = re.findall(r"^\| `([^`]+)` \| [^|]* \| ([^|]*) \|$", DIFFERENCES.read_text(), re.MULTILINE)
+    return dict(rows)
+
+
+@asynccontextmanager
+async def aiohttp_reference() -> AsyncIterator[tuple[int, list[Seen]]]:
+    """aiohttp's low-level server with Keygate's line and header limits, recording what it parsed."""
+    parsed: list[Seen] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if "Authorization" not in request.headers:
+            # As Keygate answers a request without a key: the corpus's "smuggled" requests carry none.
+            return web.Response(status=401)
+        # The parser's own message says whether it read the body as chunked; the headers cannot.
+        message = request._message
+        framing = "chunked" if message.chunked else "length" if "Content-Length" in request.headers else "none"
+        seen = Seen(len(parsed) + 1, request.remote or "", b"", request.method, request.raw_path,
+                    list(request.headers.items()), framing, request.content_length if framing == "length" else None)
+        parsed.append(seen)
+        websocket = web.WebSocketResponse()
+        if request.headers.get("Upgrade", "").lower() == "websocket" and websocket.can_prepare(request).ok:
+            seen.complete = seen.upgrade = True
+            await websocket.prepare(request)
+            async for _ in websocket:
+                pass
+            return websocket
+        seen.body = await request.read()
+        seen.complete = True
+        body = b"" if request.method == "HEAD" else b"ok %d" % seen.seq
+        # As the recording upstream answers: Content-Length even for HEAD (web.Response would leave it out).
+        response = web.StreamResponse(headers={"X-Upstream-Seq": str(seen.seq)})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write_eof(body)
+        return response
+
+    server = web.Server(handler, max_line_size=8192, max_field_size=8190, max_headers=128)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    try:
+        yield listener.sockets[0].getsockname()[1], parsed
+    finally:
+        listener.close()
+        await server.shutdown(1)
+
+
+async def test_aiohttp_reference_differs_exactly_as_documented() -> None:
+    """Run against aiohttp's own server, the corpus differs in exactly the cases http_corpus_differences.md explains."""
+    table: dict[str, str] = {}
+    async with aiohttp_reference() as (port, parsed):
+        for case in CASES:
+            source = next_source()
+            seen = await observe(port, case.payload("kg_reference"), source=source,
+                                 answers=max(len(e.answers) for e in case.expect),
+                                 probe=PROBE.format(key="kg_reference").encode(), timeout=1.0)
+            got = [s for s in parsed if s.client == source]
+            if all(mismatches(expect, seen, got) for expect in case.expect):
+                requests = "; ".join(describe(s) for s in got if s.target != PROBE_TARGET) or "nothing"
+                table[case.id] = f"{seen}; parsed: {requests}"
+    print("\n| case | aiohttp's server | why |\n| --- | --- | --- |")
+    for case_id, what in table.items():
+        print(f"| `{case_id}` | {what} | |")
+    documented = documented_differences()
+    assert sorted(table) == sorted(documented), (
+        f"not documented: {sorted(set(table) - set(documented))}; "
+        f"documented but no longer different: {sorted(set(documented) - set(table))}")
+
+
+def test_todays_failures_are_documented_aiohttp_differences() -> None:
+    """The cases today's listener fails are exactly those the differences file says it inherits from aiohttp (2)."""
+    inherited = {case_id for case_id, why in documented_differences().items() if why.startswith("(2)")}
+    assert sorted(TODAY) == sorted(inherited)
