@@ -183,8 +183,9 @@ class Forwarder:
         else:
             if self.max_body_size and body.expected is not None and body.expected > self.max_body_size:
                 raise Denied(Outcome.BODY_TOO_LARGE, f"Content-Length {body.expected}")
-            if body.failed and body.received == 0:
-                # Broken off before any of it arrived (a malformed first chunk): nothing goes upstream.
+            if body.broken:
+                # Its framing broke off before forwarding began (it usually comes in one read with its
+                # head): nothing goes upstream.
                 raise Denied(Outcome.INVALID_BODY)
             framing = b"Transfer-Encoding: chunked\r\n" if body.chunked else b""
         head = b"%s %s%s HTTP/1.1\r\n%s%s%s\r\n" % (

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,6 +90,12 @@ _NOT_ORIGIN_FORM = ("invalid_request",
                     'Only requests for a path starting with "/" are served; CONNECT, absolute-form and '
                     "OPTIONS * requests are not.")
 _FRAMING_10 = ("invalid_request", "An HTTP/1.0 request cannot carry a Transfer-Encoding.")
+_FRAMING = ("invalid_request", 'A Transfer-Encoding must end with "chunked", once.')
+_METHOD = ("not_implemented", "The request method is not one Keygate recognises.")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_HOST = ("invalid_request", "An HTTP/1.1 request needs exactly one valid Host header.")
+# RFC 9110 section 7.2 / RFC 3986: an IP-literal or a reg-name (no spaces, no userinfo), then an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
 def reason_of(status: int) -> str:
@@ -155,8 +162,9 @@ class Body:
         self._wake()
 
     @property
-    def failed(self) -> bool:
-        return self._error is not None and not self._chunks
+    def broken(self) -> bool:
+        """Whether the body can never arrive whole (malformed framing)."""
+        return isinstance(self._error, MalformedBody)
 
     def fail(self, exc: BaseException) -> None:
         if not self.eof and self._error is None:
@@ -350,6 +358,7 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._messages_in_read = 0
         self._url: list[bytes] = []
         self._url_size = 0
         self._headers: list[tuple[str, str]] = []
@@ -362,6 +371,7 @@ class Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._refusal: Refused | None = None  # raised from a parser callback
         self._ending = False  # a later head was refused: answer what is in hand, then close
+        self._final: Refused | None = None  # ... and then this refusal
         self._closed = False
         self._tunnel: Any = None
         self._after_upgrade: bytes | None = None  # bytes that followed an upgrade request's head
@@ -419,13 +429,21 @@ class Connection(asyncio.Protocol):
             self._after_upgrade += data  # held until the upgrade is taken or declined
             return
         self._head_completed = False
+        fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
+        self._messages_in_read = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0]:])
             return
         except httptools.HttpParserError as exc:
-            refusal = self._refusal or self._parse_error(exc)
+            if self._read_last and self._parsing is None:
+                # Bytes after a request that closes the connection (llhttp: "Data after Connection:
+                # close"): never read, so never answered (RFC 9112 section 9.6).
+                self._refusal = None
+                return
+            refusal = self._refusal or self._parse_error(
+                exc, data if fresh and not self._messages_in_read else None)
             self._refusal = None
             self._refuse(refusal)
             return
@@ -433,7 +451,8 @@ class Connection(asyncio.Protocol):
             # A head still arriving: count its bytes, read by read (its parts are counted exactly once it completes).
             self._raw_head += len(data)
             if self._raw_head > self.max_header_size:
-                self._refuse(Refused(431, "request line and headers over max_header_size"))
+                # (Still arriving: with requests in hand the client sees only the close.)
+                self._refuse(Refused(431, "request line and headers over max_header_size"), arriving=True)
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
@@ -500,14 +519,23 @@ class Connection(asyncio.Protocol):
         request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
                           parser.should_upgrade())
         request.head_size = head_size
-        coding = headers.get("Transfer-Encoding")
-        if coding is not None:
+        if version == "1.1":
+            hosts = headers.getall("Host", ())
+            if len(hosts) != 1 or _HOST.fullmatch(hosts[0]) is None:
+                # RFC 9112 section 3.2: a MUST. An upstream may route by a Host it reads differently.
+                raise self._stop(Refused(400, "Host missing, repeated or invalid", _BAD_HOST))
+        if "Transfer-Encoding" in headers:
             if version == "1.0":
                 # RFC 9112 section 6.1: such framing is faulty; a proxy must not guess.
                 raise self._stop(Refused(400, "transfer-encoding in HTTP/1.0", _FRAMING_10))
-            if len(headers.getall("Transfer-Encoding")) != 1 or coding.strip().lower() != "chunked":
+            codings = [c for v in headers.getall("Transfer-Encoding") for c in v.lower().replace(" ", ",")
+                       .replace("\t", ",").split(",") if c]
+            if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
+                # RFC 9112 section 6.3 item 4: the body's length cannot be determined; a MUST.
+                raise self._stop(Refused(400, "transfer-encoding without a final chunked", _FRAMING))
+            if len(codings) > 1:
                 # llhttp accepts "gzip, chunked": the body would reach the upstream still gzip-coded
-                # and unlabelled. Only plain chunked framing is forwarded.
+                # and unlabelled. Only plain chunked framing is forwarded (RFC 9112 section 6.1: 501).
                 raise self._stop(Refused(501, "transfer coding other than chunked"))
             request.body = Body(self, None, True, self.client_timeout)
         else:
@@ -533,6 +561,7 @@ class Connection(asyncio.Protocol):
             request.body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._messages_in_read += 1
         request = self._parsing
         self._parsing = None
         if request is not None and request.body is not None:
@@ -548,9 +577,16 @@ class Connection(asyncio.Protocol):
         return refusal
 
     @staticmethod
-    def _parse_error(exc: httptools.HttpParserError) -> Refused:
-        if isinstance(exc, httptools.HttpParserError) and "Invalid HTTP version" in str(exc):
+    def _parse_error(exc: httptools.HttpParserError, head: bytes | None) -> Refused:
+        """The refusal for a parse error; ``head``: the read, when the failed request began at its start."""
+        if "Invalid HTTP version" in str(exc):
             return Refused(505, "HTTP version not supported")
+        if isinstance(exc, httptools.HttpParserInvalidMethodError) and head is not None \
+                and _TOKEN.fullmatch(head.split(b" ", 1)[0]):
+            # llhttp knows the registered methods (and only in upper case): another well-formed one is
+            # not implemented here (RFC 9110 section 15.6.2); a malformed one (not a token) is 400.
+            # (In a read that held an earlier request, where the failed one began is unknown: 400.)
+            return Refused(501, "method not recognised", _METHOD)
         return Refused(400, type(exc).__name__)
 
     # -- requests in order
@@ -582,6 +618,9 @@ class Connection(asyncio.Protocol):
 
     def closing_after(self, request: Request) -> bool:
         """Whether the connection closes after ``request``'s response (decided when its head is written)."""
+        if self._ending and self._final is not None and not self._queue and request.keep_alive \
+                and not self.must_close:
+            return False  # the refused request that followed is answered after this one, then the close
         if self.must_close or self._ending or self.server.draining or not request.keep_alive:
             return True
         body = request.body
@@ -641,7 +680,13 @@ class Connection(asyncio.Protocol):
                     self.deadline = self.sweeper.time() + self.header_timeout
             self._begin(request)
         elif self._ending:
-            self._close_after_answer(lingering=False)
+            final, self._final = self._final, None
+            if final is not None:
+                self._current = None
+                self._task = None
+                self._answer_refusal(final)
+            else:
+                self._close_after_answer(lingering=False)
         elif self.state == _IDLE:
             self.deadline = self.sweeper.time() + self.keepalive_timeout
         elif self.state == _HEAD and self.deadline == _INF:
@@ -651,32 +696,46 @@ class Connection(asyncio.Protocol):
         self._current = None
         self._task = None
         self._queue.clear()
-        if lingering:
+        final, self._final = self._final, None
+        if final is not None:
+            self._answer_refusal(final)  # the refused request that followed, answered last
+        elif lingering:
             self._linger()
         elif self.transport is not None:
             self.transport.close()
 
     # -- refusals and closing
 
-    def _refuse(self, refusal: Refused) -> None:
-        """Answer ``refusal`` and close if nothing is in hand, else close once the requests in hand are answered."""
+    def _refuse(self, refusal: Refused, *, arriving: bool = False) -> None:
+        """Answer ``refusal`` and close; with requests in hand, answer those first.
+
+        ``arriving``: the refused head is still arriving (too slow, too large). With requests in
+        hand it then gets no answer, only the close after theirs: the client may still be sending it.
+        """
         self.deadline = _INF
         entry: dict[str, Any] = {"event": "bad_http", "status": refusal.status, "reason": refusal.reason}
         log.info(json.dumps(entry))
-        if self._parsing is not None and self._parsing.body is not None:
-            # A body that cannot be parsed to its end (a bad chunk): its upstream request must not look complete.
-            self._parsing.body.fail(MalformedBody())
+        in_body = self._parsing is not None and self._parsing.body is not None
+        if in_body:
+            # A body that cannot be parsed to its end (a bad chunk): its upstream request must not look
+            # complete, and its handler answers for it (400 invalid_body).
+            self._parsing.body.fail(MalformedBody())  # type: ignore[union-attr]
             self._parsing = None
+            arriving = True
         if self._current is not None or self._queue:
             # A request is being handled or waits: an answer now would interleave with its response.
             # Those are answered, nothing more is read, and the connection closes after the last.
-            # The refused head gets no answer: the client sees the close.
             self._ending = True
+            self._final = None if arriving else refusal
             self.pause(_PAUSE_QUEUE)
             return
+        self._answer_refusal(refusal)
+
+    def _answer_refusal(self, refusal: Refused) -> None:
         error, description = refusal.body
         body = json.dumps({"error": error, "error_description": description}).encode()
         self.must_close = True
+        self._ending = True
         if self.transport is not None and not self._closed:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -711,7 +770,7 @@ class Connection(asyncio.Protocol):
             self.transport.close()  # lingering ran out
         elif self.state == _HEAD:
             # SECURITY: slowloris; a head that trickles in must still be complete in time.
-            self._refuse(Refused(408, "request line and headers not complete within header_timeout"))
+            self._refuse(Refused(408, "request line and headers not complete within header_timeout"), arriving=True)
         elif self.state == _IDLE and self._current is None:
             self.transport.close()  # idle keep-alive connection
         else:

@@ -29,40 +29,9 @@ from .harness import Keygate
 from .http_corpus import CASES, Case
 from .recording_upstream import RecordingUpstream, Seen
 
-# Where today's (aiohttp-based) proxy listener differs from the corpus: each flips to a pass, and so fails
-# as strict xfail, once the llhttp strict-mode listener of issue 13 lands. Remove the entry then.
-_LOST = ("a later request in the same read fails aiohttp's parse of the whole read: its {} stands in for the "
-         "valid request before it, which is never forwarded")
-_AFTER_CLOSE = ("llhttp fails the whole read with 'Data after Connection: close', so aiohttp answers 400 instead of "
-                "forwarding the request before it")
-_METHOD = "aiohttp's llhttp knows a fixed list of methods and answers any other, well-formed or not, with 400"
-_U64 = ("aiohttp reads Content-Length 2**64-1 (llhttp's 'no length' mark) as no body: Keygate forwards the POST with "
-        "Content-Length: 0 and the connection swallows the body until 408")
-_HOST = "aiohttp accepts an invalid Host value and Keygate forwards the request (the value as X-Forwarded-Host)"
-TODAY: dict[str, str] = {
-    "pipelined-close-then-get": _AFTER_CLOSE,
-    "pipelined-http10-then-get": _AFTER_CLOSE,
-    "pipelined-get-then-nul": _LOST.format("400"),
-    "pipelined-get-then-long-target": _LOST.format("414"),
-    "pipelined-get-then-cl-te": _LOST.format("400"),
-    "length-max-u64": _U64,
-    "length-max-u64-holding-a-request": _U64,
-    "te-gzip-chunked": "aiohttp accepts a coding before chunked; Keygate forwards the body de-chunked and drops the "
-                       "gzip coding instead of 501/400",
-    "te-identity-chunked": "aiohttp accepts 'identity, chunked'; Keygate forwards it as plain chunked instead of "
-                           "501/400",
-    "te-http10": "aiohttp reads Transfer-Encoding: chunked in an HTTP/1.0 request as chunked and Keygate forwards it",
-    "method-unknown": _METHOD,
-    "method-lowercase-get": _METHOD,
-    "method-mixed-case": _METHOD,
-    "method-token-chars": _METHOD,
-    "method-long-unknown": _METHOD,
-    "method-unknown-with-body": _METHOD,
-    "host-list": _HOST,
-    "host-space-inside": _HOST,
-    "host-userinfo": _HOST,
-    "upgrade-websocket-http10": "Keygate upgrades an HTTP/1.0 request to a WebSocket tunnel (101) instead of 400",
-}
+# Cases the proxy listener is known to fail, each an xfail(strict=True) naming why: none since issue 13's
+# listener (llhttp in strict mode plus its own checks) replaced the aiohttp-based one.
+TODAY: dict[str, str] = {}
 
 # Time for a request that should not have been forwarded to reach the upstream all the same; what comes
 # later still is caught by test_nothing_reached_the_upstream_late_or_unattributed.
@@ -205,7 +174,6 @@ async def test_aiohttp_reference_differs_exactly_as_documented() -> None:
         f"documented but no longer different: {sorted(set(documented) - set(table))}")
 
 
-def test_todays_failures_are_documented_aiohttp_differences() -> None:
-    """The cases today's listener fails are exactly those the differences file says it inherits from aiohttp (2)."""
-    inherited = {case_id for case_id, why in documented_differences().items() if why.startswith("(2)")}
-    assert sorted(TODAY) == sorted(inherited)
+def test_known_failures_are_documented_differences() -> None:
+    """A case the listener is known to fail (TODAY) must be one the differences file explains."""
+    assert set(TODAY) <= set(documented_differences())
