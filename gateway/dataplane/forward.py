@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Sequence
 
 from multidict import CIMultiDictProxy
 
@@ -85,12 +84,6 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
     if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
         return base
     return base | {t.strip().lower() for v in connection for t in v.split(",")}
-
-
-def header_block(headers: Sequence[tuple[str, str]] | dict[str, str]) -> bytes:
-    """``Name: value`` lines for our own headers (request id, rate limit, identity)."""
-    items = headers.items() if isinstance(headers, dict) else headers
-    return "".join([f"{name}: {value}\r\n" for name, value in items]).encode("utf-8")
 
 
 def upstream_request_headers(

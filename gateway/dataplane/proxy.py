@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 from ..models import RequestRecord
 from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome, decision_of
-from ..pipeline.ratelimit import RateLimited, ratelimit_headers
+from ..pipeline.ratelimit import RateLimited, ratelimit_block, ratelimit_headers
 from ..pipeline.request_ids import RequestIds, request_id_of
 from ..pipeline.responses import denial
 from ..pipeline.target import RequestTarget, TargetCanonicalizer
 from ..recorder import Recorder
 from ..store import StoreUnavailable
-from .forward import Forwarder, header_block, upstream_request_headers
+from .forward import Forwarder, upstream_request_headers
 from .http1 import ClientGone, Request, reason_of
 from .latency import Histogram
 
@@ -76,7 +76,7 @@ class Gateway:
                 attempt, headers, peer, request.method, request_target.path, started)
             key, target, client = attempt.key, attempt.target, attempt.client
             # 8. Forward.
-            answer = header_block(ratelimit_headers(attempt.rate)) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[arg-type]
+            answer = ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[arg-type]
             upgrade = headers.get("Upgrade")
             websocket = upgrade is not None and upgrade.lower() == "websocket"
             upstream_headers = upstream_request_headers(

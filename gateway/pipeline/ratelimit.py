@@ -27,6 +27,7 @@ from .outcomes import Denied, Outcome
 # and a wait of exactly 1 s would round up to 2.
 _EPSILON = 1e-9
 DEGRADED_HEADER = "X-Keygate-RateLimit-Degraded"
+_DEGRADED_LINE = f"{DEGRADED_HEADER}: 1\r\n".encode()
 
 
 class RateLimitDecision(NamedTuple):
@@ -139,6 +140,17 @@ def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLi
         return RateLimitDecision(True, spec, int(tokens + _EPSILON), reset, None)
     retry_after = max(1, ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
     return RateLimitDecision(False, spec, 0, reset, retry_after)
+
+
+def ratelimit_block(decision: RateLimitDecision) -> bytes:
+    """:func:`ratelimit_headers` of an allowed request as header lines, built as bytes (once per request)."""
+    block = b'RateLimit-Policy: %s\r\nRateLimit: "key";r=%d;t=%d\r\n' % (
+        decision.spec.policy.encode(), decision.remaining, decision.reset)
+    if decision.retry_after is not None:
+        block += b"Retry-After: %d\r\n" % decision.retry_after
+    if decision.degraded:
+        block += _DEGRADED_LINE
+    return block
 
 
 def ratelimit_headers(decision: RateLimitDecision) -> dict[str, str]:

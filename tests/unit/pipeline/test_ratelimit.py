@@ -9,6 +9,7 @@ from gateway.pipeline.ratelimit import (
     LocalTokenBuckets,
     RateLimitDecision,
     RateLimited,
+    ratelimit_block,
     ratelimit_headers,
 )
 from gateway.config.ratelimit_spec import RateLimitSpec, parse_rate_limit
@@ -223,6 +224,11 @@ def test_eviction_never_gives_a_key_more_than_its_capacity(clock: FakeClock) -> 
 def test_headers_follow_the_ietf_draft(decision: RateLimitDecision, expected: dict[str, str]) -> None:
     """RateLimit-Policy and RateLimit are structured fields; Retry-After only on a refusal."""
     assert ratelimit_headers(decision) == expected
+    # The proxy's bytes say the same, degraded or not.
+    for degraded in (False, True):
+        lines = ratelimit_block(decision._replace(degraded=degraded)).decode().split("\r\n")
+        assert lines[-1] == ""
+        assert dict(line.split(": ", 1) for line in lines[:-1]) == ratelimit_headers(decision._replace(degraded=degraded))
 
 
 async def test_an_allowed_take_reports_what_is_left(buckets: LocalTokenBuckets) -> None:
