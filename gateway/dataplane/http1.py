@@ -662,10 +662,12 @@ class Connection(asyncio.Protocol):
         if request.upgrade and self._tunnel is None:
             self.decline_upgrade()
         if unread:
-            # The rest of the body is read (and dropped) before the next request; the client's body deadline applies.
+            # The rest of the body is read (and dropped) before the next request, within the client's body
+            # deadline: a client that stops sending it is closed, not kept.
             self._current = None
             self._task = None
             self._resume_queue()
+            self.deadline = self.sweeper.time() + self.client_timeout
             return
         self._current = None
         self._task = None
@@ -771,8 +773,8 @@ class Connection(asyncio.Protocol):
         elif self.state == _HEAD:
             # SECURITY: slowloris; a head that trickles in must still be complete in time.
             self._refuse(Refused(408, "request line and headers not complete within header_timeout"), arriving=True)
-        elif self.state == _IDLE and self._current is None:
-            self.transport.close()  # idle keep-alive connection
+        elif self._current is None and self.state in (_IDLE, _BODY):
+            self.transport.close()  # an idle keep-alive connection, or an answered request's body stalled
         else:
             self.deadline = _INF
 

@@ -251,3 +251,24 @@ async def test_connections_past_the_cap_are_closed(serve: Callable[[Handle], Awa
     assert server.listener.refused == 1
     for _, w in [*held, (reader, writer)]:
         w.close()
+
+
+async def test_body_left_unread_by_an_answer_must_still_arrive_in_time(
+    serve: Callable[[Handle], Awaitable[Server]],
+) -> None:
+    """An early answer keeps the connection for the rest of the body, but not for a client that stops sending it."""
+    async def refuse(request: Request, server: Server) -> None:
+        request.send(401, "Unauthorized", b"", b"no")
+
+    server = await serve(refuse)
+    reader, writer = await server.connect()
+    writer.write(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhel")
+    status, headers, _ = await read_response(reader)
+    assert status == 401 and "connection" not in headers  # kept: the rest of the body is small
+    writer.write(b"lo")
+    await asyncio.sleep(0.05)
+    server.after(CLIENT_TIMEOUT - 1)
+    assert not reader.at_eof()
+    server.after(2)
+    assert await closed(reader)
+    writer.close()
