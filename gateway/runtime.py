@@ -33,6 +33,7 @@ from .pipeline.ratelimit import LocalTokenBuckets, RateLimiter
 from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from .pipeline.scope import RouteTable
 from .pipeline.target import TargetCanonicalizer
+from .authz.decide import Decider
 from .dataplane.proxy import Gateway
 from .config.ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
@@ -64,6 +65,8 @@ class Runtime:
     # For management actions made in this process (the admin API): publishes their changes.
     publisher: ChangePublisher | None = None
     subscriber: ChangeSubscriber | None = None
+    # The authz listener's handler, when authz.listen is set.
+    decider: Decider | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -192,8 +195,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             log_requests=p.access_log,
             targets=TargetCanonicalizer(encoded_slashes=p.encoded_slashes, path_parameters=p.path_parameters),
         )
+        # The authz listener: the same stages, caches and buckets, with its own trusted hops (the ingresses).
+        decider = Decider(
+            authenticator=authenticator.with_client_ips(ClientIpResolver(settings.authz.trusted_proxies)),
+            forwarder=None, recorder=recorder, log_requests=p.access_log, targets=gateway.targets,
+        ) if settings.authz.listen else None
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
-                      cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber,
+                      cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
                       publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
 
 

@@ -28,7 +28,7 @@ from .admin.listener import admin_app
 from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_exposed
 from .config.schema import Settings
 from .process.gc_tuning import settle_heap
-from .dataplane.listener import proxy_listener
+from .dataplane.listener import ProxyListener, proxy_listener
 from .process.log_format import configure_logging
 from .process.tasks import running_tasks
 from .store import StoreError, configured_store
@@ -65,6 +65,7 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     stuck: asyncio.TimerHandle | None = None
     async with runtime(settings) as rt:
         proxy = proxy_listener(rt.gateway.handle, rt.gateway.forwarder.sweeper, settings.proxy)
+        authz: ProxyListener | None = None
         admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
         await admin_runner.setup()
         # Everything long-lived exists now; what follows is per request.
@@ -76,6 +77,13 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
                 bound.append(await proxy.start(host, port, reuse_port=reuse_port))
             except OSError as exc:
                 raise StartupError(f"cannot listen on {settings.proxy.listen}: {exc.strerror or exc}") from None
+            if rt.decider is not None:
+                authz = proxy_listener(rt.decider.handle, rt.gateway.forwarder.sweeper, settings.proxy)
+                host, port = parse_listen(settings.authz.listen)
+                try:
+                    bound.append(await authz.start(host, port, reuse_port=reuse_port))
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {settings.authz.listen}: {exc.strerror or exc}") from None
             host, port = parse_listen(settings.admin.listen)
             site = web.TCPSite(admin_runner, host, port, reuse_port=reuse_port or None, backlog=1024)
             try:
@@ -84,7 +92,8 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
                 raise StartupError(f"cannot listen on {settings.admin.listen}: {exc.strerror or exc}") from None
             bound.append(await _bound(site))
             log.info(json.dumps({
-                "event": "listening", "proxy": bound[0], "admin": bound[1],
+                "event": "listening", "proxy": bound[0], "admin": bound[-1],
+                **({"authz": bound[1]} if authz is not None else {}),
                 "pid": os.getpid(), "store": settings.store.url.split(":", 1)[0],
             }))
             if on_ready is not None:
@@ -96,9 +105,11 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             stuck = loop.call_later(grace + STUCK_AFTER, lambda: log.error(json.dumps({
                 "event": "shutdown_stuck", "pid": os.getpid(), "tasks": running_tasks()})))
             # Stops accepting, lets in-flight requests finish up to the grace, then cuts them.
-            await proxy.shutdown(grace)
+            await asyncio.gather(proxy.shutdown(grace), *([authz.shutdown(grace)] if authz is not None else []))
         finally:
             await proxy.shutdown(0)
+            if authz is not None:
+                await authz.shutdown(0)
             await admin_runner.cleanup()
     if stuck is not None:
         stuck.cancel()

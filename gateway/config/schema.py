@@ -172,6 +172,22 @@ class AdminSettings(_Section):
     )
 
 
+def _optional_listen(value: str) -> str:
+    return value if value == "" else _checked(parse_listen)(value)
+
+
+class AuthzSettings(_Section):
+    listen: Annotated[str, AfterValidator(_optional_listen)] = Field(
+        "", description="Address the decision-only listener binds (HOST:PORT) for nginx auth_request, Envoy "
+        "ext_authz, Traefik ForwardAuth and Caddy forward_auth; empty = off.",
+    )
+    trusted_proxies: list[Network] = Field(
+        default_factory=list,
+        description="Addresses or CIDRs of the ingresses asking; only from them are X-Original-* / "
+        "X-Forwarded-Method, -Uri and X-Forwarded-For believed.",
+    )
+
+
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///keygate.db",
@@ -524,6 +540,7 @@ class Settings(_Section):
 
     proxy: ProxySettings = Field(default_factory=ProxySettings, description="The proxy listener.")
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
+    authz: AuthzSettings = Field(default_factory=AuthzSettings, description="The decision-only listener.")
     store: StoreSettings = Field(default_factory=StoreSettings, description="The key store.")
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Optional Redis.")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Caching of verified keys.")

@@ -39,7 +39,8 @@ class Gateway:
     """The proxy listener's handler: stages 1-7 (:class:`Authenticator`), then forward and record."""
 
     def __init__(
-        self, *, authenticator: Authenticator, forwarder: Forwarder, recorder: Recorder, log_requests: bool = False,
+        self, *, authenticator: Authenticator, forwarder: Forwarder | None, recorder: Recorder,
+        log_requests: bool = False,
         targets: TargetCanonicalizer | None = None,
     ) -> None:
         self.authenticator = authenticator
@@ -118,7 +119,8 @@ class Gateway:
             # 9. Record: buffered, written in batches off the request path.
             # (Cancelled because the client went away before its answer: recorded as CLIENT_CLOSED.)
             status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
-            self._record(request, request_target, attempt, outcome, reason, status, peer, started)
+            self._record(request.method, request.raw_path, request_target, attempt, outcome, reason, status, peer,
+                         started)
 
     @staticmethod
     def _deny(request: Request, outcome: Outcome, request_id: str, *, retry_after: float | None = None,
@@ -133,9 +135,10 @@ class Gateway:
         request.send(answer.status, reason_of(answer.status), answer.block, answer.body)
 
     def _record(
-        self, request: Request, request_target: RequestTarget | None, attempt: Attempt, outcome: Outcome,
-        reason: str | None, status: int, peer: str, started: float,
+        self, method: str, raw_target: str, request_target: RequestTarget | None, attempt: Attempt,
+        outcome: Outcome, reason: str | None, status: int, peer: str, started: float,
     ) -> None:
+        """Stage 9 for the request ``method raw_target`` (as judged: the authz listener's is the original one)."""
         now = datetime.now(UTC)
         elapsed = time.perf_counter() - started
         self._latency_of[outcome].observe(elapsed)
@@ -148,11 +151,11 @@ class Gateway:
         decisions[decision] = decisions.get(decision, 0) + 1
         # What was judged and forwarded (the raw target if it was refused), with keys shown as their ids.
         # SECURITY: a key pasted into a path or query must not reach the store or the log.
-        path = self.parser.redact(request_target.forwarded if request_target is not None else request.raw_path)
+        path = self.parser.redact(request_target.forwarded if request_target is not None else raw_target)
         target = attempt.target
         # Positional, in RequestRecord's field order: a keyword call costs twice as much.
         record = RequestRecord(
-            now, attempt.key_id, request.method, path, target.server if target else None,
+            now, attempt.key_id, method, path, target.server if target else None,
             target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
             None if allowed else reason,
         )

@@ -80,6 +80,11 @@ class Authenticator:
         # In-process buckets decide without I/O: called directly, not awaited.
         self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
 
+    def with_client_ips(self, client_ips: ClientIpResolver) -> Authenticator:
+        """The same stages over the same lookup, routes and buckets, trusting other hops for the client address."""
+        return Authenticator(parser=self.parser, lookup=self.lookup, client_ips=client_ips, routes=self.routes,
+                             limiter=self.limiter, clock=self._clock)
+
     async def authenticate(
         self, attempt: Attempt, headers: CIMultiDictProxy[str], peer: str, method: str, path: str,
         started: float, *, target: Target | None = None,

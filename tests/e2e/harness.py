@@ -88,6 +88,8 @@ class Keygate:
     upstream_timeout: float = 3
     store_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    # Settings of the [authz] table besides listen; None = no authz listener.
+    authz: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +97,8 @@ class Keygate:
         self.admin_port = free_port()
         self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.authz_port = free_port()
+        self.authz_url = f"http://127.0.0.1:{self.authz_port}"
         self.store_url = self.store_url or f"sqlite:///{self.folder / 'keygate.db'}"
         self.log_path = self.folder / f"keygate-{self.proxy_port}.log"
         self.config_path = self.folder / f"keygate-{self.proxy_port}.toml"
@@ -102,6 +106,7 @@ class Keygate:
             f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\nworkers = {self.workers}\nshutdown_grace = 10\n'
             + self.proxy +
             f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
+            + (f'[authz]\nlisten = "127.0.0.1:{self.authz_port}"\n{self.authz}\n' if self.authz is not None else "") +
             f'[store]\nurl = "{self.store_url}"\n'
             f'[recorder]\nflush_interval = 0.2\n'
             f'[keys.argon2]\nmemory_cost = 1024\n'

@@ -1,0 +1,1 @@
+"""The decision-only listener: an ingress asks, Keygate answers allow or deny, the ingress forwards."""

@@ -1,0 +1,103 @@
+"""The authz listener's one handler: stages 1-7 on the original request, then the answer and stage 9.
+
+An ingress (nginx ``auth_request``, ingress-nginx ``auth-url``, Traefik
+ForwardAuth, Caddy ``forward_auth``, Envoy's HTTP ``ext_authz``) sends each
+client request here before forwarding it. What it says about the original
+request is believed only from ``authz.trusted_proxies``:
+
+- method: ``X-Original-Method`` (nginx) or ``X-Forwarded-Method`` (Traefik, Caddy);
+- path and query: ``X-Original-URI`` (nginx), ``X-Original-URL`` (ingress-nginx,
+  an absolute URL) or ``X-Forwarded-Uri`` (Traefik, Caddy);
+- client address: ``X-Forwarded-For``, as on the proxy listener but with
+  ``authz.trusted_proxies`` as the trusted hops.
+
+With none of them (Envoy sends the original request line as is), or from any
+other peer, the request is judged on what it is. The answer to an allowed
+request is 200 with an empty body and the headers the ingress copies
+upstream (identity, ``X-Request-Id``, ``RateLimit``); a refusal is the proxy
+listener's own answer, byte for byte, so clients cannot tell the modes apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from urllib.parse import urlsplit
+
+from ..dataplane.http1 import ClientGone, Request
+from ..dataplane.proxy import CLIENT_CLOSED, Gateway
+from ..pipeline.authenticate import Attempt
+from ..pipeline.outcomes import Denied, Outcome
+from ..pipeline.ratelimit import RateLimited, ratelimit_block, ratelimit_headers
+from ..pipeline.request_ids import request_id_of
+from ..pipeline.target import RequestTarget
+from ..store import StoreUnavailable
+
+log = logging.getLogger("keygate.authz")
+
+# Envoy's HTTP ext_authz removes the headers this names from the upstream request (the key, unless the
+# route passes it); nginx, Traefik and Caddy strip it by copying the answer's (absent) Authorization.
+_STRIP_KEY = b"X-Envoy-Auth-Headers-To-Remove: authorization\r\n"
+_ALLOWED = Outcome.ALLOWED
+
+
+def original_request(request: Request, trusted: bool) -> tuple[str, str]:
+    """The method and raw target the ingress asks about (its headers only when ``trusted``)."""
+    if not trusted:
+        return request.method, request.raw_path
+    headers = request.headers
+    method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method") or request.method
+    target = headers.get("X-Original-URI")
+    if target is None:
+        url = headers.get("X-Original-URL")
+        if url is not None:
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        else:
+            target = headers.get("X-Forwarded-Uri")
+    return method, target if target else request.raw_path
+
+
+class Decider(Gateway):
+    """Stages 1-7 and 9 of the proxy (its recorder, counters and refusals), answering instead of forwarding."""
+
+    async def handle(self, request: Request) -> None:  # type: ignore[override]
+        started = time.perf_counter()
+        headers = request.headers
+        request_id = request_id_of(headers, self.request_ids)
+        peer = request.peer
+        method, raw_target = original_request(request, self._trusts_proxies and self.client_ips.is_trusted_peer(peer))
+        attempt = Attempt()
+        request_target: RequestTarget | None = None
+        outcome = Outcome.ALLOWED
+        reason: str | None = None
+        try:
+            request_target = self.targets(raw_target)
+            await self.authenticator.authenticate(attempt, headers, peer, method, request_target.path, started)
+            key, target = attempt.key, attempt.target
+            block = key.identity_block + ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[union-attr,arg-type]
+            credential = headers.get("Authorization") if target.pass_credentials else None  # type: ignore[union-attr]
+            block += b"Authorization: %s\r\n" % credential.encode("latin-1") if credential else _STRIP_KEY
+            request.send(200, "OK", block, b"")
+        except ClientGone:
+            request.status = CLIENT_CLOSED
+        except RateLimited as limited:
+            outcome, reason = Outcome.RATE_LIMITED, limited.reason
+            self._deny(request, outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
+        except Denied as denied:
+            outcome, reason = denied.outcome, denied.reason
+            self._deny(request, outcome, request_id, retry_after=denied.retry_after)
+        except StoreUnavailable as exc:
+            outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
+            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
+            self._deny(request, outcome, request_id)
+        except Exception as exc:
+            outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
+            log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
+            self._deny(request, outcome, request_id)
+        finally:
+            if attempt.denied is not None and outcome is _ALLOWED:
+                outcome, reason = attempt.denied.outcome, attempt.denied.reason
+            status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
+            self._record(method, raw_target, request_target, attempt, outcome, reason, status, peer, started)
