@@ -45,6 +45,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "keygate_requests": ("counter", "Proxied requests by decision (allowed, denied, failed) and outcome.",
                          ("decision", "outcome")),
     "keygate_admin_requests": ("counter", "Admin API requests by decision and outcome.", ("decision", "outcome")),
+    "keygate_authz_requests": ("counter", "Decisions of the authz listener (asked by an ingress) by decision and outcome.",
+                               ("decision", "outcome")),
     "keygate_request_duration_seconds": ("histogram", "Time the proxy spent on a request, by decision.",
                                          ("decision",)),
     "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
@@ -89,13 +91,16 @@ Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "hi
 def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
     """This process's numbers now; cheap (a few dozen dict reads)."""
     gw, lookup, rec = rt.gateway, rt.authenticator.lookup, rt.recorder
-    limited = gw.decisions.get(Outcome.RATE_LIMITED.value, 0) + admin.decisions.get(Outcome.RATE_LIMITED.value, 0)
+    authz = rt.decider.decisions if rt.decider is not None else {}
+    limited = gw.decisions.get(Outcome.RATE_LIMITED.value, 0) + admin.decisions.get(Outcome.RATE_LIMITED.value, 0) \
+        + authz.get(Outcome.RATE_LIMITED.value, 0)
     passed = sum(n for o, n in gw.decisions.items() if Outcome(o) in PAST_RATE_LIMIT) + \
-        admin.decisions.get(Outcome.ALLOWED.value, 0)
+        admin.decisions.get(Outcome.ALLOWED.value, 0) + authz.get(Outcome.ALLOWED.value, 0)
     values: dict[str, list[list[Any]]] = {
         "keygate_requests": [[decision_of(Outcome(o)), o, n] for o, n in gw.decisions.items()],
         "keygate_admin_requests": [[decision_of(Outcome(o)), o, n] for o, n in admin.decisions.items()],
-        "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],
+        "keygate_authz_requests": [[decision_of(Outcome(o)), o, n] for o, n in authz.items()],
+        "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],  # type: ignore[union-attr]
         "keygate_cache_lookups": [["local", "hit", rt.cache.hits], ["local", "miss", rt.cache.misses]],
         "keygate_cached_keys": [["local", len(rt.cache)]],
         "keygate_argon2_verifications": [[lookup.verifications]],
@@ -117,7 +122,7 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         values.setdefault(name, []).extend(rows)
     histograms = {
         "keygate_request_duration_seconds": [[d, h.snapshot()] for d, h in gw.latency.items()],
-        "keygate_upstream_duration_seconds": [[u, h.snapshot()] for u, h in gw.forwarder.upstream_latency.items()],
+        "keygate_upstream_duration_seconds": [[u, h.snapshot()] for u, h in gw.forwarder.upstream_latency.items()],  # type: ignore[union-attr]
     }
     return {"pid": os.getpid(), "values": values, "histograms": histograms}
 

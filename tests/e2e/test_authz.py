@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from .conftest import bearer
+from .conftest import bearer, metric
 from .harness import Keygate, Upstream, stored_requests
 
 INGRESS = "127.0.0.2"
@@ -137,3 +137,12 @@ async def test_decisions_are_recorded_with_the_original_request(ingress: aiohttp
     seen = sorted((r.method, r.path, r.decision, r.status, r.client_ip) for r in stored)
     assert seen == [("GET", "/api/servers/prod/deploy", "allowed", 200, "10.4.4.4"),
                     ("POST", "/api/servers/prod/deploy", "insufficient_scope", 403, "10.4.4.4")]
+
+
+async def test_decisions_are_counted_in_metrics(
+    http: aiohttp.ClientSession, ingress: aiohttp.ClientSession, gateway: Keygate,
+) -> None:
+    before = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", outcome="no_credentials")
+    await ask(ingress, gateway, {"X-Original-URI": "/api/servers/prod/x"})
+    after = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", outcome="no_credentials")
+    assert after == before + 1
