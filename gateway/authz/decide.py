@@ -25,6 +25,8 @@ import logging
 import time
 from urllib.parse import urlsplit
 
+from multidict import CIMultiDictProxy
+
 from ..dataplane.http1 import ClientGone, Request
 from ..dataplane.proxy import CLIENT_CLOSED, Gateway
 from ..pipeline.authenticate import Attempt
@@ -42,21 +44,34 @@ _STRIP_KEY = b"X-Envoy-Auth-Headers-To-Remove: authorization\r\n"
 _ALLOWED = Outcome.ALLOWED
 
 
+_METHODS = ("X-Original-Method", "X-Forwarded-Method")
+_TARGETS = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
+
+
 def original_request(request: Request, trusted: bool) -> tuple[str, str]:
-    """The method and raw target the ingress asks about (its headers only when ``trusted``)."""
+    """The method and raw target the ingress asks about (its headers only when ``trusted``).
+
+    Raises Denied(INVALID_TARGET) when the request names its method or target more than once.
+    SECURITY: an ingress sets one of these and may pass the client's own headers along (Traefik
+    does by default, nginx passes those it does not set): a second spelling is the client's, and
+    believing either could let a client pick the route it is judged on.
+    """
     if not trusted:
         return request.method, request.raw_path
     headers = request.headers
-    method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method") or request.method
-    target = headers.get("X-Original-URI")
-    if target is None:
-        url = headers.get("X-Original-URL")
-        if url is not None:
-            parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        else:
-            target = headers.get("X-Forwarded-Uri")
-    return method, target if target else request.raw_path
+    method = _one(headers, _METHODS) or request.method
+    target = _one(headers, _TARGETS)
+    if target is not None and target[:1] != "/":
+        parts = urlsplit(target)  # X-Original-URL: an absolute URL
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return method, target or request.raw_path
+
+
+def _one(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> str | None:
+    found = [value for name in names for value in headers.getall(name, ())]
+    if len(found) > 1:
+        raise Denied(Outcome.INVALID_TARGET, "original request named twice")
+    return found[0] if found else None
 
 
 class Decider(Gateway):
@@ -67,12 +82,14 @@ class Decider(Gateway):
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
         peer = request.peer
-        method, raw_target = original_request(request, self._trusts_proxies and self.client_ips.is_trusted_peer(peer))
+        method, raw_target = request.method, request.raw_path
         attempt = Attempt()
         request_target: RequestTarget | None = None
         outcome = Outcome.ALLOWED
         reason: str | None = None
         try:
+            method, raw_target = original_request(
+                request, self._trusts_proxies and self.client_ips.is_trusted_peer(peer))
             request_target = self.targets(raw_target)
             await self.authenticator.authenticate(attempt, headers, peer, method, request_target.path, started)
             key, target = attempt.key, attempt.target

@@ -146,3 +146,19 @@ async def test_decisions_are_counted_in_metrics(
     await ask(ingress, gateway, {"X-Original-URI": "/api/servers/prod/x"})
     after = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", outcome="no_credentials")
     assert after == before + 1
+
+
+@pytest.mark.parametrize("extra", [
+    {"X-Original-URI": "/api/servers/prod/x"},  # a client's header passed along by Traefik
+    {"X-Forwarded-Uri": "/api/servers/prod/x"},  # ... or by nginx, which sets only X-Original-URI
+    {"X-Forwarded-Method": "GET"},
+], ids=["second-uri", "second-uri-other-spelling", "second-method"])
+async def test_an_original_request_named_twice_is_400(
+    ingress: aiohttp.ClientSession, gateway: Keygate, extra: dict[str, str],
+) -> None:
+    """Two spellings of the original method or target: one is the client's, so neither is believed."""
+    _, key = await gateway.key(name="reader2", operations=["servers:read"])
+    base = {"X-Original-Method": "POST", "X-Original-URI": "/api/servers/prod/deploy"} \
+        if "X-Original-URI" not in extra else {"X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/servers/prod/deploy"}
+    status, _, body = await ask(ingress, gateway, {**bearer(key), **base, **extra})
+    assert status == 400 and json.loads(body)["error"] == "invalid_request"
