@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -37,6 +38,7 @@ from yarl import URL
 
 from gateway.keys import generate
 from ..e2e.harness import KEYGATE, Keygate, Upstream, clean_env, free_port, stored_requests, terminate, wait_http
+from ..e2e.relay import Relay
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "ingress"
@@ -270,6 +272,8 @@ class IngressContract:
     unreachable_status: ClassVar[int]
     # Whether the RateLimit headers of an allowed request reach the client.
     ratelimit_on_success: ClassVar[bool]
+    # Whether Keygate's own 503 reaches the client as it is (else the ingress makes one of its own).
+    passes_keygate_503: ClassVar[bool]
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -479,6 +483,44 @@ class IngressContract:
         assert answer.headers["RateLimit"].startswith('"key";r=0;')
         assert answer.json["error"] == "rate_limited"
         assert upstream.count() == before
+
+    # -- 503 -----------------------------------------------------------------------
+    async def test_a_store_keygate_cannot_reach_is_503_with_retry_after(
+        self, client: aiohttp.ClientSession, upstream: Upstream, pg_database: str,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> None:
+        """PostgreSQL cut off: a key Keygate has not cached yet is refused 503 with Retry-After, never let through."""
+        subprocess.run([KEYGATE, "migrate"], env=clean_env(KEYGATE_STORE__URL=pg_database), check=True,
+                       capture_output=True, timeout=60)
+        db = urlsplit(pg_database)
+        relay = Relay(db.hostname or "127.0.0.1", db.port or 5432)
+        relayed = pg_database.replace(f"{db.hostname}:{db.port or 5432}", f"127.0.0.1:{relay.port}")
+        keygate = Keygate(tmp_path_factory.mktemp("store-down"), upstream.url, config=ROUTES, authz=TRUSTED,
+                          store_url=relayed)
+        ingress = self.ingress_type(tmp_path_factory.mktemp(self.ingress_type.name), keygate, upstream)
+        try:
+            keygate.start()
+            ingress.start()
+            keygate.store_url = pg_database  # the test's own calls go straight to the database
+            _, key = await keygate.key(name="never seen", role="admin")
+            relay.cut()
+            headers = {**bearer(key), "X-Request-Id": "store-down-1"}
+            before = upstream.count()
+            inline = await call(client, keygate.proxy_url, headers=headers)
+            through = await call(client, ingress.url, headers=headers)
+            assert (inline.status, inline.headers["Retry-After"]) == (503, "5")
+            assert (through.status, through.headers["Retry-After"], through.headers["Cache-Control"]) == (
+                503, "5", "no-store")
+            assert through.json == inline.json
+            if self.passes_keygate_503:
+                assert through.body == inline.body
+                assert through.significant_headers() == inline.significant_headers()
+            assert upstream.count() == before
+        finally:
+            relay.cut()
+            ingress.stop()
+            if keygate.process is not None and keygate.process.poll() is None:
+                keygate.stop()
 
     # -- Keygate unreachable ---------------------------------------------------------
     async def test_the_ingress_fails_closed_when_keygate_stops(

@@ -16,6 +16,8 @@ class TestEnvoy(IngressContract):
     unreachable_status = 503
     # allowed_client_headers_on_success.
     ratelimit_on_success = True
+    # Envoy takes any 5xx from Keygate for a failure to ask it; local_reply_config writes the 503 again.
+    passes_keygate_503 = False
 
     def check_unreachable_answer(self, answer: Answer) -> None:
         assert answer.headers["Retry-After"] == "5"

@@ -13,6 +13,8 @@ class TestTraefik(IngressContract):
     unreachable_status = 500
     # ForwardAuth copies auth response headers into the request only (authResponseHeaders), never to the client.
     ratelimit_on_success = False
+    # ForwardAuth passes any non-2xx answer on: status, headers, body.
+    passes_keygate_503 = True
 
     def check_unreachable_answer(self, answer: Answer) -> None:
         assert answer.body == b""
