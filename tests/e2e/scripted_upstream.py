@@ -1,0 +1,153 @@
+"""REVIEW-13: a raw upstream that misbehaves on purpose, by path, for the findings of review 13.
+
+Each connection runs on a thread of its own: it reads a request head (and a Content-Length or chunked
+body, unless the path says not to), records ``(connection number, method, path, body)`` and answers as
+the path asks:
+
+- ``/late-body``: a HEAD is answered with a head announcing a body, then 0.3 s later with that body,
+  which is itself a whole HTTP response (``X-Evil: 1``, body ``EVIL``);
+- ``/twice``: two responses to one request, the second 0.3 s after the first;
+- ``/head-body``: a HEAD answered with a head, then 0.1 s later a body that is the start of a
+  response head (``Set-Cookie: session=attacker``, then an unfinished header);
+- ``/switch``: ``101 Switching Protocols`` (``Upgrade: h2c``) to any request, then echoes bytes;
+- ``/early-close``: answers ``413`` with ``Connection: close`` at once, unread body and all, and closes;
+- ``/early``: answers ``200`` at once without reading the request body, then reads nothing more;
+- ``/slow-head``: answers ``200`` after 0.5 s;
+- anything else: ``200`` with body ``ok <method> <path>``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Seen:
+    conn: int
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class ScriptedUpstream:
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.open = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with self._lock:
+                self.connections += 1
+                number = self.connections
+                self.open += 1
+            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        buffer = b""
+        sock.settimeout(30)
+        try:
+            while not self._stop.is_set():
+                while b"\r\n\r\n" not in buffer:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = b""
+                if not path.startswith("/early"):
+                    if "content-length" in headers:
+                        length = int(headers["content-length"])
+                        while len(buffer) < length:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            buffer += data
+                        body, buffer = buffer[:length], buffer[length:]
+                    elif headers.get("transfer-encoding") == "chunked":
+                        while True:
+                            while b"\r\n" not in buffer:
+                                buffer += sock.recv(65536)
+                            size_line, _, buffer = buffer.partition(b"\r\n")
+                            size = int(size_line.split(b";")[0], 16)
+                            while len(buffer) < size + 2:
+                                buffer += sock.recv(65536)
+                            body += buffer[:size]
+                            buffer = buffer[size + 2:]
+                            if size == 0:
+                                break
+                with self._lock:
+                    self.seen.append(Seen(number, method, path, headers, body))
+                if not self._answer(sock, method, path):
+                    return
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self.open -= 1
+            sock.close()
+
+    def _answer(self, sock: socket.socket, method: str, path: str) -> bool:
+        ok = f"ok {method} {path}".encode()
+        if path.startswith("/late-body"):
+            evil = b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL"
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(evil))
+            time.sleep(0.3)
+            sock.sendall(evil)  # the body a HEAD response must not have
+            return True
+        if path.startswith("/twice"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
+            time.sleep(0.3)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL")
+            return True
+        if path.startswith("/head-body"):
+            # A HEAD answered with its body (a common upstream bug), in a write of its own; the body is a
+            # file whose content a client chose: the start of a response head.
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
+            time.sleep(0.1)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nSet-Cookie: session=attacker\r\nX-Pad: ")
+            return True
+        if path.startswith("/switch"):
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            while data := sock.recv(65536):
+                sock.sendall(data)
+            return False
+        if path.startswith("/early-close"):
+            sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big!")
+            time.sleep(0.2)
+            return False
+        if path.startswith("/early"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
+            time.sleep(30)
+            return False
+        if path.startswith("/slow-head"):
+            time.sleep(0.5)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
+        return True

@@ -1,0 +1,110 @@
+"""REVIEW-13 (failing on main): what an upstream sends outside an exchange, and answers Keygate does not relay.
+
+- Bytes that arrive on a pooled upstream connection while it is idle (the body of a HEAD response that
+  came in a write of its own, a second response) are parsed into the next exchange on it: another
+  client's response then starts with them (upstream_pool.UpstreamConnection.data_received/finish).
+- A ``101`` to a request that was forwarded as a plain request is relayed to the client.
+- An upstream that answers before it has read the request body gets a 502/504 instead of its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from .harness import Keygate
+from .rawhttp import read_response
+from .scripted_upstream import ScriptedUpstream
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def kg(scripted: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    keygate = Keygate(tmp_path_factory.mktemp("r13pool"), scripted.url).start()
+    yield keygate
+    keygate.stop()
+
+
+async def one(port: int, raw: bytes) -> bytes:
+    """One request on a connection of its own; the response's head (and body, unless a HEAD)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    try:
+        if raw.startswith(b"HEAD"):
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        response = await read_response(reader, 5)
+        assert response is not None
+        return response.head + response.body
+    finally:
+        writer.close()
+
+
+def get(path: str, key: str, method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+
+
+async def test_bytes_after_a_head_response_are_not_spliced_into_another_client_s_response(
+    kg: Keygate, scripted: ScriptedUpstream,
+) -> None:
+    """An upstream that sends a HEAD's body (a common bug) whose content a client chose (a stored file)."""
+    _, attacker = await kg.key(name="attacker", role="admin")
+    _, victim = await kg.key(name="victim", role="admin")
+    await one(kg.proxy_port, get("/head-body", attacker, "HEAD"))
+    await asyncio.sleep(0.5)  # the "body" arrives on the idle pooled connection
+    answer = await one(kg.proxy_port, get("/victim", victim))
+    assert b"attacker" not in answer, answer
+
+
+async def test_a_connection_that_sent_an_unsolicited_response_is_not_reused(
+    kg: Keygate, scripted: ScriptedUpstream,
+) -> None:
+    _, key = await kg.key(name="k", role="admin")
+    await one(kg.proxy_port, get("/twice", key))
+    await asyncio.sleep(0.6)  # the second response arrives while the connection is idle
+    before = scripted.connections
+    answer = await one(kg.proxy_port, get("/victim", key))
+    assert b"EVIL" not in answer
+    assert scripted.connections == before + 1, "a connection that answered twice went back into use"
+
+
+async def test_101_to_a_plain_request_is_not_relayed(kg: Keygate, scripted: ScriptedUpstream) -> None:
+    """Forwarded without Upgrade (not a WebSocket), so a 101 is a bad answer (502), never the client's."""
+    _, key = await kg.key(name="k", role="admin")
+    answer = await one(kg.proxy_port, get("/switch", key))
+    assert not answer.startswith(b"HTTP/1.1 101"), answer
+
+
+@pytest.mark.parametrize("path,status", [("/early-close", 413), ("/early", 200)])
+async def test_an_early_upstream_answer_is_relayed_not_replaced(kg: Keygate, path: str, status: int) -> None:
+    """The upstream answers before reading a 64 MiB body (and closes, or stops reading): its answer is the
+    client's, as aiohttp's client (which read the answer while it sent the body) relayed it."""
+    _, key = await kg.key(name="k", role="admin")
+    size = 64 * 1024 * 1024
+    reader, writer = await asyncio.open_connection("127.0.0.1", kg.proxy_port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n"
+                 .encode())
+
+    async def send() -> None:
+        block = b"x" * 65536
+        try:
+            for _ in range(size // len(block)):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.create_task(send())
+    try:
+        response = await read_response(reader, 15)
+    finally:
+        sending.cancel()
+        writer.close()
+    assert response is not None and response.status == status, response
