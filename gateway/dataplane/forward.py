@@ -35,7 +35,10 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 # Headers we set ourselves (or that the server already acted on: Expect).
-_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
+# SECURITY: Content-Length too: the framing that goes upstream is always ours, so no client header
+# (not even one named in Connection, which drops it) can leave a body unframed.
+_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect",
+                       "content-length"})
 VIA = "1.1 keygate"
 
 # Connection values that name no header beyond the hop-by-hop ones: by far the most common.
@@ -171,7 +174,7 @@ class Forwarder:
         body = request.body
         method = request.method
         if body is None:
-            framing = b"Content-Length: 0\r\n" if request.content_length is None and method not in _NO_LENGTH_NEEDED \
+            framing = b"Content-Length: 0\r\n" if request.content_length is not None or method not in _NO_LENGTH_NEEDED \
                 else b""
         else:
             if self.max_body_size and body.expected is not None and body.expected > self.max_body_size:
@@ -180,7 +183,7 @@ class Forwarder:
                 # Its framing broke off before forwarding began (it usually comes in one read with its
                 # head): nothing goes upstream.
                 raise Denied(Outcome.INVALID_BODY)
-            framing = b"Transfer-Encoding: chunked\r\n" if body.chunked else b""
+            framing = b"Transfer-Encoding: chunked\r\n" if body.chunked else b"Content-Length: %d\r\n" % body.expected
         head = b"%s %s%s HTTP/1.1\r\n%s%s%s\r\n" % (
             method.encode("ascii"), pool.prefix, path.encode("latin-1"), pool.host_line, headers, framing)
         started = time.perf_counter()
