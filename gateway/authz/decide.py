@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDictProxy
 
@@ -62,8 +61,14 @@ def original_request(request: Request, trusted: bool) -> tuple[str, str]:
     method = _one(headers, _METHODS) or request.method
     target = _one(headers, _TARGETS)
     if target is not None and target[:1] != "/":
-        parts = urlsplit(target)  # X-Original-URL: an absolute URL
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # X-Original-URL, ingress-nginx's "$scheme://$http_host$request_uri": the request target is what
+        # follows the authority. Not urlsplit: the client's raw Host ("api.example:80?x", which nginx
+        # accepts) would move the real path into a query.
+        scheme, sep, rest = target.partition("://")
+        slash = rest.find("/")
+        if not sep or slash < 0:
+            raise Denied(Outcome.INVALID_TARGET, "X-Original-URL without a path")
+        target = rest[slash:]
     return method, target or request.raw_path
 
 

@@ -27,7 +27,7 @@ from ..pipeline.scope import Target
 from .http1 import Body, BodyTimeout, ClientGone, MalformedBody, Request, reason_of
 from .latency import Histogram
 from .sweeper import Sweeper
-from .upstream_pool import ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
+from .upstream_pool import BadResponse, ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
     UpstreamError
 
 HOP_BY_HOP = frozenset({
@@ -75,7 +75,7 @@ _NO_LENGTH_NEEDED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
 # Retried once on a pooled connection that turned out closed (RFC 9112 section 9.3.1.1).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
 # Response headers Keygate sets itself on an allowed answer: the upstream's own are replaced.
 _ANSWERED = frozenset({b"x-request-id", b"ratelimit", b"ratelimit-policy", DEGRADED_HEADER.lower().encode()})
 _VIA_LINE = f"Via: {VIA}\r\n".encode()
@@ -189,6 +189,11 @@ class Forwarder:
         started = time.perf_counter()
         conn, response = await self._exchange(pool, request, head)
         up.latency.observe(time.perf_counter() - started)
+        if response.status == 101:
+            # Switching protocols on a request that asked for no upgrade (ours never carry Upgrade
+            # here): relayed, the client would read what follows as another protocol.
+            conn.abort()
+            raise self._failure(BadResponse("101 to a request without an upgrade"))
         await self._relay(request, conn, response, answer)
 
     async def _exchange(self, pool: Upstream, request: Request, head: bytes) -> tuple[UpstreamConnection, Response]:
@@ -206,6 +211,10 @@ class Forwarder:
                     await self._send_body(conn, body)
                 return conn, await conn.response()
             except Disconnected as exc:
+                if conn.answered:
+                    # It answered before taking the whole body, then closed (413, say): that answer is the client's.
+                    conn.partial = True
+                    return conn, await conn.response()
                 conn.abort()
                 if retry and reused and not conn.received:
                     retry = False  # the pooled connection had been closed by the upstream: once more
@@ -235,6 +244,11 @@ class Forwarder:
             sent += len(chunk)
             if limit and sent > limit:
                 raise Denied(Outcome.BODY_TOO_LARGE)
+            if conn.answered:
+                # The upstream answered early (413, or 200 without reading): the rest is not sent, and the
+                # connection is not reused (the upstream would read the unsent rest as the next request).
+                conn.partial = True
+                return
             conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             await conn.drain()
         if chunked:
@@ -243,12 +257,19 @@ class Forwarder:
     async def _relay(self, request: Request, conn: UpstreamConnection, response: Response, answer: bytes) -> None:
         status = response.status
         reason = response.reason.decode("latin-1") if response.reason else reason_of(status)
+        # SECURITY: the framing the client gets is always Keygate's own (the upstream's Content-Length is
+        # dropped with the hop-by-hop headers), so no upstream header can leave a body unframed.
         block = response_header_block(response.headers, answer)
         bodyless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if bodyless:
+            # A HEAD's or 304's Content-Length describes the body a GET would get: passed on as declared.
+            if response.declared is not None and status != 204 and not 100 <= status < 200:
+                block += b"Content-Length: %d\r\n" % response.declared
+        elif response.length is not None and not response.chunked and not conn.complete:
+            block += b"Content-Length: %d\r\n" % response.length
         if conn.complete:
             # The whole body is here: head and body leave in one write.
-            request.send(status, reason, block, conn.take_buffered(),
-                         add_length=response.length is None and not bodyless)
+            request.send(status, reason, block, conn.take_buffered(), add_length=not bodyless)
             conn.finish()
             return
         request.start(status, reason, block, length=response.length if not response.chunked else None,

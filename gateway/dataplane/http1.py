@@ -59,6 +59,7 @@ _INF = float("inf")
 _PAUSE_BODY = 1  # the handler has not taken enough of the body yet
 _PAUSE_QUEUE = 2  # a pipelined request waits for the one before it to be answered
 _PAUSE_TUNNEL = 4  # the tunnel's other side cannot take more
+_PAUSE_WRITE = 8  # the client is not taking its answers: no more requests are read (nor answered) meanwhile
 
 # Connection states, for the deadline that applies.
 _HEAD = 0  # a request line and headers are arriving (or the connection just opened)
@@ -357,6 +358,7 @@ class Connection(asyncio.Protocol):
         self.continue_due = False
         self._paused = 0
         self._write_paused = False
+        self._next_due = False  # a queued request waits for the client to take the last answer
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
         self._url: list[bytes] = []
@@ -407,10 +409,14 @@ class Connection(asyncio.Protocol):
             self._tunnel.client_lost()
 
     def pause_writing(self) -> None:
+        # SECURITY: a client that pipelines requests and never reads would have every answer buffered
+        # here; reading (and so answering) stops until it takes what it was sent.
         self._write_paused = True
+        self.pause(_PAUSE_WRITE)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.resume(_PAUSE_WRITE)
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
@@ -418,6 +424,9 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(None)
         if self._tunnel is not None:
             self._tunnel.client_drained()
+        if self._next_due:
+            self._next_due = False
+            self._resume_queue()
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -600,7 +609,8 @@ class Connection(asyncio.Protocol):
 
     def _begin(self, request: Request) -> None:
         self._current = request
-        if request.expect_continue and request.body is not None and not request.body.received:
+        if request.expect_continue and request.body is not None and not request.body.received \
+                and request.version == "1.1":  # RFC 9110 section 10.1.1: never a 1xx to an HTTP/1.0 client
             self.continue_due = True
         self._task = task = self.loop.create_task(self.handler(request))
         task.add_done_callback(self._handled)
@@ -674,6 +684,9 @@ class Connection(asyncio.Protocol):
         self._resume_queue()
 
     def _resume_queue(self) -> None:
+        if self._write_paused and self._queue:
+            self._next_due = True  # the next request starts once the client has taken this answer
+            return
         if self._queue:
             request = self._queue.popleft()
             if not self._queue:
@@ -768,6 +781,9 @@ class Connection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         if self._closed or self.transport is None:
             return
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self.abort()  # the client has not read its answer for client_timeout seconds
+            return
         if self._ending:
             self.transport.close()  # lingering ran out
         elif self.state == _HEAD:
@@ -806,13 +822,21 @@ class Connection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait until the client has taken what was written; a client that takes nothing for
+        ``client_timeout`` seconds is cut off (ClientGone)."""
         if self._closed:
             raise ClientGone("the client closed the connection")
         if self._write_paused:
             waiter = self._drain_waiter
             if waiter is None:
                 waiter = self._drain_waiter = self.loop.create_future()
-            await waiter
+            saved = self.deadline
+            self.deadline = mine = self.sweeper.time() + self.client_timeout
+            try:
+                await waiter
+            finally:
+                if self.deadline == mine:
+                    self.deadline = saved
 
     # -- upgrades
 

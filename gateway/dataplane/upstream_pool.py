@@ -70,13 +70,14 @@ class BadResponse(UpstreamError):
 class Response:
     """An upstream's response head, and how its body is framed."""
 
-    __slots__ = ("status", "reason", "headers", "length", "chunked", "keep_alive", "upgraded")
+    __slots__ = ("status", "reason", "headers", "length", "declared", "chunked", "keep_alive", "upgraded")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.length: int | None = None
+        self.length: int | None = None  # body bytes to read (0 for HEAD, 204, 304)
+        self.declared: int | None = None  # its Content-Length header (a HEAD's or 304's describes another body)
         self.chunked = False
         self.keep_alive = True
         self.upgraded = b""  # after a 101: the bytes that followed its head
@@ -111,6 +112,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._bodyless = False  # a HEAD: the response ends with its head
         self.complete = False  # the response was read to its end
         self.received = False  # a byte of the response arrived
+        self.answered = False
+        self.partial = False
         self._tunnel: Any = None
 
     # -- asyncio.Protocol
@@ -137,6 +140,11 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
             self._tunnel.from_upstream(data)
+            return
+        if self._head is None:
+            # SECURITY: bytes from an idle connection (a HEAD's late body, a second answer) would be read
+            # as the start of the next client's response: the connection is dropped (as nginx does).
+            self.abort()
             return
         self.received = True
         try:
@@ -170,6 +178,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- llhttp callbacks
 
     def on_message_begin(self) -> None:
+        if self.complete and self._response is not None:
+            # A second answer to one request: this connection can no longer be trusted to be in step.
+            raise BadResponse("an answer after the response")
         self._headers = []
         self._head_size = 0
 
@@ -196,7 +207,12 @@ class UpstreamConnection(asyncio.Protocol):
                 response.length = int(value)
             elif lower == b"transfer-encoding":
                 response.chunked = value.strip().lower().endswith(b"chunked")
+        response.declared = response.length
         response.keep_alive = self.parser.should_keep_alive()
+        self.answered = True
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # an early answer: the body being sent can stop (Forwarder._send_body)
         if self._bodyless or status in (204, 304):
             response.length = 0
             response.chunked = False
@@ -240,6 +256,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._bodyless = bodyless
         self.complete = False
         self.received = False
+        self.answered = False  # the final response's head arrived
+        self.partial = False  # the request's body was not sent whole (the upstream answered first)
         if self.used > 1 and bodyless:
             pass
         self.timeout = self.upstream.read_timeout
@@ -330,7 +348,7 @@ class UpstreamConnection(asyncio.Protocol):
     def reusable(self) -> bool:
         response = self._response
         return (not self.closed and self.complete and self._error is None and response is not None
-                and response.keep_alive and response.status != 101 and not self._chunks)
+                and response.keep_alive and response.status != 101 and not self._chunks and not self.partial)
 
     def finish(self) -> None:
         """The exchange is over: back to the pool, or closed."""

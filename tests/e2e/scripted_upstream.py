@@ -1,4 +1,4 @@
-"""REVIEW-13: a raw upstream that misbehaves on purpose, by path, for the findings of review 13.
+"""A raw upstream that misbehaves on purpose, by path, for the tests of what Keygate does about it.
 
 Each connection runs on a thread of its own: it reads a request head (and a Content-Length or chunked
 body, unless the path says not to), records ``(connection number, method, path, body)`` and answers as

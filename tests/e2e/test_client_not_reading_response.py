@@ -1,4 +1,4 @@
-"""REVIEW-13 (failing on main): a client that stops reading its response holds an upstream connection forever.
+"""A client that stops reading its response is cut off after client_timeout, and its upstream connection with it.
 
 Forwarder._relay awaits Request.drain() (http1.Connection.drain) before it reads more from the upstream;
 that wait has no deadline, and nothing else times the connection while the response is being written.

@@ -1,4 +1,4 @@
-"""REVIEW-13 (failing on main): what an upstream sends outside an exchange, and answers Keygate does not relay.
+"""What an upstream sends outside an exchange is never another client's, and answers Keygate does not relay.
 
 - Bytes that arrive on a pooled upstream connection while it is idle (the body of a HEAD response that
   came in a write of its own, a second response) are parsed into the next exchange on it: another

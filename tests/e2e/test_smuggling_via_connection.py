@@ -1,4 +1,4 @@
-"""REVIEW-13 (failing on main): ``Connection: Content-Length`` removes the only framing of a forwarded body.
+"""``Connection: Content-Length`` cannot remove the framing of a forwarded body: Keygate always writes its own.
 
 forward.upstream_request_headers drops every header the client's ``Connection`` header names, and
 Forwarder.forward relies on the client's own ``Content-Length`` line to frame a length-delimited body

@@ -1,4 +1,4 @@
-"""REVIEW-13 (failing on main): a pipelining client that never reads its answers grows Keygate's memory without bound.
+"""A pipelining client that never reads its answers cannot grow Keygate's memory: reading stops until it does.
 
 http1.Request.send/Connection.write never wait for the client to take what was written, and nothing
 pauses reading while the transport's write buffer is over its high-water mark (pause_writing only sets
