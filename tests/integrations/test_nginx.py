@@ -1,0 +1,149 @@
+"""Keygate behind nginx (``auth_request``): ``deploy/ingress/nginx/example.conf`` and its snippets, run for real.
+
+nginx's ``auth_request`` never passes the authorization answer's body on, and
+turns every status but 2xx/401/403 into a 500; the snippets write Keygate's
+refusal again from the answer's status and headers. The tables that do it
+are held equal to Keygate's own here, outcome by outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from gateway.pipeline.outcomes import Outcome
+from gateway.pipeline.responses import answer_of
+
+from ..e2e.harness import Keygate, Upstream
+from .contract import IngressContract
+from .ingresses import NGINX_DIR, Ingress, Nginx
+from .conftest import MakeIngress, authz_address
+
+# Every refusal the authz listener can make, and what tells nginx which it was: (WWW-Authenticate, RateLimit-Policy).
+AUTHZ_REFUSALS = {
+    Outcome.NO_CREDENTIALS: ('Bearer realm="keygate"', ""),
+    Outcome.INVALID_REQUEST: ('Bearer realm="keygate", error="invalid_request"', ""),
+    Outcome.INVALID_TARGET: ("", ""),
+    Outcome.INVALID_TOKEN: ('Bearer realm="keygate", error="invalid_token"', ""),
+    Outcome.TOO_MANY_ATTEMPTS: ("", ""),
+    Outcome.IP_NOT_ALLOWED: ("", ""),
+    Outcome.INSUFFICIENT_SCOPE: ('Bearer realm="keygate", error="insufficient_scope"', ""),
+    Outcome.RATE_LIMITED: ("", '"key";q=2;w=60'),
+    Outcome.STORE_UNAVAILABLE: ("", ""),
+    Outcome.INTERNAL_ERROR: ("", ""),
+}
+# Refusals nginx cannot tell apart from another by status and headers: written as the other one.
+INDISTINGUISHABLE = {Outcome.VERIFICATION_BUSY: Outcome.TOO_MANY_ATTEMPTS}
+# Outcomes only the proxy listener has (a body, an upstream): the authz listener never answers them.
+PROXY_ONLY = {Outcome.ALLOWED, Outcome.INVALID_UPGRADE, Outcome.INVALID_BODY, Outcome.BODY_TOO_LARGE,
+              Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT}
+
+
+@pytest.fixture(scope="module")
+def make_ingress() -> MakeIngress:
+    def make(folder: Path, keygate: Keygate, upstream: Upstream) -> Ingress:
+        return Nginx(folder, authz=authz_address(keygate), app=upstream.url.removeprefix("http://"))
+    return make
+
+
+class TestNginx(IngressContract):
+    # Keygate unreachable: the snippet's own 503, in Keygate's words (the store-down answer, without Retry-After).
+    unreachable_statuses: ClassVar[frozenset[int]] = frozenset({503})
+
+    def check_unreachable(self, status: int, body: bytes) -> None:
+        answer = json.loads(body)
+        assert (answer["error"], answer["error_description"]) == answer_of(Outcome.STORE_UNAVAILABLE)[1:3]
+
+
+# --- the snippets' tables against Keygate's ---------------------------------------------------------
+
+
+def nginx_map(text: str, name: str) -> list[tuple[str, str]]:
+    """The (key, value) lines of ``map ... $name { ... }`` in order, quotes removed."""
+    block = re.search(r"map [^{]*\$" + re.escape(name) + r" \{\n(.*?)\n\}", text, re.S)
+    assert block is not None, f"no map for ${name}"
+    token = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s;'"]+"""
+    entries = []
+    for line in block[1].splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, value = re.findall(token, line)[:2]
+        entries.append((_unquote(key), _unquote(value)))
+    return entries
+
+
+def _unquote(token: str) -> str:
+    """A word as nginx reads it: quotes removed, and in quotes only \\" \\' \\\\ unescaped (\\| stays \\|)."""
+    if token[:1] in "'\"":
+        return re.sub(r"""\\(["'\\])""", r"\1", token[1:-1])
+    return token
+
+
+def classify(status: int | str, challenge: str, policy: str) -> str:
+    """The outcome keygate-http.conf's first map finds for an answer, as nginx reads it (first regex that matches)."""
+    subject = f"{status}|{challenge}|{policy}"
+    for key, value in nginx_map((NGINX_DIR / "keygate-http.conf").read_text(), "keygate_outcome"):
+        if key.startswith("~") and re.search(key[1:], subject):
+            return value
+    return dict(nginx_map((NGINX_DIR / "keygate-http.conf").read_text(), "keygate_outcome"))["default"]
+
+
+def statuses_written() -> dict[str, int]:
+    """Outcome -> status of @keygate_denied's if/return lines (and its last return for the rest)."""
+    text = (NGINX_DIR / "keygate-auth.conf").read_text()
+    written = {}
+    for names, status in re.findall(r"if \(\$keygate_outcome ~ \^\(([a-z_|]+)\)\$\) \{\s*return (\d{3}) ", text):
+        for name in names.split("|"):
+            written[name] = int(status)
+    [fallback] = re.findall(r"\n    return (\d{3}) \$keygate_body;", text)
+    written["default"] = int(fallback)
+    return written
+
+
+def test_every_authz_outcome_is_accounted_for() -> None:
+    """Each outcome is one the snippet writes, one it writes as another, or one the authz listener never has."""
+    assert set(Outcome) == set(AUTHZ_REFUSALS) | set(INDISTINGUISHABLE) | PROXY_ONLY
+
+
+@pytest.mark.parametrize("outcome", list(AUTHZ_REFUSALS) + list(INDISTINGUISHABLE), ids=str)
+def test_snippet_writes_keygate_s_refusal(outcome: Outcome) -> None:
+    """From the status and headers of Keygate's answer the snippet finds the outcome, and writes its status,
+    error code and description exactly as Keygate's proxy listener does (its body is json.dumps of them)."""
+    status, error, description, challenge = answer_of(outcome)
+    written_as = INDISTINGUISHABLE.get(outcome, outcome)
+    seen_challenge, policy = AUTHZ_REFUSALS[written_as]
+    assert (challenge or "") == (seen_challenge if outcome is written_as else answer_of(written_as)[3] or "")
+    found = classify(status, challenge or "", policy)
+    assert found == written_as.value
+    text = (NGINX_DIR / "keygate-http.conf").read_text()
+    errors, descriptions = dict(nginx_map(text, "keygate_error")), dict(nginx_map(text, "keygate_description"))
+    expected_error, expected_description = answer_of(written_as)[1:3]
+    assert (errors.get(found, errors["default"]), descriptions.get(found, descriptions["default"])) == (
+        expected_error, expected_description)
+    assert json.dumps(expected_description) == f'"{expected_description}"'  # nothing to escape in the body
+    assert statuses_written().get(found, statuses_written()["default"]) == status
+    if outcome is written_as:
+        assert (error, description) == (expected_error, expected_description)
+
+
+@pytest.mark.parametrize(("upstream_status", "written"), [("502", 503), ("504", 503), ("", 503), ("200", 500)])
+def test_keygate_unreachable_is_refused(upstream_status: str, written: int) -> None:
+    """No answer from Keygate (refused, timed out, no live server) is a 503; an nginx failure after an allowed
+    answer is a 500: never the request passing."""
+    found = classify(upstream_status, "", "")
+    assert statuses_written().get(found, statuses_written()["default"]) == written
+
+
+def test_denied_location_sets_no_header_the_refusal_lacks() -> None:
+    """Every header @keygate_denied adds comes from Keygate's answer (empty: nginx adds none) but Cache-Control."""
+    text = (NGINX_DIR / "keygate-auth.conf").read_text()
+    denied = text[text.index("location @keygate_denied"):]
+    headers = re.findall(r"add_header (\S+) (\S+) always;", denied)
+    assert {name for name, _ in headers} == {"WWW-Authenticate", "Retry-After", "RateLimit-Policy", "RateLimit",
+                                             "X-Keygate-RateLimit-Degraded", "Cache-Control"}
+    assert all(value.startswith("$keygate_") for name, value in headers if name != "Cache-Control")
