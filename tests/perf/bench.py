@@ -9,7 +9,7 @@ Python floor)::
                                          [--targets NAME,...] [--no-redis]
                                          [--json results.json] [--keep]
 
-About 15 s per target per round (8 targets, 3 rounds: about 6 minutes);
+About 15 s per target per round (9 targets, 3 rounds: about 7 minutes);
 ``--targets nginx_gw,py_floor,keygate_1w`` measures a subset (nginx, the
 upstream, is started whatever is measured). Not part of the test suite:
 pytest does not collect ``tests/perf``.
@@ -45,9 +45,18 @@ What it does:
    ``GET /api/servers/app/status`` matches the second one), the recorder
    writing request records and last-used times, the change feed polled;
    access log off, ``log.level = "warning"``;
+
+   ``nginx_authz``, decision only (issue 14): a third one-worker Keygate
+   configured the same way plus its authz listener (``authz.listen``,
+   ``authz.trusted_proxies = ["127.0.0.1/32"]``), and an nginx in front of
+   it running the shipped snippets of ``deploy/ingress/nginx/`` as they are
+   (``auth_request`` over a keep-alive upstream to the authz listener, the
+   identity headers copied, the key stripped), forwarding to the same
+   upstream nginx; its CPU per request is nginx's and Keygate's summed, and
+   each is also reported on its own;
 4. for every round, runs ``wrk --latency -t THREADS -c CONNECTIONS -d DURATION``
    with the key against each target in turn (nginx, nginx_gw, py_floor, thin,
-   keygate_1w, keygate_2w, kg_redis, kg_local1st, then again), so drift hits
+   keygate_1w, keygate_2w, nginx_authz, kg_redis, kg_local1st, then again), so drift hits
    all alike. Before each measured run
    it sends a few requests on fresh connections and a 1 s unmeasured wrk run,
    so the key cache is warm and wrk measures the cache-hit path;
@@ -83,6 +92,10 @@ What it does:
      1.20 × thin p99 (PASS/FAIL), keygate_1w / thin CPU per request and its
      median of rounds, keygate_2w / thin;
    * the Redis policies against keygate_1w (above);
+   * issue 14, decision only: Keygate's own CPU per decision in nginx_authz
+     over keygate_1w's CPU per inline request (target <= 0.6, PASS/FAIL),
+     and for information nginx_authz's CPU per request (nginx + Keygate)
+     and throughput against keygate_1w and nginx_gw;
 
    ``--json FILE`` also writes everything (raw runs included) as JSON.
 
@@ -169,8 +182,11 @@ TARGET_THROUGHPUT = 0.90
 TARGET_P99 = 1.20
 # Issue 4: the local-first Redis policy / the in-process policy, throughput, at least.
 TARGET_LOCAL_FIRST = 0.85
+# Issue 14: Keygate's CPU per decision (nginx_authz) / its CPU per inline request (keygate_1w), at most.
+TARGET_DECISION_CPU = 0.6
 # Every target, in the order each round measures them; nginx (the upstream) is always started.
-TARGETS = ("nginx", "nginx_gw", "py_floor", "thin", "keygate_1w", "keygate_2w", "kg_redis", "kg_local1st")
+TARGETS = ("nginx", "nginx_gw", "py_floor", "thin", "keygate_1w", "keygate_2w", "nginx_authz", "kg_redis",
+           "kg_local1st")
 REDIS_TARGETS = ("kg_redis", "kg_local1st")
 # A measured run during which other work used more than this much of a core, or the hypervisor
 # stole more than this much, is repeated (up to --retries times).
@@ -363,6 +379,8 @@ class Target:
     all_pids: list[int] = field(default_factory=list)
     # Whether it writes in the background after a run (Keygate's recorder).
     flushes: bool = False
+    # A target of several programs (nginx_authz): each one's processes, its CPU also reported alone.
+    parts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -571,7 +589,7 @@ async def _create_key(store_url: str, operations: tuple[str, ...] = KEY_OPERATIO
 
 def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *, name: str | None = None,
                   extra_env: dict[str, str] | None = None,
-                  operations: tuple[str, ...] = KEY_OPERATIONS) -> Target:
+                  operations: tuple[str, ...] = KEY_OPERATIONS, extra_config: str = "") -> Target:
     name = name or f"keygate_{workers}w"
     home = folder / name
     home.mkdir()
@@ -579,7 +597,7 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
     store_url = f"sqlite:///{home / 'keygate.db'}"
     config = home / "keygate.toml"
     config.write_text(KEYGATE_CONFIG.format(proxy_port=proxy_port, admin_port=admin_port,
-                                            db=home / "keygate.db", upstream=upstream))
+                                            db=home / "keygate.db", upstream=upstream) + extra_config)
     key = asyncio.run(_create_key(store_url, operations))
     log = home / "keygate.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | (extra_env or {})
@@ -601,6 +619,48 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
         raise BenchError(f"{exc}\n{tail(log)}") from None
     return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids,
                   all_pids=[process.pid, *_children(process.pid)], flushes=True)
+
+
+SNIPPETS = ROOT / "deploy" / "ingress" / "nginx"
+
+# nginx deciding with Keygate (issue 14): the shipped snippets as they are, an upstream of keep-alive
+# connections to the authz listener and one to the app (the upstream nginx), as example.conf has them.
+NGINX_AUTHZ = """
+    include {snippets}/keygate-http.conf;
+    upstream keygate_authz {{
+        server {authz};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    upstream app {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        include {snippets}/keygate-auth.conf;
+        include {snippets}/keygate-headers.conf;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header X-Forwarded-For $remote_addr;
+        location / {{
+            proxy_pass http://app;
+        }}
+    }}
+"""
+
+
+def start_nginx_authz(procs: Processes, folder: Path, upstream: str) -> Target:
+    """A one-worker Keygate with its authz listener, and an nginx asking it (auth_request) before the upstream."""
+    authz_port = free_port()
+    keygate = start_keygate(procs, folder, upstream, workers=1, name="kg_authz", extra_config=(
+        f'\n[authz]\nlisten = "127.0.0.1:{authz_port}"\ntrusted_proxies = ["127.0.0.1/32"]\n'))
+    url, nginx_pids = _start_nginx(procs, folder, "nginx_authz", lambda port: NGINX_AUTHZ.format(
+        port=port, snippets=SNIPPETS, authz=f"127.0.0.1:{authz_port}", upstream=upstream.removeprefix("http://")))
+    return Target("nginx_authz", url, key=keygate.key, pids=[*nginx_pids, *keygate.pids],
+                  all_pids=[*nginx_pids, *keygate.all_pids], flushes=True,
+                  parts={"nginx": nginx_pids, "keygate": keygate.all_pids})
 
 
 def start_redis(procs: Processes, folder: Path) -> Target:
@@ -645,7 +705,7 @@ def check_target(target: Target) -> None:
     status, _h, _b = fetch(target.url + PATH)
     if status != 401:
         raise BenchError(f"{target.name}: a request without a key answered {status}, expected 401")
-    if target.name.startswith("keygate"):
+    if target.name.startswith("keygate") or target.name == "nginx_authz":
         if "RateLimit" not in headers:
             raise BenchError(f"{target.name}: no RateLimit header on an allowed response")
         # Scope is enforced: the key is not granted the billing server.
@@ -693,6 +753,8 @@ class WrkResult:
     # CPU time stolen by the hypervisor, in % of one core (virtual machines only).
     steal_pct: float = float("nan")
     attempts: int = 1
+    # CPU per request of each part of a target made of several programs (Target.parts).
+    cpu_us_per_request_parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def disturbed(self) -> bool:
@@ -751,14 +813,17 @@ def measure(procs: Processes, target: Target, round_no: int, args: argparse.Name
             raise BenchError(f"wrk against {target.name} got non-2xx/3xx responses during warm-up:\n{output}")
     started, (busy, steal) = time.monotonic(), machine_cpu()
     mine, all_ours, wrk = process_cpu(target.all_pids), process_cpu(ours), children_cpu()
+    parts = {name: process_cpu(pids) for name, pids in target.parts.items()}
     output = run_wrk(procs, target, duration=args.duration, connections=args.connections, threads=args.threads)
     wall = time.monotonic() - started
     busy_after, steal_after = machine_cpu()
     busy, steal, mine = busy_after - busy, steal_after - steal, process_cpu(target.all_pids) - mine
+    parts = {name: process_cpu(target.parts[name]) - before for name, before in parts.items()}
     all_ours, wrk = process_cpu(ours) - all_ours, children_cpu() - wrk
     result = parse_wrk(output, target.name, round_no)
     if result.requests:
         result.cpu_us_per_request = mine / result.requests * 1e6
+        result.cpu_us_per_request_parts = {name: cpu / result.requests * 1e6 for name, cpu in parts.items()}
     result.target_cpu_pct = 100 * mine / wall
     result.other_load_pct = max(0.0, 100 * (busy - all_ours - wrk) / wall)
     result.steal_pct = 100 * steal / wall
@@ -787,6 +852,8 @@ def summarize(results: list[WrkResult], names: list[str]) -> dict[str, dict[str,
             "p50_ms": statistics.median(r.p50_ms for r in mine),
             "p99_ms": statistics.median(r.p99_ms for r in mine),
             "cpu_us_per_request": statistics.median(r.cpu_us_per_request for r in mine),
+            "cpu_us_per_request_parts": {part: statistics.median(r.cpu_us_per_request_parts[part] for r in mine)
+                                         for part in mine[0].cpu_us_per_request_parts},
             "max_other_load_pct": max(r.other_load_pct for r in mine),
             "max_steal_pct": max(r.steal_pct for r in mine),
             "rounds_requests_per_s": [r.requests_per_s for r in every],
@@ -851,7 +918,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         checks["keygate_2w/thin p99"] = _check(group, p99(two, thin))
     if thin and nginx:
         checks["thin/nginx throughput"] = _check(group, rps(thin, nginx))
-    return {**checks, **redis_ratios(summary)}
+    return {**checks, **redis_ratios(summary), **decision_ratios(summary)}
 
 
 def _median_of_rounds(one: dict[str, Any], other: dict[str, Any]) -> float:
@@ -884,6 +951,27 @@ def redis_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     return checks
 
 
+def decision_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 14: nginx auth_request -> Keygate's authz listener, against Keygate inline and nginx_gw."""
+    authz, one, gw = summary.get("nginx_authz"), summary.get("keygate_1w"), summary.get("nginx_gw")
+    if authz is None:
+        return {}
+    group = "issue 14: decision only (nginx auth_request -> Keygate authz)"
+    checks: dict[str, dict[str, Any]] = {}
+    if one:
+        value = authz["cpu_us_per_request_parts"]["keygate"] / one["cpu_us_per_request"]
+        checks["Keygate per decision/per inline req CPU"] = _check(group, value, f"<= {TARGET_DECISION_CPU}",
+                                                                   value <= TARGET_DECISION_CPU)
+        checks["nginx_authz/keygate_1w CPU per request"] = _check(group, authz["cpu_us_per_request"]
+                                                                  / one["cpu_us_per_request"])
+        checks["nginx_authz/keygate_1w throughput"] = _check(group, authz["requests_per_s"] / one["requests_per_s"])
+        checks["nginx_authz/keygate_1w p99"] = _check(group, authz["p99_ms"] / one["p99_ms"])
+    if gw:
+        checks["nginx_authz/nginx_gw CPU per request"] = _check(group, authz["cpu_us_per_request"]
+                                                                / gw["cpu_us_per_request"])
+    return checks
+
+
 def print_report(summary: dict[str, dict[str, Any]], checks: dict[str, dict[str, Any]]) -> None:
     gw = summary.get("nginx_gw")
     print()
@@ -897,6 +985,11 @@ def print_report(summary: dict[str, dict[str, Any]], checks: dict[str, dict[str,
               f"{s['cpu_us_per_request']:>11.1f} {versus}   {rounds}")
     if gw:
         print("(x nginx_gw: CPU per request as a multiple of nginx_gw's)")
+    for name, s in summary.items():
+        if s["cpu_us_per_request_parts"]:
+            print(f"{name}: cpu us/req " + " + ".join(f"{part} {value:.1f}" for part, value
+                                                    in s["cpu_us_per_request_parts"].items())
+                  + f" = {s['cpu_us_per_request']:.1f}")
     group = None
     for label, c in checks.items():
         if c["group"] != group:
@@ -999,6 +1092,8 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
             if name in wanted:
                 started[name] = start_keygate(procs, folder, nginx.url, workers=1, name=name,
                                               extra_env=redis_policy_env(redis.url, policy))
+    if "nginx_authz" in wanted:
+        started["nginx_authz"] = start_nginx_authz(procs, folder, nginx.url)
     # The references check a key of Keygate's own (same request bytes), or one made up when no Keygate runs.
     key = next((t.key for t in started.values() if t.key), None) or f"kg_bench_{secrets.token_urlsafe(32)}"
     for name, start in (("nginx_gw", start_nginx_gw), ("py_floor", start_py_floor), ("thin", start_thin)):
