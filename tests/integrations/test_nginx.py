@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import ClassVar
 
+import aiohttp
 import pytest
 
 from gateway.pipeline.outcomes import Outcome
 from gateway.pipeline.responses import answer_of
 
 from ..e2e.harness import Keygate, Upstream
-from .contract import IngressContract
-from .ingresses import NGINX_DIR, Ingress, Nginx
-from .conftest import MakeIngress, authz_address
+from .ingress import Answer, IngressContract, Nginx, bearer, call
 
+NGINX_DIR = Nginx.SNIPPETS
 # Every refusal the authz listener can make, and what tells nginx which it was: (WWW-Authenticate, RateLimit-Policy).
 AUTHZ_REFUSALS = {
     Outcome.NO_CREDENTIALS: ('Bearer realm="keygate"', ""),
@@ -43,20 +42,40 @@ PROXY_ONLY = {Outcome.ALLOWED, Outcome.INVALID_UPGRADE, Outcome.INVALID_BODY, Ou
               Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT}
 
 
-@pytest.fixture(scope="module")
-def make_ingress() -> MakeIngress:
-    def make(folder: Path, keygate: Keygate, upstream: Upstream) -> Ingress:
-        return Nginx(folder, authz=authz_address(keygate), app=upstream.url.removeprefix("http://"))
-    return make
-
-
 class TestNginx(IngressContract):
+    ingress_type = Nginx
     # Keygate unreachable: the snippet's own 503, in Keygate's words (the store-down answer, without Retry-After).
-    unreachable_statuses: ClassVar[frozenset[int]] = frozenset({503})
+    unreachable_status = 503
+    # keygate-headers.conf adds them (add_header ... always).
+    ratelimit_on_success = True
+    # auth_request makes it a 500; @keygate_denied writes it again, byte for byte.
+    passes_keygate_503 = True
+    # proxy_set_header with an empty value sends no header.
+    passes_empty_identity_headers = False
+    # proxy_set_header names headers one by one.
+    drops_unknown_keygate_headers = False
 
-    def check_unreachable(self, status: int, body: bytes) -> None:
-        answer = json.loads(body)
-        assert (answer["error"], answer["error_description"]) == answer_of(Outcome.STORE_UNAVAILABLE)[1:3]
+    def check_unreachable_answer(self, answer: Answer) -> None:
+        assert (answer.json["error"], answer.json["error_description"]) == answer_of(Outcome.STORE_UNAVAILABLE)[1:3]
+        assert answer.headers["Cache-Control"] == "no-store" and "Retry-After" not in answer.headers
+
+    @pytest.mark.parametrize(("path", "authorization"), [
+        ("/api/servers/prod-2/x/..%2fdeploy", "key"), ("/api/servers/prod-2/status", "key key"),
+    ], ids=["ambiguous-path", "two-keys-in-one-header"])
+    async def test_a_400_turned_into_500_by_auth_request_is_written_as_keygate_s(
+        self, client: aiohttp.ClientSession, ingress: Nginx, keygate: Keygate, upstream: Upstream, path: str,
+        authorization: str,
+    ) -> None:
+        """Refusals that auth_request turns into a 500 reach the client as the proxy listener writes them."""
+        _, key = await keygate.key(name="reader", role="admin")
+        headers = {"Authorization": "Bearer " + authorization.replace("key", key), "X-Request-Id": "via-500"}
+        before = upstream.count()
+        inline = await call(client, keygate.proxy_url, path, headers=headers)
+        through = await call(client, ingress.url, path, headers=headers)
+        assert inline.status == 400
+        assert (through.status, through.body) == (inline.status, inline.body)
+        assert through.significant_headers() == inline.significant_headers()
+        assert upstream.count() == before
 
 
 # --- the snippets' tables against Keygate's ---------------------------------------------------------
@@ -147,3 +166,10 @@ def test_denied_location_sets_no_header_the_refusal_lacks() -> None:
     assert {name for name, _ in headers} == {"WWW-Authenticate", "Retry-After", "RateLimit-Policy", "RateLimit",
                                              "X-Keygate-RateLimit-Degraded", "Cache-Control"}
     assert all(value.startswith("$keygate_") for name, value in headers if name != "Cache-Control")
+
+
+def test_the_last_replica_s_answer_counts() -> None:
+    """With several Keygate replicas nginx lists every status tried ("502, 401"): the last one is the answer."""
+    assert classify("502, 401", 'Bearer realm="keygate", error="invalid_token"', "") == "invalid_token"
+    assert classify("504, 429", "", '"key";q=2;w=60') == "rate_limited"
+    assert classify("401, 502", "", "") == "unreachable"
