@@ -19,7 +19,7 @@ from gateway.pipeline.outcomes import Outcome
 from gateway.pipeline.responses import answer_of
 
 from ..e2e.harness import Keygate, Upstream
-from .ingress import Answer, IngressContract, Nginx, bearer, call
+from .ingress import Answer, IngressContract, Nginx, bearer, call, ingress_binary
 
 NGINX_DIR = Nginx.SNIPPETS
 # Every refusal the authz listener can make, and what tells nginx which it was: (WWW-Authenticate, RateLimit-Policy).
@@ -173,3 +173,11 @@ def test_the_last_replica_s_answer_counts() -> None:
     assert classify("502, 401", 'Bearer realm="keygate", error="invalid_token"', "") == "invalid_token"
     assert classify("504, 429", "", '"key";q=2;w=60') == "rate_limited"
     assert classify("401, 502", "", "") == "unreachable"
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)],
+                         ids=["ci", "local"])
+def test_a_missing_debian_binary_fails_in_ci_and_skips_elsewhere(ci: str, outcome: type[BaseException]) -> None:
+    """Under CI=true a missing nginx (or caddy) is a failure naming the package to install, never a skip."""
+    with pytest.raises(outcome, match="apt-get install nginx-light"):
+        ingress_binary("no-such-nginx", environ={"CI": ci, "PATH": "/nonexistent"}, debian="nginx-light")
