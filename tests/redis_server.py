@@ -37,7 +37,7 @@ def drop_prefix(url: str, prefix: str) -> None:
         client.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -46,20 +46,21 @@ def _free_port() -> int:
 class RedisServer:
     """A ``redis-server`` process on a free loopback port, with no persistence."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *args: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
         self.binary = binary
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = args  # more redis-server options (a unix socket, a TLS port); the plain port stays
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "RedisServer":
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder), "--enable-debug-command", "local"],
+             "--dir", str(self.folder), "--enable-debug-command", "local", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

@@ -8,6 +8,10 @@ background task pings Redis with exponential backoff up to
 ``redis.reconnect_backoff_max``; the first answer closes the circuit again.
 Nothing waits on a Redis that is known to be down, so a dead or hanging
 Redis costs at most one timeout per process, not one per request.
+
+The link holds two clients to the one Redis: redis-py's, for everything, and
+a lean one (:mod:`.resp`) for the one call made per request, the rate-limit
+script of the ``redis`` policy. Calls on either go through :meth:`run`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from redis.exceptions import RedisError
 
 from ..config.schema import RedisSettings
 from ..process.tasks import stop_task
+from .resp import RespClient
 
 T = TypeVar("T")
 log = logging.getLogger("keygate.redis")
@@ -51,6 +56,8 @@ class RedisLink:
         self.prefix = settings.prefix
         self.timeout = settings.timeout
         self.client = redis_client(settings)
+        # Connects on first use, with the settings redis-py's client got from redis.url.
+        self.resp = RespClient(self.client)
         self.up = True
         self.failures = 0  # calls that failed or were refused while down, for /readyz and tests
         self._recover: list[Callable[[], Awaitable[None]]] = []
@@ -117,4 +124,5 @@ class RedisLink:
 
     async def close(self) -> None:
         await stop_task(self._reconnect)
+        await self.resp.close()
         await self.client.aclose()

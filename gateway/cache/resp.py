@@ -1,0 +1,243 @@
+"""A lean Redis client for one hot path: pre-encoded commands, pipelined on one connection, read by hiredis.
+
+redis-py spends more Python per command than Redis spends running it; on
+the ``redis`` rate-limit policy (one script call per request) that cost is
+most of a decision's CPU. :class:`RespClient` does only what that path
+needs: the caller hands it a batch of commands already encoded as RESP
+bytes (built from pre-encoded constant parts), it writes them with one
+``transport.write`` on one persistent connection (an ``asyncio.Protocol``),
+and hiredis parses the replies, which are matched to batches in order, so
+any number of batches can be in flight on the connection at once.
+
+It connects with the very settings redis-py's client got from
+``redis.url`` (host and port or unix socket, TLS for ``rediss://``, AUTH,
+the database, the connect timeout), and fails as redis-py fails: a lost or
+refused connection is :class:`redis.exceptions.ConnectionError`, an error
+reply is the matching :class:`redis.exceptions.ResponseError`, so
+:meth:`RedisLink.run` classifies both as it classifies redis-py's. Bounding a
+call in time and the circuit breaker stay with ``RedisLink.run``; a batch
+given up (its caller cancelled, on ``redis.timeout``) drops the connection,
+as redis-py drops a connection whose read timed out. A dropped connection is
+reopened on next use. Redis Cluster is not supported (nor is it by the
+policy's single-key script calls through redis-py's plain client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio import Redis
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError as RedisConnectionError,
+    InvalidResponse,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+
+# Batches of replies: (future, replies expected). Replies arrive in the order commands were sent.
+_Waiting = deque[tuple["asyncio.Future[list[Any]]", int]]
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def encode(arg: bytes | str | int | float) -> bytes:
+    """One argument as redis-py encodes it: bytes as they are, text as UTF-8, numbers as their repr."""
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+    return repr(arg).encode()
+
+
+def command(*args: bytes | str | int | float) -> bytes:
+    """One command as RESP bytes (an array of bulk strings)."""
+    return b"*%d\r\n" % len(args) + b"".join(bulk(encode(arg)) for arg in args)
+
+
+def reply_error(message: str) -> RedisError:
+    """An error reply as the exception redis-py would raise for it (those callers tell apart)."""
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith(("WRONGPASS", "NOAUTH")) or message.startswith("ERR invalid password"):
+        return AuthenticationError(message)
+    return ResponseError(message)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: writes batches, hands each its replies in order, fails them all when lost."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self.closed = False
+        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=reply_error)
+        self.waiting: _Waiting = deque()
+        self._replies: list[Any] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
+
+    def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values."""
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("Connection closed.")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((future, count))
+        self.transport.write(commands)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        replies = self._replies
+        waiting = self.waiting
+        try:
+            while (reply := reader.gets()) is not False:  # RESP2 has no false: it means "need more"
+                replies.append(reply)
+                if len(replies) == waiting[0][1]:
+                    future = waiting.popleft()[0]
+                    if not future.done():  # given up (timed out): the connection is being dropped
+                        future.set_result(replies)
+                    replies = self._replies = []
+        except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self.abort(InvalidResponse(f"unexpected data from Redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"Connection to Redis lost: {exc}" if exc else "Connection closed by server."))
+
+    def abort(self, error: RedisError) -> None:
+        """Drop the connection now; every batch still waiting fails with ``error``."""
+        self._fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        waiting, self.waiting = self.waiting, deque()
+        for future, _count in waiting:
+            if not future.done():
+                future.set_exception(error)
+        self._replies = []
+
+
+class RespClient:
+    """One persistent connection to the Redis that ``client`` (redis-py) is configured for."""
+
+    def __init__(self, client: Redis) -> None:
+        pool = client.connection_pool
+        # The connection redis-py would open, built (not opened) for its settings alone:
+        # what redis.url says (host, port, socket, db, credentials, TLS) is read off it.
+        template: Any = pool.connection_class(**pool.connection_kwargs)
+        self._path: str | None = getattr(template, "path", None)
+        self._host: str | None = getattr(template, "host", None)
+        self._port: int | None = getattr(template, "port", None)
+        context = getattr(template, "ssl_context", None)
+        self._ssl: ssl.SSLContext | None = context.get() if context is not None else None
+        self._keepalive: dict[int, Any] | None = (
+            dict(template.socket_keepalive_options) if getattr(template, "socket_keepalive", False) else None
+        )
+        self._connect_timeout: float | None = template.socket_connect_timeout
+        setup: list[bytes] = []
+        if template.username or template.password:
+            auth = (template.username, template.password) if template.username else (template.password,)
+            setup.append(command("AUTH", *auth))
+        if template.db:
+            setup.append(command("SELECT", template.db))
+        self._setup = setup
+        self._where = self._path or f"{self._host}:{self._port}"
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self.connects = 0  # connections opened, for tests
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent and not yet answered."""
+        return len(self._connection.waiting) if self._connection is not None else 0
+
+    async def execute(self, commands: bytes, count: int) -> list[Any]:
+        """The replies to ``count`` commands encoded in ``commands``, in order; error replies as values.
+
+        Raises :class:`redis.exceptions.ConnectionError` when the connection cannot be
+        opened or is lost before the replies are in.
+        """
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        future = connection.send(commands, count)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up waiting: a connection that slow is not reused (its late
+            # replies would still be read in order, but the next caller would queue behind them).
+            connection.abort(RedisConnectionError("Connection dropped: a call on it was given up."))
+            raise
+
+    async def _connect(self) -> _Connection:
+        if self._connecting is None:
+            # One attempt shared by every batch that finds the connection missing.
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is None:
+            self._connection = task.result()
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._path is not None:
+                    _, connection = await loop.create_unix_connection(_Connection, self._path)
+                else:
+                    transport, connection = await loop.create_connection(
+                        _Connection, self._host, self._port, ssl=self._ssl)
+                    self._set_keepalive(transport)
+                self.connects += 1
+                if self._setup:
+                    # AUTH and SELECT, answered before anything else is sent.
+                    for reply in await connection.send(b"".join(self._setup), len(self._setup)):
+                        if isinstance(reply, RedisError):
+                            raise reply
+        except BaseException as exc:
+            if connection is not None:
+                connection.abort(RedisConnectionError("Connection not set up."))
+            if isinstance(exc, (OSError, TimeoutError)):  # TLS verification failures are OSErrors too
+                raise RedisConnectionError(f"Error connecting to {self._where}: {exc or type(exc).__name__}") from exc
+            raise
+        return connection
+
+    def _set_keepalive(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is None or self._keepalive is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in self._keepalive.items():
+                sock.setsockopt(socket.SOL_TCP, option, value)
+        except (OSError, TypeError):
+            pass  # as redis-py: a platform without an option simply goes without it
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            try:
+                await self._connecting
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._connection is not None:
+            self._connection.abort(RedisConnectionError("Connection closed."))
+            self._connection = None
