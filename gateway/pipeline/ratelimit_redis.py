@@ -7,7 +7,7 @@ and hands out up to ``want`` whole tokens. Two policies use it:
 
 * ``redis`` (:class:`RedisTokenBuckets`): one script run per request
   asking for one token -- exact; concurrent requests share a pipelined
-  round trip (:class:`SharedBuckets`).
+  round trip on the link's lean RESP connection (:class:`SharedBuckets`).
 * ``local-first`` (:class:`LocalFirstBuckets`): a process leases a batch of
   tokens (``ratelimit.batch`` of the capacity) and spends them without
   asking Redis; it asks again when the lease is spent, and returns what is
@@ -37,6 +37,7 @@ from redis.exceptions import NoScriptError
 
 from ..config.ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisLink, RedisUnavailable
+from ..cache.resp import bulk, command, encode
 from ..process.tasks import stop_task
 from .ratelimit import LocalTokenBuckets, RateLimitDecision, bucket_decision
 
@@ -101,15 +102,24 @@ class SharedBuckets:
     """The global buckets in Redis, reached through the one script.
 
     Decisions asked for in the same event-loop turn (concurrent requests)
-    go to Redis together in one pipeline: each is still its own atomic
-    script run, but the client's per-call cost (most of a decision's CPU)
-    is paid once per turn rather than once per request.
+    go to Redis together as one pipelined batch: each is still its own
+    atomic script run, but the per-call cost is paid once per turn rather
+    than once per request. The calls take the link's lean path
+    (:mod:`gateway.cache.resp`): each is encoded as RESP bytes when it is
+    asked for, from parts encoded here once (``EVALSHA <sha> 1``, the key
+    prefix, each spec's numbers), and the batches of several turns can be in
+    flight on its one connection at once.
     """
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
         self._sha = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()
-        self._queue: list[tuple[str, tuple[float, ...], asyncio.Future[tuple[int, float]]]] = []
+        self._evalsha = b"*8\r\n" + bulk(b"EVALSHA") + bulk(self._sha.encode()) + bulk(b"1")
+        self._load = command("SCRIPT", "LOAD", TAKE_SCRIPT)
+        self._prefix = self.name("").encode()
+        # Capacity and refill rate as sent, per spec: one entry per distinct limit in use.
+        self._spec_args: dict[RateLimitSpec, bytes] = {}
+        self._queue: list[tuple[bytes, asyncio.Future[tuple[int, float]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.round_trips = 0
 
@@ -123,8 +133,18 @@ class SharedBuckets:
         future: asyncio.Future[tuple[int, float]] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._send)
-        self._queue.append((self.name(key_id), (spec.capacity, spec.refill_per_second, want, give_back), future))
+        self._queue.append((self._command(key_id, spec, want, give_back), future))
         return await future
+
+    def _command(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int) -> bytes:
+        """``EVALSHA <sha> 1 <bucket> <capacity> <refill per second> <want> <give back>``, as RESP."""
+        name = self._prefix + key_id.encode()
+        args = self._spec_args.get(spec)
+        if args is None:
+            # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.
+            args = self._spec_args[spec] = bulk(encode(spec.capacity)) + bulk(encode(spec.refill_per_second))
+        return b"%s$%d\r\n%s\r\n%s%s%s" % (
+            self._evalsha, len(name), name, args, bulk(b"%d" % want), bulk(b"%d" % give_back))
 
     def _send(self) -> None:
         batch, self._queue = self._queue, []
@@ -132,36 +152,31 @@ class SharedBuckets:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[str, tuple[float, ...], asyncio.Future[tuple[int, float]]]]) -> None:
+    async def _run(self, batch: list[tuple[bytes, asyncio.Future[tuple[int, float]]]]) -> None:
         self.round_trips += 1
         try:
-            replies = await self.link.run(lambda r: self._pipeline(r, batch))
+            replies = await self.link.run(lambda _client: self._evaluate([call for call, _future in batch]))
         except RedisUnavailable as exc:
-            for _name, _args, future in batch:
+            for _call, future in batch:
                 if not future.done():
                     future.set_exception(RedisUnavailable(str(exc)))
             return
-        for (_name, _args, future), (granted, left) in zip(batch, replies):
+        for (_call, future), (granted, left) in zip(batch, replies):
             if not future.done():  # its request may have been cancelled (client gone)
                 future.set_result((int(granted), float(left)))
 
-    async def _pipeline(self, r: Any, batch: list[tuple[str, tuple[float, ...], Any]]) -> list[Any]:
-        def evalsha(pipe: Any, name: str, args: tuple[float, ...]) -> None:
-            pipe.execute_command("EVALSHA", self._sha, 1, name, *args)
-
-        async with r.pipeline(transaction=False) as pipe:
-            for name, args, _future in batch:
-                evalsha(pipe, name, args)
-            replies = await pipe.execute(raise_on_error=False)
+    async def _evaluate(self, calls: list[bytes]) -> list[Any]:
+        resp = self.link.resp
+        replies = await resp.execute(b"".join(calls), len(calls))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             # Redis restarted (or flushed its scripts): load it once, then run exactly those again.
-            await r.script_load(TAKE_SCRIPT)
-            async with r.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    evalsha(pipe, batch[i][0], batch[i][1])
-                for i, reply in zip(missing, await pipe.execute(raise_on_error=False)):
-                    replies[i] = reply
+            (loaded,) = await resp.execute(self._load, 1)
+            if isinstance(loaded, Exception):
+                raise loaded
+            again = await resp.execute(b"".join(calls[i] for i in missing), len(missing))
+            for i, reply in zip(missing, again):
+                replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

@@ -110,6 +110,20 @@ async def test_local_first_closing_returns_every_lease(link: RedisLink) -> None:
     assert [(await second.take(KEY, spec)).allowed for _ in range(4)] == [True, True, True, False]
 
 
+async def test_a_redis_that_lost_its_scripts_gets_it_again(own_redis: RedisServer) -> None:
+    """After SCRIPT FLUSH (as after a restart), the script is loaded again and each waiting call runs once."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
+    try:
+        limiter = exact(link)
+        assert (await limiter.take(KEY, HOURLY)).remaining == 19
+        await link.client.script_flush()
+        decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
+        assert sorted(d.remaining for d in decisions) == [16, 17, 18]
+        assert not any(d.degraded for d in decisions) and link.up
+    finally:
+        await link.close()
+
+
 # --- Redis down ------------------------------------------------------------------------------------
 
 
