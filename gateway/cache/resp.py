@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import RedisSSLContext
 from redis.exceptions import (
     AuthenticationError,
     ConnectionError as RedisConnectionError,
@@ -142,8 +143,9 @@ class RespClient:
         self._path: str | None = getattr(template, "path", None)
         self._host: str | None = getattr(template, "host", None)
         self._port: int | None = getattr(template, "port", None)
-        context = getattr(template, "ssl_context", None)
-        self._ssl: ssl.SSLContext | None = context.get() if context is not None else None
+        # redis-py's own TLS settings; the context (certificate files read) is made on first connect,
+        # so a missing file is a failed connection, as with redis-py, not a failed start.
+        self._tls: RedisSSLContext | None = getattr(template, "ssl_context", None)
         self._keepalive: dict[int, Any] | None = (
             dict(template.socket_keepalive_options) if getattr(template, "socket_keepalive", False) else None
         )
@@ -203,8 +205,9 @@ class RespClient:
                 if self._path is not None:
                     _, connection = await loop.create_unix_connection(_Connection, self._path)
                 else:
+                    tls: ssl.SSLContext | None = self._tls.get() if self._tls is not None else None
                     transport, connection = await loop.create_connection(
-                        _Connection, self._host, self._port, ssl=self._ssl)
+                        _Connection, self._host, self._port, ssl=tls)
                     self._set_keepalive(transport)
                 self.connects += 1
                 if self._setup:

@@ -198,6 +198,16 @@ async def test_tls_refuses_an_unverified_server(tls_redis: tuple[RedisServer, in
         await client.close()
 
 
+async def test_a_missing_ca_file_fails_the_connection_not_the_start(tmp_path: Path) -> None:
+    """A CA file that cannot be read is a connection error on first use, as with redis-py, not a crash."""
+    client = resp_for(f"rediss://127.0.0.1:{free_port()}/0?ssl_ca_certs={tmp_path / 'missing.pem'}")
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.execute(*batch(("PING",)))
+    finally:
+        await client.close()
+
+
 # --- losing the connection ---------------------------------------------------------------------------
 
 
