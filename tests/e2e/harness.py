@@ -26,8 +26,10 @@ CHEAP = Settings.model_validate({"keys": {"argon2": {"memory_cost": 1024}}})
 
 
 def free_port() -> int:
+    """A port free on every address: some servers (Caddy's ":PORT" sites) bind all of them, and tests
+    bind client sockets to 127.0.0.2 and 127.0.0.3, whose ports a loopback-only check would not see."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
