@@ -65,6 +65,10 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 class ClientIpResolver:
     def __init__(self, trusted_proxies: Iterable[str]) -> None:
         self._trusted = tuple(parse_network(n) for n in trusted_proxies)
+        # Behind an ingress the same few (ingress, X-Forwarded-For) pairs arrive over and over (the authz
+        # listener resolves one for every decision): each is resolved once, the answer depending on nothing
+        # else. Bounded, so forged chains only evict.
+        self._resolved = lru_cache(maxsize=4096)(self._resolve_with_text)
 
     @property
     def trusts_anyone(self) -> bool:
@@ -81,10 +85,13 @@ class ClientIpResolver:
         return ip is not None and self._is_trusted(ip)
 
     def client(self, peer: str, headers: Mapping[str, str]) -> tuple[IPAddress | None, str | None]:
-        """:meth:`resolve` for a request, with the address's text; cached per peer when no proxy is trusted."""
+        """:meth:`resolve` for a request, with the address's text; cached per peer (and X-Forwarded-For)."""
         if not self._trusted:
             return _peer_and_text(peer)
-        ip = self.resolve(peer, headers.getall("X-Forwarded-For", ()))  # type: ignore[attr-defined]
+        return self._resolved(peer, tuple(headers.getall("X-Forwarded-For", ())))  # type: ignore[attr-defined]
+
+    def _resolve_with_text(self, peer: str, forwarded_for: tuple[str, ...]) -> tuple[IPAddress | None, str | None]:
+        ip = self.resolve(peer, forwarded_for)
         return ip, (address_text(ip) if ip is not None else None)
 
     def resolve(self, peer: str | None, forwarded_for: Sequence[str]) -> IPAddress | None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.pipeline.client_ip import ClientIpResolver, parse_ip
 
@@ -171,3 +172,16 @@ def test_nobody_is_trusted_without_trusted_proxies() -> None:
 def test_trusts_anyone_when_proxies_are_configured(resolver: ClientIpResolver) -> None:
     """trusts_anyone reports that some proxies are configured."""
     assert resolver.trusts_anyone is True
+
+
+def test_client_of_a_request_is_resolved_once_per_chain(resolver: ClientIpResolver) -> None:
+    """client() answers as resolve() for each peer and X-Forwarded-For chain, asked again and interleaved: the
+    answer it keeps for a chain is never another chain's."""
+    requests = [("10.0.0.1", ["198.51.100.1"]), ("10.0.0.1", ["192.0.2.200, 198.51.100.66"]),
+                ("10.0.0.1", ["1.1.1.1", "198.51.100.66, 10.0.0.2"]), ("10.0.0.1", ["garbage"]),
+                ("10.0.0.2", ["198.51.100.1"]), ("203.0.113.50", ["198.51.100.1"]), ("10.0.0.1", [])]
+    for _ in range(2):
+        for peer, chain in requests:
+            headers = CIMultiDictProxy(CIMultiDict([("X-Forwarded-For", hop) for hop in chain]))
+            ip = resolver.resolve(peer, chain)
+            assert resolver.client(peer, headers) == (ip, str(ip) if ip is not None else None), (peer, chain)
