@@ -369,7 +369,6 @@ class IngressContract:
     drops_unknown_keygate_headers: ClassVar[bool] = True
     # Whether the method and path override headers Keygate's proxy drops are dropped (False: a known gap of
     # that ingress's shipped configuration, shown as an expected failure until it is closed).
-    drops_override_headers: ClassVar[bool] = True
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -466,8 +465,6 @@ class IngressContract:
     ) -> None:
         """Headers by which an upstream could run another method or path than Keygate judged are removed, as
         Keygate's proxy removes them (the ingress cannot see pass_method_override, so always)."""
-        if not self.drops_override_headers:
-            pytest.xfail(f"deploy/ingress/{self.ingress_type.name} passes override headers on (a known gap)")
         _, key = await keygate.key(name="reader", operations=["servers:read"])
         deploy = "/api/servers/prod-2/deploy"
         overrides = {"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE",

@@ -19,7 +19,6 @@ class TestEnvoy(IngressContract):
     # Envoy takes any 5xx from Keygate for a failure to ask it; local_reply_config writes the 503 again.
     passes_keygate_503 = False
     # GAP (found by the nginx/Caddy work): X-HTTP-Method-Override, X-Original-URI and the like reach the app.
-    drops_override_headers = False
 
     def check_unreachable_answer(self, answer: Answer) -> None:
         assert answer.headers["Retry-After"] == "5"

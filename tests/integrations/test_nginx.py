@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import ClassVar
 
 import aiohttp
 import pytest
@@ -19,7 +18,7 @@ from gateway.pipeline.outcomes import Outcome
 from gateway.pipeline.responses import answer_of
 
 from ..e2e.harness import Keygate, Upstream
-from .ingress import Answer, IngressContract, Nginx, bearer, call, ingress_binary
+from .ingress import Answer, IngressContract, Nginx, call, ingress_binary
 
 NGINX_DIR = Nginx.SNIPPETS
 # Every refusal the authz listener can make, and what tells nginx which it was: (WWW-Authenticate, RateLimit-Policy).

@@ -16,7 +16,6 @@ class TestTraefik(IngressContract):
     # ForwardAuth passes any non-2xx answer on: status, headers, body.
     passes_keygate_503 = True
     # GAP (found by the nginx/Caddy work): X-HTTP-Method-Override, X-Original-URI and the like reach the app.
-    drops_override_headers = False
 
     def check_unreachable_answer(self, answer: Answer) -> None:
         assert answer.body == b""
