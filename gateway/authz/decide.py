@@ -20,8 +20,6 @@ listener's own answer, byte for byte, so clients cannot tell the modes apart.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 
 from multidict import CIMultiDictProxy
@@ -30,12 +28,10 @@ from ..dataplane.http1 import ClientGone, Request
 from ..dataplane.proxy import CLIENT_CLOSED, Gateway
 from ..pipeline.authenticate import Attempt
 from ..pipeline.outcomes import Denied, Outcome
-from ..pipeline.ratelimit import RateLimited, ratelimit_block, ratelimit_headers
+from ..pipeline.ratelimit import ratelimit_block
 from ..pipeline.request_ids import request_id_of
 from ..pipeline.target import RequestTarget
-from ..store import StoreUnavailable
 
-log = logging.getLogger("keygate.authz")
 
 # Envoy's HTTP ext_authz removes the headers this names from the upstream request (the key, unless the
 # route passes it); nginx, Traefik and Caddy strip it by copying the answer's (absent) Authorization.
@@ -104,20 +100,8 @@ class Decider(Gateway):
             request.send(200, "OK", block, b"")
         except ClientGone:
             request.status = CLIENT_CLOSED
-        except RateLimited as limited:
-            outcome, reason = Outcome.RATE_LIMITED, limited.reason
-            self._deny(request, outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
-        except Denied as denied:
-            outcome, reason = denied.outcome, denied.reason
-            self._deny(request, outcome, request_id, retry_after=denied.retry_after)
-        except StoreUnavailable as exc:
-            outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
-            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
-            self._deny(request, outcome, request_id)
         except Exception as exc:
-            outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
-            log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
-            self._deny(request, outcome, request_id)
+            outcome, reason = self._refuse(request, exc, request_id)
         finally:
             if attempt.denied is not None and outcome is _ALLOWED:
                 outcome, reason = attempt.denied.outcome, attempt.denied.reason

@@ -94,24 +94,8 @@ class Gateway:
         except ClientGone:
             # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
             request.status = CLIENT_CLOSED
-        except RateLimited as limited:
-            outcome, reason = Outcome.RATE_LIMITED, limited.reason
-            self._deny(request, outcome, request_id, extra_headers=ratelimit_headers(limited.decision))
-        except Denied as denied:
-            outcome, reason = denied.outcome, denied.reason
-            self._deny(request, outcome, request_id, retry_after=denied.retry_after)
-        except StoreUnavailable as exc:
-            outcome, reason = Outcome.STORE_UNAVAILABLE, str(exc)
-            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
-            self._deny(request, outcome, request_id)
         except Exception as exc:
-            # A bug, not a decision: log it whole, tell the client nothing about it.
-            outcome, reason = Outcome.INTERNAL_ERROR, type(exc).__name__
-            log.exception(json.dumps({"event": "internal_error", "request_id": request_id}))
-            if request.started:
-                request.abort()
-            else:
-                self._deny(request, outcome, request_id)
+            outcome, reason = self._refuse(request, exc, request_id)
         finally:
             if attempt.denied is not None and outcome is _ALLOWED:
                 # The client left while the refusal was held (see Authenticator.authenticate): it was refused.
@@ -121,6 +105,23 @@ class Gateway:
             status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
             self._record(request.method, request.raw_path, request_target, attempt, outcome, reason, status, peer,
                          started)
+
+    def _refuse(self, request: Request, exc: Exception, request_id: str) -> tuple[Outcome, str | None]:
+        """Answer what stages 1-8 raised (a refusal, the store down, or a bug); the outcome and reason to record."""
+        if isinstance(exc, RateLimited):
+            self._deny(request, Outcome.RATE_LIMITED, request_id, extra_headers=ratelimit_headers(exc.decision))
+            return Outcome.RATE_LIMITED, exc.reason
+        if isinstance(exc, Denied):
+            self._deny(request, exc.outcome, request_id, retry_after=exc.retry_after)
+            return exc.outcome, exc.reason
+        if isinstance(exc, StoreUnavailable):
+            log.warning(json.dumps({"event": "store_unavailable", "error": str(exc), "request_id": request_id}))
+            self._deny(request, Outcome.STORE_UNAVAILABLE, request_id)
+            return Outcome.STORE_UNAVAILABLE, str(exc)
+        # A bug, not a decision: log it whole, tell the client nothing about it.
+        log.error(json.dumps({"event": "internal_error", "request_id": request_id}), exc_info=exc)
+        self._deny(request, Outcome.INTERNAL_ERROR, request_id)
+        return Outcome.INTERNAL_ERROR, type(exc).__name__
 
     @staticmethod
     def _deny(request: Request, outcome: Outcome, request_id: str, *, retry_after: float | None = None,
