@@ -107,6 +107,52 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustPolicy:
+    """Which OIDC tokens may be exchanged for a short-lived key, and the key they yield.
+
+    A token is trusted when it is signed by ``issuer`` (keys from the issuer's
+    discovery document, or from ``jwks_file``), names ``audience`` among its
+    ``aud`` and every ``(claim, pattern)`` of ``conditions`` holds (a pattern
+    with ``*`` or ``?`` is a glob, else the claim must equal it).
+    """
+
+    name: str
+    issuer: str
+    audience: str
+    conditions: tuple[tuple[str, str], ...]  # (claim, pattern), sorted by claim
+    org: str
+    role: str | None
+    operations: tuple[str, ...]
+    servers: tuple[str, ...]
+    ip_allowlist: tuple[str, ...]
+    rate_limit: str | None
+    lifetime: int  # seconds a minted key lives: 60 to 3600
+    jwks_file: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "issuer": self.issuer,
+            "audience": self.audience,
+            "conditions": dict(self.conditions),
+            "org": self.org,
+            "role": self.role,
+            "operations": list(self.operations),
+            "servers": list(self.servers),
+            "ip_allowlist": list(self.ip_allowlist),
+            "rate_limit": self.rate_limit,
+            "lifetime": self.lifetime,
+            "jwks_file": self.jwks_file,
+            "created_by": self.created_by,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One management action: who did what to which target, and when."""
 
