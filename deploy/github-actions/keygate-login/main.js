@@ -24,7 +24,9 @@ function settings(env) {
   const envVar = input(env, 'env-var') || 'KEYGATE_TOKEN';
   if (!ENV_NAME.test(envVar)) throw new Failure(`env-var: "${envVar}" is not an environment variable name`);
   // The runner refuses to overwrite its own variables from $GITHUB_ENV.
-  if (/^(GITHUB_|RUNNER_)/i.test(envVar)) throw new Failure(`env-var: ${envVar} belongs to the runner; pick another name`);
+  if (/^(GITHUB_|RUNNER_)/i.test(envVar)) {
+    throw new Failure(`env-var: ${envVar} belongs to the runner; pick another name`);
+  }
   for (const file of ['GITHUB_ENV', 'GITHUB_STATE', 'GITHUB_OUTPUT']) {
     if (!env[file]) throw new Failure(`${file} is not set: this runs only as a step of a GitHub Actions job`);
   }
