@@ -52,7 +52,7 @@ async function requestIdToken(env, audience) {
     throw new Failure(
       'this job may not request an ID token (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN are not set): ' +
       'give the job `permissions: id-token: write` (workflow or job level); ' +
-      'pull requests from forks never get it',
+      'jobs of pull requests from forks do not get it',
     );
   }
   const response = await send(`${url}&audience=${encodeURIComponent(audience)}`,
