@@ -123,3 +123,11 @@ class Runner:
             state=parse_file_commands(files["GITHUB_STATE"].read_text()),
             outputs=parse_file_commands(files["GITHUB_OUTPUT"].read_text()),
         )
+
+
+def assert_never_printed(result: StepResult, *secrets: str) -> None:
+    """A secret appears only in ``::add-mask::`` lines (which the runner consumes), and in no stderr."""
+    for secret in secrets:
+        assert secret not in result.stderr
+        for line in result.lines:
+            assert secret not in line or line == f"::add-mask::{secret}", line

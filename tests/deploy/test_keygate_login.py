@@ -1,15 +1,9 @@
 """keygate-login's main and post steps, run by the machine's ``node`` as the runner runs them.
 
-Two peers answer them over HTTP on loopback:
-
-- a stand-in for GitHub's ID token service, the one thing that cannot run here. It speaks
-  its documented wire format: ``GET $ACTIONS_ID_TOKEN_REQUEST_URL&audience=...`` with
-  ``Authorization: bearer $ACTIONS_ID_TOKEN_REQUEST_TOKEN``, answered ``{"value": "<JWT>"}``
-  (an RS256 token with the claims GitHub documents), and it checks the bearer token and
-  the audience asked for;
-- for Keygate's side, a small aiohttp server that records what it receives and answers
-  ``/.well-known/keygate/token`` and ``/.well-known/keygate/revoke`` in the format of the
-  identity-exchange spec (RFC 8693 answer, RFC 6749 §5.2 errors, ``{"revoked": id}``).
+The peers (tests/deploy/login_peers.py) are a stand-in for GitHub's ID token service (the
+one thing that cannot run here), speaking its documented wire format and checking the
+bearer token and the audience, and for Keygate's side a small aiohttp server that records
+what it receives and answers in the identity-exchange spec's format.
 
 The end-to-end run against a real ``keygate serve`` (exchange, use the key through the proxy,
 post step revokes it) is added when the exchange endpoint (gateway/identity/exchange.py) lands.
@@ -17,174 +11,16 @@ post step revokes it) is added when the exchange endpoint (gateway/identity/exch
 
 from __future__ import annotations
 
-import functools
 import json
-import socket
 import subprocess
-import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import jwt
 import pytest
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.keys import generate
-from gateway.pipeline.outcomes import Outcome
-from gateway.pipeline.responses import answer_of
-
-from .actions_runner import Runner, StepResult, node_binary, parse_file_commands
-
-ACTION_DIR = Path(__file__).resolve().parents[2] / "deploy" / "github-actions" / "keygate-login"
-REQUEST_TOKEN = "ghs_requesttoken" + "x" * 24
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
-
-
-# -- GitHub's ID token service (stand-in) ------------------------------------------
-@functools.cache
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def github_claims(audience: str) -> dict[str, Any]:
-    """An ID token's claims as GitHub documents them, for a push to main run in environment production."""
-    now = int(time.time())
-    return {
-        "jti": str(uuid.uuid4()), "sub": "repo:acme/shop:environment:production", "aud": audience,
-        "ref": "refs/heads/main", "sha": "a7c9e1b2" * 5, "repository": "acme/shop", "repository_owner": "acme",
-        "repository_owner_id": "65", "repository_id": "35", "repository_visibility": "private",
-        "run_id": "1234", "run_number": "7", "run_attempt": "1", "actor": "octocat", "actor_id": "12",
-        "workflow": "deploy", "workflow_ref": "acme/shop/.github/workflows/deploy.yml@refs/heads/main",
-        "job_workflow_ref": "acme/shop/.github/workflows/deploy.yml@refs/heads/main",
-        "event_name": "push", "ref_type": "branch", "environment": "production", "runner_environment": "github-hosted",
-        "iss": "https://token.actions.githubusercontent.com", "nbf": now - 5, "iat": now - 5, "exp": now + 300,
-    }
-
-
-@dataclass
-class IdTokenService:
-    url: str = ""
-    audiences: list[str] = field(default_factory=list)
-    issued: list[str] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token != REQUEST_TOKEN:
-            return web.json_response({"message": "Bad credentials"}, status=401)
-        audience = request.query.get("audience")
-        # The runner's URL already carries a query (api-version); the audience is appended to it.
-        if request.query.get("api-version") != "2.0" or not audience:
-            return web.json_response({"message": "bad request"}, status=400)
-        self.audiences.append(audience)
-        token = jwt.encode(github_claims(audience), signing_key(), algorithm="RS256", headers={"kid": "gh-1"})
-        self.issued.append(token)
-        return web.json_response({"value": token})
-
-
-# -- Keygate's side (stand-in until the exchange endpoint lands) -------------------
-@dataclass
-class Answer:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class KeygateStandIn:
-    url: str = ""
-    # Answers to the next token requests, in order; once used up, each request is granted a key.
-    answers: list[Answer] = field(default_factory=list)
-    exchanges: list[dict[str, Any]] = field(default_factory=list)
-    revocations: list[str] = field(default_factory=list)
-    revoke_answer: Answer | None = None
-    keys: dict[str, str] = field(default_factory=dict)  # full key -> key id
-
-    async def token(self, request: web.Request) -> web.Response:
-        form = await request.post()
-        self.exchanges.append({"content_type": request.content_type, "form": dict(form)})
-        if self.answers:
-            answer = self.answers.pop(0)
-            return web.json_response(answer.body, status=answer.status, headers=answer.headers)
-        key = generate("kga_")
-        self.keys[key.full] = key.key_id
-        return web.json_response({
-            "access_token": key.full, "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
-            "token_type": "Bearer", "expires_in": 900, "key_id": key.key_id,
-        }, headers={"Cache-Control": "no-store"})
-
-    async def revoke(self, request: web.Request) -> web.Response:
-        authorization = request.headers.get("Authorization", "")
-        self.revocations.append(authorization)
-        if self.revoke_answer is not None:
-            return web.json_response(self.revoke_answer.body, status=self.revoke_answer.status)
-        key_id = self.keys.pop(authorization.removeprefix("Bearer "), None)
-        if key_id is None:
-            status, error, description, challenge = answer_of(Outcome.INVALID_TOKEN)
-            return web.json_response({"error": error, "error_description": description}, status=status,
-                                     headers={"WWW-Authenticate": challenge or ""})
-        return web.json_response({"revoked": key_id})
-
-
-async def serve(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.add_routes(routes)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-async def github() -> AsyncIterator[IdTokenService]:
-    service = IdTokenService()
-    runner, service.url = await serve([web.get("/_apis/token", service.handle)])
-    try:
-        yield service
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def keygate() -> AsyncIterator[KeygateStandIn]:
-    stand_in = KeygateStandIn()
-    runner, stand_in.url = await serve([web.post("/.well-known/keygate/token", stand_in.token),
-                                        web.post("/.well-known/keygate/revoke", stand_in.revoke)])
-    try:
-        yield stand_in
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-def action(tmp_path: Path) -> Runner:
-    return Runner(ACTION_DIR, tmp_path, node_binary())
-
-
-def oidc_env(github: IdTokenService) -> dict[str, str]:
-    """What the runner sets for a job with ``permissions: id-token: write``."""
-    return {"ACTIONS_ID_TOKEN_REQUEST_URL": f"{github.url}/_apis/token?api-version=2.0",
-            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": REQUEST_TOKEN}
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def assert_never_printed(result: StepResult, *secrets: str) -> None:
-    """A secret appears only in ``::add-mask::`` lines (which the runner consumes), and in no stderr."""
-    for secret in secrets:
-        assert secret not in result.stderr
-        for line in result.lines:
-            assert secret not in line or line == f"::add-mask::{secret}", line
+from .actions_runner import Runner, assert_never_printed, node_binary, parse_file_commands
+from .login_peers import (
+    ACTION_DIR, ID_TOKEN_TYPE, REQUEST_TOKEN, TOKEN_EXCHANGE, Answer, IdTokenService, KeygateStandIn, oidc_env,
+    unused_port,
+)
 
 
 # -- main: success -------------------------------------------------------------------
