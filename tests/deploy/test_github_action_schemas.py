@@ -40,7 +40,7 @@ def test_the_file_matches_githubs_schema(schema: str, path: Path) -> None:
 # (what is broken, the schema, the file, the text replaced, its replacement, a word of the error)
 BROKEN = [
     ("composite-with-post", "vendor.github-actions", ACTION,
-     "using: node24\n  main: main.js\n", "using: composite\n  steps: []\n", "post"),
+     "using: node24\n  main: main.cjs\n", "using: composite\n  steps: []\n", "post"),
     ("unknown-node-runtime", "vendor.github-actions", ACTION, "using: node24", "using: node99", "node99"),
     ("input-without-description", "vendor.github-actions", ACTION,
      "  env-var:\n    description: The environment variable that holds the key in the job's later steps.\n",
@@ -78,5 +78,5 @@ def test_the_action_runs_on_the_newest_node_the_schema_knows() -> None:
     action = yaml.safe_load(ACTION.read_text())
     assert action["runs"]["using"] == newest
     # The post step is what makes this a JavaScript action rather than a composite one.
-    assert action["runs"]["post"] == "post.js" and action["runs"]["post-if"] == "always()"
+    assert action["runs"]["post"] == "post.cjs" and action["runs"]["post-if"] == "always()"
     assert "post" not in schema["definitions"]["runs-composite"]["properties"]

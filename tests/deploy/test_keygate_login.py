@@ -12,7 +12,9 @@ post step revokes it) is added when the exchange endpoint (gateway/identity/exch
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +77,21 @@ async def test_main_asks_again_when_keygate_is_busy(
     assert len(keygate.exchanges) == 2 and len(github.issued) == 1
     assert keygate.exchanges[0]["form"] == keygate.exchanges[1]["form"]
     assert "temporarily_unavailable" in result.stdout and set(result.env) == {"KEYGATE_TOKEN"}
+
+
+async def test_main_runs_when_copied_into_an_es_module_package(
+    tmp_path: Path, github: IdTokenService, keygate: KeygateStandIn,
+) -> None:
+    """Copied into a repository whose package.json says "type": "module", the .cjs scripts still run."""
+    repository = tmp_path / "repository"
+    (repository / ".github" / "actions").mkdir(parents=True)
+    (repository / "package.json").write_text('{"type": "module"}')
+    copied = repository / ".github" / "actions" / "keygate-login"
+    shutil.copytree(ACTION_DIR, copied)
+    action = Runner(copied, tmp_path, node_binary())
+    result = await action.run("main", inputs={"gateway-url": keygate.url}, environ=oidc_env(github))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(result.env) == {"KEYGATE_TOKEN"}
 
 
 # -- main: failures ------------------------------------------------------------------
@@ -204,8 +221,8 @@ async def test_a_failed_revocation_does_not_fail_the_job(
 # -- the environment files ----------------------------------------------------------------
 @pytest.mark.parametrize("value", ["one line", "two\nlines", "ends with a break\n"])
 def test_values_are_written_in_the_format_the_runner_reads(value: str, action: Runner) -> None:
-    """commands.js writes name=value, or the name<<DELIMITER form when the value has a line break."""
-    script = (f"require({json.dumps(str(ACTION_DIR / 'commands.js'))})"
+    """commands.cjs writes name=value, or the name<<DELIMITER form when the value has a line break."""
+    script = (f"require({json.dumps(str(ACTION_DIR / 'commands.cjs'))})"
               f".exportVariable(process.env, 'SOME_VALUE', {json.dumps(value)})")
     path = action.folder / "github_env"
     path.write_text("")

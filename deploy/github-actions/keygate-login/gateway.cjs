@@ -1,8 +1,8 @@
-// What main.js and post.js share about the gateway: its URL, the two endpoints, and how an
+// What main.cjs and post.cjs share about the gateway: its URL, the two endpoints, and how an
 // HTTP failure is put into words without the key or the ID token in them.
 'use strict';
 
-const { Failure } = require('./commands');
+const { Failure } = require('./commands.cjs');
 
 const TIMEOUT_MS = 30_000;
 const USER_AGENT = 'keygate-login (GitHub Actions)';

@@ -1,13 +1,13 @@
 // keygate-login, main step: trade this job's GitHub OIDC ID token for a short-lived Keygate key,
-// mask it, put it in the job's environment and keep it in the action's state for post.js to
+// mask it, put it in the job's environment and keep it in the action's state for post.cjs to
 // revoke. Every failure is one ::error:: line and exit code 1; the key and the ID token are
 // never printed (only to ::add-mask::, which the runner consumes).
 'use strict';
 
 const {
   Failure, info, mask, error, notice, input, booleanInput, exportVariable, saveState, setOutput,
-} = require('./commands');
-const { gatewayBase, tokenEndpoint, send, jsonBody, describe } = require('./gateway');
+} = require('./commands.cjs');
+const { gatewayBase, tokenEndpoint, send, jsonBody, describe } = require('./gateway.cjs');
 
 // RFC 8693 names.
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';

@@ -4,8 +4,8 @@
 // the key still expires at the end of its lifetime.
 'use strict';
 
-const { Failure, info, warning, state } = require('./commands');
-const { revokeEndpoint, send, jsonBody, describe } = require('./gateway');
+const { Failure, info, warning, state } = require('./commands.cjs');
+const { revokeEndpoint, send, jsonBody, describe } = require('./gateway.cjs');
 
 async function run(env) {
   const key = state(env, 'key');
