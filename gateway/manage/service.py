@@ -484,10 +484,11 @@ class KeyService:
         async with self._transaction() as tx:
             if await tx.get_role(name) is None:
                 raise NotFound(f"no role named {name!r}")
-            keys, members = await tx.role_users(name)
-            if keys or members:
+            keys, members, policies = await tx.role_users(name)
+            if keys or members or policies:
                 raise ConflictError(
-                    f"role {name!r} is in use by {keys} key(s) and {members} member(s); reassign them first"
+                    f"role {name!r} is in use by {keys} key(s), {members} member(s) and {policies} trust "
+                    "policy(ies); reassign them first"
                 )
             await tx.delete_role(name)
             await self._audit(tx, now, "role.delete", name)

@@ -17,7 +17,7 @@ from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role
+from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role, TrustPolicy
 
 
 class Connection(Protocol):
@@ -102,6 +102,11 @@ _INSERT_REQUEST_RECORDS = (
 _KEY_COLUMNS = (
     "id, kind, name, org, user_name, role, operations, servers, ip_allowlist, rate_limit, agent, "
     "secret_hash, created_by, created_at, expires_at, revoked_at, last_used_at, last_used_ip"
+)
+
+_POLICY_COLUMNS = (
+    "name, issuer, audience, conditions, org, role, operations, servers, ip_allowlist, rate_limit, lifetime, "
+    "jwks_file, created_by, created_at, updated_at"
 )
 
 
@@ -250,13 +255,14 @@ class SqlTransaction:
     async def delete_role(self, name: str) -> None:
         await self._exec("DELETE FROM roles WHERE name = ?", name)
 
-    async def role_users(self, name: str) -> tuple[int, int]:
-        """How many keys (not revoked) and members use the role."""
+    async def role_users(self, name: str) -> tuple[int, int, int]:
+        """How many keys (not revoked), members and trust policies use the role."""
         keys = await self._one(
             "SELECT count(*) AS n FROM keys WHERE role = ? AND revoked_at IS NULL", name
         )
         members = await self._one("SELECT count(*) AS n FROM members WHERE role = ?", name)
-        return int(keys["n"]), int(members["n"])  # type: ignore[index]
+        policies = await self._one("SELECT count(*) AS n FROM trust_policies WHERE role = ?", name)
+        return int(keys["n"]), int(members["n"]), int(policies["n"])  # type: ignore[index]
 
     # -- members ---------------------------------------------------------
     def _member(self, row: Mapping[str, Any]) -> Member:
@@ -292,6 +298,69 @@ class SqlTransaction:
 
     async def delete_member(self, org: str, user: str) -> None:
         await self._exec("DELETE FROM members WHERE org = ? AND user_name = ?", org, user)
+
+    # -- trust policies and exchanged tokens --------------------------------
+    def _policy(self, row: Mapping[str, Any]) -> TrustPolicy:
+        t = self._d.time_out
+        return TrustPolicy(
+            name=row["name"], issuer=row["issuer"], audience=row["audience"],
+            # A JSON object: PostgreSQL's JSONB does not keep its order, so it is sorted here.
+            conditions=tuple(sorted(json.loads(row["conditions"]).items())), org=row["org"], role=row["role"],
+            operations=tuple(json.loads(row["operations"])), servers=tuple(json.loads(row["servers"])),
+            ip_allowlist=tuple(json.loads(row["ip_allowlist"])), rate_limit=row["rate_limit"],
+            lifetime=int(row["lifetime"]), jwks_file=row["jwks_file"], created_by=row["created_by"],
+            created_at=t(row["created_at"]), updated_at=t(row["updated_at"]),
+        )
+
+    async def get_trust_policy(self, name: str) -> TrustPolicy | None:
+        row = await self._one(f"SELECT {_POLICY_COLUMNS} FROM trust_policies WHERE name = ?", name)
+        return None if row is None else self._policy(row)
+
+    async def list_trust_policies(self, *, issuer: str | None = None) -> list[TrustPolicy]:
+        """By name; with ``issuer``, only the policies of that issuer (compared exactly)."""
+        where, args = ("WHERE issuer = ? ", [issuer]) if issuer is not None else ("", [])
+        rows = await self._fetch(f"SELECT {_POLICY_COLUMNS} FROM trust_policies {where}ORDER BY name", *args)
+        return [self._policy(row) for row in rows]
+
+    async def put_trust_policy(self, p: TrustPolicy) -> None:
+        """Insert, or replace every setting of the policy of that name (its created_by/created_at stay)."""
+        t = self._d.time_in
+        await self._exec(
+            f"INSERT INTO trust_policies ({_POLICY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET issuer = excluded.issuer, audience = excluded.audience, "
+            "conditions = excluded.conditions, org = excluded.org, role = excluded.role, "
+            "operations = excluded.operations, servers = excluded.servers, ip_allowlist = excluded.ip_allowlist, "
+            "rate_limit = excluded.rate_limit, lifetime = excluded.lifetime, jwks_file = excluded.jwks_file, "
+            "updated_at = excluded.updated_at",
+            p.name, p.issuer, p.audience, json.dumps(dict(p.conditions), sort_keys=True), p.org, p.role,
+            json.dumps(list(p.operations)), json.dumps(list(p.servers)), json.dumps(list(p.ip_allowlist)),
+            p.rate_limit, p.lifetime, p.jwks_file, p.created_by, t(p.created_at), t(p.updated_at),
+        )
+
+    async def delete_trust_policy(self, name: str) -> None:
+        await self._exec("DELETE FROM trust_policies WHERE name = ?", name)
+
+    async def claim_token(self, token_id: str, *, policy: str, at: datetime, expires_at: datetime) -> bool:
+        """Record the token as exchanged; False when it already was (a replay).
+
+        One statement, so two concurrent exchanges of one token cannot both see it absent.
+        """
+        t = self._d.time_in
+        rows = await self._fetch(
+            "INSERT INTO exchanged_tokens (token_id, policy, exchanged_at, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (token_id) DO NOTHING RETURNING token_id",
+            token_id, policy, t(at), t(expires_at),
+        )
+        return bool(rows)
+
+    async def prune_exchanged_tokens(self, *, before: datetime, batch: int) -> int:
+        """Delete up to ``batch`` records of exchanged tokens that expired before ``before``."""
+        rows = await self._fetch(
+            "DELETE FROM exchanged_tokens WHERE token_id IN (SELECT token_id FROM exchanged_tokens "
+            "WHERE expires_at < ? ORDER BY expires_at LIMIT ?) RETURNING token_id",
+            self._d.time_in(before), batch,
+        )
+        return len(rows)
 
     # -- audit -----------------------------------------------------------
     async def add_audit(self, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]) -> None:

@@ -167,13 +167,13 @@ async def test_builtin_admin_role_grants_everything(store: KeyStore) -> None:
 
 
 async def test_role_users_counts_live_keys_and_members(store: KeyStore) -> None:
-    """A role's users are its unrevoked keys and its members."""
+    """A role's users are its unrevoked keys and its members (and trust policies: test_trust_store)."""
     async with store.transaction() as tx:
         await tx.put_role(Role("ci", ("deploy",), T0, T0))
         await tx.insert_key(a_key("kg_rolekey0001", role="ci"))
         await tx.insert_key(a_key("kg_rolekey0002", role="ci", revoked_at=T0))
         await tx.put_member(Member("acme", "bob", "ci", T0, T0))
-        assert await tx.role_users("ci") == (1, 1)
+        assert await tx.role_users("ci") == (1, 1, 0)
 
 
 async def test_members_round_trip(store: KeyStore) -> None:
