@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, create_model,
+)
+from pydantic_core import PydanticCustomError
 
 from ..manage import inputs as fields
 from ..models import RequestRecord
@@ -34,7 +37,26 @@ Expires = Annotated[str, Field(
     description=f"When the key stops working: {fields.EXPIRY_FORMS}.", examples=["30d", "never", "2027-01-31"],
 )]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
-Grace = Annotated[str | float, Field(
+
+
+def _one_problem(message: str) -> WrapValidator:
+    """A union of scalars refused as one problem of its field.
+
+    Pydantic lists one problem per member of a union, each at the field's
+    place tagged with the member's type (``grace.str``, ``grace.float``):
+    no field the client sent has that name.
+    """
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("duration_type", message) from None
+
+    return WrapValidator(validate)
+
+
+_DURATION = "Input should be a duration such as 15m or 1h, or a number of seconds"
+Grace = Annotated[str | float, _one_problem(_DURATION), Field(
     description="How long the old key keeps working: seconds, or a duration such as 30m or 1h; 0 = revoke now.",
     examples=["1h", 0],
 )]

@@ -77,6 +77,7 @@ NAIVE_TIME_CURSOR = encode_cursor(["2026-01-01T00:00:00", "kg_AAAAAAAAAAAA"])
         ("POST", KEYS, {"role": "admin"}, None, "name"),
         ("POST", KEYS, ["not", "an", "object"], None, "body"),
         ("POST", KEYS + "/kg_AAAAAAAAAAAA/rotate", {"grace": "forever"}, None, "body"),
+        ("POST", KEYS + "/kg_AAAAAAAAAAAA/rotate", {"grace": [3600]}, None, "grace"),
         ("PUT", "/admin/v1/roles/ci", {"grants": []}, None, "grants"),
         ("PUT", "/admin/v1/roles/bad name", {"grants": ["read"]}, None, "body"),
         ("PUT", "/admin/v1/orgs/acme/members/bob", {"role": "nope"}, None, "body"),
