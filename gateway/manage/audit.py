@@ -3,7 +3,8 @@
 One query serves ``keygate audit`` and ``GET /admin/v1/audit``. Pages are
 keyset-paged on (time, type, id), so entries written while someone pages
 through do not shift or repeat later pages. :class:`AuditPruner` enforces
-``audit.retention_days`` in the background.
+``audit.retention_days`` in the background, and forgets exchanged tokens
+once they have expired.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from .cursor import INVALID, cursor_time, decode_cursor, encode_cursor
 from ..models import AuditEvent, RequestRecord
-from ..store import KeyStore, StoreError, Transactions
+from ..store import KeyStore, StoreError, Transaction, Transactions
 from ..process.tasks import stop_task
 from ..config.units import parse_duration
 
@@ -138,13 +139,19 @@ async def query_audit(
     return AuditPage(page, page[-1].position if len(entries) > limit else None)
 
 
+# How long after its expiry an exchanged token's record is kept: longer than the leeway the
+# verifier allows on ``exp`` (60 s), so a token is never accepted once its record has gone.
+TOKEN_GRACE = 300.0
+
+
 def utcnow() -> datetime:
     """The wall clock of the management plane (the service's and the pruner's default)."""
     return datetime.now(UTC)
 
 
 class AuditPruner:
-    """Deletes audit events and request records older than ``retention_days``, every ``interval``.
+    """Deletes audit events and request records older than ``retention_days``, and the records of
+    exchanged tokens that have expired, every ``interval``.
 
     Deletes go in batches, each its own short transaction, so a large backlog
     never holds the store's write lock for long.
@@ -153,13 +160,15 @@ class AuditPruner:
     def __init__(
         self, store: KeyStore, *, retention_days: float, interval: float, batch: int = 5000,
         clock: Callable[[], datetime] = utcnow, logger: logging.Logger | None = None,
+        token_grace: float = TOKEN_GRACE,
     ) -> None:
-        if retention_days < 0 or interval <= 0 or batch < 1:
-            raise ValueError("retention_days >= 0, interval > 0 and batch >= 1 are required")
+        if retention_days < 0 or interval <= 0 or batch < 1 or token_grace < 0:
+            raise ValueError("retention_days >= 0, interval > 0, batch >= 1 and token_grace >= 0 are required")
         self.store = store
         self.retention = timedelta(days=retention_days)
         self.interval = interval
         self.batch = batch
+        self.token_grace = timedelta(seconds=token_grace)
         self._clock = clock
         self._log = logger or logging.getLogger("keygate.audit")
         self._task: asyncio.Task[None] | None = None
@@ -167,28 +176,42 @@ class AuditPruner:
 
     @property
     def enabled(self) -> bool:
+        """Whether audit entries are pruned (exchanged tokens always are)."""
         return self.retention > timedelta(0)
 
     async def prune(self) -> int:
-        """Delete everything past retention now; returns how many rows went."""
-        if not self.enabled:
-            return 0
-        cutoff = self._clock() - self.retention
+        """Delete everything past retention, and every expired exchanged token, now; returns how many rows went."""
+        now = self._clock()
+        total = 0
+        if self.enabled:
+            cutoff = now - self.retention
+            audit = await self._in_batches(lambda tx: tx.prune_audit(older_than=cutoff, batch=self.batch))
+            if audit:
+                self._log.info(json.dumps({"event": "audit_pruned", "rows": audit, "before": cutoff.isoformat()}))
+            total += audit
+        # A record must outlive the time its token is still accepted (exp plus the verifier's leeway),
+        # or the token could be exchanged a second time.
+        expired = now - self.token_grace
+        tokens = await self._in_batches(lambda tx: tx.prune_exchanged_tokens(before=expired, batch=self.batch))
+        if tokens:
+            self._log.info(json.dumps({"event": "exchanged_tokens_pruned", "rows": tokens,
+                                       "before": expired.isoformat()}))
+        return total + tokens
+
+    async def _in_batches(self, delete: Callable[[Transaction], Awaitable[int]]) -> int:
         total = 0
         while True:
             async with self.store.transaction() as tx:
-                deleted = await tx.prune_audit(older_than=cutoff, batch=self.batch)
+                deleted = await delete(tx)
             total += deleted
             self.pruned += deleted
             if deleted == 0:
-                break
+                return total
             await asyncio.sleep(0)  # let requests in between batches
-        if total:
-            self._log.info(json.dumps({"event": "audit_pruned", "rows": total, "before": cutoff.isoformat()}))
-        return total
 
     async def start(self) -> None:
-        if self.enabled and self._task is None:
+        # Even when audit entries are kept forever: exchanged tokens must still go.
+        if self._task is None:
             self._task = asyncio.create_task(self._run(), name="keygate-audit-pruner")
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.manage.audit import AuditFilter, AuditPruner, Position, query_audit
+from gateway.manage.audit import TOKEN_GRACE, AuditFilter, AuditPruner, Position, query_audit
 from gateway.models import RequestRecord
 from gateway.store import KeyStore
 
@@ -103,7 +103,7 @@ async def test_prune_deletes_only_what_is_past_retention(store: KeyStore) -> Non
     assert await pruner.prune() == 0
 
 async def test_retention_zero_keeps_everything(store: KeyStore) -> None:
-    """retention_days = 0 means keep forever: nothing is deleted and no task runs."""
+    """retention_days = 0 means keep forever: no audit event or request record is deleted."""
     async with store.transaction() as tx:
         await tx.add_audit(at=T0 - timedelta(days=9999), actor="a", action="key.create", target="kg_1", details={})
     pruner = AuditPruner(store, retention_days=0, interval=0.01, clock=FakeClock(T0))
@@ -124,3 +124,23 @@ async def test_the_periodic_task_prunes(store: KeyStore) -> None:
                     await asyncio.sleep(0.01)
     finally:
         await pruner.close()
+
+async def test_expired_exchanged_tokens_are_pruned_even_when_audit_is_kept_forever(store: KeyStore) -> None:
+    """The task runs with retention_days = 0 too, and forgets tokens past expiry and grace, not sooner."""
+    async with store.transaction() as tx:
+        await tx.claim_token("old", policy="p", at=T0, expires_at=T0 - timedelta(seconds=TOKEN_GRACE + 1))
+        await tx.claim_token("recent", policy="p", at=T0, expires_at=T0 - timedelta(seconds=TOKEN_GRACE - 1))
+        await tx.add_audit(at=T0 - timedelta(days=9999), actor="a", action="key.create", target="kg_1", details={})
+    pruner = AuditPruner(store, retention_days=0, interval=0.01, clock=FakeClock(T0))
+    await pruner.start()
+    try:
+        async with asyncio.timeout(10):
+            while pruner.pruned == 0:
+                await asyncio.sleep(0.01)
+    finally:
+        await pruner.close()
+    async with store.transaction() as tx:
+        assert await tx.claim_token("old", policy="p", at=T0, expires_at=T0) is True
+        assert await tx.claim_token("recent", policy="p", at=T0, expires_at=T0) is False
+    assert pruner.pruned == 1
+    assert len((await query_audit(store, ALL, limit=10)).entries) == 1
