@@ -1,4 +1,4 @@
-"""Validation of the values users give for a key, a role or a member.
+"""Validation of the values users give for a key, a role, a member or a trust policy.
 
 Each function checks one value and returns it normalised, or raises
 :class:`InvalidField` with a message that names the field, the value and what
@@ -9,10 +9,16 @@ caller: the CLI and the admin API show its messages as they are.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+import stat
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
+from urllib.parse import urlsplit
 
 from ..config.ratelimit_spec import InvalidRateLimit, parse_rate_limit
+from ..config.units import parse_duration
 
 
 class InvalidField(ValueError):
@@ -120,8 +126,131 @@ def role(text: str) -> str:
     return identifier("role", text)
 
 
+KEY_NAME_MAX = 200
+
+
 def key_name(text: str) -> str:
     value = text.strip() if isinstance(text, str) else ""
-    if not value or len(value) > 200 or not value.isprintable():
-        raise InvalidField(f"name {text!r}: use 1-200 printable characters")
+    if not value or len(value) > KEY_NAME_MAX or not value.isprintable():
+        raise InvalidField(f"name {text!r}: use 1-{KEY_NAME_MAX} printable characters")
     return value
+
+
+# -- trust policies ------------------------------------------------------------
+def trust_policy(text: str) -> str:
+    """A trust policy's name: the rule of role names."""
+    return identifier("trust policy", text)
+
+
+_LOOPBACK_NAMES = {"localhost"}
+ISSUER_FORMS = "use an https:// URL (http:// only for a loopback host: 127.0.0.0/8, ::1, localhost)"
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def issuer(text: str) -> str:
+    """An OIDC issuer URL, kept exactly as given: tokens name it in ``iss`` and are compared to it exactly."""
+    if not isinstance(text, str) or not text or len(text) > 2048 or not text.isprintable() or " " in text:
+        raise InvalidField(f"issuer {text!r}: {ISSUER_FORMS}")
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        raise InvalidField(f"issuer {text!r}: {ISSUER_FORMS}") from None
+    if url.scheme not in ("https", "http") or not url.hostname:
+        raise InvalidField(f"issuer {text!r}: {ISSUER_FORMS}")
+    # SECURITY: keys fetched over plain http could be swapped on the way; a loopback
+    # issuer (a test issuer, a local proxy to the API server) never leaves the host.
+    if url.scheme == "http" and not _loopback(url.hostname):
+        raise InvalidField(f"issuer {text!r}: http:// only for a loopback host (127.0.0.0/8, ::1, localhost); "
+                           "use https://")
+    if url.username is not None or url.password is not None:
+        raise InvalidField(f"issuer {text!r}: no user:password@ in an issuer URL")
+    if "?" in text or "#" in text:
+        raise InvalidField(f"issuer {text!r}: no query or fragment (an issuer is a base URL)")
+    return text
+
+
+def audience(text: str) -> str:
+    """A token's expected ``aud``, compared exactly, so not trimmed: surrounding spaces are refused."""
+    if not isinstance(text, str) or not text or len(text) > 512 or not text.isprintable() or text != text.strip():
+        raise InvalidField(f"audience {text!r}: use 1-512 printable characters, without surrounding spaces")
+    return text
+
+
+_CLAIM = re.compile(r"\S{1,128}")
+_WILDCARDS = set("*?")
+# Claims a policy must constrain: without one, every token of the issuer (any repository,
+# any service account) would be trusted.
+SUBJECT_CLAIMS = ("sub", "repository")
+
+
+def condition(claim: str, pattern: str) -> tuple[str, str]:
+    """One claim condition: a claim name and the exact value or glob (``*``, ``?``) it must match."""
+    if not isinstance(claim, str) or _CLAIM.fullmatch(claim) is None or not claim.isprintable():
+        raise InvalidField(f"claim {claim!r}: use a claim name of 1-128 printable characters without spaces")
+    if not isinstance(pattern, str) or not pattern or len(pattern) > 1024 or not pattern.isprintable():
+        raise InvalidField(f"claim {claim}: pattern {pattern!r}: use 1-1024 printable characters "
+                           "('*' and '?' are wildcards)")
+    return claim, pattern
+
+
+def subject_condition(conditions: Mapping[str, str]) -> None:
+    """At least one condition on ``sub`` or ``repository`` that is not only wildcards."""
+    patterns = [conditions.get(claim) for claim in SUBJECT_CLAIMS]
+    if not any(isinstance(p, str) and p and not set(p) <= _WILDCARDS for p in patterns):
+        raise InvalidField(
+            "conditions: at least one condition on sub or repository is required (not only '*' or '?'), "
+            "so that a policy never trusts every token of its issuer"
+        )
+
+
+LIFETIME_MIN, LIFETIME_MAX, LIFETIME_DEFAULT = 60, 3600, 900
+
+
+def lifetime(value: str | int | None) -> int:
+    """Seconds a minted key lives: ``"15m"``, ``"1h"``, ``900``; 1 minute to 1 hour, 15 minutes by default."""
+    if value is None or value == "":
+        return LIFETIME_DEFAULT
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = -1.0
+    if not LIFETIME_MIN <= seconds <= LIFETIME_MAX or not seconds.is_integer():
+        raise InvalidField(f"lifetime {value!r}: use whole seconds from 1m to 1h (e.g. 15m, 1h, 900)")
+    return int(seconds)
+
+
+JWKS_FILE_MAX_BYTES = 1024 * 1024
+
+
+def jwks_file(path: str) -> str:
+    """An absolute path to a readable JSON Web Key Set (an object with a non-empty ``keys`` array)."""
+    if not isinstance(path, str) or not path or not os.path.isabs(path):
+        raise InvalidField(f"jwks-file {path!r}: use an absolute path")
+    try:
+        # A regular file, checked before it is opened: a FIFO or a device would block or never end.
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidField(f"jwks-file {path!r}: not a regular file")
+        if info.st_size > JWKS_FILE_MAX_BYTES:
+            raise InvalidField(f"jwks-file {path!r}: larger than 1 MiB")
+        with open(path, "rb") as file:
+            data = file.read(JWKS_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidField(f"jwks-file {path!r}: cannot read it: {exc.strerror}") from None
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidField(f"jwks-file {path!r}: not JSON") from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(key, dict) for key in keys):
+        raise InvalidField(f"jwks-file {path!r}: not a JSON Web Key Set (an object with a non-empty \"keys\" array)")
+    return path

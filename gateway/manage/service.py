@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -26,7 +26,7 @@ from . import inputs as fields
 from .audit import AuditFilter, AuditPage, Position, query_audit, utcnow
 from ..config.schema import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
-from ..models import KeyRecord, KeyStatus, Member, Role
+from ..models import KeyRecord, KeyStatus, Member, Role, TrustPolicy
 from ..store import KeyStore, Transaction, Transactions
 from ..config.units import parse_duration
 
@@ -69,6 +69,10 @@ class InvalidInput(ServiceError):
 
 class ConflictError(ServiceError):
     pass
+
+
+class Replayed(ServiceError):
+    """The token was exchanged before: a token is exchanged once."""
 
 
 class _Unset:
@@ -369,8 +373,11 @@ class KeyService:
             await self._changed(tx, now, "key", key_id)
         return updated
 
-    async def revoke_key(self, key_id: str) -> KeyRecord:
-        """Revoke now. Idempotent: revoking a revoked key changes nothing."""
+    async def revoke_key(self, key_id: str, *, reason: str | None = None) -> KeyRecord:
+        """Revoke now. Idempotent: revoking a revoked key changes nothing.
+
+        ``reason`` goes in the audit event when given (``"self"``: the key revoked itself).
+        """
         key_id = self.key_ref(key_id)
         now = self.clock()
         async with self._transaction() as tx:
@@ -381,7 +388,7 @@ class KeyService:
                 return record
             updated = replace(record, revoked_at=now)
             await tx.save_key(updated)
-            await self._audit(tx, now, "key.revoke", key_id)
+            await self._audit(tx, now, "key.revoke", key_id, **({"reason": reason} if reason is not None else {}))
             await self._changed(tx, now, "key", key_id)
         return updated
 
@@ -525,12 +532,185 @@ class KeyService:
             await self._audit(tx, now, "member.remove", f"{org}/{user}")
             await self._changed(tx, now, "member", f"{org}/{user}")
 
+    # -- trust policies --------------------------------------------------
+    async def list_trust_policies(self) -> list[TrustPolicy]:
+        async with self.store.read() as tx:
+            return await tx.list_trust_policies()
+
+    async def get_trust_policy(self, name: str) -> TrustPolicy:
+        async with self.store.read() as tx:
+            policy = await tx.get_trust_policy(name)
+        if policy is None:
+            raise NotFound(f"no trust policy named {name!r}")
+        return policy
+
+    async def put_trust_policy(
+        self, name: str, *, issuer: str, audience: str, conditions: Mapping[str, str], org: str,
+        role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
+        ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, lifetime: str | int | None = None,
+        jwks_file: str | None = None, replace: bool = False,
+    ) -> TrustPolicy:
+        """Create the policy, or with ``replace`` replace every setting of an existing one."""
+        now = self.clock()
+        values = _trust_policy_values(
+            name=name, issuer=issuer, audience=audience, conditions=conditions, org=org, role=role,
+            operations=operations, servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit,
+            lifetime=lifetime, jwks_file=jwks_file,
+        )
+        async with self._transaction() as tx:
+            before = await tx.get_trust_policy(values["name"])
+            if before is not None and not replace:
+                raise ConflictError(f"trust policy {values['name']!r} already exists (use --replace to change it)")
+            await self._require_role(tx, values["role"])
+            policy = TrustPolicy(
+                created_by=before.created_by if before else self.actor,
+                created_at=before.created_at if before else now, updated_at=now, **values,
+            )
+            await tx.put_trust_policy(policy)
+            await self._audit(tx, now, "trust.set", policy.name, **_policy_settings(policy),
+                              before=_policy_settings(before) if before else None)
+            await self._changed(tx, now, "trust", policy.name)
+        return policy
+
+    async def remove_trust_policy(self, name: str) -> None:
+        """Remove the policy; keys it minted live on until they expire (revoke them to end them sooner)."""
+        now = self.clock()
+        async with self._transaction() as tx:
+            before = await tx.get_trust_policy(name)
+            if before is None:
+                raise NotFound(f"no trust policy named {name!r}")
+            await tx.delete_trust_policy(name)
+            await self._audit(tx, now, "trust.remove", name, before=_policy_settings(before))
+            await self._changed(tx, now, "trust", name)
+
+    async def exchange_token(
+        self, policy: TrustPolicy, claims: Mapping[str, Any], *, token_id: str, token_expires_at: datetime,
+        client_ip: str | None,
+    ) -> tuple[KeyRecord, str]:
+        """Mint the short-lived key a verified token is exchanged for; returns its record and the full key.
+
+        The token is recorded as exchanged in the same transaction as the key is made, so a replay
+        (:class:`Replayed`) and a failed exchange alike write nothing, and a token whose exchange
+        failed can be tried again.
+        """
+        now = self.clock()
+        prefix = _prefix(self.settings, EXCHANGED_KIND)
+        async with self._transaction() as tx:
+            # SECURITY: the caller verified the token against the policy as it read it; a policy removed
+            # or changed since must not mint a key (its conditions may no longer hold).
+            if await tx.get_trust_policy(policy.name) != policy:
+                raise InvalidInput(f"trust policy {policy.name!r} was removed or changed meanwhile")
+            if not await tx.claim_token(token_id, policy=policy.name, at=now, expires_at=token_expires_at):
+                raise Replayed("this token has been exchanged already")
+            await self._require_role(tx, policy.role)
+            parsed, secret_hash = await self._new_secret(tx, prefix)
+            record = KeyRecord(
+                id=parsed.key_id, kind=EXCHANGED_KIND, name=exchanged_key_name(policy, claims), org=policy.org,
+                user="", role=policy.role, operations=policy.operations, servers=policy.servers,
+                ip_allowlist=policy.ip_allowlist, rate_limit=policy.rate_limit, created_by=self.actor,
+                created_at=now, expires_at=now + timedelta(seconds=policy.lifetime), revoked_at=None,
+                last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
+            )
+            await tx.insert_key(record)
+            await self._audit(
+                tx, now, "key.exchanged", record.id, policy=policy.name, issuer=policy.issuer,
+                subject=_claim_value(claims.get("sub")), client_ip=client_ip, token_id=token_id,
+                claims=_audited_claims(claims), **_settings_of(record),
+            )
+        return record, parsed.full
+
     # -- audit -----------------------------------------------------------
     async def audit(self, wanted: AuditFilter, *, limit: int = 100, after: Position | None = None) -> AuditPage:
         """Management events and request records, newest first (the CLI and the admin API share this)."""
         if wanted.key:
             wanted = replace(wanted, key=self.key_ref(wanted.key))
         return await query_audit(self.store, wanted, limit=limit, after=after)
+
+
+def _trust_policy_values(
+    *, name: str, issuer: str, audience: str, conditions: Mapping[str, str], org: str, role: str | None,
+    operations: Iterable[str], servers: Iterable[str], ip_allowlist: Iterable[str], rate_limit: str | None,
+    lifetime: str | int | None, jwks_file: str | None,
+) -> dict[str, Any]:
+    """A trust policy's settings, checked and normalised without touching the store."""
+    check = _Checks()
+    values: dict[str, Any] = dict(
+        name=check.one("name", fields.trust_policy, name), issuer=check.one("issuer", fields.issuer, issuer),
+        audience=check.one("audience", fields.audience, audience),
+        conditions=_conditions(check, conditions), org=check.one("org", fields.org, org),
+        role=check.one("role", fields.role, role) if role is not None else None,
+        operations=check.each("operations", fields.operation, operations),
+        servers=check.each("servers", fields.server, servers) or ("*",),
+        ip_allowlist=check.each("ip_allowlist", fields.cidr, ip_allowlist),
+        rate_limit=check.one("rate_limit", fields.rate_limit, rate_limit),
+        lifetime=check.one("lifetime", fields.lifetime, lifetime),
+        jwks_file=check.one("jwks_file", fields.jwks_file, jwks_file) if jwks_file is not None else None,
+    )
+    if role is None and not values["operations"]:
+        check.problems.append(FieldProblem(
+            None, "a trust policy needs a role (--role) or at least one operation (--operation)"))
+    check.done()
+    return values
+
+
+def _conditions(check: _Checks, conditions: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The conditions as (claim, pattern) pairs sorted by claim; each problem is about ``conditions.<claim>``."""
+    if not isinstance(conditions, Mapping):
+        check.problems.append(FieldProblem("conditions", "conditions: give claim names and their patterns"))
+        return ()
+    pairs = [check.one(f"conditions.{claim}", lambda c: fields.condition(*c), (claim, pattern))
+             for claim, pattern in conditions.items()]
+    check.one("conditions", fields.subject_condition, conditions)
+    return tuple(sorted(pairs, key=lambda pair: str(pair[0])))
+
+
+# The kind of every key minted by a token exchange.
+EXCHANGED_KIND = "automation"
+# Claims of GitHub Actions' ID tokens worth keeping in the audit trail of an exchange.
+_AUDITED_CLAIMS = ("repository", "repository_owner", "ref", "sha", "run_id", "run_attempt", "workflow",
+                   "job_workflow_ref", "environment", "actor", "event_name")
+
+
+def _claim_value(value: Any) -> str | int | float | bool | None:
+    """A claim's value if it is a JSON scalar; anything else is left out (None)."""
+    return value if isinstance(value, str | int | float | bool) else None
+
+
+def _audited_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """The token's claims that say which workload it was: GitHub's, and a Kubernetes pod's identity."""
+    kept: dict[str, Any] = {c: claims[c] for c in _AUDITED_CLAIMS if _claim_value(claims.get(c)) is not None}
+    kubernetes = claims.get("kubernetes.io")
+    if isinstance(kubernetes, Mapping):
+        identity: dict[str, Any] = {}
+        if _claim_value(kubernetes.get("namespace")) is not None:
+            identity["namespace"] = kubernetes["namespace"]
+        account = kubernetes.get("serviceaccount")
+        if isinstance(account, Mapping) and _claim_value(account.get("name")) is not None:
+            identity["serviceaccount"] = {"name": account["name"]}
+        if identity:
+            kept["kubernetes.io"] = identity
+    return kept
+
+
+def exchanged_key_name(policy: TrustPolicy, claims: Mapping[str, Any]) -> str:
+    """``gh acme/shop@refs/heads/main run 1234`` for GitHub Actions, ``oidc <sub>`` for any other token."""
+    text = {k: str(v) for k, v in claims.items() if _claim_value(v) is not None and not isinstance(v, bool)}
+    if "repository" in text and "ref" in text:
+        name = f"gh {text['repository']}@{text['ref']}" + (f" run {text['run_id']}" if "run_id" in text else "")
+    else:
+        name = f"oidc {text['sub']}" if text.get("sub") else f"oidc via {policy.name}"
+    # The issuer chose these characters: anything unprintable is shown as '?'.
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    return fields.key_name(name[:fields.KEY_NAME_MAX])
+
+
+_POLICY_SETTINGS = ("issuer", "audience", "conditions", "org", "role", "operations", "servers", "ip_allowlist",
+                    "rate_limit", "lifetime", "jwks_file")
+
+
+def _policy_settings(policy: TrustPolicy) -> dict[str, Any]:
+    public = policy.public()
+    return {name: public[name] for name in _POLICY_SETTINGS}
 
 
 _SETTINGS = ("kind", "name", "org", "user", "role", "operations", "servers", "ip_allowlist", "rate_limit")
