@@ -23,7 +23,7 @@ from .manage.audit import AuditEntry, AuditFilter, parse_time, utcnow
 from .config.load import ConfigError, load_settings
 from .config.render import masked, render_toml
 from .config.schema import Settings
-from .models import KeyRecord, Role, iso
+from .models import KeyRecord, Role, TrustPolicy, iso
 from .cache.notices import change_publisher
 from .manage.service import UNSET, KeyService, ServiceError, bootstrap
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
@@ -150,11 +150,9 @@ def key_table(records: Sequence[KeyRecord], now: datetime) -> None:
     rows = []
     for r in records:
         p = r.public(now)
-        access = "agent" if r.agent else (r.role or "") + (
-            f" [{','.join(r.operations)}]" if r.operations else ""
-        )
+        access = "agent" if r.agent else _access(r.role, r.operations)
         rows.append([
-            p["id"], p["name"], p["kind"], p["org"] + (f"/{p['user']}" if p["user"] else ""), access.strip(),
+            p["id"], p["name"], p["kind"], p["org"] + (f"/{p['user']}" if p["user"] else ""), access,
             ",".join(r.servers), p["status"], _when(p["expires_at"]) if p["expires_at"] else "never",
             _when(p["last_used_at"]),
         ])
@@ -165,11 +163,45 @@ def role_table(found: Sequence[Role]) -> None:
     table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
 
 
-def key_details(record: KeyRecord, now: datetime) -> None:
-    for name, value in record.public(now).items():
+def details(fields: dict[str, Any]) -> None:
+    """One ``name: value`` line per field, lists joined with commas."""
+    for name, value in fields.items():
         if isinstance(value, list):
             value = ", ".join(value) if value else "-"
         click.echo(f"{name + ':':<14}{'-' if value in (None, '') else value}")
+
+
+def key_details(record: KeyRecord, now: datetime) -> None:
+    details(record.public(now))
+
+
+def _lifetime(seconds: int) -> str:
+    """900 -> 15m, 3600 -> 1h, 90 -> 90s: the form --lifetime takes."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _conditions(policy: TrustPolicy) -> list[str]:
+    return [f"{claim}={pattern}" for claim, pattern in policy.conditions]
+
+
+def _access(role: str | None, operations: Sequence[str]) -> str:
+    return ((role or "") + (f" [{','.join(operations)}]" if operations else "")).strip()
+
+
+def trust_table(found: Sequence[TrustPolicy]) -> None:
+    table(["NAME", "ISSUER", "AUDIENCE", "CONDITIONS", "ORG", "ACCESS", "SERVERS", "LIFETIME"],
+          [[p.name, p.issuer, p.audience, ", ".join(_conditions(p)), p.org, _access(p.role, p.operations),
+            ",".join(p.servers), _lifetime(p.lifetime)] for p in found])
+
+
+def trust_details(policy: TrustPolicy) -> None:
+    fields = policy.public()
+    fields["conditions"] = _conditions(policy)
+    fields["lifetime"] = _lifetime(policy.lifetime)
+    details(fields)
 
 
 def show_new_key(record: KeyRecord, full_key: str, as_json: bool, now: datetime, **extra: Any) -> None:
@@ -471,6 +503,97 @@ def members_remove(ctx: click.Context, org: str, user: str) -> None:
     click.echo(f"removed {user} from {org}")
 
 
+# -- trust policies --------------------------------------------------------
+@main.group()
+def trust() -> None:
+    """Manage trust policies: which OIDC tokens (GitHub Actions, Kubernetes, ...) may be exchanged for a key."""
+
+
+def _claim_conditions(given: Sequence[str]) -> dict[str, str]:
+    """``--claim CLAIM=PATTERN`` options as a mapping; the service checks the names and patterns."""
+    conditions: dict[str, str] = {}
+    for item in given:
+        claim, sep, pattern = item.partition("=")
+        if not sep:
+            fail(f"claim {item!r}: use CLAIM=PATTERN, e.g. repository=acme/shop or ref=refs/heads/*")
+        if claim in conditions:
+            # A token's claim has one value: two patterns for it would be one too many, not "either".
+            fail(f"claim {claim!r}: given twice; a claim takes one pattern (use * or ? for a glob)")
+        conditions[claim] = pattern
+    return conditions
+
+
+@trust.command("add")
+@click.argument("name")
+@click.option("--issuer", required=True, metavar="URL",
+              help="The issuer, exactly as the token's iss, e.g. https://token.actions.githubusercontent.com")
+@click.option("--audience", required=True, help="Must be among the token's aud.")
+@click.option("--claim", "claims", multiple=True, metavar="CLAIM=PATTERN",
+              help="A claim condition (repeat; all must hold; * and ? are wildcards). "
+                   "At least one on sub or repository.")
+@click.option("--org", required=True, help="The org of the keys the policy yields.")
+@click.option("--role", help="Role whose grants bound the keys.")
+@click.option("--operation", "operations", multiple=True, help="Operation grant of the keys (repeat).")
+@click.option("--server", "servers", multiple=True, help="Server the keys may act on (repeat; default '*').")
+@click.option("--allow-ip", "allow_ips", multiple=True, help="Client CIDR allowed (repeat; default any).")
+@click.option("--rate-limit", help="e.g. '100/minute' (default ratelimit.default).")
+@click.option("--lifetime", help="How long a key lives: 60s to 1h, e.g. 15m (default 15m).")
+@click.option("--jwks-file", metavar="PATH", help="The issuer's JWKS as a local file instead of discovery.")
+@click.option("--replace", is_flag=True, help="Replace the policy if it exists (else that is refused).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def trust_add(ctx: click.Context, name: str, issuer: str, audience: str, claims: tuple[str, ...], org: str,
+              role: str | None, operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
+              rate_limit: str | None, lifetime: str | None, jwks_file: str | None, replace: bool,
+              as_json: bool) -> None:
+    """Add a trust policy: tokens of the issuer, for the audience, whose claims match may be exchanged for a key."""
+    conditions = _claim_conditions(claims)
+    policy = with_service(ctx, lambda svc: svc.put_trust_policy(
+        name, issuer=issuer, audience=audience, conditions=conditions, org=org, role=role or None,
+        operations=operations, servers=servers, ip_allowlist=allow_ips, rate_limit=rate_limit, lifetime=lifetime,
+        jwks_file=jwks_file, replace=replace,
+    ))
+    if as_json:
+        emit_json(policy.public())
+    else:
+        click.echo(f"saved trust policy {policy.name}")
+        trust_details(policy)
+
+
+@trust.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def trust_list(ctx: click.Context, as_json: bool) -> None:
+    """List trust policies by name."""
+    found = with_service(ctx, lambda svc: svc.list_trust_policies())
+    if as_json:
+        emit_json([p.public() for p in found])
+    else:
+        trust_table(found)
+
+
+@trust.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def trust_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one trust policy."""
+    policy = with_service(ctx, lambda svc: svc.get_trust_policy(name))
+    if as_json:
+        emit_json(policy.public())
+    else:
+        trust_details(policy)
+
+
+@trust.command("remove")
+@click.argument("name")
+@click.pass_context
+def trust_remove(ctx: click.Context, name: str) -> None:
+    """Remove a trust policy; keys already exchanged under it work until they expire."""
+    with_service(ctx, lambda svc: svc.remove_trust_policy(name))
+    click.echo(f"removed trust policy {name}")
+
+
 # -- audit -----------------------------------------------------------------
 def _time_option(name: str, text: str | None) -> datetime | None:
     if not text:
@@ -492,7 +615,7 @@ def _audit_row(entry: AuditEntry) -> list[Any]:
 
 @main.command()
 @click.option("--key", "key_id", metavar="ID", help="Events about or by this key, and its requests.")
-@click.option("--action", help="Events only: e.g. key.create, key.revoke, role.set, member.remove")
+@click.option("--action", help="Events only: e.g. key.create, key.revoke, role.set, member.remove, trust.set")
 @click.option("--decision", help="Request records only: e.g. allowed, invalid_token, insufficient_scope")
 @click.option("--type", "entry_type", type=click.Choice(["event", "request"]), help="Only events or only requests.")
 @click.option("--since", help="30m, 1h, 7d (ago) or an ISO 8601 time")

@@ -254,9 +254,10 @@ def test_unknown_key_id_is_exit_2(fixed_env: dict[str, str], command: list[str])
     "url",
     ["postgresql://postgres@127.0.0.1:1/keygate", "sqlite:////nonexistent-dir/keygate.db"],
 )
-def test_unreachable_store_is_exit_1(fixed_env: dict[str, str], url: str) -> None:
+@pytest.mark.parametrize("command", [["keys", "list"], ["trust", "list"]])
+def test_unreachable_store_is_exit_1(fixed_env: dict[str, str], url: str, command: list[str]) -> None:
     """An unreachable store is one line and exit status 1, with no traceback."""
-    result = keygate({**fixed_env, "KEYGATE_STORE__URL": url}, "keys", "list", check=False)
+    result = keygate({**fixed_env, "KEYGATE_STORE__URL": url}, *command, check=False)
     assert result.returncode == 1, result.stderr
     assert "store unavailable" in result.stderr and "Traceback" not in result.stderr
 
@@ -343,3 +344,150 @@ def test_no_secret_in_postgres_dump(fixed_env: dict[str, str], pg_database: str)
     for key in keys:
         assert key not in dump and key[-38:-6] not in dump
         assert key[:-38] in dump
+
+
+# -- trust policies --------------------------------------------------------
+ISSUER = "https://token.actions.githubusercontent.com"
+AUDIENCE = "https://keygate.example.com"
+
+
+def trust_args(name: str = "shop", **options: str | list[str] | None) -> list[str]:
+    """``trust add NAME`` with a valid policy's options; ``options`` replace them (None drops one)."""
+    given: dict[str, str | list[str] | None] = {
+        "issuer": ISSUER, "audience": AUDIENCE, "claim": ["repository=acme/shop", "ref=refs/heads/*"],
+        "org": "acme", "operation": "deploy", **options,
+    }
+    args = ["trust", "add", name]
+    for option, value in given.items():
+        for one in [value] if isinstance(value, str) else value or []:
+            args += [f"--{option.replace('_', '-')}", one]
+    return args
+
+
+def trust_events(env: dict[str, str]) -> list[dict[str, object]]:
+    return [e for e in json.loads(keygate(env, "audit", "--type", "event", "--json").stdout)
+            if str(e["action"]).startswith("trust.")]
+
+
+def test_trust_policy_lifecycle(env: dict[str, str]) -> None:
+    """trust add/list/show/remove with --json on each store, each change audited with the CLI as its actor."""
+    added = json.loads(keygate(env, *trust_args(
+        server="prod-1", allow_ip="10.1.2.3/8", rate_limit="10/second", lifetime="30m"), "--json").stdout)
+    assert {k: v for k, v in added.items() if k not in ("created_by", "created_at", "updated_at")} == {
+        "name": "shop", "issuer": ISSUER, "audience": AUDIENCE,
+        "conditions": {"ref": "refs/heads/*", "repository": "acme/shop"}, "org": "acme", "role": None,
+        "operations": ["deploy"], "servers": ["prod-1"], "ip_allowlist": ["10.0.0.0/8"],
+        "rate_limit": "10/second", "lifetime": 1800, "jwks_file": None,
+    }
+    assert added["created_by"].startswith("cli:")
+    assert json.loads(keygate(env, "trust", "list", "--json").stdout) == [added]
+    assert json.loads(keygate(env, "trust", "show", "shop", "--json").stdout) == added
+
+    assert keygate(env, "trust", "remove", "shop").stdout == "removed trust policy shop\n"
+    assert json.loads(keygate(env, "trust", "list", "--json").stdout) == []
+    assert [(e["action"], e["target"]) for e in trust_events(env)] == [("trust.remove", "shop"), ("trust.set", "shop")]
+    assert all(str(e["actor"]).startswith("cli:") for e in trust_events(env))
+
+
+def test_trust_add_refuses_an_existing_name_unless_replace(fixed_env: dict[str, str]) -> None:
+    """A second add of a name is refused (one line, exit 2, nothing changed); --replace replaces it."""
+    first = json.loads(keygate(fixed_env, *trust_args(), "--json").stdout)
+    again = keygate(fixed_env, *trust_args(operation="read"), check=False)
+    assert again.returncode == 2 and "shop" in again.stderr and again.stdout == ""
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert json.loads(keygate(fixed_env, "trust", "show", "shop", "--json").stdout) == first
+
+    replaced = json.loads(keygate(fixed_env, *trust_args(operation=None, role="admin"), "--replace",
+                                  "--json").stdout)
+    assert (replaced["role"], replaced["operations"]) == ("admin", [])
+    assert replaced["created_at"] == first["created_at"]
+    assert [e["action"] for e in trust_events(fixed_env)] == ["trust.set", "trust.set"]
+
+
+def test_trust_add_takes_an_empty_role_as_none(fixed_env: dict[str, str]) -> None:
+    """--role '' is no role, as for keys create (a command line has no null)."""
+    added = json.loads(keygate(fixed_env, *trust_args(role=""), "--json").stdout)
+    assert (added["role"], added["operations"]) == (None, ["deploy"])
+
+
+def test_trust_tables_are_readable(fixed_env: dict[str, str]) -> None:
+    """Without --json, list is a table (or "(none)"), show one line per setting, lifetimes as durations."""
+    assert keygate(fixed_env, "trust", "list").stdout.splitlines()[1] == "(none)"
+    added = keygate(fixed_env, *trust_args()).stdout.splitlines()
+    assert added[0] == "saved trust policy shop"
+    lines = keygate(fixed_env, "trust", "list").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ISSUER", "AUDIENCE", "CONDITIONS", "ORG", "ACCESS", "SERVERS", "LIFETIME"]
+    assert lines[1].split() == ["shop", ISSUER, AUDIENCE, "ref=refs/heads/*,", "repository=acme/shop", "acme",
+                                "[deploy]", "*", "15m"]
+    shown = keygate(fixed_env, "trust", "show", "shop").stdout.splitlines()
+    assert shown == added[1:]
+    assert "conditions:   ref=refs/heads/*, repository=acme/shop" in shown
+    assert "lifetime:     15m" in shown and "role:         -" in shown
+
+
+def jwks_without_keys(folder: Path) -> str:
+    path = folder / "not-a-jwks.json"
+    path.write_text('{"kty": "RSA"}')
+    return str(path)
+
+
+TRUST_BAD_INPUT = [
+    (trust_args(issuer="http://issuer.example.com"), "issuer"),
+    (trust_args(issuer="https://issuer.example.com/?tenant=a"), "issuer"),
+    (trust_args(issuer="issuer.example.com"), "issuer"),
+    (trust_args(audience=""), "audience"),
+    (trust_args(claim=None), "sub"),
+    (trust_args(claim=["ref=refs/heads/main"]), "sub"),
+    (trust_args(claim=["repository"]), "CLAIM=PATTERN"),
+    (trust_args(claim=["repository=acme/shop", "=main"]), "claim"),
+    (trust_args(claim=["repository="]), "repository"),
+    (trust_args(claim=["repository=acme/shop", "repository=acme/web"]), "given twice"),
+    (trust_args(name="bad name"), "bad name"),
+    (trust_args(org="bad org"), "org 'bad org'"),
+    (trust_args(operation=None), "role"),
+    (trust_args(operation="Bad!"), "operation 'Bad!'"),
+    (trust_args(server="bad!"), "server 'bad!'"),
+    (trust_args(allow_ip="10.0.0.0/33"), "allow-ip"),
+    (trust_args(rate_limit="lots"), "rate-limit"),
+    (trust_args(lifetime="30s"), "lifetime"),
+    (trust_args(lifetime="2h"), "lifetime"),
+    (trust_args(lifetime="soon"), "lifetime"),
+    (trust_args(jwks_file="keys/jwks.json"), "jwks"),
+    (trust_args(jwks_file="/nonexistent/jwks.json"), "jwks"),
+    (trust_args(jwks_file="{not_a_jwks}"), "jwks"),
+    (trust_args(operation=None, role="ghost"), "no such role"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), TRUST_BAD_INPUT)
+def test_trust_bad_input_is_one_line_and_exit_2(
+    env: dict[str, str], tmp_path: Path, args: list[str], message: str,
+) -> None:
+    """Each bad value of a trust policy gets one clear line on stderr, exit status 2, and nothing is written."""
+    keygate(env, "migrate")
+    args = [a.replace("{not_a_jwks}", jwks_without_keys(tmp_path)) for a in args]
+    result = keygate(env, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert json.loads(keygate(env, "trust", "list", "--json").stdout) == []
+    assert trust_events(env) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [a for a in TRUST_BAD_INPUT if "no such role" not in a[1]])
+def test_trust_bad_input_creates_no_store(
+    fixed_env: dict[str, str], tmp_path: Path, args: list[str], message: str,
+) -> None:
+    """A trust policy wrong on its face is refused before the embedded store is even created."""
+    args = [a.replace("{not_a_jwks}", jwks_without_keys(tmp_path)) for a in args]
+    result = keygate(fixed_env, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not list(tmp_path.glob("cli.db*"))
+
+
+@pytest.mark.parametrize("command", [["trust", "show"], ["trust", "remove"]])
+def test_unknown_trust_policy_is_exit_2(fixed_env: dict[str, str], command: list[str]) -> None:
+    """An unknown policy is named in one line with exit status 2."""
+    result = keygate(fixed_env, *command, "nope", check=False)
+    assert result.returncode == 2 and "nope" in result.stderr and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
