@@ -137,6 +137,32 @@ async def issue_agent_key(call: Call) -> dict[str, Any]:
     return _public(call, record, revoked_previous=previous, key=full)
 
 
+# -- trust policies --------------------------------------------------------
+async def list_trust_policies(call: Call) -> dict[str, Any]:
+    q: m.PageQuery = call.query
+    after = _cursor_values(q.cursor, (str,))
+    # Policies are few (one per repository or cluster that deploys): paged here, as roles are.
+    policies = [p for p in await call.service.list_trust_policies() if after is None or p.name > str(after[0])]
+    page = _page(policies[: q.limit + 1], q.limit, lambda p: [p.name])
+    page["items"] = [p.public() for p in page["items"]]
+    return page
+
+
+async def get_trust_policy(call: Call) -> dict[str, Any]:
+    return (await call.service.get_trust_policy(call.params["name"])).public()
+
+
+async def put_trust_policy(call: Call) -> dict[str, Any]:
+    body: m.TrustPolicyPut = call.body
+    # PUT states the whole policy: it creates or replaces, as PUT /roles/{name} does.
+    policy = await call.service.put_trust_policy(call.params["name"], **body.model_dump(), replace=True)
+    return policy.public()
+
+
+async def delete_trust_policy(call: Call) -> None:
+    await call.service.remove_trust_policy(call.params["name"])
+
+
 # -- audit -----------------------------------------------------------------
 def _time(name: str, text: str | None, now: datetime) -> datetime | None:
     if text is None:
@@ -193,6 +219,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/orgs/{org}/members/{user}/agent-key", "Issue the member's agent key", issue_agent_key,
              "members:write", m.AgentKeyIssued, status=201, location="/keys/{id}",
              description="Revokes the member's previous agent key in the same transaction."),
+    Endpoint("GET", "/trust-policies", "List trust policies", list_trust_policies, "trust:read",
+             m.TrustPolicyPage, query=m.PageQuery),
+    Endpoint("GET", "/trust-policies/{name}", "One trust policy", get_trust_policy, "trust:read",
+             m.TrustPolicyOut),
+    Endpoint("PUT", "/trust-policies/{name}", "Create or replace a trust policy", put_trust_policy, "trust:write",
+             m.TrustPolicyOut, body=m.TrustPolicyPut,
+             description="Which OIDC tokens may be exchanged for a short-lived key at "
+                         "`POST /.well-known/keygate/token` on the proxy listener, and the key they yield. "
+                         "The role must exist."),
+    Endpoint("DELETE", "/trust-policies/{name}", "Remove a trust policy", delete_trust_policy, "trust:write", None,
+             status=204, description="Keys already exchanged under it keep working until they expire."),
     Endpoint("GET", "/audit", "Management events and request records, newest first", audit, "audit:read",
              m.AuditPage, query=m.AuditQuery),
 )

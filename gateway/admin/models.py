@@ -62,6 +62,16 @@ Grace = Annotated[str | float, _one_problem(_DURATION), Field(
 )]
 
 
+Issuer = Annotated[str, Field(examples=["https://token.actions.githubusercontent.com"])]
+Conditions = Annotated[dict[str, str], Field(
+    description="Claim name -> pattern; every one must hold. A pattern with * or ? is a glob (every other "
+                "character literal), else the claim must equal it. At least one condition on `sub` or "
+                "`repository`.",
+    examples=[{"repository": "acme/shop", "ref": "refs/heads/main"}], json_schema_extra={"minProperties": 1},
+)]
+Lifetime = Annotated[str | int, _one_problem(_DURATION), Field(examples=["15m", 900])]
+
+
 class _Edge(BaseModel):
     # SECURITY: unknown fields are refused, so a typo never silently does less than asked.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,6 +118,28 @@ class RolePut(_Edge):
 
 class MemberPut(_Edge):
     role: RoleName
+
+
+class TrustPolicyPut(_Edge):
+    """A trust policy: which OIDC tokens may be exchanged for a key, and the key they yield.
+    It needs a role or at least one operation; PUT replaces the whole policy."""
+
+    issuer: Issuer = Field(description="The issuer's URL, compared exactly with the token's `iss`: https "
+                                       "(http only for a loopback host), no query or fragment.")
+    audience: str = Field(description="Must be among the token's `aud`.", examples=["https://keygate.example.com"],
+                          json_schema_extra={"minLength": 1})
+    conditions: Conditions
+    org: Org = Field(description="The org of the keys the policy yields.")
+    role: RoleName | None = Field(None, description="Role whose grants bound the keys (it must exist).")
+    operations: list[Operation] = Field(default_factory=list, description="The keys' own operation grants.")
+    servers: list[Server] = Field(default_factory=list, description='Servers the keys may act on; empty = ["*"].')
+    ip_allowlist: list[Cidr] = Field(default_factory=list, description="Client networks allowed; empty = any.")
+    rate_limit: RateLimit | None = Field(None, description="The keys' rate limit; null = ratelimit.default.")
+    lifetime: Lifetime | None = Field(None, description="How long a key lives: seconds, or a duration such as "
+                                                        "15m or 1h; 60 s to 1 h; null = 15 minutes.")
+    jwks_file: str | None = Field(None, description="An absolute path to the issuer's JWKS (a JSON file with a "
+                                                    '"keys" array) on the gateway\'s host, instead of discovery.',
+                                  examples=["/etc/keygate/k8s-jwks.json"])
 
 
 # -- query strings ----------------------------------------------------------
@@ -185,6 +217,26 @@ class MemberOut(_Edge):
     updated_at: Timestamp
 
 
+class TrustPolicyOut(_Edge):
+    """A trust policy as the CLI's --json shows it."""
+
+    name: str
+    issuer: str
+    audience: str
+    conditions: dict[str, str]
+    org: str
+    role: str | None
+    operations: list[str]
+    servers: list[str]
+    ip_allowlist: list[str]
+    rate_limit: str | None
+    lifetime: int = Field(description="Seconds a key it yields lives.")
+    jwks_file: str | None
+    created_by: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
 class EventOut(_Edge):
     """A management action: who did what to which target, and when."""
 
@@ -228,6 +280,10 @@ class RolePage(_Page):
 
 class MemberPage(_Page):
     items: list[MemberOut]
+
+
+class TrustPolicyPage(_Page):
+    items: list[TrustPolicyOut]
 
 
 class AuditPage(_Page):

@@ -34,12 +34,16 @@ _PATH_DESCRIPTIONS = {
     "org": "An org.",
     "user": "A user in the org.",
 }
+# Where a parameter's name means something else under a collection: (collection, parameter) -> description.
+_COLLECTION_PATH_DESCRIPTIONS = {
+    ("trust-policies", "name"): "A trust policy's name.",
+}
 
 _ERRORS = {
     400: "Malformed request: a malformed Authorization header, or a body that is not JSON.",
     401: "No key, or a key that is invalid, expired or revoked (WWW-Authenticate says which).",
     403: "The key may not perform this operation on the server admin, or not from this address.",
-    404: "No such key, role or member.",
+    404: "No such key, role, member or trust policy.",
     409: "The change conflicts with the current state.",
     413: "The request body is too large.",
     422: "Invalid input: `errors` lists each field's problem.",
@@ -116,8 +120,10 @@ def _problem(code: int) -> dict[str, Any]:
 
 def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, Any]) -> dict[str, Any]:
     names = re.findall(r"{(\w+)}", e.path)
+    collection = e.path.strip("/").split("/")[0]
     parameters: list[dict[str, Any]] = [
-        {"name": n, "in": "path", "required": True, "description": _PATH_DESCRIPTIONS[n],
+        {"name": n, "in": "path", "required": True,
+         "description": _COLLECTION_PATH_DESCRIPTIONS.get((collection, n), _PATH_DESCRIPTIONS[n]),
          "schema": {"type": "string", "pattern": _PATH_PATTERNS[n]}}
         for n in names
     ]
@@ -126,7 +132,7 @@ def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, An
     op: dict[str, Any] = {
         "operationId": e.handler.__name__.strip("_"),
         "summary": e.summary,
-        "tags": [e.path.strip("/").split("/")[0]],
+        "tags": [collection],
     }
     if e.description or e.operation:
         needs = f"Needs a key with operation `{e.operation}` on the server `admin`." if e.operation else ""
@@ -179,11 +185,11 @@ def openapi_document(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
         "info": {
             "title": "Keygate admin API",
             "version": package_version(),
-            "description": "Manage Keygate's keys, roles, org members and audit trail. Authenticate with "
-                           "`Authorization: Bearer <key>`, a key granted the operation an endpoint names on "
-                           "the server `admin` (a key with servers [\"*\"] does not cover admin). Errors are "
-                           "application/problem+json (RFC 9457). Lists answer {items, next_cursor}: pass "
-                           "next_cursor back as `cursor` for the next page.",
+            "description": "Manage Keygate's keys, roles, org members, trust policies and audit trail. "
+                           "Authenticate with `Authorization: Bearer <key>`, a key granted the operation an "
+                           "endpoint names on the server `admin` (a key with servers [\"*\"] does not cover "
+                           "admin). Errors are application/problem+json (RFC 9457). Lists answer "
+                           "{items, next_cursor}: pass next_cursor back as `cursor` for the next page.",
         },
         "paths": paths,
         "components": {

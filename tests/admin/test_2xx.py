@@ -3,6 +3,9 @@ names the admin key as the actor of every change."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from .conftest import Admin
@@ -200,6 +203,67 @@ async def test_agent_key_replaces_the_previous_one(admin: Admin) -> None:
     old = await admin.call("GET", f"{KEYS}/{first.body['id']}")
     assert old.body["status"] == "revoked"
     assert await events(admin, first.body["id"]) == [("key.agent", admin.root_id), ("key.revoke", admin.root_id)]
+
+
+TRUST = "/admin/v1/trust-policies"
+POLICY = {"issuer": "https://token.actions.githubusercontent.com", "audience": "https://keygate.example.com",
+          "conditions": {"repository": "acme/shop", "ref": "refs/heads/*"}, "org": "acme", "operations": ["deploy"]}
+TRUST_FIELDS = {
+    "name", "issuer", "audience", "conditions", "org", "role", "operations", "servers", "ip_allowlist", "rate_limit",
+    "lifetime", "jwks_file", "created_by", "created_at", "updated_at",
+}
+
+
+async def test_trust_policies_put_get_list_delete(admin: Admin) -> None:
+    """PUT creates or replaces the whole policy, GET/list show it as the CLI does, DELETE removes it; all audited."""
+    made = await admin.call("PUT", f"{TRUST}/shop", json={
+        **POLICY, "servers": ["prod-1"], "ip_allowlist": ["10.1.2.3/8"], "rate_limit": "10/second", "lifetime": "30m",
+    })
+    assert made.status == 200, made.body
+    assert set(made.body) == TRUST_FIELDS and made.body["created_by"] == admin.root_id
+    assert made.body["conditions"] == {"ref": "refs/heads/*", "repository": "acme/shop"}
+    assert (made.body["ip_allowlist"], made.body["lifetime"], made.body["role"]) == (["10.0.0.0/8"], 1800, None)
+    # PUT states the whole policy: what the body leaves out takes its default, not the old value.
+    replaced = await admin.call("PUT", f"{TRUST}/shop", json={**POLICY, "operations": [], "role": "admin",
+                                                             "lifetime": 600})
+    assert replaced.status == 200, replaced.body
+    assert (replaced.body["role"], replaced.body["operations"], replaced.body["servers"]) == ("admin", [], ["*"])
+    assert (replaced.body["lifetime"], replaced.body["rate_limit"]) == (600, None)
+    assert replaced.body["created_at"] == made.body["created_at"]
+    shown = await admin.call("GET", f"{TRUST}/shop")
+    listed = await admin.call("GET", TRUST)
+    assert shown.status == listed.status == 200
+    assert shown.body == replaced.body == (await admin.cli.get_trust_policy("shop")).public()
+    assert listed.body == {"items": [replaced.body], "next_cursor": None}
+    assert (await admin.call("DELETE", f"{TRUST}/shop")).status == 204
+    assert (await admin.call("GET", f"{TRUST}/shop")).status == 404
+    assert await events(admin, "shop") == [
+        ("trust.set", admin.root_id), ("trust.set", admin.root_id), ("trust.remove", admin.root_id),
+    ]
+    first, second, _ = reversed(await admin.audit(type="event", key="shop"))
+    assert first["details"]["before"] is None and first["details"]["operations"] == ["deploy"]
+    assert second["details"]["before"]["operations"] == ["deploy"] and second["details"]["role"] == "admin"
+
+
+async def test_trust_policy_with_a_jwks_file(admin: Admin, tmp_path: Path) -> None:
+    """A policy may name a local JWKS file (Kubernetes' API server) instead of the issuer's discovery."""
+    jwks = tmp_path / "cluster-jwks.json"
+    jwks.write_text(json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": "AA", "y": "AA"}]}))
+    body = {**POLICY, "issuer": "https://kubernetes.default.svc.cluster.local", "audience": "keygate",
+            "conditions": {"sub": "system:serviceaccount:billing:*"}, "jwks_file": str(jwks)}
+    reply = await admin.call("PUT", f"{TRUST}/k8s-billing", json=body)
+    assert reply.status == 200, reply.body
+    assert reply.body["jwks_file"] == str(jwks)
+
+
+async def test_trust_policies_page(admin: Admin) -> None:
+    """GET /trust-policies pages by name with next_cursor."""
+    for name in ("c3", "a1", "b2"):
+        await admin.cli.put_trust_policy(name, **POLICY)
+    first = await admin.call("GET", TRUST, params={"limit": 2})
+    second = await admin.call("GET", TRUST, params={"limit": 2, "cursor": first.body["next_cursor"]})
+    assert [p["name"] for p in first.body["items"] + second.body["items"]] == ["a1", "b2", "c3"]
+    assert second.body["next_cursor"] is None
 
 
 async def test_audit_pages_and_filters(admin: Admin) -> None:

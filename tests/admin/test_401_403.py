@@ -42,6 +42,13 @@ async def test_403_for_a_key_without_admin_access(admin: Admin, method: str, pat
         (["roles:read"], ("GET", "/admin/v1/roles"), ("DELETE", "/admin/v1/roles/ci")),
         (["audit:read"], ("GET", "/admin/v1/audit"), ("GET", "/admin/v1/keys")),
         (["*:read"], ("GET", "/admin/v1/orgs/acme/members"), ("PUT", "/admin/v1/orgs/acme/members/bob")),
+        (["keys:read"], ("GET", "/admin/v1/keys"), ("GET", "/admin/v1/trust-policies")),
+        (["keys:read", "keys:write"], ("GET", "/admin/v1/keys"), ("PUT", "/admin/v1/trust-policies/shop")),
+        (["roles:read", "roles:write"], ("GET", "/admin/v1/roles"), ("GET", "/admin/v1/trust-policies/shop")),
+        (["trust:read"], ("GET", "/admin/v1/trust-policies"), ("PUT", "/admin/v1/trust-policies/shop")),
+        (["trust:read"], ("GET", "/admin/v1/trust-policies"), ("DELETE", "/admin/v1/trust-policies/shop")),
+        (["trust:read"], ("GET", "/admin/v1/trust-policies"), ("GET", "/admin/v1/keys")),
+        (["*:read"], ("GET", "/admin/v1/trust-policies"), ("PUT", "/admin/v1/trust-policies/shop")),
     ],
 )
 async def test_403_for_an_operation_not_granted(
@@ -52,6 +59,24 @@ async def test_403_for_an_operation_not_granted(
     assert (await admin.call(*allowed, key=key)).status == 200
     reply = await admin.call(*refused, key=key, json={"role": "admin"})
     assert reply.status == 403 and reply.body["type"].endswith("insufficient_scope")
+
+
+POLICY = {"issuer": "https://token.actions.githubusercontent.com", "audience": "https://keygate.example.com",
+          "conditions": {"repository": "acme/shop"}, "org": "acme", "operations": ["deploy"]}
+
+
+async def test_trust_write_changes_policies_but_does_not_read_them(admin: Admin) -> None:
+    """trust:write may PUT and DELETE a policy, not read one; a refused write leaves the store as it was."""
+    _, reader = await admin.key(name="reader", operations=["trust:read"], servers=["admin"])
+    _, writer = await admin.key(name="writer", operations=["trust:write"], servers=["admin"])
+    refused = await admin.call("PUT", "/admin/v1/trust-policies/shop", key=reader, json=POLICY)
+    assert refused.status == 403 and await admin.cli.list_trust_policies() == []
+    assert (await admin.call("PUT", "/admin/v1/trust-policies/shop", key=writer, json=POLICY)).status == 200
+    for method, path in (("GET", "/admin/v1/trust-policies"), ("GET", "/admin/v1/trust-policies/shop")):
+        assert (await admin.call(method, path, key=writer)).status == 403
+        assert (await admin.call(method, path, key=reader)).status == 200
+    assert (await admin.call("DELETE", "/admin/v1/trust-policies/shop", key=writer)).status == 204
+    assert await admin.cli.list_trust_policies() == []
 
 
 async def test_401_for_revoked_key_and_byte_identical_to_unknown(admin: Admin) -> None:

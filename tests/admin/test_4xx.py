@@ -27,11 +27,13 @@ UNKNOWN = "kg_AAAAAAAAAAAA"
         ("DELETE", "/admin/v1/roles/nope", None),
         ("DELETE", "/admin/v1/orgs/acme/members/nobody", None),
         ("POST", "/admin/v1/orgs/acme/members/nobody/agent-key", None),
+        ("GET", "/admin/v1/trust-policies/nope", None),
+        ("DELETE", "/admin/v1/trust-policies/nope", None),
         ("GET", "/admin/v1/no-such-endpoint", None),
     ],
 )
 async def test_404_for_what_does_not_exist(admin: Admin, method: str, path: str, body: Any) -> None:
-    """Unknown keys, roles, members and endpoints are 404 problems."""
+    """Unknown keys, roles, members, trust policies and endpoints are 404 problems."""
     reply = await admin.call(method, path, json=body)
     assert reply.status == 404, reply.body
     assert reply.headers["Content-Type"].startswith("application/problem+json")
@@ -124,6 +126,85 @@ async def test_422_lists_every_bad_value_of_the_body(
     assert [e["field"] for e in reply.body["errors"]] == fields
     listed = "; ".join(f"{e['field']}: {e['message']}" for e in reply.body["errors"])
     assert reply.body["detail"] == f"invalid input: {listed}"
+
+
+TRUST = "/admin/v1/trust-policies"
+POLICY = {"issuer": "https://token.actions.githubusercontent.com", "audience": "https://keygate.example.com",
+          "conditions": {"repository": "acme/shop"}, "org": "acme", "operations": ["deploy"]}
+
+
+def without(name: str) -> dict[str, Any]:
+    return {k: v for k, v in POLICY.items() if k != name}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (f"{TRUST}/shop", {**POLICY, "issuer": "http://issuer.example.com"}, "issuer"),
+        (f"{TRUST}/shop", {**POLICY, "issuer": "https://issuer.example.com/?tenant=a"}, "issuer"),
+        (f"{TRUST}/shop", {**POLICY, "issuer": "issuer.example.com"}, "issuer"),
+        (f"{TRUST}/shop", without("issuer"), "issuer"),
+        (f"{TRUST}/shop", {**POLICY, "audience": ""}, "audience"),
+        (f"{TRUST}/shop", without("audience"), "audience"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {}}, "conditions"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {"ref": "refs/heads/main"}}, "conditions"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {"repository": "*"}}, "conditions"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {"repository": ""}}, "conditions.repository"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {"repository": "acme/shop", "": "x"}}, "conditions."),
+        (f"{TRUST}/shop", {**POLICY, "conditions": {"repository": 5}}, "conditions.repository"),
+        (f"{TRUST}/shop", {**POLICY, "conditions": ["repository=acme/shop"]}, "conditions"),
+        (f"{TRUST}/shop", {**POLICY, "org": "bad org"}, "org"),
+        (f"{TRUST}/shop", without("org"), "org"),
+        (f"{TRUST}/shop", {**POLICY, "operations": ["Bad!"]}, "operations.0"),
+        (f"{TRUST}/shop", {**POLICY, "operations": []}, "body"),  # neither role nor operations
+        (f"{TRUST}/shop", {**POLICY, "role": "ghost"}, "body"),
+        (f"{TRUST}/shop", {**POLICY, "servers": ["bad!"]}, "servers.0"),
+        (f"{TRUST}/shop", {**POLICY, "ip_allowlist": ["nope"]}, "ip_allowlist.0"),
+        (f"{TRUST}/shop", {**POLICY, "rate_limit": "lots"}, "rate_limit"),
+        (f"{TRUST}/shop", {**POLICY, "lifetime": "2h"}, "lifetime"),
+        (f"{TRUST}/shop", {**POLICY, "lifetime": 30}, "lifetime"),
+        (f"{TRUST}/shop", {**POLICY, "lifetime": 900.5}, "lifetime"),
+        (f"{TRUST}/shop", {**POLICY, "lifetime": [900]}, "lifetime"),
+        (f"{TRUST}/shop", {**POLICY, "jwks_file": "keys/jwks.json"}, "jwks_file"),
+        (f"{TRUST}/shop", {**POLICY, "jwks_file": "/nonexistent/jwks.json"}, "jwks_file"),
+        (f"{TRUST}/shop", {**POLICY, "jwks_file": "/"}, "jwks_file"),
+        pytest.param(f"{TRUST}/shop", {**POLICY, "jwks_file": "/tmp/\u0000jwks.json"}, "jwks_file",
+                     marks=pytest.mark.xfail(strict=True, reason="manage/inputs.jwks_file lets os.stat's ValueError "
+                                                                 "(a NUL in the path) escape: a 500")),
+        (f"{TRUST}/shop", {**POLICY, "colour": "red"}, "colour"),
+        (f"{TRUST}/shop", ["not", "an", "object"], "body"),
+        (f"{TRUST}/bad name", POLICY, "body"),
+        (TRUST, None, "query.cursor"),
+    ],
+)
+async def test_422_for_invalid_trust_policies(admin: Admin, path: str, body: Any, field: str) -> None:
+    """A bad trust policy is a 422 problem naming the field (or "body" for a rule across fields), and writes nothing."""
+    if body is None:
+        reply = await admin.call("GET", path, params={"cursor": "%%%"})
+    else:
+        reply = await admin.call("PUT", path, json=body)
+    assert reply.status == 422, reply.body
+    assert reply.body["type"] == "urn:keygate:problem:invalid_input"
+    if "errors" in reply.body:
+        assert [e["field"] for e in reply.body["errors"]][0] == field
+    else:
+        assert field == "body" and reply.body["detail"]
+    assert await admin.cli.list_trust_policies() == []
+    assert [e for e in await admin.audit(type="event") if e["action"].startswith("trust.")] == []
+
+
+async def test_422_lists_every_bad_value_of_a_trust_policy(admin: Admin) -> None:
+    """Every bad value of a trust policy is listed, in the order of the body's fields."""
+    body = {"issuer": "ftp://issuer.example.com", "audience": "", "conditions": {"ref": ""}, "org": "bad org",
+            "operations": ["read", "Bad!"], "lifetime": "1d"}
+    reply = await admin.call("PUT", f"{TRUST}/shop", json=body)
+    assert reply.status == 422, reply.body
+    assert [e["field"] for e in reply.body["errors"]] == [
+        "issuer", "audience", "conditions.ref", "conditions", "org", "operations.1", "lifetime",
+    ]
+    with pytest.raises(InvalidInput) as refused:
+        await admin.cli.put_trust_policy("shop", **body)
+    assert reply.body["errors"] == [{"field": p.field, "message": p.message} for p in refused.value.problems]
 
 
 async def test_422_is_the_services_refusal(admin: Admin) -> None:

@@ -38,7 +38,7 @@ async def test_every_route_is_documented_and_every_documented_route_exists(sqlit
     routed = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/admin/v1/") and r.method != "HEAD"}
     assert routed == documented
-    assert len(documented) == 16
+    assert len(documented) == 20
 
 
 def test_every_authenticated_operation_declares_its_admin_operation_and_problems() -> None:
@@ -51,7 +51,7 @@ def test_every_authenticated_operation_declares_its_admin_operation_and_problems
                 continue
             assert op["security"] == [{"bearer": []}], (method, path)
             assert op["x-keygate-operation"] in {"keys:read", "keys:write", "roles:read", "roles:write",
-                                                 "members:write", "audit:read"}
+                                                 "members:write", "trust:read", "trust:write", "audit:read"}
             assert {"401", "403", "429"} <= set(op["responses"]), (method, path)
             assert op["responses"]["401"]["content"] == {
                 "application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemOut"}}
@@ -66,6 +66,38 @@ def test_request_bodies_are_the_validating_models() -> None:
     body = document["paths"]["/admin/v1/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/KeyCreate"}
     assert set(document["components"]["schemas"]["KeyCreate"]["properties"]) == set(KeyCreate.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "operation", "body", "answer"),
+    [
+        ("get", "/admin/v1/trust-policies", "trust:read", None, ("200", "TrustPolicyPage")),
+        ("get", "/admin/v1/trust-policies/{name}", "trust:read", None, ("200", "TrustPolicyOut")),
+        ("put", "/admin/v1/trust-policies/{name}", "trust:write", "TrustPolicyPut", ("200", "TrustPolicyOut")),
+        ("delete", "/admin/v1/trust-policies/{name}", "trust:write", None, ("204", None)),
+    ],
+)
+def test_trust_policy_endpoints_are_documented(
+    method: str, path: str, operation: str, body: str | None, answer: tuple[str, str | None],
+) -> None:
+    """The trust-policy endpoints are in the document with their operation, body and answer models."""
+    from gateway.admin import models
+
+    op = openapi_document(api_endpoints())["paths"][path][method]
+    assert op["x-keygate-operation"] == operation and op["tags"] == ["trust-policies"]
+    status, model = answer
+    content = op["responses"][status].get("content")
+    assert (content["application/json"]["schema"] if content else None) == (
+        {"$ref": f"#/components/schemas/{model}"} if model else None)
+    if body is None:
+        assert "requestBody" not in op
+    else:
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{body}"}
+        schema = openapi_document(api_endpoints())["components"]["schemas"][body]
+        assert set(schema["properties"]) == set(getattr(models, body).model_fields)
+    for parameter in op.get("parameters", []):
+        if parameter["name"] == "name":
+            assert parameter["description"] == "A trust policy's name."
 
 
 @pytest.fixture(scope="module")

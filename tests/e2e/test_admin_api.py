@@ -79,3 +79,31 @@ async def test_cli_audit_shows_request_records(served: Keygate) -> None:
     assert [(e["type"], e["method"], e["status"]) for e in denied] == [("request", "POST", 403)]
     table = cli(served, "audit", "--key", record.id)
     assert "request:allowed" in table and "request:insufficient_scope" in table and "key.create" in table
+
+
+async def test_trust_policies_over_http_and_the_cli_see_one_store(served: Keygate) -> None:
+    """A key with trust:read/trust:write manages policies over HTTP; the CLI sees them; both are in the audit trail."""
+    admin = json.loads(cli(served, "keys", "create", "--name", "trust-admin", "--server", "admin",
+                           "--operation", "trust:read", "--operation", "trust:write", "--operation", "audit:read",
+                           "--json"))
+    api = served.admin_url + "/admin/v1"
+    policy = {"issuer": "https://token.actions.githubusercontent.com", "audience": "https://keygate.example.com",
+              "conditions": {"repository": "acme/shop", "environment": "production"}, "org": "acme",
+              "operations": ["deploy"], "servers": ["prod-1"], "lifetime": "10m"}
+    async with aiohttp.ClientSession(headers=bearer(admin["key"])) as http:
+        async with http.put(api + "/trust-policies/shop", json=policy) as r:
+            assert r.status == 200, await r.text()
+            made = await r.json()
+        assert json.loads(cli(served, "trust", "show", "shop", "--json")) == made
+        assert (made["lifetime"], made["created_by"]) == (600, admin["id"])
+        async with http.get(api + "/keys") as r:
+            assert r.status == 403  # trust:* is no keys:read
+        cli(served, "trust", "remove", "shop")
+        async with http.get(api + "/trust-policies/shop") as r:
+            assert r.status == 404
+        async with http.get(api + "/audit", params={"type": "event", "key": "shop"}) as r:
+            events = (await r.json())["items"]
+    assert [(e["action"], e["actor"]) for e in reversed(events)] == [
+        ("trust.set", admin["id"]), ("trust.remove", events[0]["actor"]),
+    ]
+    assert events[0]["actor"].startswith("cli:")
