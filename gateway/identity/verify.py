@@ -156,7 +156,7 @@ class TokenVerifier:
         header, unverified = self._read(token)
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in ALGORITHMS:
-            raise InvalidToken(f"alg {alg!r} is not accepted")
+            raise InvalidToken(f"alg {alg!r} is not allowed")
         issuer = unverified.get("iss")
         if not isinstance(issuer, str):
             raise InvalidToken("no iss")

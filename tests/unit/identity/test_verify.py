@@ -176,9 +176,9 @@ BAD_TOKENS: list[tuple[str, Callable[[OidcIssuer, datetime], str], dict[str, str
     ("payload of another token", _payload_swapped, None, "Signature verification failed"),
     ("signed by another key", _signed_by_attacker, None, "Signature verification failed"),
     ("unknown kid after refetch", _with_kid("rotated-away"), None, "has no key 'rotated-away'"),
-    ("alg none", _alg_none, None, "alg 'none'"),
-    ("HS256 with the public key's PEM", _hs256_with_public_key, None, "alg 'HS256'"),
-    ("HS256 with the public key's modulus", _hs256_with_public_jwk, None, "alg 'HS256'"),
+    ("alg none", _alg_none, None, "alg 'none' is not allowed"),
+    ("HS256 with the public key's PEM", _hs256_with_public_key, None, "alg 'HS256' is not allowed"),
+    ("HS256 with the public key's modulus", _hs256_with_public_jwk, None, "alg 'HS256' is not allowed"),
     ("ES256 on an RSA key", _es256_header_on_an_rsa_key, None, "0 keys of the set fit"),
     ("RSA key under 2048 bits", _weak_rsa_key, None, "1024 bits"),
     ("jku and x5u to the attacker's keys", _jku_to_attacker_keys, None, "has no key"),
@@ -299,9 +299,16 @@ async def test_expiry_follows_the_injected_clock(
         ("repository", "acme/[s]hop", "acme/shop", False),  # [ is literal, not a character class
         ("repository", "acme/[s]hop", "acme/[s]hop", True),
         ("repository", "acme/sh[!o]p", "acme/shap", False),
+        ("repository", "acme/[s]h*", "acme/shop", False),  # ... in a glob too
+        ("repository", "acme/[s]h*", "acme/[s]hop", True),
+        ("repository", "acme/sh[!x]*", "acme/shop", False),
         ("repository", "acme/sh.p", "acme/shop", False),  # . is literal, not "any character"
         ("repository", "acme/sh.p", "acme/sh.p", True),
         ("repository", "acme/.*", "acme/shop", False),
+        ("ref", "refs/heads/release.*", "refs/heads/releaseX1", False),  # ... in a glob too
+        ("ref", "refs/heads/release.*", "refs/heads/release.1", True),
+        ("ref", "refs/heads/(main|dev)*", "refs/heads/main", False),
+        ("ref", "refs/heads/ma+in?", "refs/heads/maaint", False),
         ("repository", "acme/^shop$", "acme/^shop$", True),
         ("repository", "acme\\*", "acme\\shop", True),  # a backslash escapes nothing
         ("repository", "acme\\*", "acme*", False),
