@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,6 @@ class OidcIssuer:
         self.path = path  # an issuer URL may have a path (e.g. GitHub Enterprise's /_services/token)
         self.signing = IssuerKey.generate(alg)
         self.published: list[IssuerKey] = [self.signing]
-        self.attacker = IssuerKey.generate("RS256")
         self.fetches: Counter[str] = Counter()
         self.status: int | None = None  # when set, discovery and JWKS answer this status instead
         self.discovery_overrides: dict[str, Any] = {}
@@ -193,6 +193,11 @@ class OidcIssuer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = 0
+
+    @cached_property
+    def attacker(self) -> IssuerKey:
+        """A key this issuer never publishes (made when first asked for: RSA keys take a while)."""
+        return IssuerKey.generate("RS256")
 
     @property
     def url(self) -> str:
@@ -216,9 +221,7 @@ class OidcIssuer:
         self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await self._site.start()
         if not self.port:
-            server = self._site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = self._runner.addresses[0][1]
 
     async def go_offline(self) -> None:
         """Stop listening and drop the open connections: connections to the issuer are refused."""

@@ -164,6 +164,7 @@ class _IssuerState:
     retry_at: float = 0.0  # a fetch failed: the issuer is not asked again before this
     refetched_at: float | None = None  # the last fetch made for an unknown kid
     problem: str = ""  # why the last fetch failed
+    generation: int = 0  # key sets fetched so far
 
 
 @dataclass(slots=True)
@@ -214,8 +215,11 @@ class SigningKeys:
                 raise UnknownSigningKey(f"{jwks_file} has no key {kid!r}")
             return key
         state = self._issuers.setdefault(issuer, _IssuerState())
+        generation = state.generation
         key = _pick(await self._issuer_keys(issuer, state), kid, alg)
-        if key is None:
+        if key is None and state.generation == generation:
+            # The set predates this token: the issuer may have rotated since. (A set fetched while this
+            # token waited already shows the issuer as it is now.)
             key = _pick(await self._refetch_for_unknown_kid(issuer, state), kid, alg)
         if key is None:
             raise UnknownSigningKey(f"{issuer} has no key {kid!r}")
@@ -247,7 +251,7 @@ class SigningKeys:
                 # The issuer is down: we cannot tell a rotated key from a made-up one, so this is no refusal.
                 raise IssuerUnavailable(f"{issuer} is unavailable: {state.problem}", retry_after=state.retry_at - now)
             # SECURITY: at most one refetch per refetch_interval per issuer, however many unknown kids arrive.
-            # A waiter behind a refetch another token just made sees that set without a fetch of its own.
+            # Tokens that waited behind another's refetch see its set without a fetch of their own.
             if state.refetched_at is not None and now - state.refetched_at < self._refetch_interval:
                 return state.keys or ()
             state.refetched_at = now
@@ -276,6 +280,7 @@ class SigningKeys:
             raise _FetchFailed(f"{jwks_uri}: {exc}") from exc
         ttl = self._ttl if max_age is None else min(max(max_age, MIN_MAX_AGE), self._ttl)
         state.keys, state.keys_until, state.retry_at = keys, now + ttl, 0.0
+        state.generation += 1
 
     async def _discover(self, issuer: str) -> str:
         # SECURITY: the issuer comes from a trust policy, never from a token: a token's iss only selects
@@ -329,6 +334,8 @@ class SigningKeys:
 
     async def _file_keys(self, path: str) -> tuple[jwt.PyJWK, ...]:
         state = self._files.setdefault(path, _FileState())
+        problem: str | None
+        stamp: tuple[int, int, int] | None
         try:
             stat = os.stat(path)
         except OSError as exc:

@@ -76,6 +76,17 @@ async def test_rotation_refetches_once_per_interval(
     assert issuer.fetches["jwks"] == 3
 
 
+async def test_an_unknown_kid_on_a_cold_cache_costs_one_fetch(issuer: OidcIssuer, keys: SigningKeys) -> None:
+    """A set fetched for this very token is current: an unknown kid in it is refused without a second fetch."""
+    with pytest.raises(UnknownSigningKey):
+        await keys.key_for(issuer.url, "made-up", "RS256", jwks_file=None)
+    assert issuer.fetches == {"discovery": 1, "jwks": 1}
+    # The refetch allowance was not used up: a rotated key is still found at once.
+    rotated = issuer.rotate()
+    assert (await keys.key_for(issuer.url, rotated.kid, "RS256", jwks_file=None)).key_id == rotated.kid
+    assert issuer.fetches == {"discovery": 1, "jwks": 2}
+
+
 async def test_made_up_kids_cost_one_refetch(issuer: OidcIssuer, keys: SigningKeys) -> None:
     """A stream of unknown kids (concurrent ones too) makes at most one refetch per interval."""
     await keys.key_for(issuer.url, issuer.signing.kid, "RS256", jwks_file=None)
