@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -224,7 +225,7 @@ async def test_a_redirect_is_not_followed(issuer: OidcIssuer, keys: SigningKeys)
 # -- keys that do not fit the token's alg ------------------------------------------------------------
 
 @pytest.fixture
-async def mixed_issuer() -> object:
+async def mixed_issuer() -> AsyncIterator[OidcIssuer]:
     """An issuer publishing one key of each kind: RSA, EC P-256, EC P-384, and members we must skip."""
     async with OidcIssuer() as running:
         rsa_key, ec_key = running.signing, IssuerKey.generate("ES256")
