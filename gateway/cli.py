@@ -531,13 +531,14 @@ def _claim_conditions(given: Sequence[str]) -> dict[str, str]:
 @click.option("--claim", "claims", multiple=True, metavar="CLAIM=PATTERN",
               help="A claim condition (repeat; all must hold; * and ? are wildcards). "
                    "At least one on sub or repository.")
-@click.option("--org", required=True, help="The org of the keys the policy yields.")
+@click.option("--org", default="default", show_default=True, help="The org of the keys the policy yields.")
 @click.option("--role", help="Role whose grants bound the keys.")
 @click.option("--operation", "operations", multiple=True, help="Operation grant of the keys (repeat).")
 @click.option("--server", "servers", multiple=True, help="Server the keys may act on (repeat; default '*').")
 @click.option("--allow-ip", "allow_ips", multiple=True, help="Client CIDR allowed (repeat; default any).")
 @click.option("--rate-limit", help="e.g. '100/minute' (default ratelimit.default).")
-@click.option("--lifetime", help="How long a key lives: 60s to 1h, e.g. 15m (default 15m).")
+@click.option("--ttl", "--lifetime", "lifetime", metavar="DURATION",
+              help="How long a key lives: 60s to 1h, e.g. 15m (default 15m).")
 @click.option("--jwks-file", metavar="PATH", help="The issuer's JWKS as a local file instead of discovery.")
 @click.option("--replace", is_flag=True, help="Replace the policy if it exists (else that is refused).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

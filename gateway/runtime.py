@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 
-from .manage.audit import AuditPruner
+from .manage.audit import AuditPruner, utcnow
 from .cache.local import KeyCache
 from .config.schema import Settings
 from .dataplane.forward import Forwarder
@@ -34,6 +34,9 @@ from .pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuc
 from .pipeline.scope import RouteTable
 from .pipeline.target import TargetCanonicalizer
 from .authz.decide import Decider
+from .identity.exchange import WellKnown
+from .identity.jwks import SigningKeys
+from .identity.verify import TokenVerifier
 from .dataplane.proxy import Gateway
 from .config.ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
@@ -67,6 +70,8 @@ class Runtime:
     subscriber: ChangeSubscriber | None = None
     # The authz listener's handler, when authz.listen is set.
     decider: Decider | None = None
+    # Keygate's own endpoints on the proxy listener (the identity exchange).
+    well_known: WellKnown | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -188,8 +193,18 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             routes=RouteTable(settings.routes, settings.upstreams),
             limiter=limiter,
         )
+        publisher = ChangePublisher(link, shared) if link is not None and shared is not None else None
+        # The identity exchange and self-revocation (/.well-known/keygate/...) on the proxy listener.
+        e = settings.exchange
+        signing_keys = SigningKeys(ttl=e.jwks_ttl, timeout=e.fetch_timeout)
+        stack.push_async_callback(signing_keys.close)
+        well_known = WellKnown(
+            store=store, settings=settings, authenticator=authenticator, verifier=TokenVerifier(signing_keys, clock=utcnow),
+            limiter=limiter, notifier=publisher, forget_key=cache.invalidate_key,
+        )
         gateway = Gateway(
             authenticator=authenticator,
+            well_known=well_known.handle,
             forwarder=forwarder,
             recorder=recorder,
             log_requests=p.access_log,
@@ -202,7 +217,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         ) if settings.authz.listen else None
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
-                      publisher=ChangePublisher(link, shared) if link is not None and shared is not None else None)
+                      publisher=publisher, well_known=well_known)
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -47,6 +47,9 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "keygate_admin_requests": ("counter", "Admin API requests by decision and outcome.", ("decision", "outcome")),
     "keygate_authz_requests": ("counter", "Decisions of the authz listener (asked by an ingress) by decision and outcome.",
                                ("decision", "outcome")),
+    "keygate_token_exchanges": ("counter", "Token exchanges (POST /.well-known/keygate/token) by result: exchanged, "
+                                "or the error answered (invalid_grant, invalid_request, temporarily_unavailable, ...).",
+                                ("result",)),
     "keygate_request_duration_seconds": ("histogram", "Time the proxy spent on a request, by decision.",
                                          ("decision",)),
     "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
@@ -100,6 +103,7 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_requests": [[decision_of(Outcome(o)), o, n] for o, n in gw.decisions.items()],
         "keygate_admin_requests": [[decision_of(Outcome(o)), o, n] for o, n in admin.decisions.items()],
         "keygate_authz_requests": [[decision_of(Outcome(o)), o, n] for o, n in authz.items()],
+        "keygate_token_exchanges": [[r, n] for r, n in (rt.well_known.exchanges if rt.well_known else {}).items()],
         "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],  # type: ignore[union-attr]
         "keygate_cache_lookups": [["local", "hit", rt.cache.hits], ["local", "miss", rt.cache.misses]],
         "keygate_cached_keys": [["local", len(rt.cache)]],

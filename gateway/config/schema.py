@@ -188,6 +188,32 @@ class AuthzSettings(_Section):
     )
 
 
+class ExchangeSettings(_Section):
+    """The identity exchange: OIDC tokens (GitHub Actions, Kubernetes, ...) traded for short-lived keys."""
+
+    per_client: str = Field(
+        "30/minute; burst=30",
+        description="Token exchanges allowed per client address (POST /.well-known/keygate/token).",
+    )
+    per_policy: str = Field(
+        "600/minute; burst=600", description="Token exchanges allowed per trust policy, from every client together."
+    )
+    jwks_ttl: Duration = Field(
+        3600.0, ge=60, le=86400,
+        description="Seconds an issuer's signing keys are kept before they are fetched again (an unknown key "
+        "id refetches sooner, at most once a minute per issuer).",
+    )
+    fetch_timeout: Duration = Field(
+        5.0, gt=0, le=60, description="Seconds allowed for fetching an issuer's discovery document or keys."
+    )
+
+    @field_validator("per_client", "per_policy")
+    @classmethod
+    def _limit(cls, spec: str) -> str:
+        parse_rate_limit(spec)
+        return spec
+
+
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///keygate.db",
@@ -541,6 +567,7 @@ class Settings(_Section):
     proxy: ProxySettings = Field(default_factory=ProxySettings, description="The proxy listener.")
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
     authz: AuthzSettings = Field(default_factory=AuthzSettings, description="The decision-only listener.")
+    exchange: ExchangeSettings = Field(default_factory=ExchangeSettings, description=ExchangeSettings.__doc__)
     store: StoreSettings = Field(default_factory=StoreSettings, description="The key store.")
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Optional Redis.")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Caching of verified keys.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from ..models import RequestRecord
@@ -28,9 +29,13 @@ from .forward import Forwarder, upstream_request_headers
 from .http1 import ClientGone, Request, reason_of
 from .latency import Histogram
 
+WellKnownHandler = Callable[[Request, str], Awaitable[None]]
+
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
+# Keygate's own endpoints (the identity exchange, self-revocation): never forwarded.
+WELL_KNOWN = "/.well-known/keygate/"
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
 _ALLOWED = Outcome.ALLOWED
 
@@ -42,6 +47,7 @@ class Gateway:
         self, *, authenticator: Authenticator, forwarder: Forwarder | None, recorder: Recorder,
         log_requests: bool = False,
         targets: TargetCanonicalizer | None = None,
+        well_known: WellKnownHandler | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.parser = authenticator.parser
@@ -51,6 +57,7 @@ class Gateway:
         self.forwarder = forwarder
         self.recorder = recorder
         self.log_requests = log_requests
+        self.well_known = well_known
         self.decisions: dict[str, int] = {}
         self.request_ids = RequestIds()
         # Per decision, bound once per outcome so a request pays one dict lookup.
@@ -62,6 +69,10 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
+        if request.raw_path.startswith(WELL_KNOWN) and self.well_known is not None:
+            # Keygate's own endpoints answer for themselves (and write their own log and audit events).
+            await self.well_known(request, request_id)
+            return
         peer = request.peer
         attempt = Attempt()
         request_target: RequestTarget | None = None

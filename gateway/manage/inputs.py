@@ -235,6 +235,8 @@ def jwks_file(path: str) -> str:
     """An absolute path to a readable JSON Web Key Set (an object with a non-empty ``keys`` array)."""
     if not isinstance(path, str) or not path or not os.path.isabs(path):
         raise InvalidField(f"jwks-file {path!r}: use an absolute path")
+    if "\0" in path:
+        raise InvalidField(f"jwks-file {path!r}: a path cannot hold a NUL character")
     try:
         # A regular file, checked before it is opened: a FIFO or a device would block or never end.
         info = os.stat(path)

@@ -372,7 +372,7 @@ def trust_events(env: dict[str, str]) -> list[dict[str, object]]:
 def test_trust_policy_lifecycle(env: dict[str, str]) -> None:
     """trust add/list/show/remove with --json on each store, each change audited with the CLI as its actor."""
     added = json.loads(keygate(env, *trust_args(
-        server="prod-1", allow_ip="10.1.2.3/8", rate_limit="10/second", lifetime="30m"), "--json").stdout)
+        server="prod-1", allow_ip="10.1.2.3/8", rate_limit="10/second", ttl="30m"), "--json").stdout)
     assert {k: v for k, v in added.items() if k not in ("created_by", "created_at", "updated_at")} == {
         "name": "shop", "issuer": ISSUER, "audience": AUDIENCE,
         "conditions": {"ref": "refs/heads/*", "repository": "acme/shop"}, "org": "acme", "role": None,

@@ -1,0 +1,337 @@
+"""Keygate's own endpoints on the proxy listener: ``/.well-known/keygate/...``.
+
+``POST /.well-known/keygate/token`` is the identity exchange (RFC 8693): an
+OIDC token that a trust policy accepts is traded for a short-lived key of
+kind ``automation``. ``POST /.well-known/keygate/revoke`` lets a key revoke
+itself (the GitHub Action's post step). Both answer as an OAuth token
+endpoint does: JSON, ``Cache-Control: no-store``, errors as RFC 6749 §5.2
+(``{"error", "error_description"}``), never a traceback.
+
+The order of the exchange, and why:
+
+1. the client's rate limit, before the body is read or a store or issuer is
+   asked: a flood costs a dict lookup per request;
+2. the body (at most :data:`MAX_BODY` bytes), the form and its parameters;
+3. the trust policies, from the store (exchanges are rare; a policy removed
+   stops working at once);
+4. the token's signature and claims against them (:mod:`.verify`): an
+   issuer that cannot be reached is 503 with Retry-After, never
+   ``invalid_grant``, so a client retries rather than gives up;
+5. the policy's rate limit, once the policy is known;
+6. the key, minted with the token claimed in one transaction: a token is
+   exchanged once.
+
+Why a refusal is refused is logged (``exchange_refused`` with the request
+id), never told: "no policy matches" does not say which condition failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
+from ..config.schema import Settings
+from ..dataplane.http1 import BodyTimeout, ClientGone, MalformedBody, Request, reason_of
+from ..manage.service import KeyService, Notifier, Replayed, ServiceError
+from ..models import KeyRecord
+from ..pipeline.allowlist import check_allowlist
+from ..pipeline.authenticate import Authenticator
+from ..pipeline.credential import bearer_credential
+from ..pipeline.outcomes import Denied, Outcome
+from ..pipeline.ratelimit import RateLimiter
+from ..pipeline.responses import denial
+from ..pipeline.status import check_status
+from ..store import KeyStore, StoreUnavailable
+from .jwks import IssuerUnavailable
+from .verify import AmbiguousPolicy, InvalidToken, TokenVerifier
+
+log = logging.getLogger("keygate.identity")
+
+PREFIX = "/.well-known/keygate/"
+TOKEN_PATH = PREFIX + "token"
+REVOKE_PATH = PREFIX + "revoke"
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+# What a subject token may be declared as: an OIDC ID token, or a JWT (RFC 8693 section 3).
+SUBJECT_TOKEN_TYPES = frozenset({"urn:ietf:params:oauth:token-type:id_token", "urn:ietf:params:oauth:token-type:jwt"})
+ISSUED_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+FORM = "application/x-www-form-urlencoded"
+# A GitHub Actions token is about 1.2 KB, a Kubernetes one about 1.5 KB: a form above this is not an exchange.
+MAX_BODY = 16 * 1024
+MAX_FIELDS = 16
+# What the exchange tells a client whose token no policy accepts, whatever the reason.
+NOT_ACCEPTED = "The subject token is not accepted: no trust policy matches it, or it is invalid or expired."
+ISSUER_RETRY_AFTER = 30
+STORE_RETRY_AFTER = 5
+
+_HEADERS = b"Content-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nPragma: no-cache\r\n"
+
+
+class Refusal(Exception):
+    """An RFC 6749 section 5.2 answer; ``reason`` is for the log only."""
+
+    def __init__(self, status: int, error: str, description: str, reason: str = "", *,
+                 retry_after: float | None = None, headers: bytes = b"") -> None:
+        super().__init__(reason or description)
+        self.status = status
+        self.error = error
+        self.description = description
+        self.reason = reason or error
+        self.retry_after = retry_after
+        self.headers = headers
+
+
+def _invalid_request(description: str) -> Refusal:
+    return Refusal(400, "invalid_request", description)
+
+
+class WellKnown:
+    """The handler of every request whose path starts with ``/.well-known/keygate/``."""
+
+    def __init__(
+        self, *, store: KeyStore, settings: Settings, authenticator: Authenticator, verifier: TokenVerifier,
+        limiter: RateLimiter, notifier: Notifier | None = None, forget_key: Callable[[str], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.authenticator = authenticator
+        self.verifier = verifier
+        self.limiter = limiter
+        self.notifier = notifier
+        self.forget_key = forget_key  # drops a revoked key from this process's cache at once
+        self.clock = clock
+        e = settings.exchange
+        self.per_client = parse_rate_limit(e.per_client)
+        self.per_policy = parse_rate_limit(e.per_policy)
+        # Token exchanges by result: "exchanged" or the error code answered (for /metrics).
+        self.exchanges: dict[str, int] = {}
+
+    def _service(self, actor: str) -> KeyService:
+        return KeyService(self.store, self.settings, actor=actor, clock=self.clock, notifier=self.notifier)
+
+    async def handle(self, request: Request, request_id: str) -> None:
+        started = time.perf_counter()
+        path = request.raw_path.partition("?")[0]
+        client, client_ip = self.authenticator.client_ips.client(request.peer, request.headers)
+        details: dict[str, Any] = {"client_ip": client_ip}
+        try:
+            if path == TOKEN_PATH:
+                self._require_post(request)
+                details.update(await self._exchange(request, client_ip))
+            elif path == REVOKE_PATH:
+                self._require_post(request)
+                details.update(await self._revoke(request, client, client_ip, started))
+            else:
+                raise Refusal(404, "not_found", "No such Keygate endpoint.", "unknown path")
+        except ClientGone:
+            return
+        except Refusal as refusal:
+            self._refuse(request, refusal, request_id, path, details)
+        except Exception as exc:
+            # A bug, not a decision: log it whole, tell the client nothing about it.
+            log.error(json.dumps({"event": "internal_error", "request_id": request_id, "path": path}), exc_info=exc)
+            if path == TOKEN_PATH:
+                self.exchanges["server_error"] = self.exchanges.get("server_error", 0) + 1
+            self._answer(request, 500, {"error": "server_error", "error_description": "Keygate failed to handle "
+                                        "this request.", "request_id": request_id})
+        else:
+            log.info(json.dumps({"event": "exchange" if path == TOKEN_PATH else "self_revoke", "path": path,
+                                 "request_id": request_id, **details}))
+        finally:
+            if request.body is not None and not request.ended:
+                request.body.discard()
+
+    def _refuse(self, request: Request, refusal: Refusal, request_id: str, path: str, details: dict[str, Any]) -> None:
+        if path == TOKEN_PATH:
+            self.exchanges[refusal.error] = self.exchanges.get(refusal.error, 0) + 1
+        log.info(json.dumps({"event": "exchange_refused" if path == TOKEN_PATH else "well_known_refused",
+                             "path": path, "status": refusal.status, "error": refusal.error,
+                             "reason": refusal.reason, "request_id": request_id, **details}))
+        headers = refusal.headers
+        if refusal.retry_after is not None:
+            headers += b"Retry-After: %d\r\n" % max(1, math.ceil(refusal.retry_after))
+        if refusal.status in (408, 413):
+            request.keep_alive = False  # the rest of the body is not read
+        self._answer(request, refusal.status, {"error": refusal.error, "error_description": refusal.description,
+                                               "request_id": request_id}, headers)
+
+    @staticmethod
+    def _answer(request: Request, status: int, body: dict[str, Any], headers: bytes = b"") -> None:
+        if request.started:
+            request.abort()
+            return
+        request.send(status, reason_of(status), _HEADERS + headers, json.dumps(body).encode())
+
+    @staticmethod
+    def _require_post(request: Request) -> None:
+        if request.method != "POST":
+            raise Refusal(405, "invalid_request", "Use POST.", f"method {request.method}", headers=b"Allow: POST\r\n")
+
+    # -- the exchange --------------------------------------------------------
+
+    async def _exchange(self, request: Request, client_ip: str) -> dict[str, Any]:
+        # 1. The client's own limit first: nothing below runs for a flood.
+        await self._take(f"exchange:client:{client_ip}", self.per_client, "too many token exchanges from this address")
+        # 2. The form.
+        form = parse_form(request.headers.get("Content-Type"), await read_body(request))
+        grant_type = form.get("grant_type")
+        if grant_type is None:
+            raise _invalid_request("grant_type is required.")
+        if grant_type != GRANT_TYPE:
+            raise Refusal(400, "unsupported_grant_type", f"Only {GRANT_TYPE} is supported.")
+        token = form.get("subject_token")
+        if not token:
+            raise _invalid_request("subject_token is required.")
+        token_type = form.get("subject_token_type")
+        if token_type not in SUBJECT_TOKEN_TYPES:
+            raise _invalid_request("subject_token_type must be urn:ietf:params:oauth:token-type:id_token or "
+                                   "urn:ietf:params:oauth:token-type:jwt.")
+        if "actor_token" in form or "actor_token_type" in form:
+            raise _invalid_request("Delegation (actor_token) is not supported.")
+        requested = form.get("requested_token_type")
+        if requested not in (None, ISSUED_TOKEN_TYPE):
+            raise _invalid_request(f"Only {ISSUED_TOKEN_TYPE} can be issued.")
+        policy_name = form.get("policy") or None
+        # 3. The policies.
+        service = self._service("exchange")
+        try:
+            policies = await service.list_trust_policies()
+        except StoreUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "Trust policies cannot be read right now; retry shortly.",
+                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        # 4. The token.
+        try:
+            verified = await self.verifier.verify(token, policies, policy_name=policy_name)
+        except InvalidToken as exc:
+            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, str(exc)) from None
+        except AmbiguousPolicy as exc:
+            raise _invalid_request("Several trust policies accept this token: name one with the policy "
+                                   "parameter.") from exc
+        except IssuerUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "The token's issuer cannot be reached to check its "
+                          "signature; retry shortly.", str(exc),
+                          retry_after=exc.retry_after or ISSUER_RETRY_AFTER) from None
+        policy = verified.policy
+        # 5. The policy's limit.
+        await self._take(f"exchange:policy:{policy.name}", self.per_policy, f"policy {policy.name} exchanged too often")
+        # 6. The key.
+        try:
+            record, full = await self._service(f"exchange:{policy.name}").exchange_token(
+                policy, verified.claims, token_id=verified.token_id, token_expires_at=verified.expires_at,
+                client_ip=client_ip)
+        except Replayed:
+            raise Refusal(400, "invalid_grant", "This subject token was already exchanged.", "replayed") from None
+        except StoreUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
+                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        except ServiceError as exc:
+            # The policy names what the store no longer allows (its role was deleted, ...): the operator's to fix.
+            log.warning(json.dumps({"event": "exchange_policy_broken", "policy": policy.name, "error": str(exc)}))
+            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, f"policy {policy.name}: {exc}") from None
+        self.exchanges["exchanged"] = self.exchanges.get("exchanged", 0) + 1
+        self._answer_token(request, record, full)
+        return {"policy": policy.name, "key_id": record.id, "issuer": policy.issuer,
+                "subject": verified.claims.get("sub")}
+
+    def _answer_token(self, request: Request, record: KeyRecord, full: str) -> None:
+        assert record.expires_at is not None
+        expires_in = max(0, round((record.expires_at - self.clock()).total_seconds()))
+        self._answer(request, 200, {
+            "access_token": full, "issued_token_type": ISSUED_TOKEN_TYPE, "token_type": "Bearer",
+            "expires_in": expires_in, "key_id": record.id,
+        })
+
+    async def _take(self, bucket: str, spec: RateLimitSpec, reason: str) -> None:
+        """One token of ``bucket``, from the limiter keys use: with Redis the limit holds for the whole fleet."""
+        decision = await self.limiter.take(bucket, spec)
+        if not decision.allowed:
+            raise Refusal(429, "temporarily_unavailable", "Too many token exchanges; retry later.", reason,
+                          retry_after=decision.retry_after)
+
+    # -- self-revocation -----------------------------------------------------
+
+    async def _revoke(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
+        """Stages 1-5 for the key in Authorization (no route: revoking needs no operation), then revoke it."""
+        lookup = self.authenticator.lookup
+        try:
+            parsed = bearer_credential(request.headers, self.authenticator.parser)
+            key = await lookup.lookup(parsed, client_ip)
+            check_status(key, time.time())
+            check_allowlist(key.networks, client, key.allowlist_seen, client_ip)
+        except Denied as denied:
+            await lookup.delay_refusal(denied, started)
+            raise _denied(denied) from None
+        except StoreUnavailable as exc:
+            raise _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))) from None
+        key_id = key.record.id
+        try:
+            await self._service(f"key:{key_id}").revoke_key(key_id, reason="self")
+        except StoreUnavailable as exc:
+            raise _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))) from None
+        if self.forget_key is not None:
+            self.forget_key(key_id)
+        self._answer(request, 200, {"revoked": key_id})
+        return {"key_id": key_id}
+
+
+def _denied(denied: Denied) -> Refusal:
+    """The proxy's own answer to a refused key (401, 403, 429, 503), as a refusal of this endpoint."""
+    answer = denial(denied.outcome, "", retry_after=denied.retry_after)
+    body = json.loads(answer.body)
+    headers = "".join(f"{k}: {v}\r\n" for k, v in answer.headers.items()
+                      if k in ("WWW-Authenticate",)).encode()
+    wait = answer.headers.get("Retry-After")
+    return Refusal(answer.status, body["error"], body["error_description"], denied.reason,
+                   retry_after=float(wait) if wait else None, headers=headers)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole request body, at most :data:`MAX_BODY` bytes (413 past it, 408 when it stalls)."""
+    body = request.body
+    if body is None:
+        return b""
+    if body.expected is not None and body.expected > MAX_BODY:
+        raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.", "body too large")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await body.read():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.",
+                              "body too large")
+            chunks.append(chunk)
+    except BodyTimeout:
+        raise Refusal(408, "invalid_request", "The request body did not arrive in time.", "body timeout") from None
+    except MalformedBody:
+        raise Refusal(400, "invalid_request", "The request body is not well-formed HTTP.", "bad framing") from None
+    return b"".join(chunks)
+
+
+def parse_form(content_type: str | None, body: bytes) -> dict[str, str]:
+    """The form's parameters; a parameter given twice is refused (RFC 6749 section 3.2)."""
+    if content_type is None or content_type.split(";", 1)[0].strip().lower() != FORM:
+        raise _invalid_request(f"The body must be {FORM}.")
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FIELDS,
+                          errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise _invalid_request("The body is not a well-formed form.") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise _invalid_request(f"{name} is given more than once.")
+        form[name] = value
+    return form
+
+
+__all__ = ["PREFIX", "WellKnown", "parse_form", "read_body"]
