@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ..manage.audit import AuditFilter, Position, parse_time
 from ..manage.cursor import cursor_time, decode_cursor, encode_cursor
-from ..models import KeyRecord, iso
+from ..models import KeyRecord, Role, TrustPolicy, iso
 from ..manage.service import UNSET
 from . import models as m
 from .endpoints import Call, Endpoint, invalid
@@ -90,12 +90,16 @@ async def rotate_key(call: Call) -> dict[str, Any]:
 
 # -- roles -----------------------------------------------------------------
 async def list_roles(call: Call) -> dict[str, Any]:
-    q: m.PageQuery = call.query
-    after = _cursor_values(q.cursor, (str,))
     # Roles are few (a handful per deployment): paged here, not in the store.
-    roles = [r for r in await call.service.list_roles() if after is None or r.name > str(after[0])]
-    page = _page(roles[: q.limit + 1], q.limit, lambda r: [r.name])
-    page["items"] = [r.public() for r in page["items"]]
+    return _page_by_name(await call.service.list_roles(), call.query)
+
+
+def _page_by_name(items: Sequence[Role | TrustPolicy], q: m.PageQuery) -> dict[str, Any]:
+    """One page of ``items`` (sorted by name), after the cursor's name."""
+    after = _cursor_values(q.cursor, (str,))
+    items = [i for i in items if after is None or i.name > str(after[0])]
+    page = _page(items[: q.limit + 1], q.limit, lambda i: [i.name])
+    page["items"] = [i.public() for i in page["items"]]
     return page
 
 
@@ -139,13 +143,8 @@ async def issue_agent_key(call: Call) -> dict[str, Any]:
 
 # -- trust policies --------------------------------------------------------
 async def list_trust_policies(call: Call) -> dict[str, Any]:
-    q: m.PageQuery = call.query
-    after = _cursor_values(q.cursor, (str,))
     # Policies are few (one per repository or cluster that deploys): paged here, as roles are.
-    policies = [p for p in await call.service.list_trust_policies() if after is None or p.name > str(after[0])]
-    page = _page(policies[: q.limit + 1], q.limit, lambda p: [p.name])
-    page["items"] = [p.public() for p in page["items"]]
-    return page
+    return _page_by_name(await call.service.list_trust_policies(), call.query)
 
 
 async def get_trust_policy(call: Call) -> dict[str, Any]:

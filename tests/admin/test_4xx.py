@@ -63,6 +63,16 @@ async def test_400_for_a_body_that_is_not_json(admin: Admin, data: bytes, detail
 NAIVE_TIME_CURSOR = encode_cursor(["2026-01-01T00:00:00", "kg_AAAAAAAAAAAA"])
 
 
+def assert_invalid(reply: Any, field: str) -> None:
+    """A 422 problem naming ``field`` first (or "body": a rule across fields, a detail and no field list)."""
+    assert reply.status == 422, reply.body
+    assert reply.body["type"] == "urn:keygate:problem:invalid_input"
+    if "errors" in reply.body:
+        assert [e["field"] for e in reply.body["errors"]][0] == field
+    else:
+        assert field == "body" and reply.body["detail"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "params", "field"),
     [
@@ -97,12 +107,7 @@ async def test_422_for_invalid_fields(
 ) -> None:
     """Invalid input is a 422 problem naming the field (or "body" for a rule across fields), and changes nothing."""
     reply = await admin.call(method, path, json=body, params=params)
-    assert reply.status == 422, reply.body
-    assert reply.body["type"] == "urn:keygate:problem:invalid_input"
-    if "errors" in reply.body:
-        assert [e["field"] for e in reply.body["errors"]][0] == field
-    else:
-        assert field == "body" and reply.body["detail"]
+    assert_invalid(reply, field)
     assert await admin.cli.list_keys(limit=10) == [await admin.cli.get_key(admin.root_id)]
 
 
@@ -181,12 +186,7 @@ async def test_422_for_invalid_trust_policies(admin: Admin, path: str, body: Any
         reply = await admin.call("GET", path, params={"cursor": "%%%"})
     else:
         reply = await admin.call("PUT", path, json=body)
-    assert reply.status == 422, reply.body
-    assert reply.body["type"] == "urn:keygate:problem:invalid_input"
-    if "errors" in reply.body:
-        assert [e["field"] for e in reply.body["errors"]][0] == field
-    else:
-        assert field == "body" and reply.body["detail"]
+    assert_invalid(reply, field)
     assert await admin.cli.list_trust_policies() == []
     assert [e for e in await admin.audit(type="event") if e["action"].startswith("trust.")] == []
 
