@@ -25,6 +25,9 @@ from .config.render import masked, render_toml
 from .config.schema import Settings
 from .models import KeyRecord, Role, TrustPolicy, iso
 from .cache.notices import change_publisher
+from .identity import login as people
+from .identity.credentials import CredentialsError
+from .identity.device import LoginError
 from .manage.service import UNSET, KeyService, ServiceError, bootstrap
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
@@ -634,6 +637,58 @@ def audit(ctx: click.Context, key_id: str | None, action: str | None, decision: 
         emit_json([e.public() for e in page.entries])
     else:
         table(["TIME", "ACTOR/KEY", "ACTION", "TARGET/SERVER", "DETAILS"], [_audit_row(e) for e in page.entries])
+
+
+# -- people: keygate login -----------------------------------------------
+def _signed_in(coro: Awaitable[T]) -> T:
+    """Run a login command: its problems are one line and exit status 1 (a credentials file problem: 2)."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except LoginError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except CredentialsError as exc:
+        fail(str(exc))
+
+
+@main.command("login")
+@click.option("--gateway", required=True, metavar="URL", help="The gateway to sign in to, e.g. https://keygate.example.com")
+@click.option("--org", help="The org to get your agent key for (needed when you are a member of several).")
+def login_command(gateway: str, org: str | None) -> None:
+    """Sign in (OAuth device grant at the gateway's sign-in provider) and store your agent key."""
+    _signed_in(people.login(gateway, org, click.echo))
+
+
+@main.command("whoami")
+@click.option("--gateway", metavar="URL", help="Which gateway (when signed in to several).")
+@click.option("--org", help="Which org (when signed in to several).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def whoami_command(gateway: str | None, org: str | None, as_json: bool) -> None:
+    """Who you are at the gateway, as it sees your key now."""
+    me = _signed_in(people.whoami(gateway, org))
+    if as_json:
+        emit_json(me)
+    else:
+        click.echo(f"{me.get('user') or me.get('name')} in org {me['org']} at {me['gateway']} "
+                   f"(key {me['key_id']}{', expires ' + me['expires_at'] if me.get('expires_at') else ''})")
+
+
+@main.command("token")
+@click.option("--gateway", metavar="URL", help="Which gateway (when signed in to several).")
+@click.option("--org", help="Which org (when signed in to several).")
+def token_command(gateway: str | None, org: str | None) -> None:
+    """Print your key, for curl -H "Authorization: Bearer $(keygate token)" (KEYGATE_TOKEN wins)."""
+    try:
+        click.echo(people.token(gateway, org))
+    except CredentialsError as exc:
+        fail(str(exc))
+
+
+@main.command("logout")
+@click.option("--gateway", metavar="URL", help="Which gateway (when signed in to several).")
+@click.option("--org", help="Which org (when signed in to several).")
+def logout_command(gateway: str | None, org: str | None) -> None:
+    """Revoke your key through the gateway and remove it from the credentials file."""
+    _signed_in(people.logout(gateway, org, click.echo))
 
 
 if __name__ == "__main__":  # pragma: no cover

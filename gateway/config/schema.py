@@ -214,6 +214,41 @@ class ExchangeSettings(_Section):
         return spec
 
 
+def _login_issuer(url: str) -> str:
+    if url:
+        parts = urlsplit(url)
+        loopback = parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback) or not parts.hostname:
+            raise ValueError("must be an https URL (http only for 127.0.0.1 or localhost), or empty for no sign-in")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+    return url
+
+
+class LoginSettings(_Section):
+    """Sign-in for people (`keygate login`): an ID token of this provider is traded for the person's agent key."""
+
+    issuer: Annotated[str, AfterValidator(_login_issuer)] = Field(
+        "", description="The sign-in provider (OpenID Connect issuer, exactly as its tokens' iss); empty = no "
+        "sign-in.",
+    )
+    client_id: str = Field("", description="The client id `keygate login` uses at the provider (a public client "
+                           "allowed the device grant).")
+    user_claim: str = Field("email", description="The ID token claim that names the person, as members are named.")
+    audience: str = Field("", description="The audience ID tokens must carry; empty = client_id.")
+    orgs: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description='Orgs a signed-in person may get an agent key for ("*" = any); they must also be a member.',
+    )
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, client_id: str, info: ValidationInfo) -> str:
+        if info.data.get("issuer") and not client_id:
+            raise ValueError("is required when login.issuer is set")
+        return client_id
+
+
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///keygate.db",
@@ -568,6 +603,7 @@ class Settings(_Section):
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
     authz: AuthzSettings = Field(default_factory=AuthzSettings, description="The decision-only listener.")
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings, description=ExchangeSettings.__doc__)
+    login: LoginSettings = Field(default_factory=LoginSettings, description=LoginSettings.__doc__)
     store: StoreSettings = Field(default_factory=StoreSettings, description="The key store.")
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Optional Redis.")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Caching of verified keys.")

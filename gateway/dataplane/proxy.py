@@ -34,8 +34,11 @@ WellKnownHandler = Callable[[Request, str], Awaitable[None]]
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
-# Keygate's own endpoints (the identity exchange, self-revocation): never forwarded.
-WELL_KNOWN = "/.well-known/keygate/"
+# Keygate's own endpoints (/.well-known/keygate and below it: discovery, the identity exchange, whoami,
+# self-revocation): never forwarded.
+WELL_KNOWN = "/.well-known/keygate"
+_WELL_KNOWN_NEXT = frozenset("/?")
+_WELL_KNOWN_LENGTH = len(WELL_KNOWN)
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
 _ALLOWED = Outcome.ALLOWED
 
@@ -69,7 +72,9 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
-        if request.raw_path.startswith(WELL_KNOWN) and self.well_known is not None:
+        raw = request.raw_path
+        if raw.startswith(WELL_KNOWN) and self.well_known is not None \
+                and (len(raw) == _WELL_KNOWN_LENGTH or raw[_WELL_KNOWN_LENGTH] in _WELL_KNOWN_NEXT):
             # Keygate's own endpoints answer for themselves (and write their own log and audit events).
             await self.well_known(request, request_id)
             return

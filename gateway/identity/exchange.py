@@ -31,16 +31,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
+
+import jwt
 
 from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..config.schema import Settings
 from ..dataplane.http1 import BodyTimeout, ClientGone, MalformedBody, Request, reason_of
 from ..manage.service import KeyService, Notifier, Replayed, ServiceError
-from ..models import KeyRecord
+from ..models import KeyRecord, TrustPolicy
+from ..pipeline.prepared import PreparedKey
 from ..pipeline.allowlist import check_allowlist
 from ..pipeline.authenticate import Authenticator
 from ..pipeline.credential import bearer_credential
@@ -50,13 +53,15 @@ from ..pipeline.responses import denial
 from ..pipeline.status import check_status
 from ..store import KeyStore, StoreUnavailable
 from .jwks import IssuerUnavailable
-from .verify import AmbiguousPolicy, InvalidToken, TokenVerifier
+from .verify import AmbiguousPolicy, InvalidToken, TokenVerifier, Verified
 
 log = logging.getLogger("keygate.identity")
 
-PREFIX = "/.well-known/keygate/"
+DISCOVERY_PATH = "/.well-known/keygate"
+PREFIX = DISCOVERY_PATH + "/"
 TOKEN_PATH = PREFIX + "token"
 REVOKE_PATH = PREFIX + "revoke"
+WHOAMI_PATH = PREFIX + "whoami"
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 # What a subject token may be declared as: an OIDC ID token, or a JWT (RFC 8693 section 3).
@@ -108,6 +113,14 @@ class WellKnown:
         self.notifier = notifier
         self.forget_key = forget_key  # drops a revoked key from this process's cache at once
         self.clock = clock
+        # Sign-in for people (keygate login): ID tokens of login.issuer, checked as a policy with no conditions
+        # beyond the audience; the person is named by login.user_claim.
+        login = settings.login
+        self.login: TrustPolicy | None = TrustPolicy(
+            name="login", issuer=login.issuer, audience=login.audience or login.client_id, conditions=(), org="",
+            role=None, operations=(), servers=(), ip_allowlist=(), rate_limit=None, lifetime=0, jwks_file=None,
+            created_by="config", created_at=_EPOCH, updated_at=_EPOCH,
+        ) if login.issuer else None
         e = settings.exchange
         self.per_client = parse_rate_limit(e.per_client)
         self.per_policy = parse_rate_limit(e.per_policy)
@@ -124,11 +137,17 @@ class WellKnown:
         details: dict[str, Any] = {"client_ip": client_ip}
         try:
             if path == TOKEN_PATH:
-                self._require_post(request)
+                self._require(request, "POST")
                 details.update(await self._exchange(request, client_ip))
             elif path == REVOKE_PATH:
-                self._require_post(request)
+                self._require(request, "POST")
                 details.update(await self._revoke(request, client, client_ip, started))
+            elif path == WHOAMI_PATH:
+                self._require(request, "GET")
+                details.update(await self._whoami(request, client, client_ip, started))
+            elif path == DISCOVERY_PATH:
+                self._require(request, "GET")
+                self._discovery(request)
             else:
                 raise Refusal(404, "not_found", "No such Keygate endpoint.", "unknown path")
         except ClientGone:
@@ -143,8 +162,9 @@ class WellKnown:
             self._answer(request, 500, {"error": "server_error", "error_description": "Keygate failed to handle "
                                         "this request.", "request_id": request_id})
         else:
-            log.info(json.dumps({"event": "exchange" if path == TOKEN_PATH else "self_revoke", "path": path,
-                                 "request_id": request_id, **details}))
+            if path in (TOKEN_PATH, REVOKE_PATH):
+                log.info(json.dumps({"event": "exchange" if path == TOKEN_PATH else "self_revoke", "path": path,
+                                     "request_id": request_id, **details}))
         finally:
             if request.body is not None and not request.ended:
                 request.body.discard()
@@ -171,9 +191,21 @@ class WellKnown:
         request.send(status, reason_of(status), _HEADERS + headers, json.dumps(body).encode())
 
     @staticmethod
-    def _require_post(request: Request) -> None:
-        if request.method != "POST":
-            raise Refusal(405, "invalid_request", "Use POST.", f"method {request.method}", headers=b"Allow: POST\r\n")
+    def _require(request: Request, method: str) -> None:
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            raise Refusal(405, "invalid_request", f"Use {method}.", f"method {request.method}",
+                          headers=b"Allow: %s\r\n" % method.encode())
+
+    def _discovery(self, request: Request) -> None:
+        """What `keygate login` needs to know: the sign-in provider and client id (no secrets)."""
+        login = self.settings.login
+        self._answer(request, 200, {
+            "issuer": login.issuer or None, "client_id": login.client_id or None,
+            "audience": (login.audience or login.client_id) or None, "user_claim": login.user_claim,
+            "token_endpoint": TOKEN_PATH, "revocation_endpoint": REVOKE_PATH, "whoami_endpoint": WHOAMI_PATH,
+            "grant_types_supported": [GRANT_TYPE],
+            "subject_token_types_supported": sorted(SUBJECT_TOKEN_TYPES),
+        })
 
     # -- the exchange --------------------------------------------------------
 
@@ -200,6 +232,9 @@ class WellKnown:
         if requested not in (None, ISSUED_TOKEN_TYPE):
             raise _invalid_request(f"Only {ISSUED_TOKEN_TYPE} can be issued.")
         policy_name = form.get("policy") or None
+        if self.login is not None and policy_name is None and unverified_issuer(token) == self.login.issuer:
+            # A person signing in (keygate login): their agent key, not a trust policy's key.
+            return await self._login(request, token, form.get("org") or None, client_ip)
         # 3. The policies.
         service = self._service("exchange")
         try:
@@ -208,17 +243,7 @@ class WellKnown:
             raise Refusal(503, "temporarily_unavailable", "Trust policies cannot be read right now; retry shortly.",
                           f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
         # 4. The token.
-        try:
-            verified = await self.verifier.verify(token, policies, policy_name=policy_name)
-        except InvalidToken as exc:
-            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, str(exc)) from None
-        except AmbiguousPolicy as exc:
-            raise _invalid_request("Several trust policies accept this token: name one with the policy "
-                                   "parameter.") from exc
-        except IssuerUnavailable as exc:
-            raise Refusal(503, "temporarily_unavailable", "The token's issuer cannot be reached to check its "
-                          "signature; retry shortly.", str(exc),
-                          retry_after=exc.retry_after or ISSUER_RETRY_AFTER) from None
+        verified = await self._verified(token, policies, policy_name)
         policy = verified.policy
         # 5. The policy's limit.
         await self._take(f"exchange:policy:{policy.name}", self.per_policy, f"policy {policy.name} exchanged too often")
@@ -241,6 +266,20 @@ class WellKnown:
         return {"policy": policy.name, "key_id": record.id, "issuer": policy.issuer,
                 "subject": verified.claims.get("sub")}
 
+    async def _verified(self, token: str, policies: Sequence[TrustPolicy], policy_name: str | None) -> Verified:
+        """The token checked against ``policies``; its refusals as the client sees them."""
+        try:
+            return await self.verifier.verify(token, policies, policy_name=policy_name)
+        except InvalidToken as exc:
+            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, str(exc)) from None
+        except AmbiguousPolicy as exc:
+            raise _invalid_request("Several trust policies accept this token: name one with the policy "
+                                   "parameter.") from exc
+        except IssuerUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "The token's issuer cannot be reached to check its "
+                          "signature; retry shortly.", str(exc),
+                          retry_after=exc.retry_after or ISSUER_RETRY_AFTER) from None
+
     def _answer_token(self, request: Request, record: KeyRecord, full: str) -> None:
         assert record.expires_at is not None
         expires_in = max(0, round((record.expires_at - self.clock()).total_seconds()))
@@ -256,10 +295,71 @@ class WellKnown:
             raise Refusal(429, "temporarily_unavailable", "Too many token exchanges; retry later.", reason,
                           retry_after=decision.retry_after)
 
+    # -- sign-in -------------------------------------------------------------
+
+    async def _login(self, request: Request, token: str, org: str | None, client_ip: str) -> dict[str, Any]:
+        """The person's agent key for ``org``: they must be a member, and the org one login.orgs allows."""
+        assert self.login is not None
+        verified = await self._verified(token, [self.login], None)
+        claims, claim = verified.claims, self.settings.login.user_claim
+        user = claims.get(claim)
+        if not isinstance(user, str) or not user:
+            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, f"no {claim} claim")
+        if claim == "email" and claims.get("email_verified") is False:
+            raise Refusal(400, "invalid_grant", "The sign-in provider has not verified this email address.",
+                          "email not verified")
+        allowed = self.settings.login.orgs
+        service = self._service(f"login:{user}")
+        try:
+            member_of = [o for o in await service.member_orgs(user) if "*" in allowed or o in allowed]
+        except StoreUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
+                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        if org is None:
+            if len(member_of) != 1:
+                # Not a member anywhere, or of several orgs: the person is told which they may choose.
+                raise Refusal(403 if not member_of else 400, "access_denied" if not member_of else "invalid_request",
+                              f"{user} is not a member of any org that may sign in here." if not member_of else
+                              f"Name the org to sign in to (keygate login --org ORG): one of {', '.join(member_of)}.",
+                              f"{user}: member of {member_of}")
+            org = member_of[0]
+        elif org not in member_of:
+            raise Refusal(403, "access_denied", f"{user} may not sign in to org {org} here (not a member, or the org "
+                          "is not in login.orgs).", f"{user} not allowed in {org}")
+        try:
+            record, full, previous = await service.login_agent_key(
+                org, user, issuer=self.login.issuer, subject=_text(claims.get("sub")), token_id=verified.token_id,
+                token_expires_at=verified.expires_at, client_ip=client_ip)
+        except Replayed:
+            raise Refusal(400, "invalid_grant", "This ID token was already used to sign in.", "replayed") from None
+        except StoreUnavailable as exc:
+            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
+                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        except ServiceError as exc:  # the membership went away meanwhile
+            raise Refusal(403, "access_denied", f"{user} may not sign in to org {org} here.", str(exc)) from None
+        if previous is not None and self.forget_key is not None:
+            self.forget_key(previous)  # the replaced key stops here at once (other processes: the change feed)
+        self.exchanges["signed_in"] = self.exchanges.get("signed_in", 0) + 1
+        self._answer(request, 200, {
+            "access_token": full, "issued_token_type": ISSUED_TOKEN_TYPE, "token_type": "Bearer",
+            "key_id": record.id, "org": org, "user": user,
+        })
+        return {"login": user, "org": org, "key_id": record.id}
+
+    async def _whoami(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
+        """Who the key in Authorization is: for `keygate whoami` (and anyone checking that a key still works)."""
+        record = (await self._authenticated(request, client, client_ip, started)).record
+        self._answer(request, 200, {
+            "key_id": record.id, "name": record.name, "kind": record.kind, "org": record.org,
+            "user": record.user or None, "role": record.role, "agent": record.agent,
+            "expires_at": record.expires_at.isoformat().replace("+00:00", "Z") if record.expires_at else None,
+        })
+        return {"key_id": record.id}
+
     # -- self-revocation -----------------------------------------------------
 
-    async def _revoke(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
-        """Stages 1-5 for the key in Authorization (no route: revoking needs no operation), then revoke it."""
+    async def _authenticated(self, request: Request, client: Any, client_ip: str, started: float) -> PreparedKey:
+        """Stages 1-5 for the key in Authorization (no route: these endpoints need no operation)."""
         lookup = self.authenticator.lookup
         try:
             parsed = bearer_credential(request.headers, self.authenticator.parser)
@@ -271,7 +371,11 @@ class WellKnown:
             raise _denied(denied) from None
         except StoreUnavailable as exc:
             raise _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))) from None
-        key_id = key.record.id
+        return key
+
+    async def _revoke(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
+        """The key in Authorization revokes itself."""
+        key_id = (await self._authenticated(request, client, client_ip, started)).record.id
         try:
             await self._service(f"key:{key_id}").revoke_key(key_id, reason="self")
         except StoreUnavailable as exc:
@@ -280,6 +384,23 @@ class WellKnown:
             self.forget_key(key_id)
         self._answer(request, 200, {"revoked": key_id})
         return {"key_id": key_id}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a token claims, unverified: only to choose how it is checked."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    issuer = claims.get("iss")
+    return issuer if isinstance(issuer, str) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _denied(denied: Denied) -> Refusal:

@@ -426,32 +426,65 @@ class KeyService:
         Returns ``(record, full key, id of the revoked previous key or None)``.
         """
         now = self.clock()
+        org, user = self._org_and_user(org, user)
+        async with self._transaction() as tx:
+            record, full, previous = await self._new_agent_key(tx, now, org, user)
+            await self._audit(tx, now, "key.agent", record.id, org=org, user=user, replaced=previous)
+        return record, full, previous
+
+    async def login_agent_key(
+        self, org: str, user: str, *, issuer: str, subject: str | None, token_id: str, token_expires_at: datetime,
+        client_ip: str | None,
+    ) -> tuple[KeyRecord, str, str | None]:
+        """``keygate login``: a person's verified ID token traded for their agent key in ``org``.
+
+        As :meth:`issue_agent_key` (signing in again rotates the key), with the ID token claimed in
+        the same transaction (an ID token signs in once) and audited as ``key.login``.
+        """
+        now = self.clock()
+        org, user = self._org_and_user(org, user)
+        async with self._transaction() as tx:
+            if not await tx.claim_token(token_id, policy="login", at=now, expires_at=token_expires_at):
+                raise Replayed("this ID token has signed in already")
+            record, full, previous = await self._new_agent_key(tx, now, org, user)
+            await self._audit(tx, now, "key.login", record.id, org=org, user=user, replaced=previous, issuer=issuer,
+                              subject=subject, client_ip=client_ip)
+        return record, full, previous
+
+    @staticmethod
+    def _org_and_user(org: str, user: str) -> tuple[str, str]:
         check = _Checks()
         org, user = check.one("org", fields.org, org), check.one("user", fields.user, user)
         check.done()
+        return org, user
+
+    async def member_orgs(self, user: str) -> list[str]:
+        """The orgs ``user`` is a member of."""
+        async with self.store.read() as tx:
+            return await tx.member_orgs(user)
+
+    async def _new_agent_key(self, tx: Transaction, now: datetime, org: str, user: str,
+                             ) -> tuple[KeyRecord, str, str | None]:
+        """Revoke the member's live agent keys and make a new one; ``(record, full key, a revoked id or None)``."""
+        # Locking the membership row serialises concurrent issuances for this user.
+        if await tx.get_member(org, user, for_update=True) is None:
+            raise NotFound(f"user {user!r} is not a member of org {org!r}")
+        # Every live one: a rotated agent key in its grace period counts too.
+        live = await tx.live_agent_keys(org, user, now)
+        for old in live:
+            await tx.save_key(replace(old, revoked_at=now))
+            await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
+            await self._changed(tx, now, "key", old.id)
         kind = self.settings.keys.default_kind
-        async with self._transaction() as tx:
-            # Locking the membership row serialises concurrent issuances for this user.
-            if await tx.get_member(org, user, for_update=True) is None:
-                raise NotFound(f"user {user!r} is not a member of org {org!r}")
-            # Every live one: a rotated agent key in its grace period counts too.
-            live = await tx.live_agent_keys(org, user, now)
-            for old in live:
-                await tx.save_key(replace(old, revoked_at=now))
-                await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
-                await self._changed(tx, now, "key", old.id)
-            previous = live[0] if live else None
-            parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, kind))
-            record = KeyRecord(
-                id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
-                operations=(), servers=("*",), ip_allowlist=(), rate_limit=None, agent=True,
-                created_by=self.actor, created_at=now, expires_at=None, revoked_at=None,
-                last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
-            )
-            await tx.insert_key(record)
-            await self._audit(tx, now, "key.agent", record.id, org=org, user=user,
-                              replaced=previous.id if previous else None)
-        return record, parsed.full, previous.id if previous else None
+        parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, kind))
+        record = KeyRecord(
+            id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
+            operations=(), servers=("*",), ip_allowlist=(), rate_limit=None, agent=True,
+            created_by=self.actor, created_at=now, expires_at=None, revoked_at=None,
+            last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
+        )
+        await tx.insert_key(record)
+        return record, parsed.full, live[0].id if live else None
 
     # -- roles -----------------------------------------------------------
     async def list_roles(self) -> list[Role]:

@@ -288,6 +288,10 @@ class SqlTransaction:
         )
         return [self._member(row) for row in rows]
 
+    async def member_orgs(self, user: str) -> list[str]:
+        rows = await self._fetch("SELECT org FROM members WHERE user_name = ? ORDER BY org", user)
+        return [str(row["org"]) for row in rows]
+
     async def put_member(self, m: Member) -> None:
         t = self._d.time_in
         await self._exec(
