@@ -1,15 +1,18 @@
 """deploy/github-actions/example-workflow.yml, its job run step by step as the runner would.
 
 keygate-login's main step (node), the deploy step's script (bash, as GitHub runs a ``run:``
-step) with what main exported, then the post step, against the stand-ins of
-tests/deploy/login_peers.py. The ``${{ }}`` expressions the job uses are filled in from the
-job's env and the login step's outputs; any other expression fails the test. The same job
-against a real ``keygate serve`` is added when the exchange endpoint lands.
+step) with what main exported, then the post step, against a real ``keygate serve`` in front
+of a real upstream, with a trust policy for the job's repository and environment. Only
+GitHub's ID token service is a stand-in (tests/deploy/login_peers.py), its tokens signed by
+an OIDC issuer run by the test that Keygate verifies them against. The ``${{ }}``
+expressions the job uses are filled in from the job's env and the login step's outputs;
+any other expression fails the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -18,8 +21,12 @@ from typing import Any
 
 import yaml
 
+from tests.e2e.harness import Keygate
+from tests.identity_issuer import OidcIssuer
+
 from .actions_runner import Runner, StepResult, assert_never_printed
-from .login_peers import ACTION_DIR, IdTokenService, KeygateStandIn, oidc_env
+from .login_peers import ACTION_DIR, IdTokenService, claims_of, oidc_env, trust
+from .test_keygate_login import audit_events
 
 GITHUB_ACTIONS = ACTION_DIR.parent
 WORKFLOW = GITHUB_ACTIONS / "example-workflow.yml"
@@ -60,11 +67,12 @@ def test_the_workflow_asks_for_an_id_token_and_keeps_no_key() -> None:
         assert "${{" not in s.get("run", "")
 
 
-async def run_deploy_step(folder: Path, keygate: KeygateStandIn, main: StepResult) -> tuple[int, str]:
+async def run_deploy_step(folder: Path, gateway: Keygate, main: StepResult) -> tuple[int, str]:
     """The deploy step's script under bash, with the job's env, the step's env and what main exported."""
     deploy = next(s for s in job()["steps"] if "run" in s)
-    values = {"env.KEYGATE_URL": keygate.url, **{f"steps.keygate.outputs.{k}": v for k, v in main.outputs.items()}}
-    env = {"PATH": os.environ["PATH"], "HOME": str(folder), **job()["env"], "KEYGATE_URL": keygate.url,
+    values = {"env.KEYGATE_URL": gateway.proxy_url,
+              **{f"steps.keygate.outputs.{k}": v for k, v in main.outputs.items()}}
+    env = {"PATH": os.environ["PATH"], "HOME": str(folder), **job()["env"], "KEYGATE_URL": gateway.proxy_url,
            **{name: fill(str(value), values) for name, value in deploy.get("env", {}).items()},
            **main.env, "GITHUB_SHA": SHA, "GITHUB_RUN_ID": "1234", "GITHUB_RUN_ATTEMPT": "1"}
     script = folder / "deploy.sh"
@@ -78,25 +86,38 @@ async def run_deploy_step(folder: Path, keygate: KeygateStandIn, main: StepResul
 
 
 async def test_the_job_logs_in_calls_the_api_with_the_key_and_revokes_it(
-    action: Runner, github: IdTokenService, keygate: KeygateStandIn,
+    action: Runner, github: IdTokenService, issuer: OidcIssuer, gateway: Keygate,
 ) -> None:
-    """Login exports the key, the deploy step sends it as Bearer, post revokes it: a second call is refused."""
-    login = step("uses", COPIED_TO)
-    inputs = {name: fill(str(value), {"env.KEYGATE_URL": keygate.url}) for name, value in login["with"].items()}
-    main = await action.run("main", inputs=inputs, environ=oidc_env(github))
-    assert main.returncode == 0, main.stdout
-    ((key, key_id),) = keygate.keys.items()
+    """Login exports the key, the deploy step's call passes Keygate to the upstream, post revokes it: then 401.
 
-    status, output = await run_deploy_step(action.folder, keygate, main)
+    The trust policy is the README's for this job (repository acme/shop, environment production,
+    operation deploy on server prod-1), its audience the action's default (the gateway URL).
+    """
+    await trust(gateway, issuer, conditions={"repository": "acme/shop", "environment": job()["environment"]},
+                servers=[job()["env"]["SERVER"]])
+    login = step("uses", COPIED_TO)
+    inputs = {name: fill(str(value), {"env.KEYGATE_URL": gateway.proxy_url}) for name, value in login["with"].items()}
+    main = await action.run("main", inputs=inputs, environ=oidc_env(github))
+    assert main.returncode == 0, main.stdout + main.stderr
+    key, key_id = main.env["KEYGATE_TOKEN"], main.outputs["key-id"]
+
+    status, output = await run_deploy_step(action.folder, gateway, main)
     assert status == 0, output
-    (call,) = keygate.api_calls
-    assert call["path"] == "/api/servers/prod-1/deploy" and call["authorization"] == f"Bearer {key}"
-    assert json.loads(call["body"]) == {"ref": SHA}
-    assert f"deploying with Keygate key {key_id}" in output and "HTTP 200" in output
+    assert f"deploying with Keygate key {key_id}" in output and f"deployed {SHA} to prod-1 (HTTP 200)" in output
+    # What the upstream received, as it echoes it: the deploy call with the job's body, and no key.
+    echoed = json.loads(output.splitlines()[1])
+    assert (echoed["method"], echoed["path"]) == ("POST", "/api/servers/prod-1/deploy")
+    assert echoed["body_sha256"] == hashlib.sha256(json.dumps({"ref": SHA}).encode()).hexdigest()
+    headers = {name.lower(): value for name, value in echoed["headers"]}
+    assert headers["x-request-id"] == "gha-1234-1" and headers["x-keygate-key-id"] == key_id
+    assert "authorization" not in headers
     assert key not in output
+    (exchanged, details), = await audit_events(gateway, key_id)
+    assert exchanged == "key.exchanged" and details["claims"]["run_id"] == claims_of(github.issued[0])["run_id"]
 
     post = await action.run("post", inputs=inputs, environ={}, state=main.state)
-    assert post.returncode == 0 and keygate.revocations == [f"Bearer {key}"]
+    assert post.returncode == 0 and f"Revoked Keygate key {key_id}" in post.lines
     assert_never_printed(post, key)
-    status, output = await run_deploy_step(action.folder, keygate, main)
+    status, output = await run_deploy_step(action.folder, gateway, main)
     assert status != 0 and "::error::deploy failed: HTTP 401" in output
+    assert [a for a, _ in await audit_events(gateway, key_id)] == ["key.exchanged", "key.revoke"]
