@@ -78,8 +78,13 @@ async def test_main_trades_the_id_token_at_keygate_for_a_key_that_works_as_the_p
     inputs: dict[str, str], variable: str, audience: str | None, action: Runner, github: IdTokenService,
     issuer: OidcIssuer, gateway: Keygate, http: aiohttp.ClientSession,
 ) -> None:
-    """Masked, exported, saved for post; 200 through the proxy for what the policy grants, 403 beyond; audited."""
+    """Masked, exported, saved for post; 200 through the proxy for what the policy grants, 403 beyond; audited.
+
+    With the policy input a second policy accepts the token too: Keygate then needs the name.
+    """
     await trust(gateway, issuer, audience=audience)
+    if "policy" in inputs:
+        await trust(gateway, issuer, name="shop-any", audience=audience, operations=["servers:read"])
     given = {"gateway-url": gateway.proxy_url} | {k: v.format(url=gateway.proxy_url) for k, v in inputs.items()}
     result = await action.run("main", inputs=given, environ=oidc_env(github))
     assert result.returncode == 0, result.stdout + result.stderr
