@@ -102,12 +102,12 @@ class DeviceLogin:
             raise LoginError(f"{gateway} does not offer sign-in (login.issuer is not set there)")
         if status != 200:
             raise LoginError(f"the gateway answered {status}: {doc.get('error_description') or doc.get('error')}")
-        try:
-            return GatewayInfo(gateway, checked_url(str(doc["issuer"]), "the sign-in provider"),
-                               str(doc["client_id"]), checked_url(str(doc["token_endpoint"]), "token endpoint"),
-                               checked_url(str(doc["revocation_endpoint"]), "revocation endpoint"))
-        except KeyError as exc:
-            raise LoginError(f"the gateway's /.well-known/keygate lacks {exc.args[0]}") from None
+        if not doc.get("client_id"):
+            raise LoginError("the gateway's /.well-known/keygate names no client_id")
+        # SECURITY: the ID token goes only to the gateway the person named, at Keygate's own paths,
+        # whatever the document says (it could point elsewhere).
+        return GatewayInfo(gateway, checked_url(str(doc["issuer"]), "the sign-in provider"), str(doc["client_id"]),
+                           gateway + "/.well-known/keygate/token", gateway + "/.well-known/keygate/revoke")
 
     async def start(self, info: GatewayInfo) -> tuple[DeviceCode, str]:
         """The device code (to show the person) and the provider's token endpoint."""

@@ -183,12 +183,16 @@ class SigningKeys:
         clock: Callable[[], float] = time.monotonic,
         ttl: float = 3600.0,
         refetch_interval: float = 60.0,
+        retry_interval: float = 5.0,
         timeout: float = 5.0,
         max_bytes: int = 1024 * 1024,
     ) -> None:
         self._clock = clock
         self._ttl = ttl
         self._refetch_interval = refetch_interval
+        # An issuer that failed is asked again after this, not after refetch_interval: a client told
+        # Retry-After should find it back soon after it is (a CI job's ID token lives minutes).
+        self._retry_interval = retry_interval
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -263,9 +267,9 @@ class SigningKeys:
             return state.keys or ()
 
     def _failed(self, issuer: str, state: _IssuerState, exc: _FetchFailed, now: float) -> None:
-        state.retry_at, state.problem = now + self._refetch_interval, str(exc)
+        state.retry_at, state.problem = now + self._retry_interval, str(exc)
         cached = "serving the cached key set" if state.keys is not None else "no key set cached"
-        log.warning("signing keys of %s: %s; %s, next attempt in %.0f s", issuer, exc, cached, self._refetch_interval)
+        log.warning("signing keys of %s: %s; %s, next attempt in %.0f s", issuer, exc, cached, self._retry_interval)
 
     async def _fetch(self, issuer: str, state: _IssuerState) -> None:
         now = self._clock()
