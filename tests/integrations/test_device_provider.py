@@ -20,7 +20,7 @@ import jwt
 import pytest
 
 from ..oidc_provider import (ALICE, BOB, CLIENT_ID, DEVICE_GRANT, EVE, HERE, OTHER_CLIENT_ID, SCOPE, USERS,
-                             ApprovalError, DeviceProvider, ensure_installed, pinned_version, tool)
+                             ApprovalError, DeviceProvider, ensure_installed, installed_version, pinned_version, tool)
 
 
 # -- a device client, as RFC 8628 has it ------------------------------------------------------------
@@ -207,8 +207,10 @@ async def test_the_provider_stops_with_its_context() -> None:
                          ids=["ci", "local"])
 def test_missing_node_or_npm_fails_in_ci_and_skips_elsewhere(ci: str, outcome: type[BaseException]) -> None:
     for name in ("node", "npm"):
-        with pytest.raises(outcome, match=f"{name} is not installed"):
+        # BaseException: a skip where a failure is due must fail this test, not skip it.
+        with pytest.raises(BaseException, match=f"{name} is not installed") as raised:
             tool(name, environ={"CI": ci, "PATH": "/nonexistent"})
+        assert raised.type is outcome
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)],
@@ -219,8 +221,9 @@ def test_a_failed_npm_ci_fails_in_ci_and_skips_elsewhere(ci: str, outcome: type[
     shutil.copy(HERE / "package-lock.json", tmp_path / "package-lock.json")
     (tmp_path / "package.json").write_text("{ not json")
     npm = tool("npm")
-    with pytest.raises(outcome, match="npm ci.*failed"):
+    with pytest.raises(BaseException, match="npm ci.*failed") as raised:
         ensure_installed(tmp_path, environ={"CI": ci, "PATH": str(Path(npm).parent)})
+    assert raised.type is outcome
 
 
 def test_the_lock_pins_one_oidc_provider_release_that_runs_on_node_20() -> None:
@@ -235,3 +238,15 @@ def test_the_default_users() -> None:
     assert sorted(USERS) == ["alice@example.com", "bob@example.com", "eve@example.com", "mallory@example.com"]
     assert [u.email for u in USERS.values() if not u.email_verified] == [EVE]
     assert len({u.sub for u in USERS.values()}) == len({u.password for u in USERS.values()}) == 4
+
+
+def test_a_folder_without_node_modules_gets_the_pinned_release(tmp_path: Path) -> None:
+    """What DeviceProvider does before starting when scripts/test has not run: npm ci, once."""
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy(HERE / name, tmp_path / name)
+    assert installed_version(tmp_path) is None
+    ensure_installed(tmp_path)
+    assert installed_version(tmp_path) == pinned_version(tmp_path) == pinned_version()
+    stamp = (tmp_path / "node_modules" / "oidc-provider" / "package.json").stat().st_mtime_ns
+    ensure_installed(tmp_path)  # already there: no second install
+    assert (tmp_path / "node_modules" / "oidc-provider" / "package.json").stat().st_mtime_ns == stamp

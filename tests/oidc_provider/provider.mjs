@@ -24,11 +24,9 @@
 // - `interval` in the device authorization response and the token endpoint's `slow_down`
 //   (RFC 8628 section 3.5), which oidc-provider does not implement: a post-middleware turns an
 //   `authorization_pending` answer into `slow_down` when the same device_code is polled sooner
-//   than its interval after the previous poll, and from then on asks for 5 s more, as the RFC says;
-// - the storage adapter: oidc-provider's in-memory one forgets a device code the moment it
-//   expires, so polling then answers `invalid_grant` ("device code not found") where RFC 8628 and
-//   oidc-provider's own grant code answer `expired_token`; this one keeps records for the process's
-//   life (the provider still checks every expiry itself).
+//   than its interval after the previous poll, and from then on asks for 5 s more, as the RFC says.
+// Storage is oidc-provider's own in-memory adapter: it keeps an expired device code (it evicts
+// only past 1000 entries), so a late poll gets the grant's own `expired_token`.
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
@@ -62,47 +60,6 @@ if (DEVICE_CODE_TTL < 1) throw new Error('DEVICE_CODE_TTL must be at least 1 sec
 const USERS = JSON.parse(fs.readFileSync(USERS_FILE, 'utf8'));
 const bySub = new Map(USERS.map((u) => [u.sub, u]));
 const byEmail = new Map(USERS.map((u) => [u.email.toLowerCase(), u]));
-
-// -- storage: the in-memory adapter's behaviour, except that nothing is evicted ----------------
-const records = new Map();
-const indexes = new Map();
-const epoch = () => Math.floor(Date.now() / 1000);
-
-class RetainingAdapter {
-  constructor(model) { this.model = model; }
-
-  key(id) { return `${this.model}:${id}`; }
-
-  async upsert(id, payload) {
-    const key = this.key(id);
-    if (this.model === 'Session') indexes.set(`sessionUid:${payload.uid}`, id);
-    if (payload.userCode) indexes.set(`userCode:${payload.userCode}`, id);
-    if (payload.grantId) {
-      const grantKey = `grant:${payload.grantId}`;
-      indexes.set(grantKey, [...(indexes.get(grantKey) || []), key]);
-    }
-    records.set(key, payload);
-  }
-
-  async find(id) { return records.get(this.key(id)); }
-
-  async findByUid(uid) { return this.find(indexes.get(`sessionUid:${uid}`)); }
-
-  async findByUserCode(userCode) { return this.find(indexes.get(`userCode:${userCode}`)); }
-
-  async consume(id) {
-    const record = records.get(this.key(id));
-    if (record) record.consumed = epoch();
-  }
-
-  async destroy(id) { records.delete(this.key(id)); }
-
-  async revokeByGrantId(grantId) { // eslint-disable-line class-methods-use-this
-    const grantKey = `grant:${grantId}`;
-    for (const key of indexes.get(grantKey) || []) records.delete(key);
-    indexes.delete(grantKey);
-  }
-}
 
 // -- pages ------------------------------------------------------------------------------------
 const escape = (value) => String(value).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -175,7 +132,6 @@ const signingKey = {
 };
 
 const provider = new Provider(ISSUER, {
-  adapter: RetainingAdapter,
   clients: CLIENT_IDS.map((clientId) => ({
     client_id: clientId,
     client_name: clientId,
