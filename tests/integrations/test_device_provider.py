@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +203,37 @@ async def test_the_provider_stops_with_its_context() -> None:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with http.get(url):
                 pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited, whoever reaps it
+
+
+def test_the_provider_does_not_outlive_a_killed_test_process(tmp_path: Path) -> None:
+    starter = tmp_path / "starter.py"
+    starter.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(HERE.parents[1])!r})\n"
+        "from tests.oidc_provider import DeviceProvider\n"
+        "idp = DeviceProvider().start()\n"
+        "print(idp.process.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    test_process = subprocess.Popen([sys.executable, str(starter)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert test_process.stdout is not None
+        node_pid = int(test_process.stdout.readline())
+        assert alive(node_pid)
+    finally:
+        test_process.kill()
+        test_process.wait(10)
+    deadline = time.monotonic() + 10
+    while alive(node_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(node_pid), f"node {node_pid} outlived the process that started it"
 
 
 # -- installation: a failure under CI=true, a skip elsewhere -------------------------------------------------

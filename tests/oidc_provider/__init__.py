@@ -268,7 +268,7 @@ class DeviceProvider:
         self.log_path = folder / "provider.log"
         env = {k: v for k, v in self.environ.items() if not k.startswith("KEYGATE_")}
         env.update(PORT="0", DEVICE_CODE_TTL=str(self.device_code_ttl), SLOW_DOWN="1" if self.slow_down else "0",
-                   CLIENT_IDS=f"{self.client_id},{self.other_client_id}")
+                   CLIENT_IDS=f"{self.client_id},{self.other_client_id}", STOP_ON_STDIN_CLOSE="1")
         env.pop("INTERVAL", None)
         if self.interval is not None:
             env["INTERVAL"] = str(self.interval)
@@ -276,7 +276,8 @@ class DeviceProvider:
         users_file.write_text(json.dumps([asdict(u) for u in self.users.values()]))
         env["USERS_FILE"] = str(users_file)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([node, str(SCRIPT)], cwd=HERE, env=env, stdin=subprocess.DEVNULL,
+            # stdin: a pipe only this process holds; node exits when it closes, even if this one is killed.
+            self.process = subprocess.Popen([node, str(SCRIPT)], cwd=HERE, env=env, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=log)
         try:
             self.issuer = self._read_issuer()
@@ -326,8 +327,9 @@ class DeviceProvider:
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait(10)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
+            for pipe in (self.process.stdin, self.process.stdout):
+                if pipe is not None:
+                    pipe.close()
             self.process = None
         if self._folder is not None:
             self._folder.cleanup()

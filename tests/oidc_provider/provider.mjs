@@ -14,6 +14,8 @@
 //   USERS_FILE       JSON list of test users (default users.json beside this file): sub, email,
 //                    email_verified, name, password.
 //   CLIENT_IDS       comma-separated ids of the public clients (default "keygate-cli,another-cli").
+//   STOP_ON_STDIN_CLOSE  "1": exit when standard input closes, so that the provider never outlives
+//                    the test process that started it with a pipe there, however that process ends.
 //
 // Once listening it prints one JSON line on stdout: {"issuer": "http://127.0.0.1:PORT", "port": PORT}.
 // Requests are logged on stderr, one line each.
@@ -342,5 +344,10 @@ function stop() {
 }
 process.on('SIGTERM', stop);
 process.on('SIGINT', stop);
+if (process.env.STOP_ON_STDIN_CLOSE === '1') {
+  process.stdin.on('end', stop);
+  process.stdin.on('error', stop);
+  process.stdin.resume();
+}
 
 process.stdout.write(`${JSON.stringify({ issuer: ISSUER, port })}\n`);
