@@ -190,3 +190,29 @@ def test_the_credentials_file_is_private_even_with_a_lax_umask(home: dict[str, s
     os.chmod(path, 0o644)
     done = subprocess.run([KEYGATE, "token"], env=clean_env(**home), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "chmod 600" in done.stderr
+
+
+async def test_the_client_slows_down_when_the_provider_says_so(idp: DeviceProvider, gateway: Keygate) -> None:
+    """RFC 8628 section 3.5: after slow_down the client waits 5 s more on every later poll.
+
+    The client's sleep is the one thing replaced: its first two waits are skipped, so its second poll
+    comes sooner than the provider's interval after the first and the provider answers slow_down.
+    """
+    from gateway.identity.device import DeviceLogin
+
+    asked: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        if len(asked) == 3:
+            await idp.approve(code.user_code, user=ALICE)  # approved while the client waits
+            await asyncio.sleep(seconds)  # the provider holds it to the slower pace too
+
+    async with aiohttp.ClientSession() as session:
+        device = DeviceLogin(session, sleep=sleep)
+        info = await device.gateway_info(gateway.proxy_url)
+        code, token_endpoint = await device.start(info)
+        id_token = await asyncio.wait_for(device.wait(info, code, token_endpoint), 60)
+    assert id_token.count(".") == 2
+    assert asked[:2] == [code.interval, code.interval] == [1, 1]
+    assert asked[2] == code.interval + 5  # slowed down after the provider's slow_down
