@@ -15,6 +15,7 @@ with the same message, and input refused on its face touches no store.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -705,21 +706,30 @@ _AUDITED_CLAIMS = ("repository", "repository_owner", "ref", "sha", "run_id", "ru
 
 
 def _claim_value(value: Any) -> str | int | float | bool | None:
-    """A claim's value if it is a JSON scalar; anything else is left out (None)."""
-    return value if isinstance(value, str | int | float | bool) else None
+    """A claim's value if it is a JSON scalar, as every store can hold it; anything else is left out (None).
+
+    The issuer chose these values, and PostgreSQL's jsonb holds no NUL, no lone surrogate and no NaN
+    or Infinity (JSON has none of them; Python's json reads them): such characters are replaced,
+    such numbers left out, so a token carrying them is audited rather than answered with a 500.
+    """
+    if isinstance(value, str):
+        return value.replace("\0", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if isinstance(value, int | float | bool) else None
 
 
 def _audited_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     """The token's claims that say which workload it was: GitHub's, and a Kubernetes pod's identity."""
-    kept: dict[str, Any] = {c: claims[c] for c in _AUDITED_CLAIMS if _claim_value(claims.get(c)) is not None}
+    kept: dict[str, Any] = {c: v for c in _AUDITED_CLAIMS if (v := _claim_value(claims.get(c))) is not None}
     kubernetes = claims.get("kubernetes.io")
     if isinstance(kubernetes, Mapping):
         identity: dict[str, Any] = {}
-        if _claim_value(kubernetes.get("namespace")) is not None:
-            identity["namespace"] = kubernetes["namespace"]
+        if (namespace := _claim_value(kubernetes.get("namespace"))) is not None:
+            identity["namespace"] = namespace
         account = kubernetes.get("serviceaccount")
-        if isinstance(account, Mapping) and _claim_value(account.get("name")) is not None:
-            identity["serviceaccount"] = {"name": account["name"]}
+        if isinstance(account, Mapping) and (name := _claim_value(account.get("name"))) is not None:
+            identity["serviceaccount"] = {"name": name}
         if identity:
             kept["kubernetes.io"] = identity
     return kept

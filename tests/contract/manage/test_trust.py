@@ -328,6 +328,30 @@ async def test_kubernetes_claims_in_the_audit_event(
 
 
 @pytest.mark.parametrize(
+    ("claim", "value", "audited"),
+    [
+        ("workflow", "de\x00ploy", "de\ufffdploy"),
+        ("workflow", "de\ud800ploy", "de?ploy"),
+        ("run_id", float("nan"), None),
+        ("run_id", float("inf"), None),
+    ],
+    ids=["NUL", "lone surrogate", "NaN", "Infinity"],
+)
+async def test_claims_no_store_can_hold_are_audited_as_they_can_be(
+    exchange: KeyService, store: KeyStore, policy: TrustPolicy, clock: FakeClock[datetime],
+    claim: str, value: Any, audited: Any,
+) -> None:
+    """A string claim with a NUL or a lone surrogate, or a NaN or infinite number, still mints (PostgreSQL's jsonb holds none of them)."""
+    claims = {**GITHUB_CLAIMS, claim: value, "sub": f"repo:acme/shop:{value}"}
+    record, _ = await exchange.exchange_token(policy, claims, token_id="t1", token_expires_at=clock(),
+                                              client_ip=None)
+    [event] = await events(store, key=record.id)
+    assert event.details["claims"].get(claim) == audited
+    assert event.details["subject"] == f"repo:acme/shop:{audited if audited is not None else value}"
+    assert record.name.isprintable()
+
+
+@pytest.mark.parametrize(
     ("claims", "name"),
     [
         (GITHUB_CLAIMS, "gh acme/shop@refs/heads/main run 1234"),
