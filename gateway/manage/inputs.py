@@ -190,6 +190,23 @@ _WILDCARDS = set("*?")
 # Claims a policy must constrain: without one, every token of the issuer (any repository,
 # any service account) would be trusted.
 SUBJECT_CLAIMS = ("sub", "repository")
+# GitHub's sub names the repository as repo:OWNER/REPO (its default template and its own).
+_GITHUB_SUB = "repo:"
+
+
+def _pins_subject(claim: str, pattern: str) -> bool:
+    """Whether ``pattern`` names whose tokens a policy takes: literal text before its first wildcard,
+    holding the whole owner when the claim names a GitHub repository (``OWNER/REPO``).
+
+    SECURITY: a glob's ``*`` matches any characters, so ``acme*`` also matches ``acme-evil/app``,
+    a repository anyone can create, and ``*/shop`` or ``*:ref:refs/heads/main`` any owner's.
+    """
+    literal = pattern[:next((i for i, c in enumerate(pattern) if c in _WILDCARDS), len(pattern))]
+    if not literal:
+        return False
+    if claim == "repository" or literal.startswith(_GITHUB_SUB) or _GITHUB_SUB.startswith(literal):
+        return "/" in literal
+    return True
 
 
 def condition(claim: str, pattern: str) -> tuple[str, str]:
@@ -203,11 +220,11 @@ def condition(claim: str, pattern: str) -> tuple[str, str]:
 
 
 def subject_condition(conditions: Mapping[str, str]) -> None:
-    """At least one condition on ``sub`` or ``repository`` that is not only wildcards."""
-    patterns = [conditions.get(claim) for claim in SUBJECT_CLAIMS]
-    if not any(isinstance(p, str) and p and not set(p) <= _WILDCARDS for p in patterns):
+    """At least one condition on ``sub`` or ``repository`` that names a subject (see :func:`_pins_subject`)."""
+    if not any(isinstance(p := conditions.get(claim), str) and _pins_subject(claim, p) for claim in SUBJECT_CLAIMS):
         raise InvalidField(
-            "conditions: at least one condition on sub or repository is required (not only '*' or '?'), "
+            "conditions: at least one condition on sub or repository is required that begins with literal "
+            "text, not '*' or '?' (for a GitHub repository: the whole owner, as in acme/* or repo:acme/*), "
             "so that a policy never trusts every token of its issuer"
         )
 

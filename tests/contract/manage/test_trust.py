@@ -21,6 +21,9 @@ from ...clocks import FakeClock
 GITHUB = "https://token.actions.githubusercontent.com"
 NAME_RULE = "use 1-128 letters, digits and '._@:+-', starting with a letter or digit"
 PARSER = KeyParser(["kg_", "kga_"])
+SUBJECT_RULE = ("conditions: at least one condition on sub or repository is required that begins with literal text, "
+                "not '*' or '?' (for a GitHub repository: the whole owner, as in acme/* or repo:acme/*), so that a "
+                "policy never trusts every token of its issuer")
 # The claims of a GitHub Actions ID token, as GitHub documents them.
 GITHUB_CLAIMS: dict[str, Any] = {
     "iss": GITHUB, "aud": "https://keygate.example", "sub": "repo:acme/shop:environment:prod",
@@ -187,15 +190,10 @@ VALID_JWKS = json.dumps({"keys": [SIGNING_KEY]})
         ({"audience": ""}, ("audience", "audience '': use 1-512 printable characters, without surrounding spaces")),
         ({"audience": " keygate"},
          ("audience", "audience ' keygate': use 1-512 printable characters, without surrounding spaces")),
-        ({"conditions": {"ref": "refs/heads/main"}},
-         ("conditions", "conditions: at least one condition on sub or repository is required (not only '*' or "
-                        "'?'), so that a policy never trusts every token of its issuer")),
-        ({"conditions": {}},
-         ("conditions", "conditions: at least one condition on sub or repository is required (not only '*' or "
-                        "'?'), so that a policy never trusts every token of its issuer")),
-        ({"conditions": {"repository": "*"}},
-         ("conditions", "conditions: at least one condition on sub or repository is required (not only '*' or "
-                        "'?'), so that a policy never trusts every token of its issuer")),
+        ({"conditions": {"ref": "refs/heads/main"}}, ("conditions", SUBJECT_RULE)),
+        ({"conditions": {}}, ("conditions", SUBJECT_RULE)),
+        ({"conditions": {"repository": "*"}}, ("conditions", SUBJECT_RULE)),
+        ({"conditions": {"repository": "acme*"}}, ("conditions", SUBJECT_RULE)),
         ({"conditions": {"repository": "acme/shop", "": "x"}},
          ("conditions.", "claim '': use a claim name of 1-128 printable characters without spaces")),
         ({"conditions": {"repository": "acme/shop", "ref": ""}},

@@ -81,19 +81,25 @@ def test_bad_lifetimes(value: Any) -> None:
 @pytest.mark.parametrize(
     "conditions",
     [{"sub": "repo:acme/shop:*"}, {"repository": "acme/shop"}, {"repository": "acme/*", "ref": "*"},
-     {"sub": "*x"}],
+     {"sub": "repo:acme/*"}, {"sub": "system:serviceaccount:ci:*"}, {"sub": "x*"},
+     {"repository": "acme*", "sub": "repo:acme/shop:*"}],
 )
 def test_subject_conditions_accepted(conditions: dict[str, str]) -> None:
-    """A condition on sub or repository with at least one literal character is enough."""
+    """A condition on sub or repository with literal text before its first wildcard (a GitHub owner whole) is enough."""
     fields.subject_condition(conditions)
 
 
 @pytest.mark.parametrize(
     "conditions",
-    [{}, {"ref": "refs/heads/main"}, {"sub": "*"}, {"repository": "?*"}, {"sub": ""}, {"repository": 3}],
+    [{}, {"ref": "refs/heads/main"}, {"sub": "*"}, {"repository": "?*"}, {"sub": ""}, {"repository": 3},
+     # Literal text only after a wildcard: any subject that ends so, of any owner.
+     {"sub": "*x"}, {"sub": "*:ref:refs/heads/main"}, {"repository": "*/shop"}, {"repository": "*/*"},
+     # A GitHub owner cut short by a wildcard: acme* is acme-evil/anything too.
+     {"repository": "acme*"}, {"repository": "acme?shop"}, {"sub": "repo:acme*"}, {"sub": "repo:*"},
+     {"sub": "rep*"}],
 )
 def test_subject_conditions_refused(conditions: dict[str, Any]) -> None:
-    """No condition on sub or repository, or only wildcards there, would trust every token of the issuer."""
+    """No condition on sub or repository that names whose tokens these are would trust tokens of anyone."""
     with pytest.raises(InvalidField, match="at least one condition on sub or repository"):
         fields.subject_condition(conditions)
 
