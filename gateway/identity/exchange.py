@@ -27,6 +27,7 @@ id), never told: "no policy matches" does not say which condition failed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -71,6 +72,9 @@ FORM = "application/x-www-form-urlencoded"
 # A GitHub Actions token is about 1.2 KB, a Kubernetes one about 1.5 KB: a form above this is not an exchange.
 MAX_BODY = 16 * 1024
 MAX_FIELDS = 16
+# Seconds the whole body may take: a runner sends its 2 KB at once, and a client that sends a byte
+# now and then (each within proxy.client_timeout) must not hold an exchange and its connection for hours.
+BODY_DEADLINE = 10.0
 # What the exchange tells a client whose token no policy accepts, whatever the reason.
 NOT_ACCEPTED = "The subject token is not accepted: no trust policy matches it, or it is invalid or expired."
 ISSUER_RETRY_AFTER = 30
@@ -415,7 +419,8 @@ def _denied(denied: Denied) -> Refusal:
 
 
 async def read_body(request: Request) -> bytes:
-    """The whole request body, at most :data:`MAX_BODY` bytes (413 past it, 408 when it stalls)."""
+    """The whole request body, at most :data:`MAX_BODY` bytes (413 past it; 408 when it stalls, or is not
+    whole within :data:`BODY_DEADLINE`)."""
     body = request.body
     if body is None:
         return b""
@@ -424,13 +429,15 @@ async def read_body(request: Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        while chunk := await body.read():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.",
-                              "body too large")
-            chunks.append(chunk)
-    except BodyTimeout:
+        # SECURITY: a deadline for the whole body, not only between its bytes (slowloris).
+        async with asyncio.timeout(BODY_DEADLINE):
+            while chunk := await body.read():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.",
+                                  "body too large")
+                chunks.append(chunk)
+    except (BodyTimeout, TimeoutError):
         raise Refusal(408, "invalid_request", "The request body did not arrive in time.", "body timeout") from None
     except MalformedBody:
         raise Refusal(400, "invalid_request", "The request body is not well-formed HTTP.", "bad framing") from None

@@ -15,6 +15,7 @@ import pytest
 
 from .conftest import metric
 from .harness import Keygate, Upstream
+from .rawhttp import closed_by_server, read_response
 
 TOKEN = "/.well-known/keygate/token"
 FORM = "application/x-www-form-urlencoded"
@@ -127,3 +128,27 @@ async def test_exchanges_past_the_client_limit_get_429_before_the_body_is_read(
         assert int(headers["Retry-After"]) > 60  # 3/hour: one exchange back every 20 minutes
     finally:
         keygate.stop()
+
+
+async def test_a_body_trickled_byte_by_byte_gets_408_within_the_body_deadline(gateway: Keygate) -> None:
+    """A body that keeps arriving, one byte at a time, cannot hold the exchange (and the connection) for hours."""
+    from gateway.identity.exchange import BODY_DEADLINE
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(f"POST {TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: 16000\r\n\r\n".encode())
+
+    async def trickle() -> None:
+        while True:  # well within the client timeout between bytes, so only a deadline for the whole body ends it
+            writer.write(b"a")
+            await writer.drain()
+            await asyncio.sleep(0.5)
+
+    sending = asyncio.create_task(trickle())
+    try:
+        response = await read_response(reader, timeout=BODY_DEADLINE + 5)
+        assert response is not None and response.status == 408
+        assert response.json()["error"] == "invalid_request"
+        assert await closed_by_server(reader, 5)
+    finally:
+        sending.cancel()
+        writer.close()
