@@ -28,6 +28,7 @@ id), never told: "no policy matches" does not say which condition failed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -215,7 +216,8 @@ class WellKnown:
 
     async def _exchange(self, request: Request, client_ip: str) -> dict[str, Any]:
         # 1. The client's own limit first: nothing below runs for a flood.
-        await self._take(f"exchange:client:{client_ip}", self.per_client, "too many token exchanges from this address")
+        await self._take(f"exchange:client:{client_bucket(client_ip)}", self.per_client,
+                         "too many token exchanges from this address")
         # 2. The form.
         form = parse_form(request.headers.get("Content-Type"), await read_body(request))
         grant_type = form.get("grant_type")
@@ -391,6 +393,19 @@ class WellKnown:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def client_bucket(client_ip: str) -> str:
+    """Whose exchange budget a client spends: its address, or for IPv6 its /64 (one host may hold a whole /64)."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def unverified_issuer(token: str) -> str | None:

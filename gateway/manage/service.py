@@ -448,8 +448,9 @@ class KeyService:
             if not await tx.claim_token(token_id, policy="login", at=now, expires_at=token_expires_at):
                 raise Replayed("this ID token has signed in already")
             record, full, previous = await self._new_agent_key(tx, now, org, user)
+            # The provider chose the subject: stored as every store can hold it (see _claim_value).
             await self._audit(tx, now, "key.login", record.id, org=org, user=user, replaced=previous, issuer=issuer,
-                              subject=subject, client_ip=client_ip)
+                              subject=_claim_value(subject), client_ip=client_ip)
         return record, full, previous
 
     @staticmethod

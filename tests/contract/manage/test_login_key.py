@@ -66,3 +66,15 @@ async def test_member_orgs_lists_the_persons_orgs(service: KeyService) -> None:
     await service.set_member("acme", "alice@example.com", "dev")
     assert await service.member_orgs("carol@example.com") == ["acme", "ops"]
     assert await service.member_orgs("nobody@example.com") == []
+
+
+async def test_a_subject_no_store_can_hold_is_audited_as_it_can_be(service: KeyService, clock: FakeClock) -> None:
+    """The provider chooses sub: a NUL in it (PostgreSQL's jsonb holds none) is audited as U+FFFD, not a 500."""
+    await service.put_role("dev", ["read"])
+    await service.set_member("acme", "alice@example.com", "dev")
+    key, _, _ = await service.login_agent_key(
+        "acme", "alice@example.com", issuer=ISSUER, subject="u\x001", token_id="t-nul",
+        token_expires_at=clock() + timedelta(minutes=5), client_ip=None)
+    async with service.store.read() as tx:
+        (event,) = [e for e in await tx.list_audit(limit=20) if e.target == key.id]
+    assert event.details["subject"] == "u\ufffd1"
