@@ -78,7 +78,6 @@ MAX_FIELDS = 16
 BODY_DEADLINE = 10.0
 # What the exchange tells a client whose token no policy accepts, whatever the reason.
 NOT_ACCEPTED = "The subject token is not accepted: no trust policy matches it, or it is invalid or expired."
-ISSUER_RETRY_AFTER = 30
 STORE_RETRY_AFTER = 5
 
 _HEADERS = b"Content-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nPragma: no-cache\r\n"
@@ -284,7 +283,7 @@ class WellKnown:
         except IssuerUnavailable as exc:
             raise Refusal(503, "temporarily_unavailable", "The token's issuer cannot be reached to check its "
                           "signature; retry shortly.", str(exc),
-                          retry_after=exc.retry_after or ISSUER_RETRY_AFTER) from None
+                          retry_after=max(1.0, exc.retry_after)) from None
 
     def _answer_token(self, request: Request, record: KeyRecord, full: str) -> None:
         assert record.expires_at is not None
