@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.e2e.conftest import upstream  # noqa: F401  (the module-scoped upstream fixture)
 from tests.e2e.harness import Keygate, Upstream
 from tests.identity_issuer import OidcIssuer
 
@@ -24,13 +25,6 @@ ROUTES = (
     '[[routes]]\nmethods = ["POST"]\npath = "/api/servers/{server}/deploy"\noperation = "deploy"\n'
     '[[routes]]\npath = "/api/servers/{server}/*"\noperation = "servers:read"\n'
 )
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

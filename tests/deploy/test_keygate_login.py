@@ -28,9 +28,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.manage.audit import AuditFilter
 from gateway.models import KeyStatus
-from tests.e2e.harness import Keygate, Upstream
+from tests.e2e.harness import Keygate, Upstream, audit_events
 from tests.identity_issuer import OidcIssuer
 
 from .actions_runner import Runner, assert_never_printed, node_binary, parse_file_commands
@@ -50,12 +49,6 @@ async def status_through(http: aiohttp.ClientSession, gateway: Keygate, key: str
                             json={"ref": "main"}) as r:
         await r.read()
         return r.status
-
-
-async def audit_events(gateway: Keygate, key_id: str) -> list[tuple[str, dict[str, Any]]]:
-    async with gateway.service() as service:
-        page = await service.audit(AuditFilter(key=key_id, type="event"), limit=50)
-    return [(entry.item.action, entry.item.details) for entry in reversed(page.entries)]  # type: ignore[union-attr]
 
 
 async def key_status(gateway: Keygate, key_id: str) -> KeyStatus:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.schema import Settings
+from gateway.manage.audit import AuditFilter
 from gateway.models import KeyRecord, RequestRecord
 from gateway.manage.service import KeyService
 from gateway.store import create_store
@@ -170,6 +171,13 @@ class _ServiceContext:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.store.close()
+
+
+async def audit_events(gateway: Keygate, key_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The key's management events, oldest first, as ``(action, details)``."""
+    async with gateway.service() as service:
+        page = await service.audit(AuditFilter(key=key_id, type="event"), limit=50)
+    return [(entry.item.action, entry.item.details) for entry in reversed(page.entries)]  # type: ignore[union-attr]
 
 
 async def stored_requests(gateway: Keygate, key_id: str) -> list[RequestRecord]:

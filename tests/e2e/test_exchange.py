@@ -22,12 +22,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.manage.audit import AuditFilter
 from gateway.models import KeyStatus
 from tests.identity_issuer import OidcIssuer
 
 from .conftest import bearer, metric
-from .harness import KEYGATE, Keygate, Upstream, clean_env, stored_requests
+from .harness import KEYGATE, Keygate, Upstream, audit_events, clean_env, stored_requests
 
 TOKEN = "/.well-known/keygate/token"
 REVOKE = "/.well-known/keygate/revoke"
@@ -83,12 +82,6 @@ async def status_of(http: aiohttp.ClientSession, gateway: Keygate, key: str, met
     async with http.request(method, gateway.proxy_url + path, headers=bearer(key)) as r:
         await r.read()
         return r.status
-
-
-async def audit_events(gateway: Keygate, key_id: str) -> list[tuple[str, dict[str, Any]]]:
-    async with gateway.service() as service:
-        page = await service.audit(AuditFilter(key=key_id, type="event"), limit=50)
-    return [(entry.item.action, entry.item.details) for entry in reversed(page.entries)]  # type: ignore[union-attr]
 
 
 def now() -> datetime:

@@ -14,23 +14,17 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.e2e.conftest import upstream  # noqa: F401  (the module-scoped upstream fixture)
 from tests.e2e.harness import KEYGATE, Keygate, Upstream, clean_env
 from tests.oidc_provider import ALICE, BOB, MALLORY, DeviceProvider
 
 CODE_LINE = re.compile(r"open (\S+)\s+and check that it shows the code (\S+)")
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
