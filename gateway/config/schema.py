@@ -234,7 +234,8 @@ class LoginSettings(_Section):
     )
     client_id: str = Field("", description="The client id `keygate login` uses at the provider (a public client "
                            "allowed the device grant).")
-    user_claim: str = Field("email", description="The ID token claim that names the person, as members are named.")
+    user_claim: str = Field("email", description="The ID token claim that names the person, as members are named. "
+                            "With email, the token must carry email_verified true.")
     audience: str = Field("", description="The audience ID tokens must carry; empty = client_id.")
     orgs: list[str] = Field(
         default_factory=lambda: ["*"],

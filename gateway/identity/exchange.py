@@ -310,7 +310,9 @@ class WellKnown:
         user = claims.get(claim)
         if not isinstance(user, str) or not user:
             raise Refusal(400, "invalid_grant", NOT_ACCEPTED, f"no {claim} claim")
-        if claim == "email" and claims.get("email_verified") is False:
+        # SECURITY: an email names a person only when the provider says it verified it; a provider that says
+        # nothing (Entra ID lets an account's mail be set to anyone's) would let one person sign in as another.
+        if claim == "email" and claims.get("email_verified") is not True:
             raise Refusal(400, "invalid_grant", "The sign-in provider has not verified this email address.",
                           "email not verified")
         allowed = self.settings.login.orgs

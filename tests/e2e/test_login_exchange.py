@@ -122,6 +122,11 @@ REFUSED = [
     ("another org than theirs", "alice@example.com", {}, "ops", 403, "access_denied", "may not sign in to org ops"),
     ("several orgs, none named", "carol@example.com", {}, None, 400, "invalid_request", "acme, ops"),
     ("an unverified email", "alice@example.com", {"email_verified": False}, None, 400, "invalid_grant", "verified"),
+    # Entra ID sends no email_verified, and its email claim is whatever the account's mail attribute says (nOAuth).
+    ("an email the provider does not say it verified", "alice@example.com", {"email_verified": None}, None, 400,
+     "invalid_grant", "verified"),
+    ("email_verified as the string false", "alice@example.com", {"email_verified": "false"}, None, 400,
+     "invalid_grant", "verified"),
     ("no email claim", "alice@example.com", {"email": None}, None, 400, "invalid_grant", "not accepted"),
     ("a token for another client", "alice@example.com", {"aud": "another-client"}, None, 400, "invalid_grant",
      "not accepted"),
