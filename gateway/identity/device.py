@@ -33,6 +33,10 @@ ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 SCOPE = "openid email profile"
 SLOW_DOWN_STEP = 5  # seconds added to the interval by each slow_down (RFC 8628 section 3.5)
 MAX_ANSWER = 256 * 1024
+# The most a provider may make the CLI wait between polls, and for a code: RFC 8628 suggests 5 s and
+# 1800 s; beyond these a provider (broken, or hostile) would leave the person at a CLI that never ends.
+MAX_INTERVAL = 60
+MAX_EXPIRES_IN = 3600
 
 
 class LoginError(Exception):
@@ -129,9 +133,10 @@ class DeviceLogin:
             code = DeviceCode(
                 str(answer["device_code"]), str(answer["user_code"]), str(answer["verification_uri"]),
                 str(answer["verification_uri_complete"]) if answer.get("verification_uri_complete") else None,
-                int(answer.get("expires_in", 600)), max(1, int(answer.get("interval", 5))),
+                min(MAX_EXPIRES_IN, int(answer.get("expires_in", 600))),
+                min(MAX_INTERVAL, max(1, int(answer.get("interval", 5)))),
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity or 1e400
             raise LoginError("the sign-in provider's device authorization answer is incomplete") from None
         return code, checked_url(str(token_endpoint), "token endpoint")
 

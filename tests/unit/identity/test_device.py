@@ -1,0 +1,87 @@
+"""The client side of `keygate login` against a provider that answers what no honest one would.
+
+The real device grant is in tests/integrations/test_login.py; here a small
+HTTP server on loopback plays a hostile or broken provider, so the CLI's
+bounds are proven: it neither waits for ever nor fails with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.identity.device import MAX_EXPIRES_IN, MAX_INTERVAL, DeviceLogin, GatewayInfo, LoginError
+
+
+class Provider:
+    """A provider whose device authorization answer is whatever the test sets."""
+
+    def __init__(self) -> None:
+        self.device_answer: str = "{}"
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.discovery)
+        app.router.add_post("/device", self.device)
+        return app
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.url, "device_authorization_endpoint": self.url + "/device",
+                                  "token_endpoint": self.url + "/token"})
+
+    async def device(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.device_answer, content_type="application/json")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    running = Provider()
+    runner = web.AppRunner(running.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    running.url = f"http://127.0.0.1:{port}"
+    try:
+        yield running
+    finally:
+        await runner.cleanup()
+
+
+async def start(provider: Provider, answer: dict[str, Any] | str) -> Any:
+    provider.device_answer = answer if isinstance(answer, str) else json.dumps(answer)
+    info = GatewayInfo("http://127.0.0.1:1", provider.url, "keygate-cli", "", "")
+    async with aiohttp.ClientSession() as session:
+        code, _ = await DeviceLogin(session).start(info)
+    return code
+
+
+BASE = {"device_code": "d", "user_code": "U", "verification_uri": "https://idp.example/device"}
+
+
+@pytest.mark.parametrize(("case", "extra", "interval", "expires_in"), [
+    ("a polling interval of a billion seconds", {"interval": 10**9}, MAX_INTERVAL, 600),
+    ("a code that lives for a thousand years", {"expires_in": 31_536_000_000}, 5, MAX_EXPIRES_IN),
+    ("an interval of 0", {"interval": 0}, 1, 600),
+])
+async def test_the_provider_cannot_make_the_cli_wait_for_ever_or_spin(
+    provider: Provider, case: str, extra: dict[str, Any], interval: int, expires_in: int,
+) -> None:
+    code = await start(provider, {**BASE, **extra})
+    assert (code.interval, code.expires_in) == (interval, expires_in)
+
+
+@pytest.mark.parametrize("answer", [
+    '{"device_code": "d", "user_code": "U", "verification_uri": "https://idp.example/device", "interval": Infinity}',
+    '{"device_code": "d", "user_code": "U", "verification_uri": "https://idp.example/device", "expires_in": NaN}',
+    '{"device_code": "d", "user_code": "U", "verification_uri": "https://idp.example/device", "interval": 1e400}',
+])
+async def test_a_number_that_is_no_number_is_an_incomplete_answer(provider: Provider, answer: str) -> None:
+    with pytest.raises(LoginError, match="incomplete"):
+        await start(provider, answer)
