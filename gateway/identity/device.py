@@ -130,6 +130,9 @@ class DeviceLogin:
         if status != 200:
             raise LoginError(f"the sign-in provider refused to start: {_oauth_error(answer)}")
         try:
+            if not all(_printable(answer.get(name)) for name in ("user_code", "verification_uri")) \
+                    or not _printable(answer.get("verification_uri_complete") or ""):
+                raise ValueError("not one line of text")
             code = DeviceCode(
                 str(answer["device_code"]), str(answer["user_code"]), str(answer["verification_uri"]),
                 str(answer["verification_uri_complete"]) if answer.get("verification_uri_complete") else None,
@@ -175,9 +178,15 @@ class DeviceLogin:
         if status != 200:
             raise LoginError(f"the gateway refused the sign-in: {_oauth_error(answer)}")
         for name in ("access_token", "key_id", "org", "user"):
-            if not isinstance(answer.get(name), str):
-                raise LoginError(f"the gateway's answer lacks {name}")
+            if not _printable(answer.get(name)):
+                raise LoginError(f"the gateway's answer lacks {name} (as one line of text)")
         return answer
+
+
+def _printable(value: Any) -> bool:
+    """Text the CLI may print and store: a string of printable characters (no control character, which
+    could rewrite the person's terminal, and no lone surrogate, which no TOML file can hold)."""
+    return isinstance(value, str) and value.isprintable()
 
 
 def _oauth_error(answer: dict[str, Any]) -> str:

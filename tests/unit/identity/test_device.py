@@ -23,12 +23,14 @@ class Provider:
 
     def __init__(self) -> None:
         self.device_answer: str = "{}"
+        self.exchange_answer: str = "{}"
         self.url = ""
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_post("/device", self.device)
+        app.router.add_post("/.well-known/keygate/token", self.exchange)
         return app
 
     async def discovery(self, request: web.Request) -> web.Response:
@@ -37,6 +39,10 @@ class Provider:
 
     async def device(self, request: web.Request) -> web.Response:
         return web.Response(text=self.device_answer, content_type="application/json")
+
+    async def exchange(self, request: web.Request) -> web.Response:
+        """The gateway's token endpoint (the same server plays the gateway)."""
+        return web.Response(text=self.exchange_answer, content_type="application/json")
 
 
 @pytest.fixture
@@ -85,3 +91,34 @@ async def test_the_provider_cannot_make_the_cli_wait_for_ever_or_spin(
 async def test_a_number_that_is_no_number_is_an_incomplete_answer(provider: Provider, answer: str) -> None:
     with pytest.raises(LoginError, match="incomplete"):
         await start(provider, answer)
+
+
+@pytest.mark.parametrize(("case", "field", "value"), [
+    ("a terminal escape in the person's code", "user_code", "\x1b]0;pwned\x07WDJB"),
+    ("a newline in where to go", "verification_uri", "https://idp.example/device\nopen https://evil.example"),
+])
+async def test_what_the_cli_shows_of_the_provider_is_one_line_of_text(
+    provider: Provider, case: str, field: str, value: str,
+) -> None:
+    with pytest.raises(LoginError, match="incomplete"):
+        await start(provider, {**BASE, field: value})
+
+
+GOOD = {"access_token": "kg_AAAAAAAAAAAAsecret", "key_id": "kg_AAAAAAAAAAAA", "org": "acme",
+        "user": "alice@example.com"}
+
+
+@pytest.mark.parametrize(("case", "answer"), [
+    # A lone surrogate is JSON, but no TOML: saved, it would make the whole credentials file unreadable.
+    ("a lone surrogate in the user", '{"access_token": "k", "key_id": "kg_A", "org": "acme", "user": "\\ud800"}'),
+    ("a terminal escape in the org", json.dumps({**GOOD, "org": "acme\x1b[2J"})),
+    ("a newline in the key", json.dumps({**GOOD, "access_token": "kg_A\nkg_B"})),
+])
+async def test_the_gateways_answer_must_be_text_the_file_and_terminal_can_hold(
+    provider: Provider, case: str, answer: str,
+) -> None:
+    provider.exchange_answer = answer
+    info = GatewayInfo(provider.url, provider.url, "keygate-cli", provider.url + "/.well-known/keygate/token", "")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(LoginError, match="lacks"):
+            await DeviceLogin(session).exchange(info, "id.token.here", None)
