@@ -2,18 +2,19 @@
 
 One entry per gateway and org. The file holds secrets: it is created with
 mode 0600 in a folder of mode 0700, replaced whole (written beside it, then
-renamed) so a reader never sees half of it, and refused when someone else
-may read it. ``KEYGATE_TOKEN`` in the environment wins over the file, for
+renamed) so a reader never sees half of it, changed under a lock (two logins
+at once keep both entries), and refused when someone else may read it. ``KEYGATE_TOKEN`` in the environment wins over the file, for
 containers and scripts that are handed a key.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,21 @@ def save(path: Path, entries: Sequence[Credential]) -> None:
         raise
 
 
+def update(path: Path, change: Callable[[list[Credential]], list[Credential]]) -> None:
+    """Apply ``change`` to the entries as they are now, with the file locked against another keygate's update.
+
+    A login waits minutes for the person: what it read before then may be stale (another terminal signed in to
+    another org meanwhile), so the file is read again here, not earlier.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save(path, change(load(path)))
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 def _toml_string(value: str) -> str:
     # A JSON string with only ASCII is a valid TOML basic string (same escapes, \\uXXXX included).
     return json.dumps(value, ensure_ascii=True)
@@ -121,4 +137,4 @@ def without(entries: Sequence[Credential], gone: Credential) -> list[Credential]
 
 
 __all__ = ["ENV_TOKEN", "Credential", "CredentialsError", "credentials_path", "find", "load", "normal_gateway",
-           "put", "save", "without"]
+           "put", "save", "update", "without"]

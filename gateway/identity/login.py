@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from .credentials import ENV_TOKEN, Credential, credentials_path, find, load, put, save, without
+from .credentials import ENV_TOKEN, Credential, credentials_path, find, load, put, update, without
 from .device import DeviceLogin, LoginError, checked_url
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -27,7 +27,7 @@ async def login(gateway: str, org: str | None, say: Callable[[str], None], *,
                 environ: Mapping[str, str] = os.environ, flow: type[DeviceLogin] = DeviceLogin) -> Credential:
     """Sign in at the gateway's provider with the device grant and store the agent key it answers."""
     path = credentials_path(environ)
-    entries = load(path)  # a file others may read is refused before anyone signs in
+    load(path)  # a file others may read is refused before anyone signs in
     async with _session() as session:
         device = flow(session)
         info = await device.gateway_info(gateway)
@@ -44,7 +44,7 @@ async def login(gateway: str, org: str | None, say: Callable[[str], None], *,
         answer = await device.exchange(info, id_token, org)
     credential = Credential(gateway=info.gateway, org=answer["org"], user=answer["user"], key_id=answer["key_id"],
                             key=answer["access_token"])
-    save(path, put(entries, credential))
+    update(path, lambda entries: put(entries, credential))
     say(f"Signed in to {credential.gateway} as {credential.user} in org {credential.org} "
         f"(agent key {credential.key_id}; any earlier one is revoked). Stored in {path}.")
     return credential
@@ -98,7 +98,7 @@ async def logout(gateway: str | None, org: str | None, say: Callable[[str], None
                          f"{answer.get('error_description') or answer.get('error')}); it is still stored")
     else:
         say(f"Revoked {stored.key_id} at {stored.gateway}.")
-    save(path, without(entries, stored))
+    update(path, lambda entries: without(entries, stored))
     say(f"Signed out of {stored.gateway} (org {stored.org}).")
     return stored
 
