@@ -43,6 +43,7 @@ import jwt
 from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..config.schema import Settings
 from ..dataplane.http1 import BodyTimeout, ClientGone, MalformedBody, Request, reason_of
+from ..manage import inputs
 from ..manage.service import KeyService, Notifier, Replayed, ServiceError
 from ..models import KeyRecord, TrustPolicy
 from ..pipeline.prepared import PreparedKey
@@ -318,7 +319,10 @@ class WellKnown:
         allowed = self.settings.login.orgs
         service = self._service(f"login:{user}")
         try:
-            member_of = [o for o in await service.member_orgs(user) if "*" in allowed or o in allowed]
+            # SECURITY: text no member can be named by (a NUL, a lone surrogate, ...) is no member of anything;
+            # the store is not asked, since not every store can hold it.
+            member_of = [o for o in await service.member_orgs(user) if "*" in allowed or o in allowed] \
+                if _names_a_member(user) else []
         except StoreUnavailable as exc:
             raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
                           f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
@@ -417,6 +421,14 @@ def unverified_issuer(token: str) -> str | None:
         return None
     issuer = claims.get("iss")
     return issuer if isinstance(issuer, str) else None
+
+
+def _names_a_member(user: str) -> bool:
+    try:
+        inputs.user(user)
+    except inputs.InvalidField:
+        return False
+    return True
 
 
 def _text(value: Any) -> str | None:

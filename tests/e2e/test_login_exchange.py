@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -18,10 +19,11 @@ import aiohttp
 import pytest
 
 from gateway.manage.audit import AuditFilter
+from tests.conftest import create_pg_database, drop_pg_database, pg_url_for
 from tests.identity_issuer import OidcIssuer
 
 from .conftest import bearer
-from .harness import Keygate, Upstream
+from .harness import KEYGATE, Keygate, Upstream, clean_env
 
 CLIENT = "keygate-cli"
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -34,10 +36,17 @@ async def issuer() -> AsyncIterator[OidcIssuer]:
         yield running
 
 
-@pytest.fixture
-async def gateway(issuer: OidcIssuer, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory,
-                  ) -> AsyncIterator[Keygate]:
-    keygate = Keygate(tmp_path_factory.mktemp("login"), upstream.url,
+@pytest.fixture(params=["sqlite", "postgres"])
+async def gateway(request: pytest.FixtureRequest, issuer: OidcIssuer, upstream: Upstream,
+                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Keygate]:
+    """`keygate serve` on each store (PostgreSQL migrated first, as an operator would)."""
+    store_url, database = "", None
+    if request.param == "postgres":
+        database = await create_pg_database()
+        store_url = pg_url_for(database)
+        subprocess.run([KEYGATE, "migrate"], env=clean_env(KEYGATE_STORE__URL=store_url), check=True,
+                       capture_output=True, timeout=60)
+    keygate = Keygate(tmp_path_factory.mktemp("login"), upstream.url, store_url=store_url,
                       config=f'[login]\nissuer = "{issuer.url}"\nclient_id = "{CLIENT}"\norgs = ["acme", "ops"]\n')
     keygate.start()
     async with keygate.service() as service:
@@ -48,6 +57,8 @@ async def gateway(issuer: OidcIssuer, upstream: Upstream, tmp_path_factory: pyte
         await service.set_member("elsewhere", "dave@example.com", "dev")
     yield keygate
     keygate.stop()
+    if database is not None:
+        await drop_pg_database(database)
 
 
 def id_token(issuer: OidcIssuer, person: str, **overrides: Any) -> str:
@@ -121,6 +132,10 @@ REFUSED = [
      "not a member"),
     ("another org than theirs", "alice@example.com", {}, "ops", 403, "access_denied", "may not sign in to org ops"),
     ("several orgs, none named", "carol@example.com", {}, None, 400, "invalid_request", "acme, ops"),
+    # Text no member can be named by, and not every store can hold: never asked of the store.
+    ("a NUL in the user claim", "alice\x00@example.com", {}, None, 403, "access_denied", "not a member"),
+    ("a lone surrogate in the user claim", "\ud800@example.com", {}, None, 403, "access_denied", "not a member"),
+    ("a NUL in the org asked for", "alice@example.com", {}, "acme\x00", 403, "access_denied", "may not sign in"),
     ("an unverified email", "alice@example.com", {"email_verified": False}, None, 400, "invalid_grant", "verified"),
     # Entra ID sends no email_verified, and its email claim is whatever the account's mail attribute says (nOAuth).
     ("an email the provider does not say it verified", "alice@example.com", {"email_verified": None}, None, 400,
