@@ -90,9 +90,11 @@ async def logout(gateway: str | None, org: str | None, say: Callable[[str], None
     stored = find(entries, gateway, org)
     async with _session() as session:
         status, answer = await _call(session, "POST", stored.gateway + "/.well-known/keygate/revoke", stored.key)
-    if status == 401:
+    # SECURITY: the key leaves the file only when Keygate itself says it is dead: a 200 or 401 from whatever
+    # else answers at that address (a captive portal, an ingress's sign-in wall) would drop a live key.
+    if status == 401 and answer.get("error") == "invalid_token":
         say(f"The key {stored.key_id} was already expired or revoked.")
-    elif status != 200:
+    elif status != 200 or answer.get("revoked") != stored.key_id:
         # Kept in the file: the person can try again, or revoke it as an operator would.
         raise LoginError(f"{stored.gateway} did not revoke the key ({status}: "
                          f"{answer.get('error_description') or answer.get('error')}); it is still stored")
