@@ -308,6 +308,11 @@ class WellKnown:
         assert self.login is not None
         verified = await self._verified(token, [self.login], None)
         claims, claim = verified.claims, self.settings.login.user_claim
+        # SECURITY: an ID token the provider issued to another client (azp, OpenID Connect Core 3.1.3.7) is that
+        # client's to use, even when our client is among its audiences: that client must not sign in as the person.
+        azp, client_id = claims.get("azp"), self.settings.login.client_id
+        if azp != client_id and (azp is not None or isinstance(claims.get("aud"), list) and len(claims["aud"]) > 1):
+            raise Refusal(400, "invalid_grant", NOT_ACCEPTED, f"issued to {azp!r}, not {client_id!r}")
         user = claims.get(claim)
         if not isinstance(user, str) or not user:
             raise Refusal(400, "invalid_grant", NOT_ACCEPTED, f"no {claim} claim")

@@ -145,6 +145,12 @@ REFUSED = [
     ("no email claim", "alice@example.com", {"email": None}, None, 400, "invalid_grant", "not accepted"),
     ("a token for another client", "alice@example.com", {"aud": "another-client"}, None, 400, "invalid_grant",
      "not accepted"),
+    # OpenID Connect Core 3.1.3.7: an ID token the provider gave another client (its azp), even one that
+    # lists this client among its audiences, is that client's: it must not sign in here.
+    ("a token another client was given, listing ours too", "alice@example.com",
+     {"aud": ["another-client", CLIENT], "azp": "another-client"}, None, 400, "invalid_grant", "not accepted"),
+    ("several audiences and no azp", "alice@example.com", {"aud": ["another-client", CLIENT]}, None, 400,
+     "invalid_grant", "not accepted"),
     ("an expired token", "alice@example.com", {"exp": 1_000_000_000, "iat": 999_999_000}, None, 400,
      "invalid_grant", "not accepted"),
 ]
