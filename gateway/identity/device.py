@@ -85,7 +85,7 @@ class DeviceLogin:
     async def _json(self, method: str, url: str, what: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
         try:
             async with self.session.request(method, url, allow_redirects=False, **kwargs) as r:
-                raw = await r.content.read(MAX_ANSWER + 1)
+                raw = await read_at_most(r.content, MAX_ANSWER + 1)
                 status = r.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise LoginError(f"{what} could not be reached at {url}: {exc or type(exc).__name__}") from None
@@ -189,10 +189,19 @@ def _printable(value: Any) -> bool:
     return isinstance(value, str) and value.isprintable()
 
 
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to its end, or its first ``limit`` bytes: ``read(n)`` alone answers what has arrived so far,
+    which for a document of a few KB over TLS may be its first piece."""
+    raw = b""
+    while len(raw) < limit and (piece := await content.read(limit - len(raw))):
+        raw += piece
+    return raw
+
+
 def _oauth_error(answer: dict[str, Any]) -> str:
     error, description = answer.get("error"), answer.get("error_description")
     text = f"{error}: {description}" if error and description else str(error or description or "no reason given")
     return " ".join(text.split())[:300]
 
 
-__all__ = ["DeviceCode", "DeviceLogin", "GatewayInfo", "LoginError", "checked_url"]
+__all__ = ["DeviceCode", "DeviceLogin", "GatewayInfo", "LoginError", "checked_url", "read_at_most"]

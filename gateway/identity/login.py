@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from .credentials import ENV_TOKEN, Credential, credentials_path, find, load, put, update, without
-from .device import DeviceLogin, LoginError, checked_url
+from .device import DeviceLogin, LoginError, checked_url, read_at_most
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -109,7 +109,7 @@ async def _call(session: aiohttp.ClientSession, method: str, url: str, key: str)
     try:
         async with session.request(method, url, headers={"Authorization": f"Bearer {key}"},
                                    allow_redirects=False) as r:
-            raw = await r.content.read(64 * 1024)
+            raw = await read_at_most(r.content, 64 * 1024)
             status = r.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise LoginError(f"{url} could not be reached: {exc or type(exc).__name__}") from None

@@ -7,6 +7,7 @@ bounds are proven: it neither waits for ever nor fails with a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,9 +34,17 @@ class Provider:
         app.router.add_post("/.well-known/keygate/token", self.exchange)
         return app
 
-    async def discovery(self, request: web.Request) -> web.Response:
-        return web.json_response({"issuer": self.url, "device_authorization_endpoint": self.url + "/device",
-                                  "token_endpoint": self.url + "/token"})
+    async def discovery(self, request: web.Request) -> web.StreamResponse:
+        """Sent in two pieces, as a larger document arrives (TLS records, TCP segments)."""
+        body = json.dumps({"issuer": self.url, "device_authorization_endpoint": self.url + "/device",
+                           "token_endpoint": self.url + "/token"}).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:20])
+        await asyncio.sleep(0.05)
+        await response.write(body[20:])
+        await response.write_eof()
+        return response
 
     async def device(self, request: web.Request) -> web.Response:
         return web.Response(text=self.device_answer, content_type="application/json")
@@ -69,6 +78,12 @@ async def start(provider: Provider, answer: dict[str, Any] | str) -> Any:
 
 
 BASE = {"device_code": "d", "user_code": "U", "verification_uri": "https://idp.example/device"}
+
+
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(provider: Provider) -> None:
+    """The discovery document comes in two pieces 50 ms apart (a provider's is several KB: several TLS records)."""
+    code = await start(provider, BASE)
+    assert (code.user_code, code.interval) == ("U", 5)
 
 
 @pytest.mark.parametrize(("case", "extra", "interval", "expires_in"), [
