@@ -214,10 +214,21 @@ class ExchangeSettings(_Section):
         return spec
 
 
+def loopback_host(host: str | None) -> bool:
+    """Whether ``host`` (a URL's hostname) is this machine: localhost or a loopback address, not a name that
+    only begins like one (``127.attacker.example`` is anyone's)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 def _login_issuer(url: str) -> str:
     if url:
         parts = urlsplit(url)
-        loopback = parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
+        loopback = loopback_host(parts.hostname)
         if parts.scheme != "https" and not (parts.scheme == "http" and loopback) or not parts.hostname:
             raise ValueError("must be an https URL (http only for 127.0.0.1 or localhost), or empty for no sign-in")
         if parts.query or parts.fragment:

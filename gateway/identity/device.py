@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ..config.schema import loopback_host
+
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
@@ -67,8 +69,7 @@ def checked_url(url: str, what: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise LoginError(f"{what} {url!r} is not an http(s) URL")
-    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost") \
-            and not parts.hostname.startswith("127."):
+    if parts.scheme == "http" and not loopback_host(parts.hostname):
         raise LoginError(f"{what} {url!r}: use https (http only for 127.0.0.1 and localhost)")
     return url.rstrip("/")
 

@@ -152,6 +152,9 @@ def test_settings_are_immutable() -> None:
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "read", "pass_credentials": "sometimes"}]}, "routes.0.pass_credentials = 'sometimes': must be true or false"),
         ({"upstreams": {"name": "app"}}, "upstreams = {'name': 'app'}: must be a list"),
         ({"proxy": "fast"}, "proxy = 'fast': must be a table"),
+        # A name that only begins like a loopback address is anyone's host: ID tokens would cross the network in clear.
+        ({"login.issuer": "http://127.attacker.example", "login.client_id": "cli"},
+         "login.issuer = 'http://127.attacker.example': must be an https URL"),
     ],
 )
 def test_invalid_value_is_reported_with_setting_value_and_rule(

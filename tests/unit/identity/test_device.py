@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.identity.device import MAX_EXPIRES_IN, MAX_INTERVAL, DeviceLogin, GatewayInfo, LoginError
+from gateway.identity.device import MAX_EXPIRES_IN, MAX_INTERVAL, DeviceLogin, GatewayInfo, LoginError, checked_url
 
 
 class Provider:
@@ -137,3 +137,22 @@ async def test_the_gateways_answer_must_be_text_the_file_and_terminal_can_hold(
     async with aiohttp.ClientSession() as session:
         with pytest.raises(LoginError, match="lacks"):
             await DeviceLogin(session).exchange(info, "id.token.here", None)
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://gw.example/", True),
+    ("http://127.0.0.1:8000", True),
+    ("http://127.1.2.3", True),
+    ("http://[::1]:8000", True),
+    ("http://localhost:8000", True),
+    ("http://gw.example", False),
+    # Only begins like a loopback address: a name anyone can point anywhere, the ID token and key in clear.
+    ("http://127.attacker.example", False),
+    ("http://127.0.0.1.attacker.example", False),
+])
+def test_http_only_for_loopback(url: str, allowed: bool) -> None:
+    if allowed:
+        assert checked_url(url, "gateway") == url.rstrip("/")
+    else:
+        with pytest.raises(LoginError, match="use https"):
+            checked_url(url, "gateway")
