@@ -27,7 +27,7 @@ from .models import KeyRecord, Role, TrustPolicy, iso
 from .cache.notices import change_publisher
 from .identity import login as people
 from .identity.credentials import CredentialsError
-from .identity.device import LoginError
+from .identity.device import LoginError, printable
 from .manage.service import UNSET, KeyService, ServiceError, bootstrap
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
@@ -668,8 +668,8 @@ def whoami_command(gateway: str | None, org: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(me)
     else:
-        click.echo(f"{me.get('user') or me.get('name')} in org {me['org']} at {me['gateway']} "
-                   f"(key {me['key_id']}{', expires ' + me['expires_at'] if me.get('expires_at') else ''})")
+        click.echo(printable(f"{me.get('user') or me.get('name')} in org {me['org']} at {me['gateway']} "
+                             f"(key {me['key_id']}{', expires ' + me['expires_at'] if me.get('expires_at') else ''})"))
 
 
 @main.command("token")

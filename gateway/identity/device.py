@@ -44,6 +44,16 @@ MAX_EXPIRES_IN = 3600
 class LoginError(Exception):
     """``keygate login`` cannot go on; the message is one line for the person."""
 
+    def __init__(self, message: str) -> None:
+        # SECURITY: messages quote what a gateway or provider answered; a control character there (a terminal
+        # escape, a newline) must not reach the person's terminal as it came.
+        super().__init__(printable(message))
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (a control character, a lone surrogate) as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayInfo:
@@ -205,4 +215,5 @@ def _oauth_error(answer: dict[str, Any]) -> str:
     return " ".join(text.split())[:300]
 
 
-__all__ = ["DeviceCode", "DeviceLogin", "GatewayInfo", "LoginError", "checked_url", "read_at_most"]
+__all__ = ["DeviceCode", "DeviceLogin", "GatewayInfo", "LoginError", "checked_url", "printable",
+           "read_at_most"]

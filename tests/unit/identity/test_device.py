@@ -32,6 +32,7 @@ class Provider:
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_post("/device", self.device)
         app.router.add_post("/.well-known/keygate/token", self.exchange)
+        app.router.add_get("/.well-known/keygate", self.keygate)
         return app
 
     async def discovery(self, request: web.Request) -> web.StreamResponse:
@@ -48,6 +49,10 @@ class Provider:
 
     async def device(self, request: web.Request) -> web.Response:
         return web.Response(text=self.device_answer, content_type="application/json")
+
+    async def keygate(self, request: web.Request) -> web.Response:
+        """The gateway's discovery, failing with the text the test sets."""
+        return web.json_response({"error": "server_error", "error_description": self.exchange_answer}, status=500)
 
     async def exchange(self, request: web.Request) -> web.Response:
         """The gateway's token endpoint (the same server plays the gateway)."""
@@ -156,3 +161,12 @@ def test_http_only_for_loopback(url: str, allowed: bool) -> None:
     else:
         with pytest.raises(LoginError, match="use https"):
             checked_url(url, "gateway")
+
+
+async def test_a_refusals_text_reaches_the_terminal_without_its_control_characters(provider: Provider) -> None:
+    """What a gateway or provider says of a failure is shown to the person: no escape may rewrite their terminal."""
+    provider.exchange_answer = "down\x1b]0;owned\x07\x1b[2J for maintenance"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(LoginError) as refused:
+            await DeviceLogin(session).gateway_info(provider.url)
+    assert str(refused.value).isprintable() and "down" in str(refused.value)
