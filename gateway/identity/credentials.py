@@ -81,7 +81,9 @@ def save(path: Path, entries: Sequence[Credential]) -> None:
         for entry in entries
     )
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # SECURITY: a new file, never one found there (a leftover, or a link someone planted to aim the keys elsewhere).
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)  # whatever the umask, and whatever a leftover file had
         with os.fdopen(fd, "w", encoding="utf-8") as file:
@@ -99,7 +101,7 @@ def update(path: Path, change: Callable[[list[Credential]], list[Credential]]) -
     another org meanwhile), so the file is read again here, not earlier.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         save(path, change(load(path)))

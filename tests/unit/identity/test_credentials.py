@@ -100,3 +100,14 @@ def test_keygate_token_in_the_environment_wins_over_the_file(tmp_path: Path) -> 
     save(credentials_path(environ), [ALICE])
     assert token(None, None, environ) == ALICE.key
     assert token(None, None, {**environ, "KEYGATE_TOKEN": "kg_from_env\n"}) == "kg_from_env"
+
+
+def test_saving_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path: Path) -> None:
+    """A folder others can write (a shared XDG_CONFIG_HOME) must not let them aim the key at a file of theirs."""
+    path = tmp_path / "credentials.toml"
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (tmp_path / f".credentials.toml.{os.getpid()}").symlink_to(victim)
+    save(path, [ALICE])
+    assert victim.read_text() == "mine\n"
+    assert not path.is_symlink() and load(path) == [ALICE]
