@@ -238,7 +238,7 @@ class WellKnown:
         if requested not in (None, ISSUED_TOKEN_TYPE):
             raise _invalid_request(f"Only {ISSUED_TOKEN_TYPE} can be issued.")
         policy_name = form.get("policy") or None
-        if self.login is not None and policy_name is None and unverified_issuer(token) == self.login.issuer:
+        if self.login is not None and policy_name is None and self._for_login(token):
             # A person signing in (keygate login): their agent key, not a trust policy's key.
             return await self._login(request, token, form.get("org") or None, client_ip)
         # 3. The policies.
@@ -271,6 +271,15 @@ class WellKnown:
         self._answer_token(request, record, full)
         return {"policy": policy.name, "key_id": record.id, "issuer": policy.issuer,
                 "subject": verified.claims.get("sub")}
+
+    def _for_login(self, token: str) -> bool:
+        """Whether ``token`` is a sign-in: of login.issuer and for login's audience (unverified: only to choose
+        how it is checked). One provider may also sign CI jobs' tokens, for a trust policy's audience."""
+        assert self.login is not None
+        claims = unverified_claims(token)
+        aud = claims.get("aud")
+        return claims.get("iss") == self.login.issuer and \
+            (aud == self.login.audience or isinstance(aud, list) and self.login.audience in aud)
 
     async def _verified(self, token: str, policies: Sequence[TrustPolicy], policy_name: str | None) -> Verified:
         """The token checked against ``policies``; its refusals as the client sees them."""
@@ -418,14 +427,12 @@ def client_bucket(client_ip: str) -> str:
     return str(address)
 
 
-def unverified_issuer(token: str) -> str | None:
-    """The ``iss`` a token claims, unverified: only to choose how it is checked."""
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims a token makes, unverified: only to choose how it is checked."""
     try:
-        claims = jwt.decode(token, options={"verify_signature": False})
+        return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
     except jwt.PyJWTError:
-        return None
-    issuer = claims.get("iss")
-    return issuer if isinstance(issuer, str) else None
+        return {}
 
 
 def _names_a_member(user: str) -> bool:

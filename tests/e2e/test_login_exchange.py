@@ -190,3 +190,19 @@ async def test_removing_the_member_kills_the_key(
             break
         await asyncio.sleep(0.1)
     assert await status_of(http, gateway, answer["access_token"]) in (401, 403)
+
+
+async def test_a_job_token_of_the_same_issuer_is_still_a_trust_policys(
+    http: aiohttp.ClientSession, gateway: Keygate, issuer: OidcIssuer,
+) -> None:
+    """One provider can be both (GitLab signs people in and CI jobs' tokens): a token for a trust policy's
+    audience goes to the trust policies, without naming one, as it did before [login] was set."""
+    async with gateway.service() as service:
+        await service.put_trust_policy("ci", issuer=issuer.url, audience="https://keygate.example", org="acme",
+                                       conditions={"sub": "project_path:acme/shop:*"}, operations=["read"])
+    iat = int(datetime.now(UTC).timestamp())
+    job = issuer.token({"iss": issuer.url, "sub": "project_path:acme/shop:ref_type:branch:ref:main",
+                        "aud": "https://keygate.example", "iat": iat, "exp": iat + 300, "jti": str(uuid.uuid4())})
+    status, answer = await sign_in(http, gateway, job)
+    assert status == 200, answer
+    assert "org" not in answer  # a trust policy's key, not a person's
