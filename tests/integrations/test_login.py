@@ -95,6 +95,7 @@ async def test_a_person_signs_in_and_their_key_works_through_the_proxy(
     assert await status_through_proxy(gateway, key) == 200
     whoami = cli(gateway, home, "whoami").stdout
     assert ALICE in whoami and "acme" in whoami
+    assert key not in out + err + whoami  # only `keygate token` prints the key
 
     # Signing in again rotates the key: the old one is refused within a second.
     status, _, err = await login(idp, gateway, home)
@@ -109,7 +110,7 @@ async def test_a_person_signs_in_and_their_key_works_through_the_proxy(
 
     # logout revokes it through the gateway and forgets it.
     done = cli(gateway, home, "logout")
-    assert "Revoked" in done.stdout
+    assert "Revoked" in done.stdout and again not in done.stdout + done.stderr
     assert await status_through_proxy(gateway, again) == 401
     gone = cli(gateway, home, "token", check=False)
     assert gone.returncode == 2 and "not signed in" in gone.stderr
