@@ -44,7 +44,7 @@ from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..config.schema import Settings
 from ..dataplane.http1 import BodyTimeout, ClientGone, MalformedBody, Request, reason_of
 from ..manage import inputs
-from ..manage.service import KeyService, Notifier, Replayed, ServiceError
+from ..manage.service import KeyService, Notifier, Replayed, ServiceError, hasher_from
 from ..models import KeyRecord, TrustPolicy
 from ..pipeline.prepared import PreparedKey
 from ..pipeline.allowlist import check_allowlist
@@ -52,7 +52,7 @@ from ..pipeline.authenticate import Authenticator
 from ..pipeline.credential import bearer_credential
 from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import RateLimiter
-from ..pipeline.responses import denial
+from ..pipeline.responses import answer_of, retry_after_header
 from ..pipeline.status import check_status
 from ..store import KeyStore, StoreUnavailable
 from .jwks import IssuerUnavailable
@@ -79,7 +79,6 @@ MAX_FIELDS = 16
 BODY_DEADLINE = 10.0
 # What the exchange tells a client whose token no policy accepts, whatever the reason.
 NOT_ACCEPTED = "The subject token is not accepted: no trust policy matches it, or it is invalid or expired."
-STORE_RETRY_AFTER = 5
 
 _HEADERS = b"Content-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nPragma: no-cache\r\n"
 
@@ -131,9 +130,11 @@ class WellKnown:
         self.per_policy = parse_rate_limit(e.per_policy)
         # Token exchanges by result: "exchanged" or the error code answered (for /metrics).
         self.exchanges: dict[str, int] = {}
+        self.hasher = hasher_from(settings)  # one for every action of these endpoints
 
     def _service(self, actor: str) -> KeyService:
-        return KeyService(self.store, self.settings, actor=actor, clock=self.clock, notifier=self.notifier)
+        return KeyService(self.store, self.settings, actor=actor, clock=self.clock, hasher=self.hasher,
+                          notifier=self.notifier)
 
     async def handle(self, request: Request, request_id: str) -> None:
         started = time.perf_counter()
@@ -157,6 +158,9 @@ class WellKnown:
                 raise Refusal(404, "not_found", "No such Keygate endpoint.", "unknown path")
         except ClientGone:
             return
+        except StoreUnavailable as exc:
+            # Whichever endpoint read or wrote the store: the store's fault, worth a retry.
+            self._refuse(request, _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))), request_id, path, details)
         except Refusal as refusal:
             self._refuse(request, refusal, request_id, path, details)
         except Exception as exc:
@@ -242,12 +246,7 @@ class WellKnown:
             # A person signing in (keygate login): their agent key, not a trust policy's key.
             return await self._login(request, token, form.get("org") or None, client_ip)
         # 3. The policies.
-        service = self._service("exchange")
-        try:
-            policies = await service.list_trust_policies()
-        except StoreUnavailable as exc:
-            raise Refusal(503, "temporarily_unavailable", "Trust policies cannot be read right now; retry shortly.",
-                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        policies = await self._service("exchange").list_trust_policies()
         # 4. The token.
         verified = await self._verified(token, policies, policy_name)
         policy = verified.policy
@@ -260,9 +259,6 @@ class WellKnown:
                 client_ip=client_ip)
         except Replayed:
             raise Refusal(400, "invalid_grant", "This subject token was already exchanged.", "replayed") from None
-        except StoreUnavailable as exc:
-            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
-                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
         except ServiceError as exc:
             # The policy names what the store no longer allows (its role was deleted, ...): the operator's to fix.
             log.warning(json.dumps({"event": "exchange_policy_broken", "policy": policy.name, "error": str(exc)}))
@@ -332,14 +328,10 @@ class WellKnown:
                           "email not verified")
         allowed = self.settings.login.orgs
         service = self._service(f"login:{user}")
-        try:
-            # SECURITY: text no member can be named by (a NUL, a lone surrogate, ...) is no member of anything;
-            # the store is not asked, since not every store can hold it.
-            member_of = [o for o in await service.member_orgs(user) if "*" in allowed or o in allowed] \
-                if _names_a_member(user) else []
-        except StoreUnavailable as exc:
-            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
-                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
+        # SECURITY: text no member can be named by (a NUL, a lone surrogate, ...) is no member of anything;
+        # the store is not asked, since not every store can hold it.
+        member_of = [o for o in await service.member_orgs(user) if "*" in allowed or o in allowed] \
+            if _names_a_member(user) else []
         if org is None:
             if len(member_of) != 1:
                 # Not a member anywhere, or of several orgs: the person is told which they may choose.
@@ -357,9 +349,6 @@ class WellKnown:
                 token_expires_at=verified.expires_at, client_ip=client_ip)
         except Replayed:
             raise Refusal(400, "invalid_grant", "This ID token was already used to sign in.", "replayed") from None
-        except StoreUnavailable as exc:
-            raise Refusal(503, "temporarily_unavailable", "Keys cannot be issued right now; retry shortly.",
-                          f"store unavailable: {exc}", retry_after=STORE_RETRY_AFTER) from None
         except ServiceError as exc:  # the membership went away meanwhile
             raise Refusal(403, "access_denied", f"{user} may not sign in to org {org} here.", str(exc)) from None
         if previous is not None and self.forget_key is not None:
@@ -394,17 +383,12 @@ class WellKnown:
         except Denied as denied:
             await lookup.delay_refusal(denied, started)
             raise _denied(denied) from None
-        except StoreUnavailable as exc:
-            raise _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))) from None
         return key
 
     async def _revoke(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
         """The key in Authorization revokes itself."""
         key_id = (await self._authenticated(request, client, client_ip, started)).record.id
-        try:
-            await self._service(f"key:{key_id}").revoke_key(key_id, reason="self")
-        except StoreUnavailable as exc:
-            raise _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))) from None
+        await self._service(f"key:{key_id}").revoke_key(key_id, reason="self")
         if self.forget_key is not None:
             self.forget_key(key_id)
         self._answer(request, 200, {"revoked": key_id})
@@ -449,13 +433,10 @@ def _text(value: Any) -> str | None:
 
 def _denied(denied: Denied) -> Refusal:
     """The proxy's own answer to a refused key (401, 403, 429, 503), as a refusal of this endpoint."""
-    answer = denial(denied.outcome, "", retry_after=denied.retry_after)
-    body = json.loads(answer.body)
-    headers = "".join(f"{k}: {v}\r\n" for k, v in answer.headers.items()
-                      if k in ("WWW-Authenticate",)).encode()
-    wait = answer.headers.get("Retry-After")
-    return Refusal(answer.status, body["error"], body["error_description"], denied.reason,
-                   retry_after=float(wait) if wait else None, headers=headers)
+    status, error, description, challenge = answer_of(denied.outcome)
+    wait = retry_after_header(denied.outcome, denied.retry_after)
+    return Refusal(status, error, description, denied.reason, retry_after=float(wait) if wait else None,
+                   headers=b"WWW-Authenticate: %s\r\n" % challenge.encode() if challenge else b"")
 
 
 async def read_body(request: Request) -> bytes:
