@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.keys import generate
 
 from .harness import Keygate, Upstream
+from .scripted_upstream import ScriptedUpstream
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,14 @@ def upstream() -> Iterator[Upstream]:
     server = Upstream()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    """An upstream that answers what each test scripts (tests/e2e/scripted_upstream.py)."""
+    up = ScriptedUpstream()
+    yield up
+    up.stop()
 
 
 @pytest.fixture(scope="module")

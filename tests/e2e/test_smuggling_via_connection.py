@@ -20,13 +20,6 @@ from .scripted_upstream import ScriptedUpstream
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    up = ScriptedUpstream()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def kg(scripted: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
     keygate = Keygate(tmp_path_factory.mktemp("r13smuggle"), scripted.url,
                       config='[[routes]]\npath = "/admin/*"\noperation = "admin"\n').start()
