@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 class KeyStatus(StrEnum):
     ACTIVE = "active"
+    # Active, but unused for keys.idle_after (only when that is set): still authorizes.
+    IDLE = "idle"
     EXPIRED = "expired"
     REVOKED = "revoked"
 
@@ -40,15 +42,30 @@ class KeyRecord:
     last_used_ip: str | None
     agent: bool = False
     secret_hash: str = field(default="", repr=False, compare=False)
+    # A decoy: never authorizes; any use of it is an alarm (audit event and webhook).
+    canary: bool = False
+    # When a leak was reported (the key is revoked too unless its kind only flags leaks).
+    leaked_at: datetime | None = None
+    # Hygiene bookkeeping: when key.idle was sent for the current idle spell, and the
+    # expiry key.expiring was sent for.
+    idle_notified_at: datetime | None = field(default=None, compare=False)
+    expiry_warned_for: datetime | None = field(default=None, compare=False)
 
-    def status(self, now: datetime) -> KeyStatus:
+    def last_activity(self) -> datetime:
+        """When the key was last used, or created if it never was: what idleness is counted from."""
+        return self.last_used_at if self.last_used_at is not None else self.created_at
+
+    def status(self, now: datetime, idle_after: float = 0) -> KeyStatus:
+        """Revoked, expired, else idle (unused for ``idle_after`` seconds, when that is set) or active."""
         if self.revoked_at is not None and self.revoked_at <= now:
             return KeyStatus.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
             return KeyStatus.EXPIRED
+        if idle_after > 0 and (now - self.last_activity()).total_seconds() >= idle_after:
+            return KeyStatus.IDLE
         return KeyStatus.ACTIVE
 
-    def public(self, now: datetime) -> dict[str, Any]:
+    def public(self, now: datetime, idle_after: float = 0) -> dict[str, Any]:
         """The record as users see it (CLI ``--json``, admin API): never the hash."""
         return {
             "id": self.id,
@@ -68,7 +85,9 @@ class KeyRecord:
             "revoked_at": iso(self.revoked_at),
             "last_used_at": iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
-            "status": str(self.status(now)),
+            "canary": self.canary,
+            "leaked_at": iso(self.leaked_at),
+            "status": str(self.status(now, idle_after)),
         }
 
 
@@ -150,6 +169,23 @@ class TrustPolicy:
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One event on its way to one webhook (a row of the store's outbox)."""
+
+    id: int
+    url: str
+    event: str  # key.created, key.revoked, key.leaked, key.canary_used, key.expiring, key.idle
+    key_id: str
+    body: str  # the JSON body exactly as it is sent (and signed)
+    created_at: datetime
+    attempts: int
+    next_attempt_at: datetime
+    delivered_at: datetime | None = None
+    abandoned_at: datetime | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

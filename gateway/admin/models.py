@@ -185,7 +185,9 @@ class KeyOut(_Edge):
     revoked_at: Timestamp | None
     last_used_at: Timestamp | None
     last_used_ip: str | None
-    status: Literal["active", "expired", "revoked"]
+    canary: bool = Field(description="A decoy: it never authorizes, and any use of it is an alarm.")
+    leaked_at: Timestamp | None = Field(description="When a leak of the key was reported.")
+    status: Literal["active", "idle", "expired", "revoked"]
 
 
 class KeyCreated(KeyOut):

@@ -214,6 +214,14 @@ class ExchangeSettings(_Section):
         return spec
 
 
+def _https_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback_host(parts.hostname)) \
+            or not parts.hostname:
+        raise ValueError("must be an https URL (http only for 127.0.0.1 or localhost)")
+    return url
+
+
 def loopback_host(host: str | None) -> bool:
     """Whether ``host`` (a URL's hostname) is this machine: localhost or a loopback address, not a name that
     only begins like one (``127.attacker.example`` is anyone's)."""
@@ -448,6 +456,11 @@ class KindSettings(_Section):
         description="Prefix of this kind's keys: a lowercase letter, then lowercase letters, digits or '_', "
         "ending in '_', at most 16 characters (e.g. kg_, rk_t_)."
     )
+    on_leak: Literal["revoke", "flag"] = Field(
+        "revoke",
+        description="What a reported leak of a key of this kind does (secret-scanning report or `keys "
+        "report-leak`): revoke it, or only flag it (audited, leaked_at set, key.leaked webhook).",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -477,6 +490,20 @@ class KeysSettings(_Section):
         "integration (kg_) and automation (kga_).",
     )
     default_kind: str = Field("integration", description="Kind of a new key when none is given.")
+    idle_after: Duration = Field(
+        0.0, ge=0,
+        description="A key unused (or, never used, created) this long is idle: shown as status idle, "
+        "key.idle sent once per idle spell; 0 = never (e.g. 90d).",
+    )
+    idle_action: Literal["flag", "expire"] = Field(
+        "flag", description="What becoming idle does: flag (status idle, still works) or expire (expires_at set "
+        "to that moment, audited).",
+    )
+    expiry_warning: Duration = Field(
+        604800.0, ge=0,
+        description="How long before a key expires key.expiring is sent (only for keys made to live longer than "
+        "this); 0 = never.",
+    )
     argon2: Argon2Settings = Field(default_factory=Argon2Settings, description=Argon2Settings.__doc__)
 
     @field_validator("pepper")
@@ -510,6 +537,68 @@ class KeysSettings(_Section):
         if kinds is not None and kind not in kinds:
             raise ValueError(f"must be one of the configured kinds ({', '.join(kinds)})")
         return kind
+
+
+class LeaksSettings(_Section):
+    """Secret-scanning reports of leaked keys (POST /.well-known/keygate/secret-scanning)."""
+
+    github_keys_url: Annotated[str, AfterValidator(_https_url)] = Field(
+        "https://api.github.com/meta/public_keys/secret_scanning",
+        description="Where the public keys that sign GitHub's secret-scanning reports are published "
+        "(https; http only for 127.0.0.1 or localhost).",
+    )
+    keys_ttl: Duration = Field(
+        86400.0, ge=60, description="Seconds those keys are kept before they are fetched again (an unknown key "
+        "identifier refetches sooner, at most once a minute)."
+    )
+    fetch_timeout: Duration = Field(5.0, gt=0, le=60, description="Seconds allowed for fetching those keys.")
+
+
+WEBHOOK_EVENTS = ("key.created", "key.revoked", "key.leaked", "key.canary_used", "key.expiring", "key.idle")
+
+
+def _webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (the secret signs each delivery)")
+    return url
+
+
+class WebhookSettings(_Section):
+    url: Annotated[str, AfterValidator(_webhook_url)] = Field(description="Where events are POSTed (http or https).")
+    events: list[Literal[WEBHOOK_EVENTS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        description="Events sent here: " + ", ".join(WEBHOOK_EVENTS) + " (default all).",
+    )
+    secret: str = Field(
+        description="Key of the HMAC-SHA256 in X-Keygate-Signature (at least 16 characters).",
+        json_schema_extra=_SECRET_VALUE,
+    )
+    timeout: Duration = Field(10.0, gt=0, le=60, description="Seconds one delivery attempt may take.")
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, secret: str) -> str:
+        if len(secret) < 16:
+            raise ValueError("must be at least 16 characters")
+        return secret
+
+
+class HygieneSettings(_Section):
+    """The background work of key hygiene: idle and expiring keys, webhook delivery."""
+
+    sweep_interval: Duration = Field(
+        60.0, gt=0, description="Seconds between looks for keys that became idle or are about to expire."
+    )
+    webhook_retry_for: Duration = Field(
+        86400.0, gt=0, description="Seconds a webhook delivery is retried (with exponential backoff) before it "
+        "is given up (counted in /metrics, kept in the store).",
+    )
+    webhook_max_backoff: Duration = Field(
+        600.0, gt=0, description="Longest wait between two attempts of one delivery."
+    )
 
 
 class UpstreamSettings(_Section):
@@ -624,6 +713,12 @@ class Settings(_Section):
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit trail's retention.")
     keys: KeysSettings = Field(default_factory=KeysSettings, description="Key format and hashing.")
     failures: FailureSettings = Field(default_factory=FailureSettings, description=FailureSettings.__doc__)
+    leaks: LeaksSettings = Field(default_factory=LeaksSettings, description=LeaksSettings.__doc__)
+    hygiene: HygieneSettings = Field(default_factory=HygieneSettings, description=HygieneSettings.__doc__)
+    webhooks: list[WebhookSettings] = Field(
+        default_factory=list, description="Where key events (leaked, canary used, idle, expiring, created, revoked) "
+        "are sent, signed, from a durable outbox.",
+    )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     # Before routes, whose check needs the upstreams.
     upstreams: list[UpstreamSettings] = Field(

@@ -30,6 +30,7 @@ from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, l
 from ..models import KeyRecord, KeyStatus, Member, Role, TrustPolicy
 from ..store import KeyStore, Transaction, Transactions
 from ..config.units import parse_duration
+from ..hygiene.events import queue_event
 
 ADMIN_ROLE = "admin"
 
@@ -246,6 +247,10 @@ class KeyService:
     async def _audit(self, tx: Transaction, now: datetime, action: str, target: str, **details: Any) -> None:
         await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details)
 
+    async def _event(self, tx: Transaction, now: datetime, event: str, record: KeyRecord, **details: Any) -> None:
+        """Queue a webhook event about ``record`` in the transaction that makes the change."""
+        await queue_event(tx, self.settings, event, now, record, **details)
+
     async def _changed(self, tx: Transaction, now: datetime, entity: str, target: str) -> None:
         await tx.add_change(at=now, entity=entity, target=target)
         self._pending[id(tx)].append((entity, target))
@@ -309,6 +314,7 @@ class KeyService:
             )
             await tx.insert_key(record)
             await self._audit(tx, now, "key.create", record.id, **_settings_of(record))
+            await self._event(tx, now, "key.created", record, actor=self.actor)
         return record, parsed.full
 
     async def list_keys(
@@ -389,7 +395,9 @@ class KeyService:
                 return record
             updated = replace(record, revoked_at=now)
             await tx.save_key(updated)
-            await self._audit(tx, now, "key.revoke", key_id, **({"reason": reason} if reason is not None else {}))
+            because = {"reason": reason} if reason is not None else {}
+            await self._audit(tx, now, "key.revoke", key_id, **because)
+            await self._event(tx, now, "key.revoked", updated, actor=self.actor, **because)
             await self._changed(tx, now, "key", key_id)
         return updated
 

@@ -12,12 +12,12 @@ from abc import ABC, abstractmethod
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role, TrustPolicy
+from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role, TrustPolicy, WebhookDelivery
 
 
 class Connection(Protocol):
@@ -101,7 +101,12 @@ _INSERT_REQUEST_RECORDS = (
 
 _KEY_COLUMNS = (
     "id, kind, name, org, user_name, role, operations, servers, ip_allowlist, rate_limit, agent, "
-    "secret_hash, created_by, created_at, expires_at, revoked_at, last_used_at, last_used_ip"
+    "secret_hash, created_by, created_at, expires_at, revoked_at, last_used_at, last_used_ip, canary, leaked_at, "
+    "idle_notified_at, expiry_warned_for"
+)
+
+_DELIVERY_COLUMNS = (
+    "id, url, event, key_id, body, created_at, attempts, next_attempt_at, delivered_at, abandoned_at, last_error"
 )
 
 _POLICY_COLUMNS = (
@@ -152,7 +157,8 @@ class SqlTransaction:
             rate_limit=row["rate_limit"], agent=bool(row["agent"]), secret_hash=row["secret_hash"],
             created_by=row["created_by"], created_at=t(row["created_at"]), expires_at=t(row["expires_at"]),
             revoked_at=t(row["revoked_at"]), last_used_at=t(row["last_used_at"]),
-            last_used_ip=row["last_used_ip"],
+            last_used_ip=row["last_used_ip"], canary=bool(row["canary"]), leaked_at=t(row["leaked_at"]),
+            idle_notified_at=t(row["idle_notified_at"]), expiry_warned_for=t(row["expiry_warned_for"]),
         )
 
     async def get_key(self, key_id: str, *, for_update: bool = False) -> KeyRecord | None:
@@ -163,29 +169,36 @@ class SqlTransaction:
     async def insert_key(self, r: KeyRecord) -> None:
         t = self._d.time_in
         await self._exec(
-            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join(['?'] * 22)})",
             r.id, r.kind, r.name, r.org, r.user, r.role, json.dumps(list(r.operations)),
             json.dumps(list(r.servers)), json.dumps(list(r.ip_allowlist)), r.rate_limit,
             self._d.bool_in(r.agent), r.secret_hash, r.created_by, t(r.created_at), t(r.expires_at),
-            t(r.revoked_at), t(r.last_used_at), r.last_used_ip,
+            t(r.revoked_at), t(r.last_used_at), r.last_used_ip, self._d.bool_in(r.canary), t(r.leaked_at),
+            t(r.idle_notified_at), t(r.expiry_warned_for),
         )
 
     async def save_key(self, r: KeyRecord) -> None:
-        """Write the fields management may change (never the id, hash or usage)."""
+        """Write the fields management may change (never the id, hash, usage or canary flag)."""
         t = self._d.time_in
         await self._exec(
             "UPDATE keys SET name = ?, role = ?, operations = ?, servers = ?, ip_allowlist = ?, "
-            "rate_limit = ?, expires_at = ?, revoked_at = ? WHERE id = ?",
+            "rate_limit = ?, expires_at = ?, revoked_at = ?, leaked_at = ?, idle_notified_at = ?, "
+            "expiry_warned_for = ? WHERE id = ?",
             r.name, r.role, json.dumps(list(r.operations)), json.dumps(list(r.servers)),
-            json.dumps(list(r.ip_allowlist)), r.rate_limit, t(r.expires_at), t(r.revoked_at), r.id,
+            json.dumps(list(r.ip_allowlist)), r.rate_limit, t(r.expires_at), t(r.revoked_at), t(r.leaked_at),
+            t(r.idle_notified_at), t(r.expiry_warned_for), r.id,
         )
 
     async def list_keys(
         self, *, now: datetime, org: str | None = None, user: str | None = None,
         status: KeyStatus | None = None, kind: str | None = None, limit: int = 1000, offset: int = 0,
-        after: tuple[datetime, str] | None = None,
+        after: tuple[datetime, str] | None = None, idle_after: float = 0,
     ) -> list[KeyRecord]:
-        """Newest first; ``after`` is the (created_at, id) of the last key of the previous page."""
+        """Newest first; ``after`` is the (created_at, id) of the last key of the previous page.
+
+        With ``idle_after`` (seconds, 0 = off), ``active`` means unrevoked, unexpired and used (or
+        created) within it and ``idle`` the rest of the unrevoked, unexpired keys.
+        """
         where, args = ["1 = 1"], []
         if after is not None:
             # Keyset paging: keys created meanwhile do not shift later pages.
@@ -203,9 +216,14 @@ class SqlTransaction:
         elif status is KeyStatus.EXPIRED:
             where.append("(revoked_at IS NULL OR revoked_at > ?) AND expires_at IS NOT NULL AND expires_at <= ?")
             args += [at, at]
-        elif status is KeyStatus.ACTIVE:
+        elif status in (KeyStatus.ACTIVE, KeyStatus.IDLE):
             where.append("(revoked_at IS NULL OR revoked_at > ?) AND (expires_at IS NULL OR expires_at > ?)")
             args += [at, at]
+            if idle_after > 0:
+                where.append(f"COALESCE(last_used_at, created_at) {'>' if status is KeyStatus.ACTIVE else '<='} ?")
+                args.append(self._d.time_in(now - timedelta(seconds=idle_after)))
+            elif status is KeyStatus.IDLE:
+                where.append("1 = 0")  # no key is idle while idleness is off
         rows = await self._fetch(
             f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} "
             "ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
@@ -414,6 +432,98 @@ class SqlTransaction:
                        json.loads(r["details"]))
             for r in rows
         ]
+
+    # -- webhook outbox ----------------------------------------------------
+    def _delivery(self, r: Mapping[str, Any]) -> WebhookDelivery:
+        t = self._d.time_out
+        return WebhookDelivery(
+            int(r["id"]), r["url"], r["event"], r["key_id"], r["body"], t(r["created_at"]), int(r["attempts"]),
+            t(r["next_attempt_at"]), t(r["delivered_at"]), t(r["abandoned_at"]), r["last_error"],
+        )
+
+    async def enqueue_webhook(self, *, url: str, event: str, key_id: str, body: str, at: datetime) -> None:
+        """Queue ``body`` for ``url``, due now; written with the event it announces."""
+        t = self._d.time_in
+        await self._exec(
+            "INSERT INTO webhook_outbox (url, event, key_id, body, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            url, event, key_id, body, t(at), t(at),
+        )
+
+    async def claim_webhooks(self, *, now: datetime, lease_until: datetime, limit: int) -> list[WebhookDelivery]:
+        """Up to ``limit`` deliveries due at ``now``, oldest first, made due again only at ``lease_until``.
+
+        The lease is the claim: another deliverer (worker, replica) skips them until it ends, and
+        if this one dies mid-delivery they are tried again then. The due condition is repeated
+        outside the subquery so that, on PostgreSQL, a concurrent claim of the same rows finds
+        them no longer due when it gets their lock.
+        """
+        t = self._d.time_in
+        rows = await self._fetch(
+            f"UPDATE webhook_outbox SET next_attempt_at = ? WHERE id IN (SELECT id FROM webhook_outbox "
+            "WHERE delivered_at IS NULL AND abandoned_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
+            f"AND next_attempt_at <= ? RETURNING {_DELIVERY_COLUMNS}",
+            t(lease_until), t(now), limit, t(now),
+        )
+        return sorted((self._delivery(r) for r in rows), key=lambda d: d.id)
+
+    async def webhook_delivered(self, delivery_id: int, *, at: datetime, attempts: int) -> None:
+        await self._exec(
+            "UPDATE webhook_outbox SET delivered_at = ?, attempts = ?, last_error = NULL WHERE id = ?",
+            self._d.time_in(at), attempts, delivery_id,
+        )
+
+    async def webhook_failed(
+        self, delivery_id: int, *, attempts: int, error: str, retry_at: datetime | None, at: datetime,
+    ) -> None:
+        """A failed attempt: tried again at ``retry_at``, or given up (``retry_at`` None)."""
+        t = self._d.time_in
+        if retry_at is None:
+            await self._exec(
+                "UPDATE webhook_outbox SET attempts = ?, last_error = ?, abandoned_at = ? WHERE id = ?",
+                attempts, error, t(at), delivery_id,
+            )
+        else:
+            await self._exec(
+                "UPDATE webhook_outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+                attempts, error, t(retry_at), delivery_id,
+            )
+
+    async def list_webhooks(
+        self, *, key_id: str | None = None, pending: bool | None = None, limit: int = 100,
+    ) -> list[WebhookDelivery]:
+        """Newest first; ``pending`` True = neither delivered nor given up, False = one of those."""
+        where, args = ["1 = 1"], []
+        if key_id is not None:
+            where.append("key_id = ?")
+            args.append(key_id)
+        if pending is True:
+            where.append("delivered_at IS NULL AND abandoned_at IS NULL")
+        elif pending is False:
+            where.append("(delivered_at IS NOT NULL OR abandoned_at IS NOT NULL)")
+        rows = await self._fetch(
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_outbox WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+            *args, limit,
+        )
+        return [self._delivery(r) for r in rows]
+
+    async def webhook_backlog(self) -> int:
+        """Deliveries neither made nor given up."""
+        row = await self._one(
+            "SELECT COUNT(*) AS n FROM webhook_outbox WHERE delivered_at IS NULL AND abandoned_at IS NULL"
+        )
+        return int(row["n"]) if row else 0
+
+    async def prune_webhooks(self, *, older_than: datetime, batch: int) -> int:
+        """Delete up to ``batch`` deliveries made or given up before ``older_than``."""
+        t = self._d.time_in(older_than)
+        rows = await self._fetch(
+            "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox WHERE "
+            "(delivered_at IS NOT NULL AND delivered_at < ?) OR (abandoned_at IS NOT NULL AND abandoned_at < ?) "
+            "ORDER BY id LIMIT ?) RETURNING id",
+            t, t, batch,
+        )
+        return len(rows)
 
     # -- change feed and meta -------------------------------------------
     async def add_change(self, *, at: datetime, entity: str, target: str) -> None:

@@ -14,7 +14,8 @@ KEYS = "/admin/v1/keys"
 # The CLI's --json record: exactly these fields (plus "key" when a key is made).
 RECORD_FIELDS = {
     "id", "kind", "name", "org", "user", "role", "operations", "servers", "ip_allowlist", "rate_limit", "agent",
-    "created_by", "created_at", "expires_at", "revoked_at", "last_used_at", "last_used_ip", "status",
+    "created_by", "created_at", "expires_at", "revoked_at", "last_used_at", "last_used_ip", "canary", "leaked_at",
+    "status",
 }
 
 
