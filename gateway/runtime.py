@@ -2,7 +2,7 @@
 
 :func:`runtime` is an async context manager that opens the store, Redis
 (when configured), the HTTP client session, the recorder, the change
-watcher, the change subscriber and the audit pruner in order and closes them
+watcher, the change subscriber, the audit pruner and the webhook deliverer in order and closes them
 in reverse, flushing the recorder before the store closes. The admin
 listener's app is :mod:`gateway.admin.listener`.
 """
@@ -45,6 +45,7 @@ from .cache.shared import SharedKeyCache
 from .manage.service import bootstrap, hasher_from, resolve_pepper
 from .store import KeyStore, StoreError, configured_store
 from .dataplane.sweeper import Sweeper
+from .hygiene.webhooks import WebhookDeliverer
 
 log = logging.getLogger("keygate")
 
@@ -72,6 +73,8 @@ class Runtime:
     decider: Decider | None = None
     # Keygate's own endpoints on the proxy listener (the identity exchange).
     well_known: WellKnown | None = None
+    # Delivers the webhook outbox in the background.
+    webhooks: WebhookDeliverer | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -185,6 +188,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         await pruner.start()
         stack.push_async_callback(pruner.close)
 
+        # Every worker delivers webhooks: the outbox's leased claim gives each row to one of them at a time.
+        h = settings.hygiene
+        webhooks = WebhookDeliverer(store, settings.webhooks, retry_for=h.webhook_retry_for,
+                                    max_backoff=h.webhook_max_backoff, clock=utcnow)
+        await webhooks.start()
+        stack.push_async_callback(webhooks.close)
+
         # Stages 1-7, one instance for every listener of this process.
         authenticator = Authenticator(
             parser=KeyParser(k.prefix for k in settings.keys.kinds.values()),
@@ -217,7 +227,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         ) if settings.authz.listen else None
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
-                      publisher=publisher, well_known=well_known)
+                      publisher=publisher, well_known=well_known, webhooks=webhooks)
 
 
 def warn_if_exposed(settings: Settings) -> None:

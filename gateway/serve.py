@@ -101,6 +101,8 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             await stop.wait()
             log.info(json.dumps({"event": "draining", "grace_seconds": grace, "pid": os.getpid()}))
             rt.draining = True
+            if rt.webhooks is not None:
+                rt.webhooks.stop_claiming()  # a batch in flight finishes (or its lease ends) before exit
             # Should the shutdown ever hang, the log says where (it is then up to the supervisor's SIGKILL).
             stuck = loop.call_later(grace + STUCK_AFTER, lambda: log.error(json.dumps({
                 "event": "shutdown_stuck", "pid": os.getpid(), "tasks": running_tasks()})))

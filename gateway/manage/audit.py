@@ -150,8 +150,8 @@ def utcnow() -> datetime:
 
 
 class AuditPruner:
-    """Deletes audit events and request records older than ``retention_days``, and the records of
-    exchanged tokens that have expired, every ``interval``.
+    """Deletes audit events, request records and finished webhook deliveries older than ``retention_days``,
+    and the records of exchanged tokens that have expired, every ``interval``.
 
     Deletes go in batches, each its own short transaction, so a large backlog
     never holds the store's write lock for long.
@@ -189,6 +189,11 @@ class AuditPruner:
             if audit:
                 self._log.info(json.dumps({"event": "audit_pruned", "rows": audit, "before": cutoff.isoformat()}))
             total += audit
+            # Webhook deliveries made or given up are kept as long as the audit trail.
+            hooks = await self._in_batches(lambda tx: tx.prune_webhooks(older_than=cutoff, batch=self.batch))
+            if hooks:
+                self._log.info(json.dumps({"event": "webhooks_pruned", "rows": hooks, "before": cutoff.isoformat()}))
+            total += hooks
         # A record must outlive the time its token is still accepted (exp plus the verifier's leeway),
         # or the token could be exchanged a second time.
         expired = now - self.token_grace
