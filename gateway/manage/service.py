@@ -27,7 +27,7 @@ from . import inputs as fields
 from .audit import AuditFilter, AuditPage, Position, query_audit, utcnow
 from ..config.schema import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
-from ..models import KeyRecord, KeyStatus, Member, Role, TrustPolicy
+from ..models import KeyRecord, KeyStatus, Member, Role, TrustPolicy, iso
 from ..store import KeyStore, Transaction, Transactions
 from ..config.units import parse_duration
 from ..hygiene.events import queue_event
@@ -426,6 +426,10 @@ class KeyService:
             await tx.insert_key(new)
             await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_for)
             await self._audit(tx, now, "key.create", new.id, rotated_from=key_id, **_settings_of(new))
+            await self._event(tx, now, "key.created", new, actor=self.actor, rotated_from=key_id)
+            # Announced now even when a grace defers it: details.revoke_at says when it takes effect.
+            await self._event(tx, now, "key.revoked", old_updated, actor=self.actor, reason="rotated",
+                              replaced_by=new.id, revoke_at=iso(revoke_at))
             await self._changed(tx, now, "key", key_id)
         return new, parsed.full, old_updated
 
@@ -482,8 +486,10 @@ class KeyService:
         # Every live one: a rotated agent key in its grace period counts too.
         live = await tx.live_agent_keys(org, user, now)
         for old in live:
-            await tx.save_key(replace(old, revoked_at=now))
+            revoked = replace(old, revoked_at=now)
+            await tx.save_key(revoked)
             await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
+            await self._event(tx, now, "key.revoked", revoked, actor=self.actor, reason="replaced by a new agent key")
             await self._changed(tx, now, "key", old.id)
         kind = self.settings.keys.default_kind
         parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, kind))
@@ -494,6 +500,8 @@ class KeyService:
             last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
         )
         await tx.insert_key(record)
+        replaced = {"replaced": live[0].id} if live else {}
+        await self._event(tx, now, "key.created", record, actor=self.actor, **replaced)
         return record, parsed.full, live[0].id if live else None
 
     # -- roles -----------------------------------------------------------
@@ -660,6 +668,7 @@ class KeyService:
                 subject=_claim_value(claims.get("sub")), client_ip=client_ip, token_id=token_id,
                 claims=_audited_claims(claims), **_settings_of(record),
             )
+            await self._event(tx, now, "key.created", record, actor=self.actor, policy=policy.name)
         return record, parsed.full
 
     # -- audit -----------------------------------------------------------
