@@ -40,7 +40,8 @@ class Received:
 
 
 class WebhookReceiver:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        self.port = port  # 0: any free one (a receiver started again may take its predecessor's)
         self.answers: dict[str, list[int]] = {}
         self.delays: dict[str, float] = {}
         self._received: list[Received] = []
@@ -97,7 +98,7 @@ class WebhookReceiver:
         app.router.add_post("/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()

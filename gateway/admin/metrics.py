@@ -84,9 +84,16 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                            "feed.", ()),
     "keygate_ready": ("gauge", "1 if every worker is ready (not draining; store or warm cache), else 0.", ()),
     "keygate_workers": ("gauge", "Worker processes whose numbers this scrape includes.", ()),
+    "keygate_webhook_deliveries": ("counter", "Webhook delivery attempts by event and result: delivered, failed "
+                                   "(retried later) or abandoned (given up; kept in the store).", ("event", "result")),
+    "keygate_webhook_backlog": ("gauge", "Webhook deliveries neither made nor given up (store-wide, counted "
+                                "every few seconds).", ()),
 }
 # Gauges that are true for the group only if true for every worker.
 _MIN_GAUGES = frozenset({"keygate_store_up", "keygate_redis_up", "keygate_ready"})
+# Gauges of the whole store that every worker reads: the group shows the largest
+# reading (each a few seconds old at most), not their sum.
+_MAX_GAUGES = frozenset({"keygate_webhook_backlog"})
 
 Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "histograms": {name: [[labels..., h]]}}
 
@@ -122,6 +129,9 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_ready": [[int(rt.ready())]],
         "keygate_workers": [[1]],
     }
+    if rt.webhooks is not None:
+        values["keygate_webhook_deliveries"] = [[e, r, n] for (e, r), n in rt.webhooks.results.items()]
+        values["keygate_webhook_backlog"] = [[rt.webhooks.backlog]]
     for name, rows in _redis_values(rt).items():
         values.setdefault(name, []).extend(rows)
     histograms = {
@@ -199,6 +209,8 @@ def merge(snaps: Iterable[Snapshot]) -> tuple[dict[str, dict[tuple[str, ...], fl
                 key = tuple(labels)
                 if name in _MIN_GAUGES and key in family:
                     family[key] = min(family[key], value)
+                elif name in _MAX_GAUGES and key in family:
+                    family[key] = max(family[key], value)
                 else:
                     family[key] = family.get(key, 0) + value
         for name, rows in snap["histograms"].items():

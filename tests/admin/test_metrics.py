@@ -22,6 +22,7 @@ from tests.proxy_listener import serving
 
 from ..e2e.harness import Keygate, Upstream
 from ..redis_server import SHARED_REDIS_URL, RedisServer
+from ..webhook_receiver import WebhookReceiver
 from .conftest import Admin, admin_on
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -136,6 +137,35 @@ async def test_without_redis_there_are_no_redis_numbers(admin: Admin) -> None:
     assert not [name for name, labels in m if name.startswith(("keygate_redis_", "keygate_change_notices",
                                                                  "keygate_ratelimit_degraded"))]
     assert not [labels for name, labels in m if ("layer", "redis") in labels]
+
+
+async def test_webhook_deliveries_by_event_and_result_and_the_backlog(store_url: str) -> None:
+    """Deliveries are counted by event and result; a webhook answering 500 keeps its rows in the backlog."""
+    receiver = WebhookReceiver()
+    receiver.answers["/down"] = [500] * 100
+    hooks = [{"url": receiver.url + "/up", "secret": "s" * 16}, {"url": receiver.url + "/down", "secret": "s" * 16}]
+    try:
+        async with admin_on(store_url, webhooks=hooks) as admin:  # its root key is one key.created
+            assert (await admin.call("POST", "/admin/v1/keys", json={"name": "ci", "role": "admin"})).status == 201
+            await receiver.arrived(2, "/up")
+            await receiver.arrived(2, "/down")
+            async with asyncio.timeout(10):
+                while sum(admin.rt.webhooks.results.values()) < 4:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.02)
+            m = await scrape(admin)
+    finally:
+        receiver.stop()
+    assert value(m, "keygate_webhook_deliveries_total", event="key.created", result="delivered") == 2
+    assert value(m, "keygate_webhook_deliveries_total", event="key.created", result="failed") >= 2
+    assert value(m, "keygate_webhook_deliveries_total", event="key.created", result="abandoned") == 0
+    assert value(m, "keygate_webhook_backlog") == 2
+
+
+def test_the_webhook_backlog_is_the_stores_not_a_sum_over_workers() -> None:
+    """Every worker counts the same outbox: the group shows one count, not one per worker."""
+    values, _ = merge({"pid": pid, "values": {"keygate_webhook_backlog": [[n]]}, "histograms": {}}
+                      for pid, n in enumerate([3, 4]))
+    assert values["keygate_webhook_backlog"][()] == 4
 
 
 # --- With Redis (PostgreSQL store, a namespace of the shared Redis, or a redis-server of the test's own) ---
