@@ -119,6 +119,7 @@ class WebhookDeliverer:
         self._stopping = False
         self._busy = False  # a batch is in flight (else the task waits for the next poll)
         self._backlog_at: datetime | None = None
+        self._outage: str | None = None  # the error the outbox last failed with, while it does
         # (event, result) -> attempts; result is delivered, failed (retried later) or abandoned (given up).
         self.results: dict[tuple[str, str], int] = {}
         # Rows neither delivered nor given up, store-wide, as of the last count.
@@ -225,6 +226,17 @@ class WebhookDeliverer:
             self._session = aiohttp.ClientSession()
         return self._session
 
+    def _trouble(self, error: str, *, unexpected: bool = False) -> None:
+        """Log the outbox as unreachable once per outage (or new error), not once per poll."""
+        if error == self._outage:
+            return
+        self._outage = error
+        fields = json.dumps({"event": "webhook_outbox_unavailable", "error": error})
+        if unexpected:
+            self._log.exception(fields)
+        else:
+            self._log.warning(fields)
+
     # -- lifetime ------------------------------------------------------------
 
     async def start(self) -> None:
@@ -257,9 +269,13 @@ class WebhookDeliverer:
             try:
                 claimed = await self.run_once()
             except StoreError as exc:
-                self._log.warning(json.dumps({"event": "webhook_outbox_unavailable", "error": str(exc)}))
-            except Exception:  # the deliverer must outlive any surprise
-                self._log.exception(json.dumps({"event": "webhook_delivery_error"}))
+                self._trouble(str(exc))
+            except Exception as exc:  # the deliverer must outlive any surprise
+                self._trouble(f"{type(exc).__name__}: {exc}", unexpected=True)
+            else:
+                if self._outage is not None:
+                    self._log.info(json.dumps({"event": "webhook_outbox_available"}))
+                    self._outage = None
             finally:
                 self._busy = False
             # A full batch means more may be due: go on at once.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -271,3 +273,33 @@ async def test_finished_deliveries_are_pruned_with_the_audit_trail(
     await pruner.prune()
     [left] = await rows(store)
     assert left.delivered_at is None
+
+
+async def test_an_unreachable_outbox_is_logged_once_and_delivery_resumes(
+    store: KeyStore, clock: FakeClock[datetime], receiver: WebhookReceiver, path: str, make: Make,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the store is down the task keeps polling, logging the outage once; then it delivers again."""
+    url = receiver.url + path
+    polls: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        await asyncio.sleep(0.01)
+
+    caplog.set_level(logging.INFO, logger="keygate.webhooks")
+    await store.close()
+    deliverer = make(url, sleep=sleep)
+    await deliverer.start()
+    async with asyncio.timeout(5):
+        while len(polls) < 5:
+            await asyncio.sleep(0.01)
+    await store.open()
+    await queue(store, url, clock())
+    await receiver.arrived(1, path)
+    async with asyncio.timeout(5):
+        while not any('"webhook_outbox_available"' in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0.01)
+    events = [json.loads(r.getMessage())["event"] for r in caplog.records if r.name == "keygate.webhooks"]
+    assert events[0] == "webhook_outbox_unavailable" and events.count("webhook_outbox_unavailable") == 1
+    assert events.count("webhook_outbox_available") == 1
