@@ -27,6 +27,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -84,6 +85,16 @@ def headers_for(hook: WebhookSettings, delivery: WebhookDelivery, body: bytes) -
         "X-Keygate-Delivery": event_id(delivery.body, delivery.id),
         "X-Keygate-Signature": signature(hook.secret, body),
     }
+
+
+def origin(url: str) -> str:
+    """What logs say of a webhook's URL: its scheme, host and port only.
+
+    SECURITY: many receivers (chat and incident tools) take their token in the path or query,
+    so the whole URL is a secret; the outbox row keeps it, the log does not.
+    """
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" + ("/..." if parts.path not in ("", "/") or parts.query else "/")
 
 
 def lease_for(webhooks: Sequence[WebhookSettings]) -> float:
@@ -162,7 +173,7 @@ class WebhookDeliverer:
         hook = self.hook_for(delivery)
         if hook is None:
             # Nobody to sign for or send to: retrying cannot help. Kept in the store for the record.
-            error = f"webhook {delivery.url} is no longer configured (not in [[webhooks]]): not sent"
+            error = "its URL is no longer a configured webhook (not in [[webhooks]]): not sent"
             await self._failed(delivery, attempts, error, give_up=True)
             return
         error = await self._post(hook, delivery)
@@ -172,7 +183,7 @@ class WebhookDeliverer:
             self._count(delivery.event, "delivered")
             self._log.info(json.dumps({
                 "event": "webhook_delivered", "webhook_event": delivery.event, "key_id": delivery.key_id,
-                "url": delivery.url, "delivery": delivery.id, "attempts": attempts,
+                "url": origin(delivery.url), "delivery": delivery.id, "attempts": attempts,
             }))
             return
         await self._failed(delivery, attempts, error, give_up=False)
@@ -209,7 +220,7 @@ class WebhookDeliverer:
         self._count(delivery.event, result)
         fields = {
             "event": f"webhook_{result}", "webhook_event": delivery.event, "key_id": delivery.key_id,
-            "url": delivery.url, "delivery": delivery.id, "attempts": attempts, "error": error[:MAX_ERROR],
+            "url": origin(delivery.url), "delivery": delivery.id, "attempts": attempts, "error": error[:MAX_ERROR],
         }
         if retry_at is not None:
             fields["retry_in"] = round((retry_at - now).total_seconds(), 3)

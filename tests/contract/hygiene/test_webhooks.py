@@ -197,7 +197,8 @@ async def test_a_row_for_a_webhook_no_longer_configured_is_abandoned_with_a_clea
     assert await deliverer.run_once() == 1
     [row] = await rows(store)
     assert row.abandoned_at == clock() and row.attempts == 1
-    assert row.last_error == f"webhook {gone} is no longer configured (not in [[webhooks]]): not sent"
+    assert (row.url, row.last_error) == (gone, "its URL is no longer a configured webhook (not in [[webhooks]]): "
+                                               "not sent")
     assert receiver.received(path + "-removed") == []
     assert deliverer.results == {("key.revoked", "abandoned"): 1}
 

@@ -10,7 +10,7 @@ import pytest
 
 from gateway import __version__
 from gateway.config.schema import WebhookSettings
-from gateway.hygiene.webhooks import JITTER, backoff, event_id, headers_for, lease_for, signature
+from gateway.hygiene.webhooks import JITTER, backoff, event_id, headers_for, lease_for, origin, signature
 from gateway.models import WebhookDelivery
 
 SECRET = "0123456789abcdef-secret"
@@ -71,3 +71,14 @@ def test_the_lease_outlasts_the_longest_attempt_twice() -> None:
              WebhookSettings(url="https://b.example/", secret=SECRET, timeout=12)]
     assert lease_for(hooks) == 24.0
     assert lease_for([]) == 20.0
+
+
+@pytest.mark.parametrize(("url", "logged"), [
+    ("https://hooks.slack.com/services/T000/B000/XXXXSECRET", "https://hooks.slack.com/..."),
+    ("https://events.pagerduty.example/v2?token=SECRET", "https://events.pagerduty.example/..."),
+    ("http://127.0.0.1:9000/", "http://127.0.0.1:9000/"),
+    ("http://127.0.0.1:9000", "http://127.0.0.1:9000/"),
+])
+def test_logs_name_a_webhook_by_its_origin_only(url: str, logged: str) -> None:
+    """A token in a webhook's path or query never reaches the log."""
+    assert origin(url) == logged
