@@ -36,6 +36,8 @@ T = TypeVar("T")
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1
 SHOWN_ONCE = "Store it now: this is the only time the full key is shown. Keygate keeps only a hash."
+CANARY_NOTE = ("A canary never authorizes: plant it where only an intruder would find it. Every use is answered "
+               "as an unknown key and raises key.canary_used (audit event and webhook).")
 
 
 def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
@@ -114,7 +116,7 @@ def run(coro: Awaitable[T]) -> T:
 
 def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]]) -> T:
     """Run ``action`` on the configured store; the service checks the command's input, before the store opens."""
-    settings = settings_from(ctx)
+    settings = ctx.obj["settings"] = settings_from(ctx)
 
     async def go() -> T:
         store = StoreOnFirstUse(settings)
@@ -149,11 +151,16 @@ def _when(value: str | None) -> str:
     return "-" if value is None else value.replace("T", " ")[:19]
 
 
-def key_table(records: Sequence[KeyRecord], now: datetime) -> None:
+def idle_after(ctx: click.Context) -> float:
+    """keys.idle_after of the settings the command ran with (status idle is derived from it)."""
+    return float(ctx.obj["settings"].keys.idle_after)
+
+
+def key_table(records: Sequence[KeyRecord], now: datetime, idle_after: float = 0) -> None:
     rows = []
     for r in records:
-        p = r.public(now)
-        access = "agent" if r.agent else _access(r.role, r.operations)
+        p = r.public(now, idle_after)
+        access = "agent" if r.agent else "canary (never authorizes)" if r.canary else _access(r.role, r.operations)
         rows.append([
             p["id"], p["name"], p["kind"], p["org"] + (f"/{p['user']}" if p["user"] else ""), access,
             ",".join(r.servers), p["status"], _when(p["expires_at"]) if p["expires_at"] else "never",
@@ -174,8 +181,8 @@ def details(fields: dict[str, Any]) -> None:
         click.echo(f"{name + ':':<14}{'-' if value in (None, '') else value}")
 
 
-def key_details(record: KeyRecord, now: datetime) -> None:
-    details(record.public(now))
+def key_details(record: KeyRecord, now: datetime, idle_after: float = 0) -> None:
+    details(record.public(now, idle_after))
 
 
 def _lifetime(seconds: int) -> str:
@@ -212,8 +219,10 @@ def show_new_key(record: KeyRecord, full_key: str, as_json: bool, now: datetime,
         emit_json({**record.public(now), **extra, "key": full_key})
         click.echo(SHOWN_ONCE, err=True)
         return
-    click.echo(f"Key {record.id} ({record.name!r}):\n\n    {full_key}\n")
+    click.echo(f"{'Canary key' if record.canary else 'Key'} {record.id} ({record.name!r}):\n\n    {full_key}\n")
     click.echo(SHOWN_ONCE)
+    if record.canary:
+        click.echo(CANARY_NOTE)
     for label, value in extra.items():
         if value:
             click.echo(f"{label.replace('_', ' ')}: {value}")
@@ -298,16 +307,19 @@ def keys() -> None:
 @click.option("--allow-ip", "allow_ips", multiple=True, help="Client CIDR allowed (repeat; default any).")
 @click.option("--rate-limit", help="e.g. '100/minute' or '100/minute; burst=150' (default ratelimit.default).")
 @click.option("--expires", default="never", show_default=True, help="7d, 30d, 90d, 1y, never or an ISO 8601 date.")
+@click.option("--canary", is_flag=True, help="A decoy that never authorizes: any use is answered as an unknown key "
+              "and raises key.canary_used (audit event, webhook). Takes no role, operations, servers, "
+              "allowlist or rate limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user: str, role: str | None,
                 operations: tuple[str, ...], servers: tuple[str, ...], allow_ips: tuple[str, ...],
-                rate_limit: str | None, expires: str, as_json: bool) -> None:
+                rate_limit: str | None, expires: str, canary: bool, as_json: bool) -> None:
     """Create a key and print it once."""
     record, full = with_service(ctx, lambda svc: svc.create_key(
         # --role '' is no role, as for update.
         name=name, kind=kind, org=org, user=user, role=role or None, operations=operations, servers=servers,
-        ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires,
+        ip_allowlist=allow_ips, rate_limit=rate_limit, expires=expires, canary=canary,
     ))
     show_new_key(record, full, as_json, utcnow())
 
@@ -315,7 +327,8 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
 @keys.command("list")
 @click.option("--org")
 @click.option("--user")
-@click.option("--status", type=click.Choice(["active", "expired", "revoked"]))
+@click.option("--status", type=click.Choice(["active", "idle", "expired", "revoked"]),
+              help="idle: unused for keys.idle_after (only when that is set).")
 @click.option("--kind")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
@@ -329,9 +342,9 @@ def keys_list(ctx: click.Context, org: str | None, user: str | None, status: str
         click.echo(f"keygate: showing the newest {limit} keys; use --limit or filters for more", err=True)
     now = utcnow()
     if as_json:
-        emit_json([r.public(now) for r in records])
+        emit_json([r.public(now, idle_after(ctx)) for r in records])
     else:
-        key_table(records, now)
+        key_table(records, now, idle_after(ctx))
 
 
 @keys.command("show")
@@ -342,9 +355,9 @@ def keys_show(ctx: click.Context, key_id: str, as_json: bool) -> None:
     """Show one key."""
     record = with_service(ctx, lambda svc: svc.get_key(key_id))
     if as_json:
-        emit_json(record.public(utcnow()))
+        emit_json(record.public(utcnow(), idle_after(ctx)))
     else:
-        key_details(record, utcnow())
+        key_details(record, utcnow(), idle_after(ctx))
 
 
 @keys.command("update")
@@ -375,7 +388,7 @@ def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | N
         rate_limit=UNSET if rate_limit is None else rate_limit, expires=expires,
     ))
     if as_json:
-        emit_json(record.public(utcnow()))
+        emit_json(record.public(utcnow(), idle_after(ctx)))
     else:
         click.echo(f"updated {record.id}")
 
@@ -408,6 +421,32 @@ def keys_set_role(ctx: click.Context, key_id: str, role: str) -> None:
     """Give a key another role."""
     record = with_service(ctx, lambda svc: svc.set_role(key_id, role))
     click.echo(f"{record.id} now has role {record.role}")
+
+
+@keys.command("suggest-allowlist")
+@click.argument("key_id", metavar="ID")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 366),
+              help="Look at the key's allowed requests of this many days.")
+@click.option("--max", "max_blocks", default=4, show_default=True, type=click.IntRange(1, 16),
+              help="Most CIDRs to suggest (IPv4 and IPv6 together).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def keys_suggest_allowlist(ctx: click.Context, key_id: str, days: int, max_blocks: int, as_json: bool) -> None:
+    """Suggest the narrowest CIDRs covering the addresses a key was used from, and the command to apply them.
+
+    Only allowed requests count (refused ones may be an attacker's). The CIDRs cover every recorded
+    address with the least address space possible within --max.
+    """
+    found = with_service(ctx, lambda svc: svc.suggest_allowlist(key_id, days=days, max_blocks=max_blocks))
+    if as_json:
+        emit_json(found.public())
+        return
+    if not found.blocks:
+        click.echo(f"{found.message}.")
+        return
+    click.echo(f"Allowlist suggestion for {found.key_id}: {found.message}.\n")
+    table(["CIDR", "REQUESTS", "ADDRESSES"], [[str(b.network), b.requests, b.addresses] for b in found.blocks])
+    click.echo(f"\nApply it (replaces the key's allowlist):\n\n    {found.command}")
 
 
 @keys.command("agent")

@@ -61,7 +61,8 @@ class KeyRecord:
             return KeyStatus.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
             return KeyStatus.EXPIRED
-        if idle_after > 0 and (now - self.last_activity()).total_seconds() >= idle_after:
+        # A canary is unused by design: never idle (nor expired for idleness, which would end the tripwire).
+        if idle_after > 0 and not self.canary and (now - self.last_activity()).total_seconds() >= idle_after:
             return KeyStatus.IDLE
         return KeyStatus.ACTIVE
 
@@ -203,6 +204,25 @@ class AuditEvent:
         data = asdict(self)
         data["at"] = iso(self.at)
         return data
+
+
+class CanaryUse(NamedTuple):
+    """One use of a canary key, as the pipeline saw it: written off the request path (audit event and webhook).
+
+    ``record`` is the key as the cache held it; ``path`` and ``user_agent`` are already redacted
+    (a key in them shown as its id) and bounded.
+    """
+
+    at: datetime
+    record: KeyRecord
+    client_ip: str | None
+    method: str
+    path: str
+    user_agent: str | None
+
+    def details(self) -> dict[str, Any]:
+        """What the audit event and the webhook tell about the use."""
+        return {"client_ip": self.client_ip, "method": self.method, "path": self.path, "user_agent": self.user_agent}
 
 
 class RequestRecord(NamedTuple):

@@ -7,6 +7,10 @@ per key (only the newest time matters); request records go to a buffer
 bounded by ``max_buffer``. When the store is down, what was not written goes
 back into the buffers for the next flush, so nothing accepted is lost until
 the bound is reached; past it records are dropped, counted and logged.
+
+Uses of canary keys (:meth:`Recorder.canary_used`) are buffered the same way,
+bounded alike, and written by the ``alarms`` sink: each batch in one
+transaction with its audit events and webhooks (:mod:`gateway.hygiene.canary`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from datetime import datetime
 from itertools import chain, islice
 from typing import Protocol
 
-from .models import RequestRecord
+from .models import CanaryUse, RequestRecord
 
 # Rows per store call: keeps each statement and transaction a sensible size.
 CHUNK_SIZE = 1000
@@ -35,18 +39,26 @@ class RecordSink(Protocol):
     async def add_request_records(self, records: Sequence[RequestRecord]) -> None: ...
 
 
+class AlarmSink(Protocol):
+    """Where uses of canary keys are written (their audit events and webhooks)."""
+
+    async def canary_used(self, uses: Sequence[CanaryUse]) -> None: ...
+
+
 class Recorder:
     """Buffers last-used times and request records and writes them in batches."""
 
     def __init__(
         self, store: RecordSink, *, flush_interval: float, max_buffer: int,
         logger: logging.Logger | None = None, close_attempts: int = 3, close_retry_delay: float = 0.2,
+        alarms: AlarmSink | None = None,
     ) -> None:
         if flush_interval <= 0:
             raise ValueError("flush_interval must be positive")
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
         self._store = store
+        self._alarm_sink = alarms
         self._interval = flush_interval
         self._max_buffer = max_buffer
         self._log = logger or logging.getLogger("keygate.recorder")
@@ -58,6 +70,7 @@ class Recorder:
         # number of real keys.
         self._usage: dict[str, tuple[datetime, str | None]] = {}
         self._requests: deque[RequestRecord] = deque()
+        self._alarms: deque[CanaryUse] = deque()
         # One flush at a time, so records put back after a failure keep their order.
         self._flush_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -67,13 +80,14 @@ class Recorder:
 
         self.flushed_usage = 0
         self.flushed_requests = 0
+        self.flushed_alarms = 0
         self.dropped = 0
         self.failed_flushes = 0
 
     @property
     def pending(self) -> int:
-        """Buffered request records plus last-used entries, not yet written."""
-        return len(self._requests) + len(self._usage)
+        """Buffered request records, canary uses and last-used entries, not yet written."""
+        return len(self._requests) + len(self._usage) + len(self._alarms)
 
     # -- the request path: O(1), never awaits --------------------------------
 
@@ -87,6 +101,15 @@ class Recorder:
             self._drop(1)
             return
         self._requests.append(record)
+
+    def canary_used(self, use: CanaryUse) -> None:
+        """A canary key was used: its alarm, written with the next batch (bounded like request records)."""
+        if self._alarm_sink is None:
+            return
+        if len(self._alarms) >= self._max_buffer:
+            self._drop(1)
+            return
+        self._alarms.append(use)
 
     # -- lifetime --------------------------------------------------------------
 
@@ -110,6 +133,7 @@ class Recorder:
         lost = self.pending
         self._usage.clear()
         self._requests.clear()
+        self._alarms.clear()
         self.dropped += lost
         self._log.error(json.dumps({
             "event": "recorder_records_lost", "records": lost,
@@ -138,10 +162,18 @@ class Recorder:
             # Swap the buffers out first: requests keep appending while we write.
             usage, self._usage = self._usage, {}
             requests, self._requests = self._requests, deque()
+            alarms, self._alarms = self._alarms, deque()
             usage_rows = [(key_id, at, ip) for key_id, (at, ip) in usage.items()]
             request_rows = list(requests)
-            written_usage = written_requests = 0
+            alarm_rows = list(alarms)
+            written_usage = written_requests = written_alarms = 0
             try:
+                # Alarms first: they are what an operator is waiting for.
+                for start in range(0, len(alarm_rows), CHUNK_SIZE):
+                    uses = alarm_rows[start:start + CHUNK_SIZE]
+                    await self._alarm_sink.canary_used(uses)  # type: ignore[union-attr]
+                    written_alarms += len(uses)
+                    self.flushed_alarms += len(uses)
                 for start in range(0, len(usage_rows), CHUNK_SIZE):
                     chunk = usage_rows[start:start + CHUNK_SIZE]
                     await self._store.record_usage(chunk)
@@ -153,7 +185,8 @@ class Recorder:
                     written_requests += len(chunk)
                     self.flushed_requests += len(chunk)
             except Exception as exc:
-                self._put_back(usage_rows[written_usage:], request_rows[written_requests:])
+                self._put_back(usage_rows[written_usage:], request_rows[written_requests:],
+                               alarm_rows[written_alarms:])
                 self.failed_flushes += 1
                 self._log.warning(json.dumps({
                     "event": "recorder_flush_failed", "error": f"{type(exc).__name__}: {exc}",
@@ -162,12 +195,14 @@ class Recorder:
                 return False
             except BaseException:
                 # Cancelled mid-write: keep the records rather than lose them.
-                self._put_back(usage_rows[written_usage:], request_rows[written_requests:])
+                self._put_back(usage_rows[written_usage:], request_rows[written_requests:],
+                               alarm_rows[written_alarms:])
                 raise
             return True
 
     def _put_back(
         self, usage: Sequence[tuple[str, datetime, str | None]], requests: Sequence[RequestRecord],
+        alarms: Sequence[CanaryUse] = (),
     ) -> None:
         for key_id, at, ip in usage:
             current = self._usage.get(key_id)
@@ -178,6 +213,11 @@ class Recorder:
             # holds, so the newest ones beyond it are dropped.
             total = len(requests) + len(self._requests)
             self._requests = deque(islice(chain(requests, self._requests), self._max_buffer))
+            if total > self._max_buffer:
+                self._drop(total - self._max_buffer)
+        if alarms:
+            total = len(alarms) + len(self._alarms)
+            self._alarms = deque(islice(chain(alarms, self._alarms), self._max_buffer))
             if total > self._max_buffer:
                 self._drop(total - self._max_buffer)
 

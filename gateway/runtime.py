@@ -46,6 +46,8 @@ from .manage.service import bootstrap, hasher_from, resolve_pepper
 from .store import KeyStore, StoreError, configured_store
 from .dataplane.sweeper import Sweeper
 from .hygiene.webhooks import WebhookDeliverer
+from .hygiene.canary import CanaryAlarms
+from .hygiene.sweeper import HygieneSweeper
 
 log = logging.getLogger("keygate")
 
@@ -75,6 +77,7 @@ class Runtime:
     well_known: WellKnown | None = None
     # Delivers the webhook outbox in the background.
     webhooks: WebhookDeliverer | None = None
+    hygiene: HygieneSweeper | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -160,7 +163,8 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         stack.callback(forwarder.close)
 
         recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,
-                            max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"))
+                            max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"),
+                            alarms=CanaryAlarms(store, settings))
         await recorder.start()
         # Registered after the forwarder, so it runs before the store closes: buffers are flushed.
         stack.push_async_callback(recorder.close)
@@ -202,8 +206,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
             client_ips=ClientIpResolver(p.trusted_proxies),
             routes=RouteTable(settings.routes, settings.upstreams),
             limiter=limiter,
+            alarm=recorder.canary_used,  # canary uses: recorded off the request path, as requests are
         )
         publisher = ChangePublisher(link, shared) if link is not None and shared is not None else None
+        # Idle and expiring keys: every worker sweeps; row locks make each event happen once.
+        hygiene = HygieneSweeper(store, settings, notifier=publisher)
+        await hygiene.start()
+        stack.push_async_callback(hygiene.close)
         # The identity exchange and self-revocation (/.well-known/keygate/...) on the proxy listener.
         e = settings.exchange
         signing_keys = SigningKeys(ttl=e.jwks_ttl, timeout=e.fetch_timeout)
@@ -227,7 +236,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         ) if settings.authz.listen else None
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
-                      publisher=publisher, well_known=well_known, webhooks=webhooks)
+                      publisher=publisher, well_known=well_known, webhooks=webhooks, hygiene=hygiene)
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -38,7 +38,7 @@ def _page(items: Sequence[T], limit: int, position: Callable[[T], list[str | int
 
 
 def _public(call: Call, record: KeyRecord, **extra: Any) -> dict[str, Any]:
-    return {**record.public(call.service.clock()), **extra}
+    return {**record.public(call.service.clock(), call.service.settings.keys.idle_after), **extra}
 
 
 # -- keys ------------------------------------------------------------------
@@ -85,7 +85,12 @@ async def rotate_key(call: Call) -> dict[str, Any]:
     body: m.KeyRotate = call.body
     new, full, old = await call.service.rotate_key(call.params["id"], grace=body.grace)
     return _public(call, new, rotated_from=old.id, old_key_revoked_at=iso(old.revoked_at),
-                   old_key=old.public(call.service.clock()), key=full)
+                   old_key=_public(call, old), key=full)
+
+
+async def allowlist_suggestion(call: Call) -> dict[str, Any]:
+    q: m.SuggestionQuery = call.query
+    return (await call.service.suggest_allowlist(call.params["id"], days=q.days, max_blocks=q.max)).public()
 
 
 # -- roles -----------------------------------------------------------------
@@ -201,6 +206,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              location="/keys/{id}",
              description="The old key is revoked now, or after `grace`. A revoked or expired key cannot be "
                          "rotated (409)."),
+    Endpoint("GET", "/keys/{id}/allowlist-suggestion", "Suggest an IP allowlist for a key", allowlist_suggestion,
+             "keys:read", m.AllowlistSuggestionOut, query=m.SuggestionQuery,
+             description="The narrowest CIDRs (at most `max`, IPv4 and IPv6) covering the client addresses of the "
+                         "key's allowed requests of the last `days` days, with the requests each covers, and the "
+                         "`keygate keys update --allow-ip` command that applies them."),
     Endpoint("GET", "/roles", "List roles", list_roles, "roles:read", m.RolePage, query=m.PageQuery),
     Endpoint("GET", "/roles/{name}", "One role", get_role, "roles:read", m.RoleOut),
     Endpoint("PUT", "/roles/{name}", "Create or replace a role", put_role, "roles:write", m.RoleOut,

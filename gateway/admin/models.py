@@ -91,6 +91,9 @@ class KeyCreate(_Edge):
     ip_allowlist: list[Cidr] = Field(default_factory=list, description="Client networks allowed; empty = any.")
     rate_limit: RateLimit | None = Field(None, description="Own rate limit; null = ratelimit.default.")
     expires: Expires = "never"
+    canary: bool = Field(False, description="A decoy that never authorizes: any use is answered as an unknown "
+                                            "key's and raises key.canary_used. A canary takes no role, "
+                                            "operations, servers, ip_allowlist or rate_limit (422).")
 
 
 class KeyPatch(_Edge):
@@ -151,8 +154,14 @@ class PageQuery(_Edge):
 class KeyListQuery(PageQuery):
     org: str | None = None
     user: str | None = None
-    status: Literal["active", "expired", "revoked"] | None = None
+    status: Literal["active", "idle", "expired", "revoked"] | None = Field(
+        None, description="idle: unused for keys.idle_after (refused while that is 0).")
     kind: str | None = None
+
+
+class SuggestionQuery(_Edge):
+    days: int = Field(30, ge=1, le=366, description="Look at the key's allowed requests of this many days.")
+    max: int = Field(4, ge=1, le=16, description="Most CIDRs to suggest (IPv4 and IPv6 together).")
 
 
 class AuditQuery(PageQuery):
@@ -202,6 +211,29 @@ class KeyRotated(KeyCreated):
 
 class AgentKeyIssued(KeyCreated):
     revoked_previous: str | None = Field(description="The id of the user's previous agent key, now revoked.")
+
+
+class SuggestedCidr(_Edge):
+    cidr: str = Field(examples=["203.0.113.0/29"])
+    requests: int = Field(description="Allowed requests from addresses in it.")
+    addresses: int = Field(description="Distinct client addresses in it.")
+
+
+class AllowlistSuggestionOut(_Edge):
+    """The narrowest CIDRs covering the addresses of a key's allowed requests, and how to apply them."""
+
+    key_id: str
+    days: int
+    max: int
+    since: Timestamp
+    requests: int = Field(description="Allowed requests counted.")
+    addresses: int = Field(description="Distinct client addresses counted.")
+    truncated: bool = Field(description="True when only the 10000 most used addresses were counted.")
+    cidrs: list[SuggestedCidr] = Field(description="Empty when no allowed request was recorded: then there is "
+                                                   "nothing to suggest (see message), not an empty allowlist.")
+    command: str | None = Field(description="The `keygate keys update` command that applies the suggestion "
+                                            "(it replaces the allowlist); null when there is none.")
+    message: str
 
 
 class RoleOut(_Edge):

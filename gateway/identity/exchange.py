@@ -378,6 +378,9 @@ class WellKnown:
         try:
             parsed = bearer_credential(request.headers, self.authenticator.parser)
             key = await lookup.lookup(parsed, client_ip)
+            if key.canary:  # as on every listener: refused as an unknown key, and an alarm
+                raise self.authenticator.refuse_canary(
+                    key, client_ip, request.method, request.raw_path.partition("?")[0], request.headers)
             check_status(key, time.time())
             check_allowlist(key.networks, client, key.allowlist_seen, client_ip)
         except Denied as denied:

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from typing import Any
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlsplit
 
@@ -273,3 +274,10 @@ def jwks_file(path: str) -> str:
     if not isinstance(keys, list) or not keys or not all(isinstance(key, dict) for key in keys):
         raise InvalidField(f"jwks-file {path!r}: not a JSON Web Key Set (an object with a non-empty \"keys\" array)")
     return path
+
+
+def bounded_int(value: Any, name: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` (allowlist suggestions' --days and --max)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidField(f"{name} {value!r}: use a whole number from {low} to {high}")
+    return value

@@ -31,8 +31,11 @@ from ..models import KeyRecord, KeyStatus, Member, Role, TrustPolicy, iso
 from ..store import KeyStore, Transaction, Transactions
 from ..config.units import parse_duration
 from ..hygiene.events import queue_event
+from ..hygiene.due import expiry_unwarned, idle_unannounced
+from ..hygiene.allowlist import MAX_ADDRESSES, Suggestion, TooFewBlocks, suggestion
 
 ADMIN_ROLE = "admin"
+MAX_BLOCKS = 16  # CIDRs an allowlist suggestion may have at most
 
 
 class ServiceError(Exception):
@@ -158,10 +161,13 @@ def _prefix(settings: Settings, kind: str) -> str:
 def _new_key_values(
     settings: Settings, now: datetime, *, name: str, kind: str | None, org: str, user: str, role: str | None,
     operations: Iterable[str], servers: Iterable[str], ip_allowlist: Iterable[str], rate_limit: str | None,
-    expires: str,
+    expires: str, canary: bool = False,
 ) -> dict[str, Any]:
     """A new key's settings, checked and normalised without touching the store (so bad input writes nothing)."""
     check = _Checks()
+    if canary:
+        _no_access_for_canary(check, role=role, operations=operations, servers=servers, ip_allowlist=ip_allowlist,
+                              rate_limit=rate_limit)
     kind = kind or settings.keys.default_kind
     # The kind is checked against the configuration, the expiry against the clock: both are
     # refusals of the input as a whole, and the kind's is the one shown first.
@@ -177,9 +183,21 @@ def _new_key_values(
         expires_at=check.whole(lambda: fields.parse_expiry(expires, now)),
     )
     check.done()
-    if values["role"] is None and not values["operations"]:
+    if values["role"] is None and not values["operations"] and not canary:
         raise InvalidInput("a key needs a role (--role) or at least one operation (--operation)")
     return values
+
+
+# A canary never authorizes: settings that would govern what it may do are refused, not ignored, so
+# nobody believes they made a working key (or a canary that grants something).
+CANARY_REFUSES = ("role", "operations", "servers", "ip_allowlist", "rate_limit")
+
+
+def _no_access_for_canary(check: _Checks, **given: Any) -> None:
+    for name in CANARY_REFUSES:
+        if given[name] not in (None, "", ()):
+            check.problems.append(FieldProblem(
+                name, f"{name}: a canary key never authorizes, so it takes no {name.replace('_', ' ')}"))
 
 
 def _key_changes(
@@ -292,12 +310,18 @@ class KeyService:
         self, *, name: str, kind: str | None = None, org: str = "default", user: str = "",
         role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
         ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
+        canary: bool = False,
     ) -> tuple[KeyRecord, str]:
-        """Create a key; returns its record and the full key, which is never available again."""
+        """Create a key; returns its record and the full key, which is never available again.
+
+        A ``canary`` key never authorizes (every use is refused as an unknown key's and raises an
+        alarm); it takes no role, operations, servers, allowlist or rate limit.
+        """
         now = self.clock()
+        operations, servers, ip_allowlist = tuple(operations), tuple(servers), tuple(ip_allowlist)
         values = _new_key_values(
             self.settings, now, name=name, kind=kind, org=org, user=user, role=role, operations=operations,
-            servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires,
+            servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires, canary=canary,
         )
         kind, prefix = values.pop("kind"), values.pop("prefix")
         async with self._transaction() as tx:
@@ -310,7 +334,7 @@ class KeyService:
             parsed, secret_hash = await self._new_secret(tx, prefix)
             record = KeyRecord(
                 id=parsed.key_id, kind=kind, created_by=self.actor, created_at=now, revoked_at=None,
-                last_used_at=None, last_used_ip=None, secret_hash=secret_hash, **values,
+                last_used_at=None, last_used_ip=None, secret_hash=secret_hash, canary=canary, **values,
             )
             await tx.insert_key(record)
             await self._audit(tx, now, "key.create", record.id, **_settings_of(record))
@@ -324,11 +348,15 @@ class KeyService:
         try:
             wanted = KeyStatus(status) if status else None
         except ValueError:
-            raise InvalidInput(f"status {status!r}: use active, expired or revoked") from None
+            raise InvalidInput(f"status {status!r}: use active, idle, expired or revoked") from None
+        idle_after = self.settings.keys.idle_after
+        if wanted is KeyStatus.IDLE and not idle_after:
+            raise InvalidInput("status 'idle': no key is idle while keys.idle_after is 0 (off); set it, e.g. "
+                               "KEYGATE_KEYS__IDLE_AFTER=90d")
         async with self.store.read() as tx:
             return await tx.list_keys(
                 now=self.clock(), org=org, user=user, status=wanted, kind=kind, limit=limit, offset=offset,
-                after=after,
+                after=after, idle_after=idle_after,
             )
 
     async def get_key(self, key_id: str) -> KeyRecord:
@@ -354,9 +382,10 @@ class KeyService:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent and ({"role", "operations"} & changes.keys()):
                 raise InvalidInput("an agent key has no role or operations of its own: change the member's role")
+            _refuse_canary_access(record, changes.keys())
             await self._require_role(tx, changes.get("role"))
             updated = replace(record, **changes)
-            if not updated.agent and updated.role is None and not updated.operations:
+            if not updated.agent and not updated.canary and updated.role is None and not updated.operations:
                 raise InvalidInput("a key needs a role or at least one operation")
             await tx.save_key(updated)
             await self._audit(tx, now, "key.update", key_id, **_diff(record, updated))
@@ -373,6 +402,7 @@ class KeyService:
             record = await self._key_for_change(tx, key_id, now)
             if record.agent:
                 raise InvalidInput("an agent key has no role of its own: change the member's role")
+            _refuse_canary_access(record, {"role"})
             await self._require_role(tx, role)
             updated = replace(record, role=role)
             await tx.save_key(updated)
@@ -421,7 +451,7 @@ class KeyService:
             parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, old.kind))
             new = replace(
                 old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
-                revoked_at=None, last_used_at=None, last_used_ip=None,
+                revoked_at=None, last_used_at=None, last_used_ip=None, idle_notified_at=None, expiry_warned_for=None,
             )
             await tx.insert_key(new)
             await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_for)
@@ -503,6 +533,63 @@ class KeyService:
         replaced = {"replaced": live[0].id} if live else {}
         await self._event(tx, now, "key.created", record, actor=self.actor, **replaced)
         return record, parsed.full, live[0].id if live else None
+
+    # -- hygiene: the sweeper's actions (gateway.hygiene.sweeper) ---------------------------------
+    # Each re-checks its key under the row lock, so of several sweepers (workers, replicas) one acts.
+    async def announce_idle(self, key_id: str) -> KeyRecord | None:
+        """Send key.idle once for the key's idle spell; with keys.idle_action = "expire", also expire it now.
+
+        None when the key is not (or no longer) idle and unannounced: another sweeper was first, or it was used.
+        """
+        now, k = self.clock(), self.settings.keys
+        async with self._transaction() as tx:
+            record = await tx.get_key(key_id, for_update=True)
+            if record is None or not idle_unannounced(record, now, k.idle_after):
+                return None
+            expire = k.idle_action == "expire"
+            updated = replace(record, idle_notified_at=now, **({"expires_at": now} if expire else {}))
+            await tx.save_key(updated)
+            spell = {"last_activity": iso(record.last_activity()), "idle_action": k.idle_action,
+                     "unused_for": round((now - record.last_activity()).total_seconds())}
+            await self._audit(tx, now, "key.idle", key_id, **spell)
+            if expire:
+                await self._audit(tx, now, "key.expire", key_id, reason="idle", before=iso(record.expires_at))
+                await self._changed(tx, now, "key", key_id)  # every gateway refuses it within a second
+            await self._event(tx, now, "key.idle", updated, **spell)
+        return updated
+
+    async def warn_expiring(self, key_id: str) -> KeyRecord | None:
+        """Send key.expiring once for the key's current expiry; None when it is not (or no longer) due."""
+        now, warning = self.clock(), self.settings.keys.expiry_warning
+        async with self._transaction() as tx:
+            record = await tx.get_key(key_id, for_update=True)
+            if record is None or not expiry_unwarned(record, now, warning):
+                return None
+            updated = replace(record, expiry_warned_for=record.expires_at)
+            await tx.save_key(updated)
+            expiry = {"expires_at": iso(record.expires_at),
+                      "expires_in": round((record.expires_at - now).total_seconds())}  # type: ignore[operator]
+            await self._audit(tx, now, "key.expiring", key_id, **expiry)
+            await self._event(tx, now, "key.expiring", updated, **expiry)
+        return updated
+
+    async def suggest_allowlist(self, key_id: str, *, days: int = 30, max_blocks: int = 4) -> Suggestion:
+        """The narrowest CIDRs (at most ``max_blocks``) covering the addresses of the key's allowed requests
+        of the last ``days`` days (refused ones may be an attacker's), and the command that applies them."""
+        key_id = self.key_ref(key_id)
+        check = _Checks()
+        days = check.one("days", lambda d: fields.bounded_int(d, "days", 1, 366), days)
+        max_blocks = check.one("max", lambda n: fields.bounded_int(n, "max", 1, MAX_BLOCKS), max_blocks)
+        check.done()
+        since = self.clock() - timedelta(days=days)
+        async with self.store.read() as tx:
+            if await tx.get_key(key_id) is None:
+                raise _no_such_key(key_id)
+            counts = await tx.client_addresses(key_id, since=since, limit=MAX_ADDRESSES + 1)
+        try:
+            return suggestion(key_id, counts, days=days, max_blocks=max_blocks, since=since)
+        except TooFewBlocks as exc:
+            raise InvalidInput(f"max {max_blocks}: {exc}", problems=[FieldProblem("max", str(exc))]) from None
 
     # -- roles -----------------------------------------------------------
     async def list_roles(self) -> list[Role]:
@@ -781,7 +868,17 @@ def _settings_of(record: KeyRecord) -> dict[str, Any]:
     data = {name: getattr(record, name) for name in _SETTINGS}
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
     data["expires_at"] = record.expires_at.isoformat() if record.expires_at else None
+    if record.canary:
+        data["canary"] = True
     return data
+
+
+def _refuse_canary_access(record: KeyRecord, changing: Iterable[str]) -> None:
+    """A canary stays a decoy: only its name and expiry may change (a real key is a new key)."""
+    refused = [name for name in CANARY_REFUSES if name in changing]
+    if record.canary and refused:
+        raise InvalidInput(f"key {record.id} is a canary: it never authorizes, so its {', '.join(refused)} "
+                           "cannot be set (create a real key instead)")
 
 
 def _diff(before: KeyRecord, after: KeyRecord) -> dict[str, Any]:

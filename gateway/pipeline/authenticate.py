@@ -27,6 +27,7 @@ from multidict import CIMultiDictProxy
 
 from ..keys import KeyParser
 from .allowlist import check_allowlist
+from .canary import CanaryAlarm, canary_use, refuse_canary
 from .client_ip import ClientIpResolver, IPAddress
 from .credential import bearer_credential, common_bearer
 from .lookup import KeyLookup
@@ -69,7 +70,7 @@ class Authenticator:
 
     def __init__(
         self, *, parser: KeyParser, lookup: KeyLookup, client_ips: ClientIpResolver, routes: RouteTable,
-        limiter: RateLimiter, clock: Callable[[], float] = time.time,
+        limiter: RateLimiter, clock: Callable[[], float] = time.time, alarm: CanaryAlarm | None = None,
     ) -> None:
         self.parser = parser
         self.lookup = lookup
@@ -77,13 +78,20 @@ class Authenticator:
         self.routes = routes
         self.limiter = limiter
         self._clock = clock  # epoch seconds, for revocation and expiry (stage 3)
+        self.alarm = alarm  # where a canary key's uses go (the recorder's buffer)
         # In-process buckets decide without I/O: called directly, not awaited.
         self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
 
     def with_client_ips(self, client_ips: ClientIpResolver) -> Authenticator:
         """The same stages over the same lookup, routes and buckets, trusting other hops for the client address."""
         return Authenticator(parser=self.parser, lookup=self.lookup, client_ips=client_ips, routes=self.routes,
-                             limiter=self.limiter, clock=self._clock)
+                             limiter=self.limiter, clock=self._clock, alarm=self.alarm)
+
+    def refuse_canary(
+        self, key: PreparedKey, client: str | None, method: str, path: str, headers: CIMultiDictProxy[str],
+    ) -> Denied:
+        """The refusal of a canary key's use (an unknown key's), its alarm raised (see :mod:`.canary`)."""
+        return refuse_canary(canary_use(key, self.parser, client, method, path, headers, self._clock()), self.alarm)
 
     async def authenticate(
         self, attempt: Attempt, headers: CIMultiDictProxy[str], peer: str, method: str, path: str,
@@ -117,6 +125,10 @@ class Authenticator:
                 key = await self.lookup.lookup(parsed, str(client))
             attempt.key = key
             key_id = attempt.key_id = key.record.id
+            # 3a. Canary first, whatever its status: a decoy is refused as an unknown key is
+            #     (nothing after this may answer differently), and its every use is an alarm.
+            if key.canary:
+                raise self.refuse_canary(key, client, method, path, headers)
             # 3. Status before the allowlist: a revoked or expired key is invalid_token (401)
             #    from every address, so a 403 never tells an outsider that a dead key exists.
             check_status(key, self._clock())

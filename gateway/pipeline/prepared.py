@@ -32,6 +32,8 @@ class PreparedKey:
     identity_headers: tuple[tuple[str, str], ...]
     # The same as the header lines that go upstream, encoded once here rather than per request.
     identity_block: bytes = b""
+    # A decoy (see .canary): the one field the hot path reads to refuse it as an unknown key.
+    canary: bool = False
     # The allowlist's answer per client address, filled as requests come (see check_allowlist).
     allowlist_seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
@@ -71,6 +73,7 @@ def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> PreparedKey:
         expires_at=_epoch(record.expires_at), member_role=member_role,
         member_missing=bool(record.user) and not is_member, identity_headers=headers,
         identity_block="".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8"),
+        canary=record.canary,
     )
 
 

@@ -41,6 +41,8 @@ class Dialect:
     migration_lock: str | None
     time_type: str
     migrations_table_exists: str
+    # SQL for the seconds from one timestamp column to another.
+    seconds_between: Callable[[str, str], str]
 
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -79,6 +81,7 @@ SQLITE = Dialect(
     time_type="TEXT",
     migrations_table_exists="SELECT count(*) AS found FROM sqlite_master WHERE type = 'table' "
                             "AND name = 'schema_migrations'",
+    seconds_between=lambda start, end: f"((julianday({end}) - julianday({start})) * 86400.0)",
 )
 
 POSTGRES = Dialect(
@@ -92,6 +95,7 @@ POSTGRES = Dialect(
     migration_lock="SELECT pg_advisory_xact_lock(4242004201)",
     time_type="TIMESTAMPTZ",
     migrations_table_exists="SELECT to_regclass('schema_migrations') IS NOT NULL AS found",
+    seconds_between=lambda start, end: f"EXTRACT(EPOCH FROM ({end} - {start}))",
 )
 
 _INSERT_REQUEST_RECORDS = (
@@ -220,8 +224,12 @@ class SqlTransaction:
             where.append("(revoked_at IS NULL OR revoked_at > ?) AND (expires_at IS NULL OR expires_at > ?)")
             args += [at, at]
             if idle_after > 0:
-                where.append(f"COALESCE(last_used_at, created_at) {'>' if status is KeyStatus.ACTIVE else '<='} ?")
-                args.append(self._d.time_in(now - timedelta(seconds=idle_after)))
+                # A canary is never idle (KeyRecord.status): it is unused by design.
+                since = "COALESCE(last_used_at, created_at)"
+                where.append(f"({since} > ? OR canary = ?)" if status is KeyStatus.ACTIVE
+                             else f"{since} <= ? AND canary = ?")
+                args += [self._d.time_in(now - timedelta(seconds=idle_after)), self._d.bool_in(
+                    status is KeyStatus.ACTIVE)]
             elif status is KeyStatus.IDLE:
                 where.append("1 = 0")  # no key is idle while idleness is off
         rows = await self._fetch(
@@ -239,6 +247,41 @@ class SqlTransaction:
             org, user, self._d.bool_in(True), self._d.time_in(now),
         )
         return [self._key(row) for row in rows]
+
+    # -- hygiene: idle and expiring keys, allowlist suggestions ------------
+    async def idle_keys(self, *, now: datetime, idle_after: float, limit: int) -> list[str]:
+        """Ids of live keys (not revoked, expired or canaries) unused for ``idle_after`` seconds whose
+        idle spell has not been announced (``idle_notified_at`` unset or before their last activity)."""
+        t = self._d.time_in
+        rows = await self._fetch(
+            "SELECT id FROM keys WHERE (revoked_at IS NULL OR revoked_at > ?) AND (expires_at IS NULL OR "
+            "expires_at > ?) AND canary = ? AND COALESCE(last_used_at, created_at) <= ? AND (idle_notified_at IS "
+            "NULL OR idle_notified_at < COALESCE(last_used_at, created_at)) ORDER BY id LIMIT ?",
+            t(now), t(now), self._d.bool_in(False), t(now - timedelta(seconds=idle_after)), limit,
+        )
+        return [str(r["id"]) for r in rows]
+
+    async def expiring_keys(self, *, now: datetime, warning: float, limit: int) -> list[str]:
+        """Ids of unrevoked keys expiring within ``warning`` seconds, made to live longer than that, and
+        not yet warned for their current ``expires_at``."""
+        t = self._d.time_in
+        rows = await self._fetch(
+            "SELECT id FROM keys WHERE revoked_at IS NULL AND expires_at > ? AND expires_at <= ? "
+            f"AND {self._d.seconds_between('created_at', 'expires_at')} > ? "
+            "AND (expiry_warned_for IS NULL OR expiry_warned_for <> expires_at) ORDER BY id LIMIT ?",
+            t(now), t(now + timedelta(seconds=warning)), warning, limit,
+        )
+        return [str(r["id"]) for r in rows]
+
+    async def client_addresses(self, key_id: str, *, since: datetime, limit: int) -> list[tuple[str, int]]:
+        """The client addresses of the key's allowed requests since ``since`` with how many each made,
+        most first (at most ``limit``). Refused requests are left out: they may be an attacker's."""
+        rows = await self._fetch(
+            "SELECT client_ip, COUNT(*) AS n FROM request_records WHERE key_id = ? AND decision = 'allowed' "
+            "AND at >= ? AND client_ip IS NOT NULL GROUP BY client_ip ORDER BY n DESC, client_ip LIMIT ?",
+            key_id, self._d.time_in(since), limit,
+        )
+        return [(str(r["client_ip"]), int(r["n"])) for r in rows]
 
     # -- roles -----------------------------------------------------------
     def _role(self, row: Mapping[str, Any]) -> Role:

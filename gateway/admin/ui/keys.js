@@ -5,7 +5,7 @@ import { confirmAction, showKeyOnce } from "./dialogs.js";
 import { add, badge, chips, clear, field, h, paged, table, time, words } from "./dom.js";
 import { auditTable, requestTable } from "./audit.js";
 
-const STATUSES = ["active", "expired", "revoked"];
+const STATUSES = ["active", "idle", "expired", "revoked"];
 const EXPIRIES = [["7d", "7 days"], ["30d", "30 days"], ["90d", "90 days"], ["1y", "1 year"],
   ["never", "Never"], ["custom", "Custom date"]];
 const GRACES = [["", "No grace: old key revoked now"], ["1h", "Old key works 1 more hour"],
@@ -15,11 +15,17 @@ function owner(k) {
   return k.user ? [k.org, h("span", { class: "muted" }, " / "), k.user] : k.org;
 }
 
+// A canary never authorizes: it is marked wherever a key is shown, so no operator mistakes it for a real one.
+function canaryTag(k) {
+  return k.canary ? h("span", { class: "tag tag-canary", title: "A decoy: never authorizes; any use is an alarm" },
+    "canary") : null;
+}
+
 function keyRow(k) {
   return h("tr", { "data-key-id": k.id },
     h("td", { class: "nowrap" }, h("a", { href: `#/keys/${encodeURIComponent(k.id)}`, class: "mono" }, k.id)),
     h("td", { class: "name" }, k.name),
-    h("td", null, k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null),
+    h("td", null, k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null, canaryTag(k)),
     h("td", { class: "nowrap" }, owner(k)),
     h("td", null, k.role || h("span", { class: "muted" }, "—")),
     h("td", { class: "status" }, badge(k.status)),
@@ -70,6 +76,9 @@ export async function createPage(main, _params, ctx) {
   const ips = h("textarea", { name: "ip_allowlist", id: "create-ips", rows: 2,
     placeholder: "10.0.0.0/8\n2001:db8::/32" });
   const rate = h("input", { name: "rate_limit", id: "create-rate", placeholder: "server default, e.g. 100/minute" });
+  const canary = h("input", { type: "checkbox", name: "canary", id: "create-canary" });
+  const access = [role, operations, servers, ips, rate];
+  canary.addEventListener("change", () => access.forEach((el) => { el.disabled = canary.checked; }));
   const expires = h("select", { name: "expires", id: "create-expires" },
     EXPIRIES.map(([v, label]) => h("option", { value: v, selected: v === "90d" }, label)));
   const custom = h("input", { type: "date", name: "expires_on", id: "create-expires-on", hidden: true });
@@ -82,12 +91,17 @@ export async function createPage(main, _params, ctx) {
     e.preventDefault();
     const body = {
       name: name.value.trim(), kind: kind.value.trim(), org: org.value.trim(),
-      operations: words(operations.value), servers: words(servers.value), ip_allowlist: words(ips.value),
       expires: expires.value === "custom" ? custom.value : expires.value,
     };
     if (user.value.trim()) body.user = user.value.trim();
-    if (role.value) body.role = role.value;
-    if (rate.value.trim()) body.rate_limit = rate.value.trim();
+    if (canary.checked) {
+      body.canary = true; // it takes no access settings
+    } else {
+      Object.assign(body, { operations: words(operations.value), servers: words(servers.value),
+        ip_allowlist: words(ips.value) });
+      if (role.value) body.role = role.value;
+      if (rate.value.trim()) body.rate_limit = rate.value.trim();
+    }
     const created = await api("POST", "/keys", { body });
     await showKeyOnce(created.key, { id: created.id });
     ctx.go(`#/keys/${encodeURIComponent(created.id)}`);
@@ -99,7 +113,11 @@ export async function createPage(main, _params, ctx) {
       h("div", { class: "grid" },
         field("Name", name, "Shown in lists, logs and the X-Keygate-Key-Name header."),
         field("Kind", kind, "Sets the key's prefix (keys.kinds in the config): integration, automation, ..."),
-        field("Org", org), field("User", user, "A per-user key needs the user to be a member of the org."))),
+        field("Org", org), field("User", user, "A per-user key needs the user to be a member of the org."),
+        h("label", { class: "field check" }, h("span", { class: "field-label" }, "Canary"),
+          h("span", { class: "inline" }, canary, "A decoy that never authorizes"),
+          h("span", { class: "hint" }, "Plant it where only an intruder would look: any use is answered as an " +
+            "unknown key and raises key.canary_used (audit event and webhook). It takes no access settings.")))),
     h("fieldset", null, h("legend", null, "Access"),
       h("div", { class: "grid" },
         field("Role", role),
@@ -129,7 +147,7 @@ export async function keyPage(main, id, ctx) {
   const facts = h("dl", { class: "facts", id: "key-facts" },
     detail("Id", h("code", null, k.id)),
     detail("Status", h("span", { id: "key-status" }, badge(k.status))),
-    detail("Kind", [k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null]),
+    detail("Kind", [k.kind, k.agent ? h("span", { class: "tag" }, "agent") : null, canaryTag(k)]),
     detail("Org / user", owner(k)),
     detail("Role", k.role || h("span", { class: "muted" }, "—")),
     detail("Operations", chips(k.operations)),
@@ -143,13 +161,18 @@ export async function keyPage(main, id, ctx) {
       k.last_used_ip ? [h("span", { class: "muted" }, " from "), h("code", null, k.last_used_ip)] : null]));
 
   const actions = h("section", { class: "card actions-card" }, h("h2", null, "Actions"));
+  if (k.canary) {
+    add(actions, h("p", { class: "notice warning", id: "canary-notice" }, "This is a canary key: it never " +
+      "authorizes. Any use is answered as an unknown key and recorded as key.canary_used (see the audit " +
+      "events below)."));
+  }
   if (revoked) {
     add(actions, h("p", { class: "muted" }, "This key is revoked. Revocation is permanent."));
   } else {
     const grace = h("select", { id: "rotate-grace" }, GRACES.map(([v, label]) => h("option", { value: v }, label)));
     const role = h("select", { id: "reassign-role" }, await roleOptions(k.role, { none: null }));
     add(actions,
-      h("div", { class: "action" },
+      k.canary ? null : h("div", { class: "action" },
         h("div", null, h("h3", null, "Reassign role"),
           h("p", { class: "muted" }, "Takes effect on every gateway within a second.")),
         h("div", { class: "inline" }, role, h("button", { type: "button", class: "button", id: "reassign-submit",
@@ -190,11 +213,29 @@ export async function keyPage(main, id, ctx) {
 
   const requests = h("section", { class: "card" }, h("h2", null, "Recent requests"));
   const events = h("section", { class: "card" }, h("h2", null, "Audit events"));
+  const suggestion = k.canary ? null : h("section", { class: "card", id: "allowlist-suggestion" },
+    h("h2", null, "Allowlist suggestion"));
   add(clear(main),
     h("div", { class: "page-head" },
       h("div", null, h("a", { href: "#/keys", class: "back" }, "← Keys"), h("h1", null, k.name, " ", badge(k.status)))),
     h("div", { class: "split" }, h("section", { class: "card" }, h("h2", null, "Details"), facts), actions),
-    requests, events);
+    suggestion, requests, events);
+  if (suggestion) add(suggestion, await allowlistSuggestion(k));
   add(requests, await requestTable({ key: k.id }));
   add(events, await auditTable({ key: k.id }));
+}
+
+// The narrowest CIDRs covering the addresses the key's allowed requests came from (last 30 days, at most 4),
+// and the command that applies them; or why there is nothing to suggest.
+async function allowlistSuggestion(k) {
+  const found = await api("GET", path("keys", k.id, "allowlist-suggestion"));
+  if (!found.cidrs.length) return h("p", { class: "muted", id: "suggestion-message" }, found.message + ".");
+  return [
+    h("p", { class: "muted", id: "suggestion-message" }, found.message + "."),
+    table(["CIDR", "Requests", "Addresses"], found.cidrs.map((c) => h("tr", null,
+      h("td", { class: "mono" }, c.cidr), h("td", null, String(c.requests)), h("td", null, String(c.addresses)))),
+    { id: "suggestion-table" }),
+    h("p", null, "Apply it (replaces the key's allowlist):"),
+    h("pre", { class: "command", id: "suggestion-command" }, found.command),
+  ];
 }
