@@ -229,9 +229,11 @@ export async function keyPage(main, id, ctx) {
 // and the command that applies them; or why there is nothing to suggest.
 async function allowlistSuggestion(k) {
   const found = await api("GET", path("keys", k.id, "allowlist-suggestion"));
-  if (!found.cidrs.length) return h("p", { class: "muted", id: "suggestion-message" }, found.message + ".");
+  const message = h("p", { class: "muted", id: "suggestion-message" },
+    found.message.charAt(0).toUpperCase() + found.message.slice(1) + ".");
+  if (!found.cidrs.length) return message;
   return [
-    h("p", { class: "muted", id: "suggestion-message" }, found.message + "."),
+    message,
     table(["CIDR", "Requests", "Addresses"], found.cidrs.map((c) => h("tr", null,
       h("td", { class: "mono" }, c.cidr), h("td", null, String(c.requests)), h("td", null, String(c.addresses)))),
     { id: "suggestion-table" }),
