@@ -55,6 +55,8 @@ async def test_a_key_unused_for_idle_after_is_announced_once_per_idle_spell(
     clock.advance(days=1)
     assert await sweep.sweep() == Swept(1, 0)
     assert await sweep.sweep() == Swept(0, 0)  # announced: not again
+    async with store.read() as tx:  # nor a candidate any more (else it would fill every batch)
+        assert await tx.idle_keys(now=clock.now, idle_after=30 * DAY, limit=10) == []
     stored = await store.get_key(record.id)
     assert stored is not None and stored.idle_notified_at == clock.now and stored.expires_at is None
     assert stored.public(clock.now, settings.keys.idle_after)["status"] == "idle"
@@ -162,6 +164,8 @@ async def test_a_new_expiry_is_warned_of_again(store: KeyStore, clock: FakeClock
     assert await sweep.sweep() == Swept(0, 1)
     clock.advance(days=1)
     assert await sweep.sweep() == Swept(0, 0)
+    async with store.read() as tx:  # warned: no longer a candidate
+        assert await tx.expiring_keys(now=clock.now, warning=7 * DAY, limit=10) == []
     await service.update_key(record.id, expires="10d")
     clock.advance(days=3)
     assert await sweep.sweep() == Swept(0, 1)
