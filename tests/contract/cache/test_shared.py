@@ -67,6 +67,18 @@ async def test_facts_survive_the_round_trip(service: KeyService) -> None:
     assert back.record.secret_hash == ""
 
 
+async def test_a_canary_and_its_hygiene_times_survive_the_round_trip(service: KeyService) -> None:
+    """A canary stays a canary through Redis, and every time of its record comes back as a time (the canary's
+    alarm renders the record; a time read back as text would break it)."""
+    record, _ = await service.create_key(name="decoy", canary=True, expires="30d")
+    at = record.created_at
+    record = replace(record, leaked_at=at, idle_notified_at=at, expiry_warned_for=record.expires_at)
+    back = decode_facts(encode_facts(KeyFacts(record, None, False, None, None))).record
+    assert back.canary is True
+    assert (back.leaked_at, back.idle_notified_at, back.expiry_warned_for) == (at, at, record.expires_at)
+    assert back.public(at) == record.public(at)
+
+
 async def test_entry_is_keyed_by_digest_and_holds_no_secret(
     shared: SharedKeyCache, service: KeyService, raw: redis.asyncio.Redis, redis_prefix: str
 ) -> None:
