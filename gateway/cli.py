@@ -423,7 +423,7 @@ def keys_set_role(ctx: click.Context, key_id: str, role: str) -> None:
     click.echo(f"{record.id} now has role {record.role}")
 
 
-@keys.command("suggest-allowlist")
+@keys.command("suggest-allowlist", short_help="Suggest an IP allowlist from the addresses a key was used from.")
 @click.argument("key_id", metavar="ID")
 @click.option("--days", default=30, show_default=True, type=click.IntRange(1, 366),
               help="Look at the key's allowed requests of this many days.")
