@@ -402,6 +402,25 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     click.echo(f"revoked {record.id}")
 
 
+@keys.command("report-leak")
+@click.argument("key_id", metavar="ID")
+@click.option("--url", required=True, help="Where the key was found (a commit, a paste, a log ...).")
+@click.option("--source", help="What kind of place that is, e.g. commit, issue_comment, chat.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def keys_report_leak(ctx: click.Context, key_id: str, url: str, source: str | None, as_json: bool) -> None:
+    """Report that a key leaked: revoked (or only flagged, per its kind's on_leak), audited, announced by webhook.
+
+    ID may be the full key as it was found; it is never printed.
+    """
+    report = with_service(ctx, lambda svc: svc.report_leak(key_id, url=url, source=source))
+    if as_json:
+        emit_json({**report.record.public(utcnow()), "result": report.result, "first_report": report.first})
+    else:
+        click.echo(f"{report.record.id} reported leaked: {report.result.replace('_', ' ')}"
+                   + ("" if report.first else " (reported before)"))
+
+
 @keys.command("rotate")
 @click.argument("key_id", metavar="ID")
 @click.option("--grace", help="Keep the old key working this long, e.g. 1h (default: revoke it now).")

@@ -93,6 +93,12 @@ async def allowlist_suggestion(call: Call) -> dict[str, Any]:
     return (await call.service.suggest_allowlist(call.params["id"], days=q.days, max_blocks=q.max)).public()
 
 
+async def report_leak(call: Call) -> dict[str, Any]:
+    body: m.LeakReportIn = call.body
+    report = await call.service.report_leak(call.params["id"], url=body.url, source=body.source)
+    return _public(call, report.record, result=report.result, first_report=report.first)
+
+
 # -- roles -----------------------------------------------------------------
 async def list_roles(call: Call) -> dict[str, Any]:
     # Roles are few (a handful per deployment): paged here, not in the store.
@@ -201,6 +207,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              body=m.KeyPatch, conflicts=True, description="A revoked key cannot change (409)."),
     Endpoint("POST", "/keys/{id}/revoke", "Revoke a key now (idempotent, permanent)", revoke_key, "keys:write",
              m.KeyOut),
+    Endpoint("POST", "/keys/{id}/report-leak", "Report that a key leaked", report_leak, "keys:write",
+             m.KeyLeakReported, body=m.LeakReportIn,
+             description="Revokes the key, or only flags it per its kind's on_leak; audited as key.leaked and "
+             "announced by webhook (the first report). Reporting again changes nothing more."),
     Endpoint("POST", "/keys/{id}/rotate", "Replace a key with a new one with the same settings", rotate_key,
              "keys:write", m.KeyRotated, status=201, body=m.KeyRotate, body_required=False, conflicts=True,
              location="/keys/{id}",

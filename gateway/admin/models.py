@@ -113,6 +113,13 @@ class KeyRotate(_Edge):
     grace: Grace | None = None
 
 
+class LeakReportIn(_Edge):
+    """Where the key was found; the service keeps both as printable text."""
+
+    url: str = Field(min_length=1, max_length=2048, description="Where the key was found (a commit, a paste ...).")
+    source: str | None = Field(None, max_length=64, description="What kind of place that is, e.g. commit.")
+
+
 class RolePut(_Edge):
     # Described, not enforced: the service refuses a role without grants.
     grants: list[Operation] = Field(description="Operation grants, e.g. deploy, servers:*, *:read.",
@@ -201,6 +208,13 @@ class KeyOut(_Edge):
 
 class KeyCreated(KeyOut):
     key: str = Field(description="The full key. Shown only in this answer: Keygate keeps only a hash.")
+
+
+class KeyLeakReported(KeyOut):
+    result: Literal["revoked", "flagged", "already_revoked"] = Field(
+        description="What the report did: revoked the key, or only flagged it (its kind's on_leak, or a canary), "
+        "or nothing more (it was revoked already).")
+    first_report: bool = Field(description="Whether this was the key's first leak report (webhook key.leaked sent).")
 
 
 class KeyRotated(KeyCreated):

@@ -431,6 +431,45 @@ class KeyService:
             await self._changed(tx, now, "key", key_id)
         return updated
 
+    # -- leaks (issue 17): a report that a key's full text was found in public ------------------
+    async def report_leak(self, key_id: str, *, url: str, source: str | None = None,
+                          via: str = "manual") -> LeakReport:
+        """Record that the key leaked, where (``url``, ``source``) and how it was learnt (``via``).
+
+        The first report sets ``leaked_at`` and queues ``key.leaked``; the key's kind's ``on_leak``
+        revokes it (``key.revoked`` too) or only flags it. A canary key is only flagged: it is a
+        decoy, and revoked it would stop raising its alarm. Every report is audited as
+        ``key.leaked`` (each sighting's URL is worth keeping), but a report of a key already
+        reported or revoked changes nothing more: no second revocation, no second webhook.
+        """
+        key_id = self.key_ref(key_id)
+        now = self.clock()
+        check = _Checks()
+        via = check.one("via", _leak_via, via)
+        url = check.one("url", lambda u: _reported_text("url", u, LEAK_URL_MAX, required=via == "manual"), url)
+        source = check.one("source", lambda s: _reported_text("source", s, LEAK_SOURCE_MAX) or None, source or "")
+        check.done()
+        async with self._transaction() as tx:
+            record = await tx.get_key(key_id, for_update=True)
+            if record is None:
+                raise _no_such_key(key_id)
+            first = record.leaked_at is None
+            revoke = _on_leak(self.settings, record) == "revoke" and record.status(now) is not KeyStatus.REVOKED
+            result = "revoked" if revoke else "already_revoked" if record.status(now) is KeyStatus.REVOKED \
+                else "flagged"
+            updated = replace(record, leaked_at=record.leaked_at or now,
+                              revoked_at=now if revoke else record.revoked_at)
+            report = dict(url=url, source=source, via=via, result=result)
+            await self._audit(tx, now, "key.leaked", key_id, **report, first_report=first)
+            if updated != record:
+                await tx.save_key(updated)
+                await self._changed(tx, now, "key", key_id)
+            if first:
+                await self._event(tx, now, "key.leaked", updated, actor=self.actor, **report)
+            if revoke:
+                await self._event(tx, now, "key.revoked", updated, actor=self.actor, reason="leaked")
+        return LeakReport(updated, result, first)
+
     async def rotate_key(self, key_id: str, *, grace: str | float | None = None) -> tuple[KeyRecord, str, KeyRecord]:
         """A new key with the same settings; the old one is revoked now or after ``grace``.
 
@@ -764,6 +803,47 @@ class KeyService:
         if wanted.key:
             wanted = replace(wanted, key=self.key_ref(wanted.key))
         return await query_audit(self.store, wanted, limit=limit, after=after)
+
+
+class LeakReport(NamedTuple):
+    """What :meth:`KeyService.report_leak` did: the key now, ``result`` (revoked, flagged or already_revoked)
+    and whether this was the key's first report."""
+
+    record: KeyRecord
+    result: str
+    first: bool
+
+
+# Longest URL and source of a leak report kept in the audit trail (GitHub's are far shorter).
+LEAK_URL_MAX = 2048
+LEAK_SOURCE_MAX = 64
+
+
+def _leak_via(via: str) -> str:
+    if via not in ("manual", "github"):
+        raise fields.InvalidField(f"via {via!r}: use manual or github")
+    return via
+
+
+def _reported_text(name: str, text: str, limit: int, *, required: bool = False) -> str:
+    """A report's text as every store can hold it and a log can show it: at most ``limit`` printable characters.
+
+    GitHub's reports are signed, but what they carry (the URL of a file) was written by anyone.
+    """
+    if not isinstance(text, str):
+        raise fields.InvalidField(f"{name}: must be text")
+    if required and not text.strip():
+        raise fields.InvalidField(f"{name}: say where the key was found")
+    # Unprintable characters (a NUL, a lone surrogate: no store holds those) are replaced.
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)[:limit]
+
+
+def _on_leak(settings: Settings, record: KeyRecord) -> str:
+    """What a leak of ``record`` does: its kind's on_leak (revoke for a kind no longer configured); a canary's only flags."""
+    if record.canary:
+        return "flag"
+    kind = settings.keys.kinds.get(record.kind)
+    return kind.on_leak if kind is not None else "revoke"
 
 
 def _trust_policy_values(
