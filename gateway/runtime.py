@@ -37,6 +37,8 @@ from .authz.decide import Decider
 from .identity.exchange import WellKnown
 from .identity.jwks import SigningKeys
 from .identity.verify import TokenVerifier
+from .hygiene.github_keys import GitHubKeys
+from .hygiene.leaks import LeakReports
 from .dataplane.proxy import Gateway
 from .config.ratelimit_spec import parse_rate_limit
 from .recorder import Recorder
@@ -78,6 +80,8 @@ class Runtime:
     # Delivers the webhook outbox in the background.
     webhooks: WebhookDeliverer | None = None
     hygiene: HygieneSweeper | None = None
+    # GitHub's secret-scanning reports (POST /.well-known/keygate/secret-scanning), dispatched by well_known.
+    leaks: LeakReports | None = None
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -217,9 +221,17 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         e = settings.exchange
         signing_keys = SigningKeys(ttl=e.jwks_ttl, timeout=e.fetch_timeout)
         stack.push_async_callback(signing_keys.close)
+        # Leak reports: GitHub's keys cached; work left after an answer is drained before the store closes.
+        github_keys = GitHubKeys(settings.leaks.github_keys_url, ttl=settings.leaks.keys_ttl,
+                                 timeout=settings.leaks.fetch_timeout)
+        stack.push_async_callback(github_keys.close)
+        leaks = LeakReports(store=store, settings=settings, lookup=lookup, parser=authenticator.parser,
+                            limiter=limiter, keys=github_keys, notifier=publisher, forget_key=cache.invalidate_key,
+                            clock=utcnow)
+        stack.push_async_callback(leaks.close)
         well_known = WellKnown(
             store=store, settings=settings, authenticator=authenticator, verifier=TokenVerifier(signing_keys, clock=utcnow),
-            limiter=limiter, notifier=publisher, forget_key=cache.invalidate_key,
+            limiter=limiter, notifier=publisher, forget_key=cache.invalidate_key, leaks=leaks,
         )
         gateway = Gateway(
             authenticator=authenticator,
@@ -236,7 +248,8 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         ) if settings.authz.listen else None
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
-                      publisher=publisher, well_known=well_known, webhooks=webhooks, hygiene=hygiene)
+                      publisher=publisher, well_known=well_known, webhooks=webhooks, hygiene=hygiene,
+                      leaks=leaks)
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -50,6 +50,9 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "keygate_token_exchanges": ("counter", "Token exchanges (POST /.well-known/keygate/token) by result: exchanged, "
                                 "or the error answered (invalid_grant, invalid_request, temporarily_unavailable, ...).",
                                 ("result",)),
+    "keygate_leak_reports": ("counter", "Secret-scanning reports (POST /.well-known/keygate/secret-scanning): tokens "
+                             "by label (true_positive, false_positive), and reports refused whole (refused).",
+                             ("result",)),
     "keygate_request_duration_seconds": ("histogram", "Time the proxy spent on a request, by decision.",
                                          ("decision",)),
     "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
@@ -111,6 +114,7 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_admin_requests": [[decision_of(Outcome(o)), o, n] for o, n in admin.decisions.items()],
         "keygate_authz_requests": [[decision_of(Outcome(o)), o, n] for o, n in authz.items()],
         "keygate_token_exchanges": [[r, n] for r, n in (rt.well_known.exchanges if rt.well_known else {}).items()],
+        "keygate_leak_reports": [[r, n] for r, n in (rt.leaks.results if rt.leaks else {}).items()],
         "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],  # type: ignore[union-attr]
         "keygate_cache_lookups": [["local", "hit", rt.cache.hits], ["local", "miss", rt.cache.misses]],
         "keygate_cached_keys": [["local", len(rt.cache)]],

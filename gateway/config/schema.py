@@ -552,6 +552,15 @@ class LeaksSettings(_Section):
         "identifier refetches sooner, at most once a minute)."
     )
     fetch_timeout: Duration = Field(5.0, gt=0, le=60, description="Seconds allowed for fetching those keys.")
+    per_client: str = Field(
+        "120/minute; burst=120", description="Reports allowed per client address, counted before the body is read."
+    )
+
+    @field_validator("per_client")
+    @classmethod
+    def _limit(cls, spec: str) -> str:
+        parse_rate_limit(spec)
+        return spec
 
 
 WEBHOOK_EVENTS = ("key.created", "key.revoked", "key.leaked", "key.canary_used", "key.expiring", "key.idle")

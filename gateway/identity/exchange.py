@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import jwt
@@ -65,6 +65,7 @@ PREFIX = DISCOVERY_PATH + "/"
 TOKEN_PATH = PREFIX + "token"
 REVOKE_PATH = PREFIX + "revoke"
 WHOAMI_PATH = PREFIX + "whoami"
+SECRET_SCANNING_PATH = PREFIX + "secret-scanning"  # handled by gateway.hygiene.leaks
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 # What a subject token may be declared as: an OIDC ID token, or a JWT (RFC 8693 section 3).
@@ -81,6 +82,10 @@ BODY_DEADLINE = 10.0
 NOT_ACCEPTED = "The subject token is not accepted: no trust policy matches it, or it is invalid or expired."
 
 _HEADERS = b"Content-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nPragma: no-cache\r\n"
+
+
+class LeakHandler(Protocol):
+    async def handle(self, request: Request, request_id: str, client_ip: str) -> dict[str, Any]: ...
 
 
 class Refusal(Exception):
@@ -107,7 +112,7 @@ class WellKnown:
     def __init__(
         self, *, store: KeyStore, settings: Settings, authenticator: Authenticator, verifier: TokenVerifier,
         limiter: RateLimiter, notifier: Notifier | None = None, forget_key: Callable[[str], None] | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC), leaks: LeakHandler | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -117,6 +122,7 @@ class WellKnown:
         self.notifier = notifier
         self.forget_key = forget_key  # drops a revoked key from this process's cache at once
         self.clock = clock
+        self.leaks = leaks  # GitHub's secret-scanning reports (gateway.hygiene.leaks), when wired
         # Sign-in for people (keygate login): ID tokens of login.issuer, checked as a policy with no conditions
         # beyond the audience; the person is named by login.user_claim.
         login = settings.login
@@ -154,6 +160,9 @@ class WellKnown:
             elif path == DISCOVERY_PATH:
                 self._require(request, "GET")
                 self._discovery(request)
+            elif path == SECRET_SCANNING_PATH and self.leaks is not None:
+                self._require(request, "POST")
+                details.update(await self.leaks.handle(request, request_id, client_ip))
             else:
                 raise Refusal(404, "not_found", "No such Keygate endpoint.", "unknown path")
         except ClientGone:
@@ -442,23 +451,23 @@ def _denied(denied: Denied) -> Refusal:
                    headers=b"WWW-Authenticate: %s\r\n" % challenge.encode() if challenge else b"")
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole request body, at most :data:`MAX_BODY` bytes (413 past it; 408 when it stalls, or is not
-    whole within :data:`BODY_DEADLINE`)."""
+async def read_body(request: Request, *, limit: int = MAX_BODY, deadline: float = BODY_DEADLINE) -> bytes:
+    """The whole request body, at most ``limit`` bytes (413 past it; 408 when it stalls, or is not
+    whole within ``deadline`` seconds)."""
     body = request.body
     if body is None:
         return b""
-    if body.expected is not None and body.expected > MAX_BODY:
-        raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.", "body too large")
+    if body.expected is not None and body.expected > limit:
+        raise Refusal(413, "invalid_request", f"The request body is larger than {limit} bytes.", "body too large")
     chunks: list[bytes] = []
     size = 0
     try:
         # SECURITY: a deadline for the whole body, not only between its bytes (slowloris).
-        async with asyncio.timeout(BODY_DEADLINE):
+        async with asyncio.timeout(deadline):
             while chunk := await body.read():
                 size += len(chunk)
-                if size > MAX_BODY:
-                    raise Refusal(413, "invalid_request", f"The request body is larger than {MAX_BODY} bytes.",
+                if size > limit:
+                    raise Refusal(413, "invalid_request", f"The request body is larger than {limit} bytes.",
                                   "body too large")
                 chunks.append(chunk)
     except (BodyTimeout, TimeoutError):

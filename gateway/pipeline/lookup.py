@@ -183,6 +183,28 @@ class KeyLookup:
             raise Denied(Outcome.INVALID_TOKEN, "unknown key or wrong secret")
         return found
 
+    async def verify_reported(self, parsed: ParsedKey) -> bool:
+        """Whether ``parsed`` is the full text of a stored key: a presented key's proof, for a leak report.
+
+        The checks of :meth:`lookup` -- the cache's proof of a text verified before, else the store
+        and argon2 on the same verification threads -- without what guards the request path: no
+        failure limit (a report is signed, and refusing one would lose it), no queue to be shed
+        from (the caller bounds its own concurrency) and no refusal delay (nobody times the answer).
+        A key id alone proves nothing: ids are public. StoreUnavailable when it cannot be known.
+        """
+        digest = self._cache_key(parsed.full)
+        if self.cache.get(digest) is not None or self._is_proven(parsed.key_id, digest):
+            return True  # SECURITY: argon2 accepted exactly this text for this id before
+        if self.cache.is_negative(digest):
+            return False
+        self.store_reads += 1
+        async with self.store.read() as tx:
+            record = await tx.get_key(parsed.key_id)
+        if record is None:
+            return False
+        self.verifications += 1
+        return await self.verifier.verify(record.secret_hash, parsed.secret)
+
     async def _load(self, parsed: ParsedKey, digest: str, suspicion: float | None, level: int) -> PreparedKey | None:
         started = self._clock()
         generation = self.cache.generation
