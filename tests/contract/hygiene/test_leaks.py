@@ -77,23 +77,25 @@ class Scene:
             assert "key.leaked" not in [e.action for e in await tx.list_audit(key=key_id)]
 
 
-def settings_for(store_url: str, upstream: str, keys_url: str, **argon2: int) -> Settings:
+def settings_for(store_url: str, upstream: str, keys_url: str, *, per_client: str, **argon2: int) -> Settings:
     return Settings.model_validate({
         "store": {"url": store_url, "connect_timeout": 1}, "keys": {"argon2": {"memory_cost": 1024, **argon2}},
         "upstreams": [{"name": "app", "url": upstream}],
-        "leaks": {"github_keys_url": keys_url, "per_client": "100000/minute; burst=100000"},
+        "leaks": {"github_keys_url": keys_url, "per_client": per_client},
     })
 
 
 @asynccontextmanager
-async def scene(store_url: str, **argon2: int) -> AsyncIterator[Scene]:
+async def scene(store_url: str, *, per_client: str = "100000/minute; burst=100000", **argon2: int,
+                ) -> AsyncIterator[Scene]:
     """A runtime (migrated store, demo upstream) with its proxy listener, GitHub's stand-in and a client."""
     upstream = TestServer(demo_app())
     await upstream.start_server()
     clock: FakeClock[float] = FakeClock()
     async with GitHubScanning() as github:
         await migrated(store_url)
-        settings = settings_for(store_url, str(upstream.make_url("/")), github.keys_url, **argon2)
+        settings = settings_for(store_url, str(upstream.make_url("/")), github.keys_url, per_client=per_client,
+                                **argon2)
         async with runtime(settings) as rt, aiohttp.ClientSession() as http:
             assert rt.leaks is not None
             rt.leaks.keys = keys = GitHubKeys(github.keys_url, timeout=2.0, clock=clock)
@@ -215,7 +217,7 @@ def _signed_matches(make: Callable[[str], Any]) -> Callable[[GitHubScanning, byt
         (_signed_matches(lambda t: [{"token": "", "type": TYPE, "url": ""}, match(t)]), 400),
         (_signed_matches(lambda t: [match(t, source=None) | {"source": 7}]), 400),
         (_signed_matches(lambda t: [match(t)] + [match("kg_x")] * leaks.MAX_TOKENS), 413),
-        (_signed_matches(lambda t: [match(t, url="https://x/" + "a" * leaks.MAX_BODY)]), 413),
+        (_signed_matches(lambda t: [match(t, url="https://x/" + "a" * (1024 * 1024))]), 413),  # past 1 MiB
     ],
     ids=["unsigned", "no-signature", "no-identifier", "signature-twice", "wrong-key", "other-body", "respaced",
          "unknown-identifier", "malformed-json", "not-utf8", "empty-object", "json-string", "object-not-array",
@@ -254,6 +256,19 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(s: Scene, monkeypatch:
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
     await s.untouched(key_id, full)
+
+
+async def test_a_client_over_its_limit_is_429_before_anything_is_read(store_url: str) -> None:
+    """leaks.per_client: past it a report is 429 with Retry-After, and neither GitHub's keys nor the store are asked."""
+    async with scene(store_url, per_client="2/minute") as s:
+        key_id, full = await s.key()
+        garbage = [match("kg_nothing")]
+        assert [(await s.signed(garbage))[0] for _ in range(2)] == [200, 200]
+        fetched, reads = s.github.fetches["keys"], s.rt.authenticator.lookup.store_reads
+        status, headers, answer = await s.signed([match(full)])
+        assert (status, answer["error"]) == (429, "temporarily_unavailable") and int(headers["Retry-After"]) >= 1
+        assert (s.github.fetches["keys"], s.rt.authenticator.lookup.store_reads) == (fetched, reads)
+        await s.untouched(key_id, full)
 
 
 # -- GitHub's keys: rotation and outages ------------------------------------------------------------
