@@ -122,7 +122,7 @@ async def test_a_receiver_answering_500_gets_the_event_again(
         receiver.answers[path] = [500]
         first, second = await receiver.arrived(2, path)
         assert first.body == second.body and first.headers["X-Keygate-Delivery"] == second.headers["X-Keygate-Delivery"]
-        assert 0.7 <= second.at - first.at < 3.0
+        assert 0.7 <= second.at - first.at < 10.0  # backoff about 1 s; the bound only catches "never"
         async with aiohttp.ClientSession() as http:
             async def counted(result: str) -> float:
                 return await metric(http, keygate, "keygate_webhook_deliveries_total", event="key.created",
