@@ -139,7 +139,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         )
         link: RedisLink | None = None
         shared: SharedKeyCache | None = None
-        if settings.redis.url:
+        if settings.redis.enabled:
             link = RedisLink(settings.redis)
             stack.push_async_callback(link.close)
             if not await link.probe():
@@ -178,7 +178,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         stack.push_async_callback(watcher.close)
 
         subscriber: ChangeSubscriber | None = None
-        if settings.redis.url:
+        if settings.redis.enabled:
             subscriber = ChangeSubscriber(settings.redis, cache)
             await subscriber.start()
             stack.push_async_callback(subscriber.close)

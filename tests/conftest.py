@@ -22,7 +22,7 @@ from gateway.manage.service import KeyService, bootstrap
 from gateway.store import KeyStore, create_store
 
 from .clocks import WALL_START, FakeClock
-from .redis_server import SHARED_REDIS_URL, RedisServer, drop_prefix, unique_prefix
+from .redis_server import SHARED_REDIS_URL, ClusterServers, RedisServer, drop_prefix, unique_prefix
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -128,6 +128,30 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path).start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers]:
+    """A Redis Cluster (three masters, one replica each) shared by the session's tests; none may kill it.
+
+    Never skipped: without redis-server or redis-cli the tests that use it fail.
+    """
+    cluster = ClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["one-redis", "redis-cluster"])
+def redis_on_both(request: pytest.FixtureRequest, redis_prefix: str) -> RedisSettings:
+    """This test's Redis namespace on the shared server, then on the session's Redis Cluster.
+
+    A module whose tests must hold on both overrides ``redis_settings`` with this.
+    """
+    if request.param == "one-redis":
+        return RedisSettings(url=SHARED_REDIS_URL, prefix=redis_prefix, timeout=2.0)
+    cluster: ClusterServers = request.getfixturevalue("redis_cluster")
+    request.addfinalizer(lambda: cluster.drop_prefix(redis_prefix))
+    return RedisSettings(url=cluster.url, prefix=redis_prefix, timeout=2.0, cluster=True)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import redis
+import redis.asyncio
 
 SHARED_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -43,16 +44,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is a port, and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class RedisServer:
     """A ``redis-server`` process on a free loopback port, with no persistence."""
 
-    def __init__(self, folder: Path, *args: str) -> None:
+    def __init__(self, folder: Path, *args: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
         self.binary = binary
         self.folder = folder
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = args  # more redis-server options (a unix socket, a TLS port); the plain port stays
         self.process: subprocess.Popen[bytes] | None = None
@@ -80,3 +95,125 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+
+
+class ClusterServers:
+    """A Redis Cluster of ``masters`` masters, each with ``replicas_each`` replicas, on free loopback ports.
+
+    Built with ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create``;
+    ``cluster-node-timeout`` is short, so a killed master is replaced by its replica in a second or two.
+    """
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, folder: Path, *, masters: int = 3, replicas_each: int = 1) -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not on PATH (Debian: apt-get install redis-tools)")
+        self.folder = folder
+        self.replicas_each = replicas_each
+        self.servers: list[RedisServer] = []
+        for _ in range(masters * (1 + replicas_each)):
+            node_dir = folder / f"node{len(self.servers)}"
+            node_dir.mkdir(parents=True)
+            self.servers.append(RedisServer(
+                node_dir, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--cluster-replica-validity-factor", "0",
+                port=free_cluster_port(),
+            ))
+
+    @property
+    def url(self) -> str:
+        """One seed node, as ``redis.url``: the client discovers the others."""
+        return f"redis://127.0.0.1:{self.servers[0].port}"
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"127.0.0.1:{server.port}" for server in self.servers]
+
+    def start(self) -> "ClusterServers":
+        for server in self.servers:
+            server.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *self.nodes, "--cluster-replicas", str(self.replicas_each),
+             "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
+        )
+        self.wait_until_healthy()
+        return self
+
+    def wait_until_healthy(self, timeout: float = 30.0) -> None:
+        """Until every live node says the cluster is ok and every slot has a live master."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._healthy():
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the Redis Cluster did not become healthy")
+
+    def _healthy(self) -> bool:
+        live = [s for s in self.servers if s.process is not None]
+        masters = 0
+        for server in live:
+            client = redis.Redis(port=server.port, socket_timeout=1)
+            try:
+                info = client.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+                if client.execute_command("ROLE")[0] in (b"master", "master"):
+                    masters += 1 if client.execute_command("CLUSTER", "COUNTKEYSINSLOT", 0) is not None else 0
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return masters == len(self.servers) // (1 + self.replicas_each)
+
+    def master_for(self, key: str) -> RedisServer:
+        """The live server that is master of ``key``'s hash slot now."""
+        for server in self.servers:
+            if server.process is None:
+                continue
+            client = redis.Redis(port=server.port, socket_timeout=1)
+            try:
+                slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                for start, end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        port = int(master[1])
+                        return next(s for s in self.servers if s.port == port)
+            finally:
+                client.close()
+        raise LookupError(f"no live node knows the master of {key!r}")
+
+    def drop_prefix(self, prefix: str) -> None:
+        """Delete a test's keys on every master."""
+        for server in self.servers:
+            if server.process is None:
+                continue
+            client = redis.Redis(port=server.port, socket_timeout=5)
+            try:
+                if client.execute_command("ROLE")[0] not in (b"master", "master"):
+                    continue
+                for name in list(client.scan_iter(match=prefix + "*", count=1000)):
+                    client.delete(name)
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+class _WholeCluster(redis.asyncio.RedisCluster):
+    """A cluster client whose KEYS asks every master, as KEYS on one server sees every key."""
+
+    async def keys(self, pattern: object = "*", **kwargs: object) -> list[bytes]:  # type: ignore[override]
+        return await super().keys(pattern, target_nodes=redis.asyncio.RedisCluster.PRIMARIES)  # type: ignore[no-any-return]
+
+
+def raw_client(url: str, *, cluster: bool) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """A plain client of the test's Redis (one server or the cluster), to look behind Keygate's back."""
+    if cluster:
+        return _WholeCluster.from_url(url)
+    return redis.asyncio.Redis.from_url(url)

@@ -9,6 +9,14 @@ notice that was lost (publisher without Redis, Redis down).
 
 A subscriber that lost its connection may have missed notices, so when it
 is subscribed again it clears its whole in-process cache.
+
+On a Redis Cluster plain pub/sub would copy every notice to every node;
+notices go over sharded pub/sub instead (``SPUBLISH``/``SSUBSCRIBE``, Redis
+7): the channel lives in one hash slot, and every subscriber holds one
+connection to that slot's master. When that master fails or the slot moves,
+the connection is lost (or Redis unsubscribes it): the subscriber reads the
+slot map again, subscribes on the new master and clears its cache, as after
+any lost connection.
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from .local import KeyCache
 from ..config.schema import RedisSettings, Settings
-from .redis_link import FIRST_BACKOFF, RedisLink, RedisUnavailable, redis_client
+from .redis_link import FIRST_BACKOFF, RedisLink, RedisUnavailable, cluster_client, node_url, redis_client
 from .shared import SharedKeyCache
 from ..process.tasks import stop_task
 
@@ -57,7 +67,10 @@ class ChangePublisher:
         message = json.dumps([[entity, target] for entity, target in changes])
         try:
             await self.shared.invalidate(list(changes))
-            await self.link.run(lambda r: r.publish(self.channel, message))
+            if self.link.cluster:
+                await self.link.run(lambda r: r.spublish(self.channel, message))
+            else:
+                await self.link.run(lambda r: r.publish(self.channel, message))
         except RedisUnavailable as exc:
             log.warning(json.dumps({"event": "change_not_published", "error": str(exc)}))
             self.unpublished += 1
@@ -69,7 +82,7 @@ class ChangePublisher:
 @asynccontextmanager
 async def change_publisher(settings: Settings) -> AsyncIterator[ChangePublisher | None]:
     """A publisher for a process that changes keys (the CLI), or None without ``redis.url``."""
-    if not settings.redis.url:
+    if not settings.redis.enabled:
         yield None
         return
     link = RedisLink(settings.redis)
@@ -87,9 +100,12 @@ class ChangeSubscriber:
         self.settings = settings
         self.cache = cache
         self.channel = settings.prefix + CHANNEL
+        self._health_check_interval = health_check_interval
         # Its own client: a subscribed connection can do nothing else, and the
         # periodic PING (health check) notices a Redis that hangs without closing.
-        self._client = redis_client(settings, health_check_interval=health_check_interval)
+        # On a cluster, a client of the channel's master, found through the slot map on each (re)connect.
+        self._cluster: RedisCluster | None = cluster_client(settings) if settings.cluster else None
+        self._client = None if settings.cluster else redis_client(settings, health_check_interval=health_check_interval)
         self.connected = asyncio.Event()
         self.received = 0
         self.reconnects = 0
@@ -100,15 +116,36 @@ class ChangeSubscriber:
 
     async def close(self) -> None:
         await stop_task(self._task)
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._cluster is not None:
+            await self._cluster.aclose()
+
+    async def _channel_master(self) -> Redis:
+        """A client of the master that holds the channel's slot now, by a freshly read slot map."""
+        assert self._cluster is not None
+        async with asyncio.timeout(4 * self.settings.timeout):
+            await self._cluster.nodes_manager.initialize()
+        node = self._cluster.get_node_from_key(self.channel)
+        if self._client is not None:
+            await self._client.aclose()
+        settings = self.settings.model_copy(update={"url": node_url(self.settings, node.host, node.port)})
+        self._client = redis_client(settings, health_check_interval=self._health_check_interval)
+        return self._client
 
     async def _run(self) -> None:
         backoff = FIRST_BACKOFF
         lost = False
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
-                await pubsub.subscribe(self.channel)
+                client = self._client if self._cluster is None else await self._channel_master()
+                assert client is not None
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                if self._cluster is not None:
+                    await pubsub.ssubscribe(self.channel)
+                else:
+                    await pubsub.subscribe(self.channel)
                 if lost:
                     # Notices may have been published while we could not hear them.
                     self.cache.clear()
@@ -119,16 +156,20 @@ class ChangeSubscriber:
                 self.connected.set()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    if message is not None and message.get("type") in ("message", "smessage"):
                         self._apply(message["data"])
-            except (RedisError, OSError, TimeoutError) as exc:
+                    if not pubsub.subscribed:
+                        # Redis dropped the subscription (SUNSUBSCRIBE): the channel's slot moved to another master.
+                        raise RedisClusterException("the change channel's hash slot moved")
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
                 self.connected.clear()
                 if not lost:
                     log.warning(json.dumps({"event": "change_notices_lost", "error": str(exc) or type(exc).__name__}))
                 lost = True
             finally:
                 try:
-                    await pubsub.aclose()
+                    if pubsub is not None:
+                        await pubsub.aclose()
                 except (RedisError, OSError):
                     pass
             await asyncio.sleep(backoff)

@@ -12,6 +12,17 @@ Redis costs at most one timeout per process, not one per request.
 The link holds two clients to the one Redis: redis-py's, for everything, and
 a lean one (:mod:`.resp`) for the one call made per request, the rate-limit
 script of the ``redis`` policy. Calls on either go through :meth:`run`.
+
+With ``redis.cluster`` the one client is redis-py's cluster client: it finds
+the nodes from the seeds, sends each command to the master of its key's hash
+slot and follows MOVED and ASK; a node that stops answering makes it read
+the slot map again on the next call, so after a failover calls reach the
+promoted replica. There is no lean client then (it speaks to one server).
+Every script keeps all its keys in one hash slot: each name carries the key
+id as its hash tag (:meth:`RedisLink.tagged`). The circuit is one for the
+whole cluster: while any master a call needed is unreachable, every caller
+uses its fallback, exactly as with one server, and the circuit closes once
+every master of the slot map answers again.
 """
 
 from __future__ import annotations
@@ -20,12 +31,14 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..config.schema import RedisSettings
 from ..process.tasks import stop_task
@@ -33,6 +46,11 @@ from .resp import RespClient
 
 T = TypeVar("T")
 log = logging.getLogger("keygate.redis")
+
+# Either client: the calls Keygate makes (GET, SET, INCR, EVALSHA, pipelines) read the same on both.
+Client: TypeAlias = "Redis | RedisCluster"
+# What a failed call raises: redis-py's errors, and the cluster client's own (no node for a slot).
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 # Where reconnect attempts start; they double up to ``reconnect_backoff_max``.
 FIRST_BACKOFF = 0.05
@@ -50,14 +68,42 @@ def redis_client(settings: RedisSettings, **options: object) -> Redis:
     )
 
 
+def cluster_client(settings: RedisSettings) -> RedisCluster:
+    """redis-py's cluster client on the seed nodes; credentials and TLS as ``redis.url`` gives them.
+
+    A call is not retried after a connection error (the bound is ``redis.timeout``, and the
+    circuit takes over), but the error makes the client read the slot map again first thing
+    on the next call; MOVED and ASK are followed within the call.
+    """
+    seeds = [ClusterNode(host, int(port)) for host, _, port in (node.rpartition(":") for node in settings.nodes)]
+    options: dict[str, object] = dict(
+        socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout, retry=Retry(NoBackoff(), 0),
+    )
+    if settings.url:
+        return RedisCluster.from_url(settings.url, startup_nodes=seeds, **options)  # type: ignore[arg-type]
+    return RedisCluster(startup_nodes=seeds, **options)  # type: ignore[arg-type]
+
+
+def node_url(settings: RedisSettings, host: str, port: int) -> str:
+    """``redis.url`` pointed at one node of the cluster (same scheme, credentials and options)."""
+    if not settings.url:
+        return f"redis://{host}:{port}"
+    parts = urlsplit(settings.url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    where = f"[{host}]" if ":" in host else host
+    netloc = f"{userinfo}@{where}:{port}" if userinfo else f"{where}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class RedisLink:
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
         self.prefix = settings.prefix
         self.timeout = settings.timeout
-        self.client = redis_client(settings)
+        self.cluster = settings.cluster
+        self.client: Client = cluster_client(settings) if settings.cluster else redis_client(settings)
         # Connects on first use, with the settings redis-py's client got from redis.url.
-        self.resp = RespClient(self.client)
+        self.resp = None if isinstance(self.client, RedisCluster) else RespClient(self.client)
         self.up = True
         self.failures = 0  # calls that failed or were refused while down, for /readyz and tests
         self._recover: list[Callable[[], Awaitable[None]]] = []
@@ -66,6 +112,15 @@ class RedisLink:
     def key(self, *parts: str) -> str:
         """A Redis key (or channel) name in this deployment's namespace."""
         return self.prefix + ":".join(parts)
+
+    def tagged(self, kind: str, key_id: str) -> str:
+        """The name of a key id's ``kind`` of data, ``<prefix><kind>{<key id>}``.
+
+        The braces are the hash tag: a Redis Cluster puts every name with the same
+        tag in one hash slot, so a script may touch all of one key id's names.
+        Key ids never contain braces (the key format has none).
+        """
+        return f"{self.prefix}{kind}{{{key_id}}}"
 
     def on_recover(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time the circuit closes again after Redis was down."""
@@ -77,13 +132,13 @@ class RedisLink:
             self.failures += 1
             raise RedisUnavailable("redis is down")
 
-    async def run(self, call: Callable[[Redis], Awaitable[T]]) -> T:
+    async def run(self, call: Callable[[Client], Awaitable[T]]) -> T:
         """``call(client)`` within ``redis.timeout``, or :class:`RedisUnavailable`."""
         self.require_up()
         try:
             async with asyncio.timeout(self.timeout):
                 return await call(self.client)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             self.failures += 1
             self._trip(exc)
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
@@ -91,10 +146,18 @@ class RedisLink:
     async def probe(self) -> bool:
         """Whether Redis answers now; if not, the circuit opens and reconnecting starts."""
         try:
-            await self.run(lambda r: r.ping())
+            await self.run(lambda _r: self._ping())
         except RedisUnavailable:
             return False
         return True
+
+    async def _ping(self) -> None:
+        if isinstance(self.client, RedisCluster):
+            # Every master of the slot map (read again after a failure), not one node: the circuit
+            # closes only when every slot's keys can be reached again.
+            await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.client.ping()
 
     def _trip(self, exc: BaseException) -> None:
         if not self.up:
@@ -109,8 +172,8 @@ class RedisLink:
             await asyncio.sleep(backoff)
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self.client.ping()
-            except (RedisError, OSError, TimeoutError):
+                    await self._ping()
+            except FAILURES:
                 backoff = min(backoff * 2, self.settings.reconnect_backoff_max)
                 continue
             self.up = True
@@ -124,5 +187,6 @@ class RedisLink:
 
     async def close(self) -> None:
         await stop_task(self._reconnect)
-        await self.resp.close()
+        if self.resp is not None:
+            await self.resp.close()
         await self.client.aclose()

@@ -12,14 +12,22 @@ Invalidation without deletion: an entry's name carries two counters, the
 global generation (bumped by role and member changes, which can affect any
 key) and the key id's epoch (bumped by a change to that key)::
 
-    <prefix>vk:<generation>:<epoch>:<digest>
+    <prefix>generation
+    <prefix>epoch:{<key id>}
+    <prefix>vk:{<key id>}:<generation>:<epoch>:<digest>
 
-Reading resolves both counters and the entry in one script call and returns
-the name a fill must use; bumping a counter orphans every entry written
-under the old one at once, including a fill that read the store before the
-change and writes after it -- it writes to a name nobody reads any more.
-Orphans expire with ``cache.ttl``. Negative entries ("no such key or wrong
-secret") live under the same names for ``cache.negative_ttl``.
+Reading takes the generation, then resolves the epoch and the entry in one
+script call, and returns the name a fill must use; bumping a counter orphans
+every entry written under the old one at once, including a fill that read
+the store before the change and writes after it -- it writes to a name
+nobody reads any more. (Both counters are read before the store is, which is
+all that needs: a change bumps them after its commit.) Orphans expire with
+``cache.ttl``. Negative entries ("no such key or wrong secret") live under
+the same names for ``cache.negative_ttl``.
+
+The key id in braces is the names' hash tag: on a Redis Cluster a key id's
+epoch and entries share one hash slot, so the script may touch them all; the
+generation is read by a call of its own because it lives in another slot.
 """
 
 from __future__ import annotations
@@ -41,11 +49,10 @@ NEGATIVE = b"-"
 # written under epoch 0 has long expired).
 EPOCH_TTL_MIN = 86_400
 
-# KEYS: generation counter, the key id's epoch counter. ARGV: entry-name prefix, digest.
+# KEYS: the key id's epoch counter. ARGV: the key id's entry-name prefix (same hash tag), generation, digest.
 _FETCH = """
-local generation = redis.call('GET', KEYS[1]) or '0'
-local epoch = redis.call('GET', KEYS[2]) or '0'
-local name = ARGV[1] .. generation .. ':' .. epoch .. ':' .. ARGV[2]
+local epoch = redis.call('GET', KEYS[1]) or '0'
+local name = ARGV[1] .. ARGV[2] .. ':' .. epoch .. ':' .. ARGV[3]
 return {name, redis.call('GET', name)}
 """
 
@@ -107,7 +114,6 @@ class SharedKeyCache:
         self.negative_ttl_ms = int(negative_ttl * 1000)
         self.epoch_ttl = max(EPOCH_TTL_MIN, int(ttl * 4) + 60)
         self._generation = link.key("generation")
-        self._entries = link.key("vk:")
         self._fetch = link.client.register_script(_FETCH)
         # Plain counters for /metrics: lookups Redis answered (hit, miss) or could not (errors).
         self.hits = 0
@@ -119,17 +125,22 @@ class SharedKeyCache:
         link.on_recover(self._recovered)
 
     def _epoch(self, key_id: str) -> str:
-        return self.link.key("epoch:", key_id)
+        return self.link.tagged("epoch:", key_id)
+
+    def _entries(self, key_id: str) -> str:
+        return self.link.tagged("vk:", key_id) + ":"
 
     async def fetch(self, key_id: str, digest: str) -> tuple[Slot, KeyFacts | None | bytes]:
         """The slot for ``digest`` and what it holds: facts, :data:`NEGATIVE`, or None.
 
         Raises :class:`RedisUnavailable`; an entry that does not decode counts as absent.
         """
+        async def read(r: Any) -> list[Any]:
+            generation = await r.get(self._generation) or b"0"
+            return await self._fetch(keys=[self._epoch(key_id)], args=[self._entries(key_id), generation, digest])
+
         try:
-            name, value = await self.link.run(
-                lambda r: self._fetch(keys=[self._generation, self._epoch(key_id)], args=[self._entries, digest])
-            )
+            name, value = await self.link.run(read)
         except RedisUnavailable:
             self.errors += 1
             raise
@@ -160,7 +171,8 @@ class SharedKeyCache:
         everything = len(keys) < len(changes)
 
         async def bump(r: Any) -> None:
-            async with r.pipeline(transaction=True) as pipe:
+            # Not a transaction: each bump stands alone, and on a cluster the counters live in many slots.
+            async with r.pipeline(transaction=False) as pipe:
                 for key_id in keys:
                     pipe.incr(self._epoch(key_id))
                     pipe.expire(self._epoch(key_id), self.epoch_ttl)

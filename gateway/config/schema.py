@@ -323,6 +323,20 @@ class RedisSettings(_Section):
         5.0, gt=0, le=300,
         description="Longest wait, in seconds, between attempts to reconnect to an unreachable Redis.",
     )
+    cluster: bool = Field(
+        False,
+        description="Redis is a Redis Cluster (7.0 or later): redis.url (and redis.nodes) name seed nodes; "
+        "credentials and TLS come from redis.url.",
+    )
+    nodes: list[str] = Field(
+        default_factory=list, validate_default=True,
+        description='With redis.cluster: more seed nodes as "host:port", beside the one in redis.url.',
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Keygate uses Redis at all."""
+        return bool(self.url or self.nodes)
 
     @field_validator("url")
     @classmethod
@@ -330,6 +344,46 @@ class RedisSettings(_Section):
         if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be empty (no Redis) or a redis://, rediss:// or unix:// URL")
         return url
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, nodes: list[str], info: ValidationInfo) -> list[str]:
+        problems: list[tuple[tuple[str | int, ...], Any, str]] = []
+        for index, node in enumerate(nodes):
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                problems.append(((index,), node, 'must be "host:port" (e.g. "redis-0.redis:6379")'))
+        cluster = info.data.get("cluster", False)
+        if nodes and not cluster:
+            problems.append(((), nodes, "seed nodes are for a Redis Cluster: set redis.cluster = true, or use "
+                             "redis.url alone for one Redis"))
+        if cluster and not nodes and not info.data.get("url"):
+            problems.append(((), nodes, "redis.cluster = true needs at least one seed node, in redis.url or "
+                             "redis.nodes"))
+        if problems:
+            _fail(problems)
+        return nodes
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, cluster: bool, info: ValidationInfo) -> bool:
+        if not cluster:
+            return cluster
+        url, prefix = info.data.get("url", ""), info.data.get("prefix", "")
+        problems: list[tuple[tuple[str | int, ...], Any, str]] = []
+        if url.startswith("unix://"):
+            problems.append(((), cluster, "a Redis Cluster is reached over TCP: redis.url must be redis:// or "
+                             "rediss://, not unix://"))
+        elif url and urlsplit(url).path.strip("/") not in ("", "0"):
+            problems.append(((), cluster, "a Redis Cluster has only database 0: drop the database number from "
+                             "redis.url"))
+        if "{" in prefix or "}" in prefix:
+            # SECURITY of the scripts' atomicity: Redis hashes the first {...} of a name, which must be the key id.
+            problems.append(((), cluster, "redis.prefix must not contain { or } with a Redis Cluster: Keygate "
+                             "puts the key id in braces to keep each key's entries in one hash slot"))
+        if problems:
+            _fail(problems)
+        return cluster
 
 
 class CacheSettings(_Section):

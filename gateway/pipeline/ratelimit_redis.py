@@ -18,6 +18,12 @@ and hands out up to ``want`` whole tokens. Two policies use it:
   a key may get up to (processes - 1) x batch fewer requests than its limit
   within one ``sync_interval`` (measured in tests/scale).
 
+A bucket is named ``<prefix>rl:{<key id>}``: the key id is its hash tag, so
+on a Redis Cluster the script's one key (and any a later version adds for
+the same key id) lives in that key id's slot. On a cluster the calls of one
+batch go through redis-py's cluster pipeline instead of the lean connection:
+it sends each node its share of the batch and follows MOVED and ASK.
+
 When Redis fails, :class:`Fallback` decides per ``ratelimit.on_backend_error``
 and marks the decision ``degraded`` (the response then carries
 ``X-Keygate-RateLimit-Degraded: 1`` and the limiter counts it).
@@ -116,15 +122,16 @@ class SharedBuckets:
         self._sha = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()
         self._evalsha = b"*8\r\n" + bulk(b"EVALSHA") + bulk(self._sha.encode()) + bulk(b"1")
         self._load = command("SCRIPT", "LOAD", TAKE_SCRIPT)
-        self._prefix = self.name("").encode()
+        self._prefix = self.link.key("rl:{").encode()
         # Capacity and refill rate as sent, per spec: one entry per distinct limit in use.
         self._spec_args: dict[RateLimitSpec, bytes] = {}
-        self._queue: list[tuple[bytes, asyncio.Future[tuple[int, float]]]] = []
+        # Calls as RESP bytes for the lean connection, as argument tuples for the cluster client.
+        self._queue: list[tuple[Any, asyncio.Future[tuple[int, float]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.round_trips = 0
 
     def name(self, key_id: str) -> str:
-        return self.link.key("rl:", key_id)
+        return self.link.tagged("rl:", key_id)
 
     async def take(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int = 0) -> tuple[int, float]:
         """Tokens granted (0..want) and tokens left; raises :class:`RedisUnavailable`."""
@@ -133,12 +140,16 @@ class SharedBuckets:
         future: asyncio.Future[tuple[int, float]] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._send)
-        self._queue.append((self._command(key_id, spec, want, give_back), future))
+        if self.link.resp is not None:
+            call: Any = self._command(key_id, spec, want, give_back)
+        else:
+            call = (self.name(key_id), spec.capacity, spec.refill_per_second, want, give_back)
+        self._queue.append((call, future))
         return await future
 
     def _command(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int) -> bytes:
         """``EVALSHA <sha> 1 <bucket> <capacity> <refill per second> <want> <give back>``, as RESP."""
-        name = self._prefix + key_id.encode()
+        name = self._prefix + key_id.encode() + b"}"
         args = self._spec_args.get(spec)
         if args is None:
             # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.
@@ -152,10 +163,11 @@ class SharedBuckets:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[bytes, asyncio.Future[tuple[int, float]]]]) -> None:
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[tuple[int, float]]]]) -> None:
         self.round_trips += 1
+        evaluate = self._evaluate if self.link.resp is not None else self._evaluate_on_cluster
         try:
-            replies = await self.link.run(lambda _client: self._evaluate([call for call, _future in batch]))
+            replies = await self.link.run(lambda _client: evaluate([call for call, _future in batch]))
         except RedisUnavailable as exc:
             for _call, future in batch:
                 if not future.done():
@@ -167,6 +179,7 @@ class SharedBuckets:
 
     async def _evaluate(self, calls: list[bytes]) -> list[Any]:
         resp = self.link.resp
+        assert resp is not None
         replies = await resp.execute(b"".join(calls), len(calls))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -181,6 +194,29 @@ class SharedBuckets:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+
+    async def _evaluate_on_cluster(self, calls: list[Any]) -> list[Any]:
+        """The batch through the cluster client's pipeline: each call to its bucket's master."""
+        cluster: Any = self.link.client
+        replies = await self._pipelined(cluster, calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # A master that never ran it (new, promoted, restarted): SCRIPT LOAD goes to every master.
+            await cluster.script_load(TAKE_SCRIPT)
+            for i, reply in zip(missing, await self._pipelined(cluster, [calls[i] for i in missing])):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies)
+
+    async def _pipelined(self, cluster: Any, calls: list[Any]) -> list[Any]:
+        pipe = cluster.pipeline(transaction=False)
+        for call in calls:
+            # (The pipeline blocks its evalsha method, not the command: every call here names its one key.)
+            pipe.execute_command("EVALSHA", self._sha, 1, *call)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 class RedisTokenBuckets:

@@ -36,6 +36,12 @@ async def until(condition: object, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture
+def redis_settings(redis_on_both: RedisSettings) -> RedisSettings:
+    """Every test here holds on one Redis and on a Redis Cluster."""
+    return redis_on_both
+
+
+@pytest.fixture
 async def subscribed(redis_settings: RedisSettings) -> AsyncIterator[tuple[ChangeSubscriber, KeyCache[object]]]:
     cache = a_cache()
     subscriber = ChangeSubscriber(redis_settings, cache)
@@ -76,7 +82,8 @@ async def test_unreadable_notice_clears_the_cache(
 ) -> None:
     """A message that is not a change list is read as 'anything may have changed'."""
     _, cache = subscribed
-    await link.client.publish(link.key("changes"), b"garbage")
+    publish = link.client.spublish if link.cluster else link.client.publish
+    await publish(link.key("changes"), b"garbage")
     assert await until(lambda: len(cache) == 0)
 
 

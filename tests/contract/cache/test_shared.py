@@ -25,9 +25,15 @@ from gateway.cache.shared import NEGATIVE, KeyFacts, SharedKeyCache, decode_fact
 from gateway.store import KeyStore, StoreUnavailable, create_store
 
 from ...e2e.relay import Relay
-from ...redis_server import RedisServer
+from ...redis_server import RedisServer, raw_client
 
 PARSER = KeyParser(["kg_", "kga_"])
+
+
+@pytest.fixture
+def redis_settings(redis_on_both: RedisSettings) -> RedisSettings:
+    """Every test here holds on one Redis and on a Redis Cluster."""
+    return redis_on_both
 
 
 @pytest.fixture
@@ -37,7 +43,7 @@ def shared(link: RedisLink) -> SharedKeyCache:
 
 @pytest.fixture
 async def raw(redis_settings: RedisSettings) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_settings.url)
+    client = raw_client(redis_settings.url, cluster=redis_settings.cluster)
     yield client
     await client.aclose()
 

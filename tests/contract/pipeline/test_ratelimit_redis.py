@@ -21,6 +21,12 @@ HOURLY = parse_rate_limit("20/hour")  # refills one token per 3 minutes: nothing
 
 
 @pytest.fixture
+def redis_settings(redis_on_both: RedisSettings) -> RedisSettings:
+    """Every test here holds on one Redis and on a Redis Cluster."""
+    return redis_on_both
+
+
+@pytest.fixture
 async def links(redis_settings: RedisSettings) -> AsyncIterator[list[RedisLink]]:
     """Three processes' links to one Redis, as three replicas would have."""
     made = [RedisLink(redis_settings) for _ in range(3)]
