@@ -1,4 +1,5 @@
-"""A fleet for scale tests: several ``keygate serve`` replicas (each with workers) on one PostgreSQL and one Redis."""
+"""A fleet for scale tests: several ``keygate serve`` replicas (each with workers) on one PostgreSQL and
+one Redis or one Redis Cluster."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Fleet:
     workers: int = 2
     policy: str = "redis"
     extra: str = ""
+    cluster: bool = False  # redis_url is a seed node of a Redis Cluster
     replicas: list[Keygate] = field(default_factory=list)
     database: str = ""
 
@@ -37,7 +39,8 @@ class Fleet:
         """The environment an operator's CLI would have, with or without redis.url."""
         env = {"KEYGATE_STORE__URL": self.store_url, "KEYGATE_KEYS__ARGON2__MEMORY_COST": "1024"}
         if redis:
-            env |= {"KEYGATE_REDIS__URL": self.redis_url, "KEYGATE_REDIS__PREFIX": self.redis_prefix}
+            env |= {"KEYGATE_REDIS__URL": self.redis_url, "KEYGATE_REDIS__PREFIX": self.redis_prefix,
+                    "KEYGATE_REDIS__CLUSTER": "true" if self.cluster else "false"}
         return clean_env(**env)
 
     def cli(self, *args: str, redis: bool = True) -> str:
@@ -59,6 +62,7 @@ class Fleet:
             # A generous timeout: these tests measure the policies, and a busy test machine
             # must not push a replica onto its fallback (the failure tests kill Redis outright).
             f'[redis]\nurl = "{self.redis_url}"\nprefix = "{self.redis_prefix}"\ntimeout = 2\n'
+            f'cluster = {"true" if self.cluster else "false"}\n'
             f'[ratelimit]\npolicy = "{self.policy}"\n' + self.extra
         )
         for _ in range(self.replicas_count):

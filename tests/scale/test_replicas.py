@@ -1,4 +1,5 @@
-"""Three replicas with two workers each on one PostgreSQL and one Redis: global limits, fleet-wide revocation.
+"""Three replicas with two workers each on one PostgreSQL and one Redis (then a Redis Cluster): global limits,
+fleet-wide revocation.
 
 Changes come from the CLI and from one replica's admin API (which publishes
 through its runtime's ChangePublisher).
@@ -21,22 +22,29 @@ import pytest
 import redis.asyncio
 
 from ..e2e.harness import Upstream
-from ..redis_server import SHARED_REDIS_URL, drop_prefix, unique_prefix
+from ..redis_server import SHARED_REDIS_URL, ClusterServers, drop_prefix, unique_prefix
 from .fleet import Fleet, by_status, statuses
 
 LIMIT = 30
 HOUR = 3600.0
 
 
-@pytest.fixture(scope="module")
-def fleet(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@pytest.fixture(scope="module", params=["one-redis", "redis-cluster"])
+def fleet(request: pytest.FixtureRequest, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     prefix = unique_prefix()
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"), upstream, SHARED_REDIS_URL, prefix, policy="redis")
+    cluster: ClusterServers | None = None
+    if request.param == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), upstream, cluster.url if cluster else SHARED_REDIS_URL, prefix,
+                  policy="redis", cluster=cluster is not None)
     try:
         yield fleet.start()
     finally:
         fleet.stop()
-        drop_prefix(SHARED_REDIS_URL, prefix)
+        if cluster is not None:
+            cluster.drop_prefix(prefix)
+        else:
+            drop_prefix(SHARED_REDIS_URL, prefix)
 
 
 def urls(fleet: Fleet, per_replica: int) -> list[str]:
@@ -85,11 +93,17 @@ async def test_role_change_reaches_every_replica_within_a_second(fleet: Fleet) -
 
 @asynccontextmanager
 async def changes_channel(fleet: Fleet) -> AsyncIterator[Any]:
-    """A subscription to the fleet's change notices, as every serving worker has."""
-    client = redis.asyncio.Redis.from_url(fleet.redis_url)
+    """A subscription to the fleet's change notices, as every serving worker has (sharded on a cluster)."""
+    channel = fleet.redis_prefix + "changes"
+    if fleet.cluster:
+        async with redis.asyncio.RedisCluster.from_url(fleet.redis_url) as cluster:
+            node = cluster.get_node_from_key(channel)
+        client = redis.asyncio.Redis(host=node.host, port=node.port)
+    else:
+        client = redis.asyncio.Redis.from_url(fleet.redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        await pubsub.subscribe(fleet.redis_prefix + "changes")
+        await (pubsub.ssubscribe(channel) if fleet.cluster else pubsub.subscribe(channel))
         yield pubsub
     finally:
         await pubsub.aclose()
