@@ -28,7 +28,7 @@ from .cache.notices import change_publisher
 from .identity import login as people
 from .identity.credentials import CredentialsError
 from .identity.device import LoginError, printable
-from .manage.service import UNSET, KeyService, ServiceError, bootstrap
+from .manage.service import UNSET, KeyService, ServiceError, bootstrap, resolve_pepper
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
 T = TypeVar("T")
@@ -240,21 +240,34 @@ def main(ctx: click.Context, config_file: str | None) -> None:
 
 
 @main.command()
+@click.option("--print-dataplane-role", is_flag=True,
+              help="Print the SQL that creates the data plane's PostgreSQL role and its grants; change nothing.")
 @click.pass_context
-def migrate(ctx: click.Context) -> None:
-    """Apply store migrations (and create the built-in admin role)."""
+def migrate(ctx: click.Context, print_dataplane_role: bool) -> None:
+    """Apply store migrations, create the built-in admin role and the pepper, and (PostgreSQL) set the
+    data plane's role keygate_dataplane to exactly its rights."""
+    if print_dataplane_role:
+        from .store.dataplane import script
+
+        click.echo(script(), nl=False)
+        return
     settings = settings_from(ctx)
 
-    async def go() -> list[int]:
+    async def go() -> tuple[list[int], str | None]:
         store = configured_store(settings.store)
         await store.open()
         try:
-            return await bootstrap(store)
+            applied = await bootstrap(store)
+            # Stored now, so a data plane that may not write it finds it.
+            await resolve_pepper(store, settings)
+            return applied, await store.grant_dataplane()
         finally:
             await store.close()
 
-    applied = run(go())
+    applied, role_problem = run(go())
     click.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "store is up to date")
+    if role_problem is not None:
+        click.echo(f"warning: {role_problem}", err=True)
 
 
 @main.command()

@@ -45,7 +45,7 @@ from .recorder import Recorder
 from .cache.redis_link import RedisLink
 from .cache.shared import SharedKeyCache
 from .manage.service import bootstrap, hasher_from, resolve_pepper
-from .store import KeyStore, StoreError, configured_store
+from .store import KeyStore, StoreError, StoreRefused, configured_store
 from .dataplane.sweeper import Sweeper
 from .hygiene.webhooks import WebhookDeliverer
 from .hygiene.canary import CanaryAlarms
@@ -131,7 +131,11 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         stack.push_async_callback(store.close)
         if migrate:
             await prepare_store(store, settings)
-        pepper = await resolve_pepper(store, settings)
+        try:
+            pepper = await resolve_pepper(store, settings)
+        except StoreRefused:
+            raise StartupError("no pepper: keys.pepper is not set and the store holds none, and this store role "
+                               "may not store one; run `keygate migrate` (it stores one) or set keys.pepper") from None
 
         c = settings.cache
         cache: KeyCache[PreparedKey] = KeyCache(
@@ -193,8 +197,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         # Every worker prunes: deletes are idempotent and batched, so they only share the work.
         pruner = AuditPruner(store, retention_days=settings.audit.retention_days,
                              interval=settings.audit.prune_interval, logger=logging.getLogger("keygate.audit"))
-        await pruner.start()
-        stack.push_async_callback(pruner.close)
+        if await store.may("DELETE", "audit_events"):
+            await pruner.start()
+            stack.push_async_callback(pruner.close)
+        else:
+            # The data plane's role (keygate_dataplane) may not delete history: the owner's plane prunes.
+            log.info(json.dumps({"event": "audit_pruner_off", "reason": "the store role may not delete audit "
+                                 "events; a gateway or job with the owner role prunes"}))
 
         # Every worker delivers webhooks: the outbox's leased claim gives each row to one of them at a time.
         h = settings.hygiene

@@ -54,7 +54,7 @@ from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import RateLimiter
 from ..pipeline.responses import answer_of, retry_after_header
 from ..pipeline.status import check_status
-from ..store import KeyStore, StoreUnavailable
+from ..store import KeyStore, StoreRefused, StoreUnavailable
 from .jwks import IssuerUnavailable
 from .verify import AmbiguousPolicy, InvalidToken, TokenVerifier, Verified
 
@@ -169,6 +169,12 @@ class WellKnown:
             return
         except StoreUnavailable as exc:
             # Whichever endpoint read or wrote the store: the store's fault, worth a retry.
+            self._refuse(request, _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))), request_id, path, details)
+        except StoreRefused as exc:
+            # A data plane whose store role (keygate_dataplane) may not mint or revoke keys: these
+            # endpoints belong on a gateway with the owner role. Another replica may be one.
+            log.error(json.dumps({"event": "store_write_refused", "request_id": request_id, "path": path,
+                                  "error": str(exc)}))
             self._refuse(request, _denied(Denied(Outcome.STORE_UNAVAILABLE, str(exc))), request_id, path, details)
         except Refusal as refusal:
             self._refuse(request, refusal, request_id, path, details)

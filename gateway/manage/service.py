@@ -106,9 +106,18 @@ async def bootstrap(store: KeyStore, *, clock: Callable[[], datetime] = utcnow) 
 
 
 async def resolve_pepper(store: KeyStore, settings: Settings) -> bytes:
-    """The configured pepper, else the one generated into the store on first use."""
+    """The configured pepper, else the one generated into the store on first use (``keygate migrate``'s).
+
+    Read before it is written, so a role that may only read ``meta`` (the data plane's) finds the
+    stored one; a pepper that is neither configured nor stored, with such a role, is
+    :class:`StoreRefused`.
+    """
     if settings.keys.pepper:
         return settings.keys.pepper.encode()
+    async with store.read() as tx:
+        stored = await tx.get_meta("pepper")
+    if stored is not None:
+        return stored.encode()
     async with store.transaction() as tx:
         return (await tx.set_meta_if_absent("pepper", secrets.token_urlsafe(48))).encode()
 

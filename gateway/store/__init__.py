@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Conflict, KeyStore, StoreError, StoreUnavailable, Transaction, Transactions
+from .base import Conflict, KeyStore, StoreError, StoreRefused, StoreUnavailable, Transaction, Transactions
 
 if TYPE_CHECKING:
     from ..config.schema import StoreSettings
 
 __all__ = [
-    "Conflict", "KeyStore", "StoreError", "StoreUnavailable", "Transaction", "Transactions", "configured_store",
+    "Conflict", "KeyStore", "StoreError", "StoreRefused", "StoreUnavailable", "Transaction", "Transactions", "configured_store",
     "create_store",
 ]
 

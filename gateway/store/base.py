@@ -18,6 +18,13 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached (connection refused, file not openable, ...)."""
 
 
+class StoreRefused(StoreError):
+    """The store answered, and its role may not do this (PostgreSQL: insufficient privilege).
+
+    The data plane's role (``keygate_dataplane``) gets this for every management write.
+    """
+
+
 class Conflict(StoreError):
     """The change would break a uniqueness rule (duplicate id, second agent key, ...)."""
 
@@ -110,6 +117,12 @@ class KeyStore(Transactions, Protocol):
     async def migrate(self) -> list[int]: ...
     async def ping(self) -> None: ...
     async def pending_migrations(self) -> list[int]: ...
+    async def grant_dataplane(self) -> str | None:
+        """Create the data plane's role (PostgreSQL) and set its rights; None, or why it could not."""
+        ...
+    async def may(self, privilege: str, table: str) -> bool:
+        """Whether the store's role holds ``privilege`` (``DELETE``, ``INSERT``...) on ``table``."""
+        ...
 
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
     async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None: ...

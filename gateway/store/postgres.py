@@ -11,7 +11,8 @@ from typing import Any
 
 import asyncpg
 
-from .base import Conflict, StoreError, StoreUnavailable
+from .base import Conflict, StoreError, StoreRefused, StoreUnavailable
+from . import dataplane
 from .sql import POSTGRES, SqlStore, SqlTransaction
 
 log = logging.getLogger("keygate.store")
@@ -62,15 +63,49 @@ class PostgresStore(SqlStore):
         self._max_size = max_size
         self._timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
+        self._role: str | None = None
 
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._min_size, max_size=self._max_size, timeout=self._timeout,
             )
+            self._role = await self._pool.fetchval("SELECT current_user")
         except (*_UNAVAILABLE, ValueError, asyncpg.PostgresError) as exc:
             # ValueError: asyncpg refusing parts of the URL (port, options).
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+
+    async def may(self, privilege: str, table: str) -> bool:
+        """Whether this store's role holds ``privilege`` on ``table`` (the data plane's role mostly does not)."""
+        async with self.read() as tx:
+            row = await tx._one("SELECT has_table_privilege(current_user, ?, ?) AS ok", table, privilege)
+        return bool(row and row["ok"])
+
+    async def grant_dataplane(self) -> str | None:
+        """Create the data plane's role if missing (when allowed), then give it exactly its rights.
+
+        Returns None, or one line saying why the role could not be created (it needs CREATEROLE).
+        """
+        async with self.transaction() as tx:
+            exists = await tx._one("SELECT 1 AS found FROM pg_roles WHERE rolname = ?", dataplane.ROLE)
+            schema = (await tx._one("SELECT current_schema() AS name"))["name"]  # type: ignore[index]
+        if exists is None:
+            try:
+                async with self.transaction() as tx:
+                    await tx._exec(dataplane.create_role())
+            except StoreRefused:
+                return (f"the store role {self._role} may not create the role {dataplane.ROLE} (CREATEROLE): "
+                        "run the SQL of `keygate migrate --print-dataplane-role` as a user who may")
+            except Conflict:
+                pass  # created at this very moment by another database's migrate on the same server
+            except StoreError as exc:
+                # Created meanwhile by another database's migrate on the same server: roles are server-wide.
+                if "already exists" not in str(exc):
+                    raise
+        async with self.transaction() as tx:
+            for statement in dataplane.grants(schema):
+                await tx._exec(statement)
+        return None
 
     async def close(self) -> None:
         if self._pool is None:
@@ -96,6 +131,9 @@ class PostgresStore(SqlStore):
             raise Conflict(str(exc)) from None
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL failed: {exc}") from None
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            # A role without this right (the data plane's): a refusal to name, not a bug to trace.
+            raise StoreRefused(f"PostgreSQL refused: {exc} (the store role {self._role or '?'} may not do this)") from None
         except asyncpg.PostgresError as exc:
             # e.g. permission denied: the server answered, the action cannot be done.
             raise StoreError(f"PostgreSQL refused: {exc}") from None

@@ -680,6 +680,14 @@ class SqlStore(ABC):
         )
         return {int(r["version"]) for r in await tx._fetch("SELECT version FROM schema_migrations")}
 
+    async def may(self, privilege: str, table: str) -> bool:
+        """Whether the store's role holds ``privilege`` on ``table``: an embedded store may do anything."""
+        return True
+
+    async def grant_dataplane(self) -> str | None:
+        """Give the data plane's role its rights; an embedded store has no roles."""
+        return None
+
     async def pending_migrations(self) -> list[int]:
         """Read-only, so an application role without DDL rights can ask."""
         async with self.read() as tx:
