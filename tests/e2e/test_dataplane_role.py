@@ -253,5 +253,5 @@ async def test_admin_api_writes_are_refused_by_the_store(gateway: Keygate, owner
                              json={"name": "minted", "role": "admin"}) as r:
             problem = await r.json(content_type=None)
             assert r.status == 500
-    assert problem["type"].endswith("/store_error") and problem["detail"] == "The key store refused the change."
+    assert problem["type"] == "urn:keygate:problem:store_error" and problem["detail"] == "The key store refused the change."
     assert "permission denied for table keys" in gateway.log()
