@@ -18,8 +18,9 @@ reply is the matching :class:`redis.exceptions.ResponseError`, so
 call in time and the circuit breaker stay with ``RedisLink.run``; a batch
 given up (its caller cancelled, on ``redis.timeout``) drops the connection,
 as redis-py drops a connection whose read timed out. A dropped connection is
-reopened on next use. Redis Cluster is not supported (nor is it by the
-policy's single-key script calls through redis-py's plain client).
+reopened on next use. It speaks to one server: on a Redis Cluster the
+policy's calls go through redis-py's cluster client instead
+(:class:`gateway.pipeline.ratelimit_redis.SharedBuckets`).
 """
 
 from __future__ import annotations
