@@ -114,13 +114,17 @@ class RedisLink:
         return self.prefix + ":".join(parts)
 
     def tagged(self, kind: str, key_id: str) -> str:
-        """The name of a key id's ``kind`` of data, ``<prefix><kind>{<key id>}``.
+        """The name of a key id's ``kind`` of data: ``<prefix><kind>{<key id>}`` on a cluster.
 
         The braces are the hash tag: a Redis Cluster puts every name with the same
         tag in one hash slot, so a script may touch all of one key id's names.
-        Key ids never contain braces (the key format has none).
+        Key ids never contain braces (the key format has none). On one server the
+        name stays what it always was (``<prefix><kind>:<key id>``), so buckets and
+        epochs carry over a rolling upgrade, old and new processes sharing them.
         """
-        return f"{self.prefix}{kind}{{{key_id}}}"
+        if self.cluster:
+            return f"{self.prefix}{kind}{{{key_id}}}"
+        return self.key(kind, key_id)
 
     def on_recover(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time the circuit closes again after Redis was down."""

@@ -12,22 +12,24 @@ Invalidation without deletion: an entry's name carries two counters, the
 global generation (bumped by role and member changes, which can affect any
 key) and the key id's epoch (bumped by a change to that key)::
 
+    <prefix>vk:<generation>:<epoch>:<digest>
+
+Reading resolves both counters and the entry in one script call and returns
+the name a fill must use; bumping a counter orphans every entry written
+under the old one at once, including a fill that read the store before the
+change and writes after it -- it writes to a name nobody reads any more.
+(Both counters are read before the store is, which is all that needs: a
+change bumps them after its commit.) Orphans expire with ``cache.ttl``.
+Negative entries ("no such key or wrong secret") live under the same names
+for ``cache.negative_ttl``.
+
+On a Redis Cluster a script may only touch one hash slot, so a key id's
+names carry it as their hash tag and the generation, which lives in a slot
+of its own, is read by a call of its own just before the script::
+
     <prefix>generation
     <prefix>epoch:{<key id>}
     <prefix>vk:{<key id>}:<generation>:<epoch>:<digest>
-
-Reading takes the generation, then resolves the epoch and the entry in one
-script call, and returns the name a fill must use; bumping a counter orphans
-every entry written under the old one at once, including a fill that read
-the store before the change and writes after it -- it writes to a name
-nobody reads any more. (Both counters are read before the store is, which is
-all that needs: a change bumps them after its commit.) Orphans expire with
-``cache.ttl``. Negative entries ("no such key or wrong secret") live under
-the same names for ``cache.negative_ttl``.
-
-The key id in braces is the names' hash tag: on a Redis Cluster a key id's
-epoch and entries share one hash slot, so the script may touch them all; the
-generation is read by a call of its own because it lives in another slot.
 """
 
 from __future__ import annotations
@@ -49,8 +51,16 @@ NEGATIVE = b"-"
 # written under epoch 0 has long expired).
 EPOCH_TTL_MIN = 86_400
 
-# KEYS: the key id's epoch counter. ARGV: the key id's entry-name prefix (same hash tag), generation, digest.
+# KEYS: generation counter, the key id's epoch counter. ARGV: entry-name prefix, digest.
 _FETCH = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+local epoch = redis.call('GET', KEYS[2]) or '0'
+local name = ARGV[1] .. generation .. ':' .. epoch .. ':' .. ARGV[2]
+return {name, redis.call('GET', name)}
+"""
+# On a cluster, every key in the key id's slot. KEYS: the key id's epoch counter.
+# ARGV: the key id's entry-name prefix (same hash tag), the generation (read just before), digest.
+_FETCH_IN_SLOT = """
 local epoch = redis.call('GET', KEYS[1]) or '0'
 local name = ARGV[1] .. ARGV[2] .. ':' .. epoch .. ':' .. ARGV[3]
 return {name, redis.call('GET', name)}
@@ -114,7 +124,7 @@ class SharedKeyCache:
         self.negative_ttl_ms = int(negative_ttl * 1000)
         self.epoch_ttl = max(EPOCH_TTL_MIN, int(ttl * 4) + 60)
         self._generation = link.key("generation")
-        self._fetch = link.client.register_script(_FETCH)
+        self._fetch = link.client.register_script(_FETCH_IN_SLOT if link.cluster else _FETCH)
         # Plain counters for /metrics: lookups Redis answered (hit, miss) or could not (errors).
         self.hits = 0
         self.misses = 0
@@ -128,7 +138,7 @@ class SharedKeyCache:
         return self.link.tagged("epoch:", key_id)
 
     def _entries(self, key_id: str) -> str:
-        return self.link.tagged("vk:", key_id) + ":"
+        return self.link.tagged("vk:", key_id) + ":" if self.link.cluster else self.link.key("vk:")
 
     async def fetch(self, key_id: str, digest: str) -> tuple[Slot, KeyFacts | None | bytes]:
         """The slot for ``digest`` and what it holds: facts, :data:`NEGATIVE`, or None.
@@ -136,6 +146,9 @@ class SharedKeyCache:
         Raises :class:`RedisUnavailable`; an entry that does not decode counts as absent.
         """
         async def read(r: Any) -> list[Any]:
+            if not self.link.cluster:
+                return await self._fetch(keys=[self._generation, self._epoch(key_id)],
+                                         args=[self._entries(key_id), digest])
             generation = await r.get(self._generation) or b"0"
             return await self._fetch(keys=[self._epoch(key_id)], args=[self._entries(key_id), generation, digest])
 

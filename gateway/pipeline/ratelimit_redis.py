@@ -18,8 +18,8 @@ and hands out up to ``want`` whole tokens. Two policies use it:
   a key may get up to (processes - 1) x batch fewer requests than its limit
   within one ``sync_interval`` (measured in tests/scale).
 
-A bucket is named ``<prefix>rl:{<key id>}``: the key id is its hash tag, so
-on a Redis Cluster the script's one key (and any a later version adds for
+On a Redis Cluster a bucket is named ``<prefix>rl:{<key id>}``: the key id
+is its hash tag, so the script's one key (and any a later version adds for
 the same key id) lives in that key id's slot. On a cluster the calls of one
 batch go through redis-py's cluster pipeline instead of the lean connection:
 it sends each node its share of the batch and follows MOVED and ASK.
@@ -122,7 +122,8 @@ class SharedBuckets:
         self._sha = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()
         self._evalsha = b"*8\r\n" + bulk(b"EVALSHA") + bulk(self._sha.encode()) + bulk(b"1")
         self._load = command("SCRIPT", "LOAD", TAKE_SCRIPT)
-        self._prefix = self.link.key("rl:{").encode()
+        # The bucket's name is this, the key id, then this suffix (see RedisLink.tagged).
+        self._prefix, self._suffix = (part.encode() for part in self.name("\0").split("\0"))
         # Capacity and refill rate as sent, per spec: one entry per distinct limit in use.
         self._spec_args: dict[RateLimitSpec, bytes] = {}
         # Calls as RESP bytes for the lean connection, as argument tuples for the cluster client.
@@ -149,7 +150,7 @@ class SharedBuckets:
 
     def _command(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int) -> bytes:
         """``EVALSHA <sha> 1 <bucket> <capacity> <refill per second> <want> <give back>``, as RESP."""
-        name = self._prefix + key_id.encode() + b"}"
+        name = self._prefix + key_id.encode() + self._suffix
         args = self._spec_args.get(spec)
         if args is None:
             # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.

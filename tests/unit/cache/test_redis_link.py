@@ -22,12 +22,21 @@ def test_node_url_keeps_scheme_credentials_and_options(url: str, host: str, port
     assert node_url(settings, host, port) == expected
 
 
-async def test_a_key_ids_names_share_one_hash_slot() -> None:
-    """Every name of one key id hashes to one slot, whatever its kind; another key id's may differ."""
-    link = RedisLink(RedisSettings(url="redis://127.0.0.1:1", prefix="kg:"))
+async def test_on_a_cluster_a_key_ids_names_share_one_hash_slot() -> None:
+    """Every name of one key id hashes to one slot, whatever its kind."""
+    link = RedisLink(RedisSettings(url="redis://127.0.0.1:1", prefix="kg:", cluster=True))
     try:
         names = [link.tagged(kind, "kg_7Hq2ZrT9xLmP") for kind in ("rl:", "epoch:", "vk:")]
         assert names[0] == "kg:rl:{kg_7Hq2ZrT9xLmP}"
         assert len({key_slot(name.encode()) for name in [*names, names[2] + ":3:1:digest"]}) == 1
+    finally:
+        await link.close()
+
+
+async def test_on_one_server_names_stay_as_they_were() -> None:
+    """No hash tag on one server: buckets and epochs written by earlier versions carry over an upgrade."""
+    link = RedisLink(RedisSettings(url="redis://127.0.0.1:1", prefix="kg:"))
+    try:
+        assert link.tagged("rl:", "kg_7Hq2ZrT9xLmP") == "kg:rl::kg_7Hq2ZrT9xLmP"
     finally:
         await link.close()
