@@ -209,8 +209,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         h = settings.hygiene
         webhooks = WebhookDeliverer(store, settings.webhooks, retry_for=h.webhook_retry_for,
                                     max_backoff=h.webhook_max_backoff, clock=utcnow)
-        await webhooks.start()
-        stack.push_async_callback(webhooks.close)
+        if await store.may("UPDATE", "webhook_outbox"):
+            await webhooks.start()
+            stack.push_async_callback(webhooks.close)
+        else:
+            # The data plane's role queues events (canary alarms) but does not deliver: the owner's plane does.
+            log.info(json.dumps({"event": "webhook_delivery_off", "reason": "the store role may not update the "
+                                 "webhook outbox; a gateway with the owner role delivers"}))
 
         # Stages 1-7, one instance for every listener of this process.
         authenticator = Authenticator(
@@ -224,8 +229,12 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         publisher = ChangePublisher(link, shared) if link is not None and shared is not None else None
         # Idle and expiring keys: every worker sweeps; row locks make each event happen once.
         hygiene = HygieneSweeper(store, settings, notifier=publisher)
-        await hygiene.start()
-        stack.push_async_callback(hygiene.close)
+        if await store.may("UPDATE", "keys"):
+            await hygiene.start()
+            stack.push_async_callback(hygiene.close)
+        else:
+            log.info(json.dumps({"event": "hygiene_sweeper_off", "reason": "the store role may not update keys; "
+                                 "a gateway with the owner role finds idle and expiring keys"}))
         # The identity exchange and self-revocation (/.well-known/keygate/...) on the proxy listener.
         e = settings.exchange
         signing_keys = SigningKeys(ttl=e.jwks_ttl, timeout=e.fetch_timeout)

@@ -1,8 +1,9 @@
 """The data plane's PostgreSQL role, ``keygate_dataplane``: what ``keygate serve`` needs, nothing more.
 
 A sidecar or replica reads keys and what authorizes them, follows the
-change feed, and writes request records and last-used times -- never a key,
-a role, a member, an audit event or a setting. Giving it only that means a
+change feed, and writes request records and last-used times (and a canary
+key's alarm: its audit event and webhook row, insert only) -- never a key,
+a role, a member or a setting, and never changes or deletes an audit event. Giving it only that means a
 compromised data plane can neither mint a key nor cover its tracks.
 
 The role is not a migration step: a role belongs to the whole PostgreSQL
@@ -23,8 +24,10 @@ ROLE = "keygate_dataplane"
 # What the data plane reads: a key and its role or membership, trust policies (the discovery endpoint
 # lists issuers), the change feed, the stored pepper, and the schema version (serve checks it).
 READS = ("keys", "roles", "members", "trust_policies", "changes", "meta", "schema_migrations")
-# What it writes: one row per request, and a key's last use -- only those two columns of keys.
-INSERTS = ("request_records",)
+# What it writes: one row per request, and a key's last use -- only those two columns of keys -- and
+# the alarm of a canary key's use (issue 17), which only the data plane sees: its audit event and its
+# webhook's outbox row. Insert only: it can neither change nor delete history, nor deliver webhooks.
+INSERTS = ("request_records", "audit_events", "webhook_outbox")
 UPDATED_COLUMNS = {"keys": ("last_used_at", "last_used_ip")}
 
 

@@ -117,7 +117,8 @@ def test_print_dataplane_role_gives_the_sql() -> None:
                          text=True, timeout=60, check=True).stdout
     assert "CREATE ROLE keygate_dataplane NOLOGIN;" in out
     assert 'GRANT UPDATE (last_used_at, last_used_ip) ON "public".keys TO keygate_dataplane;' in out
-    assert 'GRANT INSERT ON "public".request_records TO keygate_dataplane;' in out
+    assert ('GRANT INSERT ON "public".request_records, "public".audit_events, "public".webhook_outbox '
+            'TO keygate_dataplane;') in out
     assert "DELETE" not in out and "GRANT ALL" not in out
 
 
@@ -132,16 +133,18 @@ async def test_role_grants_are_exactly_the_data_planes(plane: Plane) -> None:
         columns = {(r["table_name"], r["column_name"], r["privilege_type"]) for r in await conn.fetch(
             "SELECT table_name, column_name, privilege_type FROM information_schema.column_privileges "
             "WHERE grantee = 'keygate_dataplane' AND privilege_type <> 'SELECT' "
-            "AND table_catalog = current_database() AND table_name <> 'request_records'")}  # (its INSERT, per column)
+            "AND table_catalog = current_database() "
+            "AND table_name NOT IN ('request_records', 'audit_events', 'webhook_outbox')")}  # (INSERT, per column)
     finally:
         await conn.close()
     reads = {"keys", "roles", "members", "trust_policies", "changes", "meta", "schema_migrations"}
-    assert tables == {(t, "SELECT") for t in reads} | {("request_records", "INSERT")}
+    inserts = {"request_records", "audit_events", "webhook_outbox"}  # requests; a canary's alarm (issue 17)
+    assert tables == {(t, "SELECT") for t in reads} | {(t, "INSERT") for t in inserts}
     assert columns == {("keys", "last_used_at", "UPDATE"), ("keys", "last_used_ip", "UPDATE")}
 
 
 async def test_store_refuses_management_writes_to_the_role(plane: Plane, owner: KeyService) -> None:
-    """As the data plane: creating a key, changing a key beyond its last use, writing an audit event or
+    """As the data plane: creating a key, changing a key beyond its last use, claiming webhook deliveries or
     deleting history is refused by PostgreSQL (StoreRefused, naming the privilege)."""
     record, _ = await owner.create_key(name="victim", role="admin")
     store = create_store(plane.url)
@@ -152,10 +155,10 @@ async def test_store_refuses_management_writes_to_the_role(plane: Plane, owner: 
             await service.create_key(name="minted", role="admin")
         with pytest.raises(StoreRefused, match="permission denied"):
             await service.revoke_key(record.id)
-        with pytest.raises(StoreRefused, match="permission denied for table audit_events"):
+        with pytest.raises(StoreRefused, match="permission denied for table webhook_outbox"):
             async with store.transaction() as tx:
-                await tx.add_audit(at=datetime.now().astimezone(), actor="x", action="key.revoked", target="x",
-                                   details={})
+                now = datetime.now().astimezone()
+                await tx.claim_webhooks(now=now, lease_until=now, limit=10)
         with pytest.raises(StoreRefused, match="permission denied for table (audit_events|request_records)"):
             async with store.transaction() as tx:
                 await tx.prune_audit(older_than=datetime.now().astimezone(), batch=10)
@@ -226,6 +229,25 @@ async def test_request_records_and_last_use_are_written(gateway: Keygate, owner:
     log = gateway.log()
     assert "permission denied" not in log.split('"event": "listening"')[0]
     assert '"audit_pruner_off"' in log
+    # What needs the owner's rights is left to a plane that has them, said once at start.
+    assert '"webhook_delivery_off"' in log and '"hygiene_sweeper_off"' in log
+
+
+async def test_a_canary_use_is_audited_by_the_data_plane(gateway: Keygate, owner: KeyService) -> None:
+    """A canary key used on a data plane: 401, and its alarm (audit event with the caller's address) is
+    written with the role's insert-only rights."""
+    record, key = await owner.create_key(name="decoy", canary=True)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.proxy_url + "/echo", headers=bearer(key) | {"User-Agent": "curl/8"}) as r:
+            assert r.status == 401
+    for _ in range(100):
+        async with owner.store.read() as tx:
+            events = await tx.list_audit(key=record.id, action="key.canary_used")
+        if events:
+            break
+        await asyncio.sleep(0.1)
+    assert events and events[0].details["client_ip"] == "127.0.0.1"
+    assert "permission denied" not in gateway.log()
 
 
 # --- serve with the role: management writes are refused, cleanly ----------------------------------------
