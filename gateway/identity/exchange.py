@@ -395,7 +395,8 @@ class WellKnown:
             key = await lookup.lookup(parsed, client_ip)
             if key.canary:  # as on every listener: refused as an unknown key, and an alarm
                 raise self.authenticator.refuse_canary(
-                    key, client_ip, request.method, request.raw_path.partition("?")[0], request.headers)
+                    key, client_ip, request.method, request.raw_path.partition("?")[0], request.headers,
+                    parsed.full, client_ip)
             check_status(key, time.time())
             check_allowlist(key.networks, client, key.allowlist_seen, client_ip)
         except Denied as denied:

@@ -89,8 +89,11 @@ class Authenticator:
 
     def refuse_canary(
         self, key: PreparedKey, client: str | None, method: str, path: str, headers: CIMultiDictProxy[str],
+        full_key: str, counted_as: str,
     ) -> Denied:
-        """The refusal of a canary key's use (an unknown key's), its alarm raised (see :mod:`.canary`)."""
+        """The refusal of a canary key's use (an unknown key's, counted by the failure limiter as one against
+        ``counted_as``, the lookup's client), its alarm raised (see :mod:`.canary`)."""
+        self.lookup.canary_used(full_key, counted_as)
         return refuse_canary(canary_use(key, self.parser, client, method, path, headers, self._clock()), self.alarm)
 
     async def authenticate(
@@ -121,6 +124,7 @@ class Authenticator:
                 # 1. Credential: one Bearer key of valid syntax; no I/O, so garbage costs nothing.
                 parsed = bearer_credential(headers, self.parser)
                 attempt.key_id = parsed.key_id
+                token = parsed.full
                 # 2. Lookup: in-process cache, Redis cache, store; argon2 only on a miss.
                 key = await self.lookup.lookup(parsed, str(client))
             attempt.key = key
@@ -128,7 +132,7 @@ class Authenticator:
             # 3a. Canary first, whatever its status: a decoy is refused as an unknown key is
             #     (nothing after this may answer differently), and its every use is an alarm.
             if key.canary:
-                raise self.refuse_canary(key, client, method, path, headers)
+                raise self.refuse_canary(key, client, method, path, headers, token, str(client))
             # 3. Status before the allowlist: a revoked or expired key is invalid_token (401)
             #    from every address, so a 403 never tells an outsider that a dead key exists.
             check_status(key, self._clock())

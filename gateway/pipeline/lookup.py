@@ -83,9 +83,26 @@ class KeyLookup:
         self.store_reads = 0
         self.proven_hits = 0  # misses that skipped argon2 because the text was proven before
         self.throttled = 0  # misses refused by the failure limiter, without store or argon2 work
+        # digest of a canary key -> until when its uses are not counted again (see canary_used).
+        self._canary_quiet: dict[str, float] = {}
 
     def close(self) -> None:
         self.verifier.close()
+
+    def canary_used(self, full_key: str, client: str) -> None:
+        """Count a canary key's use against ``client`` as an unknown key's would be counted.
+
+        SECURITY: a canary must be refused exactly as an unknown key is, and the failure limiter
+        is observable (after enough failures an address gets 429): an unknown key is a failure of
+        its address once, and its repeats within ``cache.negative_ttl`` hit the negative cache
+        uncounted; so is a canary's use. Only canaries with their right secret get here: bounded.
+        """
+        digest = self._cache_key(full_key)
+        now = self._clock()
+        if now < self._canary_quiet.get(digest, -1.0):
+            return
+        self.failures.failed(client)
+        self._canary_quiet[digest] = now + self.cache.negative_ttl
 
     async def calibrate(self) -> None:
         """Seed :attr:`pace` with one throwaway verification, so refusals are paced from the first request."""

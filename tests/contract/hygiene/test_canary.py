@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.config.schema import Settings
-from gateway.keys import generate
+from gateway.keys import SECRET_LENGTH, ParsedKey, generate, random_base62
 from gateway.manage.service import InvalidInput, KeyService
 from gateway.quickstart import demo_app
 from gateway.runtime import Runtime, runtime
@@ -159,3 +159,37 @@ async def test_a_revoked_canary_still_raises_the_alarm(rt: tuple[Runtime, str]) 
     await runtime_.recorder.flush()
     async with runtime_.store.read() as tx:
         assert len(await tx.list_audit(key=canary.id, action="key.canary_used")) == 1
+
+
+async def _onset_of_429(store_url: str, suspect_is_canary: bool) -> list[int]:
+    """The failure limiter's answers after one use of the suspect: one unknown key, then a fresh id twice
+    (right length, random secrets). With failures.per_client = 2 the suspect decides whether the last is 429."""
+    upstream = TestServer(demo_app())
+    await upstream.start_server()
+    settings = Settings.model_validate({
+        "store": {"url": store_url}, "keys": {"argon2": {"memory_cost": 1024}},
+        "upstreams": [{"name": "app", "url": str(upstream.make_url("/"))}], "failures": {"per_client": 2},
+    })
+    await migrated(store_url)
+    statuses = []
+    try:
+        async with runtime(settings) as runtime_, serving(runtime_) as url:
+            _, canary = await KeyService(runtime_.store, runtime_.settings, actor="test").create_key(
+                name="decoy", canary=True)
+            fresh = generate("kg_")
+            twin = ParsedKey(fresh.prefix, fresh.key_id, random_base62(SECRET_LENGTH)).full  # valid checksum
+            probes = [canary if suspect_is_canary else generate("kg_").full, generate("kg_").full, fresh.full, twin]
+            async with aiohttp.ClientSession() as http:
+                for key in probes:
+                    async with http.get(url + "/x", headers={"Authorization": f"Bearer {key}"}) as r:
+                        statuses.append(r.status)
+    finally:
+        await upstream.close()
+    return statuses
+
+
+async def test_the_failure_limiter_counts_a_canary_as_an_unknown_key(store_url: str) -> None:
+    """SECURITY: the onset of 429 after a canary's use is the one after an unknown key's, so the limiter is no
+    oracle telling a decoy from a key that does not exist."""
+    assert await _onset_of_429(store_url, suspect_is_canary=True) == await _onset_of_429(
+        store_url, suspect_is_canary=False)
