@@ -199,6 +199,8 @@ class AuditEvent:
     action: str
     target: str
     details: dict[str, Any]
+    org: str | None = None  # the org of what it is about; None for what every org shares (roles)
+    actor_org: str | None = None  # the acting admin key's org; None at the command line
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)

@@ -62,21 +62,23 @@ class AdminAuth:
         self.parser = authenticator.parser
         self.recorder = recorder
         self.decisions: dict[str, int] = {}
-        # One target per operation: the admin API is the server "admin", whatever its upstreams.
-        self._targets: dict[str, Target] = {}
+        # One target per endpoint's operations: the admin API is the server "admin", whatever its upstreams.
+        self._targets: dict[tuple[str, tuple[str, ...]], Target] = {}
 
-    async def authenticate(self, request: web.Request, operation: str) -> PreparedKey:
-        """The admin key, allowed to perform ``operation``; else a :class:`Problem` (401/403/429/503).
+    async def authenticate(self, request: web.Request, operation: str, admitting: tuple[str, ...] = ()) -> PreparedKey:
+        """The admin key, allowed to perform ``operation`` or one of ``admitting``; else a :class:`Problem`
+        (401/403/429/503).
 
         A 429 is the key's rate limit (with RateLimit headers) or the lookup's
         (too many failed attempts, verification busy: Retry-After only).
         """
         started = time.perf_counter()
         attempt = request[ATTEMPT] = AdminAttempt(operation)
-        target = self._targets.get(operation)
+        target = self._targets.get((operation, admitting))
         if target is None:
             # SECURITY: scope on the server "admin": a "*" server list never covers it.
-            target = self._targets[operation] = Target(None, ADMIN_SERVER, operation, False)
+            target = self._targets[operation, admitting] = Target(None, ADMIN_SERVER, operation, False,
+                                                                  alternatives=admitting)
         try:
             stages = await self.authenticator.authenticate(
                 attempt.stages, request.headers, request.remote or "", request.method, request.path, started,

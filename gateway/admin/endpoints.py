@@ -10,7 +10,7 @@ other lacks.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..config.schema import Settings
 from ..keys import SecretHasher
+from ..manage.acting import AdminKey, kind_operation
 from ..manage.service import InvalidInput, KeyService, Notifier
+from ..pipeline.prepared import PreparedKey
+from ..pipeline.scope import ADMIN_SERVER, KEYS_SELF
 from ..store import KeyStore
 from .auth import AdminAuth
 from .problems import Problem
@@ -55,6 +58,17 @@ class Endpoint:
     conflicts: bool = False  # may answer 409
     description: str = ""
     location: str | None = None  # for a 201: the new resource's path, formatted with the answer's fields
+    # The operation depends on the key's kind: keys:write:<kind> (which keys:write covers) admits the
+    # request too, and the service checks the one of the key at hand.
+    per_kind: bool = False
+    # keys:self admits the request too: a member managing their own per-user keys (the service
+    # keeps them to those).
+    self_service: bool = False
+
+    def admitting(self, kinds: Iterable[str]) -> tuple[str, ...]:
+        """The operations that admit a request besides ``operation``, for the configured key kinds."""
+        per_kind = tuple(kind_operation(k) for k in kinds) if self.per_kind else ()
+        return per_kind + ((KEYS_SELF,) if self.self_service else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,19 +146,29 @@ async def _parse_body(endpoint: Endpoint, request: web.Request) -> Any:
         raise invalid(field_errors(exc)) from None
 
 
+def acting_key(key: PreparedKey) -> AdminKey:
+    """What bounds an admin request's key: its org and user, its effective grants and servers."""
+    record = key.record
+    return AdminKey(key_id=record.id, org=record.org, user=record.user, grants=key.grants, servers=key.servers,
+                    admin=key.servers.allows(ADMIN_SERVER))
+
+
 def route_handler(ctx: Context, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     answer = TypeAdapter(endpoint.response) if endpoint.response is not None else None
+    admitting = endpoint.admitting(ctx.settings.keys.kinds)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        actor = "anonymous"
+        actor, acting = "anonymous", None
         if endpoint.operation is not None:
             # Authentication first: who is not allowed in learns nothing about their input.
-            key = await ctx.auth.authenticate(request, endpoint.operation)
-            # The audit actor of everything done through the API is the admin key's id.
-            actor = key.record.id
+            key = await ctx.auth.authenticate(request, endpoint.operation, admitting)
+            # The audit actor of everything done through the API is the admin key's id; its org,
+            # kinds and grants bound what it may do.
+            actor, acting = key.record.id, acting_key(key)
         query = _parse_query(endpoint.query, request)
         body = await _parse_body(endpoint, request)
-        service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher, notifier=ctx.notifier)
+        service = KeyService(ctx.store, ctx.settings, actor=actor, hasher=ctx.hasher, notifier=ctx.notifier,
+                             **({"acting": acting} if acting is not None else {}))
         try:
             result = await endpoint.handler(Call(service, request.match_info, query, body))
         except InvalidInput as exc:

@@ -83,7 +83,7 @@ class KeyCreate(_Edge):
 
     name: KeyName = Field(description="What the key is for.")
     kind: str | None = Field(None, description="Key kind (sets the prefix); default keys.default_kind.")
-    org: Org = "default"
+    org: Org | None = Field(None, description="The key's org; null = the admin key's own org.")
     user: User = Field("", description="Makes a per-user key; the user must be a member of the org.")
     role: RoleName | None = Field(None, description="Role whose grants bound the key.")
     operations: list[Operation] = Field(default_factory=list, description="The key's own operation grants.")
@@ -173,6 +173,9 @@ class SuggestionQuery(_Edge):
 
 class AuditQuery(PageQuery):
     key: str | None = Field(None, description="A key id: events about it or by it, and its request records.")
+    org: str | None = Field(None, description="Events about the org's keys, members and trust policies, and the "
+                                              "request records of its keys (an admin key without orgs:any "
+                                              "always reads its own org's only).")
     action: str | None = Field(None, description="Events only, e.g. key.create, key.revoke, role.set.")
     decision: str | None = Field(None, description="Request records only, e.g. allowed, invalid_token.")
     type: Literal["event", "request"] | None = Field(None, description="Only management events or only requests.")
@@ -295,6 +298,9 @@ class EventOut(_Edge):
     action: str
     target: str
     details: dict[str, Any]
+    org: str | None = Field(description="The org of the key, member or trust policy it is about; null for "
+                                        "roles, which every org shares.")
+    actor_org: str | None = Field(description="The acting admin key's org; null for the CLI.")
 
 
 def _request_out() -> type[_Edge]:
@@ -336,6 +342,21 @@ class TrustPolicyPage(_Page):
 
 class AuditPage(_Page):
     items: list[AuditEntryOut]
+
+
+class OrgList(_Edge):
+    items: list[str] = Field(description="Org names, sorted.")
+
+
+class WhoAmI(_Edge):
+    """The admin key making the request, and how far it reaches."""
+
+    id: str
+    org: str
+    user: str = Field(description="Empty for an org-level key.")
+    any_org: bool = Field(description="Granted orgs:any: acts in every org.")
+    self_service: bool = Field(description="A per-user or agent key granted keys:self: manages its own "
+                                           "per-user keys.")
 
 
 class FieldError(_Edge):

@@ -42,8 +42,9 @@ _COLLECTION_PATH_DESCRIPTIONS = {
 _ERRORS = {
     400: "Malformed request: a malformed Authorization header, or a body that is not JSON.",
     401: "No key, or a key that is invalid, expired or revoked (WWW-Authenticate says which).",
-    403: "The key may not perform this operation on the server admin, or not from this address.",
-    404: "No such key, role, member or trust policy.",
+    403: "The key may not perform this operation on the server admin, or not from this address; or the "
+         "action reaches beyond the admin key's org, the key kinds it manages or its own grants (forbidden).",
+    404: "No such key, role, member or trust policy, or one in another org's keeping.",
     409: "The change conflicts with the current state.",
     413: "The request body is too large.",
     422: "Invalid input: `errors` lists each field's problem.",
@@ -136,6 +137,10 @@ def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, An
     }
     if e.description or e.operation:
         needs = f"Needs a key with operation `{e.operation}` on the server `admin`." if e.operation else ""
+        if e.per_kind or e.self_service:
+            also = ["`keys:write:<kind>`"] * e.per_kind + ["`keys:self`"] * e.self_service
+            needs = (f"Needs a key with operation `{e.operation}` (or {' or '.join(also)}) on the server "
+                     "`admin`.")
         op["description"] = " ".join(part for part in (e.description, needs) if part)
     if parameters:
         op["parameters"] = parameters
@@ -154,6 +159,8 @@ def _operation(e: Endpoint, refs: dict[tuple[Any, str], Any], defs: dict[str, An
         codes |= {400, 401, 403, 429, 503}
         op["security"] = [{"bearer": []}]
         op["x-keygate-operation"] = e.operation
+        if e.per_kind or e.self_service:
+            op["x-keygate-admitting"] = ["keys:write:<kind>"] * e.per_kind + ["keys:self"] * e.self_service
     else:
         op["security"] = []
     if names:
@@ -188,7 +195,10 @@ def openapi_document(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
             "description": "Manage Keygate's keys, roles, org members, trust policies and audit trail. "
                            "Authenticate with `Authorization: Bearer <key>`, a key granted the operation an "
                            "endpoint names on the server `admin` (a key with servers [\"*\"] does not cover "
-                           "admin). Errors are application/problem+json (RFC 9457). Lists answer "
+                           "admin). An admin key acts within its own org: lists show that org only, another "
+                           "org's keys, members and trust policies are answered 404 and making one in another "
+                           "org 403, unless the key is granted `orgs:any` (the built-in admin role's `*` is). "
+                           "Errors are application/problem+json (RFC 9457). Lists answer "
                            "{items, next_cursor}: pass next_cursor back as `cursor` for the next page.",
         },
         "paths": paths,

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..manage.service import ConflictError, InvalidInput, NotFound, ServiceError
+from ..manage.errors import ConflictError, Forbidden, InvalidInput, NotFound, ServiceError
 from ..pipeline.request_ids import request_id_of
 from ..pipeline.responses import STORE_RETRY_AFTER
 from ..store import Conflict, StoreError, StoreUnavailable
@@ -63,6 +63,8 @@ def problem_response(request: web.Request, problem: Problem) -> web.Response:
 def from_service_error(exc: ServiceError) -> Problem:
     if isinstance(exc, NotFound):
         return Problem(404, "not_found", str(exc))
+    if isinstance(exc, Forbidden):
+        return Problem(403, "forbidden", str(exc))
     if isinstance(exc, ConflictError):
         return Problem(409, "conflict", str(exc))
     if isinstance(exc, InvalidInput):

@@ -36,8 +36,9 @@ class CanaryAlarms:
         async with self.store.transaction() as tx:
             for use in uses:
                 details = use.details()
+                # The canary's org's admins read the alarm in their org's audit trail.
                 await tx.add_audit(at=use.at, actor=f"client:{use.client_ip or 'unknown'}", action=ACTION,
-                                   target=use.record.id, details=details)
+                                   target=use.record.id, details=details, org=use.record.org)
                 await queue_event(tx, self.settings, ACTION, use.at, use.record, **details)
         for use in uses:
             log.warning(json.dumps({"event": "canary_key_used", "key_id": use.record.id, **use.details()}))

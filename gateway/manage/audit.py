@@ -51,6 +51,7 @@ class AuditFilter:
     so either one alone selects that type."""
 
     key: str | None = None
+    org: str | None = None  # events about the org's things, and the request records of its keys
     action: str | None = None
     decision: str | None = None
     type: EntryType | None = None
@@ -125,12 +126,12 @@ async def query_audit(
     async with store.read() as tx:
         if wanted.wants_events:
             events = await tx.list_audit(
-                key=wanted.key, action=wanted.action, since=wanted.since, until=wanted.until, limit=limit + 1,
+                key=wanted.key, org=wanted.org, action=wanted.action, since=wanted.since, until=wanted.until, limit=limit + 1,
                 before=after.bound_for("event") if after else None,
             )
         if wanted.wants_requests:
             requests = await tx.list_requests(
-                key_id=wanted.key, decision=wanted.decision, since=wanted.since, until=wanted.until,
+                key_id=wanted.key, org=wanted.org, decision=wanted.decision, since=wanted.since, until=wanted.until,
                 limit=limit + 1, before=after.bound_for("request") if after else None,
             )
     entries = [AuditEntry("event", e) for e in events] + [AuditEntry("request", r) for r in requests]

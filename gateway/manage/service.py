@@ -24,6 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import inputs as fields
+from .acting import OPERATOR, ORGS_ANY, Actor, kind_operation
+from .errors import (
+    ConflictError, FieldProblem, Forbidden, InvalidInput, NotFound, Replayed, ServiceError, no_such_key,
+)
 from .audit import AuditFilter, AuditPage, Position, query_audit, utcnow
 from ..config.schema import Settings
 from ..keys import KeyParser, MalformedKey, ParsedKey, SecretHasher, generate, looks_like_key_id
@@ -36,48 +40,6 @@ from ..hygiene.allowlist import MAX_ADDRESSES, Suggestion, TooFewBlocks, suggest
 
 ADMIN_ROLE = "admin"
 MAX_BLOCKS = 16  # CIDRs an allowlist suggestion may have at most
-
-
-class ServiceError(Exception):
-    """A management action was refused; the message is for the user as it is."""
-
-
-def _no_such_key(key_id: str) -> "NotFound":
-    # SECURITY: echo the argument only when it has an id's shape: whatever
-    # else it is (a mistyped full key?) may hold a secret.
-    shown = repr(key_id) if looks_like_key_id(key_id) else "given"
-    return NotFound(f"no key with the id {shown}")
-
-
-class NotFound(ServiceError):
-    pass
-
-
-class FieldProblem(NamedTuple):
-    """One problem with an action's input: the parameter it is about, or None for the input as a whole."""
-
-    field: str | None  # "org", or "operations.1" for an item of a list
-    message: str
-
-
-class InvalidInput(ServiceError):
-    """Input the service refuses. ``problems`` lists every one found; the message is the first's.
-
-    A refusal made after the input's form was checked (no such role, not a member, ...) has one
-    problem about the input as a whole.
-    """
-
-    def __init__(self, message: str, *, problems: Sequence[FieldProblem] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems) or (FieldProblem(None, message),)
-
-
-class ConflictError(ServiceError):
-    pass
-
-
-class Replayed(ServiceError):
-    """The token was exchanged before: a token is exchanged once."""
 
 
 class _Unset:
@@ -242,16 +204,21 @@ class Notifier(Protocol):
 
 
 class KeyService:
-    """Every management action, performed as ``actor`` (``cli:alice``, an admin key id, ...)."""
+    """Every management action, performed as ``actor`` (``cli:alice``, an admin key id, ...).
+
+    ``acting`` bounds what the actor may do (:mod:`.acting`): the operator at the command line
+    by nothing, an admin key by its org, the kinds it manages and its own grants.
+    """
 
     def __init__(
         self, store: Transactions, settings: Settings, *, actor: str,
         clock: Callable[[], datetime] = utcnow, hasher: SecretHasher | None = None,
-        notifier: Notifier | None = None,
+        notifier: Notifier | None = None, acting: Actor = OPERATOR,
     ) -> None:
         self.store = store
         self.settings = settings
         self.actor = actor
+        self.acting = acting
         self.clock = clock
         self.hasher = hasher or hasher_from(settings)
         self.notifier = notifier
@@ -271,8 +238,12 @@ class KeyService:
         if changes and self.notifier is not None:
             await self.notifier.publish(changes)
 
-    async def _audit(self, tx: Transaction, now: datetime, action: str, target: str, **details: Any) -> None:
-        await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details)
+    async def _audit(
+        self, tx: Transaction, now: datetime, action: str, target: str, *, in_org: str | None, **details: Any,
+    ) -> None:
+        """One audit event about ``target`` in the org ``in_org`` (None: shared by every org, as roles are)."""
+        await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details, org=in_org,
+                           actor_org=self.acting.org)
 
     async def _event(self, tx: Transaction, now: datetime, event: str, record: KeyRecord, **details: Any) -> None:
         """Queue a webhook event about ``record`` in the transaction that makes the change."""
@@ -306,33 +277,87 @@ class KeyService:
         if role is not None and await tx.get_role(role) is None:
             raise InvalidInput(f"role {role!r}: no such role (see `keygate roles list`)")
 
-    async def _key_for_change(self, tx: Transaction, key_id: str, now: datetime) -> KeyRecord:
-        record = await tx.get_key(key_id, for_update=True)
-        if record is None:
-            raise _no_such_key(key_id)
+    def _visible(self, record: KeyRecord | None, key_id: str) -> KeyRecord:
+        """``record`` if the actor may see it; else (also for another org's key) the answer of no such key."""
+        if record is None or not self.acting.sees_key(record, self.settings.keys.kinds):
+            raise no_such_key(key_id)
+        return record
+
+    def _check_manages(self, record: KeyRecord, doing: str, *, own: bool = False) -> None:
+        """Refuse (403) unless the actor manages keys of the record's kind (or, with ``own``, it is its own)."""
+        if self.acting.may(kind_operation(record.kind)) or (own and self.acting.owns(record)):
+            return
+        raise Forbidden(f"{doing} a key of the kind {record.kind!r} needs the operation "
+                        f"{kind_operation(record.kind)} (keys:write covers every kind)")
+
+    async def _key_for_change(self, tx: Transaction, key_id: str, now: datetime, doing: str) -> KeyRecord:
+        record = self._visible(await tx.get_key(key_id, for_update=True), key_id)
+        self._check_manages(record, doing)
         if record.status(now) is KeyStatus.REVOKED:
             raise ConflictError(f"key {key_id} is revoked; revocation is permanent")
         return record
 
+    async def _grant_sets(self, tx: Transaction, record: KeyRecord) -> list[tuple[str, ...]]:
+        """The grant sets that bound what ``record`` may do, as the pipeline reads them (prepared.py)."""
+        member_grants: tuple[str, ...] = ()
+        if record.user:
+            member = await tx.get_member(record.org, record.user)
+            member_grants = await self._role_grants(tx, member.role if member else None)
+        if record.agent:
+            return [member_grants]
+        sets = [await self._role_grants(tx, record.role)] if record.role is not None else []
+        if record.operations:
+            sets.append(record.operations)
+        if record.user:
+            sets.append(member_grants)
+        return sets
+
+    @staticmethod
+    async def _role_grants(tx: Transaction, name: str | None) -> tuple[str, ...]:
+        role = await tx.get_role(name) if name is not None else None
+        return role.grants if role is not None else ()
+
+    async def _check_within(self, tx: Transaction, record: KeyRecord, what: str) -> None:
+        """Refuse (403) a key that would do more than the acting admin key may."""
+        self.acting.check_within(what, await self._grant_sets(tx, record), record.servers)
+
+    def _check_creates(self, kind: str, org: str, user: str) -> None:
+        """Refuse (403) a new key in another org, of a kind the actor does not manage, or another user's
+        when the actor manages only its own."""
+        acting = self.acting
+        acting.check_org(org)
+        if acting.may(kind_operation(kind)):
+            return
+        if acting.self_service and org == acting.org:
+            if user != acting.user:
+                raise Forbidden(f"with keys:self a member creates only their own per-user keys: "
+                                f"set user to {acting.user!r}")
+            return
+        raise Forbidden(f"creating a key of the kind {kind!r} needs the operation {kind_operation(kind)} "
+                        "(keys:write covers every kind)")
+
     # -- keys ------------------------------------------------------------
     async def create_key(
-        self, *, name: str, kind: str | None = None, org: str = "default", user: str = "",
+        self, *, name: str, kind: str | None = None, org: str | None = None, user: str = "",
         role: str | None = None, operations: Iterable[str] = (), servers: Iterable[str] = (),
         ip_allowlist: Iterable[str] = (), rate_limit: str | None = None, expires: str = "never",
         canary: bool = False,
     ) -> tuple[KeyRecord, str]:
         """Create a key; returns its record and the full key, which is never available again.
 
-        A ``canary`` key never authorizes (every use is refused as an unknown key's and raises an
-        alarm); it takes no role, operations, servers, allowlist or rate limit.
+        ``org`` defaults to the acting admin key's org (``default`` at the command line). A ``canary``
+        key never authorizes (every use is refused as an unknown key's and raises an alarm); it takes
+        no role, operations, servers, allowlist or rate limit.
         """
         now = self.clock()
         operations, servers, ip_allowlist = tuple(operations), tuple(servers), tuple(ip_allowlist)
         values = _new_key_values(
-            self.settings, now, name=name, kind=kind, org=org, user=user, role=role, operations=operations,
-            servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires, canary=canary,
+            self.settings, now, name=name, kind=kind, org=org if org is not None else self.acting.home_org,
+            user=user, role=role, operations=operations, servers=servers, ip_allowlist=ip_allowlist,
+            rate_limit=rate_limit, expires=expires, canary=canary,
         )
         kind, prefix = values.pop("kind"), values.pop("prefix")
+        self._check_creates(kind, values["org"], values["user"])
         async with self._transaction() as tx:
             await self._require_role(tx, values["role"])
             if values["user"] and await tx.get_member(values["org"], values["user"]) is None:
@@ -345,8 +370,9 @@ class KeyService:
                 id=parsed.key_id, kind=kind, created_by=self.actor, created_at=now, revoked_at=None,
                 last_used_at=None, last_used_ip=None, secret_hash=secret_hash, canary=canary, **values,
             )
+            await self._check_within(tx, record, "the new key")
             await tx.insert_key(record)
-            await self._audit(tx, now, "key.create", record.id, **_settings_of(record))
+            await self._audit(tx, now, "key.create", record.id, in_org=record.org, **_settings_of(record))
             await self._event(tx, now, "key.created", record, actor=self.actor)
         return record, parsed.full
 
@@ -362,6 +388,17 @@ class KeyService:
         if wanted is KeyStatus.IDLE and not idle_after:
             raise InvalidInput("status 'idle': no key is idle while keys.idle_after is 0 (off); set it, e.g. "
                                "KEYGATE_KEYS__IDLE_AFTER=90d")
+        acting = self.acting
+        # An admin key lists its org's keys (every org's with orgs:any), or only its own user's
+        # when it manages only those: a filter naming anything else matches nothing.
+        if not acting.any_org:
+            if org not in (None, acting.org):
+                return []
+            org = acting.org
+        if not acting.org_wide(self.settings.keys.kinds):
+            if user not in (None, acting.user):
+                return []
+            user = acting.user
         async with self.store.read() as tx:
             return await tx.list_keys(
                 now=self.clock(), org=org, user=user, status=wanted, kind=kind, limit=limit, offset=offset,
@@ -372,9 +409,7 @@ class KeyService:
         key_id = self.key_ref(key_id)
         async with self.store.read() as tx:
             record = await tx.get_key(key_id)
-        if record is None:
-            raise _no_such_key(key_id)
-        return record
+        return self._visible(record, key_id)
 
     async def update_key(
         self, key_id: str, *, name: str | None = None, role: str | None = UNSET,
@@ -388,7 +423,7 @@ class KeyService:
         changes = _key_changes(now, name=name, role=role, operations=operations, servers=servers,
                                ip_allowlist=ip_allowlist, rate_limit=rate_limit, expires=expires)
         async with self._transaction() as tx:
-            record = await self._key_for_change(tx, key_id, now)
+            record = await self._key_for_change(tx, key_id, now, "changing")
             if record.agent and ({"role", "operations"} & changes.keys()):
                 raise InvalidInput("an agent key has no role or operations of its own: change the member's role")
             _refuse_canary_access(record, changes.keys())
@@ -396,8 +431,10 @@ class KeyService:
             updated = replace(record, **changes)
             if not updated.agent and not updated.canary and updated.role is None and not updated.operations:
                 raise InvalidInput("a key needs a role or at least one operation")
+            # The key as changed, whole: an org admin changes only keys within its own reach.
+            await self._check_within(tx, updated, "the changed key")
             await tx.save_key(updated)
-            await self._audit(tx, now, "key.update", key_id, **_diff(record, updated))
+            await self._audit(tx, now, "key.update", key_id, in_org=record.org, **_diff(record, updated))
             await self._changed(tx, now, "key", key_id)
         return updated
 
@@ -408,14 +445,15 @@ class KeyService:
         role = check.one("role", fields.role, role)
         check.done()
         async with self._transaction() as tx:
-            record = await self._key_for_change(tx, key_id, now)
+            record = await self._key_for_change(tx, key_id, now, "changing")
             if record.agent:
                 raise InvalidInput("an agent key has no role of its own: change the member's role")
             _refuse_canary_access(record, {"role"})
             await self._require_role(tx, role)
             updated = replace(record, role=role)
+            await self._check_within(tx, updated, "the changed key")
             await tx.save_key(updated)
-            await self._audit(tx, now, "key.set_role", key_id, before=record.role, after=role)
+            await self._audit(tx, now, "key.set_role", key_id, in_org=record.org, before=record.role, after=role)
             await self._changed(tx, now, "key", key_id)
         return updated
 
@@ -427,15 +465,15 @@ class KeyService:
         key_id = self.key_ref(key_id)
         now = self.clock()
         async with self._transaction() as tx:
-            record = await tx.get_key(key_id, for_update=True)
-            if record is None:
-                raise _no_such_key(key_id)
+            record = self._visible(await tx.get_key(key_id, for_update=True), key_id)
+            # Revoking only takes away: a member may revoke their own keys, whatever they could do.
+            self._check_manages(record, "revoking", own=True)
             if record.status(now) is KeyStatus.REVOKED:
                 return record
             updated = replace(record, revoked_at=now)
             await tx.save_key(updated)
             because = {"reason": reason} if reason is not None else {}
-            await self._audit(tx, now, "key.revoke", key_id, **because)
+            await self._audit(tx, now, "key.revoke", key_id, in_org=record.org, **because)
             await self._event(tx, now, "key.revoked", updated, actor=self.actor, **because)
             await self._changed(tx, now, "key", key_id)
         return updated
@@ -459,9 +497,8 @@ class KeyService:
         source = check.one("source", lambda s: _reported_text("source", s, LEAK_SOURCE_MAX) or None, source or "")
         check.done()
         async with self._transaction() as tx:
-            record = await tx.get_key(key_id, for_update=True)
-            if record is None:
-                raise _no_such_key(key_id)
+            record = self._visible(await tx.get_key(key_id, for_update=True), key_id)
+            self._check_manages(record, "reporting a leak of")
             first = record.leaked_at is None
             revoke = _on_leak(self.settings, record) == "revoke" and record.status(now) is not KeyStatus.REVOKED
             result = "revoked" if revoke else "already_revoked" if record.status(now) is KeyStatus.REVOKED \
@@ -469,7 +506,7 @@ class KeyService:
             updated = replace(record, leaked_at=record.leaked_at or now,
                               revoked_at=now if revoke else record.revoked_at)
             report = dict(url=url, source=source, via=via, result=result)
-            await self._audit(tx, now, "key.leaked", key_id, **report, first_report=first)
+            await self._audit(tx, now, "key.leaked", key_id, in_org=record.org, **report, first_report=first)
             if updated != record:
                 await tx.save_key(updated)
                 await self._changed(tx, now, "key", key_id)
@@ -488,7 +525,7 @@ class KeyService:
         now = self.clock()
         grace_for = _grace_seconds(grace)
         async with self._transaction() as tx:
-            old = await self._key_for_change(tx, key_id, now)
+            old = await self._key_for_change(tx, key_id, now, "rotating")
             if old.status(now) is KeyStatus.EXPIRED:
                 raise ConflictError(f"key {key_id} has expired; create a new key instead")
             revoke_at = now + timedelta(seconds=grace_for)
@@ -501,9 +538,12 @@ class KeyService:
                 old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
                 revoked_at=None, last_used_at=None, last_used_ip=None, idle_notified_at=None, expiry_warned_for=None,
             )
+            # A rotation hands out a new key: only one within the acting admin key's reach.
+            await self._check_within(tx, new, "the rotated key")
             await tx.insert_key(new)
-            await self._audit(tx, now, "key.rotate", key_id, new_id=new.id, grace_seconds=grace_for)
-            await self._audit(tx, now, "key.create", new.id, rotated_from=key_id, **_settings_of(new))
+            await self._audit(tx, now, "key.rotate", key_id, in_org=old.org, new_id=new.id, grace_seconds=grace_for)
+            await self._audit(tx, now, "key.create", new.id, in_org=new.org, rotated_from=key_id,
+                              **_settings_of(new))
             await self._event(tx, now, "key.created", new, actor=self.actor, rotated_from=key_id)
             # Announced now even when a grace defers it: details.revoke_at says when it takes effect.
             await self._event(tx, now, "key.revoked", old_updated, actor=self.actor, reason="rotated",
@@ -518,9 +558,12 @@ class KeyService:
         """
         now = self.clock()
         org, user = self._org_and_user(org, user)
+        self._check_org_visible(org)
         async with self._transaction() as tx:
             record, full, previous = await self._new_agent_key(tx, now, org, user)
-            await self._audit(tx, now, "key.agent", record.id, org=org, user=user, replaced=previous)
+            # An agent key does what its member's role grants, on every server.
+            await self._check_within(tx, record, "the agent key")
+            await self._audit(tx, now, "key.agent", record.id, in_org=org, org=org, user=user, replaced=previous)
         return record, full, previous
 
     async def login_agent_key(
@@ -539,9 +582,14 @@ class KeyService:
                 raise Replayed("this ID token has signed in already")
             record, full, previous = await self._new_agent_key(tx, now, org, user)
             # The provider chose the subject: stored as every store can hold it (see _claim_value).
-            await self._audit(tx, now, "key.login", record.id, org=org, user=user, replaced=previous, issuer=issuer,
+            await self._audit(tx, now, "key.login", record.id, in_org=org, org=org, user=user, replaced=previous, issuer=issuer,
                               subject=_claim_value(subject), client_ip=client_ip)
         return record, full, previous
+
+    def _check_org_visible(self, org: str) -> None:
+        """The answer for another org's members (404): the same whether that org exists or not."""
+        if not self.acting.sees_org(org):
+            raise NotFound(f"no org {org!r} here: this admin key acts within its org {self.acting.org!r}")
 
     @staticmethod
     def _org_and_user(org: str, user: str) -> tuple[str, str]:
@@ -566,7 +614,7 @@ class KeyService:
         for old in live:
             revoked = replace(old, revoked_at=now)
             await tx.save_key(revoked)
-            await self._audit(tx, now, "key.revoke", old.id, reason="replaced by a new agent key")
+            await self._audit(tx, now, "key.revoke", old.id, in_org=org, reason="replaced by a new agent key")
             await self._event(tx, now, "key.revoked", revoked, actor=self.actor, reason="replaced by a new agent key")
             await self._changed(tx, now, "key", old.id)
         kind = self.settings.keys.default_kind
@@ -599,9 +647,10 @@ class KeyService:
             await tx.save_key(updated)
             spell = {"last_activity": iso(record.last_activity()), "idle_action": k.idle_action,
                      "unused_for": round((now - record.last_activity()).total_seconds())}
-            await self._audit(tx, now, "key.idle", key_id, **spell)
+            await self._audit(tx, now, "key.idle", key_id, in_org=record.org, **spell)
             if expire:
-                await self._audit(tx, now, "key.expire", key_id, reason="idle", before=iso(record.expires_at))
+                await self._audit(tx, now, "key.expire", key_id, in_org=record.org, reason="idle",
+                                  before=iso(record.expires_at))
                 await self._changed(tx, now, "key", key_id)  # every gateway refuses it within a second
             await self._event(tx, now, "key.idle", updated, **spell)
         return updated
@@ -617,7 +666,7 @@ class KeyService:
             await tx.save_key(updated)
             expiry = {"expires_at": iso(record.expires_at),
                       "expires_in": round((record.expires_at - now).total_seconds())}  # type: ignore[operator]
-            await self._audit(tx, now, "key.expiring", key_id, **expiry)
+            await self._audit(tx, now, "key.expiring", key_id, in_org=record.org, **expiry)
             await self._event(tx, now, "key.expiring", updated, **expiry)
         return updated
 
@@ -631,8 +680,7 @@ class KeyService:
         check.done()
         since = self.clock() - timedelta(days=days)
         async with self.store.read() as tx:
-            if await tx.get_key(key_id) is None:
-                raise _no_such_key(key_id)
+            self._visible(await tx.get_key(key_id), key_id)
             counts = await tx.client_addresses(key_id, since=since, limit=MAX_ADDRESSES + 1)
         try:
             return suggestion(key_id, counts, days=days, max_blocks=max_blocks, since=since)
@@ -659,19 +707,27 @@ class KeyService:
         if not grant_list:
             check.problems.append(FieldProblem("grants", "a role needs at least one grant (--grant)"))
         check.done()
+        self._check_changes_roles()
         if name == ADMIN_ROLE:
             raise ConflictError("the built-in admin role always grants '*'; make a new role instead")
         async with self._transaction() as tx:
             before = await tx.get_role(name)
             role = Role(name, grant_list, before.created_at if before else now, now)
             await tx.put_role(role)
-            await self._audit(tx, now, "role.set", name, grants=list(grant_list),
+            await self._audit(tx, now, "role.set", name, in_org=None, grants=list(grant_list),
                               before=list(before.grants) if before else None)
             await self._changed(tx, now, "role", name)
         return role
 
+    def _check_changes_roles(self) -> None:
+        # Roles are the vocabulary every org's keys and members share: one org changing one
+        # would change what another org's keys may do.
+        if not self.acting.any_org:
+            raise Forbidden(f"roles are shared by every org: changing one needs the operation {ORGS_ANY}")
+
     async def delete_role(self, name: str) -> None:
         now = self.clock()
+        self._check_changes_roles()
         if name == ADMIN_ROLE:
             raise ConflictError("the built-in admin role cannot be deleted")
         async with self._transaction() as tx:
@@ -684,11 +740,12 @@ class KeyService:
                     "policy(ies); reassign them first"
                 )
             await tx.delete_role(name)
-            await self._audit(tx, now, "role.delete", name)
+            await self._audit(tx, now, "role.delete", name, in_org=None)
             await self._changed(tx, now, "role", name)
 
     # -- members ---------------------------------------------------------
     async def list_members(self, org: str, *, after: str | None = None, limit: int | None = None) -> list[Member]:
+        self._check_org_visible(org)
         async with self.store.read() as tx:
             return await tx.list_members(org, after=after, limit=limit)
 
@@ -698,12 +755,16 @@ class KeyService:
         org, user = check.one("org", fields.org, org), check.one("user", fields.user, user)
         role = check.one("role", fields.role, role)
         check.done()
+        self._check_org_visible(org)
         async with self._transaction() as tx:
             await self._require_role(tx, role)
+            # The member's role bounds their keys and is what their agent key does: an org
+            # admin assigns only a role within its own grants.
+            self.acting.check_within(f"the role {role!r}", [await self._role_grants(tx, role)], ())
             before = await tx.get_member(org, user, for_update=True)
             member = Member(org, user, role, before.created_at if before else now, now)
             await tx.put_member(member)
-            await self._audit(tx, now, "member.set", f"{org}/{user}", role=role,
+            await self._audit(tx, now, "member.set", f"{org}/{user}", in_org=org, role=role,
                               before=before.role if before else None)
             await self._changed(tx, now, "member", f"{org}/{user}")
         return member
@@ -711,24 +772,31 @@ class KeyService:
     async def remove_member(self, org: str, user: str) -> None:
         """Remove the member; their per-user keys stop working, org-level keys do not."""
         now = self.clock()
+        self._check_org_visible(org)
         async with self._transaction() as tx:
             if await tx.get_member(org, user, for_update=True) is None:
                 raise NotFound(f"{user!r} is not a member of org {org!r}")
             await tx.delete_member(org, user)
-            await self._audit(tx, now, "member.remove", f"{org}/{user}")
+            await self._audit(tx, now, "member.remove", f"{org}/{user}", in_org=org)
             await self._changed(tx, now, "member", f"{org}/{user}")
 
     # -- trust policies --------------------------------------------------
+    # A trust policy yields keys in its org: it is that org's, as its keys are.
     async def list_trust_policies(self) -> list[TrustPolicy]:
         async with self.store.read() as tx:
-            return await tx.list_trust_policies()
+            policies = await tx.list_trust_policies()
+        return [p for p in policies if self.acting.sees_org(p.org)]
+
+    def _visible_policy(self, policy: TrustPolicy | None, name: str) -> TrustPolicy:
+        # SECURITY: another org's policy is answered as no policy at all.
+        if policy is None or not self.acting.sees_org(policy.org):
+            raise NotFound(f"no trust policy named {name!r}")
+        return policy
 
     async def get_trust_policy(self, name: str) -> TrustPolicy:
         async with self.store.read() as tx:
             policy = await tx.get_trust_policy(name)
-        if policy is None:
-            raise NotFound(f"no trust policy named {name!r}")
-        return policy
+        return self._visible_policy(policy, name)
 
     async def put_trust_policy(
         self, name: str, *, issuer: str, audience: str, conditions: Mapping[str, str], org: str,
@@ -743,17 +811,30 @@ class KeyService:
             operations=operations, servers=servers, ip_allowlist=ip_allowlist, rate_limit=rate_limit,
             lifetime=lifetime, jwks_file=jwks_file,
         )
+        acting = self.acting
+        acting.check_org(values["org"])
+        # A policy mints keys of the exchanged kind: making one is making such keys.
+        if not acting.may(kind_operation(EXCHANGED_KIND)):
+            raise Forbidden(f"a trust policy yields keys of the kind {EXCHANGED_KIND!r}: it needs the operation "
+                            f"{kind_operation(EXCHANGED_KIND)} (keys:write covers every kind)")
         async with self._transaction() as tx:
             before = await tx.get_trust_policy(values["name"])
+            if before is not None and not acting.sees_org(before.org):
+                # Names are shared by every org, as role names are; which org holds it is not said.
+                raise ConflictError(f"trust policy name {values['name']!r} is taken; choose another name")
             if before is not None and not replace:
                 raise ConflictError(f"trust policy {values['name']!r} already exists (use --replace to change it)")
             await self._require_role(tx, values["role"])
+            sets = [await self._role_grants(tx, values["role"])] if values["role"] is not None else []
+            if values["operations"]:
+                sets.append(values["operations"])
+            acting.check_within("the keys the policy yields", sets, values["servers"])
             policy = TrustPolicy(
                 created_by=before.created_by if before else self.actor,
                 created_at=before.created_at if before else now, updated_at=now, **values,
             )
             await tx.put_trust_policy(policy)
-            await self._audit(tx, now, "trust.set", policy.name, **_policy_settings(policy),
+            await self._audit(tx, now, "trust.set", policy.name, in_org=policy.org, **_policy_settings(policy),
                               before=_policy_settings(before) if before else None)
             await self._changed(tx, now, "trust", policy.name)
         return policy
@@ -762,11 +843,9 @@ class KeyService:
         """Remove the policy; keys it minted live on until they expire (revoke them to end them sooner)."""
         now = self.clock()
         async with self._transaction() as tx:
-            before = await tx.get_trust_policy(name)
-            if before is None:
-                raise NotFound(f"no trust policy named {name!r}")
+            before = self._visible_policy(await tx.get_trust_policy(name), name)
             await tx.delete_trust_policy(name)
-            await self._audit(tx, now, "trust.remove", name, before=_policy_settings(before))
+            await self._audit(tx, now, "trust.remove", name, in_org=before.org, before=_policy_settings(before))
             await self._changed(tx, now, "trust", name)
 
     async def exchange_token(
@@ -799,7 +878,7 @@ class KeyService:
             )
             await tx.insert_key(record)
             await self._audit(
-                tx, now, "key.exchanged", record.id, policy=policy.name, issuer=policy.issuer,
+                tx, now, "key.exchanged", record.id, in_org=record.org, policy=policy.name, issuer=policy.issuer,
                 subject=_claim_value(claims.get("sub")), client_ip=client_ip, token_id=token_id,
                 claims=_audited_claims(claims), **_settings_of(record),
             )
@@ -808,10 +887,26 @@ class KeyService:
 
     # -- audit -----------------------------------------------------------
     async def audit(self, wanted: AuditFilter, *, limit: int = 100, after: Position | None = None) -> AuditPage:
-        """Management events and request records, newest first (the CLI and the admin API share this)."""
+        """Management events and request records, newest first (the CLI and the admin API share this).
+
+        An admin key sees its org's trail alone: events about its org's keys, members and trust
+        policies, and the request records of its org's keys (every org's with orgs:any).
+        """
         if wanted.key:
             wanted = replace(wanted, key=self.key_ref(wanted.key))
+        if not self.acting.any_org:
+            if wanted.org not in (None, self.acting.org):
+                return AuditPage([], None)
+            wanted = replace(wanted, org=self.acting.org)
         return await query_audit(self.store, wanted, limit=limit, after=after)
+
+    # -- orgs ------------------------------------------------------------
+    async def list_orgs(self) -> list[str]:
+        """The orgs that hold keys or members, by name: only its own for an admin key without orgs:any."""
+        if not self.acting.any_org:
+            return [self.acting.org] if self.acting.org is not None else []
+        async with self.store.read() as tx:
+            return await tx.list_orgs()
 
 
 class LeakReport(NamedTuple):

@@ -69,7 +69,7 @@ def prepare(facts: KeyFacts, default_rate_limit: RateLimitSpec) -> PreparedKey:
     )
     return PreparedKey(
         record=record, networks=parse_networks(record.ip_allowlist), grants=Grants(sets),
-        servers=Servers(record.servers), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
+        servers=Servers(record.servers, self_service=record.agent), rate_limit=spec, revoked_at=_epoch(record.revoked_at),
         expires_at=_epoch(record.expires_at), member_role=member_role,
         member_missing=bool(record.user) and not is_member, identity_headers=headers,
         identity_block="".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8"),

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from ..config.schema import RouteSettings, UpstreamSettings
 
 ADMIN_SERVER = "admin"
+# The admin API's operation for managing one's own per-user keys: the one operation an
+# agent key may perform on the server admin without being given that server (see check_scope).
+KEYS_SELF = "keys:self"
+# Operations that name a part of a broader one: ``keys:write:automation`` is the part of
+# ``keys:write`` for keys of the kind automation, so a grant of ``keys:write`` covers every
+# kind while ``keys:write:automation`` covers that kind alone.
+_PART_OF = ("keys:write:",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # SECURITY: a segment's value goes into the operation only when it is made of RFC 3986
 # unreserved characters (letters, digits, "-._~"); any other path is refused (400). Grants
@@ -53,7 +60,23 @@ class GrantSet:
         )
 
     def allows(self, operation: str) -> bool:
-        return operation in self._exact or any(p.fullmatch(operation) for p in self._patterns)
+        if operation in self._exact or any(p.fullmatch(operation) for p in self._patterns):
+            return True
+        whole = _whole_of(operation)
+        return whole is not None and self.allows(whole)
+
+
+def _whole_of(operation: str) -> str | None:
+    """The broader operation ``operation`` is a part of (``keys:write`` for ``keys:write:automation``), or None.
+
+    A grant is also read as an operation when one key's grants are checked against another's
+    (:meth:`Grants.covers`): ``keys:write:*`` is then a part of ``keys:write`` too, which holds,
+    since ``keys:write`` covers every kind.
+    """
+    for part in _PART_OF:
+        if operation.startswith(part) and len(operation) > len(part):
+            return part[:-1]
+    return None
 
 
 class Grants:
@@ -78,20 +101,34 @@ class Grants:
                 self._memo[operation] = allowed
         return allowed
 
+    def covers(self, grant: str) -> bool:
+        """Whether every operation ``grant`` matches is allowed here: ``grant`` read as text.
+
+        Sound for wildcards: this set's literal text never matches a ``*`` of ``grant``, so each
+        ``*`` of ``grant`` falls within a ``*`` of a grant here, which matches whatever it stands for.
+        """
+        return bool(self._sets) and all(s.allows(grant) for s in self._sets)
+
 
 class Servers:
     """The servers a key may act on; ``*`` covers every upstream but never ``admin``."""
 
-    __slots__ = ("_names", "_any")
+    __slots__ = ("_names", "_any", "self_service")
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], *, self_service: bool = False) -> None:
         names = frozenset(names)
         self._any = "*" in names
         self._names = names - {"*"}
+        # An agent key's: admitted to the server admin for keys:self alone (see check_scope).
+        self.self_service = self_service
 
     def allows(self, server: str) -> bool:
         # SECURITY: admin access is never implied by a wildcard.
         return server in self._names or (self._any and server != ADMIN_SERVER)
+
+    def covers(self, names: Iterable[str]) -> bool:
+        """Whether every server of a key with the server list ``names`` is one of these."""
+        return all(self._any if name == "*" else self.allows(name) for name in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +140,9 @@ class Target:
     operation: str
     pass_credentials: bool
     pass_method_override: bool = False
+    # Operations that admit the request as well as ``operation`` (the admin API's endpoints whose
+    # operation depends on the key kind or the key's owner: the service checks the exact one).
+    alternatives: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +275,14 @@ class RouteTable:
 
 
 def check_scope(servers: Servers, grants: Grants, target: Target) -> None:
-    """Refuse unless the key may perform the target's operation on its server."""
+    """Refuse unless the key may perform the target's operation (or one of its alternatives) on its server."""
     if not servers.allows(target.server):
-        raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {target.server!r} not granted")
-    if not grants.allows(target.operation):
+        # SECURITY: an agent key acts as its person, who may manage their own keys: it reaches
+        # the admin API for keys:self alone (when the member's role grants it), never for
+        # anything else, whatever the role grants; the admin API bounds it to keys:self too.
+        if not (servers.self_service and target.server == ADMIN_SERVER and KEYS_SELF in target.alternatives
+                and grants.allows(KEYS_SELF)):
+            raise Denied(Outcome.INSUFFICIENT_SCOPE, f"server {target.server!r} not granted")
+        return
+    if not grants.allows(target.operation) and not any(grants.allows(o) for o in target.alternatives):
         raise Denied(Outcome.INSUFFICIENT_SCOPE, f"operation {target.operation!r} not granted")

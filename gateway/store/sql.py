@@ -349,6 +349,11 @@ class SqlTransaction:
         )
         return [self._member(row) for row in rows]
 
+    async def list_orgs(self) -> list[str]:
+        """Every org that holds a key or a member, by name."""
+        rows = await self._fetch("SELECT org FROM keys UNION SELECT org FROM members ORDER BY org")
+        return [str(row["org"]) for row in rows]
+
     async def member_orgs(self, user: str) -> list[str]:
         rows = await self._fetch("SELECT org FROM members WHERE user_name = ? ORDER BY org", user)
         return [str(row["org"]) for row in rows]
@@ -428,10 +433,14 @@ class SqlTransaction:
         return len(rows)
 
     # -- audit -----------------------------------------------------------
-    async def add_audit(self, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+    async def add_audit(
+        self, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any],
+        org: str | None = None, actor_org: str | None = None,
+    ) -> None:
         await self._exec(
-            "INSERT INTO audit_events (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            self._d.time_in(at), actor, action, target, json.dumps(details, sort_keys=True),
+            "INSERT INTO audit_events (at, actor, action, target, details, org, actor_org) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._d.time_in(at), actor, action, target, json.dumps(details, sort_keys=True), org, actor_org,
         )
 
     def _time_window(
@@ -451,28 +460,33 @@ class SqlTransaction:
             args += [t(before[0]), t(before[0]), before[1]]
 
     async def list_audit(
-        self, *, key: str | None = None, action: str | None = None,
+        self, *, key: str | None = None, org: str | None = None, action: str | None = None,
         since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0,
         before: tuple[datetime, int] | None = None,
     ) -> list[AuditEvent]:
         """Newest first. ``key`` matches events about the key and events the key performed
-        (through the admin API its id is the actor); ``before`` is an (at, id) to start after."""
+        (through the admin API its id is the actor); ``org`` the events about the org's keys, members
+        and trust policies; ``before`` is an (at, id) to start after."""
         where, args = ["1 = 1"], []
         if key is not None:
             where.append("(target = ? OR actor = ?)")
             args += [key, key]
+        if org is not None:
+            where.append("org = ?")
+            args.append(org)
         if action is not None:
             where.append("action = ?")
             args.append(action)
         self._time_window(where, args, since, until, before)
         rows = await self._fetch(
-            f"SELECT id, at, actor, action, target, details FROM audit_events WHERE {' AND '.join(where)} "
+            "SELECT id, at, actor, action, target, details, org, actor_org FROM audit_events "
+            f"WHERE {' AND '.join(where)} "
             "ORDER BY at DESC, id DESC LIMIT ? OFFSET ?",
             *args, limit, offset,
         )
         return [
             AuditEvent(int(r["id"]), self._d.time_out(r["at"]), r["actor"], r["action"], r["target"],
-                       json.loads(r["details"]))
+                       json.loads(r["details"]), r["org"], r["actor_org"])
             for r in rows
         ]
 
@@ -605,15 +619,20 @@ class SqlTransaction:
         ])
 
     async def list_requests(
-        self, *, key_id: str | None = None, decision: str | None = None, since: datetime | None = None,
-        until: datetime | None = None, limit: int = 100, before: tuple[datetime, int] | None = None,
+        self, *, key_id: str | None = None, org: str | None = None, decision: str | None = None,
+        since: datetime | None = None, until: datetime | None = None, limit: int = 100,
+        before: tuple[datetime, int] | None = None,
     ) -> list[RequestRecord]:
-        """Newest first; ``before`` is an (at, id) to start after."""
+        """Newest first; ``org`` the records of the org's keys; ``before`` is an (at, id) to start after."""
         where, args = ["1 = 1"], []
         for column, value in (("key_id", key_id), ("decision", decision)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
+        if org is not None:
+            # A record's org is its key's: one claiming no key, or a key no store holds, is no org's.
+            where.append("key_id IN (SELECT id FROM keys WHERE org = ?)")
+            args.append(org)
         self._time_window(where, args, since, until, before)
         rows = await self._fetch(
             "SELECT id, at, key_id, method, path, server, operation, decision, status, client_ip, duration_ms, "

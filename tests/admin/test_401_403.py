@@ -41,7 +41,7 @@ async def test_403_for_a_key_without_admin_access(admin: Admin, method: str, pat
         (["keys:read"], ("GET", "/admin/v1/keys"), ("POST", "/admin/v1/keys/kg_AAAAAAAAAAAA/revoke")),
         (["roles:read"], ("GET", "/admin/v1/roles"), ("DELETE", "/admin/v1/roles/ci")),
         (["audit:read"], ("GET", "/admin/v1/audit"), ("GET", "/admin/v1/keys")),
-        (["*:read"], ("GET", "/admin/v1/orgs/acme/members"), ("PUT", "/admin/v1/orgs/acme/members/bob")),
+        (["*:read"], ("GET", "/admin/v1/orgs/default/members"), ("PUT", "/admin/v1/orgs/default/members/bob")),
         (["keys:read"], ("GET", "/admin/v1/keys"), ("GET", "/admin/v1/trust-policies")),
         (["keys:read", "keys:write"], ("GET", "/admin/v1/keys"), ("PUT", "/admin/v1/trust-policies/shop")),
         (["roles:read", "roles:write"], ("GET", "/admin/v1/roles"), ("GET", "/admin/v1/trust-policies/shop")),
@@ -67,8 +67,10 @@ POLICY = {"issuer": "https://token.actions.githubusercontent.com", "audience": "
 
 async def test_trust_write_changes_policies_but_does_not_read_them(admin: Admin) -> None:
     """trust:write may PUT and DELETE a policy, not read one; a refused write leaves the store as it was."""
-    _, reader = await admin.key(name="reader", operations=["trust:read"], servers=["admin"])
-    _, writer = await admin.key(name="writer", operations=["trust:write"], servers=["admin"])
+    # Admin keys of the policy's org; the writer may also make the keys the policy yields.
+    _, reader = await admin.key(name="reader", org="acme", operations=["trust:read"], servers=["admin"])
+    _, writer = await admin.key(name="writer", org="acme", operations=["trust:write", "keys:write:automation",
+                                                                       "deploy"], servers=["admin", "*"])
     refused = await admin.call("PUT", "/admin/v1/trust-policies/shop", key=reader, json=POLICY)
     assert refused.status == 403 and await admin.cli.list_trust_policies() == []
     assert (await admin.call("PUT", "/admin/v1/trust-policies/shop", key=writer, json=POLICY)).status == 200

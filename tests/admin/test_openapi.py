@@ -38,7 +38,7 @@ async def test_every_route_is_documented_and_every_documented_route_exists(sqlit
     routed = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/admin/v1/") and r.method != "HEAD"}
     assert routed == documented
-    assert len(documented) == 22  # 20 + GET /keys/{id}/allowlist-suggestion + POST /keys/{id}/report-leak (issue 17)
+    assert len(documented) == 24  # 20 + allowlist-suggestion, report-leak (issue 17) + whoami, orgs (issue 20)
 
 
 def test_every_authenticated_operation_declares_its_admin_operation_and_problems() -> None:
