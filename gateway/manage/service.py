@@ -298,18 +298,18 @@ class KeyService:
         return record
 
     async def _grant_sets(self, tx: Transaction, record: KeyRecord) -> list[tuple[str, ...]]:
-        """The grant sets that bound what ``record`` may do, as the pipeline reads them (prepared.py)."""
-        member_grants: tuple[str, ...] = ()
-        if record.user:
-            member = await tx.get_member(record.org, record.user)
-            member_grants = await self._role_grants(tx, member.role if member else None)
+        """The grant sets the key holds of its own: its role's and its operations, or an agent key's member's.
+
+        A per-user key's member role bounds it too (prepared.py), but is left out here: the role may
+        change later, so a key whose own grants reach further than the acting admin key would then do
+        more than that admin key ever held.
+        """
         if record.agent:
-            return [member_grants]
+            member = await tx.get_member(record.org, record.user)
+            return [await self._role_grants(tx, member.role if member else None)]
         sets = [await self._role_grants(tx, record.role)] if record.role is not None else []
         if record.operations:
             sets.append(record.operations)
-        if record.user:
-            sets.append(member_grants)
         return sets
 
     @staticmethod

@@ -2,12 +2,19 @@
 // only (gone when the tab closes or on sign-out) and goes out as a Bearer token.
 
 const STORAGE_KEY = "keygate.admin-key";
+// The org a cross-org admin (orgs:any) chose in the header's switcher; empty = every org.
+const ORG_KEY = "keygate.org";
 const BASE = "/admin/v1";
 
 export const session = {
   key: () => sessionStorage.getItem(STORAGE_KEY),
   signIn: (key) => sessionStorage.setItem(STORAGE_KEY, key),
-  signOut: () => sessionStorage.removeItem(STORAGE_KEY),
+  signOut: () => {
+    sessionStorage.removeItem(STORAGE_KEY);
+    sessionStorage.removeItem(ORG_KEY);
+  },
+  chosenOrg: () => sessionStorage.getItem(ORG_KEY) || "",
+  chooseOrg: (org) => (org ? sessionStorage.setItem(ORG_KEY, org) : sessionStorage.removeItem(ORG_KEY)),
 };
 
 export class ApiError extends Error {

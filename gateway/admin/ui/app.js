@@ -16,8 +16,12 @@ const ROUTES = {
 
 const main = document.getElementById("main");
 const errorBox = document.getElementById("error");
+const orgContext = document.getElementById("org-context");
 let pendingFlash = null;
 let renderCount = 0;
+// The signed-in admin key (GET /whoami) and, for a cross-org admin, the orgs it may switch between.
+let me = null;
+let orgs = [];
 
 function parseHash() {
   const [route, query = ""] = window.location.hash.replace(/^#\/?/, "").split("?");
@@ -56,6 +60,7 @@ const ctx = {
     } catch (err) {
       if (err instanceof ApiError && err.status === 401) {
         session.signOut();
+        forget();
         await render();
       }
       showError(err);
@@ -63,7 +68,44 @@ const ctx = {
     }
   },
   render: () => render(),
+  me: () => me,
+  // The org the pages work in: an org admin's own; a cross-org admin's choice ("" = every org).
+  org: () => (me && !me.any_org ? me.org : session.chosenOrg()),
 };
+
+// Who is signed in, once per sign-in: the header shows their org, or the switcher for a cross-org admin.
+async function loadMe() {
+  if (me) return;
+  me = await api("GET", "/whoami");
+  orgs = me.any_org ? (await api("GET", "/orgs")).items : [me.org];
+  if (me.any_org && session.chosenOrg() && !orgs.includes(session.chosenOrg())) session.chooseOrg("");
+}
+
+function showOrg() {
+  clear(orgContext);
+  if (!me) return;
+  if (!me.any_org) {
+    add(orgContext, h("span", { class: "org-label" }, "Org"), h("strong", { id: "current-org" }, me.org));
+    return;
+  }
+  const chosen = session.chosenOrg();
+  const switcher = h("select", { id: "org-switcher", "aria-label": "Org" },
+    h("option", { value: "" }, "All orgs"),
+    orgs.map((o) => h("option", { value: o, selected: o === chosen }, o)));
+  switcher.addEventListener("change", () => {
+    session.chooseOrg(switcher.value);
+    // The chosen org replaces any org the page's own filters named: back to the section's start.
+    const target = `#/${parseHash().parts[0]}`;
+    if (window.location.hash === target) render();
+    else window.location.hash = target;
+  });
+  add(orgContext, h("span", { class: "org-label" }, "Org"), switcher);
+}
+
+function forget() {
+  me = null;
+  orgs = [];
+}
 
 function signInPage(view) {
   const key = h("input", { type: "password", id: "signin-key", name: "key", required: true, autofocus: true,
@@ -74,11 +116,14 @@ function signInPage(view) {
     h("form", { class: "card form", id: "signin-form", onsubmit: (e) => ctx.guard((async () => {
       e.preventDefault();
       session.signIn(key.value.trim());
+      forget();
       try {
-        // Proves the key before showing anything: the keys list needs keys:read on the server admin.
-        await api("GET", "/keys", { query: { limit: 1 } });
+        // Proves the key before showing anything, and learns its org: whoami needs a key that
+        // manages keys (keys:read, keys:write, keys:self) on the server admin.
+        await loadMe();
       } catch (err) {
         session.signOut();
+        forget();
         throw err;
       }
       await render();
@@ -111,6 +156,7 @@ async function render() {
   main.setAttribute("aria-busy", "true");
   let failure = null;
   try {
+    if (signedIn) await loadMe();
     if (!signedIn) signInPage(view);
     else if (parts[0] === "keys" && parts.length === 2) await keyPage(view, parts[1], ctx);
     else if (ROUTES[parts[0]] && parts.length === 1) await ROUTES[parts[0]](view, params, ctx);
@@ -121,9 +167,11 @@ async function render() {
   if (mine !== renderCount) return;
   main.removeAttribute("aria-busy");
   hideError();
+  showOrg();
   if (failure) {
     if (failure instanceof ApiError && failure.status === 401) {
       session.signOut();
+      forget();
       await render();
       showError(failure);
       return;
@@ -141,6 +189,7 @@ async function render() {
 
 document.getElementById("sign-out").addEventListener("click", () => {
   session.signOut();
+  forget();
   clear(document.getElementById("dialog"));
   window.location.hash = "#/keys";
   render();

@@ -107,6 +107,8 @@ export async function auditPage(main, params, ctx) {
     [], { id: "audit-table", empty: "Nothing in the audit trail matches." });
   add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Audit log")), filters, wrap);
   const query = Object.fromEntries(FILTERS.map((k) => [k, params.get(k)]));
+  // A cross-org admin's chosen org; an org admin reads its own org's trail whatever it asks.
+  query.org = ctx.org() || null;
   const type = query.type || "event";
   query.type = type === "all" ? null : type;
   await paged(wrap, (cursor) => api("GET", "/audit", { query: { ...query, limit: 50, cursor } }), mixedRow,

@@ -39,13 +39,15 @@ export async function keysPage(main, params, ctx) {
   const status = h("select", { id: "filter-status", name: "status" },
     h("option", { value: "" }, "Any status"),
     STATUSES.map((s) => h("option", { value: s, selected: params.get("status") === s }, s)));
-  const org = h("input", { id: "filter-org", name: "org", type: "search", placeholder: "Any org",
-    value: params.get("org") || "" });
+  // An org admin sees its own org's keys only (the header names it); a cross-org admin may filter by org.
+  const anyOrg = ctx.me().any_org;
+  const org = anyOrg ? h("input", { id: "filter-org", name: "org", type: "search", placeholder: "Any org",
+    value: params.get("org") || ctx.org() }) : null;
   const filters = h("form", { class: "filters", id: "key-filters", onsubmit: (e) => {
     e.preventDefault();
-    ctx.go("#/keys", { status: status.value, org: org.value.trim() });
+    ctx.go("#/keys", { status: status.value, org: org ? org.value.trim() : "" });
   } },
-  field("Status", status), field("Org", org),
+  field("Status", status), org ? field("Org", org) : null,
   h("button", { type: "submit", class: "button" }, "Filter"));
   status.addEventListener("change", () => filters.requestSubmit());
 
@@ -53,7 +55,7 @@ export async function keysPage(main, params, ctx) {
     "Expires", "Last used"], [], { id: "keys-table", empty: "No keys match." });
   add(clear(main), h("div", { class: "page-head" }, h("h1", null, "API keys"),
     h("a", { href: "#/new", class: "button primary", id: "new-key-link" }, "Create key")), filters, wrap);
-  const query = { status: params.get("status"), org: params.get("org"), limit: 50 };
+  const query = { status: params.get("status"), org: anyOrg ? params.get("org") || ctx.org() : null, limit: 50 };
   await paged(wrap, (cursor) => api("GET", "/keys", { query: { ...query, cursor } }), keyRow, ctx.guard);
 }
 
@@ -67,8 +69,11 @@ export async function createPage(main, _params, ctx) {
   const name = h("input", { name: "name", id: "create-name", required: true, maxlength: 200,
     placeholder: "e.g. github-actions-deploy", autocomplete: "off" });
   const kind = h("input", { name: "kind", id: "create-kind", value: "integration", list: "kinds" });
-  const org = h("input", { name: "org", id: "create-org", value: "default" });
-  const user = h("input", { name: "user", id: "create-user", placeholder: "empty: an org-level key" });
+  const me = ctx.me();
+  // An org admin creates keys in its own org only; a cross-org admin starts from the chosen org.
+  const org = h("input", { name: "org", id: "create-org", value: ctx.org() || me.org, readonly: !me.any_org });
+  const user = h("input", { name: "user", id: "create-user", placeholder: "empty: an org-level key",
+    value: me.self_service ? me.user : "" });
   const role = h("select", { name: "role", id: "create-role" }, await roleOptions(null));
   const operations = h("input", { name: "operations", id: "create-operations",
     placeholder: "e.g. deploy servers:read" });

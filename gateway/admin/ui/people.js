@@ -47,12 +47,14 @@ export async function rolesPage(main, _params, ctx) {
 }
 
 export async function membersPage(main, params, ctx) {
-  const org = params.get("org") || "default";
+  // An org admin's members are its own org's (the header names it); a cross-org admin picks an org.
+  const me = ctx.me();
+  const org = (me.any_org && params.get("org")) || ctx.org() || me.org;
   const orgInput = h("input", { name: "org", id: "members-org", value: org, required: true });
-  const picker = h("form", { class: "filters", id: "org-picker", onsubmit: (e) => {
+  const picker = me.any_org ? h("form", { class: "filters", id: "org-picker", onsubmit: (e) => {
     e.preventDefault();
     ctx.go("#/members", { org: orgInput.value.trim() });
-  } }, field("Org", orgInput), h("button", { type: "submit", class: "button" }, "Show members"));
+  } }, field("Org", orgInput), h("button", { type: "submit", class: "button" }, "Show members")) : null;
 
   const roles = await api("GET", "/roles", { query: { limit: 200 } });
   const user = h("input", { name: "user", id: "member-user", required: true, placeholder: "e.g. alice" });
