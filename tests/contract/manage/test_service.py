@@ -324,3 +324,20 @@ async def test_no_change_without_its_audit_event(store: KeyStore, settings, cloc
     plain = KeyService(store, settings, actor="test", clock=clock)
     assert await plain.list_keys() == []
     assert await plain.list_members("acme") == []
+
+
+async def test_the_cli_acts_in_every_org_and_its_events_name_the_org_they_are_about(
+    service: KeyService, store: KeyStore,
+) -> None:
+    """The operator at the command line is bounded by no org; events name the org and no actor org."""
+    await service.put_role("wide", ["*"])
+    record, _ = await service.create_key(name="ci", org="globex", role="wide", servers=["*", "admin"])
+    await service.set_member("initech", "bob", "wide")
+    await service.revoke_key(record.id)
+    async with store.read() as tx:
+        events = [e for e in await tx.list_audit() if e.actor != "system:migrate"]
+    assert [(e.action, e.target, e.org, e.actor_org) for e in events] == [
+        ("key.revoke", record.id, "globex", None), ("member.set", "initech/bob", "initech", None),
+        ("key.create", record.id, "globex", None), ("role.set", "wide", None, None),
+    ]
+    assert await service.list_orgs() == ["globex", "initech"]

@@ -215,6 +215,48 @@ async def test_audit_is_filtered_and_newest_first(store: KeyStore) -> None:
     assert [e.action for e in in_range] == ["key.revoke"]
 
 
+async def test_audit_events_name_their_org_and_the_actors_and_filter_by_org(store: KeyStore) -> None:
+    """An event keeps the org it is about and the actor's org; org= selects the org's events only."""
+    async with store.transaction() as tx:
+        await tx.add_audit(at=T0, actor="kg_1", action="key.create", target="kg_2", details={}, org="acme",
+                           actor_org="acme")
+        await tx.add_audit(at=T0, actor="kg_9", action="key.create", target="kg_3", details={}, org="globex",
+                           actor_org="default")
+        await tx.add_audit(at=T0, actor="cli:root", action="role.set", target="ci", details={})
+    async with store.read() as tx:
+        acme = await tx.list_audit(org="acme")
+        every = await tx.list_audit()
+    assert [(e.target, e.org, e.actor_org) for e in acme] == [("kg_2", "acme", "acme")]
+    assert {(e.target, e.org, e.actor_org) for e in every} >= {
+        ("kg_2", "acme", "acme"), ("kg_3", "globex", "default"), ("ci", None, None)}
+
+
+async def test_request_records_filter_by_their_keys_org(store: KeyStore) -> None:
+    """org= selects the records of that org's keys; a record of no key, or of an unknown one, is no org's."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key("kg_acme00000001", org="acme"))
+        await tx.insert_key(a_key("kg_glob00000001", org="globex"))
+    await store.add_request_records([
+        RequestRecord(T0, key_id, "GET", "/", "app", "read", "allowed", 200, "10.0.0.1", 1.0)
+        for key_id in ("kg_acme00000001", "kg_glob00000001", None, "kg_unknown0001")
+    ])
+    async with store.read() as tx:
+        acme = await tx.list_requests(org="acme")
+        globex = await tx.list_requests(org="globex", key_id="kg_acme00000001")
+    assert [r.key_id for r in acme] == ["kg_acme00000001"]
+    assert globex == []
+
+
+async def test_list_orgs_names_every_org_with_keys_or_members(store: KeyStore) -> None:
+    """Orgs are those that hold a key or a member, each once, by name."""
+    async with store.transaction() as tx:
+        await tx.insert_key(a_key("kg_acme00000001", org="acme"))
+        await tx.insert_key(a_key("kg_acme00000002", org="acme"))
+        await tx.put_member(Member("initech", "bob", "admin", T0, T0))
+        await tx.put_member(Member("acme", "alice", "admin", T0, T0))
+        assert await tx.list_orgs() == ["acme", "initech"]
+
+
 async def test_last_used_never_goes_backwards(store: KeyStore) -> None:
     """A late usage batch cannot move last_used_at (or its IP) back in time."""
     async with store.transaction() as tx:

@@ -279,6 +279,76 @@ def test_route_table_needs_an_upstream() -> None:
         RouteTable([], [])
 
 
+# An operation that names a part of a broader one: keys:write:<kind> ---------
+
+
+@pytest.mark.parametrize(
+    ("grants", "operation", "allowed"),
+    [
+        (["keys:write"], "keys:write:automation", True),
+        (["keys:write"], "keys:write:integration", True),
+        (["keys:write:automation"], "keys:write:automation", True),
+        (["keys:write:automation"], "keys:write:integration", False),
+        (["keys:write:automation"], "keys:write", False),
+        (["keys:write:automation"], "keys:write:automation-extra", False),
+        (["keys:write:*"], "keys:write:integration", True),
+        (["keys:write:*"], "keys:write", False),
+        (["keys:*"], "keys:write:automation", True),
+        (["*:write"], "keys:write:automation", True),
+        (["keys:writer"], "keys:write:automation", False),
+        (["deploy"], "deploy:prod", False),
+        (["keys:write"], "keys:write:", False),
+    ],
+)
+def test_keys_write_covers_every_kind_and_a_kind_only_itself(grants: list[str], operation: str, allowed: bool) -> None:
+    """keys:write grants keys:write:<kind> of every kind; keys:write:<kind> grants that kind and nothing else."""
+    assert GrantSet(grants).allows(operation) is allowed
+
+
+@pytest.mark.parametrize(
+    ("held", "grant", "covered"),
+    [
+        (["deploy", "read"], "deploy", True),
+        (["deploy"], "write", False),
+        (["servers:*"], "servers:*", True),
+        (["servers:*"], "servers:read", True),
+        (["servers:read"], "servers:*", False),
+        (["*:read"], "x*:read", True),
+        (["*:read"], "*", False),
+        (["*"], "*", True),
+        (["keys:write"], "keys:write:*", True),
+        (["keys:write:automation"], "keys:write:*", False),
+        (["keys:write:automation"], "keys:write", False),
+        (["keys:*"], "orgs:any", False),
+    ],
+)
+def test_covers_reads_a_grant_as_every_operation_it_matches(held: list[str], grant: str, covered: bool) -> None:
+    """A grant is covered when every operation it could match is allowed: wildcards only by wider wildcards."""
+    assert Grants([GrantSet(held)]).covers(grant) is covered
+
+
+def test_covers_needs_every_set_to_allow_the_grant() -> None:
+    """With a role and operations both, a grant is covered only if both allow it; no sets cover nothing."""
+    grants = Grants([GrantSet(["*"]), GrantSet(["deploy"])])
+    assert grants.covers("deploy") and not grants.covers("read")
+    assert not Grants([]).covers("deploy")
+
+
+@pytest.mark.parametrize(
+    ("held", "names", "covered"),
+    [
+        (["admin", "app"], ["app"], True),
+        (["admin", "app"], ["*"], False),
+        (["*"], ["*", "billing"], True),
+        (["*"], ["admin"], False),
+        (["*", "admin"], ["admin", "*"], True),
+    ],
+)
+def test_servers_cover_only_their_own(held: list[str], names: list[str], covered: bool) -> None:
+    """A server list covers another when it allows each of its servers; "*" only when it holds "*"."""
+    assert Servers(held).covers(names) is covered
+
+
 # check_scope ----------------------------------------------------------------
 
 
@@ -316,6 +386,39 @@ def test_check_scope_refuses_with_insufficient_scope(servers: list[str], grants:
     with pytest.raises(Denied) as caught:
         check_scope(Servers(servers), Grants([GrantSet(grants)]), target_)
     assert caught.value.outcome is Outcome.INSUFFICIENT_SCOPE
+
+
+SELF_SERVICE = Target(None, "admin", "keys:read", False, alternatives=("keys:self",))
+KIND_OR_SELF = Target(None, "admin", "keys:write", False, alternatives=("keys:write:automation", "keys:self"))
+
+
+@pytest.mark.parametrize(
+    ("servers", "grants", "target_", "allowed"),
+    [
+        (Servers(["admin"]), ["keys:write:automation"], KIND_OR_SELF, True),
+        (Servers(["admin"]), ["keys:write:integration"], KIND_OR_SELF, False),
+        (Servers(["admin"]), ["keys:self"], SELF_SERVICE, True),
+        # An agent key reaches the server admin for keys:self alone.
+        (Servers(["*"], self_service=True), ["deploy", "keys:self"], SELF_SERVICE, True),
+        (Servers(["*"], self_service=True), ["*"], SELF_SERVICE, True),
+        (Servers(["*"], self_service=True), ["*"], target("admin", "keys:read"), False),
+        (Servers(["*"], self_service=True), ["deploy"], SELF_SERVICE, False),
+        (Servers(["app"], self_service=True), ["*"], Target(None, "builds", "read", False,
+                                                            alternatives=("keys:self",)), False),
+        (Servers(["*"]), ["keys:self"], SELF_SERVICE, False),
+    ],
+    ids=["kind-alternative", "other-kind", "self", "agent-self", "agent-admin-role-self", "agent-not-self",
+         "agent-without-keys-self", "agent-other-server", "per-user-key-without-admin"],
+)
+def test_check_scope_admits_alternatives_and_agent_keys_for_keys_self_only(
+    servers: Servers, grants: list[str], target_: Target, allowed: bool,
+) -> None:
+    """An endpoint's alternatives admit a key; an agent key reaches the server admin only for keys:self."""
+    if allowed:
+        check_scope(servers, Grants([GrantSet(grants)]), target_)
+    else:
+        with pytest.raises(Denied):
+            check_scope(servers, Grants([GrantSet(grants)]), target_)
 
 
 def test_encoded_slash_stays_inside_its_segment(table: RouteTable) -> None:
