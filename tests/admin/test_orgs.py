@@ -465,3 +465,21 @@ async def test_an_agent_key_without_keys_self_never_reaches_the_admin_api(world:
     _, agent, _ = await world.admin.cli.issue_agent_key("acme", "reader")
     reply = await world.call(agent, "GET", KEYS)
     assert reply.status == 403 and reply.body["type"].endswith("insufficient_scope")
+
+
+@pytest.mark.parametrize(("grants", "status"), [
+    (["trust:write", "deploy"], 403),
+    (["trust:write", "deploy", "keys:write:integration"], 403),
+    (["trust:write", "deploy", "keys:write:automation"], 200),
+    (["trust:write", "deploy", "keys:write"], 200),
+])
+async def test_a_trust_policy_is_made_only_by_who_may_make_automation_keys(
+    world: World, grants: list[str], status: int,
+) -> None:
+    """A policy mints automation keys: making one needs keys:write:automation besides trust:write."""
+    _, writer = await world.admin.key(name="writer", org="acme", operations=grants, servers=["admin", "*"])
+    body = {**POLICY, "conditions": {"repository": "acme/new"}, "org": "acme"}
+    reply = await world.call(writer, "PUT", "/admin/v1/trust-policies/acme-new", json=body)
+    assert reply.status == status, reply.body
+    if status == 403:
+        assert "keys:write:automation" in reply.body["detail"]
