@@ -83,9 +83,11 @@ async def test_cli_audit_shows_request_records(served: Keygate) -> None:
 
 async def test_trust_policies_over_http_and_the_cli_see_one_store(served: Keygate) -> None:
     """A key with trust:read/trust:write manages policies over HTTP; the CLI sees them; both are in the audit trail."""
-    admin = json.loads(cli(served, "keys", "create", "--name", "trust-admin", "--server", "admin",
-                           "--operation", "trust:read", "--operation", "trust:write", "--operation", "audit:read",
-                           "--json"))
+    # An admin key of the policy's org that may make the automation keys the policy yields (issue 20).
+    admin = json.loads(cli(served, "keys", "create", "--name", "trust-admin", "--org", "acme", "--server", "admin",
+                           "--server", "prod-1", "--operation", "trust:read", "--operation", "trust:write",
+                           "--operation", "audit:read", "--operation", "keys:write:automation",
+                           "--operation", "deploy", "--json"))
     api = served.admin_url + "/admin/v1"
     policy = {"issuer": "https://token.actions.githubusercontent.com", "audience": "https://keygate.example.com",
               "conditions": {"repository": "acme/shop", "environment": "production"}, "org": "acme",
