@@ -537,6 +537,7 @@ class KeyService:
             new = replace(
                 old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
                 revoked_at=None, last_used_at=None, last_used_ip=None, idle_notified_at=None, expiry_warned_for=None,
+                leaked_at=None,  # the new secret was never out: rotating is how a flagged leak is fixed
             )
             # A rotation hands out a new key: only one within the acting admin key's reach.
             await self._check_within(tx, new, "the rotated key")

@@ -88,6 +88,15 @@ async def test_on_leak_flag_keeps_the_key_working_but_marks_it(
     assert (await events(store, record.id))[-1][1]["source"] is None
 
 
+async def test_rotating_a_flagged_key_gives_a_key_that_never_leaked(flagging: KeyService) -> None:
+    """Rotation is how a flagged leak is fixed: the new key carries no leaked_at; the old one keeps its mark."""
+    record, _ = await flagging.create_key(name="ci", role="admin")
+    await flagging.report_leak(record.id, url=URL)
+    new, _, old = await flagging.rotate_key(record.id)
+    assert new.leaked_at is None and old.leaked_at is not None
+    assert (await flagging.get_key(new.id)).leaked_at is None
+
+
 async def test_a_second_report_is_audited_but_changes_nothing(
     reporting: KeyService, store: KeyStore, clock: FakeClock[datetime],
 ) -> None:
