@@ -94,7 +94,7 @@ async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
             revoked_at = time.monotonic()
             await until(lambda: of(receiver.received(path), "key.revoked"))
             [got] = of(receiver.received(path), "key.revoked")
-            assert got.at - revoked_at < 3.0
+            assert got.at - revoked_at < 5.0
             assert got.signed_by(SECRET) and got.headers["X-Keygate-Event"] == "key.revoked"
             body = got.json()
             assert (body["key_id"], body["key"]["status"]) == (created["id"], "revoked")
@@ -106,7 +106,7 @@ async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
         revoked_at = time.monotonic()
         await until(lambda: of(receiver.received(path), "key.revoked", other["id"]))
         [got] = of(receiver.received(path), "key.revoked", other["id"])
-        assert got.at - revoked_at < 3.0 and got.signed_by(SECRET)
+        assert got.at - revoked_at < 5.0 and got.signed_by(SECRET)
         assert len(of(receiver.received(path), "key.created")) == 3  # ops, ci, cd
     finally:
         assert keygate.stop() == 0
