@@ -30,8 +30,8 @@ from ..config.schema import Settings
 from ..manage.audit import utcnow
 from ..manage.service import KeyService, Notifier
 from ..models import KeyRecord
-from ..process.tasks import stop_task
-from ..store import KeyStore, StoreError, Transaction
+from ..process.tasks import every, stop_task
+from ..store import KeyStore, Transaction
 
 ACTOR = "system:hygiene"
 BATCH = 200
@@ -110,11 +110,4 @@ class HygieneSweeper:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except StoreError as exc:
-                self._log.warning(json.dumps({"event": "hygiene_sweep_failed", "error": str(exc)}))
-            except Exception:  # the sweeper must outlive any surprise
-                self._log.exception(json.dumps({"event": "hygiene_sweep_error"}))
-            await asyncio.sleep(self.interval)
+        await every(self.interval, self.sweep, self._log, "hygiene_sweep")

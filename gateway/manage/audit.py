@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from .cursor import INVALID, cursor_time, decode_cursor, encode_cursor
 from ..models import AuditEvent, RequestRecord
-from ..store import KeyStore, StoreError, Transaction, Transactions
-from ..process.tasks import stop_task
+from ..store import KeyStore, Transaction, Transactions
+from ..process.tasks import every, stop_task
 from ..config.units import parse_duration
 
 EntryType = Literal["event", "request"]
@@ -225,11 +225,4 @@ class AuditPruner:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except StoreError as exc:
-                self._log.warning(json.dumps({"event": "audit_prune_failed", "error": str(exc)}))
-            except Exception:  # the pruner must outlive any surprise
-                self._log.exception(json.dumps({"event": "audit_prune_error"}))
-            await asyncio.sleep(self.interval)
+        await every(self.interval, self.prune, self._log, "audit_prune")

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
+
+from ..store import StoreError
 
 log = logging.getLogger("keygate.tasks")
 
@@ -28,6 +31,22 @@ async def stop_task(task: asyncio.Task[object] | None, *, timeout: float = STOP_
         return
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def every(interval: float, work: Callable[[], Awaitable[object]], logger: logging.Logger, event: str) -> None:
+    """Run ``work`` now and then every ``interval`` seconds, until cancelled.
+
+    Nothing stops the loop: a store that fails is a warning (``<event>_failed``, tried again next
+    time), anything else is logged whole (``<event>_error``): background work must outlive surprises.
+    """
+    while True:
+        try:
+            await work()
+        except StoreError as exc:
+            logger.warning(json.dumps({"event": f"{event}_failed", "error": str(exc)}))
+        except Exception:
+            logger.exception(json.dumps({"event": f"{event}_error"}))
+        await asyncio.sleep(interval)
 
 
 def running_tasks() -> list[dict[str, object]]:
