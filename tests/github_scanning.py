@@ -29,6 +29,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .loopback_site import LoopbackSite
+
 KEYS_PATH = "/meta/public_keys/secret_scanning"
 TYPE = "keygate_api_key"
 
@@ -69,58 +71,26 @@ def report(matches: list[dict[str, Any]]) -> bytes:
     return json.dumps(matches, separators=(",", ":")).encode()
 
 
-class GitHubScanning:
+class GitHubScanning(LoopbackSite):
     """GitHub's key list on 127.0.0.1, served with aiohttp; see the module docstring."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.signing = ScanningKey.generate()
         self.published: list[ScanningKey] = [self.signing]
         self.fetches: Counter[str] = Counter()
         self.status: int | None = None  # when set, the key list answers this status instead
         self.body: bytes | None = None  # when set, the key list's body as it is
         self.redirect: str | None = None  # when set, the key list answers 302 to this location
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self.port = 0
 
     @property
     def keys_url(self) -> str:
         return f"http://127.0.0.1:{self.port}{KEYS_PATH}"
 
-    async def start(self) -> GitHubScanning:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(KEYS_PATH, self._keys)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await self.go_online()
-        return self
-
-    async def go_online(self) -> None:
-        assert self._runner is not None
-        if self._site is None:
-            self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-            await self._site.start()
-            self.port = self.port or self._runner.addresses[0][1]
-
-    async def go_offline(self) -> None:
-        """Stop listening and drop open connections: fetching the key list is refused."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for connection in self._runner.server.connections:
-                connection.force_close()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> GitHubScanning:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        return app
 
     # -- keys and signatures -----------------------------------------------------------------
 

@@ -43,6 +43,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .loopback_site import LoopbackSite
+
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 
 
@@ -175,10 +177,11 @@ def hmac_token(claims: dict[str, Any], secret: bytes, *, alg: str = "HS256", **h
     return signing_input + "." + _b64(hmac.new(secret, signing_input.encode(), digest).digest())
 
 
-class OidcIssuer:
+class OidcIssuer(LoopbackSite):
     """Discovery and a JWKS on 127.0.0.1, served with aiohttp; see the module docstring."""
 
     def __init__(self, *, alg: str = "RS256", path: str = "") -> None:
+        super().__init__()
         self.path = path  # an issuer URL may have a path (e.g. GitHub Enterprise's /_services/token)
         self.signing = IssuerKey.generate(alg)
         self.published: list[IssuerKey] = [self.signing]
@@ -190,9 +193,6 @@ class OidcIssuer:
         self.jwks_chunked = False
         self.jwks_body: bytes | None = None  # when set, the JWKS answer's body as it is
         self.jwks_redirect: str | None = None  # when set, the JWKS answers 302 to this location
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self.port = 0
 
     @cached_property
     def attacker(self) -> IssuerKey:
@@ -203,45 +203,12 @@ class OidcIssuer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
-    async def start(self) -> OidcIssuer:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(self.path + "/.well-known/openid-configuration", self._discovery)
         app.router.add_get(self.path + "/jwks.json", self._jwks)
         app.router.add_get("/attacker/jwks.json", self._attacker_jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await self.go_online()
-        return self
-
-    async def go_online(self) -> None:
-        """Listen (again, on the same port after go_offline); nothing to do when listening."""
-        assert self._runner is not None
-        if self._site is not None:
-            return
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await self._site.start()
-        if not self.port:
-            self.port = self._runner.addresses[0][1]
-
-    async def go_offline(self) -> None:
-        """Stop listening and drop the open connections: connections to the issuer are refused."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for connection in self._runner.server.connections:  # the clients' kept-alive ones too
-                connection.force_close()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> OidcIssuer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        return app
 
     # -- keys --------------------------------------------------------------------------------
 
