@@ -23,7 +23,8 @@ from .config.schema import Settings
 from .dataplane.forward import Forwarder
 from .cache.change_feed import ChangeWatcher
 from .keys import KeyParser
-from .cache.notices import ChangePublisher, ChangeSubscriber
+from .cache.notices import PROPAGATION_BUCKETS, ChangePublisher, ChangeSubscriber
+from .dataplane.latency import Histogram
 from .pipeline.client_ip import ClientIpResolver
 from .pipeline.failures import FailureLimiter
 from .pipeline.authenticate import Authenticator
@@ -82,6 +83,9 @@ class Runtime:
     hygiene: HygieneSweeper | None = None
     # GitHub's secret-scanning reports (POST /.well-known/keygate/secret-scanning), dispatched by well_known.
     leaks: LeakReports | None = None
+    # Seconds from a change being made to this process dropping what it affects, by the path it came:
+    # "notice" (Redis pub/sub) or "feed" (the store's change feed, which every change also takes).
+    propagation: dict[str, Histogram] = field(default_factory=dict)
     draining: bool = field(default=False)
 
     def ready(self) -> bool:
@@ -177,13 +181,15 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         # Registered after the forwarder, so it runs before the store closes: buffers are flushed.
         stack.push_async_callback(recorder.close)
 
-        watcher = ChangeWatcher(store, cache, shared=shared)
+        propagation = {"feed": Histogram(PROPAGATION_BUCKETS)}
+        watcher = ChangeWatcher(store, cache, shared=shared, observe_delay=propagation["feed"].observe)
         await watcher.start()
         stack.push_async_callback(watcher.close)
 
         subscriber: ChangeSubscriber | None = None
         if settings.redis.enabled:
-            subscriber = ChangeSubscriber(settings.redis, cache)
+            propagation["notice"] = Histogram(PROPAGATION_BUCKETS)
+            subscriber = ChangeSubscriber(settings.redis, cache, observe_delay=propagation["notice"].observe)
             await subscriber.start()
             stack.push_async_callback(subscriber.close)
             try:
@@ -267,7 +273,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         yield Runtime(settings=settings, store=store, authenticator=authenticator, gateway=gateway, watcher=watcher, recorder=recorder,
                       cache=cache, pruner=pruner, redis=link, fallback=fallback, subscriber=subscriber, decider=decider,
                       publisher=publisher, well_known=well_known, webhooks=webhooks, hygiene=hygiene,
-                      leaks=leaks)
+                      leaks=leaks, propagation=propagation)
 
 
 def warn_if_exposed(settings: Settings) -> None:

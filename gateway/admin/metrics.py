@@ -9,7 +9,14 @@ whole process group (other workers' numbers are at most ~1 s old). Publishing
 before reading is what keeps counters monotonic across scrapes answered by
 different workers: a later scrape reads every file at least as new as an
 earlier one did. Counters of a worker that died stay in the sum, so totals
-never go backwards; its gauges are dropped.
+never go backwards; its gauges are dropped. The ``process_*`` families are
+the same sums over the workers (CPU seconds, memory, open descriptors; the
+earliest start time, the lowest descriptor limit), not the numbers of
+whichever worker happened to answer.
+
+No family has a key id (or anything else per key) as a label: one series per
+key would grow without bound with the keys issued, and the key id of every
+request is in the request records and the access log instead.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import __version__
 from ..runtime import Runtime
+from ..cache.notices import PROPAGATION_BUCKETS
 from ..dataplane.latency import BUCKETS
+from ..dataplane.proxy import OUTCOMES, STATUS_CLASSES, Gateway
 from ..pipeline.outcomes import PAST_RATE_LIMIT, Outcome, decision_of
 from ..process.tasks import stop_task
 from .auth import AdminAuth
@@ -42,11 +52,15 @@ PUBLISH_INTERVAL = 1.0
 
 # name -> (type, help, label names). Counters are named without "_total"; the exposition adds it.
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "keygate_requests": ("counter", "Proxied requests by decision (allowed, denied, failed) and outcome.",
-                         ("decision", "outcome")),
-    "keygate_admin_requests": ("counter", "Admin API requests by decision and outcome.", ("decision", "outcome")),
-    "keygate_authz_requests": ("counter", "Decisions of the authz listener (asked by an ingress) by decision and outcome.",
-                               ("decision", "outcome")),
+    "keygate_requests": ("counter", "Proxied requests by decision (allowed, denied, failed), reason (why it was "
+                         "denied or failed; empty when allowed), status class (2xx..5xx) and upstream (its name; "
+                         "empty when refused before a route was chosen).", ("decision", "reason", "status", "upstream")),
+    "keygate_admin_requests": ("counter", "Admin API requests by decision and reason (empty when allowed).",
+                               ("decision", "reason")),
+    "keygate_authz_requests": ("counter", "Decisions of the authz listener (asked by an ingress) by decision, reason, "
+                               "status class and upstream, as keygate_requests.",
+                               ("decision", "reason", "status", "upstream")),
+    "keygate_build_info": ("gauge", "Always 1; the version label is the running Keygate's.", ("version",)),
     "keygate_token_exchanges": ("counter", "Token exchanges (POST /.well-known/keygate/token) by result: exchanged, "
                                 "or the error answered (invalid_grant, invalid_request, temporarily_unavailable, ...).",
                                 ("result",)),
@@ -57,7 +71,14 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                          ("decision",)),
     "keygate_upstream_duration_seconds": ("histogram", "Time until an upstream's response headers arrived.",
                                           ("upstream",)),
-    "keygate_upstream_errors": ("counter", "Upstream connections refused, reset or timed out.", ()),
+    "keygate_upstream_errors": ("counter", "Failed exchanges with an upstream, by upstream and kind: connect "
+                                "(refused, unreachable, not resolved), connect_timeout, tls (handshake failed), "
+                                "timeout (no answer in time), disconnected (closed or reset), bad_response.",
+                                ("upstream", "kind")),
+    "keygate_change_propagation_seconds": ("histogram", "Seconds from a change being made (revoke, rotate, role or "
+                                           "member change, ...) to this process dropping the cache entries it "
+                                           "affects, by the way it came: notice (Redis) or feed (the store's change "
+                                           "feed, which every change also takes).", ("via",)),
     "keygate_cache_lookups": ("counter", "Key cache lookups by layer (local, redis) and result (hit, miss; "
                               "error: Redis did not answer).", ("layer", "result")),
     "keygate_cached_keys": ("gauge", "Verified keys held in the cache, by layer.", ("layer",)),
@@ -91,12 +112,24 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                    "(retried later) or abandoned (given up; kept in the store).", ("event", "result")),
     "keygate_webhook_backlog": ("gauge", "Webhook deliveries neither made nor given up (store-wide, counted "
                                 "every few seconds).", ()),
+    # prometheus_client's ProcessCollector, read in every worker and summed (see the module's docstring).
+    "process_cpu_seconds": ("counter", "Total user and system CPU time spent in seconds.", ()),
+    "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes.", ()),
+    "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes.", ()),
+    "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds.", ()),
+    "process_open_fds": ("gauge", "Number of open file descriptors.", ()),
+    "process_max_fds": ("gauge", "Maximum number of open file descriptors.", ()),
 }
+# Histogram bucket bounds by family (BUCKETS unless named here).
+_BOUNDS: dict[str, tuple[float, ...]] = {"keygate_change_propagation_seconds": PROPAGATION_BUCKETS}
+_STATUS_CLASS = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+_PROCESS = ProcessCollector(registry=None)
 # Gauges that are true for the group only if true for every worker.
-_MIN_GAUGES = frozenset({"keygate_store_up", "keygate_redis_up", "keygate_ready"})
+_MIN_GAUGES = frozenset({"keygate_store_up", "keygate_redis_up", "keygate_ready", "process_start_time_seconds",
+                         "process_max_fds"})
 # Gauges of the whole store that every worker reads: the group shows the largest
 # reading (each a few seconds old at most), not their sum.
-_MAX_GAUGES = frozenset({"keygate_webhook_backlog"})
+_MAX_GAUGES = frozenset({"keygate_webhook_backlog", "keygate_build_info"})
 
 Snapshot = dict[str, Any]  # {"pid", "values": {name: [[labels..., value]]}, "histograms": {name: [[labels..., h]]}}
 
@@ -110,12 +143,13 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
     passed = sum(n for o, n in gw.decisions.items() if Outcome(o) in PAST_RATE_LIMIT) + \
         admin.decisions.get(Outcome.ALLOWED.value, 0) + authz.get(Outcome.ALLOWED.value, 0)
     values: dict[str, list[list[Any]]] = {
-        "keygate_requests": [[decision_of(Outcome(o)), o, n] for o, n in gw.decisions.items()],
-        "keygate_admin_requests": [[decision_of(Outcome(o)), o, n] for o, n in admin.decisions.items()],
-        "keygate_authz_requests": [[decision_of(Outcome(o)), o, n] for o, n in authz.items()],
+        "keygate_requests": _request_rows(gw),
+        "keygate_admin_requests": [[decision_of(Outcome(o)), _reason(Outcome(o)), n] for o, n in admin.decisions.items()],
+        "keygate_authz_requests": _request_rows(rt.decider) if rt.decider is not None else [],
+        "keygate_build_info": [[__version__, 1]],
         "keygate_token_exchanges": [[r, n] for r, n in (rt.well_known.exchanges if rt.well_known else {}).items()],
         "keygate_leak_reports": [[r, n] for r, n in (rt.leaks.results if rt.leaks else {}).items()],
-        "keygate_upstream_errors": [[gw.forwarder.upstream_errors]],  # type: ignore[union-attr]
+        "keygate_upstream_errors": [[u, k, n] for (u, k), n in gw.forwarder.upstream_errors.items()],  # type: ignore[union-attr]
         "keygate_cache_lookups": [["local", "hit", rt.cache.hits], ["local", "miss", rt.cache.misses]],
         "keygate_cached_keys": [["local", len(rt.cache)]],
         "keygate_argon2_verifications": [[lookup.verifications]],
@@ -132,6 +166,7 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
         "keygate_store_up": [[int(rt.watcher.store_ok)]],
         "keygate_ready": [[int(rt.ready())]],
         "keygate_workers": [[1]],
+        **_process_values(),
     }
     if rt.webhooks is not None:
         values["keygate_webhook_deliveries"] = [[e, r, n] for (e, r), n in rt.webhooks.results.items()]
@@ -141,8 +176,31 @@ def snapshot(rt: Runtime, admin: AdminAuth) -> Snapshot:
     histograms = {
         "keygate_request_duration_seconds": [[d, h.snapshot()] for d, h in gw.latency.items()],
         "keygate_upstream_duration_seconds": [[u, h.snapshot()] for u, h in gw.forwarder.upstream_latency.items()],  # type: ignore[union-attr]
+        "keygate_change_propagation_seconds": [[via, h.snapshot()] for via, h in rt.propagation.items()],
     }
     return {"pid": os.getpid(), "values": values, "histograms": histograms}
+
+
+def _reason(outcome: Outcome) -> str:
+    """Why a request was refused or failed; empty for an allowed one (its decision says all)."""
+    return "" if outcome is Outcome.ALLOWED else outcome.value
+
+
+def _request_rows(gw: Gateway) -> list[list[Any]]:
+    """``[decision, reason, status class, upstream, count]`` for each cell of ``gw.counts`` counted yet."""
+    rows: list[list[Any]] = []
+    for upstream, row in gw.counts.items():
+        for cell, n in enumerate(row):
+            if n:
+                outcome = OUTCOMES[cell // STATUS_CLASSES]
+                rows.append([decision_of(outcome), _reason(outcome), _STATUS_CLASS[cell % STATUS_CLASSES], upstream, n])
+    return rows
+
+
+def _process_values() -> dict[str, list[list[Any]]]:
+    """This process's ``process_*`` numbers (none where the platform has no /proc)."""
+    return {sample.name.removesuffix("_total"): [[sample.value]]
+            for family in _PROCESS.collect() for sample in family.samples}
 
 
 def _redis_values(rt: Runtime) -> dict[str, list[list[Any]]]:
@@ -250,9 +308,10 @@ class KeygateCollector(Collector):
         for name, (kind, help_text, labels) in FAMILIES.items():
             if kind == "histogram":
                 family = HistogramMetricFamily(name, help_text, labels=labels)
+                bounds = (*map(str, _BOUNDS.get(name, BUCKETS)), "+Inf")
                 for key, h in sorted(histograms.get(name, {}).items()):
                     cumulative, buckets = 0, []
-                    for bound, count in zip((*map(str, BUCKETS), "+Inf"), h["counts"]):
+                    for bound, count in zip(bounds, h["counts"]):
                         cumulative += count
                         buckets.append((bound, cumulative))
                     family.add_metric(list(key), buckets, h["sum"])

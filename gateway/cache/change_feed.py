@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 
 from .local import KeyCache
-from .notices import apply_change
+from .notices import DelayObserver, apply_change
 from .redis_link import RedisUnavailable
 from .shared import SharedKeyCache
 from ..store import KeyStore, StoreError
@@ -32,9 +34,13 @@ log = logging.getLogger("keygate.invalidation")
 class ChangeWatcher:
     def __init__(
         self, store: KeyStore, cache: KeyCache[object], *, interval: float = 0.25,
-        shared: SharedKeyCache | None = None,
+        shared: SharedKeyCache | None = None, observe_delay: DelayObserver | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        # Told, per change applied, how long after it was made this process dropped what it affects.
+        self.observe_delay = observe_delay
+        self.clock = clock
         self.cache = cache
         self.shared = shared
         self.interval = interval
@@ -64,13 +70,16 @@ class ChangeWatcher:
         changes = await self.store.changes_since(self.seq)
         if not changes:
             return
-        for seq, entity, target in changes:
+        for seq, entity, target, at in changes:
             apply_change(self.cache, entity, target)
+            if self.observe_delay is not None:
+                # A clock behind the changer's reads as no delay, never a negative one.
+                self.observe_delay(max(0.0, self.clock() - at.timestamp()))
             self.seq = seq
         if self.shared is not None:
             try:
                 # Usually already done by the publisher; bumping again only orphans a few fresh entries.
-                await self.shared.invalidate([(entity, target) for _seq, entity, target in changes])
+                await self.shared.invalidate([(entity, target) for _seq, entity, target, _at in changes])
             except RedisUnavailable:
                 pass  # the shared cache is marked dirty and orphaned when Redis is back
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -40,6 +42,12 @@ from ..process.tasks import stop_task
 log = logging.getLogger("keygate.invalidation")
 
 CHANNEL = "changes"
+# Told the seconds from a change being made to this process dropping what it affects (for /metrics).
+DelayObserver = Callable[[float], None]
+# Seconds, for that delay: a notice takes milliseconds, the change feed up to its poll interval (0.25 s)
+# plus the store's answer; past a few seconds something is stuck.
+PROPAGATION_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                                          10.0, 30.0)
 
 
 def apply_change(cache: KeyCache[object], entity: str, target: str) -> None:
@@ -60,11 +68,17 @@ class ChangePublisher:
         self.published = 0  # notices Redis took
         self.unpublished = 0  # notices left to the change feed because Redis failed
 
-    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool:
-        """True if Redis took the notice; False leaves it to the change feed (within its poll interval)."""
+    async def publish(self, changes: Sequence[tuple[str, str]], *, at: datetime | None = None) -> bool:
+        """True if Redis took the notice; False leaves it to the change feed (within its poll interval).
+
+        ``at``: when the changes were made (the time in the store's change feed), so subscribers can
+        measure how long the notice took; now if not given.
+        """
         if not changes:
             return True
-        message = json.dumps([[entity, target] for entity, target in changes])
+        made = at.timestamp() if at is not None else time.time()
+        # [entity, target, seconds since the epoch]; a subscriber reads the time only if it is there.
+        message = json.dumps([[entity, target, made] for entity, target in changes])
         try:
             await self.shared.invalidate(list(changes))
             if self.link.cluster:
@@ -96,9 +110,14 @@ async def change_publisher(settings: Settings) -> AsyncIterator[ChangePublisher 
 class ChangeSubscriber:
     """One pub/sub connection per process, reconnecting with backoff."""
 
-    def __init__(self, settings: RedisSettings, cache: KeyCache[object], *, health_check_interval: int = 1) -> None:
+    def __init__(
+        self, settings: RedisSettings, cache: KeyCache[object], *, health_check_interval: int = 1,
+        observe_delay: DelayObserver | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.cache = cache
+        self.observe_delay = observe_delay
+        self.clock = clock
         self.channel = settings.prefix + CHANNEL
         self._health_check_interval = health_check_interval
         # Its own client: a subscribed connection can do nothing else, and the
@@ -178,11 +197,18 @@ class ChangeSubscriber:
     def _apply(self, data: bytes | str) -> None:
         try:
             changes = json.loads(data)
-            for entity, target in changes:
+            made: list[float] = []
+            for entity, target, *at in changes:
                 apply_change(self.cache, str(entity), str(target))
+                if at:
+                    made.append(float(at[0]))
         except (ValueError, TypeError) as exc:
             # Someone else's message on our channel: the safe reading is "anything changed".
             log.warning(json.dumps({"event": "change_notice_unreadable", "error": str(exc)}))
             self.cache.clear()
             return
         self.received += 1
+        if self.observe_delay is not None:
+            now = self.clock()
+            for when in made:
+                self.observe_delay(max(0.0, now - when))  # a clock behind the changer's: no delay

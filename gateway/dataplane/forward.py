@@ -135,11 +135,15 @@ def response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> 
 class _Upstream:
     """What forwarding to one configured upstream needs, made on its first request."""
 
-    __slots__ = ("pool", "latency")
+    __slots__ = ("pool", "latency", "errors")
 
     def __init__(self, pool: Upstream) -> None:
         self.pool = pool
         self.latency = Histogram()  # time until its response head arrived
+        self.errors: dict[str, int] = {}  # failed exchanges by UpstreamError.kind (rare: not the hot path)
+
+    def failed(self, exc: UpstreamError) -> None:
+        self.errors[exc.kind] = self.errors.get(exc.kind, 0) + 1
 
 
 class Forwarder:
@@ -147,13 +151,18 @@ class Forwarder:
         self.sweeper = sweeper
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
-        self.upstream_errors = 0
         self._upstreams: dict[str, _Upstream] = {}
 
     @property
     def upstream_latency(self) -> dict[str, Histogram]:
         """Per upstream used so far: time until its response head arrived."""
         return {name: up.latency for name, up in self._upstreams.items()}
+
+    @property
+    def upstream_errors(self) -> dict[tuple[str, str], int]:
+        """Failed exchanges by upstream name and kind (connect, connect_timeout, tls, timeout, disconnected,
+        bad_response)."""
+        return {(name, kind): n for name, up in self._upstreams.items() for kind, n in up.errors.items()}
 
     def _upstream(self, settings: UpstreamSettings) -> _Upstream:
         known = self._upstreams.get(settings.name)
@@ -187,23 +196,24 @@ class Forwarder:
         head = b"%s %s%s HTTP/1.1\r\n%s%s%s\r\n" % (
             method.encode("ascii"), pool.prefix, path.encode("latin-1"), pool.host_line, headers, framing)
         started = time.perf_counter()
-        conn, response = await self._exchange(pool, request, head)
+        conn, response = await self._exchange(up, request, head)
         up.latency.observe(time.perf_counter() - started)
         if response.status == 101:
             # Switching protocols on a request that asked for no upgrade (ours never carry Upgrade
             # here): relayed, the client would read what follows as another protocol.
             conn.abort()
-            raise self._failure(BadResponse("101 to a request without an upgrade"))
-        await self._relay(request, conn, response, answer)
+            raise self._failure(up, BadResponse("101 to a request without an upgrade"))
+        await self._relay(up, request, conn, response, answer)
 
-    async def _exchange(self, pool: Upstream, request: Request, head: bytes) -> tuple[UpstreamConnection, Response]:
+    async def _exchange(self, up: _Upstream, request: Request, head: bytes) -> tuple[UpstreamConnection, Response]:
+        pool = up.pool
         body = request.body
         retry = body is None and request.method in IDEMPOTENT_METHODS
         while True:
             try:
                 conn, reused = await pool.connection()
             except UpstreamError as exc:
-                raise self._failure(exc) from None
+                raise self._failure(up, exc) from None
             conn.begin(bodyless=request.method == "HEAD")
             try:
                 conn.write(head)
@@ -219,10 +229,10 @@ class Forwarder:
                 if retry and reused and not conn.received:
                     retry = False  # the pooled connection had been closed by the upstream: once more
                     continue
-                raise self._failure(exc) from None
+                raise self._failure(up, exc) from None
             except UpstreamError as exc:
                 conn.abort()
-                raise self._failure(exc) from None
+                raise self._failure(up, exc) from None
             except BaseException:
                 conn.abort()  # refused, cancelled or failed mid-exchange: its state is unknown
                 raise
@@ -254,7 +264,9 @@ class Forwarder:
         if chunked:
             conn.write(b"0\r\n\r\n")
 
-    async def _relay(self, request: Request, conn: UpstreamConnection, response: Response, answer: bytes) -> None:
+    async def _relay(
+        self, up: _Upstream, request: Request, conn: UpstreamConnection, response: Response, answer: bytes,
+    ) -> None:
         status = response.status
         reason = response.reason.decode("latin-1") if response.reason else reason_of(status)
         # SECURITY: the framing the client gets is always Keygate's own (the upstream's Content-Length is
@@ -285,10 +297,10 @@ class Forwarder:
         except ClientGone:
             conn.abort()
             raise
-        except UpstreamError:
+        except UpstreamError as exc:
             # The head is gone already: all we can do is cut the client off,
             # so it cannot mistake a truncated body for a whole one.
-            self.upstream_errors += 1
+            up.failed(exc)
             conn.abort()
             request.abort()
             return
@@ -298,8 +310,9 @@ class Forwarder:
         request.end()
         conn.finish()
 
-    def _failure(self, exc: UpstreamError) -> Denied:
-        self.upstream_errors += 1
+    @staticmethod
+    def _failure(up: _Upstream, exc: UpstreamError) -> Denied:
+        up.failed(exc)
         if isinstance(exc, ReadTimeout):
             return Denied(Outcome.UPSTREAM_TIMEOUT, "read timeout")
         if isinstance(exc, ConnectTimeout):
@@ -321,10 +334,10 @@ class Forwarder:
         head = b"GET %s%s HTTP/1.1\r\n%s%sConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (
             pool.prefix, path.encode("latin-1"), pool.host_line, headers)
         started = time.perf_counter()
-        conn, response = await self._exchange(pool, request, head)
+        conn, response = await self._exchange(up, request, head)
         up.latency.observe(time.perf_counter() - started)
         if response.status != 101:
-            await self._relay(request, conn, response, answer)
+            await self._relay(up, request, conn, response, answer)
             return
         block = b"".join([name + b": " + value + b"\r\n" for name, value in response.headers
                           if name.lower() not in _ANSWERED])

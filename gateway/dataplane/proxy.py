@@ -41,6 +41,12 @@ _WELL_KNOWN_NEXT = frozenset("/?")
 _WELL_KNOWN_LENGTH = len(WELL_KNOWN)
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
 _ALLOWED = Outcome.ALLOWED
+# Counted requests: one row of ints per upstream (by name; "" for a request refused before routing),
+# one cell per outcome and status class (index status // 100; 0 for a status outside 100-599).
+OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
+STATUS_CLASSES = 6
+_CELL_OF = {outcome: i * STATUS_CLASSES for i, outcome in enumerate(OUTCOMES)}
+_ROW = len(OUTCOMES) * STATUS_CLASSES
 
 
 class Gateway:
@@ -61,12 +67,22 @@ class Gateway:
         self.recorder = recorder
         self.log_requests = log_requests
         self.well_known = well_known
-        self.decisions: dict[str, int] = {}
+        # Read at scrape time (gateway/admin/metrics.py); a request only adds 1 to one int.
+        self.counts: dict[str, list[int]] = {}
         self.request_ids = RequestIds()
         # Per decision, bound once per outcome so a request pays one dict lookup.
         self.latency = {decision: Histogram() for decision in ("allowed", "denied", "failed")}
         self._latency_of = {outcome: self.latency[decision_of(outcome)] for outcome in Outcome}
         self._value_of = {outcome: outcome.value for outcome in Outcome}  # Enum.value is a slow property
+
+    @property
+    def decisions(self) -> dict[str, int]:
+        """Requests by outcome (every upstream and status class), those counted at least once."""
+        totals = [0] * len(OUTCOMES)
+        for row in self.counts.values():
+            for i in range(len(OUTCOMES)):
+                totals[i] += sum(row[i * STATUS_CLASSES:(i + 1) * STATUS_CLASSES])
+        return {outcome.value: n for outcome, n in zip(OUTCOMES, totals) if n}
 
     async def handle(self, request: Request) -> None:
         started = time.perf_counter()
@@ -164,12 +180,17 @@ class Gateway:
         if allowed and attempt.key is not None and status != CLIENT_CLOSED:
             self.recorder.key_used(attempt.key.record.id, now, client or None)
         decision = self._value_of[outcome]
-        decisions = self.decisions
-        decisions[decision] = decisions.get(decision, 0) + 1
+        target = attempt.target
+        upstream = target.upstream if target is not None else None
+        name = upstream.name if upstream is not None else ""
+        row = self.counts.get(name)
+        if row is None:
+            row = self.counts[name] = [0] * _ROW
+        status_class = status // 100
+        row[_CELL_OF[outcome] + (status_class if 0 < status_class < STATUS_CLASSES else 0)] += 1
         # What was judged and forwarded (the raw target if it was refused), with keys shown as their ids.
         # SECURITY: a key pasted into a path or query must not reach the store or the log.
         path = self.parser.redact(request_target.forwarded if request_target is not None else raw_target)
-        target = attempt.target
         # Positional, in RequestRecord's field order: a keyword call costs twice as much.
         record = RequestRecord(
             now, attempt.key_id, method, path, target.server if target else None,

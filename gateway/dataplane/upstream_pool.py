@@ -51,6 +51,12 @@ class ConnectFailed(UpstreamError):
     kind = "connect"
 
 
+class TlsFailed(ConnectFailed):
+    """The TLS handshake failed (certificate not trusted, wrong host name, no common protocol)."""
+
+    kind = "tls"
+
+
 class ConnectTimeout(UpstreamError):
     kind = "connect_timeout"
 
@@ -437,6 +443,8 @@ class Upstream:
                         continue
                     self._all.add(conn)
                     return conn
+                if isinstance(last, ssl.SSLError):  # ssl.SSLCertVerificationError among them
+                    raise TlsFailed(type(last).__name__)
                 raise ConnectFailed(type(last).__name__ if last else "no address")
         except TimeoutError:
             raise ConnectTimeout("connect timeout") from None

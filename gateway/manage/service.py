@@ -200,7 +200,7 @@ def _grace_seconds(grace: str | float | None) -> float:
 
 
 class Notifier(Protocol):
-    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool: ...
+    async def publish(self, changes: Sequence[tuple[str, str]], *, at: datetime | None = None) -> bool: ...
 
 
 class KeyService:
@@ -222,8 +222,8 @@ class KeyService:
         self.clock = clock
         self.hasher = hasher or hasher_from(settings)
         self.notifier = notifier
-        # Changes of each open transaction, published once it commits.
-        self._pending: dict[int, list[tuple[str, str]]] = {}
+        # Changes of each open transaction (entity, target, when), published once it commits.
+        self._pending: dict[int, list[tuple[str, str, datetime]]] = {}
 
     # -- helpers ---------------------------------------------------------
     @asynccontextmanager
@@ -236,7 +236,8 @@ class KeyService:
                 del self._pending[id(tx)]
         # Only after the commit: a gateway that hears the notice must read the new state.
         if changes and self.notifier is not None:
-            await self.notifier.publish(changes)
+            # The time the change feed holds too: subscribers measure the notice's delay from it.
+            await self.notifier.publish([(entity, target) for entity, target, _at in changes], at=changes[0][2])
 
     async def _audit(
         self, tx: Transaction, now: datetime, action: str, target: str, *, in_org: str | None, **details: Any,
@@ -251,7 +252,7 @@ class KeyService:
 
     async def _changed(self, tx: Transaction, now: datetime, entity: str, target: str) -> None:
         await tx.add_change(at=now, entity=entity, target=target)
-        self._pending[id(tx)].append((entity, target))
+        self._pending[id(tx)].append((entity, target, now))
 
     def key_ref(self, text: str) -> str:
         """The key id ``text`` names: a pasted full key counts as its id.

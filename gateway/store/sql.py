@@ -662,9 +662,11 @@ class SqlTransaction:
         row = await self._one("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes")
         return int(row["seq"]) if row else 0
 
-    async def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
-        rows = await self._fetch("SELECT seq, entity, target FROM changes WHERE seq > ? ORDER BY seq", seq)
-        return [(int(r["seq"]), r["entity"], r["target"]) for r in rows]
+    async def changes_since(self, seq: int) -> list[tuple[int, str, str, datetime]]:
+        """The changes after ``seq``: their seq, what changed (entity, target) and when it was made."""
+        rows = await self._fetch("SELECT seq, entity, target, at FROM changes WHERE seq > ? ORDER BY seq", seq)
+        t = self._d.time_out
+        return [(int(r["seq"]), r["entity"], r["target"], t(r["at"])) for r in rows]  # type: ignore[misc]
 
 
 class SqlStore(ABC):
@@ -751,6 +753,6 @@ class SqlStore(ABC):
         async with self.read() as tx:
             return await tx.latest_change()
 
-    async def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+    async def changes_since(self, seq: int) -> list[tuple[int, str, str, datetime]]:
         async with self.read() as tx:
             return await tx.changes_since(seq)

@@ -34,7 +34,9 @@ def parse(text: str) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples ``name`` that carry ``labels`` (and any others); 0 when there are none."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= set(have))
 
 
 async def scrape(admin: Admin) -> Samples:
@@ -73,10 +75,10 @@ async def test_requests_by_decision_and_outcome(admin: Admin, proxy: str) -> Non
     assert await send(proxy, key, "POST") == [403]
     assert await send(proxy, None) == [401]
     m = await scrape(admin)
-    assert value(m, "keygate_requests_total", decision="allowed", outcome="allowed") == 3
-    assert value(m, "keygate_requests_total", decision="denied", outcome="rate_limited") == 1
-    assert value(m, "keygate_requests_total", decision="denied", outcome="insufficient_scope") == 1
-    assert value(m, "keygate_requests_total", decision="denied", outcome="no_credentials") == 1
+    assert value(m, "keygate_requests_total", decision="allowed", reason="") == 3
+    assert value(m, "keygate_requests_total", decision="denied", reason="rate_limited") == 1
+    assert value(m, "keygate_requests_total", decision="denied", reason="insufficient_scope") == 1
+    assert value(m, "keygate_requests_total", decision="denied", reason="no_credentials") == 1
     assert value(m, "keygate_request_duration_seconds_count", decision="allowed") == 3
     assert value(m, "keygate_request_duration_seconds_count", decision="denied") == 3
     assert value(m, "keygate_request_duration_seconds_bucket", decision="denied", le="+Inf") == 3
@@ -116,9 +118,9 @@ async def test_admin_requests_and_health_gauges(admin: Admin) -> None:
     await admin.call("GET", "/admin/v1/keys")
     await admin.call("GET", "/admin/v1/keys", key=None)
     m = await scrape(admin)
-    assert value(m, "keygate_admin_requests_total", decision="allowed", outcome="allowed") == 1
-    assert value(m, "keygate_admin_requests_total", decision="denied", outcome="no_credentials") == 1
-    assert value(m, "keygate_requests_total", decision="allowed", outcome="allowed") == 0
+    assert value(m, "keygate_admin_requests_total", decision="allowed", reason="") == 1
+    assert value(m, "keygate_admin_requests_total", decision="denied", reason="no_credentials") == 1
+    assert value(m, "keygate_requests_total", decision="allowed", reason="") == 0
     assert (value(m, "keygate_store_up"), value(m, "keygate_ready"), value(m, "keygate_workers")) == (1, 1, 1)
 
 
@@ -239,7 +241,7 @@ async def test_redis_down_is_a_gauge_and_degraded_decisions(
 
 
 def snap(pid: int, requests: int, depth: int, ready: int = 1) -> dict:
-    return {"pid": pid, "values": {"keygate_requests": [["allowed", "allowed", requests]],
+    return {"pid": pid, "values": {"keygate_requests": [["allowed", "", "2xx", "app", requests]],
                                    "keygate_recorder_queue_depth": [[depth]], "keygate_ready": [[ready]]},
             "histograms": {"keygate_request_duration_seconds": [["allowed", {"counts": [1, 2], "sum": 0.5}]]}}
 
@@ -247,7 +249,7 @@ def snap(pid: int, requests: int, depth: int, ready: int = 1) -> dict:
 def test_merge_sums_counters_and_histograms_and_takes_the_worst_readiness() -> None:
     """Counters, gauges and histogram buckets add up over workers; ready is 1 only if every worker is."""
     values, histograms = merge([snap(1, 3, 2), snap(2, 4, 5, ready=0)])
-    assert values["keygate_requests"][("allowed", "allowed")] == 7
+    assert values["keygate_requests"][("allowed", "", "2xx", "app")] == 7
     assert values["keygate_recorder_queue_depth"][()] == 7
     assert values["keygate_ready"][()] == 0
     assert histograms["keygate_request_duration_seconds"][("allowed",)] == {"counts": [2, 4], "sum": 1.0}
@@ -271,7 +273,7 @@ def test_a_dead_workers_counters_stay_and_its_gauges_go(tmp_path: Path) -> None:
     shared.publish(snap(os.getppid(), 1, 1))
     others = shared.others(pid=os.getpid())
     values, _ = merge(others)
-    assert values["keygate_requests"][("allowed", "allowed")] == 6
+    assert values["keygate_requests"][("allowed", "", "2xx", "app")] == 6
     assert values["keygate_recorder_queue_depth"][()] == 1
 
 
@@ -308,7 +310,7 @@ def test_workers_share_one_view(tmp_path: Path) -> None:
         def counted() -> tuple[float, float]:
             with urllib.request.urlopen(keygate.admin_url + "/metrics", timeout=10) as r:
                 m = parse(r.read().decode())
-            return (value(m, "keygate_requests_total", decision="allowed", outcome="allowed"),
+            return (value(m, "keygate_requests_total", decision="allowed", reason=""),
                     value(m, "keygate_workers"))
 
         deadline = time.monotonic() + 20
@@ -321,3 +323,16 @@ def test_workers_share_one_view(tmp_path: Path) -> None:
     finally:
         assert keygate.stop() == 0
         upstream.stop()
+
+
+def test_process_numbers_are_the_groups() -> None:
+    """process_* over workers: CPU, memory and descriptors add up; start time and descriptor limit are the lowest."""
+    def worker(pid: int, cpu: float, rss: float, start: float, max_fds: float) -> dict:
+        return {"pid": pid, "values": {"process_cpu_seconds": [[cpu]], "process_resident_memory_bytes": [[rss]],
+                                       "process_start_time_seconds": [[start]], "process_max_fds": [[max_fds]]},
+                "histograms": {}}
+
+    values, _ = merge([worker(1, 2.5, 100, 1000, 1024), worker(2, 1.5, 50, 990, 4096)])
+    assert {name: family[()] for name, family in values.items()} == {
+        "process_cpu_seconds": 4.0, "process_resident_memory_bytes": 150, "process_start_time_seconds": 990,
+        "process_max_fds": 1024}

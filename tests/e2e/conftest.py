@@ -82,11 +82,8 @@ def wrong_secret(key_id: str) -> str:
 
 
 async def metric(http: aiohttp.ClientSession, gateway: Keygate, name: str, **labels: str) -> float:
-    """One sample of the gateway's /metrics (0 when absent)."""
+    """The sum of the gateway's /metrics samples ``name`` that carry ``labels`` (and any others); 0 when absent."""
     async with http.get(gateway.admin_url + "/metrics") as r:
         text = await r.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    return sum(float(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())

@@ -82,7 +82,7 @@ async def test_wrong_secrets_are_throttled_without_argon2(http: aiohttp.ClientSe
     assert await metric(http, guarded, "keygate_argon2_verifications_total") - verified == 11
     assert await metric(http, guarded, "keygate_lookups_refused_total", reason="throttled") - throttled == 30
     assert await metric(http, guarded, "keygate_requests_total", decision="denied",
-                        outcome="too_many_attempts") >= 30
+                        reason="too_many_attempts") >= 30
 
 
 async def test_admin_api_throttles_with_a_problem(http: aiohttp.ClientSession, guarded: Keygate) -> None:

@@ -142,9 +142,9 @@ async def test_decisions_are_recorded_with_the_original_request(ingress: aiohttp
 async def test_decisions_are_counted_in_metrics(
     http: aiohttp.ClientSession, ingress: aiohttp.ClientSession, gateway: Keygate,
 ) -> None:
-    before = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", outcome="no_credentials")
+    before = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", reason="no_credentials")
     await ask(ingress, gateway, {"X-Original-URI": "/api/servers/prod/x"})
-    after = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", outcome="no_credentials")
+    after = await metric(http, gateway, "keygate_authz_requests_total", decision="denied", reason="no_credentials")
     assert after == before + 1
 
 

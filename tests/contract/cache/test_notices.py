@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -75,6 +76,46 @@ async def test_role_or_member_change_clears_every_subscriber(
     await publisher.publish([(entity, "ci")])
     assert await until(lambda: subscriber.received == 1)
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize(("clock_offset", "observed"), [(0.25, 0.25), (-3.0, 0.0)])
+async def test_a_notice_carries_the_changes_time_and_its_delay_is_observed(
+    redis_settings: RedisSettings, publisher: ChangePublisher, clock_offset: float, observed: float,
+) -> None:
+    """A subscriber observes now minus the change's time once per change; a clock behind the changer's is 0."""
+    made = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    delays: list[float] = []
+    subscriber = ChangeSubscriber(redis_settings, a_cache(), observe_delay=delays.append,
+                                  clock=lambda: made.timestamp() + clock_offset)
+    await subscriber.start()
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        assert await publisher.publish([("key", "kg_AAAAAAAAAAAA"), ("key", "kg_BBBBBBBBBBBB")], at=made)
+        assert await until(lambda: subscriber.received == 1)
+    finally:
+        await subscriber.close()
+    assert delays == [pytest.approx(observed)] * 2
+
+
+async def test_a_notice_without_a_time_is_applied_and_not_observed(
+    redis_settings: RedisSettings, link: RedisLink,
+) -> None:
+    """A notice of an older publisher ([entity, target] only) still drops the key; no delay is made up."""
+    delays: list[float] = []
+    cache = a_cache()
+    subscriber = ChangeSubscriber(redis_settings, cache, observe_delay=delays.append)
+    await subscriber.start()
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        message = '[["key", "kg_AAAAAAAAAAAA"]]'
+        if link.cluster:
+            await link.run(lambda r: r.spublish(subscriber.channel, message))
+        else:
+            await link.run(lambda r: r.publish(subscriber.channel, message))
+        assert await until(lambda: subscriber.received == 1)
+    finally:
+        await subscriber.close()
+    assert cache.get("digest-a") is None and delays == []
 
 
 async def test_unreadable_notice_clears_the_cache(

@@ -111,7 +111,7 @@ async def test_idle_action_expire_expires_the_key_through_the_change_feed(
     assert stored.public(clock.now, settings.keys.idle_after)["status"] == "expired"
     assert [d["reason"] for d in await events(store, record.id, "key.expire")] == ["idle"]
     assert (await events(store, record.id, "key.idle"))[0]["idle_action"] == "expire"
-    assert [(e, t) for _, e, t in await store.changes_since(before)] == [("key", record.id)]
+    assert [(e, t) for _, e, t, _at in await store.changes_since(before)] == [("key", record.id)]
 
 
 async def test_list_and_status_idle(store: KeyStore, clock: FakeClock[datetime]) -> None:

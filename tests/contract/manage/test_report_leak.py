@@ -49,7 +49,7 @@ async def queued(store: KeyStore) -> list[tuple[str, dict]]:
 
 async def changes(store: KeyStore) -> list[tuple[str, str]]:
     async with store.read() as tx:
-        return [(entity, target) for _, entity, target in await tx.changes_since(0)]
+        return [(entity, target) for _, entity, target, _at in await tx.changes_since(0)]
 
 
 async def test_a_leaked_key_is_revoked_audited_announced_and_dropped_everywhere(

@@ -62,7 +62,7 @@ async def events(store: KeyStore, **filters: Any) -> list[AuditEvent]:
 
 
 async def feed(store: KeyStore) -> list[tuple[str, str]]:
-    return [(entity, target) for _, entity, target in await store.changes_since(0)]
+    return [(entity, target) for _, entity, target, _at in await store.changes_since(0)]
 
 
 def jwks(tmp_path: Path, text: str, name: str = "jwks.json") -> str:

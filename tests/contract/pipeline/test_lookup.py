@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
@@ -327,3 +328,20 @@ async def test_role_change_clears_the_cache(lookup: KeyLookup, service: KeyServi
         assert (await lookup.lookup(parsed, "127.0.0.1")).grants.allows("read")
     finally:
         await watcher.close()
+
+
+@pytest.mark.parametrize(("clock_offset", "observed"), [(0.4, 0.4), (-2.0, 0.0)])
+async def test_change_feed_observes_each_changes_delay(
+    store: KeyStore, clock_offset: float, observed: float,
+) -> None:
+    """Each change the feed applies is one delay: now minus the time the store holds for it (never negative)."""
+    made = datetime(2026, 12, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    delays: list[float] = []
+    cache: KeyCache[object] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=100)
+    watcher = ChangeWatcher(store, cache, observe_delay=delays.append, clock=lambda: made.timestamp() + clock_offset)
+    watcher.seq = await store.latest_change()
+    async with store.transaction() as tx:
+        await tx.add_change(at=made, entity="key", target="kg_AAAAAAAAAAAA")
+        await tx.add_change(at=made, entity="role", target="ci")
+    await watcher.poll()
+    assert delays == [pytest.approx(observed)] * 2

@@ -302,13 +302,15 @@ async def test_a_large_batch_of_request_records_is_written_whole_and_in_order(st
 
 
 async def test_change_feed_counts_up(store: KeyStore) -> None:
-    """Every change gets a higher sequence number, and changes_since returns the newer ones."""
+    """Every change gets a higher sequence number, and changes_since returns the newer ones with their time."""
     start = await store.latest_change()
+    later = T0 + timedelta(microseconds=1500)
     async with store.transaction() as tx:
         await tx.add_change(at=T0, entity="key", target="kg_1")
-        await tx.add_change(at=T0, entity="role", target="ci")
+        await tx.add_change(at=later, entity="role", target="ci")
     assert await store.latest_change() == start + 2
-    assert [(e, t) for _s, e, t in await store.changes_since(start)] == [("key", "kg_1"), ("role", "ci")]
+    assert [(e, t, at) for _s, e, t, at in await store.changes_since(start)] == [
+        ("key", "kg_1", T0), ("role", "ci", later)]
     assert await store.changes_since(start + 2) == []
 
 

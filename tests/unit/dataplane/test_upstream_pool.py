@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.dataplane.forward import Forwarder
+from gateway.dataplane.forward import Forwarder, _Upstream
 from gateway.dataplane.sweeper import Sweeper
-from gateway.dataplane.upstream_pool import BadResponse, Disconnected, ReadTimeout, Upstream, UpstreamConnection
+from gateway.dataplane.upstream_pool import BadResponse, Disconnected, ReadTimeout, TlsFailed, Upstream, UpstreamConnection
 from tests.clocks import FakeClock
 
 READ_TIMEOUT = 60.0
@@ -141,7 +141,7 @@ async def test_idempotent_request_is_retried_once_on_a_pooled_connection_found_c
     # The forwarder's exchange: a failure before any answer byte on a reused connection is retried.
     forwarder = Forwarder(pool.sweeper, max_body_size=0, client_timeout=60)
     head = b"GET /prefix/x HTTP/1.1\r\n%s\r\n" % pool.host_line
-    conn, response = await forwarder._exchange(pool, BodilessGet(), head)  # type: ignore[arg-type]
+    conn, response = await forwarder._exchange(_Upstream(pool), BodilessGet(), head)  # type: ignore[arg-type]
     assert (response.status, raw.connections) == (200, 2)
 
 
@@ -170,3 +170,25 @@ async def test_malformed_response_is_a_bad_response(upstream, answer) -> None:  
     _, pool, _ = await upstream([answer])
     with pytest.raises((BadResponse, Disconnected)):
         await exchange(pool)
+
+
+async def test_a_failed_tls_handshake_is_its_own_kind() -> None:
+    """An https upstream that does not speak TLS fails as kind "tls" (counted apart from refused connections)."""
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    sweeper = Sweeper(asyncio.get_running_loop(), resolution=3600, clock=FakeClock())
+    pool = Upstream(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}", sweeper, connect_timeout=5,
+                    read_timeout=READ_TIMEOUT)
+    try:
+        with pytest.raises(TlsFailed) as failed:
+            await pool.connection()
+        assert failed.value.kind == "tls"
+    finally:
+        pool.close()
+        sweeper.close()
+        server.close()
