@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,7 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 SIDECAR = KUBERNETES / "sidecar"
 GATEWAY = KUBERNETES / "gateway"
+INGRESS = KUBERNETES / "ingress"
 COMPOSE = DEPLOY / "compose.yaml"
 WORKFLOW = DEPLOY / "github-actions" / "deploy.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -86,9 +88,10 @@ class Manifest:
 
 
 def manifests(directory: Path = KUBERNETES) -> list[Manifest]:
+    """The manifests of one base (its own files, not its optional components'), or of every folder."""
     return [
         Manifest(path, i, doc)
-        for path in manifest_files() if directory in path.parents
+        for path in manifest_files() if path.parent == directory or directory == KUBERNETES
         for i, doc in enumerate(yaml_documents(path))
     ]
 
@@ -117,6 +120,16 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
     if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
         return doc["spec"]["template"]["spec"]
     return None
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's init containers (native sidecars among them), then its containers."""
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def is_native_sidecar(container: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """An init container that runs for the pod's whole life (Kubernetes 1.29+)."""
+    return container.get("restartPolicy") == "Always" and any(c is container for c in spec.get("initContainers", []))
 
 
 def is_keygate_image(image: str) -> bool:
@@ -151,7 +164,7 @@ def workloads() -> list[Workload]:
     for directory in (SIDECAR, GATEWAY):
         for manifest in manifests(directory):
             spec = pod_spec(manifest.doc)
-            for container in (spec or {}).get("containers", []):
+            for container in all_containers(spec) if spec else []:
                 if is_keygate_image(container["image"]):
                     found.append(Workload(directory, manifest, container))
     return found
@@ -540,12 +553,27 @@ def prestop_seconds(container: dict[str, Any]) -> int:
     return int(command[1])
 
 
+# Seconds an endpoint's removal takes to reach every node's proxy rules (what a preStop sleep waits out).
+ENDPOINT_SETTLE = 5
+
+
 @pytest.mark.parametrize("workload", serving_workloads(), ids=lambda w: w.id)
 def test_in_flight_requests_drain_before_the_pod_is_killed(workload: Workload, scratch: Path) -> None:
     grace = effective(workload, scratch).shutdown_grace
+    period = workload.pod["terminationGracePeriodSeconds"]
+    if is_native_sidecar(workload.container, workload.pod):
+        # The kubelet stops a native sidecar only once the app has exited: the app's preStop must wait
+        # out the endpoint's removal and the requests in flight through Keygate, and the grace period
+        # must cover that wait and then Keygate's own drain.
+        apps = workload.pod["containers"]
+        assert apps
+        for app in apps:
+            waited = prestop_seconds(app)
+            assert waited >= ENDPOINT_SETTLE + grace, f"{app['name']} stops while requests may still come through Keygate"
+            assert period > waited + prestop_seconds(workload.container) + grace
+        return
     sleep = prestop_seconds(workload.container)
     assert sleep > 0, "a preStop sleep keeps serving while the endpoint leaves the Service"
-    period = workload.pod["terminationGracePeriodSeconds"]
     # The kubelet's clock starts with preStop; SIGTERM comes after it, then the drain.
     assert period > sleep + grace, f"terminationGracePeriodSeconds {period} <= preStop {sleep} + shutdown_grace {grace}"
     for other in workload.pod["containers"]:
@@ -563,7 +591,7 @@ def test_pods_run_locked_down(manifest: Manifest) -> None:
     pod_context = spec.get("securityContext", {})
     assert pod_context.get("seccompProfile", {}).get("type") == "RuntimeDefault"
     assert spec.get("automountServiceAccountToken") is False
-    for container in spec["containers"]:
+    for container in all_containers(spec):
         context = container.get("securityContext", {})
         assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, container["name"]
         assert context.get("readOnlyRootFilesystem") is True, container["name"]
@@ -609,7 +637,7 @@ def test_the_migration_job_runs_keygate_migrate(directory: Path) -> None:
     assert "command" not in container, "keep the image's ENTRYPOINT (keygate)"
     assert container["args"] == ["migrate"]
     deployment = one_of_kind(directory, "Deployment")
-    images = {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"] if is_keygate_image(c["image"])}
+    images = {c["image"] for c in all_containers(deployment["spec"]["template"]["spec"]) if is_keygate_image(c["image"])}
     assert images == {container["image"]}, "the Job migrates for the image the Deployment runs"
 
 
@@ -639,10 +667,24 @@ def upstream_hosts(config: str) -> list[str]:
     return [urlparse(u["url"]).hostname or "" for u in tomllib.loads(config)["upstreams"]]
 
 
+def test_the_sidecar_is_a_native_sidecar_of_the_app() -> None:
+    """Keygate is an init container with restartPolicy Always in the app's pod: up before the app, down after it."""
+    spec = one_of_kind(SIDECAR, "Deployment")["spec"]["template"]["spec"]
+    (keygate,) = [c for c in spec["initContainers"] if is_keygate_image(c["image"])]
+    assert is_native_sidecar(keygate, spec)
+    assert spec["initContainers"][-1] is keygate, "init containers after it would wait for a container that never exits"
+    (app,) = spec["containers"]
+    assert not is_keygate_image(app["image"])
+    # The app starts once Keygate's startupProbe passes; liveness and readiness go on for the pod's life.
+    startup = keygate["startupProbe"]["httpGet"]
+    assert startup["path"] == "/healthz" and resolve_port(keygate, startup["port"]) == 8001
+    assert keygate["startupProbe"]["failureThreshold"] * keygate["startupProbe"]["periodSeconds"] >= 10
+    assert {"readinessProbe", "livenessProbe"} <= set(keygate)
+    text = (SIDECAR / "deployment.yaml").read_text()
+    assert "1.29" in text, "say which Kubernetes version native sidecars need"
+
+
 def test_the_sidecar_forwards_to_the_app_on_localhost(scratch: Path) -> None:
-    deployment = one_of_kind(SIDECAR, "Deployment")
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 2 and sum(is_keygate_image(c["image"]) for c in containers) == 1
     (workload,) = [w for w in serving_workloads() if w.directory == SIDECAR]
     settings = effective(workload, scratch).settings
     assert [urlparse(u["url"]).hostname for u in settings["upstreams"]] == ["127.0.0.1"]
@@ -676,6 +718,105 @@ def test_the_gateway_runs_three_replicas_on_in_cluster_upstreams(scratch: Path) 
     assert pdb["apiVersion"] == "policy/v1"
     assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
     assert pdb["spec"].get("maxUnavailable", 0) == 1 or pdb["spec"].get("minAvailable", 0) >= 2
+
+
+# -- kustomize: what `kubectl apply -k` would apply, rendered by kubectl's own kustomize -------
+def kubectl() -> str:
+    """The kubectl of this kind of machine (its kustomize renders bases and components offline)."""
+    found = shutil.which("kubectl")
+    if found is None:
+        message = "kubectl is not installed: the kustomizations cannot be rendered"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@functools.cache
+def _render(base: str, component: str | None, scratch: str) -> list[dict[str, Any]]:
+    folder = Path(scratch) / re.sub(r"\W+", "_", f"{base}-{component}")
+    folder.mkdir(parents=True, exist_ok=True)
+    # kustomize takes only relative paths to other kustomizations.
+    overlay = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+               "resources": [os.path.relpath(base, folder)]}
+    if component is not None:
+        overlay["components"] = [os.path.relpath(component, folder)]
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    result = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render(base: Path, scratch: Path, *, monitoring: bool = False) -> list[dict[str, Any]]:
+    return _render(str(base), str(base / "monitoring") if monitoring else None, str(scratch))
+
+
+# A base, with its optional monitoring component or without.
+RENDERS = [(SIDECAR, False), (GATEWAY, False), (GATEWAY, True), (INGRESS, False), (INGRESS, True)]
+
+
+@pytest.mark.parametrize(("base", "monitoring"), RENDERS,
+                         ids=[f"{b.name}{'+monitoring' if m else ''}" for b, m in RENDERS])
+def test_the_kustomizations_render_to_valid_manifests(base: Path, monitoring: bool, scratch: Path) -> None:
+    """Each base (and base + component) renders, and every core object in it matches the Kubernetes schema."""
+    docs = render(base, scratch, monitoring=monitoring)
+    assert docs
+    for doc in docs:
+        if is_builtin(doc):
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+    monitors = [doc for doc in docs if doc["kind"] == "ServiceMonitor"]
+    # Without the component nothing needs the prometheus-operator's CRD: `kubectl apply -k` works anywhere.
+    assert len(monitors) == (1 if monitoring else 0)
+    if not monitoring:
+        assert all(is_builtin(doc) for doc in docs), [doc["kind"] for doc in docs if not is_builtin(doc)]
+
+
+@pytest.mark.parametrize("base", [GATEWAY, INGRESS], ids=lambda b: b.name)
+def test_the_monitoring_component_lists_its_files(base: Path) -> None:
+    component = yaml_documents(base / "monitoring" / "kustomization.yaml")[0]
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    assert set(component["resources"]) == {p.name for p in (base / "monitoring").glob("*.yaml")} - {"kustomization.yaml"}
+
+
+# The ServiceMonitor fields these files use, as prometheus-operator's CRD (monitoring.coreos.com/v1) names them.
+SERVICE_MONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+SERVICE_MONITOR_ENDPOINT = {"port", "path", "scheme", "interval", "scrapeTimeout"}
+
+
+@pytest.mark.parametrize("base", [GATEWAY, INGRESS], ids=lambda b: b.name)
+def test_the_service_monitor_scrapes_every_keygates_admin_listener(base: Path, scratch: Path) -> None:
+    """The ServiceMonitor selects exactly the admin Service, by its labels and a port name it has, on /metrics;
+    that port reaches Keygate's admin listener on the pods, and a NetworkPolicy admits it."""
+    docs = render(base, scratch, monitoring=True)
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) <= SERVICE_MONITOR_SPEC
+    namespace = monitor["metadata"].get("namespace", "default")
+    services = [d for d in docs if d["kind"] == "Service" and d["metadata"].get("namespace", "default") == namespace
+                and selects(monitor["spec"]["selector"]["matchLabels"], d["metadata"].get("labels", {}))]
+    assert len(services) == 1, [s["metadata"]["name"] for s in services]
+    (service,) = services
+    assert service["spec"].get("clusterIP") == "None", "headless: Prometheus scrapes every pod"
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]
+    assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
+    (container,) = [c for c in all_containers(pod["spec"]) if is_keygate_image(c["image"])]
+    workload = Workload(base, Manifest(base / "deployment.yaml", 0, deployment), container)
+    env, config = workload_settings(workload)
+    admin = checked(scratch / f"monitoring-{base.name}", env, config).port("admin")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT
+        assert endpoint["port"] in ports, f"the Service has no port named {endpoint['port']!r}"
+        assert resolve_port(container, ports[endpoint["port"]]["targetPort"]) == admin
+        assert endpoint.get("path", "/metrics") == "/metrics" and endpoint.get("scheme", "http") == "http"
+    admitted = {p["port"] for policy in docs if policy["kind"] == "NetworkPolicy"
+                if selects(policy["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])
+                for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert admin in admitted, "no NetworkPolicy lets Prometheus reach the admin port"
 
 
 # -- compose -------------------------------------------------------------------
