@@ -206,7 +206,7 @@ async def test_cache_lookups_by_layer(redis_admin: Admin) -> None:
 
 
 async def test_change_notices_published_and_received(redis_admin: Admin) -> None:
-    """A revoke through the admin API is one notice published, and this process's subscriber receives it."""
+    """A revoke through the admin API is one notice published, received, and one propagation delay observed."""
     admin = redis_admin
     key_id, _ = await admin.key(name="ci", operations=["read"])
     before = await scrape(admin)
@@ -220,6 +220,9 @@ async def test_change_notices_published_and_received(redis_admin: Admin) -> None
     assert value(m, "keygate_change_notices_total", direction="received") - \
         value(before, "keygate_change_notices_total", direction="received") == 1
     assert value(m, "keygate_change_notices_unpublished_total") == 0
+    # The notice carried the change's time: this process observed its delay once.
+    assert value(m, "keygate_change_propagation_seconds_count", via="notice") - \
+        value(before, "keygate_change_propagation_seconds_count", via="notice") == 1
 
 
 async def test_redis_down_is_a_gauge_and_degraded_decisions(
