@@ -93,6 +93,11 @@ async def allowlist_suggestion(call: Call) -> dict[str, Any]:
     return (await call.service.suggest_allowlist(call.params["id"], days=q.days, max_blocks=q.max)).public()
 
 
+async def key_usage(call: Call) -> dict[str, Any]:
+    q: m.UsageQuery = call.query
+    return (await call.service.key_usage(call.params["id"], hours=q.hours)).public()
+
+
 async def report_leak(call: Call) -> dict[str, Any]:
     body: m.LeakReportIn = call.body
     report = await call.service.report_leak(call.params["id"], url=body.url, source=body.source)
@@ -256,6 +261,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                          "key's allowed requests of the last `days` days, with the requests each covers, and the "
                          "`keygate keys update --allow-ip` command that applies them. "
                          f"{IN_ORG}: {OTHER_ORG_KEY}."),
+    Endpoint("GET", "/keys/{id}/usage", "A key's requests per hour by decision", key_usage, "keys:read",
+             m.UsageOut, query=m.UsageQuery, self_service=True,
+             description="The key's request records of the last `hours` UTC hours (the current one included), "
+                         "counted per hour and decision, for a chart of its use. Records older than "
+                         "`audit.retention_days` are deleted and count as none. "
+                         f"{IN_ORG}: {OTHER_ORG_KEY}. With `keys:self` alone, only the member's own."),
     Endpoint("GET", "/roles", "List roles", list_roles, "roles:read", m.RolePage, query=m.PageQuery,
              description="Roles are shared by every org."),
     Endpoint("GET", "/roles/{name}", "One role", get_role, "roles:read", m.RoleOut),

@@ -171,6 +171,11 @@ class SuggestionQuery(_Edge):
     max: int = Field(4, ge=1, le=16, description="Most CIDRs to suggest (IPv4 and IPv6 together).")
 
 
+class UsageQuery(_Edge):
+    hours: int = Field(168, ge=1, le=744, description="The last this many UTC hours, the current one included "
+                                                      "(168 = 7 days; at most 744, 31 days).")
+
+
 class AuditQuery(PageQuery):
     key: str | None = Field(None, description="A key id: events about it or by it, and its request records.")
     org: str | None = Field(None, description="Events about the org's keys, members and trust policies, and the "
@@ -251,6 +256,25 @@ class AllowlistSuggestionOut(_Edge):
     command: str | None = Field(description="The `keygate keys update` command that applies the suggestion "
                                             "(it replaces the allowlist); null when there is none.")
     message: str
+
+
+class UsageBucket(_Edge):
+    hour: Timestamp = Field(description="The UTC hour's start.")
+    decision: str = Field(examples=["allowed", "rate_limited", "insufficient_scope"])
+    requests: int
+
+
+class UsageOut(_Edge):
+    """A key's request records counted per UTC hour and decision: an hour and decision without
+    records has no bucket."""
+
+    key_id: str
+    hours: int
+    since: Timestamp = Field(description="The first hour's start.")
+    until: Timestamp = Field(description="The end of the current hour.")
+    total: int = Field(description="Requests recorded in the window.")
+    by_decision: dict[str, int] = Field(description="Requests in the window per decision.")
+    buckets: list[UsageBucket] = Field(description="Oldest hour first; within an hour, by decision.")
 
 
 class RoleOut(_Edge):

@@ -37,6 +37,7 @@ from ..config.units import parse_duration
 from ..hygiene.events import queue_event
 from ..hygiene.due import expiry_unwarned, idle_unannounced
 from ..hygiene.allowlist import MAX_ADDRESSES, Suggestion, TooFewBlocks, suggestion
+from .usage import MAX_HOURS, Usage, window
 
 ADMIN_ROLE = "admin"
 MAX_BLOCKS = 16  # CIDRs an allowlist suggestion may have at most
@@ -688,6 +689,19 @@ class KeyService:
             return suggestion(key_id, counts, days=days, max_blocks=max_blocks, since=since)
         except TooFewBlocks as exc:
             raise InvalidInput(f"max {max_blocks}: {exc}", problems=[FieldProblem("max", str(exc))]) from None
+
+    async def key_usage(self, key_id: str, *, hours: int = 168) -> Usage:
+        """The key's request records of the last ``hours`` UTC hours (the current one included),
+        counted per hour and decision."""
+        key_id = self.key_ref(key_id)
+        check = _Checks()
+        hours = check.one("hours", lambda n: fields.bounded_int(n, "hours", 1, MAX_HOURS), hours)
+        check.done()
+        since, until = window(self.clock(), hours)
+        async with self.store.read() as tx:
+            self._visible(await tx.get_key(key_id), key_id)
+            counts = await tx.hourly_requests(key_id, since=since, until=until)
+        return Usage(key_id, hours, since, until, tuple(counts))
 
     # -- roles -----------------------------------------------------------
     async def list_roles(self) -> list[Role]:

@@ -43,6 +43,8 @@ class Dialect:
     migrations_table_exists: str
     # SQL for the seconds from one timestamp column to another.
     seconds_between: Callable[[str, str], str]
+    # SQL for a timestamp column's UTC hour as text, "YYYY-MM-DDTHH".
+    utc_hour: Callable[[str], str]
 
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -82,6 +84,8 @@ SQLITE = Dialect(
     migrations_table_exists="SELECT count(*) AS found FROM sqlite_master WHERE type = 'table' "
                             "AND name = 'schema_migrations'",
     seconds_between=lambda start, end: f"((julianday({end}) - julianday({start})) * 86400.0)",
+    # Stored as fixed-width UTC text: the hour is its first 13 characters.
+    utc_hour=lambda column: f"substr({column}, 1, 13)",
 )
 
 POSTGRES = Dialect(
@@ -96,6 +100,8 @@ POSTGRES = Dialect(
     time_type="TIMESTAMPTZ",
     migrations_table_exists="SELECT to_regclass('schema_migrations') IS NOT NULL AS found",
     seconds_between=lambda start, end: f"EXTRACT(EPOCH FROM ({end} - {start}))",
+    # In UTC whatever the session's TimeZone is.
+    utc_hour=lambda column: f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')",
 )
 
 _INSERT_REQUEST_RECORDS = (
@@ -282,6 +288,20 @@ class SqlTransaction:
             key_id, self._d.time_in(since), limit,
         )
         return [(str(r["client_ip"]), int(r["n"])) for r in rows]
+
+    async def hourly_requests(
+        self, key_id: str, *, since: datetime, until: datetime,
+    ) -> list[tuple[datetime, str, int]]:
+        """The key's request records from ``since`` until before ``until``, counted per UTC hour and
+        decision: ``(hour, decision, count)``, oldest hour first, hours without records left out."""
+        hour = self._d.utc_hour("at")
+        rows = await self._fetch(
+            f"SELECT {hour} AS hour, decision, COUNT(*) AS n FROM request_records WHERE key_id = ? AND at >= ? "
+            f"AND at < ? GROUP BY {hour}, decision ORDER BY hour, decision",
+            key_id, self._d.time_in(since), self._d.time_in(until),
+        )
+        return [(datetime.strptime(str(r["hour"]), "%Y-%m-%dT%H").replace(tzinfo=UTC), str(r["decision"]),
+                 int(r["n"])) for r in rows]
 
     # -- roles -----------------------------------------------------------
     def _role(self, row: Mapping[str, Any]) -> Role:

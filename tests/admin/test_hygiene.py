@@ -1,9 +1,9 @@
-"""Key hygiene in the admin API: canary keys, status idle and allowlist suggestions."""
+"""Key hygiene in the admin API: canary keys, status idle, allowlist suggestions, and a key's usage per hour."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -82,3 +82,33 @@ async def test_allowlist_suggestion_refusals(
     assert says in str(reply.body)
     if status == 200:
         assert (reply.body["cidrs"], reply.body["command"]) == ([], None)
+
+
+async def test_key_usage_counts_requests_per_hour_and_decision(admin: Admin) -> None:
+    """GET /keys/{id}/usage: the key's request records of the window, per UTC hour and decision."""
+    key_id, _ = await admin.key(name="busy", operations=["read"])
+    now = datetime.now(UTC)
+    await admin.rt.store.add_request_records([
+        RequestRecord(now, key_id, "GET", "/x", "app", "read", decision, 200, "203.0.113.7", 1.0)
+        for decision in ("allowed", "allowed", "rate_limited")
+    ] + [RequestRecord(now - timedelta(hours=200), key_id, "GET", "/x", "app", "read", "allowed", 200, None, 1.0)])
+    reply = await admin.call("GET", f"{KEYS}/{key_id}/usage")
+    assert reply.status == 200, reply.body
+    hour = now.replace(minute=0, second=0, microsecond=0).isoformat().replace("+00:00", "Z")
+    assert reply.body["buckets"] == [{"hour": hour, "decision": "allowed", "requests": 2},
+                                     {"hour": hour, "decision": "rate_limited", "requests": 1}]
+    assert (reply.body["hours"], reply.body["total"]) == (168, 3)
+    assert (await admin.call("GET", f"{KEYS}/{key_id}/usage", params={"hours": 201})).body["total"] == 4
+
+
+@pytest.mark.parametrize(("path", "params", "status", "says"), [
+    ("kg_AAAAAAAAAAAA", {}, 404, "no key with the id"),
+    ("{id}", {"hours": 0}, 422, "query.hours"),
+    ("{id}", {"hours": 745}, 422, "query.hours"),
+])
+async def test_key_usage_refusals(admin: Admin, path: str, params: dict, status: int, says: str) -> None:
+    """An unknown key is 404; a window out of range 422, naming the parameter."""
+    key_id, _ = await admin.key(name="unused", operations=["read"])
+    reply = await admin.call("GET", f"{KEYS}/{path.format(id=key_id)}/usage", params=params)
+    assert reply.status == status, reply.body
+    assert says in str(reply.body)

@@ -38,7 +38,8 @@ async def test_every_route_is_documented_and_every_documented_route_exists(sqlit
     routed = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/admin/v1/") and r.method != "HEAD"}
     assert routed == documented
-    assert len(documented) == 24  # 20 + allowlist-suggestion, report-leak (issue 17) + whoami, orgs (issue 20)
+    # 20 + allowlist-suggestion, report-leak (issue 17) + whoami, orgs (issue 20) + a key's usage (issue 19)
+    assert len(documented) == 25
 
 
 def test_every_authenticated_operation_declares_its_admin_operation_and_problems() -> None:

@@ -154,6 +154,7 @@ CROSS_ORG_404 = [
     ("POST", "/admin/v1/keys/{key}/rotate", {}),
     ("POST", "/admin/v1/keys/{key}/report-leak", {"url": "https://paste.example/1"}),
     ("GET", "/admin/v1/keys/{key}/allowlist-suggestion", None),
+    ("GET", "/admin/v1/keys/{key}/usage", None),
     ("GET", "/admin/v1/keys/{user_key}", None),
     ("POST", "/admin/v1/keys/{user_key}/revoke", None),
     ("GET", "/admin/v1/orgs/{org}/members", None),
