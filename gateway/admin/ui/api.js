@@ -18,11 +18,13 @@ export const session = {
 };
 
 export class ApiError extends Error {
-  constructor(status, title, detail) {
+  constructor(status, title, detail, errors = null) {
     super(detail ? `${title}: ${detail}` : title);
     this.status = status;
     this.title = title;
     this.detail = detail;
+    // A 422's problem per field: [{field, message}].
+    this.errors = errors;
   }
 }
 
@@ -61,7 +63,8 @@ export async function api(method, route, { query, body } = {}) {
   if (!response.ok) {
     const title = (data && data.title) || response.statusText || "Request failed";
     const detail = (data && (data.detail || data.error_description)) || (data ? "" : text.slice(0, 300));
-    throw new ApiError(response.status, `${title} (${response.status})`, detail);
+    const errors = data && Array.isArray(data.errors) ? data.errors : null;
+    throw new ApiError(response.status, `${title} (${response.status})`, detail, errors);
   }
   return data;
 }

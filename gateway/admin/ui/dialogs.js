@@ -1,7 +1,8 @@
 // Modal dialogs: a confirmation for destructive actions, and the one place a
 // full key is ever shown.
 
-import { clear, h } from "./dom.js";
+import { ApiError } from "./api.js";
+import { add, clear, h } from "./dom.js";
 
 function dialog() {
   return document.getElementById("dialog");
@@ -67,6 +68,49 @@ export function showKeyOnce(key, { title = "Your new API key", id = null } = {})
     d.addEventListener("close", () => {
       clear(d);
       resolve();
+    }, { once: true });
+  });
+}
+
+// A form in the dialog: `save` runs on submit with the form's values. When the API refuses
+// (e.g. 422 with a problem per field), its title, detail and field errors are shown inside the
+// dialog, which stays open with what was typed; resolves with save's result once it succeeds,
+// or null when cancelled.
+export function formDialog({ title, id, body, submit = "Save", save }) {
+  return new Promise((resolve) => {
+    const problem = h("div", { class: "notice error dialog-error", id: `${id}-error`, role: "alert", hidden: true });
+    const button = h("button", { type: "submit", class: "button primary", id: `${id}-submit` }, submit);
+    let result = null;
+    const form = h("form", { class: "dialog-body form", id, onsubmit: async (e) => {
+      e.preventDefault();
+      button.disabled = true;
+      try {
+        result = await save();
+        d.close();
+      } catch (err) {
+        const apiError = err instanceof ApiError;
+        // Per-field problems are listed one per line; their summary (the detail) would repeat them.
+        const fieldErrors = apiError && err.errors && err.errors.length ? err.errors : null;
+        clear(problem);
+        add(problem, h("div", null, h("strong", null, apiError ? err.title : "Something went wrong"),
+          fieldErrors ? null : [" ", h("span", { class: "dialog-error-detail" },
+            apiError ? err.detail : String(err.message || err))],
+          fieldErrors ? h("ul", { class: "field-errors" }, fieldErrors.map((fe) => h("li", { "data-field": fe.field },
+            h("code", null, fe.field), " ", fe.message))) : null));
+        problem.hidden = false;
+        problem.scrollIntoView({ block: "nearest" });
+      } finally {
+        button.disabled = false;
+      }
+    } },
+    h("h2", null, title), problem, body,
+    h("div", { class: "actions" },
+      h("button", { type: "button", class: "button ghost", id: `${id}-cancel`, onclick: () => d.close() }, "Cancel"),
+      button));
+    const d = open(form);
+    d.addEventListener("close", () => {
+      clear(d);
+      resolve(result);
     }, { once: true });
   });
 }

@@ -1,9 +1,10 @@
 // Keys: the table, the create form and one key's page.
 
 import { api, path } from "./api.js";
-import { confirmAction, showKeyOnce } from "./dialogs.js";
-import { add, badge, chips, clear, field, h, paged, table, time, words } from "./dom.js";
+import { confirmAction, formDialog, showKeyOnce } from "./dialogs.js";
+import { add, badge, chips, clear, field, h, table, time, words } from "./dom.js";
 import { auditTable, requestTable } from "./audit.js";
+import { usageCard } from "./usage.js";
 
 const STATUSES = ["active", "idle", "expired", "revoked"];
 const EXPIRIES = [["7d", "7 days"], ["30d", "30 days"], ["90d", "90 days"], ["1y", "1 year"],
@@ -35,28 +36,101 @@ function keyRow(k) {
     h("td", null, time(k.last_used_at, { relative: true, empty: "never" })));
 }
 
+// Sortable columns: [header, value to compare] (null: not sortable).
+const COLUMNS = [
+  ["Id", (k) => k.id], ["Name", (k) => k.name.toLowerCase()], ["Kind", (k) => k.kind],
+  ["Org / user", (k) => `${k.org}/${k.user}`], ["Role", (k) => k.role || ""], ["Status", (k) => k.status],
+  ["Created by", (k) => k.created_by], ["Created", (k) => k.created_at], ["Expires", (k) => k.expires_at || "~"],
+  ["Last used", (k) => k.last_used_at || ""],
+];
+
+// Status, kind and org filter in the API (GET /keys pages its answer, so only it sees every key);
+// the name search and the column sort work on the keys loaded so far, at once, as the operator types:
+// "Load more" adds the next page to what they apply to.
 export async function keysPage(main, params, ctx) {
+  // "name" or "-name": the column and direction; the API's order (newest first) when none.
+  let sort = params.get("sort") || "";
   const status = h("select", { id: "filter-status", name: "status" },
     h("option", { value: "" }, "Any status"),
     STATUSES.map((s) => h("option", { value: s, selected: params.get("status") === s }, s)));
+  const kind = h("input", { id: "filter-kind", name: "kind", type: "search", placeholder: "Any kind", list: "kinds",
+    value: params.get("kind") || "" });
   // An org admin sees its own org's keys only (the header names it); a cross-org admin may filter by org.
   const anyOrg = ctx.me().any_org;
   const org = anyOrg ? h("input", { id: "filter-org", name: "org", type: "search", placeholder: "Any org",
     value: params.get("org") || ctx.org() }) : null;
+  const search = h("input", { id: "filter-name", name: "q", type: "search", placeholder: "Name contains…",
+    value: params.get("q") || "", autocomplete: "off" });
   const filters = h("form", { class: "filters", id: "key-filters", onsubmit: (e) => {
     e.preventDefault();
-    ctx.go("#/keys", { status: status.value, org: org ? org.value.trim() : "" });
+    ctx.go("#/keys", { status: status.value, kind: kind.value.trim(), org: org ? org.value.trim() : "",
+      q: search.value.trim(), sort });
   } },
-  field("Status", status), org ? field("Org", org) : null,
+  h("datalist", { id: "kinds" }, h("option", { value: "integration" }), h("option", { value: "automation" })),
+  field("Search", search), field("Status", status), field("Kind", kind), org ? field("Org", org) : null,
   h("button", { type: "submit", class: "button" }, "Filter"));
   status.addEventListener("change", () => filters.requestSubmit());
 
-  const wrap = table(["Id", "Name", "Kind", "Org / user", "Role", "Status", "Created by", "Created",
-    "Expires", "Last used"], [], { id: "keys-table", empty: "No keys match." });
+  const loaded = [];
+  const headers = COLUMNS.map(([label], i) => h("th", { scope: "col", class: "sortable", "data-column": i },
+    h("button", { type: "button", class: "sort", onclick: () => {
+      const key = label.toLowerCase();
+      sort = sort === key ? `-${key}` : sort === `-${key}` ? "" : key;
+      draw();
+    } }, label, h("span", { class: "sort-mark", "aria-hidden": "true" }))));
+  const tbody = h("tbody");
+  const wrap = h("div", { class: "table-wrap" },
+    h("table", { class: "table", id: "keys-table" }, h("thead", null, h("tr", null, headers)), tbody));
+  const count = h("p", { class: "muted small", id: "keys-count" });
+  const more = h("div", { class: "more" });
+
+  function draw() {
+    const needle = search.value.trim().toLowerCase();
+    let shown = loaded.filter((k) => !needle || k.name.toLowerCase().includes(needle));
+    const at = COLUMNS.findIndex(([label]) => label.toLowerCase() === sort.replace(/^-/, ""));
+    if (at >= 0) {
+      const value = COLUMNS[at][1];
+      const sign = sort.startsWith("-") ? -1 : 1;
+      shown = [...shown].sort((a, b) => sign * String(value(a)).localeCompare(String(value(b))));
+    }
+    headers.forEach((th, i) => {
+      const state = i === at ? (sort.startsWith("-") ? "descending" : "ascending") : "none";
+      th.setAttribute("aria-sort", state);
+    });
+    tbody.replaceChildren(...(shown.length ? shown.map(keyRow)
+      : [h("tr", null, h("td", { class: "empty", colspan: COLUMNS.length }, "No keys match."))]));
+    count.textContent = needle ? `${shown.length} of the ${loaded.length} keys loaded match “${search.value.trim()}”.`
+      : "";
+    // The sort and search stay in the address, so a reload or a shared link shows the same.
+    const wanted = new URLSearchParams(window.location.hash.split("?")[1] || "");
+    for (const [name, value] of [["sort", sort], ["q", search.value.trim()]]) {
+      if (value) wanted.set(name, value);
+      else wanted.delete(name);
+    }
+    const query = wanted.toString();
+    // Only while the keys list is the page asked for: never undo a navigation made meanwhile.
+    if (/^#\/keys(\?|$)/.test(window.location.hash || "#/keys")) {
+      window.history.replaceState(null, "", `#/keys${query ? `?${query}` : ""}`);
+    }
+  }
+  search.addEventListener("input", draw);
+
   add(clear(main), h("div", { class: "page-head" }, h("h1", null, "API keys"),
-    h("a", { href: "#/new", class: "button primary", id: "new-key-link" }, "Create key")), filters, wrap);
-  const query = { status: params.get("status"), org: anyOrg ? params.get("org") || ctx.org() : null, limit: 50 };
-  await paged(wrap, (cursor) => api("GET", "/keys", { query: { ...query, cursor } }), keyRow, ctx.guard);
+    h("a", { href: "#/new", class: "button primary", id: "new-key-link" }, "Create key")), filters, count, wrap,
+  more);
+  const query = { status: params.get("status"), kind: params.get("kind"),
+    org: anyOrg ? params.get("org") || ctx.org() : null, limit: 50 };
+  async function load(cursor) {
+    const page = await api("GET", "/keys", { query: { ...query, cursor } });
+    loaded.push(...page.items);
+    draw();
+    clear(more);
+    if (page.next_cursor) {
+      add(more, h("button", { type: "button", class: "button", id: "load-more",
+        onclick: () => ctx.guard(load(page.next_cursor)) }, "Load more"));
+    }
+  }
+  await load(null);
 }
 
 async function roleOptions(selected, { none = "No role" } = {}) {
@@ -142,6 +216,59 @@ export async function createPage(main, _params, ctx) {
   name.focus();
 }
 
+const UNCHANGED = "unchanged";
+
+// The key's name, servers, IP allowlist, rate limit and expiry in a dialog; only what was changed is
+// sent (PATCH). The API checks the values: a refusal is shown in the dialog, which stays open.
+function editKey(k, ctx) {
+  const name = h("input", { name: "name", id: "edit-name", required: true, maxlength: 200, value: k.name,
+    autocomplete: "off" });
+  const servers = h("input", { name: "servers", id: "edit-servers", value: k.servers.join(" ") });
+  const ips = h("textarea", { name: "ip_allowlist", id: "edit-ips", rows: 3, placeholder: "10.0.0.0/8\n2001:db8::/32" },
+    k.ip_allowlist.join("\n"));
+  const rate = h("input", { name: "rate_limit", id: "edit-rate", value: k.rate_limit || "",
+    placeholder: "server default, e.g. 100/minute" });
+  const expires = h("select", { name: "expires", id: "edit-expires" },
+    h("option", { value: UNCHANGED }, k.expires_at ? `Unchanged (${k.expires_at.slice(0, 10)})` : "Unchanged (never)"),
+    EXPIRIES.map(([v, label]) => h("option", { value: v }, v === "custom" ? label : `${label} from now`
+      .replace("Never from now", "Never"))));
+  const custom = h("input", { type: "date", name: "expires_on", id: "edit-expires-on", hidden: true });
+  expires.addEventListener("change", () => {
+    custom.hidden = expires.value !== "custom";
+    custom.required = !custom.hidden;
+  });
+  // A canary takes no access settings: only its name and expiry change.
+  const access = k.canary ? [] : [
+    field("Servers", servers, "Space-separated; * is every upstream but not admin."),
+    field("IP allowlist", ips, "CIDRs, one per line; empty allows any address."),
+    field("Rate limit", rate, "e.g. 100/minute or 10/second; burst=50; empty = the server default."),
+  ];
+  return formDialog({
+    title: `Edit ${k.id}`, id: "edit-form", submit: "Save changes",
+    body: h("div", { class: "grid one" }, field("Name", name), access,
+      field("Expires", h("div", { class: "inline" }, expires, custom), "Counted from now.")),
+    save: () => {
+      const body = {};
+      if (name.value.trim() !== k.name) body.name = name.value.trim();
+      if (!k.canary) {
+        const newServers = words(servers.value);
+        if (newServers.join(" ") !== k.servers.join(" ")) body.servers = newServers;
+        const newIps = words(ips.value);
+        if (newIps.join(" ") !== k.ip_allowlist.join(" ")) body.ip_allowlist = newIps;
+        // null: back to the server's default.
+        if (rate.value.trim() !== (k.rate_limit || "")) body.rate_limit = rate.value.trim() || null;
+      }
+      if (expires.value !== UNCHANGED) body.expires = expires.value === "custom" ? custom.value : expires.value;
+      if (Object.keys(body).length === 0) return Promise.resolve({ unchanged: true });
+      return api("PATCH", path("keys", k.id), { body });
+    },
+  }).then(async (saved) => {
+    if (!saved) return;
+    ctx.flash(saved.unchanged ? `Nothing changed on ${k.id}.` : `${k.id} saved.`);
+    await ctx.render();
+  });
+}
+
 function detail(label, value) {
   return [h("dt", null, label), h("dd", null, value)];
 }
@@ -166,6 +293,8 @@ export async function keyPage(main, id, ctx) {
       k.last_used_ip ? [h("span", { class: "muted" }, " from "), h("code", null, k.last_used_ip)] : null]));
 
   const actions = h("section", { class: "card actions-card" }, h("h2", null, "Actions"));
+  const edit = revoked ? null : h("button", { type: "button", class: "button", id: "edit-key",
+    onclick: () => ctx.guard(editKey(k, ctx)) }, "Edit key");
   if (k.canary) {
     add(actions, h("p", { class: "notice warning", id: "canary-notice" }, "This is a canary key: it never " +
       "authorizes. Any use is answered as an unknown key and recorded as key.canary_used (see the audit " +
@@ -217,14 +346,17 @@ export async function keyPage(main, id, ctx) {
   }
 
   const requests = h("section", { class: "card" }, h("h2", null, "Recent requests"));
+  const usage = h("section", { class: "card", id: "key-usage" }, h("h2", null, "Requests per hour, last 7 days"));
   const events = h("section", { class: "card" }, h("h2", null, "Audit events"));
   const suggestion = k.canary ? null : h("section", { class: "card", id: "allowlist-suggestion" },
     h("h2", null, "Allowlist suggestion"));
   add(clear(main),
     h("div", { class: "page-head" },
-      h("div", null, h("a", { href: "#/keys", class: "back" }, "← Keys"), h("h1", null, k.name, " ", badge(k.status)))),
+      h("div", null, h("a", { href: "#/keys", class: "back" }, "← Keys"), h("h1", null, k.name, " ", badge(k.status))),
+      edit),
     h("div", { class: "split" }, h("section", { class: "card" }, h("h2", null, "Details"), facts), actions),
-    suggestion, requests, events);
+    usage, suggestion, requests, events);
+  await usageCard(usage, k);
   if (suggestion) add(suggestion, await allowlistSuggestion(k));
   add(requests, await requestTable({ key: k.id }));
   add(events, await auditTable({ key: k.id }));
