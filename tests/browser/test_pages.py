@@ -168,3 +168,34 @@ def test_a_revoked_admin_key_signs_the_page_out(browser: Browser, gateway: Keyga
     assert "(401)" in browser.find("#error").text
     assert browser.session_storage() == {}
     assert browser.console_errors(allow=network_error) == []
+
+
+def test_the_builtin_admin_role_has_no_delete_button(browser: Browser, admin_key: AdminKey) -> None:
+    """The admin role cannot be changed or deleted (409): its row offers neither; other roles keep both."""
+    open_section(browser, admin_key, "roles")
+    browser.fill("#role-name", "reader")
+    browser.fill("#role-grants", "read")
+    browser.click("#role-submit")
+    browser.wait_text("#flash", "reader")
+    admin_row = browser.find('#roles-table tr[data-role="admin"]')
+    assert admin_row.find_elements("css selector", "button") == []
+    assert "built-in" in admin_row.text
+    other = browser.find('#roles-table tr[data-role="reader"]')
+    assert {b.get_attribute("data-action") for b in other.find_elements("css selector", "button")} == {"edit", "delete"}
+    browser.screenshot("roles-admin-builtin")
+
+
+async def test_members_page_lists_the_orgs(browser: Browser, gateway: Keygate, admin_key: AdminKey) -> None:
+    """Every org that exists is listed on the members page; choosing one shows its members."""
+    cli(gateway, "members", "set", "initech", "peter", "admin")
+    await gateway.key(name="in umbrella", org="umbrella", operations=["read"])
+    open_section(browser, admin_key, "members")
+    listed = [a.get_attribute("data-org") for a in browser.find_all("#org-list a[data-org]")]
+    async with gateway.service() as service:
+        assert listed == await service.list_orgs()
+    assert {"default", "initech", "umbrella"} <= set(listed)
+    browser.click('#org-list a[data-org="initech"]')
+    browser.wait_text('#members-table tr[data-user="peter"]', "admin")
+    assert browser.find('#org-list a[aria-current="page"]').text == "initech"
+    browser.screenshot("members-orgs")
+    assert browser.console_errors() == []

@@ -4,6 +4,8 @@ import { api, path } from "./api.js";
 import { confirmAction, showKeyOnce } from "./dialogs.js";
 import { add, chips, clear, field, h, paged, table, time, words } from "./dom.js";
 
+const BUILT_IN = "admin";
+
 export async function rolesPage(main, _params, ctx) {
   const name = h("input", { name: "name", id: "role-name", required: true, placeholder: "e.g. deploy-only" });
   const grants = h("input", { name: "grants", id: "role-grants", required: true,
@@ -25,7 +27,9 @@ export async function rolesPage(main, _params, ctx) {
       h("td", { class: "name" }, r.name),
       h("td", null, chips(r.grants)),
       h("td", null, time(r.updated_at)),
-      h("td", { class: "row-actions" },
+      // The built-in admin role cannot change or go (the API answers 409): no buttons that would fail.
+      h("td", { class: "row-actions" }, r.name === BUILT_IN ? h("span", { class: "tag", title: "Created by " +
+        "keygate migrate; it cannot be changed or deleted" }, "built-in") : [
         h("button", { type: "button", class: "button small", "data-action": "edit", onclick: () => {
           name.value = r.name;
           grants.value = r.grants.join(" ");
@@ -38,7 +42,7 @@ export async function rolesPage(main, _params, ctx) {
           await api("DELETE", path("roles", r.name));
           ctx.flash(`Role ${r.name} deleted.`);
           await ctx.render();
-        })()) }, "Delete")));
+        })()) }, "Delete")]));
   }
 
   const wrap = table(["Role", "Grants", "Updated", ""], [], { id: "roles-table", empty: "No roles." });
@@ -50,11 +54,19 @@ export async function membersPage(main, params, ctx) {
   // An org admin's members are its own org's (the header names it); a cross-org admin picks an org.
   const me = ctx.me();
   const org = (me.any_org && params.get("org")) || ctx.org() || me.org;
-  const orgInput = h("input", { name: "org", id: "members-org", value: org, required: true });
+  // Every org that holds keys or members (GET /orgs: an org admin's own only); another, new org by name.
+  const orgs = (await api("GET", "/orgs")).items;
+  const orgList = h("nav", { class: "org-list", id: "org-list", "aria-label": "Orgs" },
+    h("span", { class: "org-list-label" }, orgs.length === 1 ? "Org" : `${orgs.length} orgs`),
+    orgs.map((o) => h("a", { href: `#/members?org=${encodeURIComponent(o)}`, class: o === org ? "chip current" : "chip",
+      "data-org": o, "aria-current": o === org ? "page" : null }, o)));
+  const orgInput = h("input", { name: "org", id: "members-org", value: orgs.includes(org) ? "" : org,
+    placeholder: "another org" });
   const picker = me.any_org ? h("form", { class: "filters", id: "org-picker", onsubmit: (e) => {
     e.preventDefault();
     ctx.go("#/members", { org: orgInput.value.trim() });
-  } }, field("Org", orgInput), h("button", { type: "submit", class: "button" }, "Show members")) : null;
+  } }, field("Other org", orgInput, "A new org exists once it has a member or a key."),
+  h("button", { type: "submit", class: "button" }, "Show members")) : null;
 
   const roles = await api("GET", "/roles", { query: { limit: 200 } });
   const user = h("input", { name: "user", id: "member-user", required: true, placeholder: "e.g. alice" });
@@ -102,7 +114,7 @@ export async function membersPage(main, params, ctx) {
 
   const wrap = table(["User", "Role", "Member since", "Updated", ""], [],
     { id: "members-table", empty: `No members in ${org}.` });
-  add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Members")), picker, wrap, form);
+  add(clear(main), h("div", { class: "page-head" }, h("h1", null, "Members")), orgList, picker, wrap, form);
   await paged(wrap, (cursor) => api("GET", path("orgs", org, "members"), { query: { limit: 100, cursor } }),
     row, ctx.guard);
 }
