@@ -1,4 +1,5 @@
-"""The web page at ``/ui/`` on the admin listener: static files shipped in the package.
+"""The web page at ``/ui/`` on the admin listener, and the admin API's reference at ``/ui/api/``:
+static files shipped in the package.
 
 The page is a client of the admin API and holds no authority of its own: it
 sends the admin key the operator pasted (kept in the tab's sessionStorage) as
@@ -10,6 +11,7 @@ request path ever reaches the filesystem.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +60,7 @@ def load_assets(folder: Path = UI_DIR) -> dict[str, Asset]:
             continue
         body = path.read_bytes()
         assets[path.name] = Asset(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-    if "index.html" not in assets:
+    if "index.html" not in assets or "api.html" not in assets:
         raise RuntimeError(f"the web page's files are missing from {folder}")
     return assets
 
@@ -71,24 +73,35 @@ def _answer(request: web.Request, asset: Asset, cache_control: str) -> web.Respo
 
 
 def add_ui_routes(app: web.Application) -> None:
-    """Serve the web page under ``/ui/``; ``/ui`` redirects there."""
+    """Serve the web page under ``/ui/`` and the API reference under ``/ui/api/``; without the
+    trailing slash each redirects there."""
     assets = load_assets()
     index = assets["index.html"]
+    reference = assets["api.html"]
 
-    async def redirect(_request: web.Request) -> web.Response:
-        raise web.HTTPPermanentRedirect("/ui/")
+    def redirect(to: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(_request: web.Request) -> web.Response:
+            raise web.HTTPPermanentRedirect(to)
+        return handle
 
     async def page(request: web.Request) -> web.Response:
         # The page itself is never stored: a signed-out browser must not show it from cache.
         return _answer(request, index, "no-store")
 
+    async def reference_page(request: web.Request) -> web.Response:
+        # Public like the document it draws (GET /admin/v1/openapi.json needs no key).
+        return _answer(request, reference, "no-cache")
+
     async def asset(request: web.Request) -> web.Response:
         found = assets.get(request.match_info["name"])
-        if found is None or found is index:
+        # Pages only at their own paths, so relative links in them always resolve the same.
+        if found is None or found.content_type.startswith("text/html"):
             raise web.HTTPNotFound(text="not found", headers=_SECURITY_HEADERS)
         # Revalidated on every load (cheap with the ETag), so an upgrade never mixes old and new files.
         return _answer(request, found, "no-cache")
 
-    app.router.add_get("/ui", redirect)
+    app.router.add_get("/ui", redirect("/ui/"))
     app.router.add_get("/ui/", page)
+    app.router.add_get("/ui/api", redirect("/ui/api/"))
+    app.router.add_get("/ui/api/", reference_page)
     app.router.add_get("/ui/{name}", asset)
