@@ -146,6 +146,20 @@ class KeyParser:
                     return _printable(shown)
         return _printable(self._redact(text))
 
+    def redact_text(self, text: str) -> str:
+        """Free text (a log message, a traceback) with every key in it replaced by its id, its lines kept.
+
+        As :meth:`redact`, but what is not a key is left as it is (no escaping: a log line's
+        format escapes what it must).
+        """
+        if "%" in text:
+            decoded = _fully_unquoted(text)
+            if decoded != text:
+                shown = self._redact(decoded)
+                if shown != decoded:
+                    return shown  # SECURITY: "kg_%68..." is a key too
+        return self._redact(text)
+
     def _redact(self, text: str) -> str:
         for prefix in self._prefixes:
             if prefix in text:

@@ -29,6 +29,7 @@ from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_expo
 from .config.schema import Settings
 from .process.gc_tuning import settle_heap
 from .dataplane.listener import ProxyListener, proxy_listener
+from .keys import KeyParser
 from .process.log_format import configure_logging
 from .process.tasks import running_tasks
 from .store import StoreError, configured_store
@@ -131,8 +132,14 @@ def run_worker(settings: Settings, *, reuse_port: bool = False, metrics_dir: Pat
         return 1
 
 
+def configure_logs(settings: Settings) -> None:
+    """Logging as ``[log]`` says, with any key in a record's text shown as its id."""
+    parser = KeyParser(kind.prefix for kind in settings.keys.kinds.values())
+    configure_logging(settings.log.level, settings.log.format, redact=parser.redact_text)
+
+
 def _worker_main(settings: Settings, metrics_dir: Path) -> None:
-    configure_logging(settings.log.level)
+    configure_logs(settings)
     sys.exit(run_worker(settings, reuse_port=True, metrics_dir=metrics_dir))
 
 
@@ -201,7 +208,7 @@ def supervise(settings: Settings) -> int:
 
 
 def serve(settings: Settings) -> int:
-    configure_logging(settings.log.level)
+    configure_logs(settings)
     warn_if_exposed(settings)
     if not settings.upstreams:
         log.error(json.dumps({"event": "startup_failed",

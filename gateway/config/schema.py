@@ -111,7 +111,9 @@ class ProxySettings(_Section):
         "100MiB",
         description='Largest request body forwarded (e.g. "100MiB", "10MB"); larger ones get 413; 0 = unlimited.',
     )
-    access_log: bool = Field(False, description="Log one line per proxied request.")
+    access_log: bool = Field(
+        False, description="Log one line per request the proxy and authz listeners answer (costs CPU per request)."
+    )
     client_timeout: Duration = Field(
         60.0, gt=0, description="Seconds a client may go without sending request body data before it gets 408."
     )
@@ -758,6 +760,11 @@ class LogSettings(_Section):
         Literal["debug", "info", "warning", "error"],
         BeforeValidator(lambda level: level.lower() if isinstance(level, str) else level),
     ] = Field("info", description="Least severe log events written: debug, info, warning or error.")
+    format: Annotated[
+        Literal["json", "text"],
+        BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
+    ] = Field("json", description='How log lines are written on stderr: "json" (one object per line, for '
+                                  'collectors) or "text" (for a terminal).')
 
 
 class Settings(_Section):

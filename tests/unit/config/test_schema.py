@@ -45,6 +45,7 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "config.example.toml"
         (lambda s: s.keys.default_kind, "integration"),
         (lambda s: (s.keys.argon2.time_cost, s.keys.argon2.memory_cost, s.keys.argon2.parallelism), (1, 8192, 1)),
         (lambda s: s.log.level, "info"),
+        (lambda s: s.log.format, "json"),
         (lambda s: (s.upstreams, s.routes), ([], [])),
     ],
 )
@@ -134,6 +135,7 @@ def test_settings_are_immutable() -> None:
         ({"keys.kinds.ci.prefix": "kg_"}, "keys.kinds.ci.prefix = 'kg_': already the prefix of kind integration"),
         ({"keys.default_kind": "ci"}, "keys.default_kind = 'ci': must be one of the configured kinds (integration, automation)"),
         ({"log.level": "verbose"}, "log.level = 'verbose': must be one of 'debug', 'info', 'warning' or 'error'"),
+        ({"log.format": "yaml"}, "log.format = 'yaml': must be one of 'json' or 'text'"),
         ({"upstreams": [{"url": "http://a"}]}, "upstreams.0.name is required"),
         ({"upstreams": [{"name": "app"}]}, "upstreams.0.url is required"),
         ({"upstreams": [{"name": "admin", "url": "http://a"}]}, "upstreams.0.name = 'admin': 'admin' is reserved"),
@@ -209,6 +211,7 @@ def test_invalid_value_is_reported_with_setting_value_and_rule(
         ({"keys.kinds.rk-t.prefix": "rk_t_"}, lambda s: s.keys.kinds["rk-t"].prefix, "rk_t_"),
         ({"keys.kinds.long.prefix": "a_long_prefix_1_"}, lambda s: s.keys.kinds["long"].prefix, "a_long_prefix_1_"),
         ({"log.level": "WARNING"}, lambda s: s.log.level, "warning"),
+        ({"log.format": "Text"}, lambda s: s.log.format, "text"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "read", "methods": ["get", "Post"]}]}, lambda s: s.routes[0].methods, ["GET", "POST"]),
         ({"upstreams": [APP], "routes": [{"path": "/api/servers/{server}/deploy", "operation": "deploy"}]}, lambda s: s.routes[0].path, "/api/servers/{server}/deploy"),
         ({"upstreams": [APP], "routes": [{"path": "/", "operation": "*:read"}]}, lambda s: s.routes[0].operation, "*:read"),
