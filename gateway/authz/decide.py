@@ -24,6 +24,7 @@ import time
 
 from multidict import CIMultiDictProxy
 
+from ..dataplane.access_log import log_access
 from ..dataplane.http1 import ClientGone, Request
 from ..dataplane.proxy import CLIENT_CLOSED, Gateway
 from ..pipeline.authenticate import Attempt
@@ -31,6 +32,7 @@ from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import ratelimit_block
 from ..pipeline.request_ids import request_id_of
 from ..pipeline.target import RequestTarget
+from ..process.log_format import REQUEST_ID
 
 
 # Envoy's HTTP ext_authz removes the headers this names from the upstream request (the key, unless the
@@ -78,10 +80,13 @@ def _one(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> str | None:
 class Decider(Gateway):
     """Stages 1-7 and 9 of the proxy (its recorder, counters and refusals), answering instead of forwarding."""
 
+    LISTENER = "authz"
+
     async def handle(self, request: Request) -> None:  # type: ignore[override]
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
+        REQUEST_ID.set(request_id)
         peer = request.peer
         method, raw_target = request.method, request.raw_path
         attempt = Attempt()
@@ -106,4 +111,6 @@ class Decider(Gateway):
             if attempt.denied is not None and outcome is _ALLOWED:
                 outcome, reason = attempt.denied.outcome, attempt.denied.reason
             status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
-            self._record(method, raw_target, request_target, attempt, outcome, reason, status, peer, started)
+            record = self._record(method, raw_target, request_target, attempt, outcome, reason, status, peer, started)
+            if self.log_requests:
+                log_access(self.LISTENER, request_id, request, record, attempt.target)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from ..models import RequestRecord
+from ..process.log_format import REQUEST_ID
 from ..pipeline.authenticate import Attempt, Authenticator
 from ..pipeline.outcomes import Denied, Outcome, decision_of
 from ..pipeline.ratelimit import RateLimited, ratelimit_block, ratelimit_headers
@@ -25,6 +26,7 @@ from ..pipeline.responses import denial
 from ..pipeline.target import RequestTarget, TargetCanonicalizer
 from ..recorder import Recorder
 from ..store import StoreUnavailable
+from .access_log import log_access
 from .forward import Forwarder, upstream_request_headers
 from .http1 import ClientGone, Request, reason_of
 from .latency import Histogram
@@ -32,7 +34,6 @@ from .latency import Histogram
 WellKnownHandler = Callable[[Request, str], Awaitable[None]]
 
 log = logging.getLogger("keygate.proxy")
-access_log = logging.getLogger("keygate.access")
 
 # Keygate's own endpoints (/.well-known/keygate and below it: discovery, the identity exchange, whoami,
 # self-revocation): never forwarded.
@@ -51,6 +52,8 @@ _ROW = len(OUTCOMES) * STATUS_CLASSES
 
 class Gateway:
     """The proxy listener's handler: stages 1-7 (:class:`Authenticator`), then forward and record."""
+
+    LISTENER = "proxy"  # as the access log names it
 
     def __init__(
         self, *, authenticator: Authenticator, forwarder: Forwarder | None, recorder: Recorder,
@@ -88,6 +91,8 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
+        # Every record written while this request is handled names it (its own task: no reset needed).
+        REQUEST_ID.set(request_id)
         raw = request.raw_path
         if raw.startswith(WELL_KNOWN) and self.well_known is not None \
                 and (len(raw) == _WELL_KNOWN_LENGTH or raw[_WELL_KNOWN_LENGTH] in _WELL_KNOWN_NEXT):
@@ -135,8 +140,10 @@ class Gateway:
             # 9. Record: buffered, written in batches off the request path.
             # (Cancelled because the client went away before its answer: recorded as CLIENT_CLOSED.)
             status = request.status if request.ended or request.status == CLIENT_CLOSED else CLIENT_CLOSED
-            self._record(request.method, request.raw_path, request_target, attempt, outcome, reason, status, peer,
-                         started)
+            record = self._record(request.method, request.raw_path, request_target, attempt, outcome, reason, status,
+                                  peer, started)
+            if self.log_requests:
+                log_access(self.LISTENER, request_id, request, record, attempt.target)
 
     def _refuse(self, request: Request, exc: Exception, request_id: str) -> tuple[Outcome, str | None]:
         """Answer what stages 1-8 raised (a refusal, the store down, or a bug); the outcome and reason to record."""
@@ -170,7 +177,7 @@ class Gateway:
     def _record(
         self, method: str, raw_target: str, request_target: RequestTarget | None, attempt: Attempt,
         outcome: Outcome, reason: str | None, status: int, peer: str, started: float,
-    ) -> None:
+    ) -> RequestRecord:
         """Stage 9 for the request ``method raw_target`` (as judged: the authz listener's is the original one)."""
         now = datetime.now(UTC)
         elapsed = time.perf_counter() - started
@@ -198,12 +205,7 @@ class Gateway:
             None if allowed else reason,
         )
         self.recorder.request(record)
-        if self.log_requests:
-            access_log.info(json.dumps({
-                "event": "request", "key_id": attempt.key_id, "method": record.method, "path": record.path,
-                "decision": record.decision, "status": status, "client_ip": record.client_ip,
-                "duration_ms": record.duration_ms,
-            }))
+        return record
 
 
 __all__ = ["Gateway"]
