@@ -71,6 +71,18 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {"message": message}
 
 
+def _redacted(value: Any, redact: Redactor) -> Any:
+    """``value`` with ``redact`` applied to every string in it, inside lists and dicts too."""
+    kind = type(value)
+    if kind is str:
+        return redact(value)
+    if kind is dict:
+        return {name: _redacted(item, redact) for name, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_redacted(item, redact) for item in value]
+    return value
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, redact: Redactor | None = None) -> None:
         super().__init__()
@@ -84,8 +96,7 @@ class _Formatter(logging.Formatter):
         redact = self._redact
         if record.name not in _REDACTED_AT_SOURCE:
             for name, value in fields.items():
-                if type(value) is str:
-                    fields[name] = redact(value)
+                fields[name] = _redacted(value, redact)
         request_id = REQUEST_ID.get()
         if request_id is not None and "request_id" not in fields:
             fields["request_id"] = request_id

@@ -101,6 +101,7 @@ def test_a_record_written_while_a_request_is_handled_names_it(formatter: type[Js
     (JsonFormatter, "connection to %s failed", (f"http://u/?token={KEY}",)),
     (JsonFormatter, {"event": "x", "error": f"bad key {KEY}"}, ()),
     (JsonFormatter, {"event": "x", "url": "/a?k=" + KEY.replace("kg_", "kg%5F")}, ()),
+    (JsonFormatter, {"event": "x", "details": {"headers": [["Authorization", f"Bearer {KEY}"]]}}, ()),
     (TextFormatter, "connection to %s failed", (f"http://u/?token={KEY}",)),
     (TextFormatter, {"event": "x", "error": f"bad key {KEY}"}, ()),
 ])
