@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -94,7 +95,7 @@ def parse_json(line: str) -> dict[str, Any]:
 
 def parse_text(line: str) -> dict[str, Any]:
     """A text access line's name=value pairs (values as the JSON format would hold them)."""
-    _time, level, logger, event, *pairs = line.split(" ")
+    _time, level, logger, event, *pairs = shlex.split(line)  # quoted values are JSON strings: shell-quotable
     fields: dict[str, Any] = {"level": level.lower(), "logger": logger, "event": event}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -154,6 +155,8 @@ async def test_access_line_per_request(http: aiohttp.ClientSession, request: pyt
         # A refused POST's body may or may not have arrived by the time its line is written.
         assert line["bytes_in"] == len(BODY) if status == 200 else line["bytes_in"] in (0, len(BODY))
         assert line.get("key_id") == (keys[who][0] if has_key else None)
+        if status == 403:
+            assert line["reason"] == "operation 'write' not granted"
         assert line["path"] == path.format(key=writer.id)  # the key in the query shown as its id
         assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
     [gone] = [line for line in lines.values() if line["path"] == f"/bytes/{1 << 30}"]
