@@ -14,7 +14,7 @@ from .auth import AdminAuth
 from .endpoints import PREFIX, Call, Context, Endpoint, route_handler
 from .metrics import metrics_routes
 from .openapi import openapi_document
-from .problems import problem_middleware
+from .problems import problem_middleware, request_id_middleware
 from .ui import add_ui_routes
 
 # Admin requests are small JSON; anything bigger is refused with 413 before it is read whole.
@@ -48,8 +48,10 @@ def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Applicatio
                 "ratelimit_degraded": rt.fallback.decisions if rt.fallback is not None else 0}
         return web.json_response(body, status=200 if ready else 503)
 
-    # The auth middleware is outermost, so it records the final status, problems included.
-    app = web.Application(middlewares=[auth.middleware, problem_middleware], client_max_size=MAX_BODY)
+    # The request id first, so the auth middleware's records and the problem name the same request;
+    # the auth middleware next, so it records the final status, problems included.
+    app = web.Application(middlewares=[request_id_middleware, auth.middleware, problem_middleware],
+                          client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics_routes(app, rt, auth, metrics_dir)

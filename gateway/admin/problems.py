@@ -19,6 +19,7 @@ from aiohttp import web
 from ..manage.errors import ConflictError, Forbidden, InvalidInput, NotFound, ServiceError
 from ..pipeline.request_ids import request_id_of
 from ..pipeline.responses import STORE_RETRY_AFTER
+from ..process.log_format import REQUEST_ID
 from ..store import Conflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("keygate.admin")
@@ -43,8 +44,23 @@ class Problem(Exception):
         self.errors = errors
 
 
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """The request's id for every record written while it is handled, and for its problem's ``instance``.
+
+    aiohttp handles a connection's requests one after another in one task, so the id is reset after each.
+    """
+    token = REQUEST_ID.set(request_id_of(request.headers))
+    try:
+        return await handler(request)
+    finally:
+        REQUEST_ID.reset(token)
+
+
 def problem_response(request: web.Request, problem: Problem) -> web.Response:
-    request_id = request_id_of(request.headers)
+    request_id = REQUEST_ID.get() or request_id_of(request.headers)
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + problem.code,
         "title": HTTPStatus(problem.status).phrase,
