@@ -214,11 +214,16 @@ class KeyService:
     def __init__(
         self, store: Transactions, settings: Settings, *, actor: str,
         clock: Callable[[], datetime] = utcnow, hasher: SecretHasher | None = None,
-        notifier: Notifier | None = None, acting: Actor = OPERATOR,
+        notifier: Notifier | None = None, acting: Actor = OPERATOR, via: str | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.actor = actor
+        # How the actor acted when not by one command (``apply``): in every audit event's details, and in
+        # what a new key's or trust policy's created_by says (``cli:alice via apply``), which is how
+        # ``apply --prune`` knows what it made.
+        self.via = via
+        self.creator = f"{actor} via {via}" if via else actor
         self.acting = acting
         self.clock = clock
         self.hasher = hasher or hasher_from(settings)
@@ -244,6 +249,8 @@ class KeyService:
         self, tx: Transaction, now: datetime, action: str, target: str, *, in_org: str | None, **details: Any,
     ) -> None:
         """One audit event about ``target`` in the org ``in_org`` (None: shared by every org, as roles are)."""
+        if self.via is not None:
+            details["via"] = self.via
         await tx.add_audit(at=now, actor=self.actor, action=action, target=target, details=details, org=in_org,
                            actor_org=self.acting.org)
 
@@ -369,7 +376,7 @@ class KeyService:
                 )
             parsed, secret_hash = await self._new_secret(tx, prefix)
             record = KeyRecord(
-                id=parsed.key_id, kind=kind, created_by=self.actor, created_at=now, revoked_at=None,
+                id=parsed.key_id, kind=kind, created_by=self.creator, created_at=now, revoked_at=None,
                 last_used_at=None, last_used_ip=None, secret_hash=secret_hash, canary=canary, **values,
             )
             await self._check_within(tx, record, "the new key")
@@ -537,7 +544,7 @@ class KeyService:
             await tx.save_key(old_updated)
             parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, old.kind))
             new = replace(
-                old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.actor, created_at=now,
+                old, id=parsed.key_id, secret_hash=secret_hash, created_by=self.creator, created_at=now,
                 revoked_at=None, last_used_at=None, last_used_ip=None, idle_notified_at=None, expiry_warned_for=None,
                 leaked_at=None,  # the new secret was never out: rotating is how a flagged leak is fixed
             )
@@ -625,7 +632,7 @@ class KeyService:
         record = KeyRecord(
             id=parsed.key_id, kind=kind, name=f"agent key of {user}", org=org, user=user, role=None,
             operations=(), servers=("*",), ip_allowlist=(), rate_limit=None, agent=True,
-            created_by=self.actor, created_at=now, expires_at=None, revoked_at=None,
+            created_by=self.creator, created_at=now, expires_at=None, revoked_at=None,
             last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
         )
         await tx.insert_key(record)
@@ -846,7 +853,7 @@ class KeyService:
                 sets.append(values["operations"])
             acting.check_within("the keys the policy yields", sets, values["servers"])
             policy = TrustPolicy(
-                created_by=before.created_by if before else self.actor,
+                created_by=before.created_by if before else self.creator,
                 created_at=before.created_at if before else now, updated_at=now, **values,
             )
             await tx.put_trust_policy(policy)
@@ -888,7 +895,7 @@ class KeyService:
             record = KeyRecord(
                 id=parsed.key_id, kind=EXCHANGED_KIND, name=exchanged_key_name(policy, claims), org=policy.org,
                 user="", role=policy.role, operations=policy.operations, servers=policy.servers,
-                ip_allowlist=policy.ip_allowlist, rate_limit=policy.rate_limit, created_by=self.actor,
+                ip_allowlist=policy.ip_allowlist, rate_limit=policy.rate_limit, created_by=self.creator,
                 created_at=now, expires_at=now + timedelta(seconds=policy.lifetime), revoked_at=None,
                 last_used_at=None, last_used_ip=None, secret_hash=secret_hash,
             )
