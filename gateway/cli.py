@@ -29,6 +29,8 @@ from .identity import login as people
 from .identity.credentials import CredentialsError
 from .identity.device import LoginError, printable
 from .manage.service import UNSET, KeyService, ServiceError, bootstrap, resolve_pepper
+from .manage import reconcile
+from .manage.declared import StateProblems
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
 
 T = TypeVar("T")
@@ -104,6 +106,10 @@ def run(coro: Awaitable[T]) -> T:
     """Run ``coro``, turning known failures into one line and an exit status."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    except StateProblems as exc:  # a state file: every problem, one line each
+        for line in exc.lines():
+            click.echo(f"keygate: {line}", err=True)
+        sys.exit(EXIT_USAGE)
     except ServiceError as exc:
         fail(str(exc))
     except StoreUnavailable as exc:
@@ -667,6 +673,46 @@ def trust_remove(ctx: click.Context, name: str) -> None:
     """Remove a trust policy; keys already exchanged under it work until they expire."""
     with_service(ctx, lambda svc: svc.remove_trust_policy(name))
     click.echo(f"removed trust policy {name}")
+
+
+# -- declarative state -----------------------------------------------------
+@main.command("apply")
+@click.option("-f", "--file", "state_file", required=True, metavar="FILE", help="The state file (TOML); - reads stdin.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--prune", is_flag=True, help="Also remove what the file leaves out: roles, the members of the orgs "
+              "it lists, and the keys and trust policies apply made (never others).")
+@click.pass_context
+def apply_command(ctx: click.Context, state_file: str, dry_run: bool, prune: bool) -> None:
+    """Make the store match a state file: roles, members, trust policies and named keys; print each new key once."""
+    try:
+        text = sys.stdin.read() if state_file == "-" else open(state_file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{state_file}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
+    done = with_service(ctx, lambda svc: reconcile.apply_state(svc, text, prune=prune, dry_run=dry_run,
+                                                                show=click.echo))
+    if dry_run:
+        click.echo("Dry run: nothing was changed.")
+    elif done.plan.changes:
+        click.echo(f"Applied {len(done.plan.changes)} changes.")
+    for record, full in done.created:
+        click.echo()
+        show_new_key(record, full, False, utcnow())
+
+
+@main.command("export")
+@click.option("-o", "--output", metavar="FILE", help="Write the state file here (default: stdout).")
+@click.pass_context
+def export_command(ctx: click.Context, output: str | None) -> None:
+    """Print the store's roles, members, trust policies and named keys as a state file for apply (no secrets)."""
+    text = with_service(ctx, reconcile.export_state)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
+    except OSError as exc:
+        fail(f"{output}: cannot write it: {exc.strerror}")
 
 
 # -- audit -----------------------------------------------------------------
