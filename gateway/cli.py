@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 import click
@@ -685,7 +686,7 @@ def trust_remove(ctx: click.Context, name: str) -> None:
 def apply_command(ctx: click.Context, state_file: str, dry_run: bool, prune: bool) -> None:
     """Make the store match a state file: roles, members, trust policies and named keys; print each new key once."""
     try:
-        text = sys.stdin.read() if state_file == "-" else open(state_file, encoding="utf-8").read()
+        text = sys.stdin.read() if state_file == "-" else Path(state_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{state_file}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
     done = with_service(ctx, lambda svc: reconcile.apply_state(svc, text, prune=prune, dry_run=dry_run,
@@ -709,8 +710,7 @@ def export_command(ctx: click.Context, output: str | None) -> None:
         click.echo(text, nl=False)
         return
     try:
-        with open(output, "w", encoding="utf-8") as file:
-            file.write(text)
+        Path(output).write_text(text, encoding="utf-8")
     except OSError as exc:
         fail(f"{output}: cannot write it: {exc.strerror}")
 

@@ -33,6 +33,7 @@ _LISTS = ("operations", "servers", "ip_allowlist")
 _TEXTS = ("issuer", "audience", "name", "org", "kind", "user", "role", "rate_limit", "jwks_file")
 DEFAULT_ORG = "default"  # as for `keys create` and `trust add`
 _RELATIVE = re.compile(r"\d+\s*[a-z]+", re.IGNORECASE)
+_NO_CLOCK = datetime(1970, 1, 1, tzinfo=UTC)
 EXPIRES_FORMS = "use a date (2027-01-31), a date-time (2027-01-31T12:00:00Z) or \"never\""
 
 
@@ -260,12 +261,13 @@ def _keys(reader: _Reader, section: Any) -> dict[tuple[str, str], DeclaredKey]:
             reader.problem(f"{path}.kind", f"kind {kind!r}: unknown; configured kinds are "
                                            f"{', '.join(sorted(reader.settings.keys.kinds))}")
             kind = reader.settings.keys.default_kind
+        # Checked against the clock only when it is set (reconcile): a key that has expired,
+        # declared as it is, is no change.
         expires = _expiry(reader, f"{path}.expires", entry["expires"]) if "expires" in entry else None
-        # The expiry is checked against the clock only when it is set (reconcile): a key that has
-        # expired, declared as it is, is no change.
         values = reader.checked(path, lambda: _new_key_values(
-            # An unnamed entry's problem is said once, above; its other fields are still checked.
-            reader.settings, datetime.now(UTC), name=given.get("name", "unnamed"), kind=kind,
+            # An unnamed entry's problem is said once, above; its other fields are still checked. No
+            # clock is read: the expiry is checked above, and against the clock only when set (reconcile).
+            reader.settings, _NO_CLOCK, name=given.get("name", "unnamed"), kind=kind,
             org=given.get("org", DEFAULT_ORG), user=given.get("user", ""), role=given.get("role"),
             operations=given.get("operations", ()), servers=given.get("servers", ()),
             ip_allowlist=given.get("ip_allowlist", ()), rate_limit=given.get("rate_limit"), expires="never",
