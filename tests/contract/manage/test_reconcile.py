@@ -260,3 +260,20 @@ async def test_expiry_is_checked_only_when_it_is_set(service: KeyService, clock:
         await apply_state(service, exported.replace('name = "short"', 'name = "new"'))
     assert [line.split(": ")[0] for line in refused.value.lines()] == ["keys[0].expires"]
     assert "already past" in refused.value.lines()[0]
+
+
+async def test_role_member_and_policy_changes_are_one_update_each(service: KeyService, store: KeyStore) -> None:
+    """A changed role, member and trust policy are updated in place, each one audited event."""
+    await apply_state(service, STATE.replace('alice = "deployer"', 'alice = "deployer"\nbob = "admin"'))
+    before = len(await events(store))
+    changed = (STATE.replace('grants = ["deploy", "servers:read"]', 'grants = ["deploy"]')
+               .replace('alice = "deployer"', 'alice = "deployer"\nbob = "deployer"')
+               .replace('servers = ["prod-1"]\nlifetime', 'servers = ["prod-1", "prod-2"]\nlifetime'))
+    done = await apply_state(service, changed)
+    assert [c.line() for c in done.plan.changes] == [
+        "~ update role deployer: grants [deploy, servers:read] -> [deploy]",
+        "~ update member acme/bob: role admin -> deployer",
+        "~ update trust policy shop-deploy: servers [prod-1] -> [prod-1, prod-2]"]
+    assert [a for _, a, _ in (await events(store))[before:]] == ["role.set", "member.set", "trust.set"]
+    assert (await service.get_trust_policy("shop-deploy")).servers == ("prod-1", "prod-2")
+    assert (await apply_state(service, changed)).plan.changes == []
