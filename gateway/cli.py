@@ -694,7 +694,8 @@ def apply_command(ctx: click.Context, state_file: str, dry_run: bool, prune: boo
     if dry_run:
         click.echo("Dry run: nothing was changed.")
     elif done.plan.changes:
-        click.echo(f"Applied {len(done.plan.changes)} changes.")
+        count = len(done.plan.changes)
+        click.echo(f"Applied {count} change{'' if count == 1 else 's'}.")
     for record, full in done.created:
         click.echo()
         show_new_key(record, full, False, utcnow())
