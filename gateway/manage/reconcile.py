@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import AsyncIterator
 
 from .declared import StateProblems, read_state, render_state
@@ -37,9 +38,12 @@ class _Held:
 
     def __init__(self) -> None:
         self.changes: list[tuple[str, str]] = []
+        self.at: datetime | None = None  # the first change's time in the change feed
 
-    async def publish(self, changes: Sequence[tuple[str, str]]) -> bool:
+    async def publish(self, changes: Sequence[tuple[str, str]], *, at: datetime | None = None) -> bool:
         self.changes += changes
+        if self.at is None:
+            self.at = at
         return True
 
 
@@ -89,7 +93,7 @@ async def apply_state(service: KeyService, text: str, *, prune: bool = False, dr
                 created.append(result)
     # Only after the commit: a gateway that hears of a change must read the new state.
     if held.changes and service.notifier is not None:
-        await service.notifier.publish(held.changes)
+        await service.notifier.publish(held.changes, at=held.at)
     return Applied(plan, created, dry_run)
 
 
