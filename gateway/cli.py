@@ -347,8 +347,9 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
 @keys.command("list")
 @click.option("--org")
 @click.option("--user")
-@click.option("--status", type=click.Choice(["active", "idle", "expired", "revoked"]),
-              help="idle: unused for keys.idle_after (only when that is set).")
+@click.option("--status", type=click.Choice(["active", "idle", "rotating", "expired", "revoked"]),
+              help="idle: unused for keys.idle_after (only when that is set); rotating: replaced by "
+                   "`keys rotate --grace`, still valid until its revoked_at.")
 @click.option("--kind")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)

@@ -12,6 +12,8 @@ class KeyStatus(StrEnum):
     ACTIVE = "active"
     # Active, but unused for keys.idle_after (only when that is set): still authorizes.
     IDLE = "idle"
+    # Replaced by a rotation with a grace period: still authorizes until its revoked_at.
+    ROTATING = "rotating"
     EXPIRED = "expired"
     REVOKED = "revoked"
 
@@ -56,11 +58,14 @@ class KeyRecord:
         return self.last_used_at if self.last_used_at is not None else self.created_at
 
     def status(self, now: datetime, idle_after: float = 0) -> KeyStatus:
-        """Revoked, expired, else idle (unused for ``idle_after`` seconds, when that is set) or active."""
+        """Revoked, expired, rotating (revoked at a time still to come: a rotation's grace), else idle
+        (unused for ``idle_after`` seconds, when that is set) or active."""
         if self.revoked_at is not None and self.revoked_at <= now:
             return KeyStatus.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
             return KeyStatus.EXPIRED
+        if self.revoked_at is not None:
+            return KeyStatus.ROTATING
         # A canary is unused by design: never idle (nor expired for idleness, which would end the tripwire).
         if idle_after > 0 and not self.canary and (now - self.last_activity()).total_seconds() >= idle_after:
             return KeyStatus.IDLE

@@ -161,8 +161,9 @@ class PageQuery(_Edge):
 class KeyListQuery(PageQuery):
     org: str | None = None
     user: str | None = None
-    status: Literal["active", "idle", "expired", "revoked"] | None = Field(
-        None, description="idle: unused for keys.idle_after (refused while that is 0).")
+    status: Literal["active", "idle", "rotating", "expired", "revoked"] | None = Field(
+        None, description="idle: unused for keys.idle_after (refused while that is 0); rotating: replaced by a "
+        "rotation, still valid until its revoked_at.")
     kind: str | None = None
 
 
@@ -211,7 +212,7 @@ class KeyOut(_Edge):
     last_used_ip: str | None
     canary: bool = Field(description="A decoy: it never authorizes, and any use of it is an alarm.")
     leaked_at: Timestamp | None = Field(description="When a leak of the key was reported.")
-    status: Literal["active", "idle", "expired", "revoked"]
+    status: Literal["active", "idle", "rotating", "expired", "revoked"]
 
 
 class KeyCreated(KeyOut):

@@ -392,7 +392,7 @@ class KeyService:
         try:
             wanted = KeyStatus(status) if status else None
         except ValueError:
-            raise InvalidInput(f"status {status!r}: use active, idle, expired or revoked") from None
+            raise InvalidInput(f"status {status!r}: use active, idle, rotating, expired or revoked") from None
         idle_after = self.settings.keys.idle_after
         if wanted is KeyStatus.IDLE and not idle_after:
             raise InvalidInput("status 'idle': no key is idle while keys.idle_after is 0 (off); set it, e.g. "

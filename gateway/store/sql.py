@@ -207,7 +207,8 @@ class SqlTransaction:
         """Newest first; ``after`` is the (created_at, id) of the last key of the previous page.
 
         With ``idle_after`` (seconds, 0 = off), ``active`` means unrevoked, unexpired and used (or
-        created) within it and ``idle`` the rest of the unrevoked, unexpired keys.
+        created) within it and ``idle`` the rest of the unrevoked, unexpired keys. ``rotating`` is an
+        unexpired key whose revoked_at is still to come (a rotation's grace).
         """
         where, args = ["1 = 1"], []
         if after is not None:
@@ -226,9 +227,13 @@ class SqlTransaction:
         elif status is KeyStatus.EXPIRED:
             where.append("(revoked_at IS NULL OR revoked_at > ?) AND expires_at IS NOT NULL AND expires_at <= ?")
             args += [at, at]
-        elif status in (KeyStatus.ACTIVE, KeyStatus.IDLE):
-            where.append("(revoked_at IS NULL OR revoked_at > ?) AND (expires_at IS NULL OR expires_at > ?)")
+        elif status is KeyStatus.ROTATING:
+            where.append("revoked_at IS NOT NULL AND revoked_at > ? AND (expires_at IS NULL OR expires_at > ?)")
             args += [at, at]
+        elif status in (KeyStatus.ACTIVE, KeyStatus.IDLE):
+            # A key with a revoked_at still to come is rotating, neither active nor idle.
+            where.append("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)")
+            args += [at]
             if idle_after > 0:
                 # A canary is never idle (KeyRecord.status): it is unused by design.
                 since = "COALESCE(last_used_at, created_at)"

@@ -127,7 +127,7 @@ async def test_revoke_is_idempotent(admin: Admin) -> None:
     assert await events(admin, key_id) == [("key.create", "cli:test"), ("key.revoke", admin.root_id)]
 
 
-@pytest.mark.parametrize(("body", "old_status"), [(None, "revoked"), ({"grace": "1h"}, "active")])
+@pytest.mark.parametrize(("body", "old_status"), [(None, "revoked"), ({"grace": "1h"}, "rotating")])
 async def test_rotate_answers_the_new_key_and_the_old_record(
     admin: Admin, body: dict[str, str] | None, old_status: str,
 ) -> None:
@@ -140,6 +140,9 @@ async def test_rotate_answers_the_new_key_and_the_old_record(
     assert (new["operations"], new["servers"]) == (["deploy"], ["prod-1"])
     assert new["rotated_from"] == old_id and new["old_key"]["id"] == old_id
     assert new["old_key"]["status"] == old_status and new["old_key_revoked_at"] == new["old_key"]["revoked_at"]
+    assert (await admin.call("GET", f"{KEYS}/{old_id}")).body["status"] == old_status
+    listed = await admin.call("GET", KEYS, params={"status": old_status})
+    assert old_id in [k["id"] for k in listed.body["items"]]
     assert await events(admin, old_id) == [("key.create", "cli:test"), ("key.rotate", admin.root_id)]
 
 

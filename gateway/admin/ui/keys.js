@@ -6,7 +6,7 @@ import { add, badge, chips, clear, field, h, table, time, words } from "./dom.js
 import { auditTable, requestTable } from "./audit.js";
 import { usageCard } from "./usage.js";
 
-const STATUSES = ["active", "idle", "expired", "revoked"];
+const STATUSES = ["active", "idle", "rotating", "expired", "revoked"];
 const EXPIRIES = [["7d", "7 days"], ["30d", "30 days"], ["90d", "90 days"], ["1y", "1 year"],
   ["never", "Never"], ["custom", "Custom date"]];
 const GRACES = [["", "No grace: old key revoked now"], ["1h", "Old key works 1 more hour"],

@@ -150,13 +150,16 @@ async def test_rotate_revokes_now_by_default(service: KeyService, store: KeyStor
 
 
 async def test_rotate_with_grace_keeps_the_old_key_until_then(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
-    """With a grace period the old key stays active until it ends."""
+    """With a grace period the old key is rotating (and still works) until it ends, then revoked."""
     old, _ = await service.create_key(name="ci", role="admin")
     await service.rotate_key(old.id, grace="1h")
     reloaded = await store.get_key(old.id)
-    assert reloaded is not None and reloaded.status(clock()) is KeyStatus.ACTIVE
+    assert reloaded is not None and reloaded.status(clock()) is KeyStatus.ROTATING
+    assert [k.id for k in await service.list_keys(status="rotating")] == [old.id]
     clock.advance(hours=1)
     assert reloaded.status(clock()) is KeyStatus.REVOKED
+    assert await service.list_keys(status="rotating") == []
+    assert [k.id for k in await service.list_keys(status="revoked")] == [old.id]
 
 
 async def test_rotate_refuses_a_bad_grace(service: KeyService) -> None:

@@ -120,14 +120,19 @@ async def test_list_keys_pages_newest_first(store: KeyStore) -> None:
     assert [k.id for k in second] == ["kg_page00000002", "kg_page00000001"]
 
 
-async def test_future_revocation_is_not_yet_revoked(store: KeyStore) -> None:
-    """A key revoked after a grace period stays active until then."""
+@pytest.mark.parametrize(("hours", "status", "listed"), [
+    (0, KeyStatus.ROTATING, True), (0, KeyStatus.ACTIVE, False), (0, KeyStatus.IDLE, False),
+    (0, KeyStatus.REVOKED, False), (2, KeyStatus.REVOKED, True), (2, KeyStatus.ROTATING, False),
+])
+async def test_future_revocation_is_rotating_until_then(store: KeyStore, hours: int, status: KeyStatus,
+                                                         listed: bool) -> None:
+    """A key revoked after a grace period is rotating (neither active nor revoked) until then, revoked after."""
     async with store.transaction() as tx:
         await tx.insert_key(a_key(revoked_at=T0 + timedelta(hours=1)))
     async with store.read() as tx:
-        active = await tx.list_keys(now=T0, status=KeyStatus.ACTIVE)
-        later = await tx.list_keys(now=T0 + timedelta(hours=2), status=KeyStatus.REVOKED)
-    assert [k.id for k in active] == [k.id for k in later] == ["kg_AAAAAAAAAAAA"]
+        found = await tx.list_keys(now=T0 + timedelta(hours=hours), status=status, idle_after=3600 * 24 * 365)
+    assert [k.id for k in found] == (["kg_AAAAAAAAAAAA"] if listed else [])
+    assert (found[0].status(T0 + timedelta(hours=hours)) is status) if listed else True
 
 
 async def test_one_unrevoked_agent_key_per_user_and_org(store: KeyStore) -> None:
