@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web, web_response
 
 from ..runtime import Runtime
 from ..manage.service import hasher_from
@@ -34,6 +34,17 @@ def api_endpoints() -> tuple[Endpoint, ...]:
     return endpoints
 
 
+# aiohttp gives every answer `Server: Python/3.x aiohttp/3.y`, which tells an attacker what to try. The app's
+# answers go through no_server_header, which drops it; aiohttp's own answers to a request it cannot parse (400)
+# are made before any app hook, so its default for them is a fixed name without a version.
+web_response.SERVER_SOFTWARE = "keygate"
+
+
+async def no_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """Keygate's own answers carry no Server header (README, "Server header")."""
+    response.headers.popall(hdrs.SERVER, None)
+
+
 def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Application:
     """The admin listener's app; ``metrics_dir`` is the per-run directory workers share metrics through."""
     auth = AdminAuth(rt.authenticator, rt.recorder)
@@ -52,6 +63,7 @@ def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Applicatio
     # the auth middleware next, so it records the final status, problems included.
     app = web.Application(middlewares=[request_id_middleware, auth.middleware, problem_middleware],
                           client_max_size=MAX_BODY)
+    app.on_response_prepare.append(no_server_header)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics_routes(app, rt, auth, metrics_dir)

@@ -1,0 +1,75 @@
+"""No listener says what it runs on: no ``Server`` header in Keygate's own answers (README, "Server header"),
+and a fixed ``Server: keygate`` on the admin listener's answer to a request it cannot parse.
+
+A proxied answer keeps the upstream's own ``Server`` header, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from .conftest import bearer
+from .harness import Keygate, Upstream
+from .rawhttp import read_response
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
+    """A gateway with all three listeners: proxy, authz and admin."""
+    keygate = Keygate(tmp_path_factory.mktemp("server-header"), upstream.url, authz="").start()
+    yield keygate
+    keygate.stop()
+
+
+def own_answers(gateway: Keygate) -> list[tuple[str, str, dict[str, str]]]:
+    """(listener URL, path, headers) of requests each listener answers itself, good and refused."""
+    return [
+        (gateway.admin_url, "/healthz", {}),
+        (gateway.admin_url, "/readyz", {}),
+        (gateway.admin_url, "/nowhere", {}),
+        (gateway.admin_url, "/admin/v1/keys", {}),
+        (gateway.admin_url, "/admin/v1/keys", bearer("kg_AAAAAAAAAAAA_notakey")),
+        (gateway.admin_url, "/", {}),
+        (gateway.proxy_url, "/anything", {}),
+        (gateway.proxy_url, "/anything", bearer("kg_AAAAAAAAAAAA_notakey")),
+        (gateway.authz_url, "/auth", {}),
+        (gateway.authz_url, "/auth", bearer("kg_AAAAAAAAAAAA_notakey")),
+    ]
+
+
+async def test_own_answers_have_no_server_header(gateway: Keygate) -> None:
+    async with aiohttp.ClientSession() as http:
+        for url, path, headers in own_answers(gateway):
+            async with http.get(url + path, headers=headers, allow_redirects=False) as reply:
+                assert "Server" not in reply.headers, (url, path, reply.status, reply.headers["Server"])
+
+
+@pytest.mark.parametrize("listener", ["proxy", "authz", "admin"])
+async def test_malformed_request_answer_has_no_server_header(gateway: Keygate, listener: str) -> None:
+    """Even the answer to bytes that are not HTTP, which no handler sees."""
+    port = {"proxy": gateway.proxy_port, "authz": gateway.authz_port, "admin": gateway.admin_port}[listener]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        await writer.drain()
+        response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None and response.status == 400
+    server = [line for line in response.head.lower().split(b"\r\n") if line.startswith(b"server:")]
+    # The admin listener's HTTP library answers these itself, naming no software nor version.
+    assert server == ([b"server: keygate"] if listener == "admin" else []), response.head
+
+
+async def test_proxied_answer_keeps_the_upstream_server_header(gateway: Keygate, upstream: Upstream) -> None:
+    _, key = await gateway.key(name="server-header", role="admin")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(upstream.url + "/echo") as direct:
+            upstream_server = direct.headers.getall("Server")
+        async with http.get(gateway.proxy_url + "/echo", headers=bearer(key)) as proxied:
+            assert proxied.status == 200
+            assert proxied.headers.getall("Server") == upstream_server
