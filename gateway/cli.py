@@ -56,9 +56,10 @@ def cli_actor() -> str:
         return f"cli:uid-{os.getuid()}"
 
 
-def settings_from(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Settings:
+def settings_from(ctx: click.Context, overrides: dict[str, Any] | None = None, *, serving: bool = False) -> Settings:
+    """The settings, else one line per problem and exit 2; ``serving``: also what serve needs (serve, check-config)."""
     try:
-        return load_settings(config_file=ctx.obj.get("config_file"), overrides=overrides)
+        return load_settings(config_file=ctx.obj.get("config_file"), overrides=overrides, serving=serving)
     except ConfigError as exc:
         for line in exc.problems:
             click.echo(f"keygate: invalid configuration: {line}", err=True)
@@ -287,7 +288,7 @@ def serve(ctx: click.Context, workers: int | None, proxy_listen: str | None, adm
     from .serve import serve as run_server
 
     settings = settings_from(ctx, {"proxy.workers": workers, "proxy.listen": proxy_listen,
-                                   "admin.listen": admin_listen})
+                                   "admin.listen": admin_listen}, serving=True)
     sys.exit(run_server(settings))
 
 
@@ -304,10 +305,17 @@ def quickstart(ctx: click.Context, proxy_listen: str | None, admin_listen: str |
 
 
 @main.command("check-config")
+@click.option("--settings-only", is_flag=True,
+              help="Check only that each setting is valid (what migrate and the key commands need), "
+                   "not also what serve needs.")
 @click.pass_context
-def check_config(ctx: click.Context) -> None:
-    """Print the effective settings, secrets masked."""
-    click.echo(render_toml(masked(settings_from(ctx))), nl=False)
+def check_config(ctx: click.Context, settings_only: bool) -> None:
+    """Check the settings as `keygate serve` does at start-up and print them, secrets masked.
+
+    Every problem serve would stop on is one line on stderr, all of them at once, and the exit
+    status is then 2, as serve's.
+    """
+    click.echo(render_toml(masked(settings_from(ctx, serving=not settings_only))), nl=False)
 
 
 # -- keys ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .admin.listener import admin_app
 from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_exposed
+from .config.load import serving_problems
 from .config.schema import Settings
 from .process.gc_tuning import settle_heap
 from .dataplane.listener import ProxyListener, proxy_listener
@@ -210,9 +211,11 @@ def supervise(settings: Settings) -> int:
 def serve(settings: Settings) -> int:
     configure_logs(settings)
     warn_if_exposed(settings)
-    if not settings.upstreams:
-        log.error(json.dumps({"event": "startup_failed",
-                              "error": "no upstreams configured: add an [[upstreams]] table (name, url)"}))
+    # `keygate serve` loads its settings with serving=True, which reports these before; this is for other callers.
+    problems = serving_problems(settings.model_dump())
+    for problem in problems:
+        log.error(json.dumps({"event": "startup_failed", "error": problem}))
+    if problems:
         return 2
     if settings.proxy.workers > 1:
         return supervise(settings)

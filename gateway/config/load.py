@@ -43,6 +43,7 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     cwd: Path | None = None,
+    serving: bool = False,
 ) -> Settings:
     """The effective settings, or :class:`ConfigError` listing every problem.
 
@@ -50,6 +51,9 @@ def load_settings(
     in ``cwd`` when present. ``overrides`` (command-line flags) take nested
     tables or dotted keys (``{"proxy.listen": "0.0.0.0:9000"}``); ``None``
     values are skipped, so options not given can be passed as they are.
+    With ``serving``, what :func:`serving_problems` finds is reported too,
+    with the other problems: ``keygate serve`` and ``keygate check-config``
+    load settings this way.
     """
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else Path(cwd)
@@ -69,13 +73,26 @@ def load_settings(
     if unreadable:
         # Validating without the file would report settings it may well fix.
         raise ConfigError(problems)
+    merged = functools.reduce(_merge, layers)
+    # On the merged values, so they are reported even when a setting is also wrong.
+    unservable = serving_problems(merged) if serving else []
     try:
-        settings = Settings.model_validate(functools.reduce(_merge, layers))
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(problems + _describe(exc)) from None
-    if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems + _describe(exc) + unservable) from None
+    if problems or unservable:
+        raise ConfigError(problems + unservable)
     return settings
+
+
+def serving_problems(values: Mapping[str, Any]) -> list[str]:
+    """What serving needs beyond settings that are each valid, one line per problem: the one list
+    ``keygate serve`` (before it exits 2) and ``keygate check-config`` check. ``values`` are settings as
+    merged (a :class:`Settings` dumped, or not yet validated)."""
+    problems = []
+    if not values.get("upstreams"):
+        problems.append("no upstreams configured: add an [[upstreams]] table (name, url)")
+    return problems
 
 
 def _config_file(

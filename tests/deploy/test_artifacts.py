@@ -371,22 +371,24 @@ class Checked:
         return float(self.settings["proxy"]["shutdown_grace"])
 
 
-def check_config(folder: Path, env: dict[str, str], config: str | None) -> subprocess.CompletedProcess[str]:
-    """``keygate [--config FILE] check-config`` with exactly ``env`` for its KEYGATE_* variables."""
+def check_config(folder: Path, env: dict[str, str], config: str | None,
+                 serves: bool = True) -> subprocess.CompletedProcess[str]:
+    """``keygate [--config FILE] check-config`` with exactly ``env`` for its KEYGATE_* variables
+    (``--settings-only`` for a container that does not serve, e.g. a migrate job)."""
     folder.mkdir(parents=True, exist_ok=True)
     command = [KEYGATE]
     if config is not None:
         file = folder / "keygate.toml"
         file.write_text(config)
         command += ["--config", str(file)]
-    command.append("check-config")
+    command += ["check-config"] + ([] if serves else ["--settings-only"])
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | env
     # cwd: an empty folder, so no ./keygate.toml is picked up by accident.
     return subprocess.run(command, cwd=folder, env=run_env, capture_output=True, text=True, timeout=120)
 
 
-def checked(folder: Path, env: dict[str, str], config: str | None) -> Checked:
-    result = check_config(folder, env, config)
+def checked(folder: Path, env: dict[str, str], config: str | None, serves: bool = True) -> Checked:
+    result = check_config(folder, env, config, serves)
     assert result.returncode == 0 and not result.stderr, (
         f"keygate check-config refused the settings (exit {result.returncode}):\n{result.stderr}"
     )
@@ -431,7 +433,7 @@ def workload_settings(workload: Workload) -> tuple[dict[str, str], str | None]:
 def _checked_workload(workload_id: str, folder: str) -> Checked:
     workload = next(w for w in workloads() if w.id == workload_id)
     env, config = workload_settings(workload)
-    return checked(Path(folder) / re.sub(r"\W+", "_", workload_id), env, config)
+    return checked(Path(folder) / re.sub(r"\W+", "_", workload_id), env, config, workload.serves)
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +456,8 @@ def test_check_config_refuses_what_keygate_does_not_know(tmp_path: Path) -> None
 
 
 def test_the_image_settings_are_keygate_settings(tmp_path: Path) -> None:
-    settings = checked(tmp_path, image_env(), None)
+    # The image's settings leave the upstreams to the deployment.
+    settings = checked(tmp_path, image_env(), None, serves=False)
     assert settings.port("proxy") == 8000 and settings.port("admin") == 8001
     assert settings.settings["store"]["url"] == "sqlite:////data/keygate.db"
 
@@ -918,7 +921,7 @@ def seconds(duration: str) -> float:
 @pytest.mark.parametrize("name", ["keygate", "migrate"])
 def test_compose_carries_valid_keygate_settings(name: str, tmp_path: Path) -> None:
     env, config = compose_settings(name)
-    settings = checked(tmp_path, env, config)
+    settings = checked(tmp_path, env, config, serves=name == "keygate")
     assert settings.settings["store"]["url"].startswith("postgresql://keygate:")
     assert urlparse(settings.settings["store"]["url"]).hostname == "postgres"
     if name == "keygate":

@@ -312,7 +312,8 @@ def test_bad_route_placeholder_is_one_line_and_exit_2(
 def test_check_config_masks_secrets(fixed_env: dict[str, str]) -> None:
     """check-config prints the effective settings with passwords and the pepper masked."""
     env = {**fixed_env, "KEYGATE_STORE__URL": "postgresql://kg:hunter2@db/keygate",
-           "KEYGATE_KEYS__PEPPER": "p" * 40, "KEYGATE_PROXY__LISTEN": "0.0.0.0:9000"}
+           "KEYGATE_KEYS__PEPPER": "p" * 40, "KEYGATE_PROXY__LISTEN": "0.0.0.0:9000",
+           "KEYGATE_UPSTREAMS": '[{"name": "app", "url": "http://127.0.0.1:9"}]'}
     out = keygate(env, "check-config").stdout
     assert "hunter2" not in out and "p" * 40 not in out
     assert "0.0.0.0:9000" in out and "***" in out
