@@ -26,6 +26,7 @@ from .config.render import masked, render_toml
 from .config.schema import Settings
 from .models import KeyRecord, Role, TrustPolicy, iso
 from .cache.notices import change_publisher
+from .cli_output import details, emit_data, emit_json, emit_names, output_options, table
 from .identity import login as people
 from .identity.credentials import CredentialsError
 from .identity.device import LoginError, printable
@@ -33,6 +34,7 @@ from .manage.service import UNSET, KeyService, ServiceError, bootstrap, resolve_
 from .manage import reconcile
 from .manage.declared import StateProblems
 from .store import KeyStore, StoreError, StoreUnavailable, Transaction, configured_store
+from .store.sqlite import path_from_url
 
 T = TypeVar("T")
 
@@ -74,12 +76,16 @@ class StoreOnFirstUse:
     store's file.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, needs_store: bool = False) -> None:
         self.settings = settings
+        # A command that reads, or changes what must exist, never creates the embedded store's file.
+        self.needs_store = needs_store
         self._store: KeyStore | None = None
 
     async def _opened(self) -> KeyStore:
         if self._store is None:
+            if self.needs_store:
+                refuse_missing_store(self.settings)
             store = configured_store(self.settings.store)
             await store.open()
             self._store = store
@@ -104,6 +110,20 @@ class StoreOnFirstUse:
             await self._store.close()
 
 
+def refuse_missing_store(settings: Settings) -> None:
+    """Exit 1 with one line when the embedded store's file does not exist (opening it would create it).
+
+    Exit 1, as for an unreachable store: the command is right, the store it needs is not there.
+    """
+    url = settings.store.url
+    if not url.startswith("sqlite:///"):
+        return
+    path = path_from_url(url)
+    if not path.exists():
+        fail(f"no store at {path.absolute()} (store.url = {url}): nothing has been created yet; "
+             "run `keygate keys create` or `keygate serve` first, or point store.url at your store", EXIT_UNAVAILABLE)
+
+
 def run(coro: Awaitable[T]) -> T:
     """Run ``coro``, turning known failures into one line and an exit status."""
     try:
@@ -122,12 +142,16 @@ def run(coro: Awaitable[T]) -> T:
         fail(f"unexpected error ({type(exc).__name__}): {exc}", EXIT_UNAVAILABLE)
 
 
-def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]]) -> T:
-    """Run ``action`` on the configured store; the service checks the command's input, before the store opens."""
+def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]], *, needs_store: bool = False) -> T:
+    """Run ``action`` on the configured store; the service checks the command's input, before the store opens.
+
+    ``needs_store``: the command only reads, or changes what must already be there (revoke, delete ...),
+    so a missing embedded store is reported, not created.
+    """
     settings = ctx.obj["settings"] = settings_from(ctx)
 
     async def go() -> T:
-        store = StoreOnFirstUse(settings)
+        store = StoreOnFirstUse(settings, needs_store=needs_store)
         try:
             # With redis.url set, changes are published to running gateways at once
             # (else they see them at their next change-feed poll).
@@ -140,21 +164,6 @@ def with_service(ctx: click.Context, action: Callable[[KeyService], Awaitable[T]
 
 
 # -- output --------------------------------------------------------------
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[("-" if v in (None, "") else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
-    click.echo(line(headers))
-    for row in cells:
-        click.echo(line(row))
-    if not rows:
-        click.echo("(none)")
-
-
 def _when(value: str | None) -> str:
     return "-" if value is None else value.replace("T", " ")[:19]
 
@@ -164,7 +173,7 @@ def idle_after(ctx: click.Context) -> float:
     return float(ctx.obj["settings"].keys.idle_after)
 
 
-def key_table(records: Sequence[KeyRecord], now: datetime, idle_after: float = 0) -> None:
+def key_table(records: Sequence[KeyRecord], now: datetime, idle_after: float = 0, wide: bool = False) -> None:
     rows = []
     for r in records:
         p = r.public(now, idle_after)
@@ -173,20 +182,16 @@ def key_table(records: Sequence[KeyRecord], now: datetime, idle_after: float = 0
             p["id"], p["name"], p["kind"], p["org"] + (f"/{p['user']}" if p["user"] else ""), access,
             ",".join(r.servers), p["status"], _when(p["expires_at"]) if p["expires_at"] else "never",
             _when(p["last_used_at"]),
-        ])
-    table(["ID", "NAME", "KIND", "ORG/USER", "ACCESS", "SERVERS", "STATUS", "EXPIRES", "LAST USED"], rows)
+        ] + ([p["last_used_ip"], ",".join(r.ip_allowlist) or "any", p["rate_limit"] or "default",
+              _when(p["created_at"]), p["created_by"], _when(p["revoked_at"])] if wide else []))
+    table(["ID", "NAME", "KIND", "ORG/USER", "ACCESS", "SERVERS", "STATUS", "EXPIRES", "LAST USED"]
+          + (["LAST IP", "ALLOW IPS", "RATE LIMIT", "CREATED", "CREATED BY", "REVOKED"] if wide else []), rows)
 
 
-def role_table(found: Sequence[Role]) -> None:
-    table(["ROLE", "GRANTS"], [[r.name, ", ".join(r.grants)] for r in found])
-
-
-def details(fields: dict[str, Any]) -> None:
-    """One ``name: value`` line per field, lists joined with commas."""
-    for name, value in fields.items():
-        if isinstance(value, list):
-            value = ", ".join(value) if value else "-"
-        click.echo(f"{name + ':':<14}{'-' if value in (None, '') else value}")
+def role_table(found: Sequence[Role], wide: bool = False) -> None:
+    table(["ROLE", "GRANTS"] + (["CREATED", "UPDATED"] if wide else []),
+          [[r.name, ", ".join(r.grants)] + ([_when(iso(r.created_at)), _when(iso(r.updated_at))] if wide else [])
+           for r in found])
 
 
 def key_details(record: KeyRecord, now: datetime, idle_after: float = 0) -> None:
@@ -209,10 +214,13 @@ def _access(role: str | None, operations: Sequence[str]) -> str:
     return ((role or "") + (f" [{','.join(operations)}]" if operations else "")).strip()
 
 
-def trust_table(found: Sequence[TrustPolicy]) -> None:
-    table(["NAME", "ISSUER", "AUDIENCE", "CONDITIONS", "ORG", "ACCESS", "SERVERS", "LIFETIME"],
+def trust_table(found: Sequence[TrustPolicy], wide: bool = False) -> None:
+    table(["NAME", "ISSUER", "AUDIENCE", "CONDITIONS", "ORG", "ACCESS", "SERVERS", "LIFETIME"]
+          + (["ALLOW IPS", "RATE LIMIT", "JWKS FILE", "UPDATED"] if wide else []),
           [[p.name, p.issuer, p.audience, ", ".join(_conditions(p)), p.org, _access(p.role, p.operations),
-            ",".join(p.servers), _lifetime(p.lifetime)] for p in found])
+            ",".join(p.servers), _lifetime(p.lifetime)]
+           + ([",".join(p.ip_allowlist) or "any", p.rate_limit or "default", p.jwks_file,
+               _when(iso(p.updated_at))] if wide else []) for p in found])
 
 
 def trust_details(policy: TrustPolicy) -> None:
@@ -234,6 +242,25 @@ def show_new_key(record: KeyRecord, full_key: str, as_json: bool, now: datetime,
     for label, value in extra.items():
         if value:
             click.echo(f"{label.replace('_', ' ')}: {value}")
+
+
+# -- confirmation of destructive commands ----------------------------------
+yes_option = click.option("--yes", "-y", is_flag=True,
+                          help="Do it without asking (needed when stdin is not a terminal, e.g. in a script).")
+
+
+def refuse_unconfirmed(yes: bool, command: str) -> None:
+    """Without --yes, a destructive command asks on a terminal; with no terminal to ask on, it refuses (exit 2)."""
+    if not yes and not sys.stdin.isatty():
+        fail(f"{command} changes what cannot be undone: add --yes to confirm (stdin is not a terminal to ask on)")
+
+
+def confirmed(yes: bool, question: str) -> None:
+    """Ask ``question`` [y/N] on the terminal unless --yes; anything but yes cancels (exit 1, nothing changed)."""
+    if yes:
+        return
+    if not click.confirm(question, default=False, err=True):
+        fail("cancelled: nothing changed", EXIT_UNAVAILABLE)
 
 
 # -- commands ------------------------------------------------------------
@@ -360,32 +387,32 @@ def keys_create(ctx: click.Context, name: str, kind: str | None, org: str, user:
                    "`keys rotate --grace`, still valid until its revoked_at.")
 @click.option("--kind")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
 def keys_list(ctx: click.Context, org: str | None, user: str | None, status: str | None,
-              kind: str | None, limit: int, as_json: bool) -> None:
+              kind: str | None, limit: int, output: str | None) -> None:
     """List keys, newest first (never secrets or hashes)."""
     records = with_service(ctx, lambda svc: svc.list_keys(org=org, user=user, status=status, kind=kind,
-                                                          limit=limit))
+                                                          limit=limit), needs_store=True)
     if len(records) == limit:
         click.echo(f"keygate: showing the newest {limit} keys; use --limit or filters for more", err=True)
     now = utcnow()
-    if as_json:
-        emit_json([r.public(now, idle_after(ctx)) for r in records])
-    else:
-        key_table(records, now, idle_after(ctx))
+    if output == "name":
+        emit_names("key", [r.id for r in records])
+    elif not emit_data(output, [r.public(now, idle_after(ctx)) for r in records]):
+        key_table(records, now, idle_after(ctx), wide=output == "wide")
 
 
 @keys.command("show")
 @click.argument("key_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def keys_show(ctx: click.Context, key_id: str, as_json: bool) -> None:
+def keys_show(ctx: click.Context, key_id: str, output: str | None) -> None:
     """Show one key."""
-    record = with_service(ctx, lambda svc: svc.get_key(key_id))
-    if as_json:
-        emit_json(record.public(utcnow(), idle_after(ctx)))
-    else:
+    record = with_service(ctx, lambda svc: svc.get_key(key_id), needs_store=True)
+    if output == "name":
+        emit_names("key", [record.id])
+    elif not emit_data(output, record.public(utcnow(), idle_after(ctx))):
         key_details(record, utcnow(), idle_after(ctx))
 
 
@@ -415,7 +442,7 @@ def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | N
         operations=[] if clear_operations else (operations or None), servers=servers or None,
         ip_allowlist=[] if clear_allow_ip else (allow_ips or None),
         rate_limit=UNSET if rate_limit is None else rate_limit, expires=expires,
-    ))
+    ), needs_store=True)
     if as_json:
         emit_json(record.public(utcnow(), idle_after(ctx)))
     else:
@@ -424,10 +451,15 @@ def keys_update(ctx: click.Context, key_id: str, name: str | None, role: str | N
 
 @keys.command("revoke")
 @click.argument("key_id", metavar="ID")
+@yes_option
 @click.pass_context
-def keys_revoke(ctx: click.Context, key_id: str) -> None:
-    """Revoke a key now (permanent; revoking twice is harmless)."""
-    record = with_service(ctx, lambda svc: svc.revoke_key(key_id))
+def keys_revoke(ctx: click.Context, key_id: str, yes: bool) -> None:
+    """Revoke a key now (permanent; revoking twice is harmless). Asks first unless --yes."""
+    refuse_unconfirmed(yes, "keys revoke")
+    if not yes:
+        found = with_service(ctx, lambda svc: svc.get_key(key_id), needs_store=True)
+        confirmed(yes, f"Revoke key {found.id} ({found.name})?")
+    record = with_service(ctx, lambda svc: svc.revoke_key(key_id), needs_store=True)
     click.echo(f"revoked {record.id}")
 
 
@@ -442,7 +474,8 @@ def keys_report_leak(ctx: click.Context, key_id: str, url: str, source: str | No
 
     ID may be the full key as it was found; it is never printed.
     """
-    report = with_service(ctx, lambda svc: svc.report_leak(key_id, url=url, source=source))
+    report = with_service(ctx, lambda svc: svc.report_leak(key_id, url=url, source=source),
+                          needs_store=True)
     if as_json:
         emit_json({**report.record.public(utcnow()), "result": report.result, "first_report": report.first})
     else:
@@ -457,7 +490,7 @@ def keys_report_leak(ctx: click.Context, key_id: str, url: str, source: str | No
 @click.pass_context
 def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: bool) -> None:
     """Replace a key with a new one with the same settings."""
-    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace))
+    new, full, old = with_service(ctx, lambda svc: svc.rotate_key(key_id, grace=grace), needs_store=True)
     show_new_key(new, full, as_json, utcnow(), rotated_from=old.id, old_key_revoked_at=iso(old.revoked_at))
 
 
@@ -467,7 +500,7 @@ def keys_rotate(ctx: click.Context, key_id: str, grace: str | None, as_json: boo
 @click.pass_context
 def keys_set_role(ctx: click.Context, key_id: str, role: str) -> None:
     """Give a key another role."""
-    record = with_service(ctx, lambda svc: svc.set_role(key_id, role))
+    record = with_service(ctx, lambda svc: svc.set_role(key_id, role), needs_store=True)
     click.echo(f"{record.id} now has role {record.role}")
 
 
@@ -485,7 +518,8 @@ def keys_suggest_allowlist(ctx: click.Context, key_id: str, days: int, max_block
     Only allowed requests count (refused ones may be an attacker's). The CIDRs cover every recorded
     address with the least address space possible within --max.
     """
-    found = with_service(ctx, lambda svc: svc.suggest_allowlist(key_id, days=days, max_blocks=max_blocks))
+    found = with_service(ctx, lambda svc: svc.suggest_allowlist(key_id, days=days, max_blocks=max_blocks),
+                         needs_store=True)
     if as_json:
         emit_json(found.public())
         return
@@ -515,26 +549,28 @@ def roles() -> None:
 
 
 @roles.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def roles_list(ctx: click.Context, as_json: bool) -> None:
-    found = with_service(ctx, lambda svc: svc.list_roles())
-    if as_json:
-        emit_json([r.public() for r in found])
-    else:
-        role_table(found)
+def roles_list(ctx: click.Context, output: str | None) -> None:
+    """List roles and their grants, by name."""
+    found = with_service(ctx, lambda svc: svc.list_roles(), needs_store=True)
+    if output == "name":
+        emit_names("role", [r.name for r in found])
+    elif not emit_data(output, [r.public() for r in found]):
+        role_table(found, wide=output == "wide")
 
 
 @roles.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def roles_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    role = with_service(ctx, lambda svc: svc.get_role(name))
-    if as_json:
-        emit_json(role.public())
-    else:
-        role_table([role])
+def roles_show(ctx: click.Context, name: str, output: str | None) -> None:
+    """Show one role and its grants."""
+    role = with_service(ctx, lambda svc: svc.get_role(name), needs_store=True)
+    if output == "name":
+        emit_names("role", [role.name])
+    elif not emit_data(output, role.public()):
+        role_table([role], wide=output == "wide")
 
 
 @roles.command("set")
@@ -549,9 +585,15 @@ def roles_set(ctx: click.Context, name: str, grants: tuple[str, ...]) -> None:
 
 @roles.command("delete")
 @click.argument("name")
+@yes_option
 @click.pass_context
-def roles_delete(ctx: click.Context, name: str) -> None:
-    with_service(ctx, lambda svc: svc.delete_role(name))
+def roles_delete(ctx: click.Context, name: str, yes: bool) -> None:
+    """Delete a role (refused while keys or members use it). Asks first unless --yes."""
+    refuse_unconfirmed(yes, "roles delete")
+    if not yes:
+        role = with_service(ctx, lambda svc: svc.get_role(name), needs_store=True)
+        confirmed(yes, f"Delete role {role.name} ({', '.join(role.grants)})?")
+    with_service(ctx, lambda svc: svc.delete_role(name), needs_store=True)
     click.echo(f"deleted role {name}")
 
 
@@ -563,14 +605,18 @@ def members() -> None:
 
 @members.command("list")
 @click.argument("org")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def members_list(ctx: click.Context, org: str, as_json: bool) -> None:
-    found = with_service(ctx, lambda svc: svc.list_members(org))
-    if as_json:
-        emit_json([m.public() for m in found])
-    else:
-        table(["USER", "ROLE", "SINCE"], [[m.user, m.role, _when(m.public()["created_at"])] for m in found])
+def members_list(ctx: click.Context, org: str, output: str | None) -> None:
+    """List an org's members and their roles."""
+    found = with_service(ctx, lambda svc: svc.list_members(org), needs_store=True)
+    wide = output == "wide"
+    if output == "name":
+        emit_names("member", [f"{m.org}/{m.user}" for m in found])
+    elif not emit_data(output, [m.public() for m in found]):
+        table(["USER", "ROLE", "SINCE"] + (["ORG", "UPDATED"] if wide else []),
+              [[m.user, m.role, _when(m.public()["created_at"])]
+               + ([m.org, _when(m.public()["updated_at"])] if wide else []) for m in found])
 
 
 @members.command("set")
@@ -579,6 +625,7 @@ def members_list(ctx: click.Context, org: str, as_json: bool) -> None:
 @click.argument("role")
 @click.pass_context
 def members_set(ctx: click.Context, org: str, user: str, role: str) -> None:
+    """Make USER a member of ORG with ROLE (or give a member another role)."""
     member = with_service(ctx, lambda svc: svc.set_member(org, user, role))
     click.echo(f"{member.user} is a member of {member.org} with role {member.role}")
 
@@ -586,10 +633,13 @@ def members_set(ctx: click.Context, org: str, user: str, role: str) -> None:
 @members.command("remove")
 @click.argument("org")
 @click.argument("user")
+@yes_option
 @click.pass_context
-def members_remove(ctx: click.Context, org: str, user: str) -> None:
-    """Remove a member; their per-user keys stop working."""
-    with_service(ctx, lambda svc: svc.remove_member(org, user))
+def members_remove(ctx: click.Context, org: str, user: str, yes: bool) -> None:
+    """Remove a member; their per-user keys stop working. Asks first unless --yes."""
+    refuse_unconfirmed(yes, "members remove")
+    confirmed(yes, f"Remove {user} from {org}? Their per-user keys in {org} stop working.")
+    with_service(ctx, lambda svc: svc.remove_member(org, user), needs_store=True)
     click.echo(f"removed {user} from {org}")
 
 
@@ -652,36 +702,41 @@ def trust_add(ctx: click.Context, name: str, issuer: str, audience: str, claims:
 
 
 @trust.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def trust_list(ctx: click.Context, as_json: bool) -> None:
+def trust_list(ctx: click.Context, output: str | None) -> None:
     """List trust policies by name."""
-    found = with_service(ctx, lambda svc: svc.list_trust_policies())
-    if as_json:
-        emit_json([p.public() for p in found])
-    else:
-        trust_table(found)
+    found = with_service(ctx, lambda svc: svc.list_trust_policies(), needs_store=True)
+    if output == "name":
+        emit_names("trust", [p.name for p in found])
+    elif not emit_data(output, [p.public() for p in found]):
+        trust_table(found, wide=output == "wide")
 
 
 @trust.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
-def trust_show(ctx: click.Context, name: str, as_json: bool) -> None:
+def trust_show(ctx: click.Context, name: str, output: str | None) -> None:
     """Show one trust policy."""
-    policy = with_service(ctx, lambda svc: svc.get_trust_policy(name))
-    if as_json:
-        emit_json(policy.public())
-    else:
+    policy = with_service(ctx, lambda svc: svc.get_trust_policy(name), needs_store=True)
+    if output == "name":
+        emit_names("trust", [policy.name])
+    elif not emit_data(output, policy.public()):
         trust_details(policy)
 
 
 @trust.command("remove")
 @click.argument("name")
+@yes_option
 @click.pass_context
-def trust_remove(ctx: click.Context, name: str) -> None:
-    """Remove a trust policy; keys already exchanged under it work until they expire."""
-    with_service(ctx, lambda svc: svc.remove_trust_policy(name))
+def trust_remove(ctx: click.Context, name: str, yes: bool) -> None:
+    """Remove a trust policy; keys already exchanged under it work until they expire. Asks first unless --yes."""
+    refuse_unconfirmed(yes, "trust remove")
+    if not yes:
+        policy = with_service(ctx, lambda svc: svc.get_trust_policy(name), needs_store=True)
+        confirmed(yes, f"Remove trust policy {policy.name} (issuer {policy.issuer})?")
+    with_service(ctx, lambda svc: svc.remove_trust_policy(name), needs_store=True)
     click.echo(f"removed trust policy {name}")
 
 
@@ -752,18 +807,22 @@ def _audit_row(entry: AuditEntry) -> list[Any]:
 @click.option("--since", help="30m, 1h, 7d (ago) or an ISO 8601 time")
 @click.option("--until", help="30m, 1h, 7d (ago) or an ISO 8601 time")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @click.pass_context
 def audit(ctx: click.Context, key_id: str | None, action: str | None, decision: str | None,
-          entry_type: str | None, since: str | None, until: str | None, limit: int, as_json: bool) -> None:
+          entry_type: str | None, since: str | None, until: str | None, limit: int, output: str | None) -> None:
     """Show management events and request records, newest first."""
     wanted = AuditFilter(key=key_id, action=action, decision=decision, type=entry_type,  # type: ignore[arg-type]
                          since=_time_option("since", since), until=_time_option("until", until))
-    page = with_service(ctx, lambda svc: svc.audit(wanted, limit=limit))
-    if as_json:
-        emit_json([e.public() for e in page.entries])
-    else:
-        table(["TIME", "ACTOR/KEY", "ACTION", "TARGET/SERVER", "DETAILS"], [_audit_row(e) for e in page.entries])
+    page = with_service(ctx, lambda svc: svc.audit(wanted, limit=limit), needs_store=True)
+    if output == "name":
+        for e in page.entries:
+            click.echo(f"{e.type}/{e.item.id}")  # event/12 or request/3456
+    elif not emit_data(output, [e.public() for e in page.entries]):
+        wide = output == "wide"
+        table(["TIME", "ACTOR/KEY", "ACTION", "TARGET/SERVER", "DETAILS"] + (["TYPE", "ID", "CLIENT IP"] if wide else []),
+              [_audit_row(e) + ([e.type, e.item.id, e.public().get("client_ip")] if wide else [])
+               for e in page.entries])
 
 
 # -- people: keygate login -----------------------------------------------

@@ -161,7 +161,7 @@ def test_a_revoked_admin_key_signs_the_page_out(browser: Browser, gateway: Keyga
     record = json.loads(cli(gateway, "keys", "create", "--name", "short-lived admin", "--role", "admin",
                             "--server", "admin", "--json"))
     sign_in(browser, AdminKey(record["id"], record["key"]))
-    cli(gateway, "keys", "revoke", record["id"])
+    cli(gateway, "keys", "revoke", record["id"], "--yes")
     time.sleep(PROPAGATION)  # the admin listener checks keys through the same cache as the proxy
     browser.click('.nav a[data-section="roles"]')
     browser.view("signin")

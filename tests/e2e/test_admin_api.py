@@ -100,7 +100,7 @@ async def test_trust_policies_over_http_and_the_cli_see_one_store(served: Keygat
         assert (made["lifetime"], made["created_by"]) == (600, admin["id"])
         async with http.get(api + "/keys") as r:
             assert r.status == 403  # trust:* is no keys:read
-        cli(served, "trust", "remove", "shop")
+        cli(served, "trust", "remove", "shop", "--yes")
         async with http.get(api + "/trust-policies/shop") as r:
             assert r.status == 404
         async with http.get(api + "/audit", params={"type": "event", "key": "shop"}) as r:

@@ -54,7 +54,7 @@ def test_key_lifecycle_as_documented(env: dict[str, str]) -> None:
     assert json.loads(shown.stdout)["status"] == "active"
     assert [k["id"] for k in json.loads(listed.stdout)] == [record["id"]]
 
-    keygate(env, "keys", "revoke", record["id"])
+    keygate(env, "keys", "revoke", record["id"], "--yes")
     assert json.loads(keygate(env, "keys", "show", record["id"], "--json").stdout)["status"] == "revoked"
     events = json.loads(keygate(env, "audit", "--key", record["id"], "--json").stdout)
     assert [e["action"] for e in events] == ["key.revoke", "key.create"]
@@ -80,7 +80,7 @@ def test_rotate_and_agent_print_the_new_key(fixed_env: dict[str, str]) -> None:
     record = json.loads(keygate(fixed_env, *create_args()).stdout)
     rotated = json.loads(keygate(fixed_env, "keys", "rotate", record["id"], "--grace", "1h", "--json").stdout)
     assert rotated["key"].startswith(rotated["id"]) and rotated["rotated_from"] == record["id"]
-    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["status"] == "active"
+    assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["status"] == "rotating"
     keygate(fixed_env, "members", "set", "acme", "bob", "admin")
     agent = json.loads(keygate(fixed_env, "keys", "agent", "--org", "acme", "--user", "bob", "--json").stdout)
     again = json.loads(keygate(fixed_env, "keys", "agent", "--org", "acme", "--user", "bob", "--json").stdout)
@@ -95,10 +95,10 @@ def test_roles_and_members_commands(fixed_env: dict[str, str]) -> None:
     assert {r["name"]: r["grants"] for r in roles} == {"admin": ["*"], "ci": ["deploy", "servers:read"]}
     keygate(fixed_env, "members", "set", "acme", "bob", "ci")
     assert json.loads(keygate(fixed_env, "members", "list", "acme", "--json").stdout)[0]["role"] == "ci"
-    refused = keygate(fixed_env, "roles", "delete", "ci", check=False)
+    refused = keygate(fixed_env, "roles", "delete", "ci", "--yes", check=False)
     assert refused.returncode == 2 and "in use" in refused.stderr
-    keygate(fixed_env, "members", "remove", "acme", "bob")
-    keygate(fixed_env, "roles", "delete", "ci")
+    keygate(fixed_env, "members", "remove", "acme", "bob", "--yes")
+    keygate(fixed_env, "roles", "delete", "ci", "--yes")
     assert "ci" not in keygate(fixed_env, "roles", "list").stdout
 
 
@@ -181,6 +181,7 @@ def test_every_command_refuses_bad_input_before_the_store(
 )
 def test_out_of_range_input_is_one_line(fixed_env: dict[str, str], args: list[str], message: str) -> None:
     """Absurd durations and dates, and bad updates, are one line with exit 2, never a traceback."""
+    keygate(fixed_env, "migrate")
     result = keygate(fixed_env, *args, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -190,7 +191,7 @@ def test_pasted_full_key_counts_as_its_id_and_is_never_echoed(fixed_env: dict[st
     """Revoking by pasting the whole (leaked) key works, and no message repeats its secret."""
     record = json.loads(keygate(fixed_env, *create_args()).stdout)
     full = record["key"]
-    revoked = keygate(fixed_env, "keys", "revoke", full)
+    revoked = keygate(fixed_env, "keys", "revoke", full, "--yes")
     assert record["id"] in revoked.stdout and full not in revoked.stdout + revoked.stderr
     assert json.loads(keygate(fixed_env, "keys", "show", record["id"], "--json").stdout)["status"] == "revoked"
     typo = full[:-1] + ("A" if full[-1] != "A" else "B")
@@ -235,31 +236,34 @@ def test_least_privilege_database_user_can_manage_keys(fixed_env: dict[str, str]
         url = pg_database.replace("postgres@", f"{role}@")
         env = {**fixed_env, "KEYGATE_STORE__URL": url}
         record = json.loads(keygate(env, "keys", "create", "--name", "x", "--role", "admin", "--json").stdout)
-        keygate(env, "keys", "revoke", record["id"])
+        keygate(env, "keys", "revoke", record["id"], "--yes")
         assert json.loads(keygate(env, "keys", "list", "--json").stdout)[0]["status"] == "revoked"
     finally:
         subprocess.run(["psql", pg_database, "-qc", f'DROP OWNED BY "{role}"'], capture_output=True)
         subprocess.run([*admin, f'DROP ROLE IF EXISTS "{role}"'], capture_output=True)
 
 
-@pytest.mark.parametrize("command", [["keys", "show"], ["keys", "revoke"], ["keys", "rotate"]])
+@pytest.mark.parametrize("command", [["keys", "show"], ["keys", "revoke", "--yes"], ["keys", "rotate"]])
 def test_unknown_key_id_is_exit_2(fixed_env: dict[str, str], command: list[str]) -> None:
     """An unknown id is named in one line with exit status 2."""
+    keygate(fixed_env, "migrate")
     result = keygate(fixed_env, *command, "kg_unknown00000", check=False)
     assert result.returncode == 2 and "kg_unknown00000" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["postgresql://postgres@127.0.0.1:1/keygate", "sqlite:////nonexistent-dir/keygate.db"],
+    ("url", "message"),
+    [("postgresql://postgres@127.0.0.1:1/keygate", "store unavailable"),
+     # A read never creates the embedded store's file: it says there is none.
+     ("sqlite:////nonexistent-dir/keygate.db", "no store at /nonexistent-dir/keygate.db")],
 )
 @pytest.mark.parametrize("command", [["keys", "list"], ["trust", "list"]])
-def test_unreachable_store_is_exit_1(fixed_env: dict[str, str], url: str, command: list[str]) -> None:
+def test_unreachable_store_is_exit_1(fixed_env: dict[str, str], url: str, message: str, command: list[str]) -> None:
     """An unreachable store is one line and exit status 1, with no traceback."""
     result = keygate({**fixed_env, "KEYGATE_STORE__URL": url}, *command, check=False)
     assert result.returncode == 1, result.stderr
-    assert "store unavailable" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unmigrated_postgres_says_to_migrate(fixed_env: dict[str, str], pg_database: str) -> None:
@@ -384,7 +388,7 @@ def test_trust_policy_lifecycle(env: dict[str, str]) -> None:
     assert json.loads(keygate(env, "trust", "list", "--json").stdout) == [added]
     assert json.loads(keygate(env, "trust", "show", "shop", "--json").stdout) == added
 
-    assert keygate(env, "trust", "remove", "shop").stdout == "removed trust policy shop\n"
+    assert keygate(env, "trust", "remove", "shop", "--yes").stdout == "removed trust policy shop\n"
     assert json.loads(keygate(env, "trust", "list", "--json").stdout) == []
     assert [(e["action"], e["target"]) for e in trust_events(env)] == [("trust.remove", "shop"), ("trust.set", "shop")]
     assert all(str(e["actor"]).startswith("cli:") for e in trust_events(env))
@@ -413,6 +417,7 @@ def test_trust_add_takes_an_empty_role_as_none(fixed_env: dict[str, str]) -> Non
 
 def test_trust_tables_are_readable(fixed_env: dict[str, str]) -> None:
     """Without --json, list is a table (or "(none)"), show one line per setting, lifetimes as durations."""
+    keygate(fixed_env, "migrate")
     assert keygate(fixed_env, "trust", "list").stdout.splitlines()[1] == "(none)"
     added = keygate(fixed_env, *trust_args()).stdout.splitlines()
     assert added[0] == "saved trust policy shop"
@@ -486,9 +491,10 @@ def test_trust_bad_input_creates_no_store(
     assert not list(tmp_path.glob("cli.db*"))
 
 
-@pytest.mark.parametrize("command", [["trust", "show"], ["trust", "remove"]])
+@pytest.mark.parametrize("command", [["trust", "show"], ["trust", "remove", "--yes"]])
 def test_unknown_trust_policy_is_exit_2(fixed_env: dict[str, str], command: list[str]) -> None:
     """An unknown policy is named in one line with exit status 2."""
+    keygate(fixed_env, "migrate")
     result = keygate(fixed_env, *command, "nope", check=False)
     assert result.returncode == 2 and "nope" in result.stderr and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1

@@ -35,7 +35,7 @@ async def test_cli_revoke_reaches_both_workers_within_a_second(
         # Enough fresh connections that both workers have the key cached.
         warm = await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(40)))
         assert set(warm) == {200}
-        subprocess.run([KEYGATE, "--config", str(keygate.config_path), "keys", "revoke", record.id],
+        subprocess.run([KEYGATE, "--config", str(keygate.config_path), "keys", "revoke", record.id, "--yes"],
                        env=clean_env(), check=True, capture_output=True, timeout=30)
         revoked_at = time.monotonic()
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - revoked_at)))

@@ -102,7 +102,7 @@ async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
             # The CLI writes to the store directly; the running gateway delivers.
             async with http.post(api + "/keys", json={"name": "cd", "role": "admin"}) as r:
                 other = await r.json()
-        cli(keygate, "keys", "revoke", other["id"])
+        cli(keygate, "keys", "revoke", other["id"], "--yes")
         revoked_at = time.monotonic()
         await until(lambda: of(receiver.received(path), "key.revoked", other["id"]))
         [got] = of(receiver.received(path), "key.revoked", other["id"])
@@ -154,7 +154,7 @@ async def test_a_restart_between_an_event_and_its_delivery_loses_no_webhook(
         assert keygate.stop() == 0
     # Serve is stopped: this event sits in the outbox only.
     made = json.loads(cli(keygate, "keys", "create", "--name", "made-while-stopped", "--role", "admin", "--json"))
-    cli(keygate, "keys", "revoke", made["id"])
+    cli(keygate, "keys", "revoke", made["id"], "--yes")
     up = WebhookReceiver(port)
     try:
         keygate.start()

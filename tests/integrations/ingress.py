@@ -341,7 +341,7 @@ async def call(http: aiohttp.ClientSession, base_url: str, path: str = "/api/ser
 def revoke_with_the_cli(keygate: Keygate, key_id: str) -> None:
     """``keygate keys revoke ID``, as an operator runs it, on the gateway's store."""
     env = clean_env(KEYGATE_STORE__URL=keygate.store_url, KEYGATE_KEYS__ARGON2__MEMORY_COST="1024")
-    result = subprocess.run([KEYGATE, "keys", "revoke", key_id], env=env, capture_output=True, text=True,
+    result = subprocess.run([KEYGATE, "keys", "revoke", key_id, "--yes"], env=env, capture_output=True, text=True,
                             timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
 

@@ -130,7 +130,7 @@ async def test_removing_the_member_kills_their_key(
     assert status == 0, err
     key = cli(gateway, home, "token").stdout.strip()
     assert await status_through_proxy(gateway, key) == 200
-    cli(gateway, {}, "members", "remove", "acme", BOB)
+    cli(gateway, {}, "members", "remove", "acme", BOB, "--yes")
     for _ in range(40):
         if await status_through_proxy(gateway, key) != 200:
             break

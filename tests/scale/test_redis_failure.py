@@ -68,7 +68,7 @@ async def test_killing_redis_changes_no_decision_for_cached_keys(fleet: Fleet, o
     allowed_id, allowed = fleet.create_key("--role", "admin", "--rate-limit", "100000/minute")
     revoked_id, revoked = fleet.create_key("--role", "admin")
     _, scoped = fleet.create_key("--operation", "deploy")
-    fleet.cli("keys", "revoke", revoked_id)
+    fleet.cli("keys", "revoke", revoked_id, "--yes")
     urls = [r.proxy_url for _ in range(6) for r in fleet.replicas]
 
     async def decisions() -> dict[str, set[int]]:

@@ -76,7 +76,7 @@ async def test_cli_revoke_is_honoured_by_every_replica_within_a_second(fleet: Fl
     """After `keygate keys revoke` returns, every replica refuses the key within 1 s (notice, or the feed)."""
     key_id, key = fleet.create_key("--role", "admin")
     assert by_status(await statuses(key, urls(fleet, 8))) == {200: 24}  # cached on (nearly) every worker
-    await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id, redis=redis)
+    await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id, "--yes", redis=redis)
     await asyncio.sleep(1.0)
     assert by_status(await statuses(key, urls(fleet, 10))) == {401: 30}
 
@@ -122,7 +122,7 @@ async def test_cli_publishes_its_changes_on_redis(fleet: Fleet) -> None:
     """With redis.url set, `keygate keys revoke` announces the change on <prefix>changes."""
     key_id, _ = fleet.create_key("--role", "admin")
     async with changes_channel(fleet) as pubsub:
-        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id)
+        await asyncio.to_thread(fleet.cli, "keys", "revoke", key_id, "--yes")
         assert await next_notice(pubsub) == [["key", key_id]]
 
 

@@ -69,7 +69,7 @@ async def test_rolling_restart_loses_nothing(fleet: Fleet) -> None:
     good_id, good = fleet.create_key("--role", "admin", "--rate-limit", "1000000/minute")
     _, scoped = fleet.create_key("--operation", "deploy", "--rate-limit", "1000000/minute")
     revoked_id, revoked = fleet.create_key("--role", "admin")
-    fleet.cli("keys", "revoke", revoked_id)
+    fleet.cli("keys", "revoke", revoked_id, "--yes")
     balancer = Balancer([r.proxy_url for r in fleet.replicas])
     expected = {"good": 200, "scoped": 403, "revoked": 401}
     keys = {"good": good, "scoped": scoped, "revoked": revoked}
