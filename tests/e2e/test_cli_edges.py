@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .test_cli import CHEAP_ARGON2, KEYGATE
 
@@ -140,3 +142,86 @@ def test_destructive_commands_without_a_terminal_need_yes(fixed_env: dict[str, s
     flag = "-y" if args[0] in ("roles", "trust") else "--yes"  # both spellings, on two commands each
     assert made(fixed_env, *args, flag) == done.format(**things) + "\n"
     assert state(fixed_env) != before
+
+
+# -- output formats -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An environment whose store holds one of everything the list and show commands print."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env["KEYGATE_STORE__URL"] = f"sqlite:///{tmp_path_factory.mktemp('formats') / 'cli.db'}"
+    key = json.loads(made(env, "keys", "create", "--name", "ci", "--role", "admin", "--json"))
+    made(env, "members", "set", "acme", "bob", "admin")
+    made(env, "trust", "add", "shop", "--issuer", "https://token.actions.githubusercontent.com",
+         "--audience", "keygate", "--claim", "repository=acme/shop", "--operation", "deploy")
+    return {**env, "KEY_ID": key["id"]}
+
+
+LISTS = [  # command, the names -o name prints, extra columns of -o wide
+    ("keys list", ["key/{KEY_ID}"], ["LAST IP", "ALLOW IPS", "RATE LIMIT", "CREATED", "CREATED BY", "REVOKED"]),
+    ("keys show {KEY_ID}", ["key/{KEY_ID}"], None),
+    ("roles list", ["role/admin"], ["CREATED", "UPDATED"]),
+    ("roles show admin", ["role/admin"], ["CREATED", "UPDATED"]),
+    ("members list acme", ["member/acme/bob"], ["ORG", "UPDATED"]),
+    ("trust list", ["trust/shop"], ["ALLOW IPS", "RATE LIMIT", "JWKS FILE", "UPDATED"]),
+    ("trust show shop", ["trust/shop"], None),
+    # Events of one instant come in no set order: their names are checked against the JSON's.
+    ("audit --type event", None, ["TYPE", "ID", "CLIENT IP"]),
+]
+
+
+@pytest.mark.parametrize(("command", "names", "wide"), LISTS, ids=[c[0].split(" {")[0] for c in LISTS])
+def test_output_formats(filled: dict[str, str], command: str, names: list[str] | None,
+                        wide: list[str] | None) -> None:
+    """-o json is --json; -o yaml the same data; -o name TYPE/NAME per line; -o wide more columns."""
+    args = command.format(**filled).split()
+    as_json = json.loads(made(filled, *args, "--json"))
+    assert json.loads(made(filled, *args, "-o", "json")) == as_json
+    assert yaml.safe_load(made(filled, *args, "-o", "yaml")) == as_json
+    if names is None:
+        names = [f"{e['type']}/{e['id']}" for e in as_json]
+        assert len(names) == 4
+    assert made(filled, *args, "--output", "name").splitlines() == [n.format(**filled) for n in names]
+    plain = made(filled, *args).splitlines()
+    wider = made(filled, *args, "-o", "wide").splitlines()
+    if wide is None:  # a show prints every field already
+        assert wider == plain
+    else:
+        assert wider[0].split("  ")[0] == plain[0].split("  ")[0]
+        assert [c for c in re.split(r"\s{2,}", wider[0]) if c not in re.split(r"\s{2,}", plain[0])] == wide
+        assert len(wider) == len(plain)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["-o", "xml"], "Invalid value for '-o' / '--output': 'xml' is not one of 'json', 'yaml', 'wide', 'name'."),
+    (["--json", "-o", "yaml"], "--json is -o json: give one of --json and -o yaml"),
+])
+def test_bad_output_format_is_a_usage_error(filled: dict[str, str], options: list[str], message: str) -> None:
+    result = subprocess.run([KEYGATE, "keys", "list", *options], env=filled, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == f"Error: {message}"
+
+
+# -- shell completion -------------------------------------------------------------
+@pytest.mark.parametrize(("shell", "marker"), [
+    ("bash", "complete -o nosort -F _keygate_completion keygate"),
+    ("zsh", "compdef _keygate_completion keygate"),
+    ("fish", "complete --no-files --command keygate"),
+])
+def test_completion_script_is_produced(shell: str, marker: str) -> None:
+    """The line README gives for each shell prints a completion script for it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | {"_KEYGATE_COMPLETE": f"{shell}_source"}
+    result = subprocess.run([KEYGATE], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and marker in result.stdout, result.stdout
+
+
+def test_completion_completes_commands_and_options() -> None:
+    """What bash asks the script for: `keygate ke<TAB>` is keys, `keygate keys list -<TAB>` lists -o."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")} | {"_KEYGATE_COMPLETE": "bash_complete"}
+    words = subprocess.run([KEYGATE], env=base | {"COMP_WORDS": "keygate ke", "COMP_CWORD": "1"},
+                           capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert words == ["plain,keys"]
+    options = subprocess.run([KEYGATE], env=base | {"COMP_WORDS": "keygate keys list -o ", "COMP_CWORD": "4"},
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert options == ["plain,json", "plain,yaml", "plain,wide", "plain,name"]
