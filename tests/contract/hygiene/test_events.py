@@ -94,7 +94,7 @@ async def test_a_rotate_grace_announces_the_revocation_at_the_rotate_with_its_ti
     new, _, _ = await hooked.rotate_key(old.id, grace="1h")
     revoked = [body for hook, event, body in await queued(store) if hook == LEAKS and event == "key.revoked"]
     assert [(b["key_id"], b["details"]["revoke_at"], b["key"]["status"]) for b in revoked] == [
-        (old.id, iso(clock() + timedelta(hours=1)), "active")]
+        (old.id, iso(clock() + timedelta(hours=1)), "rotating")]
     assert revoked[0]["key"]["revoked_at"] == iso(clock() + timedelta(hours=1))
 
 
