@@ -753,8 +753,9 @@ def apply_command(ctx: click.Context, state_file: str, dry_run: bool, prune: boo
         text = sys.stdin.read() if state_file == "-" else Path(state_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{state_file}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
+    # A dry run only reads: it reports a missing embedded store rather than creating it.
     done = with_service(ctx, lambda svc: reconcile.apply_state(svc, text, prune=prune, dry_run=dry_run,
-                                                                show=click.echo))
+                                                                show=click.echo), needs_store=dry_run)
     if dry_run:
         click.echo("Dry run: nothing was changed.")
     elif done.plan.changes:
@@ -766,11 +767,13 @@ def apply_command(ctx: click.Context, state_file: str, dry_run: bool, prune: boo
 
 
 @main.command("export")
-@click.option("-o", "--output", metavar="FILE", help="Write the state file here (default: stdout).")
+@click.option("-f", "--file", "output", metavar="FILE",
+              help="Write the state file here (default: stdout); the file apply -f reads.")
 @click.pass_context
 def export_command(ctx: click.Context, output: str | None) -> None:
     """Print the store's roles, members, trust policies and named keys as a state file for apply (no secrets)."""
-    text = with_service(ctx, reconcile.export_state)
+    # -f, not -o: -o names an output format everywhere else (-o json|yaml|wide|name).
+    text = with_service(ctx, reconcile.export_state, needs_store=True)
     if output is None:
         click.echo(text, nl=False)
         return

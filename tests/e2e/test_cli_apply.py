@@ -75,7 +75,9 @@ def test_apply_prints_the_plan_and_each_secret_once(env: dict[str, str], tmp_pat
 
 
 def test_dry_run_changes_nothing(env: dict[str, str], tmp_path: Path) -> None:
-    """--dry-run prints the plan, exits 0 and changes nothing."""
+    """--dry-run prints the plan, exits 0 and changes nothing (on a store that exists: a dry run only reads, so a
+    missing embedded store is reported, not created: test_cli_edges)."""
+    keygate(env, "migrate")
     result = keygate(env, "apply", "-f", write(tmp_path, STATE), "--dry-run")
     assert result.stdout.splitlines()[-1] == "Dry run: nothing was changed."
     assert json.loads(keygate(env, "keys", "list", "--json").stdout) == []
@@ -100,11 +102,11 @@ def test_update_and_prune(fixed_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_export_round_trip(env: dict[str, str], tmp_path: Path) -> None:
-    """export -o FILE writes no secret, and apply of it to the same store is No changes."""
+    """export -f FILE writes no secret, and apply of it to the same store is No changes."""
     created = keygate(env, "apply", "-f", write(tmp_path, STATE)).stdout
     keygate(env, "keys", "create", "--name", "by hand", "--operation", "read", "--expires", "30d")
     out = tmp_path / "exported.toml"
-    keygate(env, "export", "-o", str(out))
+    keygate(env, "export", "-f", str(out))
     exported = out.read_text()
     assert 'name = "by hand"' in exported and "[roles.deployer]" in exported
     for line in created.splitlines():

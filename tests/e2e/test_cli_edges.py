@@ -29,7 +29,7 @@ def run_in(folder: Path, env: dict[str, str], *args: str) -> subprocess.Complete
     ["members", "list", "acme"], ["trust", "list"], ["trust", "show", "shop"], ["audit"],
     ["keys", "revoke", "kg_unknown00000", "--yes"], ["keys", "update", "kg_unknown00000", "--name", "x"],
     ["roles", "delete", "ci", "--yes"], ["members", "remove", "acme", "bob", "--yes"],
-    ["trust", "remove", "shop", "--yes"],
+    ["trust", "remove", "shop", "--yes"], ["export"], ["apply", "-f", "-", "--dry-run"],
 ], ids=" ".join)
 def test_commands_on_what_exists_never_create_the_store(fixed_env: dict[str, str], tmp_path: Path,
                                                        args: list[str]) -> None:
