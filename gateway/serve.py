@@ -5,11 +5,20 @@ accepting, in-flight requests get ``proxy.shutdown_grace`` seconds to finish,
 buffers are flushed, and the process exits 0. With ``--workers N`` a small
 supervisor forks N workers that share the ports through SO_REUSEPORT,
 forwards signals to them and restarts one that dies unexpectedly.
+
+A worker whose event loop stops turning (its heartbeat, the metrics snapshot
+it writes every second, is older than ``proxy.worker_timeout``) has its
+stacks dumped to the log, is killed and replaced; so is one still running
+``STUCK_AFTER`` + ``KILL_AFTER`` seconds past the grace of a shutdown.
+SIGUSR1 dumps every thread's stack of every serving process to the log (the
+supervisor passes it on to its workers): what a stuck process is doing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import json
 import logging
 import multiprocessing
@@ -48,6 +57,13 @@ def event_loop_runner() -> Callable[[Awaitable[int]], int]:
 
 
 STUCK_AFTER = 10.0  # seconds past the grace after which a shutdown still running is logged as stuck
+KILL_AFTER = 5.0  # seconds past that after which the supervisor kills a worker that has not stopped
+DUMP_WAIT = 1.0  # seconds a worker gets to write its stacks (SIGUSR1) before it is killed
+
+
+def dump_stacks_on_signal() -> None:
+    """SIGUSR1 writes every thread's stack to stderr (the log), even while the event loop is blocked."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
 async def _bound(site: web.TCPSite) -> str:
@@ -141,6 +157,7 @@ def configure_logs(settings: Settings) -> None:
 
 def _worker_main(settings: Settings, metrics_dir: Path) -> None:
     configure_logs(settings)
+    dump_stacks_on_signal()
     sys.exit(run_worker(settings, reuse_port=True, metrics_dir=metrics_dir))
 
 
@@ -173,27 +190,48 @@ def supervise(settings: Settings) -> int:
 
     workers = [start() for _ in range(settings.proxy.workers)]
     started_at = {w.pid: time.monotonic() for w in workers}
+    killed: set[int | None] = set()  # workers the supervisor killed for not answering: started again regardless
+
+    stop_deadline = 0.0
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_deadline
+        if not stopping:
+            stop_deadline = time.monotonic() + settings.proxy.shutdown_grace + STUCK_AFTER + KILL_AFTER
         stopping = True
         for w in workers:
             if w.is_alive() and w.pid is not None:
                 os.kill(w.pid, signal.SIGTERM)
 
+    def pass_on(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGUSR1, pass_on)
     log.info(json.dumps({"event": "supervising", "workers": [w.pid for w in workers], "pid": os.getpid()}))
     status = 0
     while not (stopping and not any(w.is_alive() for w in workers)):
         time.sleep(0.2)
         if stopping:
+            if time.monotonic() > stop_deadline:
+                for w in workers:
+                    if w.is_alive():
+                        _kill_stuck(w, "shutdown_stuck", time.monotonic() - stop_deadline + KILL_AFTER)
+                        status = 1
             continue
+        for w in workers:
+            silent = _silent_for(metrics_dir, w)
+            if silent is not None and silent > settings.proxy.worker_timeout:
+                _kill_stuck(w, "unresponsive", silent)  # and restarted below, as any worker that died
+                killed.add(w.pid)
         for i, w in enumerate(workers):
             if w.is_alive():
                 continue
             log.error(json.dumps({"event": "worker_exited", "pid": w.pid, "exitcode": w.exitcode}))
-            if time.monotonic() - started_at.get(w.pid, 0.0) < 5:
+            if time.monotonic() - started_at.get(w.pid, 0.0) < 5 and w.pid not in killed:
                 # Dying right after start means it cannot start (port, store): give up.
                 status = 1
                 forward(signal.SIGTERM, None)
@@ -208,6 +246,29 @@ def supervise(settings: Settings) -> int:
     return status
 
 
+def _silent_for(metrics_dir: Path, worker: multiprocessing.process.BaseProcess) -> float | None:
+    """Seconds since a live worker's last heartbeat (its metrics snapshot); None before its first one."""
+    if not worker.is_alive():
+        return None
+    try:
+        beat = (metrics_dir / f"{worker.pid}.json").stat().st_mtime
+    except OSError:
+        return None  # still starting
+    return time.time() - beat
+
+
+def _kill_stuck(worker: multiprocessing.process.BaseProcess, reason: str, seconds: float) -> None:
+    """Dump a stuck worker's stacks to the log, then SIGKILL it."""
+    assert worker.pid is not None
+    log.error(json.dumps({"event": "worker_killed", "pid": worker.pid, "reason": reason,
+                          "seconds": round(seconds, 1)}))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker.pid, signal.SIGUSR1)
+        worker.join(DUMP_WAIT)
+        os.kill(worker.pid, signal.SIGKILL)
+    worker.join(5)
+
+
 def serve(settings: Settings) -> int:
     configure_logs(settings)
     warn_if_exposed(settings)
@@ -219,4 +280,5 @@ def serve(settings: Settings) -> int:
         return 2
     if settings.proxy.workers > 1:
         return supervise(settings)
+    dump_stacks_on_signal()
     return run_worker(settings)

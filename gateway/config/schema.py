@@ -107,6 +107,11 @@ class ProxySettings(_Section):
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
     )
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the listeners (SO_REUSEPORT).")
+    worker_timeout: Duration = Field(
+        30.0, gt=0,
+        description="With workers > 1: seconds a worker's event loop may go without a heartbeat (it beats every "
+        "second) before the supervisor dumps its stacks to the log, kills it and starts another.",
+    )
     max_body_size: Size = Field(
         "100MiB",
         description='Largest request body forwarded (e.g. "100MiB", "10MB"); larger ones get 413; 0 = unlimited.',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -143,12 +144,16 @@ class Keygate:
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            # Leave nothing running, and show why it did not stop (a stuck shutdown logs its tasks).
+            # Leave nothing running, and show why it did not stop (a stuck shutdown logs its tasks;
+            # SIGUSR1 has every process write its stacks to the log).
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             _kill_tree(self.process.pid)
             self.process.wait(5)
             self._log.close()
             raise AssertionError(f"keygate did not stop within {timeout}s of signal {sig}; log tail:\n"
-                                 + "\n".join(self.log().splitlines()[-20:])) from None
+                                 + "\n".join(self.log().splitlines()[-80:])) from None
         self._log.close()
         return code
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -77,3 +79,73 @@ async def test_sigterm_lets_in_flight_requests_finish(
     # The flush interval is 60 s: only the shutdown flush can have written these.
     assert stored.last_used_at is not None
     assert [r.path for r in requests] == ["/slow/1.5"]
+
+
+# --- a worker that stops turning its event loop -----------------------------------------------------------
+
+
+def _worker_pids(keygate: Keygate) -> list[int]:
+    return [json.loads(line)["pid"] for line in keygate.log().splitlines() if '"listening"' in line]
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_replaced(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A worker frozen past proxy.worker_timeout is logged, killed and replaced; the gateway keeps answering."""
+    keygate = Keygate(tmp_path_factory.mktemp("frozen"), upstream.url, workers=2,
+                      proxy="worker_timeout = 2\n").start()
+    try:
+        frozen = _worker_pids(keygate)[0]
+        os.kill(frozen, signal.SIGSTOP)  # as a loop blocked in a call that never returns
+        assert await asyncio.to_thread(_wait_for, lambda: len(_worker_pids(keygate)) == 3, 20), keygate.log()
+        killed = [json.loads(line) for line in keygate.log().splitlines() if '"worker_killed"' in line]
+        assert [(k["pid"], k["reason"]) for k in killed] == [(frozen, "unresponsive")]
+        assert killed[0]["seconds"] > 2
+        _, key = await keygate.key(name="ci", role="admin")
+        assert set(await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(20)))) == {200}
+    finally:
+        assert keygate.stop() == 0
+
+
+async def test_sigusr1_writes_every_workers_stacks_to_the_log_and_stops_nothing(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGUSR1 to `keygate serve --workers 2`: both workers' stacks in the log; both keep serving."""
+    keygate = Keygate(tmp_path_factory.mktemp("stacks"), upstream.url, workers=2).start()
+    try:
+        assert keygate.process is not None
+        keygate.process.send_signal(signal.SIGUSR1)
+        dumped = await asyncio.to_thread(
+            _wait_for, lambda: keygate.log().count("(most recent call first)") >= 2, 10)
+        assert dumped, keygate.log()
+        assert "in run_worker" in keygate.log()  # each worker's main thread, inside its event loop
+        _, key = await keygate.key(name="ci", role="admin")
+        assert set(await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(20)))) == {200}
+        assert len(_worker_pids(keygate)) == 2 and "worker_exited" not in keygate.log()
+    finally:
+        assert keygate.stop() == 0
+
+
+async def test_a_worker_that_never_finishes_its_shutdown_is_killed(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGTERM with a frozen worker: the supervisor kills it past the grace and exits 1, rather than hang."""
+    keygate = Keygate(tmp_path_factory.mktemp("unstoppable"), upstream.url, workers=2,
+                      proxy="worker_timeout = 600\n")
+    keygate.config_path.write_text(keygate.config_path.read_text().replace("shutdown_grace = 10", "shutdown_grace = 0"))
+    keygate.start()
+    frozen = _worker_pids(keygate)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    code = await asyncio.to_thread(keygate.stop, signal.SIGTERM, 40)
+    killed = [json.loads(line) for line in keygate.log().splitlines() if '"worker_killed"' in line]
+    assert [(k["pid"], k["reason"]) for k in killed] == [(frozen, "shutdown_stuck")]
+    assert code == 1

@@ -87,7 +87,9 @@ async def statuses(key: str, urls: Iterable[str], path: str = "/echo") -> list[t
             await r.read()
             return url, r.status, dict(r.headers)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=16)) as http:
+    # A request a replica never answers fails the test in a minute, not aiohttp's default five.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=16),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
         return list(await asyncio.gather(*(one(http, url) for url in urls)))
 
 

@@ -111,10 +111,14 @@ async def changes_channel(fleet: Fleet) -> AsyncIterator[Any]:
 
 
 async def next_notice(pubsub: Any) -> Any:
+    """The next notice's [entity, target] pairs; each carries when the change was made, within seconds of now."""
     for _ in range(50):
         message = await pubsub.get_message(timeout=0.1)
         if message is not None:
-            return json.loads(message["data"])
+            notice = json.loads(message["data"])
+            for _entity, _target, made in notice:
+                assert abs(time.time() - made) < 30, notice  # the time subscribers measure propagation from
+            return [[entity, target] for entity, target, _made in notice]
     return None
 
 
