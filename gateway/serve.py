@@ -190,6 +190,7 @@ def supervise(settings: Settings) -> int:
 
     workers = [start() for _ in range(settings.proxy.workers)]
     started_at = {w.pid: time.monotonic() for w in workers}
+    born = {w.pid: time.time() for w in workers}  # the same, on the clock file times are read with
     killed: set[int | None] = set()  # workers the supervisor killed for not answering: started again regardless
 
     stop_deadline = 0.0
@@ -223,7 +224,7 @@ def supervise(settings: Settings) -> int:
                         status = 1
             continue
         for w in workers:
-            silent = _silent_for(metrics_dir, w)
+            silent = _silent_for(metrics_dir, w, born[w.pid])
             if silent is not None and silent > settings.proxy.worker_timeout:
                 _kill_stuck(w, "unresponsive", silent)  # and restarted below, as any worker that died
                 killed.add(w.pid)
@@ -238,6 +239,7 @@ def supervise(settings: Settings) -> int:
                 break
             workers[i] = start()
             started_at[workers[i].pid] = time.monotonic()
+            born[workers[i].pid] = time.time()
     for w in workers:
         w.join()
         if w.exitcode and not status:
@@ -246,15 +248,19 @@ def supervise(settings: Settings) -> int:
     return status
 
 
-def _silent_for(metrics_dir: Path, worker: multiprocessing.process.BaseProcess) -> float | None:
-    """Seconds since a live worker's last heartbeat (its metrics snapshot); None before its first one."""
+def _silent_for(metrics_dir: Path, worker: multiprocessing.process.BaseProcess, born: float) -> float | None:
+    """Seconds since a live worker's last heartbeat (its metrics snapshot); None before its first one.
+
+    ``born``: when it was started (epoch seconds): a snapshot older than that is a dead worker's
+    whose pid this one now has.
+    """
     if not worker.is_alive():
         return None
     try:
         beat = (metrics_dir / f"{worker.pid}.json").stat().st_mtime
     except OSError:
         return None  # still starting
-    return time.time() - beat
+    return None if beat < born else time.time() - beat
 
 
 def _kill_stuck(worker: multiprocessing.process.BaseProcess, reason: str, seconds: float) -> None:
@@ -264,8 +270,9 @@ def _kill_stuck(worker: multiprocessing.process.BaseProcess, reason: str, second
                           "seconds": round(seconds, 1)}))
     with contextlib.suppress(ProcessLookupError):
         os.kill(worker.pid, signal.SIGUSR1)
-        worker.join(DUMP_WAIT)
-        os.kill(worker.pid, signal.SIGKILL)
+    worker.join(DUMP_WAIT)
+    if worker.is_alive():  # not once it has been reaped: its pid may be another process's by now
+        worker.kill()
     worker.join(5)
 
 
