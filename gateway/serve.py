@@ -204,10 +204,11 @@ def supervise(settings: Settings) -> int:
             if w.is_alive() and w.pid is not None:
                 os.kill(w.pid, signal.SIGTERM)
 
+    # Workers still to pass SIGUSR1 on to: one per turn, so that their stacks do not interleave in the log.
+    to_dump: list[multiprocessing.process.BaseProcess] = []
+
     def pass_on(signum: int, _frame: object) -> None:
-        for w in workers:
-            if w.is_alive() and w.pid is not None:
-                os.kill(w.pid, signum)
+        to_dump[:] = list(workers)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -216,6 +217,10 @@ def supervise(settings: Settings) -> int:
     status = 0
     while not (stopping and not any(w.is_alive() for w in workers)):
         time.sleep(0.2)
+        if to_dump:
+            dump = to_dump.pop(0)
+            if dump.is_alive() and dump.pid is not None:
+                os.kill(dump.pid, signal.SIGUSR1)
         if stopping:
             if time.monotonic() > stop_deadline:
                 for w in workers:

@@ -127,7 +127,8 @@ async def test_sigusr1_writes_every_workers_stacks_to_the_log_and_stops_nothing(
         dumped = await asyncio.to_thread(
             _wait_for, lambda: keygate.log().count("(most recent call first)") >= 2, 10)
         assert dumped, keygate.log()
-        assert "in run_worker" in keygate.log()  # each worker's main thread, inside its event loop
+        # each worker's main thread, inside its event loop, in one piece (one worker after the other)
+        assert await asyncio.to_thread(_wait_for, lambda: keygate.log().count("in run_worker\n") == 2, 5), keygate.log()
         _, key = await keygate.key(name="ci", role="admin")
         assert set(await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(20)))) == {200}
         assert len(_worker_pids(keygate)) == 2 and "worker_exited" not in keygate.log()
