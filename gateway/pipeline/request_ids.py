@@ -13,7 +13,12 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 
+from ..keys import BODY_LENGTH
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# SECURITY: a run of letters and digits as long as a key's body may be a key (or one without its
+# prefix) sent as the id by mistake; the id is logged, sent upstream and answered, so it is not used.
+_KEY_SIZED = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
 
 
 class RequestIds:
@@ -36,6 +41,8 @@ class RequestIds:
 
 
 def request_id_of(headers: Mapping[str, str], fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
-    """The client's X-Request-Id if it is sane, else a fresh one."""
+    """The client's X-Request-Id if it is sane (and cannot be a key), else a fresh one."""
     given = headers.get("X-Request-Id")
-    return given if given is not None and _REQUEST_ID.fullmatch(given) else fresh()
+    if given is not None and _REQUEST_ID.fullmatch(given) and not _KEY_SIZED.search(given):
+        return given
+    return fresh()

@@ -169,6 +169,24 @@ async def test_access_line_per_request(http: aiohttp.ClientSession, request: pyt
         assert key is None or key not in log
 
 
+@pytest.mark.parametrize(("listener", "with_key", "status"), [
+    ("proxy", True, 200), ("proxy", False, 401), ("authz", True, 200), ("admin", True, 403)])
+async def test_a_key_sent_as_the_request_id_is_replaced_and_never_logged(
+        http: aiohttp.ClientSession, json_logs: Keygate, listener: str, with_key: bool, status: int) -> None:
+    """SECURITY: a key pasted into X-Request-Id is not used as the id: not logged, not sent on, not answered."""
+    _, key = await json_logs.key(name=f"pasted-{listener}-{status}", operations=["*"])
+    url = {"proxy": json_logs.proxy_url + "/echo", "authz": json_logs.authz_url + "/echo",
+           "admin": json_logs.admin_url + "/admin/v1/keys"}[listener]
+    async with http.get(url, headers={**(bearer(key) if with_key else {}), "X-Request-Id": key}) as r:
+        assert r.status == status
+        body = await r.text()
+        # Answered in the header (the proxy's refusals: in their JSON body).
+        answered = r.headers.get("X-Request-Id") or json.loads(body)["request_id"]
+    assert answered and answered != key and key not in body
+    await asyncio.sleep(0.3)  # the access line is written right after the answer
+    assert key not in json_logs.log()
+
+
 @pytest.mark.parametrize(("key_or_not", "status", "decision"), [(True, 200, "allowed"), (False, 401, "no_credentials")])
 async def test_authz_decisions_get_access_lines(http: aiohttp.ClientSession, json_logs: Keygate, key_or_not: bool,
                                                status: int, decision: str) -> None:
