@@ -118,12 +118,17 @@ def _read_toml(path: Path, name: str, problems: list[str]) -> dict[str, Any] | N
     except UnicodeDecodeError:
         problems.append(f"config file {name}: not UTF-8 text")
     except tomllib.TOMLDecodeError as exc:
+        if path.read_bytes().startswith(b"\xef\xbb\xbf"):
+            problems.append(f"config file {name}: starts with a byte order mark (BOM): save it as UTF-8 without one")
+            return None
         where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
         if where:
             reason = str(exc)[: where.start()]
             problems.append(f"config file {name}, line {where[1]}, column {where[2]}: invalid TOML: {reason}")
         else:
             problems.append(f"config file {name}: invalid TOML: {exc}")
+    except ValueError as exc:  # an integer of over 4300 digits, which tomllib leaves to int()
+        problems.append(f"config file {name}: invalid TOML: {str(exc).split(';')[0]}")
     return None
 
 

@@ -20,6 +20,9 @@ _SPEC = re.compile(
     r"^\s*(?P<limit>\d+)\s*/\s*(?P<unit>[a-z]+)\s*(?:;\s*burst\s*=\s*(?P<burst>\d+)\s*)?$"
 )
 
+# A billion per window: far above any real limit, and a bound on the arithmetic of a bucket.
+MAX_RATE = 1_000_000_000
+_MAX_DIGITS = 4000  # below int()'s default limit of 4300 digits
 ALLOWED = '"N/second", "N/minute", "N/hour" or "N/day" with N >= 1, optionally "; burst=M" with M >= N'
 
 
@@ -63,6 +66,9 @@ def parse_rate_limit(text: str) -> RateLimitSpec:
     match = _SPEC.match(text.lower()) if isinstance(text, str) else None
     if match is None or match["unit"] not in _UNITS:
         raise InvalidRateLimit(f"invalid rate limit {text!r}: use {ALLOWED}")
+    if any(len(n.lstrip("0")) > _MAX_DIGITS for n in (match["limit"], match["burst"] or "")):
+        # int() of that many digits is a ValueError of its own (and no such limit could be stored).
+        raise InvalidRateLimit(f"invalid rate limit {text[:40]!r}...: more than {MAX_RATE} a window")
     limit = int(match["limit"])
     burst = int(match["burst"]) if match["burst"] is not None else None
     if limit < 1:
@@ -70,3 +76,14 @@ def parse_rate_limit(text: str) -> RateLimitSpec:
     if burst is not None and burst < limit:
         raise InvalidRateLimit(f"invalid rate limit {text!r}: burst must be at least the limit ({limit})")
     return RateLimitSpec(limit=limit, window=_UNITS[match["unit"]], burst=burst)
+
+
+def parse_new_rate_limit(text: str) -> RateLimitSpec:
+    """:func:`parse_rate_limit` of a limit being set (settings, a key's, a policy's): at most MAX_RATE a window.
+
+    A limit stored before the bound still applies as it is (:func:`parse_rate_limit`).
+    """
+    spec = parse_rate_limit(text)
+    if spec.capacity > MAX_RATE:
+        raise InvalidRateLimit(f"invalid rate limit {text!r}: more than {MAX_RATE} a window")
+    return spec

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .ratelimit_spec import parse_rate_limit
+from .ratelimit_spec import parse_new_rate_limit
 from .routes import route_operation, route_path
 from .units import parse_duration, parse_listen, parse_size
 
@@ -217,7 +217,7 @@ class ExchangeSettings(_Section):
     @field_validator("per_client", "per_policy")
     @classmethod
     def _limit(cls, spec: str) -> str:
-        parse_rate_limit(spec)
+        parse_new_rate_limit(spec)
         return spec
 
 
@@ -432,7 +432,7 @@ class RateLimitSettings(_Section):
     @field_validator("default")
     @classmethod
     def _default(cls, spec: str) -> str:
-        parse_rate_limit(spec)
+        parse_new_rate_limit(spec)
         return spec
 
 
@@ -620,7 +620,7 @@ class LeaksSettings(_Section):
     @field_validator("per_client")
     @classmethod
     def _limit(cls, spec: str) -> str:
-        parse_rate_limit(spec)
+        parse_new_rate_limit(spec)
         return spec
 
 

@@ -59,7 +59,7 @@ def load(path: Path) -> list[Credential]:
                                f"run `chmod 600 {path}`")
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError, int()'s digit limit
         raise CredentialsError(f"{path}: not a credentials file ({exc})") from None
     entries = document.get("credentials", [])
     found: list[Credential] = []

@@ -162,7 +162,12 @@ def read_state(text: str, settings: Settings) -> State:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        if text.startswith("\ufeff"):
+            raise StateProblems("not valid TOML: the file starts with a byte order mark (BOM): "
+                                "save it as UTF-8 without one") from None
         raise StateProblems(f"not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer of over 4300 digits, which tomllib leaves to int()
+        raise StateProblems(f"not valid TOML: {str(exc).split(';')[0]}") from None
     reader = _Reader(settings)
     for name in document:
         if name not in SECTIONS:

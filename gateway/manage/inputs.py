@@ -18,7 +18,7 @@ from typing import Any
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlsplit
 
-from ..config.ratelimit_spec import InvalidRateLimit, parse_rate_limit
+from ..config.ratelimit_spec import InvalidRateLimit, parse_new_rate_limit
 from ..config.units import parse_duration
 
 
@@ -101,7 +101,7 @@ def rate_limit(text: str | None) -> str | None:
     if text is None or text == "":
         return None
     try:
-        return str(parse_rate_limit(text))
+        return str(parse_new_rate_limit(text))
     except InvalidRateLimit as exc:
         raise InvalidField(f"rate-limit: {exc}") from None
 

@@ -30,8 +30,18 @@ NO_UPSTREAMS = "keygate: invalid configuration: no upstreams configured: add an 
         "keygate: invalid configuration: routes.0.upstream = 'other': must be a configured upstream (app)"]),
     ("[proxy\n", ["keygate: invalid configuration: config file {config}, line 1, column 7: invalid TOML: "
                   "Expected ']' at the end of a table declaration"]),
+    (UPSTREAM + "[proxy]\nworkers = " + "9" * 5000 + "\n", [
+        "keygate: invalid configuration: config file {config}: invalid TOML: Exceeds the limit (4300 digits) for "
+        "integer string conversion: value has 5000 digits"]),
+    ("\ufeff" + UPSTREAM, [
+        "keygate: invalid configuration: config file {config}: starts with a byte order mark (BOM): save it as "
+        "UTF-8 without one"]),
+    (UPSTREAM + '[ratelimit]\ndefault = "1000000001/second"\n', [
+        "keygate: invalid configuration: ratelimit.default = '1000000001/second': invalid rate limit "
+        "'1000000001/second': more than 1000000000 a window"]),
 ], ids=["no-upstreams", "bad-field-and-no-upstreams", "cross-field-and-field", "route-without-upstreams",
-        "unknown-setting-and-route", "invalid-toml"])
+        "unknown-setting-and-route", "invalid-toml", "integer-of-5000-digits", "byte-order-mark",
+        "rate-limit-over-a-billion"])
 def test_check_config_reports_what_serve_stops_on(fixed_env: dict[str, str], tmp_path: Path, config: str,
                                                   lines: list[str]) -> None:
     """Each problem one line, every problem at once, exit 2: the same lines from check-config and serve."""

@@ -144,6 +144,13 @@ INVALID = [
      ["extra: unknown section", "roles.x.grant: unknown field", "roles.x.grants: required",
       "keys[0].name: required", "keys[0].rate_limit: rate-limit"]),
     ("not TOML", 'keys = [\n', ["not valid TOML"]),
+    ("an integer of 5000 digits", '[[keys]]\nname = "a"\nrole = "admin"\nexpires = ' + "9" * 5000 + "\n",
+     ["not valid TOML: Exceeds the limit (4300 digits)"]),
+    ("byte order mark", '\ufeff[[keys]]\nname = "a"\nrole = "admin"\n',
+     ["not valid TOML: the file starts with a byte order mark (BOM)"]),
+    ("rate limit over a billion",
+     '[[keys]]\nname = "a"\nrole = "admin"\nrate_limit = "' + "9" * 5000 + '/second"\n',
+     ["keys[0].rate_limit: rate-limit: invalid rate limit '9999"]),
 ]
 
 

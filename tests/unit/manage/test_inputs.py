@@ -64,11 +64,30 @@ def test_rate_limit_specs(text: str, spec: RateLimitSpec) -> None:
     assert parse_rate_limit(text) == spec
 
 
-@pytest.mark.parametrize("text", ["lots", "0/minute", "100", "100/fortnight", "-1/minute", "100/minute; burst=5", ""])
+@pytest.mark.parametrize("text", ["lots", "0/minute", "100", "100/fortnight", "-1/minute", "100/minute; burst=5", "",
+                                  "9" * 5000 + "/second", "1/second; burst=" + "9" * 5000])
 def test_bad_rate_limits_are_refused(text: str) -> None:
-    """Malformed, zero and burst-below-limit specs are refused."""
-    with pytest.raises(InvalidRateLimit):
+    """Malformed, zero and burst-below-limit specs are refused (a 5000-digit one too: not int()'s ValueError)."""
+    with pytest.raises(InvalidRateLimit) as refused:
         parse_rate_limit(text)
+    assert len(str(refused.value)) < 200
+
+
+@pytest.mark.parametrize(("text", "refused"), [
+    ("1000000000/second", False),
+    ("1000000000/second; burst=01000000000", False),
+    ("1000000001/second", True),
+    ("1/second; burst=1000000001", True),
+    ("99999999999999999999999999/second", True),
+])
+def test_a_limit_being_set_is_at_most_a_billion_a_window(text: str, refused: bool) -> None:
+    """Settings, keys and policies take at most a billion a window; one stored before the bound still reads."""
+    parse_rate_limit(text)
+    if refused:
+        with pytest.raises(InvalidField, match="more than 1000000000 a window"):
+            fields.rate_limit(text)
+    else:
+        assert fields.rate_limit(text) == str(parse_rate_limit(text))
 
 
 def test_rate_limit_is_stored_canonically() -> None:
