@@ -537,9 +537,11 @@ class KeyService:
             old = await self._key_for_change(tx, key_id, now, "rotating")
             if old.status(now) is KeyStatus.EXPIRED:
                 raise ConflictError(f"key {key_id} has expired; create a new key instead")
+            if old.status(now) is KeyStatus.ROTATING:
+                # Its successor exists: a second one would be another live key of the same name and settings.
+                raise ConflictError(f"key {key_id} is already rotating (revoked at {iso(old.revoked_at)}); rotate "
+                                    "the key that replaced it, or revoke this one to end its grace now")
             revoke_at = now + timedelta(seconds=grace_for)
-            if old.revoked_at is not None:
-                revoke_at = min(revoke_at, old.revoked_at)
             old_updated = replace(old, revoked_at=revoke_at)
             await tx.save_key(old_updated)
             parsed, secret_hash = await self._new_secret(tx, _prefix(self.settings, old.kind))

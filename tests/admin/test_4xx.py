@@ -219,17 +219,21 @@ async def test_422_is_the_services_refusal(admin: Admin) -> None:
     [
         ("revoked", "PATCH", KEYS + "/{id}", {"name": "again"}),
         ("revoked", "POST", KEYS + "/{id}/rotate", {}),
+        ("rotating", "POST", KEYS + "/{id}/rotate", {"grace": "1h"}),
         ("in use", "DELETE", "/admin/v1/roles/ci", None),
         (None, "PUT", "/admin/v1/roles/admin", {"grants": ["read"]}),
         (None, "DELETE", "/admin/v1/roles/admin", None),
     ],
 )
 async def test_409_for_conflicts(admin: Admin, setup: str | None, method: str, path: str, body: Any) -> None:
-    """Changing a revoked key, deleting a role in use or touching the built-in admin role is a 409."""
+    """Changing a revoked key, rotating a rotating one, deleting a role in use or touching the admin role is a 409."""
     key_id = ""
     if setup == "revoked":
         key_id, _ = await admin.key(name="ci", operations=["read"])
         await admin.cli.revoke_key(key_id)
+    elif setup == "rotating":
+        key_id, _ = await admin.key(name="ci", operations=["read"])
+        await admin.cli.rotate_key(key_id, grace="1h")
     elif setup == "in use":
         await admin.cli.put_role("ci", ["read"])
         await admin.key(name="ci", role="ci")

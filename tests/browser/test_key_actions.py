@@ -52,6 +52,11 @@ def test_rotate_with_grace_keeps_the_old_key_working(
     rotated_at = time.monotonic()
     assert proxy_status(gateway, new_key) == 200
     assert proxy_status_after(gateway, old["key"], rotated_at) == 200
+    # The old key, now rotating, offers no second rotation (its successor is the one to rotate).
+    open_key(browser, old["id"])
+    browser.wait_text("#rotating-notice", "Rotate the key that replaced it")
+    assert browser.find_all("#rotate-submit") == [] and browser.find_all("#revoke-key") != []
+    browser.screenshot("key-rotating")
     assert browser.console_errors() == []
 
 

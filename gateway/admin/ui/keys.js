@@ -315,6 +315,10 @@ export async function keyPage(main, id, ctx) {
             ctx.flash(`Role of ${k.id} set to ${role.value}.`);
             await ctx.render();
           })()) }, "Save role"))),
+      k.status === "rotating" ? h("div", { class: "action", id: "rotating-notice" },
+        h("div", null, h("h3", null, "Rotate"),
+          h("p", { class: "muted" }, "Already replaced by a rotation: it works until its revoked time. " +
+            "Rotate the key that replaced it; revoke this one to end its grace now."))) :
       h("div", { class: "action" },
         h("div", null, h("h3", null, "Rotate"),
           h("p", { class: "muted" }, "A new key with the same settings, shown once.")),

@@ -162,6 +162,20 @@ async def test_rotate_with_grace_keeps_the_old_key_until_then(service: KeyServic
     assert [k.id for k in await service.list_keys(status="revoked")] == [old.id]
 
 
+async def test_a_rotating_key_is_not_rotated_again(service: KeyService, store: KeyStore, clock: FakeClock[datetime]) -> None:
+    """Its successor exists: a second rotate is refused (409) and changes nothing; the successor rotates."""
+    old, _ = await service.create_key(name="ci", role="admin")
+    successor = (await service.rotate_key(old.id, grace="1h"))[0]
+    clock.advance(minutes=10)
+    with pytest.raises(ConflictError, match="already rotating .* rotate the key that replaced it"):
+        await service.rotate_key(old.id, grace="1h")
+    assert sorted(k.id for k in await service.list_keys()) == sorted([old.id, successor.id])
+    assert await actions(store, old.id) == ["key.rotate", "key.create"]
+    await service.rotate_key(successor.id)
+    clock.advance(hours=1)
+    assert [k.name for k in await service.list_keys(status="active")] == ["ci"]
+
+
 async def test_rotate_refuses_a_bad_grace(service: KeyService) -> None:
     """A grace that is not a duration is refused."""
     old, _ = await service.create_key(name="ci", role="admin")
