@@ -33,7 +33,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .admin.listener import admin_app
+from .admin.listener import admin_app, admin_runner as admin_listener_runner
 from .runtime import Runtime, StartupError, prepare_store, runtime, warn_if_exposed
 from .config.load import serving_problems
 from .config.schema import Settings
@@ -84,7 +84,7 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
     async with runtime(settings) as rt:
         proxy = proxy_listener(rt.gateway.handle, rt.gateway.forwarder.sweeper, settings.proxy)
         authz: ProxyListener | None = None
-        admin_runner = web.AppRunner(admin_app(rt, metrics_dir=metrics_dir), access_log=None, shutdown_timeout=5)
+        admin_runner = admin_listener_runner(admin_app(rt, metrics_dir=metrics_dir))
         await admin_runner.setup()
         # Everything long-lived exists now; what follows is per request.
         settle_heap()

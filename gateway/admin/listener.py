@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web, web_response
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..runtime import Runtime
 from ..manage.service import hasher_from
@@ -43,6 +46,41 @@ web_response.SERVER_SOFTWARE = "keygate"
 async def no_server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """Keygate's own answers carry no Server header (README, "Server header")."""
     response.headers.popall(hdrs.SERVER, None)
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log on the admin listener: a request it cannot parse is one info line, as on the proxy.
+
+    aiohttp logs those at error with a traceback; anyone who reaches the port could fill the error
+    log with them. Its other errors (a handler that raised) stay errors, traceback included.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._bad_http(exc_info)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        # (aiohttp logs a first request that is not HTTP at all, TLS say, at debug: the proxy logs it too.)
+        if isinstance(exc_info, HttpProcessingError):
+            self._bad_http(exc_info)
+        else:
+            super().debug(msg, *args, exc_info=exc_info, **kwargs)
+
+    @staticmethod
+    def _bad_http(exc: HttpProcessingError) -> None:
+        reason = exc.message or type(exc).__name__
+        _HTTP_LOG.info(json.dumps({"event": "bad_http", "listener": "admin", "status": 400, "reason": reason[:200]}))
+
+
+_HTTP_LOG = logging.getLogger("keygate.http")
+
+
+def admin_runner(app: web.Application) -> web.AppRunner:
+    """The admin listener's runner: no access log of aiohttp's own, its server log through :class:`ServerLog`."""
+    return web.AppRunner(app, access_log=None, shutdown_timeout=5,
+                         logger=ServerLog(logging.getLogger("aiohttp.server"), {}))
 
 
 def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Application:

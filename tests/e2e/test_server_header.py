@@ -7,6 +7,7 @@ A proxied answer keeps the upstream's own ``Server`` header, unchanged.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import aiohttp
@@ -63,6 +64,28 @@ async def test_malformed_request_answer_has_no_server_header(gateway: Keygate, l
     server = [line for line in response.head.lower().split(b"\r\n") if line.startswith(b"server:")]
     # The admin listener's HTTP library answers these itself, naming no software nor version.
     assert server == ([b"server: keygate"] if listener == "admin" else []), response.head
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32 + b"\r\n\r\n",  # TLS to a plain port
+], ids=["bad-content-length", "header-too-long", "not-http"])
+async def test_a_request_the_admin_listener_cannot_parse_is_an_info_line(gateway: Keygate, request_bytes: bytes) -> None:
+    """Logged as on the proxy: one info line (bad_http), no error and no traceback anyone could fill the log with."""
+    before = len(gateway.log().splitlines())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.admin_port)
+    try:
+        writer.write(request_bytes)
+        await writer.drain()
+        await reader.read()
+    finally:
+        writer.close()
+    await asyncio.sleep(0.2)
+    lines = [json.loads(line) for line in gateway.log().splitlines()[before:]]
+    assert [(line["level"], line["logger"], line.get("event"), line.get("listener")) for line in lines] == [
+        ("info", "keygate.http", "bad_http", "admin")], lines
+    assert "exception" not in lines[0]
 
 
 async def test_proxied_answer_keeps_the_upstream_server_header(gateway: Keygate, upstream: Upstream) -> None:
