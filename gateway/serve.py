@@ -220,6 +220,8 @@ def supervise(settings: Settings) -> int:
         if to_dump:
             dump = to_dump.pop(0)
             if dump.is_alive() and dump.pid is not None:
+                # Python's own text follows (faulthandler writes it even while the worker's loop is blocked).
+                log.warning(json.dumps({"event": "stacks", "pid": dump.pid}))
                 os.kill(dump.pid, signal.SIGUSR1)
         if stopping:
             if time.monotonic() > stop_deadline:

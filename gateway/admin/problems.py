@@ -48,15 +48,20 @@ class Problem(Exception):
 async def request_id_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
-    """The request's id for every record written while it is handled, and for its problem's ``instance``.
+    """The request's id for every record written while it is handled, its problem's ``instance`` and the
+    ``X-Request-Id`` of its answer, whatever the answer.
 
     aiohttp handles a connection's requests one after another in one task, so the id is reset after each.
     """
-    token = REQUEST_ID.set(request_id_of(request.headers))
+    request_id = request_id_of(request.headers)
+    token = REQUEST_ID.set(request_id)
     try:
-        return await handler(request)
+        response = await handler(request)
     finally:
         REQUEST_ID.reset(token)
+    if not response.prepared:  # (one already streaming has sent its head)
+        response.headers.setdefault("X-Request-Id", request_id)
+    return response
 
 
 def problem_response(request: web.Request, problem: Problem) -> web.Response:

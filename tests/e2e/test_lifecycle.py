@@ -129,6 +129,12 @@ async def test_sigusr1_writes_every_workers_stacks_to_the_log_and_stops_nothing(
         assert dumped, keygate.log()
         # each worker's main thread, inside its event loop, in one piece (one worker after the other)
         assert await asyncio.to_thread(_wait_for, lambda: keygate.log().count("in run_worker\n") == 2, 5), keygate.log()
+        # each dump after a line naming its worker
+        named = [json.loads(line)["pid"] for line in keygate.log().splitlines() if '"event": "stacks"' in line]
+        assert sorted(named) == sorted(_worker_pids(keygate))
+        for pid in named:
+            after = keygate.log().split(f'"event": "stacks", "pid": {pid}', 1)[1]
+            assert any(line.startswith(("Thread 0x", "Current thread 0x")) for line in after.splitlines()[1:4]), after[:300]
         _, key = await keygate.key(name="ci", role="admin")
         assert set(await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(20)))) == {200}
         assert len(_worker_pids(keygate)) == 2 and "worker_exited" not in keygate.log()
