@@ -226,10 +226,12 @@ class CanaryUse(NamedTuple):
     method: str
     path: str
     user_agent: str | None
+    request_id: str | None = None  # the request's, as in its access line and the log
 
     def details(self) -> dict[str, Any]:
         """What the audit event and the webhook tell about the use."""
-        return {"client_ip": self.client_ip, "method": self.method, "path": self.path, "user_agent": self.user_agent}
+        return {"client_ip": self.client_ip, "method": self.method, "path": self.path, "user_agent": self.user_agent,
+                "request_id": self.request_id}
 
 
 class RequestRecord(NamedTuple):

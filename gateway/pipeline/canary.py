@@ -22,6 +22,7 @@ from multidict import CIMultiDictProxy
 
 from ..keys import KeyParser
 from ..models import CanaryUse
+from ..process.log_format import REQUEST_ID
 from .outcomes import Denied, Outcome
 from .prepared import PreparedKey
 
@@ -42,6 +43,7 @@ def canary_use(
         # SECURITY: a key pasted into the path or the user agent is kept as its id only.
         parser.redact(path)[:MAX_TEXT], _printable(parser.redact(agent[:4 * MAX_TEXT]))[:MAX_TEXT]
         if agent is not None else None,
+        REQUEST_ID.get(),  # the alarm is written later, off the request: it names the request itself
     )
 
 

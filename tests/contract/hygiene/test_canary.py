@@ -137,8 +137,10 @@ async def test_every_use_is_an_unknown_key_s_401_and_an_alarm(rt: tuple[Runtime,
         hooks = [json.loads(d.body) for d in reversed(await tx.list_webhooks(key_id=canary.id))]
         reasons = {r.reason for r in await tx.list_requests(key_id=canary.id)}
     assert [(u.actor, u.details) for u in uses[:2]] == [("client:127.0.0.1", {
-        "client_ip": "127.0.0.1", "method": "GET", "path": "/x", "user_agent": "curl/8.5.0"})] * 2
+        "client_ip": "127.0.0.1", "method": "GET", "path": "/x", "user_agent": "curl/8.5.0", "request_id": "same"})] * 2
     # SECURITY: a key pasted into the path or the user agent is shown as its id only (the query is not kept).
+    fresh = uses[2].details.pop("request_id")  # none sent: the one Keygate made for it
+    assert isinstance(fresh, str) and len(fresh) == 32 and fresh != "same"
     assert uses[2].details == {"client_ip": "127.0.0.1", "method": "POST", "path": f"/deploy/{canary.id}",
                                "user_agent": f"stolen {canary.id}"}
     assert full not in json.dumps([u.details for u in uses]) and full not in json.dumps(hooks)
