@@ -22,7 +22,11 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from .render import masked_value
-from .schema import Settings
+from .schema import AdminSettings, AuthzSettings, ProxySettings, Settings
+from .units import parse_listen
+
+_LISTEN_DEFAULTS = {name: section.model_fields["listen"].default
+                    for name, section in (("proxy", ProxySettings), ("admin", AdminSettings), ("authz", AuthzSettings))}
 
 ENV_PREFIX = "KEYGATE_"
 CONFIG_ENV = "KEYGATE_CONFIG"
@@ -92,6 +96,31 @@ def serving_problems(values: Mapping[str, Any]) -> list[str]:
     problems = []
     if not values.get("upstreams"):
         problems.append("no upstreams configured: add an [[upstreams]] table (name, url)")
+    problems += _listener_clashes(values)
+    return problems
+
+
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _listener_clashes(values: Mapping[str, Any]) -> list[str]:
+    """Two listeners on one address (or one on every interface and one on a port of it): serve cannot bind both."""
+    bound: list[tuple[str, str, str, int]] = []
+    problems = []
+    for section in ("proxy", "admin", "authz"):
+        given = values.get(section)
+        text = (given if isinstance(given, Mapping) else {}).get("listen", _LISTEN_DEFAULTS[section])
+        try:
+            host, port = parse_listen(text)
+        except ValueError:
+            continue  # reported as that setting's own problem, or off (authz.listen = "")
+        clash = next((other for other in bound if port != 0 and other[3] == port
+                      and (host == other[2] or host in _WILDCARDS or other[2] in _WILDCARDS)), None)
+        if clash is not None:
+            problems.append(f"{section}.listen = {text!r}: the address of {clash[0]}.listen ({clash[1]!r}); "
+                            "each listener needs a port of its own")
+        else:
+            bound.append((section, text, host, port))
     return problems
 
 

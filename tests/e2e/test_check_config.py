@@ -39,9 +39,19 @@ NO_UPSTREAMS = "keygate: invalid configuration: no upstreams configured: add an 
     (UPSTREAM + '[ratelimit]\ndefault = "1000000001/second"\n', [
         "keygate: invalid configuration: ratelimit.default = '1000000001/second': invalid rate limit "
         "'1000000001/second': more than 1000000000 a window"]),
+    ('[proxy]\nlisten = "127.0.0.1:18923"\n[admin]\nlisten = "127.0.0.1:18923"\n'
+     '[authz]\nlisten = "0.0.0.0:18923"\n', [
+        NO_UPSTREAMS,
+        "keygate: invalid configuration: admin.listen = '127.0.0.1:18923': the address of proxy.listen "
+        "('127.0.0.1:18923'); each listener needs a port of its own",
+        "keygate: invalid configuration: authz.listen = '0.0.0.0:18923': the address of proxy.listen "
+        "('127.0.0.1:18923'); each listener needs a port of its own"]),
+    (UPSTREAM + '[proxy]\nlisten = "127.0.0.1:8001"\n', [  # the admin listener's default
+        "keygate: invalid configuration: admin.listen = '127.0.0.1:8001': the address of proxy.listen "
+        "('127.0.0.1:8001'); each listener needs a port of its own"]),
 ], ids=["no-upstreams", "bad-field-and-no-upstreams", "cross-field-and-field", "route-without-upstreams",
         "unknown-setting-and-route", "invalid-toml", "integer-of-5000-digits", "byte-order-mark",
-        "rate-limit-over-a-billion"])
+        "rate-limit-over-a-billion", "listeners-on-one-port", "proxy-on-the-admin-default"])
 def test_check_config_reports_what_serve_stops_on(fixed_env: dict[str, str], tmp_path: Path, config: str,
                                                   lines: list[str]) -> None:
     """Each problem one line, every problem at once, exit 2: the same lines from check-config and serve."""
