@@ -205,10 +205,10 @@ def supervise(settings: Settings) -> int:
                 os.kill(w.pid, signal.SIGTERM)
 
     # Workers still to pass SIGUSR1 on to: one per turn, so that their stacks do not interleave in the log.
-    to_dump: list[multiprocessing.process.BaseProcess] = []
+    to_dump: list[int] = []  # places in workers: a worker restarted meanwhile gets it in its place
 
     def pass_on(signum: int, _frame: object) -> None:
-        to_dump[:] = list(workers)
+        to_dump[:] = range(len(workers))
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -218,7 +218,7 @@ def supervise(settings: Settings) -> int:
     while not (stopping and not any(w.is_alive() for w in workers)):
         time.sleep(0.2)
         if to_dump:
-            dump = to_dump.pop(0)
+            dump = workers[to_dump.pop(0)]
             if dump.is_alive() and dump.pid is not None:
                 # Python's own text follows (faulthandler writes it even while the worker's loop is blocked).
                 log.warning(json.dumps({"event": "stacks", "pid": dump.pid}))

@@ -57,6 +57,9 @@ async def request_id_middleware(
     token = REQUEST_ID.set(request_id)
     try:
         response = await handler(request)
+    except web.HTTPException as answer:  # a redirect, say, raised as aiohttp's own answer
+        answer.headers.setdefault("X-Request-Id", request_id)
+        raise
     finally:
         REQUEST_ID.reset(token)
     if not response.prepared:  # (one already streaming has sent its head)

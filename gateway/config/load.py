@@ -10,6 +10,7 @@ declared in :mod:`.schema`.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import functools
 import json
 import os
@@ -100,12 +101,11 @@ def serving_problems(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-_WILDCARDS = ("0.0.0.0", "::")
-
-
 def _listener_clashes(values: Mapping[str, Any]) -> list[str]:
-    """Two listeners on one address (or one on every interface and one on a port of it): serve cannot bind both."""
-    bound: list[tuple[str, str, str, int]] = []
+    """Two listeners on one address, or one on every address of a family (0.0.0.0, ::) and one on an
+    address of that family, on one port: serve cannot bind both. (IPv6 sockets are IPv6-only, so
+    :: and 0.0.0.0 do not clash; a host name is compared as written, localhost as 127.0.0.1.)"""
+    bound: list[tuple[str, str, str | ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
     problems = []
     for section in ("proxy", "admin", "authz"):
         given = values.get(section)
@@ -114,14 +114,31 @@ def _listener_clashes(values: Mapping[str, Any]) -> list[str]:
             host, port = parse_listen(text)
         except ValueError:
             continue  # reported as that setting's own problem, or off (authz.listen = "")
+        address = _address(host)
         clash = next((other for other in bound if port != 0 and other[3] == port
-                      and (host == other[2] or host in _WILDCARDS or other[2] in _WILDCARDS)), None)
+                      and _overlap(address, other[2])), None)
         if clash is not None:
             problems.append(f"{section}.listen = {text!r}: the address of {clash[0]}.listen ({clash[1]!r}); "
                             "each listener needs a port of its own")
         else:
-            bound.append((section, text, host, port))
+            bound.append((section, text, address, port))
     return problems
+
+
+def _address(host: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address("127.0.0.1" if host.lower() == "localhost" else host)
+    except ValueError:
+        return host.lower()  # a host name
+
+
+def _overlap(a: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+             b: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) or isinstance(b, str) or a.version != b.version:
+        return False
+    return a.is_unspecified or b.is_unspecified
 
 
 def _config_file(

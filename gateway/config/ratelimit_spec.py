@@ -7,6 +7,7 @@ loaded) into a :class:`RateLimitSpec`; the token bucket works on its numbers.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 _UNITS = {
@@ -22,7 +23,7 @@ _SPEC = re.compile(
 
 # A billion per window: far above any real limit, and a bound on the arithmetic of a bucket.
 MAX_RATE = 1_000_000_000
-_MAX_DIGITS = 4000  # below int()'s default limit of 4300 digits
+_MAX_DIGITS = sys.get_int_max_str_digits() or 1_000_000  # what int() converts (0: no limit)
 ALLOWED = '"N/second", "N/minute", "N/hour" or "N/day" with N >= 1, optionally "; burst=M" with M >= N'
 
 
@@ -66,8 +67,8 @@ def parse_rate_limit(text: str) -> RateLimitSpec:
     match = _SPEC.match(text.lower()) if isinstance(text, str) else None
     if match is None or match["unit"] not in _UNITS:
         raise InvalidRateLimit(f"invalid rate limit {text!r}: use {ALLOWED}")
-    if any(len(n.lstrip("0")) > _MAX_DIGITS for n in (match["limit"], match["burst"] or "")):
-        # int() of that many digits is a ValueError of its own (and no such limit could be stored).
+    if any(len(n) > _MAX_DIGITS for n in (match["limit"], match["burst"] or "")):
+        # int() of that many digits (leading zeros count) is a ValueError of its own: no such limit was stored.
         raise InvalidRateLimit(f"invalid rate limit {text[:40]!r}...: more than {MAX_RATE} a window")
     limit = int(match["limit"])
     burst = int(match["burst"]) if match["burst"] is not None else None

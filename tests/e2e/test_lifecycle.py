@@ -109,7 +109,7 @@ async def test_a_worker_that_stops_answering_is_killed_and_replaced(
         assert await asyncio.to_thread(_wait_for, lambda: len(_worker_pids(keygate)) == 3, 20), keygate.log()
         killed = [json.loads(line) for line in keygate.log().splitlines() if '"worker_killed"' in line]
         assert [(k["pid"], k["reason"]) for k in killed] == [(frozen, "unresponsive")]
-        assert killed[0]["seconds"] > 2
+        assert killed[0]["seconds"] >= 2  # silent longer than worker_timeout, rounded to 0.1 s
         _, key = await keygate.key(name="ci", role="admin")
         assert set(await asyncio.gather(*(fresh_status(keygate.proxy_url + "/echo", key) for _ in range(20)))) == {200}
     finally:
