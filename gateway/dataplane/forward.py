@@ -79,6 +79,7 @@ _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content
 # Response headers Keygate sets itself on an allowed answer: the upstream's own are replaced.
 _ANSWERED = frozenset({b"x-request-id", b"ratelimit", b"ratelimit-policy", DEGRADED_HEADER.lower().encode()})
 _VIA_LINE = f"Via: {VIA}\r\n".encode()
+_PLAIN_CONNECTION_BYTES = frozenset(value.encode() for value in _PLAIN_CONNECTION)
 
 
 def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
@@ -87,6 +88,27 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
     if not connection or (len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION):
         return base
     return base | {t.strip().lower() for v in connection for t in v.split(",")}
+
+
+# Header names as a client or an upstream spells them, each judged once per spelling rather than per
+# request (most requests repeat the same few spellings). Only short names are kept, and a full table
+# starts over, so names sent to fill it cost memory for a moment, never more than this bounds.
+_MEMO_NAME = 64  # characters of a name worth remembering
+_MEMO_SIZE = 4096  # spellings remembered per table
+# A request header name as judged: lower case, "_" read as "-"; every X-Keygate-* name as _IDENTITY.
+_IDENTITY = "x-keygate-"
+_REQUEST_NAMES: dict[str, str] = {}
+
+
+def _request_name(name: str) -> str:
+    lower = name.lower().replace("_", "-")
+    if lower.startswith(_IDENTITY):
+        lower = _IDENTITY
+    if len(name) <= _MEMO_NAME:
+        if len(_REQUEST_NAMES) >= _MEMO_SIZE:
+            _REQUEST_NAMES.clear()
+        _REQUEST_NAMES[name] = lower
+    return lower
 
 
 def upstream_request_headers(
@@ -100,8 +122,14 @@ def upstream_request_headers(
     # and the key goes upstream only where a route says pass_credentials.
     # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
     # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()
-             if (lower := name.lower().replace("_", "-")) not in drop and not lower.startswith("x-keygate-")]
+    names = _REQUEST_NAMES
+    lines = []
+    for name, value in headers.items():
+        lower = names.get(name)
+        if lower is None:
+            lower = _request_name(name)
+        if lower not in drop and lower is not _IDENTITY:
+            lines.append(f"{name}: {value}\r\n")
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
@@ -119,15 +147,45 @@ def upstream_request_headers(
     return "".join(lines).encode("latin-1") + identity
 
 
+# What happens to a response header: kept, dropped (hop-by-hop, or one Keygate sets), or Connection
+# (dropped, and whatever else it names dropped too).
+_DROP, _KEEP, _CONNECTION = 0, 1, 2
+_RESPONSE_NAMES: dict[bytes, int] = {}
+
+
+def _response_name(name: bytes) -> int:
+    lower = name.lower()
+    kind = _CONNECTION if lower == b"connection" else _DROP if lower in _HOP_BY_HOP_BYTES or lower in _ANSWERED \
+        else _KEEP
+    if len(name) <= _MEMO_NAME:
+        if len(_RESPONSE_NAMES) >= _MEMO_SIZE:
+            _RESPONSE_NAMES.clear()
+        _RESPONSE_NAMES[name] = kind
+    return kind
+
+
 def response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> bytes:
     """The upstream's response headers minus hop-by-hop ones and those we set, plus Via and ``answer``."""
-    named: frozenset[bytes] | None = None
+    kinds = _RESPONSE_NAMES
+    block = b""
+    for name, value in headers:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _response_name(name)
+        if kind == _KEEP:
+            block += name + b": " + value + b"\r\n"
+        elif kind == _CONNECTION and value.lower() not in _PLAIN_CONNECTION_BYTES:
+            return _named_response_header_block(headers, answer)  # it names more headers to drop: rare
+    return block + _VIA_LINE + answer
+
+
+def _named_response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> bytes:
+    """response_header_block when a Connection header names headers beyond the hop-by-hop ones."""
+    named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
-            if tokens:
-                named = (named or frozenset()) | tokens
-    drop = _HOP_BY_HOP_BYTES | _ANSWERED if named is None else _HOP_BY_HOP_BYTES | _ANSWERED | named
+            named |= {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
+    drop = _HOP_BY_HOP_BYTES | _ANSWERED | named
     return b"".join([name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]) \
         + _VIA_LINE + answer
 

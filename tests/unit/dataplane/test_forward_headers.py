@@ -1,0 +1,101 @@
+"""What crosses the proxy in headers, both ways: the two filters of stage 8, as tables.
+
+Each case runs twice: the first call judges the header names, the second
+reads them from the tables that remember each spelling, and both must give
+the same lines. The tables' bounds are checked too (names sent to fill
+them never grow them past their size, and long names are never kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.dataplane import forward
+from gateway.dataplane.forward import response_header_block, upstream_request_headers
+
+ANSWER = b"X-Request-Id: r1\r\n"
+VIA = b"Via: 1.1 keygate\r\n"
+IDENTITY = b"X-Keygate-Key-Id: k_1\r\n"
+ADDED = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api\r\nVia: 1.1 keygate\r\n" \
+        "X-Request-Id: r1\r\n"
+
+
+class _Request:
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = CIMultiDictProxy(CIMultiDict(headers))
+        self.host = "api"
+
+
+def _upstream(headers: list[tuple[str, str]], **options: Any) -> str:
+    block = upstream_request_headers(
+        _Request(headers), identity=IDENTITY, client_ip="10.0.0.1", peer="10.0.0.1", request_id="r1",
+        **({"pass_credentials": False, "peer_trusted": False} | options))
+    assert block.endswith(ADDED.encode() + IDENTITY)
+    return block[:-len(ADDED) - len(IDENTITY)].decode("latin-1")
+
+
+@pytest.mark.parametrize(("headers", "options", "sent"), [
+    ([("Accept", "*/*"), ("User-Agent", "ci")], {}, "Accept: */*\r\nUser-Agent: ci\r\n"),
+    # The key goes upstream only where a route passes it.
+    ([("Authorization", "Bearer kg_x"), ("Accept", "*/*")], {}, "Accept: */*\r\n"),
+    ([("Authorization", "Bearer kg_x")], {"pass_credentials": True}, "Authorization: Bearer kg_x\r\n"),
+    # Identity headers are Keygate's alone, however a client spells them.
+    ([("X-Keygate-Key-Id", "k_forged"), ("x-keygate-org", "acme"), ("X_Keygate_Key_Id", "k_forged"),
+      ("X-KEYGATE-", "x"), ("X-Keygate", "kept: not the prefix")], {}, "X-Keygate: kept: not the prefix\r\n"),
+    # Hop-by-hop, and those Keygate sets itself.
+    ([("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Upgrade", "h2c"),
+      ("Host", "evil"), ("X-Forwarded-For", "1.2.3.4"), ("X-Request-Id", "mine"), ("Content-Length", "0"),
+      ("Accept", "*/*")], {}, "Accept: */*\r\n"),
+    # A header the Connection header names is hop-by-hop too, in any spelling.
+    ([("Connection", "X-Debug, keep-alive"), ("x-debug", "1"), ("X_Debug", "2"), ("Accept", "*/*")], {},
+     "Accept: */*\r\n"),
+    # Forgeable forwarding and path or method overrides, from an untrusted client.
+    ([("X-Real-IP", "1.2.3.4"), ("X-Original-URL", "/admin"), ("X-HTTP-Method-Override", "DELETE"),
+      ("Accept", "*/*")], {}, "Accept: */*\r\n"),
+    ([("X-HTTP-Method-Override", "DELETE")], {"pass_method_override": True}, "X-HTTP-Method-Override: DELETE\r\n"),
+])
+def test_request_headers_sent_upstream(headers: list[tuple[str, str]], options: dict[str, Any], sent: str) -> None:
+    assert _upstream(headers, **options) == sent
+    assert _upstream(headers, **options) == sent  # again, from the remembered spellings
+
+
+@pytest.mark.parametrize(("headers", "block"), [
+    ([(b"Content-Type", b"text/plain"), (b"ETag", b'"1"')], b'Content-Type: text/plain\r\nETag: "1"\r\n'),
+    # Framing and hop-by-hop headers are Keygate's own on the way back.
+    ([(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"Content-Length", b"3"),
+      (b"Transfer-Encoding", b"chunked"), (b"Server", b"app")], b"Server: app\r\n"),
+    ([(b"connection", b"close"), (b"Server", b"app")], b"Server: app\r\n"),
+    # What Keygate answers itself replaces the upstream's.
+    ([(b"X-Request-Id", b"theirs"), (b"RateLimit", b"x"), (b"ratelimit-policy", b"y"), (b"Server", b"app")],
+     b"Server: app\r\n"),
+    # Headers the Connection header names are dropped, whatever their case or order.
+    ([(b"X-Secret", b"1"), (b"Connection", b"X-Secret, Keep-Alive"), (b"x-other", b"2"), (b"Server", b"app")],
+     b"x-other: 2\r\nServer: app\r\n"),
+    ([(b"Connection", b"close"), (b"Connection", b"x-trace"), (b"X-Trace", b"1"), (b"Server", b"app")],
+     b"Server: app\r\n"),
+    ([(b"Connection", b"Keep-Alive, close"), (b"Server", b"app")], b"Server: app\r\n"),
+])
+def test_response_headers_sent_back(headers: list[tuple[bytes, bytes]], block: bytes) -> None:
+    assert response_header_block(headers, ANSWER) == block + VIA + ANSWER
+    assert response_header_block(headers, ANSWER) == block + VIA + ANSWER
+
+
+def test_remembered_spellings_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forward, "_REQUEST_NAMES", {})
+    monkeypatch.setattr(forward, "_RESPONSE_NAMES", {})
+    size = forward._MEMO_SIZE
+    for i in range(size * 2 + 3):
+        _upstream([(f"X-Filler-{i}", "1")])
+        response_header_block([(b"X-Filler-%d" % i, b"1")], ANSWER)
+        assert len(forward._REQUEST_NAMES) <= size and len(forward._RESPONSE_NAMES) <= size
+    # A long name is judged as any other, and not kept.
+    long = "X-" + "a" * forward._MEMO_NAME
+    forward._REQUEST_NAMES.clear()
+    forward._RESPONSE_NAMES.clear()
+    assert _upstream([(long, "1")]) == f"{long}: 1\r\n"
+    assert _upstream([("X-Keygate-" + "a" * forward._MEMO_NAME, "forged")]) == ""
+    assert response_header_block([(long.encode(), b"1")], ANSWER) == f"{long}: 1\r\n".encode() + VIA + ANSWER
+    assert forward._REQUEST_NAMES == {} and forward._RESPONSE_NAMES == {}
