@@ -126,6 +126,14 @@ Caveats:
   of the real cache-hit path. The recorder flushes every 5 s (default); the
   bench pauses that long after each Keygate run so a last flush does not
   land in the next target's measurement.
+* The interpreter running the bench runs py_floor, thin and Keygate too, and
+  its build moves them all: on one machine a CPython without PGO and LTO
+  (pyenv's default build) used 1.2-1.3 x the CPU per request of Debian's
+  python3.11 (built with both, as the Dockerfile's python:3.11-slim is) for
+  py_floor and Keygate alike, while nginx_gw's did not move. The first line
+  prints a speed figure for it (``interpreter_speed``); a venv on another
+  interpreter runs the bench on it (``/path/to/venv/bin/python
+  tests/perf/bench.py``).
 * uvloop is used by the Python proxies (py_floor, thin, Keygate) only when
   it is installed in the venv (it is optional); the loop in use is printed.
 * nginx_gw does less than Keygate even on the cache-hit path: no key
@@ -1007,6 +1015,31 @@ def print_report(summary: dict[str, dict[str, Any]], checks: dict[str, dict[str,
         print(f"\nnote: disturbed runs of {', '.join(partly)} were left out of the medians.")
 
 
+def interpreter_speed() -> float:
+    """Nanoseconds per turn of a fixed pure-Python loop (a dict read, an attribute read, a call), the best of 5.
+
+    The Python targets' CPU per request follows the interpreter's speed, and
+    builds differ: a CPython built without PGO and LTO (pyenv's default, say)
+    ran this loop about 1.45 times slower than Debian's python3.11 (built
+    with both, as the python:3.11-slim image the Dockerfile uses is) on one
+    machine, while nginx_gw's figures do not move. Compare ratios between
+    runs only at a like figure here.
+    """
+    import timeit
+
+    class Item:
+        __slots__ = ("value",)
+
+        def __init__(self) -> None:
+            self.value = 1
+
+    setup = {"table": {"a": Item()}, "get": len, "word": "abc"}
+    turns = 2_000
+    code = "total = 0\nfor _ in range(%d):\n    total += table['a'].value + get(word)" % turns
+    best = min(timeit.repeat(code, globals=setup, number=20, repeat=5))
+    return round(best / (20 * turns) * 1e9, 1)
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
@@ -1024,6 +1057,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         loop = "asyncio"
     return {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "python_executable": sys.executable, "interpreter_ns": interpreter_speed(),
         "aiohttp": aiohttp.__version__, "event_loop": loop, "nginx": version(["nginx", "-v"]),
         "wrk": version(["wrk", "-v"]), "commit": version(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
         "duration_s": args.duration, "connections": args.connections, "threads": args.threads,
@@ -1075,7 +1109,8 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     if shutil.which("wrk") is None:
         raise BenchError("wrk not found: apt-get install -y wrk")
     env = environment(args)
-    print(f"{env['cpus']} CPUs, Python {env['python']}, aiohttp {env['aiohttp']}, loop {env['event_loop']}, "
+    print(f"{env['cpus']} CPUs, Python {env['python']} ({env['python_executable']}: {env['interpreter_ns']} ns "
+          f"per turn of interpreter_speed's loop), aiohttp {env['aiohttp']}, loop {env['event_loop']}, "
           f"{env['nginx']}, {env['wrk']}")
     env["load_before"] = os.getloadavg()[0]
     wanted = args.targets
