@@ -111,5 +111,8 @@ def denial(
         headers["Retry-After"] = wait
     headers["Cache-Control"] = "no-store"
     headers["Content-Type"] = JSON
+    # As on every allowed answer: a client that logs X-Request-Id finds its refusals too.
+    # (request_id_of's ids are tokens of [A-Za-z0-9._:-]: safe in a header line.)
+    headers["X-Request-Id"] = request_id
     body = json.dumps({"error": error, "error_description": description, "request_id": request_id})
     return Denial(status, headers, body.encode("utf-8"))

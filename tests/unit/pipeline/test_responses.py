@@ -76,6 +76,14 @@ def test_body_is_json_with_error_description_and_request_id(outcome: Outcome) ->
 
 
 @pytest.mark.parametrize("outcome", [o for o in Outcome if o is not Outcome.ALLOWED])
+def test_every_refusal_names_its_request_in_a_header_too(outcome: Outcome) -> None:
+    """X-Request-Id on refusals as on allowed answers: the same id as the body's."""
+    response = denial(outcome, REQUEST_ID)
+    assert response.headers["X-Request-Id"] == body_of(response)["request_id"] == REQUEST_ID
+    assert b"X-Request-Id: req-123\r\n" in response.block
+
+
+@pytest.mark.parametrize("outcome", [o for o in Outcome if o is not Outcome.ALLOWED])
 def test_answers_are_not_cached(outcome: Outcome) -> None:
     """Refusals carry Cache-Control: no-store so no cache in between replays them."""
     assert denial(outcome, REQUEST_ID).headers["Cache-Control"] == "no-store"
