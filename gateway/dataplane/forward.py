@@ -268,10 +268,14 @@ class Forwarder:
         body = request.body
         retry = body is None and request.method in IDEMPOTENT_METHODS
         while True:
-            try:
-                conn, reused = await pool.connection()
-            except UpstreamError as exc:
-                raise self._failure(up, exc) from None
+            # A pooled connection without a coroutine (every request but the first few); else a new one.
+            conn = pool.idle_connection()
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await pool.connect()
+                except UpstreamError as exc:
+                    raise self._failure(up, exc) from None
             conn.begin(bodyless=request.method == "HEAD")
             try:
                 conn.write(head)

@@ -199,9 +199,10 @@ class Gateway:
         # SECURITY: a key pasted into a path or query must not reach the store or the log.
         path = self.parser.redact(request_target.forwarded if request_target is not None else raw_target)
         # Positional, in RequestRecord's field order: a keyword call costs twice as much.
+        # (duration_ms to the microsecond: int(...) / 1000 costs a quarter of round(..., 3).)
         record = RequestRecord(
             now, attempt.key_id, method, path, target.server if target else None,
-            target.operation if target else None, decision, status, client or None, round(elapsed * 1000.0, 3),
+            target.operation if target else None, decision, status, client or None, int(elapsed * 1e6 + 0.5) / 1000,
             None if allowed else reason,
         )
         self.recorder.request(record)

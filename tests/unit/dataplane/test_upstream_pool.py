@@ -100,6 +100,8 @@ async def test_connection_is_reused_and_request_carries_prefix_and_host(upstream
     second, status, body = await exchange(pool)
     assert (status, body, raw.connections, first is second) == (200, b"ok", 1, True)
     assert raw.requests[0].startswith(b"GET /prefix/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % raw.port)
+    # Answered: no deadline is left running on the pooled connection (nor does the sweeper hold it).
+    assert first.deadline == float("inf") and first not in pool.sweeper.watched
 
 
 @pytest.mark.parametrize(("answer", "body"), [
