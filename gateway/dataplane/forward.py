@@ -123,7 +123,7 @@ def upstream_request_headers(
     # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
     # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
     names = _REQUEST_NAMES
-    lines = []
+    lines: list[str] = []
     for name, value in headers.items():
         lower = names.get(name)
         if lower is None:

@@ -413,7 +413,7 @@ class Upstream:
         self.closed = False
 
     def idle_connection(self) -> UpstreamConnection | None:
-        """A pooled connection, most recently used first, or None (then :meth:`connection` opens one)."""
+        """A pooled connection, most recently used first, or None (then :meth:`connect` opens one)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
