@@ -76,6 +76,23 @@ class TestNginx(IngressContract):
         assert through.significant_headers() == inline.significant_headers()
         assert upstream.count() == before
 
+    @pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "refused"])
+    async def test_a_key_sent_as_the_request_id_is_replaced(
+        self, client: aiohttp.ClientSession, ingress: Nginx, keygate: Keygate, allowed: bool,
+    ) -> None:
+        """SECURITY: as Keygate does, the snippets replace a key-sized X-Request-Id: it reaches neither the
+        upstream nor the answer, allowed or refused."""
+        _, key = await keygate.key(name=f"pasted-{allowed}", role="admin")
+        headers = {"X-Request-Id": key} | ({"Authorization": f"Bearer {key}"} if allowed else {})
+        answer = await call(client, ingress.url, headers=headers)
+        assert answer.status == (200 if allowed else 401)
+        answered = answer.headers["X-Request-Id"]
+        assert answered and answered != key and key not in answer.body.decode()
+        if allowed:
+            assert answer.upstream_headers()["x-request-id"] == [answered]
+        else:
+            assert answer.json["request_id"] == answered
+
 
 # --- the snippets' tables against Keygate's ---------------------------------------------------------
 
@@ -158,12 +175,13 @@ def test_keygate_unreachable_is_refused(upstream_status: str, written: int) -> N
 
 
 def test_denied_location_sets_no_header_the_refusal_lacks() -> None:
-    """Every header @keygate_denied adds comes from Keygate's answer (empty: nginx adds none) but Cache-Control."""
+    """Every header @keygate_denied adds comes from Keygate's answer (empty: nginx adds none) but Cache-Control,
+    and X-Request-Id, the id nginx sent Keygate (which Keygate's refusal names too)."""
     text = (NGINX_DIR / "keygate-auth.conf").read_text()
     denied = text[text.index("location @keygate_denied"):]
     headers = re.findall(r"add_header (\S+) (\S+) always;", denied)
     assert {name for name, _ in headers} == {"WWW-Authenticate", "Retry-After", "RateLimit-Policy", "RateLimit",
-                                             "X-Keygate-RateLimit-Degraded", "Cache-Control"}
+                                             "X-Keygate-RateLimit-Degraded", "Cache-Control", "X-Request-Id"}
     assert all(value.startswith("$keygate_") for name, value in headers if name != "Cache-Control")
 
 
