@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from ..runtime import Runtime
 from ..manage.service import hasher_from
@@ -17,7 +19,7 @@ from .auth import AdminAuth
 from .endpoints import PREFIX, Call, Context, Endpoint, route_handler
 from .metrics import metrics_routes
 from .openapi import openapi_document
-from .problems import problem_middleware, request_id_middleware
+from .problems import PROBLEM_JSON, TYPE_PREFIX, problem_middleware, request_id_middleware
 from .ui import add_ui_routes
 
 # Admin requests are small JSON; anything bigger is refused with 413 before it is read whole.
@@ -76,11 +78,55 @@ class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 _HTTP_LOG = logging.getLogger("keygate.http")
 
+# SECURITY: aiohttp answers a request it cannot parse with its parser's message, which quotes the
+# offending bytes: a whole header line (an Authorization header and its key, say) or request line.
+# The admin listener answers with this fixed problem instead, as the proxy listener answers with its
+# own JSON: a request is never echoed. (The reason is logged, keys shown as their ids: ServerLog.)
+_UNREADABLE = json.dumps({
+    "type": TYPE_PREFIX + "invalid_request", "title": "Bad Request", "status": 400,
+    "detail": "The request is not well-formed HTTP.",
+}).encode()
+
+
+class _AdminRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering an unparseable request with :data:`_UNREADABLE`."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own first: it logs (through ServerLog) and refuses once an answer has begun.
+        answer = super().handle_error(request, status, exc, message)
+        if status != 400:
+            return answer  # 500 and 504: aiohttp's fixed texts, nothing of the request in them
+        fixed = web.Response(status=400, body=_UNREADABLE, content_type=PROBLEM_JSON)
+        fixed.force_close()
+        return fixed
+
+
+class _AdminServer(web.Server):
+    """The server of :func:`admin_runner`: connections handled by :class:`_AdminRequestHandler`."""
+
+    __slots__ = ()
+
+    def __call__(self) -> RequestHandler:
+        return _AdminRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _AdminRunner(web.AppRunner):
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp builds its Server itself (Application._make_handler) and has no setting for the
+        # connection handler's class: the server it built becomes an _AdminServer (same fields).
+        server = await super()._make_server()
+        server.__class__ = _AdminServer
+        return server
+
 
 def admin_runner(app: web.Application) -> web.AppRunner:
-    """The admin listener's runner: no access log of aiohttp's own, its server log through :class:`ServerLog`."""
-    return web.AppRunner(app, access_log=None, shutdown_timeout=5,
-                         logger=ServerLog(logging.getLogger("aiohttp.server"), {}))
+    """The admin listener's runner: no access log of aiohttp's own, its server log through :class:`ServerLog`,
+    requests it cannot parse answered without an echo (:data:`_UNREADABLE`)."""
+    return _AdminRunner(app, access_log=None, shutdown_timeout=5,
+                        logger=ServerLog(logging.getLogger("aiohttp.server"), {}))
 
 
 def admin_app(rt: Runtime, *, metrics_dir: Path | None = None) -> web.Application:

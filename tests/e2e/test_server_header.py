@@ -1,5 +1,6 @@
 """No listener says what it runs on: no ``Server`` header in Keygate's own answers (README, "Server header"),
-and a fixed ``Server: keygate`` on the admin listener's answer to a request it cannot parse.
+and a fixed ``Server: keygate`` on the admin listener's answer to a request it cannot parse, an answer
+that, like the proxy's, quotes nothing of that request.
 
 A proxied answer keeps the upstream's own ``Server`` header, unchanged.
 """
@@ -96,3 +97,32 @@ async def test_proxied_answer_keeps_the_upstream_server_header(gateway: Keygate,
         async with http.get(gateway.proxy_url + "/echo", headers=bearer(key)) as proxied:
             assert proxied.status == 200
             assert proxied.headers.getall("Server") == upstream_server
+
+
+@pytest.mark.parametrize("shape", [
+    b"GET /admin/v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x01\r\n\r\n",  # a bad byte in a value
+    b"GET /admin/v1/keys?%s\x01 HTTP/1.1\r\nHost: x\r\n\r\n",  # in the target
+    b"GET /admin/v1/keys HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n",  # a header line without a colon
+    b"G\x01T /%s HTTP/1.1\r\nHost: x\r\n\r\n",  # a bad method first on the connection (logged at debug by aiohttp)
+], ids=["header-value", "target", "no-colon", "method"])
+@pytest.mark.parametrize("listener", ["admin", "proxy"])
+async def test_a_request_no_listener_can_parse_is_never_echoed(gateway: Keygate, listener: str, shape: bytes) -> None:
+    """SECURITY: the answer to an unparseable request quotes none of it (a key in it, say); the log shows its id."""
+    record, key = await gateway.key(name=f"echo-{listener}-{len(shape)}", role="admin")
+    port = {"proxy": gateway.proxy_port, "admin": gateway.admin_port}[listener]
+    before = len(gateway.log().splitlines())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(shape % key.encode())
+        await writer.drain()
+        response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None and response.status == 400
+    assert key.encode() not in response.head + response.body and b"\\x01" not in response.body
+    body = json.loads(response.body)
+    assert body == ({"type": "urn:keygate:problem:invalid_request", "title": "Bad Request", "status": 400,
+                     "detail": "The request is not well-formed HTTP."} if listener == "admin"
+                    else {"error": "invalid_request", "error_description": "The request is not well-formed HTTP."})
+    await asyncio.sleep(0.2)
+    assert key not in "\n".join(gateway.log().splitlines()[before:])
