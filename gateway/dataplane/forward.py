@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from typing import Any
 
 from multidict import CIMultiDictProxy
 
@@ -100,14 +101,18 @@ _IDENTITY = "x-keygate-"
 _REQUEST_NAMES: dict[str, str] = {}
 
 
+def _remember(table: dict[Any, Any], name: str | bytes, judged: Any) -> None:
+    if len(name) <= _MEMO_NAME:
+        if len(table) >= _MEMO_SIZE:
+            table.clear()
+        table[name] = judged
+
+
 def _request_name(name: str) -> str:
     lower = name.lower().replace("_", "-")
     if lower.startswith(_IDENTITY):
         lower = _IDENTITY
-    if len(name) <= _MEMO_NAME:
-        if len(_REQUEST_NAMES) >= _MEMO_SIZE:
-            _REQUEST_NAMES.clear()
-        _REQUEST_NAMES[name] = lower
+    _remember(_REQUEST_NAMES, name, lower)
     return lower
 
 
@@ -157,10 +162,7 @@ def _response_name(name: bytes) -> int:
     lower = name.lower()
     kind = _CONNECTION if lower == b"connection" else _DROP if lower in _HOP_BY_HOP_BYTES or lower in _ANSWERED \
         else _KEEP
-    if len(name) <= _MEMO_NAME:
-        if len(_RESPONSE_NAMES) >= _MEMO_SIZE:
-            _RESPONSE_NAMES.clear()
-        _RESPONSE_NAMES[name] = kind
+    _remember(_RESPONSE_NAMES, name, kind)
     return kind
 
 

@@ -421,13 +421,6 @@ class Upstream:
                 return conn
         return None
 
-    async def connection(self) -> tuple[UpstreamConnection, bool]:
-        """A connection for one exchange, and whether it was used before (it may have been closed since)."""
-        conn = self.idle_connection()
-        if conn is not None:
-            return conn, True
-        return await self.connect(), False
-
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self._idle) >= MAX_IDLE:
             conn.close()
