@@ -21,11 +21,13 @@ listener's own answer, byte for byte, so clients cannot tell the modes apart.
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 from multidict import CIMultiDictProxy
 
 from ..dataplane.access_log import log_access
-from ..dataplane.http1 import ClientGone, Request
+from ..dataplane.client_gone import ClientGone
+from ..dataplane.http1 import Request
 from ..dataplane.proxy import CLIENT_CLOSED, Gateway
 from ..pipeline.authenticate import Attempt
 from ..pipeline.outcomes import Denied, Outcome
@@ -80,7 +82,7 @@ def _one(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> str | None:
 class Decider(Gateway):
     """Stages 1-7 and 9 of the proxy (its recorder, counters and refusals), answering instead of forwarding."""
 
-    LISTENER = "authz"
+    LISTENER: ClassVar[str] = "authz"
 
     async def handle(self, request: Request) -> None:  # type: ignore[override]
         started = time.perf_counter()
@@ -99,7 +101,7 @@ class Decider(Gateway):
             request_target = self.targets(raw_target)
             await self.authenticator.authenticate(attempt, headers, peer, method, request_target.path, started)
             key, target = attempt.key, attempt.target
-            block = key.identity_block + ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[union-attr,arg-type]
+            block = key.identity_block + ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[union-attr,arg-type,operator]
             credential = headers.get("Authorization") if target.pass_credentials else None  # type: ignore[union-attr]
             block += b"Authorization: %s\r\n" % credential.encode("latin-1") if credential else _STRIP_KEY
             request.send(200, "OK", block, b"")

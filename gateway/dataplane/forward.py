@@ -25,7 +25,8 @@ from ..config.schema import UpstreamSettings
 from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import DEGRADED_HEADER
 from ..pipeline.scope import Target
-from .http1 import Body, BodyTimeout, ClientGone, MalformedBody, Request, reason_of
+from .client_gone import ClientGone
+from .http1 import Body, BodyTimeout, MalformedBody, Request, reason_of
 from .latency import Histogram
 from .sweeper import Sweeper
 from .upstream_pool import BadResponse, ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
@@ -252,7 +253,9 @@ class Forwarder:
                 # Its framing broke off before forwarding began (it usually comes in one read with its
                 # head): nothing goes upstream.
                 raise Denied(Outcome.INVALID_BODY)
-            framing = b"Transfer-Encoding: chunked\r\n" if body.chunked else b"Content-Length: %d\r\n" % body.expected
+            # A chunked body is the one without a length (http1.Connection makes no other).
+            framing = b"Transfer-Encoding: chunked\r\n" if body.expected is None \
+                else b"Content-Length: %d\r\n" % body.expected
         head = b"%s %s%s HTTP/1.1\r\n%s%s%s\r\n" % (
             method.encode("ascii"), pool.prefix, path.encode("latin-1"), pool.host_line, headers, framing)
         started = time.perf_counter()

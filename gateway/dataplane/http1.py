@@ -34,12 +34,13 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .client_gone import ClientGone
 from .sweeper import Sweeper
 
 log = logging.getLogger("keygate.http")
@@ -119,10 +120,6 @@ class BodyTimeout(Exception):
 
 class MalformedBody(Exception):
     """The request body's framing broke off (a malformed chunk): it can never be forwarded whole."""
-
-
-class ClientGone(ConnectionError):
-    """The client's connection closed while its request was read or its response written."""
 
 
 class Body:
@@ -331,7 +328,7 @@ class Request:
         self._conn.abort()
 
 
-Handler = Callable[[Request], Awaitable[None]]
+Handler = Callable[[Request], Coroutine[Any, Any, None]]
 
 
 class Connection(asyncio.Protocol):

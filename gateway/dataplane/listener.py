@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+from typing import Any
 
 from ..config.schema import ProxySettings
 from .http1 import Connection, Handler
@@ -29,7 +30,9 @@ class ProxyListener:
         self.connections: set[Connection] = set()
         self.draining = False
         self.refused = 0  # connections closed at once because max_connections were open
-        self._server: asyncio.base_events.Server | None = None
+        # Any, not asyncio's Server: uvloop's answers its sockets as a list where typeshed says tuple, and
+        # the compiled build checks every type it is told.
+        self._server: Any = None
         self._empty: asyncio.Event | None = None
 
     def __call__(self) -> Connection:
@@ -55,9 +58,11 @@ class ProxyListener:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self, host, port, reuse_port=reuse_port or None, backlog=backlog,
                                                 family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC)
-        sockets = self._server.sockets or ()
-        bound = sockets[0].getsockname()[:2] if sockets else ("?", 0)
-        return f"{bound[0]}:{bound[1]}"
+        sockets = self._server.sockets
+        if not sockets:
+            return "?:0"
+        address = sockets[0].getsockname()
+        return f"{address[0]}:{address[1]}"
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, close idle connections, let requests in hand finish within ``grace``, then cut the rest."""

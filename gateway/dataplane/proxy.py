@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from ..models import RequestRecord
 from ..process.log_format import REQUEST_ID
@@ -28,7 +29,8 @@ from ..recorder import Recorder
 from ..store import StoreUnavailable
 from .access_log import log_access
 from .forward import Forwarder, upstream_request_headers
-from .http1 import ClientGone, Request, reason_of
+from .client_gone import ClientGone
+from .http1 import Request, reason_of
 from .latency import Histogram
 
 WellKnownHandler = Callable[[Request, str], Awaitable[None]]
@@ -53,7 +55,7 @@ _ROW = len(OUTCOMES) * STATUS_CLASSES
 class Gateway:
     """The proxy listener's handler: stages 1-7 (:class:`Authenticator`), then forward and record."""
 
-    LISTENER = "proxy"  # as the access log names it
+    LISTENER: ClassVar[str] = "proxy"  # as the access log names it
 
     def __init__(
         self, *, authenticator: Authenticator, forwarder: Forwarder | None, recorder: Recorder,
@@ -125,9 +127,9 @@ class Gateway:
             )
             forwarded = request_target.forwarded
             if websocket:
-                await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type]
+                await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type, union-attr]
             else:
-                await self.forwarder.forward(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type]
+                await self.forwarder.forward(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type, union-attr]
         except ClientGone:
             # Nobody is left to answer: recorded as allowed with status CLIENT_CLOSED, not as a fault.
             request.status = CLIENT_CLOSED

@@ -24,7 +24,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httptools
@@ -44,33 +44,33 @@ _INF = float("inf")
 class UpstreamError(Exception):
     """An exchange with the upstream failed; ``kind`` says how (for the answer and the metrics)."""
 
-    kind = "error"
+    kind: ClassVar[str] = "error"
 
 
 class ConnectFailed(UpstreamError):
-    kind = "connect"
+    kind: ClassVar[str] = "connect"
 
 
 class TlsFailed(ConnectFailed):
     """The TLS handshake failed (certificate not trusted, wrong host name, no common protocol)."""
 
-    kind = "tls"
+    kind: ClassVar[str] = "tls"
 
 
 class ConnectTimeout(UpstreamError):
-    kind = "connect_timeout"
+    kind: ClassVar[str] = "connect_timeout"
 
 
 class ReadTimeout(UpstreamError):
-    kind = "timeout"
+    kind: ClassVar[str] = "timeout"
 
 
 class Disconnected(UpstreamError):
-    kind = "disconnected"
+    kind: ClassVar[str] = "disconnected"
 
 
 class BadResponse(UpstreamError):
-    kind = "bad_response"
+    kind: ClassVar[str] = "bad_response"
 
 
 class Response:

@@ -42,7 +42,8 @@ import jwt
 
 from ..config.ratelimit_spec import RateLimitSpec, parse_rate_limit
 from ..config.schema import Settings
-from ..dataplane.http1 import BodyTimeout, ClientGone, MalformedBody, Request, reason_of
+from ..dataplane.client_gone import ClientGone
+from ..dataplane.http1 import BodyTimeout, MalformedBody, Request, reason_of
 from ..manage import inputs
 from ..manage.service import KeyService, Notifier, Replayed, ServiceError, hasher_from
 from ..models import KeyRecord, TrustPolicy

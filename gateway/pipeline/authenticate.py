@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import cast
 
 from multidict import CIMultiDictProxy
 
@@ -131,8 +132,8 @@ class Authenticator:
             key_id = attempt.key_id = key.record.id
             # 3a. Canary first, whatever its status: a decoy is refused as an unknown key is
             #     (nothing after this may answer differently), and its every use is an alarm.
-            if key.canary:
-                raise self.refuse_canary(key, client, method, path, headers, token, str(client))
+            if key.canary:  # (token is the key's text on both paths above)
+                raise self.refuse_canary(key, client, method, path, headers, cast(str, token), str(client))
             # 3. Status before the allowlist: a revoked or expired key is invalid_token (401)
             #    from every address, so a 403 never tells an outsider that a dead key exists.
             check_status(key, self._clock())
@@ -159,4 +160,6 @@ class Authenticator:
             # SECURITY: invalid_token is held as long as a verification takes, and throttled
             # guesses 1 s, on every listener alike (see KeyLookup.delay_refusal).
             await self.lookup.delay_refusal(denied, started)
-            raise
+            # Named, not a bare raise: after an await in an except block the compiled build (mypyc)
+            # has lost the exception a bare raise would re-raise (tests/unit/test_compiled_modules.py).
+            raise denied

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 from ..keys import BODY_LENGTH
 
@@ -28,7 +29,7 @@ class RequestIds:
     request. Each process makes its own after the fork, so workers never share ids.
     """
 
-    BATCH = 128
+    BATCH: ClassVar[int] = 128
 
     def __init__(self) -> None:
         self._ready: list[str] = []

@@ -16,13 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 from ..config.routes import SERVER_PLACEHOLDER, path_segments, route_operation, route_path
 from .outcomes import Denied, Outcome
 
-if TYPE_CHECKING:
-    from ..config.schema import RouteSettings, UpstreamSettings
+# Imported at run time, not under TYPE_CHECKING: the compiled build's dataclasses (mypyc) resolve
+# their field annotations when the module loads.
+from ..config.schema import RouteSettings, UpstreamSettings
 
 ADMIN_SERVER = "admin"
 # The admin API's operation for managing one's own per-user keys: the one operation an
@@ -206,8 +207,8 @@ class RouteTable:
 
     # Paths are memoised up to this length, this many at a time: a service sees
     # the same paths again and again, and a flood of new ones only evicts old ones.
-    MEMO_PATH_LENGTH = 256
-    MEMO_SIZE = 1024
+    MEMO_PATH_LENGTH: ClassVar[int] = 256
+    MEMO_SIZE: ClassVar[int] = 1024
 
     def __init__(self, routes: Sequence[RouteSettings], upstreams: Sequence[UpstreamSettings]) -> None:
         if not upstreams:

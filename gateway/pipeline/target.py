@@ -32,7 +32,7 @@ The query is neither matched nor changed.
 from __future__ import annotations
 
 import re
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 from .outcomes import Denied, Outcome
 
@@ -72,8 +72,8 @@ class TargetCanonicalizer:
     the same paths over and over, and a flood of new ones only evicts old ones.
     """
 
-    MEMO_LENGTH = 512
-    MEMO_SIZE = 2048
+    MEMO_LENGTH: ClassVar[int] = 512
+    MEMO_SIZE: ClassVar[int] = 2048
 
     def __init__(self, *, encoded_slashes: EncodedSlashes = "reject", path_parameters: PathParameters = "reject") -> None:
         self._pass_slashes = encoded_slashes == "pass"

@@ -11,30 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.dataplane import forward
 from gateway.dataplane.forward import response_header_block, upstream_request_headers
 
+from .detached import detached_request
+
 ANSWER = b"X-Request-Id: r1\r\n"
 VIA = b"Via: 1.1 keygate\r\n"
 IDENTITY = b"X-Keygate-Key-Id: k_1\r\n"
-ADDED = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api\r\nVia: 1.1 keygate\r\n" \
+ADDED = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\nVia: 1.1 keygate\r\n" \
         "X-Request-Id: r1\r\n"
 
 
-class _Request:
-    def __init__(self, headers: list[tuple[str, str]]) -> None:
-        self.headers = CIMultiDictProxy(CIMultiDict(headers))
-        self.host = "api"
-
-
 def _upstream(headers: list[tuple[str, str]], **options: Any) -> str:
+    """The client's header lines sent upstream (what Keygate adds after them is checked, then cut)."""
+    request = detached_request("GET", headers, local="api")
     block = upstream_request_headers(
-        _Request(headers), identity=IDENTITY, client_ip="10.0.0.1", peer="10.0.0.1", request_id="r1",
+        request, identity=IDENTITY, client_ip="10.0.0.1", peer="10.0.0.1", request_id="r1",
         **({"pass_credentials": False, "peer_trusted": False} | options))
-    assert block.endswith(ADDED.encode() + IDENTITY)
-    return block[:-len(ADDED) - len(IDENTITY)].decode("latin-1")
+    added = ADDED.format(host=request.host).encode() + IDENTITY
+    assert block.endswith(added)
+    return block[:-len(added)].decode("latin-1")
 
 
 @pytest.mark.parametrize(("headers", "options", "sent"), [

@@ -18,6 +18,8 @@ from gateway.dataplane.sweeper import Sweeper
 from gateway.dataplane.upstream_pool import BadResponse, Disconnected, ReadTimeout, TlsFailed, Upstream, UpstreamConnection
 from tests.clocks import FakeClock
 
+from .detached import detached_request
+
 READ_TIMEOUT = 60.0
 
 
@@ -85,12 +87,6 @@ async def exchange(pool: Upstream, method: str = "GET") -> tuple[UpstreamConnect
     return conn, response.status, body
 
 
-class BodilessGet:
-    """What the forwarder's exchange reads of a client request."""
-
-    method, body = "GET", None
-
-
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -143,7 +139,7 @@ async def test_idempotent_request_is_retried_once_on_a_pooled_connection_found_c
     # The forwarder's exchange: a failure before any answer byte on a reused connection is retried.
     forwarder = Forwarder(pool.sweeper, max_body_size=0, client_timeout=60)
     head = b"GET /prefix/x HTTP/1.1\r\n%s\r\n" % pool.host_line
-    conn, response = await forwarder._exchange(_Upstream(pool), BodilessGet(), head)  # type: ignore[arg-type]
+    conn, response = await forwarder._exchange(_Upstream(pool), detached_request("GET"), head)
     assert (response.status, raw.connections) == (200, 2)
 
 
