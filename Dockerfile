@@ -17,17 +17,32 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # -- build: a virtualenv holding the package and its runtime dependencies only
 FROM ${PYTHON_IMAGE} AS build
+# The compiled build (README, "The compiled build"): the request path compiled
+# to C with mypyc, about a quarter less CPU per request. --build-arg
+# KEYGATE_COMPILED=false builds the pure-Python package instead.
+ARG KEYGATE_COMPILED=true
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler and the C library's headers for mypyc's output (the image's
+# Python brings its own headers); the runtime stage below has neither.
+RUN if [ "$KEYGATE_COMPILED" = true ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN python -m venv /opt/keygate
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 # A plain (non-editable) install of the project: [project.dependencies] only,
 # never the [test] extra. Byte-code is compiled here, since the root
-# filesystem may be read-only at run time.
-RUN /opt/keygate/bin/pip install . \
-    && /opt/keygate/bin/keygate --version
+# filesystem may be read-only at run time. The check after it fails the
+# build if a compiled build came out as pure Python.
+RUN HATCH_BUILD_HOOK_ENABLE_MYPYC=$KEYGATE_COMPILED /opt/keygate/bin/pip install . \
+    && /opt/keygate/bin/keygate --version \
+    && if [ "$KEYGATE_COMPILED" = true ]; then \
+        /opt/keygate/bin/python -c "import gateway.dataplane.http1 as m; assert not m.__file__.endswith('.py'), m.__file__"; \
+    fi
 
 # -- runtime: the virtualenv on a fresh slim base, no build tools, no sources
 FROM ${PYTHON_IMAGE} AS runtime

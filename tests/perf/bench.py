@@ -133,7 +133,9 @@ Caveats:
   py_floor and Keygate alike, while nginx_gw's did not move. The first line
   prints a speed figure for it (``interpreter_speed``); a venv on another
   interpreter runs the bench on it (``/path/to/venv/bin/python
-  tests/perf/bench.py``).
+  tests/perf/bench.py``). So does the compiled build (README, "The compiled
+  build"): run the bench with the Python of a venv it is installed in, and
+  the first line says ``keygate compiled``.
 * uvloop is used by the Python proxies (py_floor, thin, Keygate) only when
   it is installed in the venv (it is optional); the loop in use is printed.
 * nginx_gw does less than Keygate even on the cache-hit path: no key
@@ -1055,9 +1057,14 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
+    # What the keygate beside this Python runs (README, "The compiled build"): asked from /, where
+    # this checkout is not on sys.path, so the venv's own install answers.
+    where = subprocess.run([PYTHON, "-c", "import gateway.dataplane.http1 as m; print(m.__file__)"], cwd="/",
+                           capture_output=True, text=True, timeout=60)
+    build = "?" if where.returncode else "pure Python" if where.stdout.strip().endswith(".py") else "compiled"
     return {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "python_executable": sys.executable, "interpreter_ns": interpreter_speed(),
+        "python_executable": sys.executable, "interpreter_ns": interpreter_speed(), "keygate_build": build,
         "aiohttp": aiohttp.__version__, "event_loop": loop, "nginx": version(["nginx", "-v"]),
         "wrk": version(["wrk", "-v"]), "commit": version(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
         "duration_s": args.duration, "connections": args.connections, "threads": args.threads,
@@ -1110,8 +1117,8 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
         raise BenchError("wrk not found: apt-get install -y wrk")
     env = environment(args)
     print(f"{env['cpus']} CPUs, Python {env['python']} ({env['python_executable']}: {env['interpreter_ns']} ns "
-          f"per turn of interpreter_speed's loop), aiohttp {env['aiohttp']}, loop {env['event_loop']}, "
-          f"{env['nginx']}, {env['wrk']}")
+          f"per turn of interpreter_speed's loop), keygate {env['keygate_build']}, aiohttp {env['aiohttp']}, "
+          f"loop {env['event_loop']}, {env['nginx']}, {env['wrk']}")
     env["load_before"] = os.getloadavg()[0]
     wanted = args.targets
     nginx = start_nginx(procs, folder)  # the upstream of every proxy

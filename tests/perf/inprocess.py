@@ -4,6 +4,10 @@ Run from the repository root (or give another tree's root: its ``gateway`` is me
 
     .venv/bin/python tests/perf/inprocess.py [--tree PATH] [--requests 20000] [--repeat 5] [--connections 16]
 
+or, for the compiled build (README), with the Python of a venv it is installed in::
+
+    VENV/bin/python tests/perf/inprocess.py --installed
+
 ``bench.py`` measures Keygate as users run it, against nginx, with wrk; on a
 shared 2-core machine its CPU per request moves by +-5 % from run to run, so
 a change worth 1-2 % cannot be seen there. This runs everything in one
@@ -153,7 +157,10 @@ async def measure(url_host: str, port: int, key: str | None, args: argparse.Name
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(args.tree))
+    if args.tree is not None:
+        sys.path.insert(0, str(args.tree))
+    else:
+        import gateway  # noqa: F401 (the installed one, before bench puts this checkout on sys.path)
     sys.path.insert(1, str(HERE))
     import bench  # noqa: E402 (the bench's configuration and key)
 
@@ -192,7 +199,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 await listener.shutdown(0)
     upstream.close()
     client_and_upstream = min(base, base_again)
-    print(f"{Path(gateway.__file__).parent.parent}: keygate {total - client_and_upstream:.1f} us/req "
+    from gateway.dataplane import http1
+    build = "compiled" if not http1.__file__.endswith(".py") else "pure Python"
+    print(f"{Path(gateway.__file__).parent.parent} ({build}): keygate {total - client_and_upstream:.1f} us/req "
           f"(all {total:.1f}, client and upstream alone {client_and_upstream:.1f}; best of {args.repeat} x "
           f"{args.requests} requests, {args.connections} connections, {type(loop).__module__.split('.')[0]})")
 
@@ -200,13 +209,15 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", type=Path, default=HERE.parents[1], help="the checkout whose gateway is measured")
+    parser.add_argument("--installed", action="store_true",
+                        help="measure the gateway this Python has installed (a compiled build's venv), not a tree")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--keygate-only", action="store_true",
                         help="skip the client-and-upstream runs (for counting instructions: see below)")
     args = parser.parse_args()
-    args.tree = args.tree.resolve()
+    args.tree = None if args.installed else args.tree.resolve()
     try:
         import uvloop
     except ImportError:
