@@ -19,7 +19,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 # The compiled build (README, "The compiled build"): the request path compiled
 # to C with mypyc, about a quarter less CPU per request. --build-arg
-# KEYGATE_COMPILED=false builds the pure-Python package instead.
+# KEYGATE_COMPILED=false builds the pure-Python package instead (true or false).
 ARG KEYGATE_COMPILED=true
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -37,11 +37,12 @@ COPY gateway ./gateway
 # A plain (non-editable) install of the project: [project.dependencies] only,
 # never the [test] extra. Byte-code is compiled here, since the root
 # filesystem may be read-only at run time. The check after it fails the
-# build if a compiled build came out as pure Python.
+# build if a compiled build came out as pure Python (-I: the venv's install
+# answers, not the .so files the build left in /src).
 RUN HATCH_BUILD_HOOK_ENABLE_MYPYC=$KEYGATE_COMPILED /opt/keygate/bin/pip install . \
     && /opt/keygate/bin/keygate --version \
     && if [ "$KEYGATE_COMPILED" = true ]; then \
-        /opt/keygate/bin/python -c "import gateway.dataplane.http1 as m; assert not m.__file__.endswith('.py'), m.__file__"; \
+        /opt/keygate/bin/python -I -c "import gateway.dataplane.http1 as m; assert not m.__file__.endswith('.py'), m.__file__"; \
     fi
 
 # -- runtime: the virtualenv on a fresh slim base, no build tools, no sources

@@ -376,7 +376,7 @@ class WellKnown:
         })
         return {"login": user, "org": org, "key_id": record.id}
 
-    async def _whoami(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
+    async def _whoami(self, request: Request, client: Any, client_ip: str | None, started: float) -> dict[str, Any]:
         """Who the key in Authorization is: for `keygate whoami` (and anyone checking that a key still works)."""
         record = (await self._authenticated(request, client, client_ip, started)).record
         self._answer(request, 200, {
@@ -388,16 +388,20 @@ class WellKnown:
 
     # -- self-revocation -----------------------------------------------------
 
-    async def _authenticated(self, request: Request, client: Any, client_ip: str, started: float) -> PreparedKey:
+    async def _authenticated(self, request: Request, client: Any, client_ip: str | None,
+                             started: float) -> PreparedKey:
         """Stages 1-5 for the key in Authorization (no route: these endpoints need no operation)."""
         lookup = self.authenticator.lookup
+        # Failures are counted per client as the proxy counts them: by the address's text, "None" when a
+        # trusted proxy's hop named none (the compiled stages take a str and refuse None).
+        counted_as = str(client_ip)
         try:
             parsed = bearer_credential(request.headers, self.authenticator.parser)
-            key = await lookup.lookup(parsed, client_ip)
+            key = await lookup.lookup(parsed, counted_as)
             if key.canary:  # as on every listener: refused as an unknown key, and an alarm
                 raise self.authenticator.refuse_canary(
                     key, client_ip, request.method, request.raw_path.partition("?")[0], request.headers,
-                    parsed.full, client_ip)
+                    parsed.full, counted_as)
             check_status(key, time.time())
             check_allowlist(key.networks, client, key.allowlist_seen, client_ip)
         except Denied as denied:
@@ -405,7 +409,7 @@ class WellKnown:
             raise _denied(denied) from None
         return key
 
-    async def _revoke(self, request: Request, client: Any, client_ip: str, started: float) -> dict[str, Any]:
+    async def _revoke(self, request: Request, client: Any, client_ip: str | None, started: float) -> dict[str, Any]:
         """The key in Authorization revokes itself."""
         key_id = (await self._authenticated(request, client, client_ip, started)).record.id
         await self._service(f"key:{key_id}").revoke_key(key_id, reason="self")

@@ -10,8 +10,8 @@ to a folder without ``gateway/`` beside them, so ``import gateway`` there
 finds the compiled package, and the ``keygate`` the end-to-end tests start is
 that virtualenv's.
 
-One test, about six minutes here: the build (mypy and a C compiler, a minute
-and a half) and the 1,400 tests below. It needs gcc and Python's headers, which a
+One test, about eight minutes here: the build (mypy and a C compiler, a
+minute and a half) and the 1,500 tests below. It needs gcc and Python's headers, which a
 machine of this kind has; missing, the build fails and so does this test.
 """
 
@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 # The tests of what the compiled modules do: the HTTP/1.1 listener and the upstream pool, the pipeline
 # stages, the proxy against both stores and Redis, and end to end (a real `keygate serve`, run from the
 # compiled build) every status of the proxy and authz listeners, the HTTP corpus and fuzzing, flow
-# control, draining, the access log and the metrics the request path feeds.
+# control, draining, the access log and the metrics the request path feeds, and the key cache.
 SUITES = [
     "tests/unit/dataplane",
     "tests/unit/pipeline",
+    "tests/unit/cache",
     "tests/contract/dataplane",
     "tests/contract/pipeline",
+    "tests/contract/cache",
     "tests/e2e/test_200.py",
     "tests/e2e/test_400_403_target.py",
     "tests/e2e/test_400_413.py",
@@ -57,6 +59,10 @@ SUITES = [
     "tests/e2e/test_logs.py",
     "tests/e2e/test_metrics.py",
     "tests/e2e/test_server_header.py",
+    # Plain-Python callers of the compiled stages: the identity exchange, whoami and self-revoke, and the
+    # canaries and idle keys of every listener.
+    "tests/e2e/test_exchange.py",
+    "tests/e2e/test_hygiene.py",
 ]
 # What those tests import beyond Keygate's own dependencies (pyproject.toml's test extra, in part).
 TEST_PACKAGES = ["pytest>=8.3", "pytest-aiohttp>=1.1", "pytest-asyncio>=0.24"]
