@@ -441,7 +441,8 @@ class RecorderSettings(_Section):
         5.0, gt=0, description="Seconds between batched writes of last-used times and audit records."
     )
     max_buffer: int = Field(
-        100_000, ge=1, description="Most records held between flushes; beyond it records are dropped and counted."
+        100_000, ge=1, description="Most records held between flushes; beyond it records are dropped and counted. "
+        "A tenth of it waiting is written without waiting for flush_interval."
     )
 
 

@@ -119,6 +119,31 @@ async def test_the_periodic_task_flushes(store: KeyStore) -> None:
         await recorder.close()
 
 
+async def _flushed(recorder: Recorder, requests: int) -> None:
+    for _ in range(250):
+        if recorder.flushed_requests >= requests:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_a_tenth_of_the_buffer_waiting_is_written_before_the_interval(store: KeyStore) -> None:
+    """Busy enough to fill the buffer between two flushes, the recorder writes sooner instead of dropping."""
+    recorder = Recorder(store, flush_interval=LONG, max_buffer=100)
+    await recorder.start()
+    try:
+        for batch in range(3):  # and again each time the buffer fills up to a tenth
+            for n in range(batch * 10, batch * 10 + 9):
+                recorder.request(a_request(n))
+            await asyncio.sleep(0.1)
+            assert recorder.flushed_requests == batch * 10  # nine waiting: the interval still rules
+            recorder.request(a_request(batch * 10 + 9))
+            await _flushed(recorder, (batch + 1) * 10)
+            assert await stored_requests(store) == [a_request(n) for n in range((batch + 1) * 10)]
+        assert (recorder.pending, recorder.dropped) == (0, 0)
+    finally:
+        await recorder.close()
+
+
 async def test_usage_is_coalesced_per_key_keeping_the_newest(store: KeyStore) -> None:
     """Many uses of a key become one write of its newest time and IP, whatever the order they came in."""
     await add_keys(store, KEY, OTHER)
