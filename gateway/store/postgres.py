@@ -47,11 +47,12 @@ class _PgConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, rows)
 
-    async def insert_many(self, head: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
+    async def insert_many(self, head: str, width: int, values: list[Any]) -> None:
+        if values:
             # asyncpg pipelines executemany's rows in one round trip.
-            values = ", ".join(f"${i}" for i in range(1, len(rows[0]) + 1))
-            await self._conn.executemany(f"{head} VALUES ({values})", rows)
+            row = ", ".join(f"${i}" for i in range(1, width + 1))
+            await self._conn.executemany(f"{head} VALUES ({row})",
+                                         [values[start:start + width] for start in range(0, len(values), width)])
 
 
 class PostgresStore(SqlStore):

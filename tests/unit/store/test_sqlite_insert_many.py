@@ -15,12 +15,16 @@ async def _rows(db: aiosqlite.Connection) -> list[tuple[int, str, float]]:
         return [tuple(r) for r in await cursor.fetchall()]  # type: ignore[misc]
 
 
+def _flat(rows: list[tuple[int, str, float]]) -> list[object]:
+    return [value for row in rows for value in row]
+
+
 async def test_every_row_in_order_across_statements(tmp_path: Path) -> None:
     async with aiosqlite.connect(tmp_path / "t.db") as db:
         await db.execute("CREATE TABLE t (a, b, c)")
         rows = [(i, f"r{i}", i / 4) for i in range(4321)]
-        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", rows)
-        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", [])
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat(rows))
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, [])
         assert await _rows(db) == rows
 
 
@@ -30,5 +34,5 @@ async def test_a_lower_parameter_limit_falls_back_to_smaller_statements(tmp_path
         # As if SQLite had been built with the pre-3.32 default of 999 bound parameters.
         await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         rows = [(i, f"r{i}", i / 4) for i in range(2000)]
-        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", rows)
+        await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat(rows))
         assert await _rows(db) == rows
