@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-from ..keys import KeyParser, MalformedKey, ParsedKey
+from ..keys import MalformedKey, ParsedKey
 from .outcomes import Denied, Outcome
 
 # RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
 _BEARER = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
+
+
+class ParsesKeys(Protocol):
+    """What this stage needs of :class:`gateway.keys.KeyParser`: its ``parse``."""
+
+    def parse(self, text: str) -> ParsedKey: ...
 
 
 def common_bearer(headers: CIMultiDictProxy[str]) -> str | None:
@@ -33,7 +40,7 @@ def common_bearer(headers: CIMultiDictProxy[str]) -> str | None:
     return None
 
 
-def bearer_credential(headers: CIMultiDictProxy[str] | Mapping[str, str], parser: KeyParser) -> ParsedKey:
+def bearer_credential(headers: CIMultiDictProxy[str] | Mapping[str, str], parser: ParsesKeys) -> ParsedKey:
     """The parsed key, or a denial: no credentials (401), malformed (400) or invalid key (401)."""
     values = headers.getall("Authorization", ()) if hasattr(headers, "getall") else (
         [headers["Authorization"]] if "Authorization" in headers else []

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Protocol
 
-from ..keys import SecretHasher
 from .outcomes import Denied, Outcome
 
 
@@ -42,8 +42,16 @@ def default_concurrency(cpus: int | None = None) -> int:
     return max(1, (cpus if cpus is not None else os.cpu_count() or 1) - 1)
 
 
+class SecretHashing(Protocol):
+    """What verification needs of :class:`gateway.keys.SecretHasher`."""
+
+    def hash(self, secret: str) -> str: ...
+
+    def verify(self, secret_hash: str, secret: str) -> bool: ...
+
+
 class SecretVerifier:
-    def __init__(self, hasher: SecretHasher, *, concurrency: int = 0, queue: int = 64) -> None:
+    def __init__(self, hasher: SecretHashing, *, concurrency: int = 0, queue: int = 64) -> None:
         self.concurrency = concurrency or default_concurrency()
         self.queue = queue
         self._hasher = hasher

@@ -33,6 +33,8 @@ SUITES = [
     "tests/unit/dataplane",
     "tests/unit/pipeline",
     "tests/unit/cache",
+    "tests/unit/test_keys.py",
+    "tests/contract/test_recorder.py",
     "tests/contract/dataplane",
     "tests/contract/pipeline",
     "tests/contract/cache",

@@ -23,8 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # `async with` targets whose __aexit__ never suspends: asyncio.timeout(...) (its exit only reschedules),
-# and the verification slots (an asyncio.Semaphore, whose exit is release()).
-NON_SUSPENDING_EXITS = {"asyncio.timeout", "self._slots"}
+# the verification slots (an asyncio.Semaphore) and the recorder's flush lock (an asyncio.Lock), whose
+# exits are release().
+NON_SUSPENDING_EXITS = {"asyncio.timeout", "self._slots", "self._flush_lock"}
 
 
 def compiled_modules() -> list[Path]:
@@ -64,6 +65,7 @@ def test_the_hook_compiles_the_request_path() -> None:
     names = {path.relative_to(ROOT).as_posix() for path in compiled_modules()}
     assert {"gateway/dataplane/http1.py", "gateway/dataplane/forward.py", "gateway/pipeline/authenticate.py",
             "gateway/dataplane/proxy.py"} <= names
+    assert {"gateway/keys.py", "gateway/recorder.py"} <= names  # the cache MAC and redaction; stage 9's buffers
     assert "gateway/pipeline/lookup.py" not in names and "gateway/dataplane/client_gone.py" not in names
 
 
