@@ -123,9 +123,15 @@ Caveats:
   coordinated omission. Use more rounds (``--rounds 5``) for stabler medians.
 * The key cache TTL is Keygate's default (30 s); a run longer than that
   includes one re-verification (store read + argon2) per TTL, which is part
-  of the real cache-hit path. The recorder flushes every 5 s (default); the
-  bench pauses that long after each Keygate run so a last flush does not
-  land in the next target's measurement.
+  of the real cache-hit path. The recorder writes every 5 s (default), and
+  sooner once 10,000 request records wait (a tenth of its buffer: about
+  twice a second at these rates), so writing the records of a run falls
+  within it, as it does in production; the bench pauses 5 s after each
+  Keygate run so a last flush does not land in the next target's
+  measurement. (Before 2026-12-04 the buffer filled between two 5 s
+  flushes at these rates: part of the records were dropped and part
+  written after the measured window, which flattered Keygate's CPU figure
+  by about a tenth.)
 * The interpreter running the bench runs py_floor, thin and Keygate too, and
   its build moves them all: on one machine a CPython without PGO and LTO
   (pyenv's default build) used 1.2-1.3 x the CPU per request of Debian's
