@@ -81,9 +81,12 @@ class Recorder:
         # One flush at a time, so records put back after a failure keep their order.
         self._flush_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        # Set when request records reach _flush_at: the periodic task writes them without waiting out
-        # the interval. Once per filling (the buffer is swapped out whole when written), never per record.
+        # Set when request records reach _due_at: the periodic task writes them without waiting out
+        # the interval. Once per filling, never per record: a flush swaps the buffer out whole and the
+        # mark goes back to _flush_at; records put back after a failure move it _flush_at past them,
+        # so a store that fails is retried once per tenth of a buffer of new records, not per record.
         self._flush_at = max(1, max_buffer // 10)
+        self._due_at = self._flush_at
         self._due = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_drop_warning = -float("inf")
@@ -114,7 +117,7 @@ class Recorder:
             self._drop(1)
             return
         requests.append(record)
-        if waiting + 1 == self._flush_at:
+        if waiting + 1 == self._due_at:
             self._due.set()
 
     def canary_used(self, use: CanaryUse) -> None:
@@ -179,6 +182,7 @@ class Recorder:
             # Swap the buffers out first: requests keep appending while we write.
             usage, self._usage = self._usage, {}
             requests, self._requests = self._requests, deque()
+            self._due_at = self._flush_at
             alarms, self._alarms = self._alarms, deque()
             usage_rows = [(key_id, at, ip) for key_id, (at, ip) in usage.items()]
             request_rows = list(requests)
@@ -230,6 +234,7 @@ class Recorder:
             # holds, so the newest ones beyond it are dropped.
             total = len(requests) + len(self._requests)
             self._requests = deque(islice(chain(requests, self._requests), self._max_buffer))
+            self._due_at = min(len(self._requests) + self._flush_at, self._max_buffer)
             if total > self._max_buffer:
                 self._drop(total - self._max_buffer)
         if alarms:

@@ -144,6 +144,30 @@ async def test_a_tenth_of_the_buffer_waiting_is_written_before_the_interval(stor
         await recorder.close()
 
 
+async def test_after_a_failed_early_write_the_next_tenth_is_written_early_too(store: KeyStore) -> None:
+    """Records put back after a failure do not stop early writes: the next tenth of new ones triggers one."""
+    flaky = FlakyStore(store, failures=1)
+    recorder = Recorder(flaky, flush_interval=LONG, max_buffer=100)
+    await recorder.start()
+    try:
+        for n in range(10):
+            recorder.request(a_request(n))
+        for _ in range(250):
+            if recorder.failed_flushes:
+                break
+            await asyncio.sleep(0.02)
+        assert (recorder.failed_flushes, recorder.pending) == (1, 10)  # put back
+        for n in range(10, 19):
+            recorder.request(a_request(n))
+        await asyncio.sleep(0.1)
+        assert recorder.flushed_requests == 0  # not retried per record
+        recorder.request(a_request(19))
+        await _flushed(recorder, 20)
+        assert await stored_requests(store) == [a_request(n) for n in range(20)]
+    finally:
+        await recorder.close()
+
+
 async def test_usage_is_coalesced_per_key_keeping_the_newest(store: KeyStore) -> None:
     """Many uses of a key become one write of its newest time and IP, whatever the order they came in."""
     await add_keys(store, KEY, OTHER)
