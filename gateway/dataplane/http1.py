@@ -20,11 +20,13 @@ needs before any request reaches the pipeline:
   100-continue`` answered when the handler first reads the body;
 - after a WebSocket handshake the connection is handed to a tunnel.
 
-Each request runs as one task of ``handler(request)``; the handler writes
-its response through the :class:`Request` (``send`` for a whole one, or
-``start``/``write``/``end``). If the client goes away first, the task is
-cancelled. Every refusal here is our JSON body, never an echo of the
-request (it may carry a key), and is followed by a close.
+Each connection's requests run one after another in one task of its own
+(made at its first request, not one per request), as ``handler(request)``;
+the handler writes its response through the :class:`Request` (``send`` for
+a whole one, or ``start``/``write``/``end``). If the client goes away before
+its answer, that task is cancelled in the handler. Every refusal here is
+our JSON body, never an echo of the request (it may carry a key), and is
+followed by a close.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ BODY_HIGH = 256 * 1024
 BODY_LOW = 64 * 1024
 
 _INF = float("inf")
-_HANDLER_TASK = "keygate-request"  # the name of every task that handles one request
+_HANDLER_TASK = "keygate-requests"  # the name of every connection's task that runs the handler
 
 # Why reading from a connection is paused: reading resumes only once none is left.
 _PAUSE_BODY = 1  # the handler has not taken enough of the body yet
@@ -367,7 +369,10 @@ class Connection(asyncio.Protocol):
         self._head_completed = False  # a head completed during the current data_received
         self._parsing: Request | None = None  # the request whose head or body the parser is in
         self._current: Request | None = None  # the request being handled
-        self._task: asyncio.Task[None] | None = None
+        # The connection's requests run in one task, one after another (see _begin and _serve).
+        self._worker: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[Request | None] | None = None  # the worker waits on it between requests
+        self._next: Request | None = None  # begun while the worker was still in the last request's handler
         self._queue: deque[Request] = deque()
         self._refusal: Refused | None = None  # raised from a parser callback
         self._ending = False  # a later head was refused: answer what is in hand, then close
@@ -401,8 +406,17 @@ class Connection(asyncio.Protocol):
         self._queue.clear()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(gone)
-        if self._task is not None and not self._task.done() and not (self._current and self._current.ended):
-            self._task.cancel()
+        waiting, self._next = self._next, None
+        if waiting is not None:
+            # Begun while the worker finishes the last (answered) request: never handled, nor recorded.
+            if waiting.body is not None:
+                waiting.body.fail(gone)
+        elif self._wake is not None:
+            wake, self._wake = self._wake, None
+            if not wake.done():
+                wake.set_result(None)  # the idle worker ends
+        elif self._worker is not None and self._current is not None and not self._current.ended:
+            self._worker.cancel()
         if self._tunnel is not None:
             self._tunnel.client_lost()
 
@@ -610,21 +624,45 @@ class Connection(asyncio.Protocol):
         if request.expect_continue and request.body is not None and not request.body.received \
                 and request.version == "1.1":  # RFC 9110 section 10.1.1: never a 1xx to an HTTP/1.0 client
             self.continue_due = True
-        # A Task made directly, named: loop.create_task names each one "Task-<n>" first (formatting that
-        # costs a twentieth of what the rest of making the task does), and uvloop's adds a call.
-        self._task = task = asyncio.Task(self.handler(request), loop=self.loop, name=_HANDLER_TASK)
-        task.add_done_callback(self._handled)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set_result(request)
+        elif self._worker is not None:
+            self._next = request  # the worker takes it once the last request's handler returns
+        else:
+            # One task per connection, not per request: making, scheduling and ending a task cost
+            # about a twentieth of a request. Made directly and named: loop.create_task names each
+            # one "Task-<n>" first, and uvloop's adds a call.
+            self._worker = asyncio.Task(self._serve(request), loop=self.loop, name=_HANDLER_TASK)
 
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        request = self._current
-        if request is None or self._task is not task:
-            return
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error(json.dumps({"event": "handler_failed", "error": type(exc).__name__}), exc_info=exc)
-        if not request.ended:
-            # The handler failed or was cancelled without a whole answer: the client must not wait for one.
-            self.abort()
+    async def _serve(self, request: Request | None) -> None:
+        """The handler for each request begun on this connection, in order, until it closes.
+
+        A handler that fails (logged) or is cancelled without having answered whole has the
+        connection cut: its client must not wait for an answer. The next request is taken once the
+        last one's handler has returned (it may still record after its answer was written).
+        """
+        handler = self.handler
+        try:
+            while request is not None:
+                try:
+                    await handler(request)
+                except asyncio.CancelledError:
+                    if not request.ended:
+                        self.abort()
+                    return  # the client went away (or the listener cut it off while draining)
+                except Exception as exc:
+                    log.error(json.dumps({"event": "handler_failed", "error": type(exc).__name__}), exc_info=exc)
+                if not request.ended:
+                    self.abort()
+                request, self._next = self._next, None
+                if request is None and not self._closed:
+                    self._wake = self.loop.create_future()
+                    request = await self._wake
+        finally:
+            self._worker = None
+            self._wake = None
 
     def closing_after(self, request: Request) -> bool:
         """Whether the connection closes after ``request``'s response (decided when its head is written)."""
@@ -675,12 +713,10 @@ class Connection(asyncio.Protocol):
             # The rest of the body is read (and dropped) before the next request, within the client's body
             # deadline: a client that stops sending it is closed, not kept.
             self._current = None
-            self._task = None
             self._resume_queue()
             self.deadline = self.sweeper.time() + self.client_timeout
             return
         self._current = None
-        self._task = None
         self._resume_queue()
 
     def _resume_queue(self) -> None:
@@ -698,7 +734,6 @@ class Connection(asyncio.Protocol):
             final, self._final = self._final, None
             if final is not None:
                 self._current = None
-                self._task = None
                 self._answer_refusal(final)
             else:
                 self._close_after_answer(lingering=False)
@@ -709,7 +744,6 @@ class Connection(asyncio.Protocol):
 
     def _close_after_answer(self, *, lingering: bool) -> None:
         self._current = None
-        self._task = None
         self._queue.clear()
         final, self._final = self._final, None
         if final is not None:

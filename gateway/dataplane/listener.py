@@ -77,7 +77,7 @@ class ProxyListener:
                 await asyncio.wait_for(self._empty.wait(), grace)
             except TimeoutError:
                 log.warning(json.dumps({"event": "drain_cut", "connections": len(self.connections)}))
-        tasks = [conn._task for conn in self.connections if conn._task is not None]
+        tasks = [conn._worker for conn in self.connections if conn._worker is not None]
         for conn in list(self.connections):
             conn.abort()
         # Handlers of the cut connections are cancelled (their requests recorded as 499): let them finish.

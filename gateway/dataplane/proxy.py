@@ -93,7 +93,8 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_of(headers, self.request_ids)
-        # Every record written while this request is handled names it (its own task: no reset needed).
+        # Every record written while this request is handled names it (its connection's task runs one
+        # request at a time, and the next sets its own first: no reset needed).
         REQUEST_ID.set(request_id)
         raw = request.raw_path
         if raw.startswith(WELL_KNOWN) and self.well_known is not None \

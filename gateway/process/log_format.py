@@ -9,8 +9,9 @@ a message that is a JSON object (the older spelling) is read as fields too.
 
 A record written while a request is handled carries that request's
 ``request_id``, from :data:`REQUEST_ID`, which the listeners set when a
-request begins (each request runs in its own task, so the value is that
-request's and needs no reset).
+request begins. Each listener runs a connection's requests one after
+another in one task: the admin listener resets the value after each
+request; the proxy and authz listeners' next request sets its own first.
 """
 
 from __future__ import annotations

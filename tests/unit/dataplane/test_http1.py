@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.dataplane.http1 import BODY_HIGH, BodyTimeout, Request
+from gateway.dataplane.http1 import _HANDLER_TASK, BODY_HIGH, BodyTimeout, Request
 from gateway.dataplane.listener import ProxyListener
 from gateway.dataplane.sweeper import Sweeper
 from tests.clocks import FakeClock
@@ -271,4 +271,80 @@ async def test_body_left_unread_by_an_answer_must_still_arrive_in_time(
     assert not reader.at_eof()
     server.after(2)
     assert await closed(reader)
+    writer.close()
+
+
+async def test_work_after_an_answer_is_finished_when_the_client_then_leaves(
+    serve: Callable[[Handle], Awaitable[Server]],
+) -> None:
+    """A handler may still work (record) after its answer; the client leaving then cuts none of it short.
+
+    The connection's requests run one after another in one task: the pipelined second request is
+    taken once the first one's handler has returned, so with the client gone first it is never begun.
+    """
+    gate, done = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+
+    async def handle(request: Request, server: Server) -> None:
+        order.append("start " + request.raw_path)
+        request.send(200, "OK", b"", request.raw_path.encode())
+        if request.raw_path == "/first":
+            await gate.wait()
+            done.set()
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await read_response(reader) == (200, {"content-length": "6"}, b"/first")
+    writer.close()
+    await asyncio.sleep(0.1)  # the close arrives while the first handler still works
+    gate.set()
+    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert order == ["start /first"]
+
+
+async def test_a_closed_connection_leaves_no_task_behind(serve: Callable[[Handle], Awaitable[Server]]) -> None:
+    """The task that runs a connection's requests ends with it, also when it was waiting for the next one."""
+    def tasks() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == _HANDLER_TASK]
+
+    server = await serve(ok)
+    reader, writer = await server.connect()
+    for path in (b"/a", b"/b"):  # the second on the same connection: the same task takes it
+        writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+        assert (await read_response(reader))[2] == path
+        assert len(tasks()) == 1
+    writer.close()
+    for _ in range(100):
+        if not tasks():
+            break
+        await asyncio.sleep(0.01)
+    assert tasks() == []
+    assert server.seen == ["/a", "/b"]
+
+
+@pytest.mark.parametrize(("answered", "connection"), [
+    (False, "cut: its client must not wait for an answer"),
+    (True, "kept: the next request is answered"),
+])
+async def test_a_failing_handler(serve: Callable[[Handle], Awaitable[Server]], caplog: pytest.LogCaptureFixture,
+                                 answered: bool, connection: str) -> None:
+    async def handle(request: Request, server: Server) -> None:
+        if request.raw_path == "/fail":
+            if answered:
+                request.send(200, "OK", b"", b"answered")
+            raise RuntimeError("a bug")
+        request.send(200, "OK", b"", request.raw_path.encode())
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    writer.write(b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n")
+    if answered:
+        assert (await read_response(reader))[2] == b"answered"
+        writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[2] == b"/next", connection
+    else:
+        assert await closed(reader), connection
+    assert '"event": "handler_failed"' in caplog.text
     writer.close()
