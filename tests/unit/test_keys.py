@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import string
 
 import pytest
 
 from gateway import keys
-from gateway.keys import BASE62, KeyParser, MalformedKey, SecretHasher, cache_key, checksum, generate
+from gateway.keys import BASE62, CacheKeyer, KeyParser, MalformedKey, SecretHasher, cache_key, checksum, generate
 
 PARSER = KeyParser(["kg_", "kga_", "rk_t_"])
 
@@ -111,6 +112,23 @@ def test_cache_key_depends_on_pepper_and_hides_the_key() -> None:
     assert cache_key(b"p1", full) == cache_key(b"p1", full)
     assert cache_key(b"p1", full) != cache_key(b"p2", full)
     assert full not in cache_key(b"p1", full) and len(cache_key(b"p1", full)) == 64
+
+
+@pytest.mark.parametrize(("pepper", "key"), [
+    (b"p" * 32, b"p" * 32),
+    (b"", b""),
+    (b"q" * 64, b"q" * 64),
+    (b"q" * 65, hashlib.blake2b(b"q" * 65).digest()),  # over the 64-byte key limit: hashed down to one
+], ids=["32 bytes", "empty", "64 bytes", "65 bytes"])
+def test_cache_key_is_keyed_blake2b_whatever_came_before(pepper: bytes, key: bytes) -> None:
+    """RFC 7693's MAC, a 32-byte digest in hex: what other replicas (and versions) find in a shared cache.
+
+    One keyer makes many: each key's digest is its own, however many were made before it.
+    """
+    keyer = CacheKeyer(pepper)
+    fulls = [generate("kg_").full for _ in range(3)]
+    for full in [*fulls, *fulls]:
+        assert keyer(full) == hashlib.blake2b(full.encode(), key=key, digest_size=32).hexdigest()
 
 
 @pytest.mark.parametrize(("text", "ok"), [("kg_7Hq2ZrT9xLmP", True), ("kg_7Hq2ZrT9xLm", False),
