@@ -86,15 +86,18 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=reply_error)
         self.waiting: _Waiting = deque()
         self._replies: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)
+        # Asked for once: on Python 3.11 asyncio.get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]]:
         """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values."""
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self._loop is None:
             raise RedisConnectionError("Connection closed.")
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
         self.waiting.append((future, count))
         self.transport.write(commands)
         return future
