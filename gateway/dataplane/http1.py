@@ -625,7 +625,7 @@ class Connection(asyncio.Protocol):
                 and request.version == "1.1":  # RFC 9110 section 10.1.1: never a 1xx to an HTTP/1.0 client
             self.continue_due = True
         wake = self._wake
-        if wake is not None:
+        if wake is not None and not wake.done():
             self._wake = None
             wake.set_result(request)
         elif self._worker is not None:
@@ -651,18 +651,31 @@ class Connection(asyncio.Protocol):
                 except asyncio.CancelledError:
                     if not request.ended:
                         self.abort()
-                    return  # the client went away (or the listener cut it off while draining)
+                    worker = self._worker
+                    if self._closed or worker is None or worker.cancelling():
+                        return  # the client went away (or the listener cut it off while draining)
+                    # Raised by the handler itself (a future it awaited was cancelled), not this
+                    # task cancelled: the connection's next request is still served.
                 except Exception as exc:
                     log.error(json.dumps({"event": "handler_failed", "error": type(exc).__name__}), exc_info=exc)
                 if not request.ended:
                     self.abort()
-                request, self._next = self._next, None
+                if self._next is not None:
+                    # Pipelined: other connections get their turn before it, as they did with a task per
+                    # request (a long pipeline of requests answered without waiting must not hold the loop).
+                    await asyncio.sleep(0)
+                request, self._next = self._next, None  # (None if the client went away meanwhile)
                 if request is None and not self._closed:
                     self._wake = self.loop.create_future()
                     request = await self._wake
         finally:
             self._worker = None
             self._wake = None
+            if self._next is not None:
+                # Leaving with a request begun and never handled (a BaseException, or the loop closing):
+                # its client must not wait for an answer.
+                self._next = None
+                self.abort()
 
     def closing_after(self, request: Request) -> bool:
         """Whether the connection closes after ``request``'s response (decided when its head is written)."""

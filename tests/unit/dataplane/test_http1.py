@@ -348,3 +348,48 @@ async def test_a_failing_handler(serve: Callable[[Handle], Awaitable[Server]], c
         assert await closed(reader), connection
     assert '"event": "handler_failed"' in caplog.text
     writer.close()
+
+
+async def test_a_long_pipeline_does_not_hold_the_loop(serve: Callable[[Handle], Awaitable[Server]]) -> None:
+    """Requests answered without waiting, pipelined by the hundred: other tasks run between them."""
+    turns = 0
+    seen_at: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def handle(request: Request, server: Server) -> None:
+        seen_at.append(turns)  # never waits: as a refusal, or discovery
+        request.send(200, "OK", b"", b"x")
+
+    server = await serve(handle)
+    ticking = asyncio.create_task(ticker())
+    reader, writer = await server.connect()
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+    for _ in range(100):
+        await read_response(reader)
+    ticking.cancel()
+    assert len(seen_at) == 100
+    assert all(later > earlier for earlier, later in zip(seen_at, seen_at[1:])), seen_at
+    writer.close()
+
+
+async def test_a_cancelled_error_of_the_handler_s_own_after_its_answer_ends_only_that_request(
+    serve: Callable[[Handle], Awaitable[Server]],
+) -> None:
+    """A future the handler awaited was cancelled by someone else: the pipelined request is still answered."""
+    async def handle(request: Request, server: Server) -> None:
+        request.send(200, "OK", b"", request.raw_path.encode())
+        if request.raw_path == "/first":
+            waiting = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(waiting.cancel)
+            await waiting
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [(await read_response(reader))[2] for _ in range(2)] == [b"/first", b"/second"]
+    writer.close()
