@@ -649,10 +649,10 @@ class Connection(asyncio.Protocol):
                 try:
                     await handler(request)
                 except asyncio.CancelledError:
-                    if not request.ended:
-                        self.abort()
                     worker = self._worker
                     if self._closed or worker is None or worker.cancelling():
+                        if not request.ended:
+                            self.abort()
                         return  # the client went away (or the listener cut it off while draining)
                     # Raised by the handler itself (a future it awaited was cancelled), not this
                     # task cancelled: the connection's next request is still served.
