@@ -11,7 +11,10 @@ Redis costs at most one timeout per process, not one per request.
 
 The link holds two clients to the one Redis: redis-py's, for everything, and
 a lean one (:mod:`.resp`) for the one call made per request, the rate-limit
-script of the ``redis`` policy. Calls on either go through :meth:`run`.
+script of the ``redis`` policy. Calls on either go through :meth:`run`, but
+for that script's batches on an open lean connection: they are written from
+a loop callback with no coroutine, bounded by the connection's own timer,
+and report a failure to :meth:`failed`, which trips the same circuit.
 
 With ``redis.cluster`` the one client is redis-py's cluster client: it finds
 the nodes from the seeds, sends each command to the master of its key's hash
@@ -103,11 +106,12 @@ class RedisLink:
         self.cluster = settings.cluster
         self.client: Client = cluster_client(settings) if settings.cluster else redis_client(settings)
         # Connects on first use, with the settings redis-py's client got from redis.url.
-        self.resp = None if isinstance(self.client, RedisCluster) else RespClient(self.client)
+        self.resp = None if isinstance(self.client, RedisCluster) else RespClient(self.client, timeout=self.timeout)
         self.up = True
         self.failures = 0  # calls that failed or were refused while down, for /readyz and tests
         self._recover: list[Callable[[], Awaitable[None]]] = []
         self._reconnect: asyncio.Task[None] | None = None
+        self._closed = False
 
     def key(self, *parts: str) -> str:
         """A Redis key (or channel) name in this deployment's namespace."""
@@ -143,9 +147,17 @@ class RedisLink:
             async with asyncio.timeout(self.timeout):
                 return await call(self.client)
         except FAILURES as exc:
-            self.failures += 1
-            self._trip(exc)
-            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+            raise self.failed(exc) from exc
+
+    def failed(self, exc: BaseException) -> RedisUnavailable:
+        """Count a call that failed with ``exc`` (one of :data:`FAILURES`), open the circuit; what to raise.
+
+        :meth:`run` calls it for its calls; a caller that reaches the lean client
+        without :meth:`run` (the ``redis`` policy's batches) calls it for its own.
+        """
+        self.failures += 1
+        self._trip(exc)
+        return RedisUnavailable(str(exc) or type(exc).__name__)
 
     async def probe(self) -> bool:
         """Whether Redis answers now; if not, the circuit opens and reconnecting starts."""
@@ -164,8 +176,8 @@ class RedisLink:
             await self.client.ping()
 
     def _trip(self, exc: BaseException) -> None:
-        if not self.up:
-            return
+        if not self.up or self._closed:
+            return  # (closing fails the calls still out: that is no outage to reconnect from)
         self.up = False
         log.warning(json.dumps({"event": "redis_unavailable", "error": str(exc) or type(exc).__name__}))
         self._reconnect = asyncio.create_task(self._reconnect_loop(), name="keygate-redis-reconnect")
@@ -190,6 +202,8 @@ class RedisLink:
             return
 
     async def close(self) -> None:
+        self._closed = True
+        self.up = False  # whatever asks after this decides without Redis, and nothing reconnects
         await stop_task(self._reconnect)
         if self.resp is not None:
             await self.resp.close()

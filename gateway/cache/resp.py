@@ -8,16 +8,21 @@ bytes (built from pre-encoded constant parts), it writes them with one
 ``transport.write`` on one persistent connection (an ``asyncio.Protocol``),
 and hiredis parses the replies, which are matched to batches in order, so
 any number of batches can be in flight on the connection at once.
+A caller on the hot path may skip coroutines altogether: :meth:`RespClient.send`
+writes a batch at once on the open connection and hands back the future its
+replies will complete (the ``redis`` policy adds a callback to it).
 
 It connects with the very settings redis-py's client got from
 ``redis.url`` (host and port or unix socket, TLS for ``rediss://``, AUTH,
 the database, the connect timeout), and fails as redis-py fails: a lost or
 refused connection is :class:`redis.exceptions.ConnectionError`, an error
 reply is the matching :class:`redis.exceptions.ResponseError`, so
-:meth:`RedisLink.run` classifies both as it classifies redis-py's. Bounding a
-call in time and the circuit breaker stay with ``RedisLink.run``; a batch
-given up (its caller cancelled, on ``redis.timeout``) drops the connection,
-as redis-py drops a connection whose read timed out. A dropped connection is
+:meth:`RedisLink.run` classifies both as it classifies redis-py's. The
+circuit breaker stays with the link. Every batch is bounded by ``redis.timeout``
+on the connection itself, by one timer per connection (not one per batch): a
+batch unanswered that long fails with :class:`redis.exceptions.TimeoutError`
+and drops the connection, as redis-py drops a connection whose read timed
+out; so does a batch given up by its caller. A dropped connection is
 reopened on next use. It speaks to one server: on a Redis Cluster the
 policy's calls go through redis-py's cluster client instead
 (:class:`gateway.pipeline.ratelimit_redis.SharedBuckets`).
@@ -41,10 +46,12 @@ from redis.exceptions import (
     NoScriptError,
     RedisError,
     ResponseError,
+    TimeoutError as RedisTimeoutError,
 )
 
-# Batches of replies: (future, replies expected). Replies arrive in the order commands were sent.
-_Waiting = deque[tuple["asyncio.Future[list[Any]]", int]]
+# Batches of replies: (future, replies expected, when to give up on them, by the loop's clock).
+# Replies arrive in the order commands were sent.
+_Waiting = deque[tuple["asyncio.Future[list[Any]]", int, float]]
 
 
 def bulk(data: bytes) -> bytes:
@@ -78,15 +85,18 @@ def reply_error(message: str) -> RedisError:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection: writes batches, hands each its replies in order, fails them all when lost."""
+    """One connection: writes batches, hands each its replies in order, fails them all when lost or late."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         self.transport: asyncio.WriteTransport | None = None
         self.closed = False
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=reply_error)
         self.waiting: _Waiting = deque()
         self._replies: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeout = timeout
+        # The one timer bounding every batch in flight: due when the oldest is.
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)
@@ -95,12 +105,30 @@ class _Connection(asyncio.Protocol):
 
     def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]]:
         """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values."""
-        if self.closed or self.transport is None or self._loop is None:
+        loop = self._loop
+        if self.closed or self.transport is None or loop is None:
             raise RedisConnectionError("Connection closed.")
-        future: asyncio.Future[list[Any]] = self._loop.create_future()
-        self.waiting.append((future, count))
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if self._timeout is None:
+            self.waiting.append((future, count, 0.0))
+        else:
+            deadline = loop.time() + self._timeout
+            self.waiting.append((future, count, deadline))
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(deadline, self._check)
         self.transport.write(commands)
         return future
+
+    def _check(self) -> None:
+        """The watchdog: fail everything if the oldest batch is overdue, else wait until it would be."""
+        self._watchdog = None
+        if self.closed or not self.waiting or self._loop is None:
+            return  # answered in time; the next batch sets the timer again
+        deadline = self.waiting[0][2]
+        if self._loop.time() >= deadline:
+            self.abort(RedisTimeoutError("Timeout reading from Redis"))
+        else:
+            self._watchdog = self._loop.call_at(deadline, self._check)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -129,8 +157,11 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiting, self.waiting = self.waiting, deque()
-        for future, _count in waiting:
+        for future, _count, _deadline in waiting:
             if not future.done():
                 future.set_exception(error)
         self._replies = []
@@ -139,7 +170,9 @@ class _Connection(asyncio.Protocol):
 class RespClient:
     """One persistent connection to the Redis that ``client`` (redis-py) is configured for."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, timeout: float | None = None) -> None:
+        """``timeout``: seconds a batch may wait for its replies (``redis.timeout``); None waits for ever."""
+        self._timeout = timeout
         pool = client.connection_pool
         # The connection redis-py would open, built (not opened) for its settings alone:
         # what redis.url says (host, port, socket, db, credentials, TLS) is read off it.
@@ -170,6 +203,19 @@ class RespClient:
     def in_flight(self) -> int:
         """Batches sent and not yet answered."""
         return len(self._connection.waiting) if self._connection is not None else 0
+
+    def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]] | None:
+        """Write a batch now on the open connection; its future gets the replies as :meth:`execute` returns them.
+
+        None when no connection is open (never opened, or dropped): the caller then
+        takes :meth:`execute`, which opens one. The future fails with
+        :class:`redis.exceptions.ConnectionError` if the connection is lost, and with
+        :class:`redis.exceptions.TimeoutError` if the replies are not in within the timeout.
+        """
+        connection = self._connection
+        if connection is None or connection.closed:
+            return None
+        return connection.send(commands, count)
 
     async def execute(self, commands: bytes, count: int) -> list[Any]:
         """The replies to ``count`` commands encoded in ``commands``, in order; error replies as values.
@@ -207,11 +253,11 @@ class RespClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:
-                    _, connection = await loop.create_unix_connection(_Connection, self._path)
+                    _, connection = await loop.create_unix_connection(self._new_connection, self._path)
                 else:
                     tls: ssl.SSLContext | None = self._tls.get() if self._tls is not None else None
                     transport, connection = await loop.create_connection(
-                        _Connection, self._host, self._port, ssl=tls)
+                        self._new_connection, self._host, self._port, ssl=tls)
                     self._set_keepalive(transport)
                 self.connects += 1
                 if self._setup:
@@ -226,6 +272,9 @@ class RespClient:
                 raise RedisConnectionError(f"Error connecting to {self._where}: {exc or type(exc).__name__}") from exc
             raise
         return connection
+
+    def _new_connection(self) -> _Connection:
+        return _Connection(self._timeout)
 
     def _set_keepalive(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")

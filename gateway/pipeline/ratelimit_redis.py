@@ -32,14 +32,15 @@ and marks the decision ``degraded`` (the response then carries
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError, RedisError
 
 from ..config.ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisLink, RedisUnavailable
@@ -78,6 +79,65 @@ return {granted, string.format('%.17g', tokens)}
 """
 
 
+def _decoded(replies: list[Any]) -> list[tuple[int, float]]:
+    """Each script reply as (tokens granted, tokens left); raises the first error reply, or InvalidResponse."""
+    results = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        try:
+            granted, left = reply
+            results.append((int(granted), float(left)))
+        except (TypeError, ValueError) as exc:  # not TAKE_SCRIPT's {granted, tokens left}
+            raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}") from exc
+    return results
+
+
+class _Call:
+    """One script run of a round trip: its arguments and the callers it answers.
+
+    The exact policy's calls (one token wanted, none given back) of one key
+    and limit asked for in one batch are one run asking for as many tokens
+    as there are callers: Redis hands them out as the runs one after the
+    other would have (the first ``granted`` callers get one each), in one
+    script run rather than many.
+    """
+
+    __slots__ = ("key_id", "spec", "want", "give_back", "futures")
+
+    def __init__(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int) -> None:
+        self.key_id = key_id
+        self.spec = spec
+        self.want = want
+        self.give_back = give_back
+        self.futures: list[asyncio.Future[tuple[int, float]]] = []
+
+
+# The script runs of one round trip, in the order they are sent.
+Batch = list[_Call]
+
+
+def _answer(batch: Batch, results: list[tuple[int, float]]) -> None:
+    for call, (granted, left) in zip(batch, results):
+        futures = call.futures
+        if len(futures) == 1:
+            if not futures[0].done():  # its request may have been cancelled (client gone)
+                futures[0].set_result((granted, left))
+            continue
+        # Callers sharing a run, in the order they asked: one token each while they last; each
+        # sees the tokens left after its own, as if each had had a run of its own.
+        for i, future in enumerate(futures):
+            if not future.done():
+                future.set_result((1, left + (granted - 1 - i)) if i < granted else (0, left))
+
+
+def _refuse(batch: Batch, exc: RedisUnavailable) -> None:
+    for call in batch:
+        for future in call.futures:
+            if not future.done():
+                future.set_exception(RedisUnavailable(str(exc)))
+
+
 class Fallback:
     """The decision when Redis cannot give one, per ``ratelimit.on_backend_error``."""
 
@@ -104,17 +164,25 @@ class Fallback:
         return decision
 
 
+# Lean batches out at once: what is asked for meanwhile waits for the next reply and goes out then, as one.
+MAX_IN_FLIGHT = 1
+
+
 class SharedBuckets:
     """The global buckets in Redis, reached through the one script.
 
     Decisions asked for in the same event-loop turn (concurrent requests)
     go to Redis together as one pipelined batch: each is still its own
-    atomic script run, but the per-call cost is paid once per turn rather
-    than once per request. The calls take the link's lean path
-    (:mod:`gateway.cache.resp`): each is encoded as RESP bytes when it is
+    atomic script run, but the per-call cost is paid once per batch rather
+    than once per request. While a batch is out, what is asked for waits and
+    goes out as one batch when its replies are in (:data:`MAX_IN_FLIGHT`):
+    Redis runs calls one at a time anyway, so a call held back is run only a
+    return trip later than if it had been sent at once, and under load the
+    batches grow instead of the round trips. The calls take the link's lean
+    path (:mod:`gateway.cache.resp`): each is encoded as RESP bytes when it is
     asked for, from parts encoded here once (``EVALSHA <sha> 1``, the key
-    prefix, each spec's numbers), and the batches of several turns can be in
-    flight on its one connection at once.
+    prefix, each spec's numbers), written from a loop callback, its replies
+    read by another; no coroutine, task or timer per round trip.
     """
 
     def __init__(self, link: RedisLink) -> None:
@@ -126,9 +194,13 @@ class SharedBuckets:
         self._prefix, self._suffix = (part.encode() for part in self.name("\0").split("\0"))
         # Capacity and refill rate as sent, per spec: one entry per distinct limit in use.
         self._spec_args: dict[RateLimitSpec, bytes] = {}
-        # Calls as RESP bytes for the lean connection, as argument tuples for the cluster client.
-        self._queue: list[tuple[Any, asyncio.Future[tuple[int, float]]]] = []
+        # The script runs asked for since the last batch went out.
+        self._queue: Batch = []
+        # The queue's runs of the exact policy by key id: a caller asking for the same key joins its run.
+        self._shared_runs: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Lean batches written and not yet answered; at most MAX_IN_FLIGHT, the queue waits for the next reply.
+        self._in_flight = 0
         self.round_trips = 0
         # The event loop it serves, asked for once (see take).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,44 +219,106 @@ class SharedBuckets:
         future: asyncio.Future[tuple[int, float]] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._send)
-        if self.link.resp is not None:
-            call: Any = self._command(key_id, spec, want, give_back)
+        if want == 1 and give_back == 0:
+            call = self._shared_runs.get(key_id)
+            if call is None or call.spec is not spec:
+                call = self._shared_runs[key_id] = _Call(key_id, spec, 0, 0)
+                self._queue.append(call)
+            call.want += 1
         else:
-            call = (self.name(key_id), spec.capacity, spec.refill_per_second, want, give_back)
-        self._queue.append((call, future))
+            call = _Call(key_id, spec, want, give_back)
+            self._queue.append(call)
+        call.futures.append(future)
         return await future
 
-    def _command(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int) -> bytes:
+    def _command(self, call: _Call) -> bytes:
         """``EVALSHA <sha> 1 <bucket> <capacity> <refill per second> <want> <give back>``, as RESP."""
-        name = self._prefix + key_id.encode() + self._suffix
+        name = self._prefix + call.key_id.encode() + self._suffix
+        spec = call.spec
         args = self._spec_args.get(spec)
         if args is None:
             # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.
             args = self._spec_args[spec] = bulk(encode(spec.capacity)) + bulk(encode(spec.refill_per_second))
         return b"%s$%d\r\n%s\r\n%s%s%s" % (
-            self._evalsha, len(name), name, args, bulk(b"%d" % want), bulk(b"%d" % give_back))
+            self._evalsha, len(name), name, args, bulk(b"%d" % call.want), bulk(b"%d" % call.give_back))
+
+    def _arguments(self, call: _Call) -> tuple[Any, ...]:
+        """The same call's arguments after ``EVALSHA <sha> 1``, for the cluster client."""
+        return (self.name(call.key_id), call.spec.capacity, call.spec.refill_per_second, call.want, call.give_back)
 
     def _send(self) -> None:
+        if not self._queue:
+            return  # sent already, by _replied, before this turn's call came round
+        resp = self.link.resp
+        if resp is not None and self._in_flight >= MAX_IN_FLIGHT and self.link.up:
+            return  # held: _replied sends the queue when the batch out comes back
         batch, self._queue = self._queue, []
-        task = asyncio.Task(self._run(batch), loop=self._loop)
+        self._shared_runs = {}
+        if resp is not None and self.link.up:
+            # The lean path, no coroutine: the batch is written now, from this loop callback, and
+            # its replies are read by _replied, a callback on the batch's future. The connection
+            # bounds it by redis.timeout. (A task, asyncio.timeout and two coroutines per round
+            # trip cost this policy a tenth of its throughput: bench.py kg_redis.)
+            future = resp.send(b"".join([self._command(call) for call in batch]), len(batch))
+            if future is not None:
+                self.round_trips += 1
+                self._in_flight += 1
+                future.add_done_callback(functools.partial(self._replied, batch))
+                return
+        # No connection open (first use, or dropped), Redis down, or a cluster: through RedisLink.run.
+        self._in_task(self._run(batch))
+
+    def _in_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.Task(work, loop=self._loop)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[tuple[int, float]]]]) -> None:
-        self.round_trips += 1
-        evaluate = self._evaluate if self.link.resp is not None else self._evaluate_on_cluster
+    def _replied(self, batch: Batch,
+                 replied: asyncio.Future[list[Any]]) -> None:
+        """The lean path's replies: each caller's result, or the whole batch fails as one RedisLink.run call would."""
+        self._in_flight -= 1
         try:
-            replies = await self.link.run(lambda _client: evaluate([call for call, _future in batch]))
-        except RedisUnavailable as exc:
-            for _call, future in batch:
-                if not future.done():
-                    future.set_exception(RedisUnavailable(str(exc)))
-            return
-        for (_call, future), (granted, left) in zip(batch, replies):
-            if not future.done():  # its request may have been cancelled (client gone)
-                future.set_result((int(granted), float(left)))
+            self._settle(batch, replied)
+        finally:
+            if self._queue:
+                self._send()  # what queued up meanwhile goes now (after a failure: Redis is down now)
 
-    async def _evaluate(self, calls: list[bytes]) -> list[Any]:
+    def _settle(self, batch: Batch, replied: asyncio.Future[list[Any]]) -> None:
+        error: BaseException | None = (
+            RedisConnectionError("Connection dropped.") if replied.cancelled() else replied.exception())
+        if error is None:
+            replies = replied.result()
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                # Redis lost the script: those calls did not run; run them again, through RedisLink.run.
+                self._in_task(self._run([batch[i] for i in missing]))
+                replies = [reply for i, reply in enumerate(replies) if i not in missing]
+                batch = [call for i, call in enumerate(batch) if i not in missing]
+            try:
+                results = _decoded(replies)
+            except RedisError as exc:
+                error = exc
+            else:
+                _answer(batch, results)
+                return
+        _refuse(batch, self.link.failed(error))
+
+    async def _run(self, batch: Batch) -> None:
+        self.round_trips += 1
+        if self.link.resp is not None:
+            commands = [self._command(call) for call in batch]
+            evaluate: Callable[[Any], Awaitable[list[tuple[int, float]]]] = lambda _client: self._evaluate(commands)  # noqa: E731
+        else:
+            arguments = [self._arguments(call) for call in batch]
+            evaluate = lambda _client: self._evaluate_on_cluster(arguments)  # noqa: E731
+        try:
+            results = await self.link.run(evaluate)
+        except RedisUnavailable as exc:
+            _refuse(batch, exc)
+            return
+        _answer(batch, results)
+
+    async def _evaluate(self, calls: list[bytes]) -> list[tuple[int, float]]:
         resp = self.link.resp
         assert resp is not None
         replies = await resp.execute(b"".join(calls), len(calls))
@@ -197,13 +331,9 @@ class SharedBuckets:
             again = await resp.execute(b"".join(calls[i] for i in missing), len(missing))
             for i, reply in zip(missing, again):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return _decoded(replies)
 
-
-    async def _evaluate_on_cluster(self, calls: list[Any]) -> list[Any]:
+    async def _evaluate_on_cluster(self, calls: list[Any]) -> list[tuple[int, float]]:
         """The batch through the cluster client's pipeline: each call to its bucket's master."""
         cluster: Any = self.link.client
         replies = await self._pipelined(cluster, calls)
@@ -213,10 +343,7 @@ class SharedBuckets:
             await cluster.script_load(TAKE_SCRIPT)
             for i, reply in zip(missing, await self._pipelined(cluster, [calls[i] for i in missing])):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return list(replies)
+        return _decoded(replies)
 
     async def _pipelined(self, cluster: Any, calls: list[Any]) -> list[Any]:
         pipe = cluster.pipeline(transaction=False)

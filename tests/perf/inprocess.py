@@ -3,6 +3,7 @@
 Run from the repository root (or give another tree's root: its ``gateway`` is measured)::
 
     .venv/bin/python tests/perf/inprocess.py [--tree PATH] [--requests 20000] [--repeat 5] [--connections 16]
+                                             [--redis redis://127.0.0.1:6379/0 [--policy redis]]
 
 or, for the compiled build (README), with the Python of a venv it is installed in::
 
@@ -179,7 +180,8 @@ async def main_async(args: argparse.Namespace) -> None:
         config.write_text(bench.KEYGATE_CONFIG.format(
             proxy_port=0, admin_port=0, db=db, upstream=f"http://127.0.0.1:{upstream_port}"))
         key = await bench._create_key(f"sqlite:///{db}")
-        settings = load_settings(config_file=config, environ={})
+        environ = bench.redis_policy_env(args.redis, args.policy) if args.redis else {}
+        settings = load_settings(config_file=config, environ=environ)
         from gateway.dataplane.listener import proxy_listener
 
         async with runtime(settings) as rt:
@@ -201,6 +203,8 @@ async def main_async(args: argparse.Namespace) -> None:
     client_and_upstream = min(base, base_again)
     from gateway.dataplane import http1
     build = "compiled" if not http1.__file__.endswith(".py") else "pure Python"
+    if args.redis:
+        build += f", ratelimit.policy {args.policy}"
     print(f"{Path(gateway.__file__).parent.parent} ({build}): keygate {total - client_and_upstream:.1f} us/req "
           f"(all {total:.1f}, client and upstream alone {client_and_upstream:.1f}; best of {args.repeat} x "
           f"{args.requests} requests, {args.connections} connections, {type(loop).__module__.split('.')[0]})")
@@ -216,6 +220,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--keygate-only", action="store_true",
                         help="skip the client-and-upstream runs (for counting instructions: see below)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="rate-limit with a Redis policy on this Redis (bench.py's kg_redis); its own CPU not counted")
+    parser.add_argument("--policy", default="redis", choices=("redis", "local-first"),
+                        help="the Redis policy with --redis (redis)")
     args = parser.parse_args()
     args.tree = None if args.installed else args.tree.resolve()
     try:

@@ -22,8 +22,8 @@ from ...redis_server import RedisServer, free_port
 
 
 def resp_for(url: str, timeout: float = 2.0) -> RespClient:
-    """A lean client configured as Keygate configures redis-py for ``url``."""
-    return RespClient(redis_client(RedisSettings(url=url, timeout=timeout)))
+    """A lean client configured as Keygate configures redis-py for ``url`` (as RedisLink makes it)."""
+    return RespClient(redis_client(RedisSettings(url=url, timeout=timeout)), timeout=timeout)
 
 
 def batch(*commands: tuple[str | int | float, ...]) -> tuple[bytes, int]:
@@ -257,3 +257,56 @@ async def test_the_link_opens_its_circuit_when_the_server_dies_mid_batch(own_red
         assert not link.up
     finally:
         await link.close()
+
+
+# --- bounded in time by the connection ---------------------------------------------------------------
+
+
+async def test_send_writes_only_on_an_open_connection(resp: RespClient) -> None:
+    """send() never connects: None until a call opened the connection, then the batch's replies."""
+    assert resp.send(*batch(("PING",))) is None
+    assert await resp.execute(*batch(("PING",))) == [b"PONG"]
+    sent = resp.send(*batch(("ECHO", "a"), ("ECHO", "b")))
+    assert sent is not None and await sent == [b"a", b"b"]
+    assert resp.connects == 1
+
+
+@pytest.mark.parametrize("late", ["the first batch", "a batch behind an answered one"])
+async def test_a_batch_unanswered_within_the_timeout_fails_and_drops_the_connection(
+    own_redis: RedisServer, admin: redis.Redis, late: str
+) -> None:
+    """Nobody awaiting with a deadline: the connection's own timer fails a batch late past redis.timeout."""
+    resp = resp_for(own_redis.url, timeout=0.3)
+    try:
+        assert await resp.execute(*batch(("PING",))) == [b"PONG"]
+        if late == "a batch behind an answered one":
+            answered = resp.send(*batch(("PING",)))
+            assert answered is not None and await answered == [b"PONG"]
+        hang = asyncio.get_running_loop().run_in_executor(None, admin.execute_command, "DEBUG", "SLEEP", "1")
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        pending = resp.send(*batch(("ECHO", "late")))
+        assert pending is not None
+        with pytest.raises(redis.exceptions.TimeoutError) as caught:
+            await pending
+        assert 0.25 <= time.monotonic() - started < 0.9
+        assert isinstance(caught.value, RedisError)
+        assert resp.send(*batch(("PING",))) is None  # dropped: the late reply is never read as another's
+        await hang
+        assert await resp.execute(*batch(("ECHO", "mine"))) == [b"mine"]
+        assert resp.connects == 2
+    finally:
+        await resp.close()
+
+
+async def test_a_batch_in_time_is_not_cut_by_the_timer_an_earlier_one_set(own_redis: RedisServer) -> None:
+    """The timer set by an answered batch fires while a later one is out, not yet due: it waits for that one."""
+    resp = resp_for(own_redis.url, timeout=1.0)
+    try:
+        assert await resp.execute(*batch(("PING",))) == [b"PONG"]  # sets the timer, due in 1 s
+        await asyncio.sleep(0.6)
+        slow = resp.send(*batch(("DEBUG", "SLEEP", "0.7"), ("ECHO", "in time")))  # due 1.6 s, answered 1.3 s
+        assert slow is not None and await slow == [b"OK", b"in time"]
+        assert resp.connects == 1
+    finally:
+        await resp.close()

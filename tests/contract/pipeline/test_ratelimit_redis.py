@@ -167,6 +167,62 @@ async def test_local_first_falls_back_when_redis_is_dead(own_redis: RedisServer)
         await link.close()
 
 
+@pytest.mark.parametrize("failure", ["server killed", "wrong type at the bucket's name"])
+async def test_a_batch_failing_on_an_open_connection_falls_back_and_opens_the_circuit(
+    own_redis: RedisServer, failure: str
+) -> None:
+    """A batch on the open connection that fails (connection lost, error reply) is decided by the fallback,
+    every caller in it, and opens the circuit, as a failed RedisLink.run call does."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0, reconnect_backoff_max=0.1))
+    blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
+    try:
+        limiter = exact(link, "deny")
+        assert not (await limiter.take(KEY, HOURLY)).degraded  # the connection is open
+        if failure == "server killed":
+            hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "5"))
+            await asyncio.sleep(0.1)
+            batch = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
+            await asyncio.sleep(0.1)
+            own_redis.kill()
+            hang.cancel()
+        else:
+            await blocker.client.set(link.key("rl:", KEY), "not a hash")
+            batch = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
+        decisions = await batch
+        assert [(d.allowed, d.degraded) for d in decisions] == [(False, True)] * 3
+        assert not link.up and link.failures == 1
+    finally:
+        await link.close()
+        await blocker.close()
+
+
+async def test_closing_the_link_with_a_batch_out_decides_it_without_redis_and_reconnects_nothing(
+    own_redis: RedisServer
+) -> None:
+    """At shutdown, callers still waiting get the fallback; no reconnect loop or new connection is left behind."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0, reconnect_backoff_max=0.05))
+    blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
+    try:
+        limiter = exact(link, "deny")
+        await limiter.take(KEY, HOURLY)
+        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "0.3"))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(2)))
+        await asyncio.sleep(0.02)  # the batch is out
+        queued = asyncio.ensure_future(limiter.take(KEY, HOURLY))  # held behind it
+        await asyncio.sleep(0)
+        await link.close()
+        decisions = [*await waiting, await queued]
+        assert [(d.allowed, d.degraded) for d in decisions] == [(False, True)] * 3
+        await hang
+        await asyncio.sleep(0.3)  # a reconnect loop would have pinged by now
+        clients = await blocker.client.client_list()
+        assert len(clients) == 1  # the blocker's own
+    finally:
+        await link.close()
+        await blocker.close()
+
+
 async def test_exact_policy_recovers_when_redis_is_back(own_redis: RedisServer) -> None:
     """After Redis returns (reconnect with backoff), decisions are global again, not degraded."""
     link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5, reconnect_backoff_max=0.1))
@@ -212,6 +268,57 @@ async def test_slow_redis_is_not_waited_for(own_redis: RedisServer) -> None:
         decision = await limiter.take(KEY, HOURLY)
         assert decision.allowed and decision.degraded
         await hang
+    finally:
+        await link.close()
+        await blocker.close()
+
+
+async def test_concurrent_decisions_of_one_key_are_one_script_run_deciding_as_many(own_redis: RedisServer) -> None:
+    """Callers of one key and limit in one batch share one script run asking for as many tokens: each decision
+    (allowed, remaining, retry) is the one it would get from a run of its own, one after the other."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
+    admin = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
+    try:
+        limiter = exact(link)
+        other = parse_rate_limit("3/hour")
+        await limiter.take("kg_warm", HOURLY)  # the connection and the script are in place
+        await admin.client.config_resetstat()
+        together = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(23)),
+                                        limiter.take("kg_BBBBBBBBBBBB", HOURLY),
+                                        *(limiter.take("kg_CCCCCCCCCCCC", other) for _ in range(4)))
+        stats = await admin.client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 3  # one run per key, however many callers
+        alone = [await limiter.take("kg_DDDDDDDDDDDD", HOURLY) for _ in range(23)]
+        alone_other = [await limiter.take("kg_EEEEEEEEEEEE", other) for _ in range(4)]
+        shape = lambda ds: [(d.allowed, d.remaining, d.retry_after is not None) for d in ds]  # noqa: E731
+        assert shape(together[:23]) == shape(alone)
+        assert shape(together[24:]) == shape(alone_other)
+        assert shape(together[23:24]) == [(True, 19, False)]
+        assert [d.remaining for d in together[:20]] == list(range(19, -1, -1))
+    finally:
+        await link.close()
+        await admin.close()
+
+
+async def test_decisions_asked_for_while_a_batch_is_out_go_together_when_it_is_back(own_redis: RedisServer) -> None:
+    """One batch out at a time: what is asked for in the turns meanwhile waits and goes as one batch."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
+    blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
+    try:
+        shared = SharedBuckets(link)
+        limiter = RedisTokenBuckets(shared, Fallback("deny"))
+        await limiter.take("kg_warm", HOURLY)
+        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "0.3"))
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(limiter.take("kg_first", HOURLY))
+        later = []
+        for turn in range(4):  # four later turns while the first batch waits behind the sleep
+            await asyncio.sleep(0.02)
+            later.append(asyncio.ensure_future(limiter.take(f"kg_later{turn}", HOURLY)))
+        decisions = await asyncio.gather(first, *later)
+        await hang
+        assert all(d.allowed and not d.degraded and d.remaining == 19 for d in decisions)
+        assert shared.round_trips == 3  # the warm-up, the first, the four later ones together
     finally:
         await link.close()
         await blocker.close()

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from gateway.cache.redis_link import RedisLink
 from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.config.schema import RedisSettings
-from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, SharedBuckets
+from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, SharedBuckets, _Call
 
 
 @pytest.mark.parametrize(("key_id", "spec", "want", "give_back"), [
@@ -32,6 +32,6 @@ async def test_a_script_call_is_the_command_redis_py_would_send(
         # so buckets in a running Redis carry over.
         expected = Redis().connection_pool.make_connection().pack_command(
             "EVALSHA", sha, 1, f"kgtest:rl::{key_id}", parsed.capacity, parsed.refill_per_second, want, give_back)
-        assert shared._command(key_id, parsed, want, give_back) == b"".join(expected)
+        assert shared._command(_Call(key_id, parsed, want, give_back)) == b"".join(expected)
     finally:
         await link.close()
