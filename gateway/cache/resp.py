@@ -103,16 +103,23 @@ class _Connection(asyncio.Protocol):
         # Asked for once: on Python 3.11 asyncio.get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
 
-    def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]]:
-        """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values."""
+    def send(self, commands: bytes, count: int, since: float | None = None) -> asyncio.Future[list[Any]]:
+        """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values.
+
+        The timeout runs from ``since`` (the loop's clock) when given: when the
+        batch's oldest call was asked for, if it waited before being written.
+        """
         loop = self._loop
         if self.closed or self.transport is None or loop is None:
             raise RedisConnectionError("Connection closed.")
         future: asyncio.Future[list[Any]] = loop.create_future()
+        if count == 0:
+            future.set_result([])  # no reply will come for it: it must not wait in line
+            return future
         if self._timeout is None:
             self.waiting.append((future, count, 0.0))
         else:
-            deadline = loop.time() + self._timeout
+            deadline = (loop.time() if since is None else since) + self._timeout
             self.waiting.append((future, count, deadline))
             if self._watchdog is None:
                 self._watchdog = loop.call_at(deadline, self._check)
@@ -204,8 +211,10 @@ class RespClient:
         """Batches sent and not yet answered."""
         return len(self._connection.waiting) if self._connection is not None else 0
 
-    def send(self, commands: bytes, count: int) -> asyncio.Future[list[Any]] | None:
+    def send(self, commands: bytes, count: int, since: float | None = None) -> asyncio.Future[list[Any]] | None:
         """Write a batch now on the open connection; its future gets the replies as :meth:`execute` returns them.
+
+        ``since``: when (``loop.time()``) the batch's oldest call was asked for; its timeout runs from then.
 
         None when no connection is open (never opened, or dropped): the caller then
         takes :meth:`execute`, which opens one. The future fails with
@@ -215,7 +224,7 @@ class RespClient:
         connection = self._connection
         if connection is None or connection.closed:
             return None
-        return connection.send(commands, count)
+        return connection.send(commands, count, since)
 
     async def execute(self, commands: bytes, count: int) -> list[Any]:
         """The replies to ``count`` commands encoded in ``commands``, in order; error replies as values.
@@ -240,7 +249,13 @@ class RespClient:
             # One attempt shared by every batch that finds the connection missing.
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
-        return await asyncio.shield(self._connecting)
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            if connecting.cancelled():  # the attempt, not this caller, was cancelled: close() came first
+                raise RedisConnectionError("Connection closed while it was being opened.") from None
+            raise
 
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None

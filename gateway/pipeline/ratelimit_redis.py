@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError, RedisError
@@ -165,6 +165,7 @@ class Fallback:
 
 
 # Lean batches out at once: what is asked for meanwhile waits for the next reply and goes out then, as one.
+# The wait counts against redis.timeout (it runs from a call's asking, not its sending).
 MAX_IN_FLIGHT = 1
 
 
@@ -201,6 +202,7 @@ class SharedBuckets:
         self._tasks: set[asyncio.Task[None]] = set()
         # Lean batches written and not yet answered; at most MAX_IN_FLIGHT, the queue waits for the next reply.
         self._in_flight = 0
+        self._since = 0.0  # when the queue's oldest call was asked for (loop.time())
         self.round_trips = 0
         # The event loop it serves, asked for once (see take).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -219,6 +221,7 @@ class SharedBuckets:
         future: asyncio.Future[tuple[int, float]] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._send)
+            self._since = loop.time()  # the batch's oldest call: its redis.timeout runs from now
         if want == 1 and give_back == 0:
             call = self._shared_runs.get(key_id)
             if call is None or call.spec is not spec:
@@ -254,19 +257,24 @@ class SharedBuckets:
             return  # held: _replied sends the queue when the batch out comes back
         batch, self._queue = self._queue, []
         self._shared_runs = {}
-        if resp is not None and self.link.up:
-            # The lean path, no coroutine: the batch is written now, from this loop callback, and
-            # its replies are read by _replied, a callback on the batch's future. The connection
-            # bounds it by redis.timeout. (A task, asyncio.timeout and two coroutines per round
-            # trip cost this policy a tenth of its throughput: bench.py kg_redis.)
-            future = resp.send(b"".join([self._command(call) for call in batch]), len(batch))
-            if future is not None:
-                self.round_trips += 1
-                self._in_flight += 1
-                future.add_done_callback(functools.partial(self._replied, batch))
-                return
-        # No connection open (first use, or dropped), Redis down, or a cluster: through RedisLink.run.
-        self._in_task(self._run(batch))
+        try:
+            if resp is not None and self.link.up:
+                # The lean path, no coroutine: the batch is written now, from this loop callback, and
+                # its replies are read by _replied, a callback on the batch's future. The connection
+                # bounds it by redis.timeout from its oldest call's asking, held time included. (A
+                # task, asyncio.timeout and two coroutines per round trip cost this policy a tenth
+                # of its throughput: bench.py kg_redis.)
+                future = resp.send(b"".join([self._command(call) for call in batch]), len(batch), self._since)
+                if future is not None:
+                    self.round_trips += 1
+                    self._in_flight += 1
+                    future.add_done_callback(functools.partial(self._replied, batch))
+                    return
+            # No connection open (first use, or dropped), Redis down, or a cluster: through RedisLink.run.
+            self._in_task(self._run(batch))
+        except Exception as exc:  # a loop callback: nobody else would ever answer these callers
+            log.exception("sending rate-limit calls to Redis failed")
+            _refuse(batch, RedisUnavailable(f"not sent: {exc!r}"))
 
     def _in_task(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.Task(work, loop=self._loop)
@@ -304,17 +312,21 @@ class SharedBuckets:
         _refuse(batch, self.link.failed(error))
 
     async def _run(self, batch: Batch) -> None:
+        """The batch through :meth:`RedisLink.run`: connecting first if need be, or on a cluster."""
         self.round_trips += 1
-        if self.link.resp is not None:
-            commands = [self._command(call) for call in batch]
-            evaluate: Callable[[Any], Awaitable[list[tuple[int, float]]]] = lambda _client: self._evaluate(commands)  # noqa: E731
-        else:
-            arguments = [self._arguments(call) for call in batch]
-            evaluate = lambda _client: self._evaluate_on_cluster(arguments)  # noqa: E731
         try:
-            results = await self.link.run(evaluate)
+            if self.link.resp is not None:
+                commands = [self._command(call) for call in batch]
+                results = await self.link.run(lambda _client: self._evaluate(commands))
+            else:
+                arguments = [self._arguments(call) for call in batch]
+                results = await self.link.run(lambda _client: self._evaluate_on_cluster(arguments))
         except RedisUnavailable as exc:
             _refuse(batch, exc)
+            return
+        except Exception as exc:  # in a task of its own: nobody else would ever answer these callers
+            log.exception("sending rate-limit calls to Redis failed")
+            _refuse(batch, RedisUnavailable(f"not sent: {exc!r}"))
             return
         _answer(batch, results)
 

@@ -271,6 +271,14 @@ async def test_send_writes_only_on_an_open_connection(resp: RespClient) -> None:
     assert resp.connects == 1
 
 
+async def test_an_empty_batch_is_answered_at_once_and_queues_nothing(resp: RespClient) -> None:
+    """No command, no reply to wait for: it must not take a place in the line of replies."""
+    assert await resp.execute(b"", 0) == []
+    sent = resp.send(b"", 0)
+    assert sent is not None and await sent == []
+    assert await resp.execute(*batch(("ECHO", "next"))) == [b"next"] and resp.in_flight == 0
+
+
 @pytest.mark.parametrize("late", ["the first batch", "a batch behind an answered one"])
 async def test_a_batch_unanswered_within_the_timeout_fails_and_drops_the_connection(
     own_redis: RedisServer, admin: redis.Redis, late: str

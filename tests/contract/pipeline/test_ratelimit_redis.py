@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.config.schema import RedisSettings
 from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
-from gateway.pipeline.ratelimit_redis import Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
+from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.cache.redis_link import RedisLink
 
@@ -221,6 +222,82 @@ async def test_closing_the_link_with_a_batch_out_decides_it_without_redis_and_re
     finally:
         await link.close()
         await blocker.close()
+
+
+async def relay_answering(port: int, answers: list[float | None]) -> asyncio.AbstractServer:
+    """A TCP relay to Redis on ``port`` that holds its n-th reply for ``answers[n]`` seconds, or for ever (None)."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+
+        async def down() -> None:
+            n = 0
+            while data := await up_reader.read(65536):
+                delay = answers[n] if n < len(answers) else None
+                n += 1
+                if delay is not None:
+                    asyncio.get_running_loop().call_later(delay, writer.write, data)
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_request_held_behind_the_batch_out_is_decided_within_the_timeout_of_its_asking(
+    own_redis: RedisServer
+) -> None:
+    """The batch out is answered late but in time, then Redis hangs: the request asked for meanwhile (held)
+    gets its fallback redis.timeout after it asked, not after its batch went out."""
+    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)  # one round trip each
+    relay = await relay_answering(own_redis.port, [0, 0.4])  # the warm-up at once, the next late, then none
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
+                                   prefix="kg:", timeout=0.5))
+    try:
+        limiter = exact(link, "deny")
+        await limiter.take("kg_warm", HOURLY)
+        out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        held = await limiter.take("kg_held", HOURLY)
+        waited = time.monotonic() - started
+        assert not (await out).degraded
+        assert held.degraded and not held.allowed
+        assert 0.4 <= waited < 0.6
+    finally:
+        await link.close()
+        relay.close()
+
+
+async def test_closing_the_link_while_it_connects_decides_the_waiting_without_redis() -> None:
+    """A server that takes the connection but never answers AUTH: closing then answers the caller at once."""
+    async def silent(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    link = RedisLink(RedisSettings(url=f"redis://:pw@127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                                   prefix="kg:", timeout=5.0))
+    try:
+        waiting = asyncio.ensure_future(exact(link, "deny").take(KEY, HOURLY))
+        await asyncio.sleep(0.2)  # connected, AUTH unanswered
+        await link.close()
+        decision = await asyncio.wait_for(waiting, 2)
+        assert decision.degraded and not decision.allowed
+    finally:
+        await link.close()
+        server.close()
+
+
+async def test_a_call_that_cannot_be_sent_is_refused_with_its_batch_not_left_waiting(link: RedisLink) -> None:
+    """A key id Redis cannot be sent (not UTF-8) fails its whole batch to the fallback; nobody waits for ever."""
+    limiter = exact(link, "deny")
+    await limiter.take("kg_warm", HOURLY)
+    good, bad = await asyncio.wait_for(
+        asyncio.gather(limiter.take("kg_good", HOURLY), limiter.take("kg_\udc80", HOURLY)), 2)
+    assert good.degraded and bad.degraded
+    assert (await limiter.take("kg_good", HOURLY)).remaining == 19  # nothing was taken; Redis still used
 
 
 async def test_exact_policy_recovers_when_redis_is_back(own_redis: RedisServer) -> None:
