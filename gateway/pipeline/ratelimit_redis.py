@@ -173,17 +173,18 @@ class SharedBuckets:
     """The global buckets in Redis, reached through the one script.
 
     Decisions asked for in the same event-loop turn (concurrent requests)
-    go to Redis together as one pipelined batch: each is still its own
-    atomic script run, but the per-call cost is paid once per batch rather
-    than once per request. While a batch is out, what is asked for waits and
-    goes out as one batch when its replies are in (:data:`MAX_IN_FLIGHT`):
-    Redis runs calls one at a time anyway, so a call held back is run only a
-    return trip later than if it had been sent at once, and under load the
-    batches grow instead of the round trips. The calls take the link's lean
-    path (:mod:`gateway.cache.resp`): each is encoded as RESP bytes when it is
-    asked for, from parts encoded here once (``EVALSHA <sha> 1``, the key
-    prefix, each spec's numbers), written from a loop callback, its replies
-    read by another; no coroutine, task or timer per round trip.
+    go to Redis together as one pipelined batch, each key's as one atomic
+    script run (:class:`_Call`): the per-call cost is paid once per batch
+    rather than once per request. While a batch is out, what is asked for
+    waits and goes out as one batch when its replies are in
+    (:data:`MAX_IN_FLIGHT`): Redis runs calls one at a time anyway, so a call
+    held back is run only a return trip later than if it had been sent at
+    once, and under load the batches grow instead of the round trips. The
+    calls take the link's lean path (:mod:`gateway.cache.resp`): each run is
+    encoded as RESP bytes when its batch goes out, from parts encoded here
+    once (``EVALSHA <sha> 1``, the key prefix, each spec's numbers), written
+    from a loop callback, its replies read by another; no coroutine, task or
+    timer per round trip.
     """
 
     def __init__(self, link: RedisLink) -> None:
