@@ -234,6 +234,12 @@ class CanaryUse(NamedTuple):
                 "request_id": self.request_id}
 
 
+# A NamedTuple's constructor is a lambda the interpreter runs, a frame per call even in the compiled
+# build; new_tuple(Cls, (every field, defaults too)) makes the same tuple in one C call. For those the
+# proxy makes per request: RequestRecord, RateLimitDecision.
+new_tuple = tuple.__new__
+
+
 class RequestRecord(NamedTuple):
     """One request through the proxy or the admin API (server ``admin``), kept for the audit trail.
 

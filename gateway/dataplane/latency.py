@@ -1,4 +1,4 @@
-"""Latency histograms cheap enough for every request: a bisect and two additions, no lock.
+"""Latency histograms cheap enough for every request: a short scan and two additions, no lock.
 
 Each process keeps its own; the admin listener's ``/metrics`` reads them at
 scrape time (and, with several workers, sums every worker's).
@@ -6,7 +6,6 @@ scrape time (and, with several workers, sums every worker's).
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Any
 
 # Seconds. Proxy overhead is sub-millisecond; upstream calls take up to the timeouts.
@@ -25,8 +24,15 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
-        self.counts[bisect_left(self.bounds, seconds)] += 1
+        # The first bound not below the value (bisect_left's answer: a value equal to a bound belongs to that
+        # bound's bucket, le). Scanned from the smallest: nearly every request is in the first few buckets,
+        # and compiled this loop compares unboxed floats, a third of bisect_left's call (callgrind).
+        index = 0
+        for bound in self.bounds:
+            if seconds <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
         self.total += seconds
 
     def snapshot(self) -> dict[str, Any]:

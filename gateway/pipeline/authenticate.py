@@ -26,7 +26,8 @@ from typing import cast
 
 from multidict import CIMultiDictProxy
 
-from ..keys import KeyParser
+from ..cache.local import KeyCache
+from ..keys import CacheKeyer, KeyParser
 from .allowlist import check_allowlist
 from .canary import CanaryAlarm, canary_use, refuse_canary
 from .client_ip import ClientIpResolver, IPAddress
@@ -82,6 +83,11 @@ class Authenticator:
         self.alarm = alarm  # where a canary key's uses go (the recorder's buffer)
         # In-process buckets decide without I/O: called directly, not awaited.
         self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
+        # The hot path's cache probe (stages 1-2), made here rather than by a KeyLookup method: lookup.py is
+        # not compiled (see pyproject.toml), and a call into it ran an interpreted frame per request. A miss
+        # is not counted here: KeyLookup.lookup follows and counts it (a malformed key never gets there).
+        self._cache_key: CacheKeyer = lookup.cache_key
+        self._cache: KeyCache[PreparedKey] = lookup.cache
 
     def with_client_ips(self, client_ips: ClientIpResolver) -> Authenticator:
         """The same stages over the same lookup, routes and buckets, trusting other hops for the client address."""
@@ -120,7 +126,7 @@ class Authenticator:
             # 1-2, hot path: a key verified before is found by the MAC of its text. Only keys
             #    that passed parsing and argon2 are cached, so a hit proves the syntax too.
             token = common_bearer(headers)
-            key = self.lookup.cached(token) if token is not None else None
+            key = self._cache.probe(self._cache_key(token)) if token is not None else None
             if key is None:
                 # 1. Credential: one Bearer key of valid syntax; no I/O, so garbage costs nothing.
                 parsed = bearer_credential(headers, self.parser)

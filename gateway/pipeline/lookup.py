@@ -68,7 +68,7 @@ class KeyLookup:
         self.store = store
         self.cache = cache
         self.shared = shared
-        self._cache_key = CacheKeyer(pepper)
+        self.cache_key = CacheKeyer(pepper)
         self._default_rate_limit = default_rate_limit
         self._clock = clock  # time.perf_counter's, which the proxy and admin API take their start times from
         self.verifier = SecretVerifier(hasher, concurrency=verify_concurrency, queue=verify_queue)
@@ -97,7 +97,7 @@ class KeyLookup:
         its address once, and its repeats within ``cache.negative_ttl`` hit the negative cache
         uncounted; so is a canary's use. Only canaries with their right secret get here: bounded.
         """
-        digest = self._cache_key(full_key)
+        digest = self.cache_key(full_key)
         now = self._clock()
         if now < self._canary_quiet.get(digest, -1.0):
             return
@@ -112,15 +112,6 @@ class KeyLookup:
     def shed(self) -> int:
         """Misses refused because the argon2 queue was full."""
         return self.verifier.shed
-
-    def cached(self, full_key: str) -> PreparedKey | None:
-        """The hot path: a key verified before, found by the MAC of its text; no parsing, no I/O.
-
-        Only keys that passed parsing and argon2 are cached, so a hit proves
-        ``full_key`` is well-formed; a miss says nothing, and is not counted as
-        one: :meth:`lookup` follows and counts it (a malformed key never gets there).
-        """
-        return self.cache.probe(self._cache_key(full_key))
 
     async def delay_refusal(self, denied: Denied, started: float) -> None:
         """Hold a refusal of the lookup or status stage, asleep (no CPU), for :meth:`refusal_delay`.
@@ -154,7 +145,7 @@ class KeyLookup:
     async def lookup(self, parsed: ParsedKey, client: str) -> PreparedKey:
         """The cached key, or Denied (INVALID_TOKEN, TOO_MANY_ATTEMPTS, VERIFICATION_BUSY);
         StoreUnavailable when it cannot be known."""
-        digest = self._cache_key(parsed.full)
+        digest = self.cache_key(parsed.full)
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
@@ -209,7 +200,7 @@ class KeyLookup:
         from (the caller bounds its own concurrency) and no refusal delay (nobody times the answer).
         A key id alone proves nothing: ids are public. StoreUnavailable when it cannot be known.
         """
-        digest = self._cache_key(parsed.full)
+        digest = self.cache_key(parsed.full)
         if self.cache.get(digest) is not None or self._is_proven(parsed.key_id, digest):
             return True  # SECURITY: argon2 accepted exactly this text for this id before
         if self.cache.is_negative(digest):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from ..config.ratelimit_spec import RateLimitSpec
+from ..models import new_tuple
 from .outcomes import Denied, Outcome
 
 # Float arithmetic can land a hair below a whole token (0.6 s of 100/minute
@@ -137,9 +138,9 @@ def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLi
     seconds_per_token = spec.seconds_per_token
     reset = max(0, ceil((spec.capacity - tokens) * seconds_per_token - _EPSILON))
     if allowed:
-        return RateLimitDecision(True, spec, int(tokens + _EPSILON), reset, None)
+        return new_tuple(RateLimitDecision, (True, spec, int(tokens + _EPSILON), reset, None, False))
     retry_after = max(1, ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
-    return RateLimitDecision(False, spec, 0, reset, retry_after)
+    return new_tuple(RateLimitDecision, (False, spec, 0, reset, retry_after, False))
 
 
 def ratelimit_block(decision: RateLimitDecision) -> bytes:

@@ -17,6 +17,7 @@ from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from .rows import REQUEST_RECORD_COLUMNS, request_record_values, sqlite_time_in, sqlite_time_out
 from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role, TrustPolicy, WebhookDelivery
 
 
@@ -50,40 +51,6 @@ class Dialect:
     utc_hour: Callable[[str], str]
 
 
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
-# The second the last time written fell in: (its start, its end, its text up to the microseconds,
-# "YYYY-MM-DDTHH:MM:SS."). One tuple, replaced whole, so threads that share it never see half of one.
-_ONE_SECOND = timedelta(seconds=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_last_second: tuple[datetime, datetime, str] = (_EPOCH, _EPOCH, "")
-_MICROSECONDS = tuple(f"{n:03d}" for n in range(1000))
-
-
-def _sqlite_time_in(value: datetime | None) -> str | None:
-    # Fixed-width UTC text sorts and compares like the instants it names.
-    global _last_second
-    if value is None:
-        return None
-    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    # The same text as _TIME_FORMAT at a sixth of strftime's cost (one per request record: formatting a
-    # datetime cost about as much as the rest of writing its record). A batch of records falls in a few
-    # seconds, so the text up to the second is made once per second and only the microseconds per record.
-    second = _last_second
-    if not second[0] <= utc < second[1]:
-        if not 1000 <= utc.year < 9999:  # strftime leaves years before 1000 unpadded: keep its exact text
-            return utc.strftime(_TIME_FORMAT)  # (and the last second of 9999 has no end to cache it by)
-        start = utc.replace(microsecond=0)
-        second = _last_second = (start, start + _ONE_SECOND, start.strftime("%Y-%m-%dT%H:%M:%S."))
-    micro = utc.microsecond
-    return second[2] + _MICROSECONDS[micro // 1000] + _MICROSECONDS[micro % 1000] + "Z"
-
-
-def _sqlite_time_out(value: Any) -> datetime | None:
-    return None if value is None else datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
-
-
 def _numbered(sql: str) -> str:
     counter = iter(range(1, 10_000))
     return re.sub(r"\?", lambda _m: f"${next(counter)}", sql)
@@ -92,8 +59,8 @@ def _numbered(sql: str) -> str:
 SQLITE = Dialect(
     name="sqlite",
     placeholders=lambda sql: sql,
-    time_in=_sqlite_time_in,
-    time_out=_sqlite_time_out,
+    time_in=sqlite_time_in,
+    time_out=sqlite_time_out,
     bool_in=lambda value: 1 if value else 0,
     greatest="max",
     for_update="",
@@ -126,7 +93,6 @@ _INSERT_REQUEST_RECORDS = (
     "INSERT INTO request_records (at, key_id, method, path, server, operation, decision, status, "
     "client_ip, duration_ms, reason)"
 )
-_REQUEST_RECORD_COLUMNS = 11  # RequestRecord's fields, in this order, but its id
 
 _KEY_COLUMNS = (
     "id, kind, name, org, user_name, role, operations, servers, ip_allowlist, rate_limit, agent, "
@@ -657,13 +623,8 @@ class SqlTransaction:
     async def add_request_records(self, records: Sequence[RequestRecord]) -> None:
         # A record is a tuple in the columns' order, then its id (the store's to assign): its first
         # value as the dialect stores a time, the next ten as they are (a flat list: see insert_many).
-        t = self._d.time_in
-        values: list[Any] = []
-        add, extend = values.append, values.extend
-        for record in records:
-            add(t(record[0]))
-            extend(record[1:_REQUEST_RECORD_COLUMNS])
-        await self._conn.insert_many(_INSERT_REQUEST_RECORDS, _REQUEST_RECORD_COLUMNS, values)
+        await self._conn.insert_many(_INSERT_REQUEST_RECORDS, REQUEST_RECORD_COLUMNS,
+                                     request_record_values(records, self._d.time_in))
 
     async def list_requests(
         self, *, key_id: str | None = None, org: str | None = None, decision: str | None = None,

@@ -20,6 +20,12 @@ from .sql import SQLITE, SqlStore, SqlTransaction
 
 log = logging.getLogger("keygate.store")
 
+# None binds as NULL either way; registered, it is found in sqlite3's adapter table at once. Unregistered,
+# sqlite3 looks for __adapt__ and __conform__ on every None it binds: a sixth of a request record's
+# insert (one None per allowed request's record: 1,160 against 970 ns a row, 500-row statements).
+# {}.get(None) is None: a C call, where a lambda would run Python.
+sqlite3.register_adapter(type(None), {}.get)
+
 
 class _SqliteConnection:
     def __init__(self, db: aiosqlite.Connection) -> None:

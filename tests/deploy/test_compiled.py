@@ -35,6 +35,7 @@ SUITES = [
     "tests/unit/cache",
     "tests/unit/test_keys.py",
     "tests/contract/test_recorder.py",
+    "tests/unit/store/test_sqlite_time.py",
     "tests/contract/dataplane",
     "tests/contract/pipeline",
     "tests/contract/cache",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from gateway.models import RequestRecord
-from gateway.store.sql import _INSERT_REQUEST_RECORDS, _REQUEST_RECORD_COLUMNS
+from gateway.store.rows import REQUEST_RECORD_COLUMNS as _REQUEST_RECORD_COLUMNS
+from gateway.store.sql import _INSERT_REQUEST_RECORDS
 
 
 def test_the_insert_names_the_record_fields_in_their_order() -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from gateway.store.sql import _TIME_FORMAT, _sqlite_time_in, _sqlite_time_out
+from gateway.store.rows import SQLITE_TIME_FORMAT as _TIME_FORMAT, sqlite_time_in as _sqlite_time_in, sqlite_time_out as _sqlite_time_out
 
 
 @pytest.mark.parametrize(
