@@ -16,25 +16,26 @@ import secrets
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-ID_LENGTH = 12
-SECRET_LENGTH = 32
-CHECKSUM_LENGTH = 6
-BODY_LENGTH = ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
+BASE62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_LENGTH: Final = 12
+SECRET_LENGTH: Final = 32
+CHECKSUM_LENGTH: Final = 6
+BODY_LENGTH: Final = ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
 # Longest configurable prefix (16) plus the body: anything longer is refused
 # before we even look at it.
-MAX_KEY_LENGTH = 16 + BODY_LENGTH
+MAX_KEY_LENGTH: Final = 16 + BODY_LENGTH
 
-_BASE62_BODY = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
+_BASE62_BODY: Final = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
 # A key body standing alone (its prefix cut off), for redaction.
-_BODY_IN_TEXT = re.compile(rf"(?<![0-9A-Za-z])[0-9A-Za-z]{{{BODY_LENGTH}}}(?![0-9A-Za-z])")
+_BODY_IN_TEXT: Final = re.compile(rf"(?<![0-9A-Za-z])[0-9A-Za-z]{{{BODY_LENGTH}}}(?![0-9A-Za-z])")
 # How much of a key past its id makes text key-shaped for redaction: most of the secret.
-REDACT_TAIL = 28
-_KEY_ID = re.compile(r"[a-z][a-z0-9_]{0,15}[0-9A-Za-z]{%d}" % ID_LENGTH)
+REDACT_TAIL: Final = 28
+_KEY_ID: Final = re.compile(r"[a-z][a-z0-9_]{0,15}[0-9A-Za-z]{%d}" % ID_LENGTH)
 
 
 class MalformedKey(ValueError):
@@ -62,8 +63,8 @@ class ParsedKey:
 
 
 # Every two-digit base62 number, so a checksum is three lookups rather than six divisions.
-_BASE62_PAIRS = tuple(a + b for a in BASE62 for b in BASE62)
-_PAIR = len(_BASE62_PAIRS)  # 62 ** 2
+_BASE62_PAIRS: Final = tuple(a + b for a in BASE62 for b in BASE62)
+_PAIR: Final = len(_BASE62_PAIRS)  # 62 ** 2
 
 
 def random_base62(length: int) -> str:

@@ -24,12 +24,12 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from itertools import chain, islice
-from typing import Protocol
+from typing import Final, Protocol
 
 from .models import CanaryUse, RequestRecord
 
 # Rows per store call: keeps each statement and transaction a sensible size.
-CHUNK_SIZE = 1000
+CHUNK_SIZE: Final = 1000
 
 
 class RecordSink(Protocol):

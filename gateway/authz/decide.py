@@ -21,7 +21,7 @@ listener's own answer, byte for byte, so clients cannot tell the modes apart.
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from multidict import CIMultiDictProxy
 
@@ -39,12 +39,12 @@ from ..process.log_format import REQUEST_ID
 
 # Envoy's HTTP ext_authz removes the headers this names from the upstream request (the key, unless the
 # route passes it); nginx, Traefik and Caddy strip it by copying the answer's (absent) Authorization.
-_STRIP_KEY = b"X-Envoy-Auth-Headers-To-Remove: authorization\r\n"
-_ALLOWED = Outcome.ALLOWED
+_STRIP_KEY: Final = b"X-Envoy-Auth-Headers-To-Remove: authorization\r\n"
+_ALLOWED: Final = Outcome.ALLOWED
 
 
-_METHODS = ("X-Original-Method", "X-Forwarded-Method")
-_TARGETS = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
+_METHODS: Final = ("X-Original-Method", "X-Forwarded-Method")
+_TARGETS: Final = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
 
 
 def original_request(request: Request, trusted: bool) -> tuple[str, str]:

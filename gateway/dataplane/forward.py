@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from typing import Any
+from typing import Any, Final
 
 from multidict import CIMultiDictProxy
 
@@ -32,37 +32,37 @@ from .sweeper import Sweeper
 from .upstream_pool import BadResponse, ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
     UpstreamError
 
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 # Headers we set ourselves (or that the server already acted on: Expect).
 # SECURITY: Content-Length too: the framing that goes upstream is always ours, so no client header
 # (not even one named in Connection, which drops it) can leave a body unframed.
-_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect",
-                       "content-length"})
-VIA = "1.1 keygate"
+_REPLACED: Final = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+                              "expect", "content-length"})
+VIA: Final = "1.1 keygate"
 
 # Connection values that name no header beyond the hop-by-hop ones: by far the most common.
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
 
 # SECURITY: an upstream that honours these runs another method than the one the key was checked for.
-METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+METHOD_OVERRIDES: Final = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 # SECURITY: forwarding headers Keygate does not set itself (it sets X-Forwarded-For/-Proto/-Host):
 # from a client that is not a trusted proxy they are forgeries an upstream might believe (for the
 # client's address, the original path or method, the scheme).
-_UNTRUSTED_FORWARDING = frozenset({
+_UNTRUSTED_FORWARDING: Final = frozenset({
     "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip",
     "x-original-uri", "x-original-method", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-prefix",
     "x-forwarded-method", "x-forwarded-port", "x-forwarded-scheme", "x-forwarded-ssl", "x-forwarded-server",
 })
 # SECURITY: IIS and Symfony route by these instead of the request line: a key judged for one path
 # would run another. Keygate judged the path, so they never go upstream.
-_PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+_PATH_OVERRIDES: Final = frozenset({"x-original-url", "x-rewrite-url"})
 
 # Every combination of what an upstream request drops, built once rather than per request.
 # (A WebSocket handshake keeps its Sec-WebSocket-* headers: the tunnel relays the upstream's answer to them.)
-_DROPPED: dict[tuple[bool, bool, bool], frozenset[str]] = {
+_DROPPED: Final[dict[tuple[bool, bool, bool], frozenset[str]]] = {
     (pass_credentials, pass_method_override, peer_trusted):
         HOP_BY_HOP | _REPLACED | _PATH_OVERRIDES
         | (frozenset() if pass_credentials else frozenset({"authorization"}))
@@ -73,15 +73,15 @@ _DROPPED: dict[tuple[bool, bool, bool], frozenset[str]] = {
 
 # Methods sent without a Content-Length when they carry no body; others get "Content-Length: 0"
 # (an upstream may otherwise wait for a body, or answer 411).
-_NO_LENGTH_NEEDED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+_NO_LENGTH_NEEDED: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
 # Retried once on a pooled connection that turned out closed (RFC 9112 section 9.3.1.1).
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
+_HOP_BY_HOP_BYTES: Final = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
 # Response headers Keygate sets itself on an allowed answer: the upstream's own are replaced.
-_ANSWERED = frozenset({b"x-request-id", b"ratelimit", b"ratelimit-policy", DEGRADED_HEADER.lower().encode()})
-_VIA_LINE = f"Via: {VIA}\r\n".encode()
-_PLAIN_CONNECTION_BYTES = frozenset(value.encode() for value in _PLAIN_CONNECTION)
+_ANSWERED: Final = frozenset({b"x-request-id", b"ratelimit", b"ratelimit-policy", DEGRADED_HEADER.lower().encode()})
+_VIA_LINE: Final = f"Via: {VIA}\r\n".encode()
+_PLAIN_CONNECTION_BYTES: Final = frozenset(value.encode() for value in _PLAIN_CONNECTION)
 
 
 def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
@@ -95,11 +95,11 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
 # Header names as a client or an upstream spells them, each judged once per spelling rather than per
 # request (most requests repeat the same few spellings). Only short names are kept, and a full table
 # starts over, so names sent to fill it cost memory for a moment, never more than this bounds.
-_MEMO_NAME = 64  # characters of a name worth remembering
-_MEMO_SIZE = 4096  # spellings remembered per table
+_MEMO_NAME: Final = 64  # characters of a name worth remembering
+_MEMO_SIZE: Final = 4096  # spellings remembered per table
 # A request header name as judged: lower case, "_" read as "-"; every X-Keygate-* name as _IDENTITY.
-_IDENTITY = "x-keygate-"
-_REQUEST_NAMES: dict[str, str] = {}
+_IDENTITY: Final = "x-keygate-"
+_REQUEST_NAMES: Final[dict[str, str]] = {}
 
 
 def _remember(table: dict[Any, Any], name: str | bytes, judged: Any) -> None:
@@ -155,8 +155,10 @@ def upstream_request_headers(
 
 # What happens to a response header: kept, dropped (hop-by-hop, or one Keygate sets), or Connection
 # (dropped, and whatever else it names dropped too).
-_DROP, _KEEP, _CONNECTION = 0, 1, 2
-_RESPONSE_NAMES: dict[bytes, int] = {}
+_DROP: Final = 0
+_KEEP: Final = 1
+_CONNECTION: Final = 2
+_RESPONSE_NAMES: Final[dict[bytes, int]] = {}
 
 
 def _response_name(name: bytes) -> int:

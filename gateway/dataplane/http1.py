@@ -37,7 +37,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -47,31 +47,31 @@ from .sweeper import Sweeper
 
 log = logging.getLogger("keygate.http")
 
-MAX_TARGET = 8192  # bytes of the request target
-MAX_FIELD = 8190  # bytes of one header's name plus value
-MAX_HEADERS = 128  # header lines; more is 431
-KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection waits for its next request (nginx's default)
-LINGER = 2.0  # seconds a refused connection still drains what the client sends, so the answer is not reset
+MAX_TARGET: Final = 8192  # bytes of the request target
+MAX_FIELD: Final = 8190  # bytes of one header's name plus value
+MAX_HEADERS: Final = 128  # header lines; more is 431
+KEEPALIVE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection waits for its next request (nginx's default)
+LINGER: Final = 2.0  # seconds a refused connection still drains what the client sends, so the answer is not reset
 # Request body bytes buffered before reading from the client pauses, and the level at which it resumes.
-BODY_HIGH = 256 * 1024
-BODY_LOW = 64 * 1024
+BODY_HIGH: Final = 256 * 1024
+BODY_LOW: Final = 64 * 1024
 
-_INF = float("inf")
-_HANDLER_TASK = "keygate-requests"  # the name of every connection's task that runs the handler
+_INF: Final = float("inf")
+_HANDLER_TASK: Final = "keygate-requests"  # the name of every connection's task that runs the handler
 
 # Why reading from a connection is paused: reading resumes only once none is left.
-_PAUSE_BODY = 1  # the handler has not taken enough of the body yet
-_PAUSE_QUEUE = 2  # a pipelined request waits for the one before it to be answered
-_PAUSE_TUNNEL = 4  # the tunnel's other side cannot take more
-_PAUSE_WRITE = 8  # the client is not taking its answers: no more requests are read (nor answered) meanwhile
+_PAUSE_BODY: Final = 1  # the handler has not taken enough of the body yet
+_PAUSE_QUEUE: Final = 2  # a pipelined request waits for the one before it to be answered
+_PAUSE_TUNNEL: Final = 4  # the tunnel's other side cannot take more
+_PAUSE_WRITE: Final = 8  # the client is not taking its answers: no more requests are read (nor answered) meanwhile
 
 # Connection states, for the deadline that applies.
-_HEAD = 0  # a request line and headers are arriving (or the connection just opened)
-_BODY = 1  # a request's head is complete; its body (if any) is read under the body's own deadline
-_IDLE = 2  # between requests
-_TUNNEL = 3  # bytes are relayed; the tunnel keeps its own deadline
+_HEAD: Final = 0  # a request line and headers are arriving (or the connection just opened)
+_BODY: Final = 1  # a request's head is complete; its body (if any) is read under the body's own deadline
+_IDLE: Final = 2  # between requests
+_TUNNEL: Final = 3  # bytes are relayed; the tunnel keeps its own deadline
 
-_REASONS = {
+_REASONS: Final = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
     206: "Partial Content", 301: "Moved Permanently", 302: "Found", 304: "Not Modified",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -81,7 +81,7 @@ _REASONS = {
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
-_ERRORS = {
+_ERRORS: Final = {
     400: ("invalid_request", "The request is not well-formed HTTP."),
     408: ("request_timeout", "The request line and headers did not arrive in time."),
     414: ("uri_too_long", f"The request target is longer than {MAX_TARGET} bytes."),
@@ -91,16 +91,16 @@ _ERRORS = {
     505: ("http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are served here."),
 }
 # Parsed requests that are never forwarded: Keygate serves one API by path, it is no forward proxy or tunnel.
-_NOT_ORIGIN_FORM = ("invalid_request",
+_NOT_ORIGIN_FORM: Final = ("invalid_request",
                     'Only requests for a path starting with "/" are served; CONNECT, absolute-form and '
                     "OPTIONS * requests are not.")
-_FRAMING_10 = ("invalid_request", "An HTTP/1.0 request cannot carry a Transfer-Encoding.")
-_FRAMING = ("invalid_request", 'A Transfer-Encoding must end with "chunked", once.')
-_METHOD = ("not_implemented", "The request method is not one Keygate recognises.")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_HOST = ("invalid_request", "An HTTP/1.1 request needs exactly one valid Host header.")
+_FRAMING_10: Final = ("invalid_request", "An HTTP/1.0 request cannot carry a Transfer-Encoding.")
+_FRAMING: Final = ("invalid_request", 'A Transfer-Encoding must end with "chunked", once.')
+_METHOD: Final = ("not_implemented", "The request method is not one Keygate recognises.")
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_HOST: Final = ("invalid_request", "An HTTP/1.1 request needs exactly one valid Host header.")
 # RFC 9110 section 7.2 / RFC 3986: an IP-literal or a reg-name (no spaces, no userinfo), then an optional port.
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
 def reason_of(status: int) -> str:

@@ -6,10 +6,10 @@ scrape time (and, with several workers, sums every worker's).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 # Seconds. Proxy overhead is sub-millisecond; upstream calls take up to the timeouts.
-BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+BUCKETS: Final[tuple[float, ...]] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                               10.0, 30.0, 60.0)
 
 

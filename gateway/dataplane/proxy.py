@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from ..models import RequestRecord, new_tuple
 from ..process.log_format import REQUEST_ID
@@ -39,17 +39,17 @@ log = logging.getLogger("keygate.proxy")
 
 # Keygate's own endpoints (/.well-known/keygate and below it: discovery, the identity exchange, whoami,
 # self-revocation): never forwarded.
-WELL_KNOWN = "/.well-known/keygate"
-_WELL_KNOWN_NEXT = frozenset("/?")
-_WELL_KNOWN_LENGTH = len(WELL_KNOWN)
-CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-request
-_ALLOWED = Outcome.ALLOWED
+WELL_KNOWN: Final = "/.well-known/keygate"
+_WELL_KNOWN_NEXT: Final = frozenset("/?")
+_WELL_KNOWN_LENGTH: Final = len(WELL_KNOWN)
+CLIENT_CLOSED: Final = 499  # recorded (never sent) when the client went away mid-request
+_ALLOWED: Final = Outcome.ALLOWED
 # Counted requests: one row of ints per upstream (by name; "" for a request refused before routing),
 # one cell per outcome and status class (index status // 100; 0 for a status outside 100-599).
-OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
-STATUS_CLASSES = 6
-_CELL_OF = {outcome: i * STATUS_CLASSES for i, outcome in enumerate(OUTCOMES)}
-_ROW = len(OUTCOMES) * STATUS_CLASSES
+OUTCOMES: Final[tuple[Outcome, ...]] = tuple(Outcome)
+STATUS_CLASSES: Final = 6
+_CELL_OF: Final = {outcome: i * STATUS_CLASSES for i, outcome in enumerate(OUTCOMES)}
+_ROW: Final = len(OUTCOMES) * STATUS_CLASSES
 
 
 class Gateway:

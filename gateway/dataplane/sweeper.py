@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
-RESOLUTION = 0.1  # seconds
+RESOLUTION: Final = 0.1  # seconds
 
 
 class Watched(Protocol):

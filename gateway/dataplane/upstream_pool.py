@@ -24,21 +24,21 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit
 
 import httptools
 
 from .sweeper import Sweeper
 
-DNS_TTL = 10.0  # seconds an upstream host's addresses are reused
-MAX_IDLE = 512  # idle connections kept per upstream; more are closed
-BODY_HIGH = 256 * 1024  # response bytes buffered before reading from the upstream pauses
-BODY_LOW = 64 * 1024
-MAX_FIELD = 64 * 1024  # one response header line; more is a bad response
-MAX_HEAD = 256 * 1024  # a whole response head
+DNS_TTL: Final = 10.0  # seconds an upstream host's addresses are reused
+MAX_IDLE: Final = 512  # idle connections kept per upstream; more are closed
+BODY_HIGH: Final = 256 * 1024  # response bytes buffered before reading from the upstream pauses
+BODY_LOW: Final = 64 * 1024
+MAX_FIELD: Final = 64 * 1024  # one response header line; more is a bad response
+MAX_HEAD: Final = 256 * 1024  # a whole response head
 
-_INF = float("inf")
+_INF: Final = float("inf")
 
 
 class UpstreamError(Exception):

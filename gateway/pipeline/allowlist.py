@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Final
 
 from .client_ip import IPAddress, parse_network
 from .outcomes import Denied, Outcome
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-MEMO_SIZE = 1024  # client addresses remembered per key
+MEMO_SIZE: Final = 1024  # client addresses remembered per key
 
 
 def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:

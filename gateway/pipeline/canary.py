@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Final
 
 from multidict import CIMultiDictProxy
 
@@ -27,7 +28,7 @@ from .outcomes import Denied, Outcome
 from .prepared import PreparedKey
 
 # The most of a path or user agent kept with an alarm: enough to read, not a way to fill the store.
-MAX_TEXT = 512
+MAX_TEXT: Final = 512
 
 CanaryAlarm = Callable[[CanaryUse], None]
 

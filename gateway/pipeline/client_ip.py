@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import Final
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -49,7 +50,7 @@ def _peer_and_text(peer: str) -> tuple[IPAddress | None, str | None]:
     return ip, (address_text(ip) if ip is not None else None)
 
 
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

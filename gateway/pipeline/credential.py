@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from multidict import CIMultiDictProxy
 
@@ -16,7 +16,7 @@ from ..keys import MalformedKey, ParsedKey
 from .outcomes import Denied, Outcome
 
 # RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
-_BEARER = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
+_BEARER: Final = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
 
 
 class ParsesKeys(Protocol):

@@ -36,10 +36,11 @@ import math
 import time
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Final
 
 # How much of an address is one network: what one customer, NAT or attacker usually holds.
-IPV4_NETWORK = 24
-IPV6_NETWORK = 56
+IPV4_NETWORK: Final = 24
+IPV6_NETWORK: Final = 56
 
 
 @lru_cache(maxsize=4096)

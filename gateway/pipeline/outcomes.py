@@ -8,6 +8,7 @@ goes wrong (store down, bug) is a system fault with its own answer.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 
 class Outcome(StrEnum):
@@ -45,12 +46,12 @@ class Denied(Exception):
 
 
 # How /metrics groups outcomes: let through, refused, or failed on our side or upstream.
-_FAILED = frozenset({
+_FAILED: Final = frozenset({
     Outcome.STORE_UNAVAILABLE, Outcome.VERIFICATION_BUSY, Outcome.UPSTREAM_UNAVAILABLE, Outcome.UPSTREAM_TIMEOUT,
     Outcome.INTERNAL_ERROR,
 })
 # Outcomes only a request that passed the rate-limit stage can have (the forward stage's).
-PAST_RATE_LIMIT = frozenset({
+PAST_RATE_LIMIT: Final = frozenset({
     Outcome.ALLOWED, Outcome.BODY_TOO_LARGE, Outcome.CLIENT_TIMEOUT, Outcome.UPSTREAM_UNAVAILABLE,
     Outcome.UPSTREAM_TIMEOUT, Outcome.INVALID_UPGRADE, Outcome.INVALID_BODY,
 })

@@ -17,7 +17,7 @@ from math import ceil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from ..config.ratelimit_spec import RateLimitSpec
 from ..models import new_tuple
@@ -26,9 +26,9 @@ from .outcomes import Denied, Outcome
 # Float arithmetic can land a hair below a whole token (0.6 s of 100/minute
 # is 0.99999... tokens); without the slack such a request would be refused
 # and a wait of exactly 1 s would round up to 2.
-_EPSILON = 1e-9
-DEGRADED_HEADER = "X-Keygate-RateLimit-Degraded"
-_DEGRADED_LINE = f"{DEGRADED_HEADER}: 1\r\n".encode()
+_EPSILON: Final = 1e-9
+DEGRADED_HEADER: Final = "X-Keygate-RateLimit-Degraded"
+_DEGRADED_LINE: Final = f"{DEGRADED_HEADER}: 1\r\n".encode()
 
 
 class RateLimitDecision(NamedTuple):

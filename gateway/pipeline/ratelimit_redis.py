@@ -38,7 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError, RedisError
 
@@ -52,7 +52,7 @@ log = logging.getLogger("keygate.ratelimit")
 
 # KEYS: the bucket. ARGV: capacity, refill per second, tokens wanted, tokens returned.
 # Returns {tokens granted, tokens left (as text: Lua numbers become integers in replies)}.
-TAKE_SCRIPT = """
+TAKE_SCRIPT: Final = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local capacity = tonumber(ARGV[1])
@@ -166,7 +166,7 @@ class Fallback:
 
 # Lean batches out at once: what is asked for meanwhile waits for the next reply and goes out then, as one.
 # The wait counts against redis.timeout (it runs from a call's asking, not its sending).
-MAX_IN_FLIGHT = 1
+MAX_IN_FLIGHT: Final = 1
 
 
 class SharedBuckets:

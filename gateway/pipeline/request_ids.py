@@ -12,14 +12,14 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from ..keys import BODY_LENGTH
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # SECURITY: a run of letters and digits as long as a key's body may be a key (or one without its
 # prefix) sent as the id by mistake; the id is logged, sent upstream and answered, so it is not used.
-_KEY_SIZED = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
+_KEY_SIZED: Final = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
 
 
 class RequestIds:

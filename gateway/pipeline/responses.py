@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from .outcomes import Outcome
 
-REALM = 'Bearer realm="keygate"'
-JSON = "application/json; charset=utf-8"
+REALM: Final = 'Bearer realm="keygate"'
+JSON: Final = "application/json; charset=utf-8"
 
 # outcome -> (status, error code, description, WWW-Authenticate)
-_ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
+_ANSWERS: Final[dict[Outcome, tuple[int, str, str, str | None]]] = {
     Outcome.NO_CREDENTIALS: (401, "unauthorized", "Send an API key: Authorization: Bearer <key>.", REALM),
     Outcome.INVALID_REQUEST: (
         400, "invalid_request", "Send exactly one Authorization header of the form 'Bearer <key>'.",
@@ -64,9 +64,9 @@ _ANSWERS: dict[Outcome, tuple[int, str, str, str | None]] = {
     Outcome.INTERNAL_ERROR: (500, "internal_error", "Keygate failed to handle this request.", None),
 }
 
-STORE_RETRY_AFTER = 5
+STORE_RETRY_AFTER: Final = 5
 # A shed verification is worth retrying as soon as the queue drains.
-BUSY_RETRY_AFTER = 1
+BUSY_RETRY_AFTER: Final = 1
 
 
 def answer_of(outcome: Outcome) -> tuple[int, str, str, str | None]:

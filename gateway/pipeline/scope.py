@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from ..config.routes import SERVER_PLACEHOLDER, path_segments, route_operation, route_path
 from .outcomes import Denied, Outcome
@@ -25,15 +25,15 @@ from .outcomes import Denied, Outcome
 # their field annotations when the module loads.
 from ..config.schema import RouteSettings, UpstreamSettings
 
-ADMIN_SERVER = "admin"
+ADMIN_SERVER: Final = "admin"
 # The admin API's operation for managing one's own per-user keys: the one operation an
 # agent key may perform on the server admin without being given that server (see check_scope).
-KEYS_SELF = "keys:self"
+KEYS_SELF: Final = "keys:self"
 # Operations that name a part of a broader one: ``keys:write:automation`` is the part of
 # ``keys:write`` for keys of the kind automation, so a grant of ``keys:write`` covers every
 # kind while ``keys:write:automation`` covers that kind alone.
-_PART_OF = ("keys:write:",)
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PART_OF: Final = ("keys:write:",)
+READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # SECURITY: a segment's value goes into the operation only when it is made of RFC 3986
 # unreserved characters (letters, digits, "-._~"); any other path is refused (400). Grants
 # read ":" as the separator their wildcards anchor on and "*" as a wildcard, so a value
@@ -45,7 +45,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # letters, digits, ":_.-") could name an escaped value anyway. Letter case is kept: grants
 # are lower case, so "GHCR-Prod" is matched only by a wildcard covering it, never by the
 # exact grant for "ghcr-prod", which a case-sensitive upstream reads as another resource.
-_OPERATION_VALUE = re.compile(r"[A-Za-z0-9._~-]+")
+_OPERATION_VALUE: Final = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 class GrantSet:

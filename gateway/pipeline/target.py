@@ -32,20 +32,20 @@ The query is neither matched nor changed.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Final, Literal, NamedTuple
 
 from .outcomes import Denied, Outcome
 
 EncodedSlashes = Literal["reject", "pass"]
 PathParameters = Literal["reject", "strip"]
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # What may stand unescaped in a segment (RFC 3986 pchar; ";" is handled before this).
-_RAW_OK = _UNRESERVED | frozenset("!$&'()*+,=:@")
-_HEX = frozenset("0123456789ABCDEFabcdef")
-_ENCODED_SLASH = re.compile("%2F|%5C")  # canonical escapes are upper-case
+_RAW_OK: Final = _UNRESERVED | frozenset("!$&'()*+,=:@")
+_HEX: Final = frozenset("0123456789ABCDEFabcdef")
+_ENCODED_SLASH: Final = re.compile("%2F|%5C")  # canonical escapes are upper-case
 # A path that is canonical as it stands, when it also has no "//" and no "/." (no empty or dot segment).
-_PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+_PLAIN: Final = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 
 
 class RequestTarget(NamedTuple):

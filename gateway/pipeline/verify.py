@@ -20,13 +20,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Final, Protocol
 
 from .outcomes import Denied, Outcome
 
 
 # How much lower than the event loop's the verification threads' CPU priority is (nice, Linux).
-THREAD_NICENESS = 10
+THREAD_NICENESS: Final = 10
 
 
 def _lower_priority() -> None:

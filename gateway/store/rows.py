@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from ..models import RequestRecord
 
-SQLITE_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+SQLITE_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 # The second the last time written fell in: (its start, its end, its text up to the microseconds,
 # "YYYY-MM-DDTHH:MM:SS."). One tuple, replaced whole, so threads that share it never see half of one.
-_ONE_SECOND = timedelta(seconds=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_SECOND: Final = timedelta(seconds=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _last_second: tuple[datetime, datetime, str] = (_EPOCH, _EPOCH, "")
-_MICROSECONDS = tuple(f"{n:03d}" for n in range(1000))
+_MICROSECONDS: Final = tuple(f"{n:03d}" for n in range(1000))
 
 # RequestRecord's fields that are columns, in the columns' order: all but its id (the store's to assign).
-REQUEST_RECORD_COLUMNS = 11
+REQUEST_RECORD_COLUMNS: Final = 11
 
 
 def sqlite_time_in(value: datetime | None) -> str | None:

@@ -8,6 +8,7 @@ them never grow them past their size, and long names are never kept).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -81,9 +82,22 @@ def test_response_headers_sent_back(headers: list[tuple[bytes, bytes]], block: b
     assert response_header_block(headers, ANSWER) == block + VIA + ANSWER
 
 
-def test_remembered_spellings_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forward, "_REQUEST_NAMES", {})
-    monkeypatch.setattr(forward, "_RESPONSE_NAMES", {})
+@pytest.fixture
+def empty_memos() -> Iterator[None]:
+    """The remembered spellings, emptied for a test and given back after it: emptied in place, as the
+    compiled build reads them (Final: the module attribute is not looked up again, a replacement unseen)."""
+    saved = dict(forward._REQUEST_NAMES), dict(forward._RESPONSE_NAMES)
+    forward._REQUEST_NAMES.clear()
+    forward._RESPONSE_NAMES.clear()
+    yield
+    forward._REQUEST_NAMES.clear()
+    forward._RESPONSE_NAMES.clear()
+    forward._REQUEST_NAMES.update(saved[0])
+    forward._RESPONSE_NAMES.update(saved[1])
+
+
+@pytest.mark.usefixtures("empty_memos")
+def test_remembered_spellings_stay_bounded() -> None:
     size = forward._MEMO_SIZE
     for i in range(size * 2 + 3):
         _upstream([(f"X-Filler-{i}", "1")])
