@@ -208,10 +208,11 @@ class UpstreamConnection(asyncio.Protocol):
         headers = self._headers
         response = self._response = Response(status, self._reason, headers)
         for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
+            # By length first: a name of another length is neither, and most are (no lower() for those).
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
                 response.length = int(value)
-            elif lower == b"transfer-encoding":
+            elif size == 17 and name.lower() == b"transfer-encoding":
                 response.chunked = value.strip().lower().endswith(b"chunked")
         response.declared = response.length
         response.keep_alive = self.parser.should_keep_alive()
