@@ -11,7 +11,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.keys import generate
+from gateway.models import RequestRecord
+from gateway.pipeline.ratelimit import RateLimitDecision, bucket_decision
 from gateway.runtime import Runtime, runtime
 from gateway.config.schema import Settings
 from gateway.quickstart import demo_app
@@ -153,3 +156,43 @@ async def test_failure_and_argon2_settings_reach_the_lookup(store_url: str) -> N
         assert failures.window == 90 and failures.clean_budget.interval == failures.suspect_budget.interval == 2.0
         assert (lookup.verifier.concurrency, lookup.verifier.queue) == (3, 7)
         assert lookup.pace > 0  # one throwaway verification at start
+
+
+async def test_the_proxys_request_records_have_every_field(store_url: str) -> None:
+    """The proxy builds its records and rate-limit decisions field by field (tuple.__new__, which mypy
+    does not check against the NamedTuple): each has every field, in order, as the constructor makes it."""
+    upstream = TestServer(demo_app())
+    await upstream.start_server()
+    settings = Settings.model_validate({
+        "store": {"url": store_url}, "keys": {"argon2": {"memory_cost": 1024}},
+        "upstreams": [{"name": "app", "url": str(upstream.make_url("/"))}],
+        "recorder": {"flush_interval": "1h"},  # nothing written (and taken from the buffer) during the test
+    })
+    await migrated(store_url)
+    try:
+        async with runtime(settings) as runtime_, serving(runtime_) as url:
+            _, key = await KeyService(runtime_.store, runtime_.settings, actor="test").create_key(
+                name="ci", role="admin")
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url + "/hello", headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+                    assert r.headers["RateLimit"].startswith('"key";r=')
+                async with http.get(url + "/hello") as r:
+                    assert r.status == 401
+            allowed, refused = list(runtime_.recorder._requests)
+            for record in (allowed, refused):
+                assert len(record) == len(RequestRecord._fields)
+                assert record == RequestRecord(*record[:-1]) and record.id == 0
+            assert (allowed.method, allowed.path, allowed.decision, allowed.status, allowed.reason) == (
+                "GET", "/hello", "allowed", 200, None)
+            assert (refused.key_id, refused.decision, refused.status) == (None, "no_credentials", 401)
+    finally:
+        await upstream.close()
+
+
+def test_a_rate_limit_decision_has_every_field() -> None:
+    spec = parse_rate_limit("100/minute")
+    for allowed in (True, False):
+        decision = bucket_decision(allowed, spec, 50.0 if allowed else 0.5)
+        assert len(decision) == len(RateLimitDecision._fields)
+        assert decision == RateLimitDecision(*decision) and decision.degraded is False
