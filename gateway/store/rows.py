@@ -55,12 +55,7 @@ def request_record_values(records: Sequence[RequestRecord], time_in: Callable[[d
     """The records' column values, row after row in one flat list (see Connection.insert_many), each
     record's time as ``time_in`` makes it (the dialect's), the other ten as they are."""
     values: list[Any] = []
-    if time_in is sqlite_time_in:  # a direct call: through the Callable it is a call from Python's side
-        for record in records:
-            values.append(sqlite_time_in(record[0]))
-            values.extend(record[1:REQUEST_RECORD_COLUMNS])
-    else:
-        for record in records:
-            values.append(time_in(record[0]))
-            values.extend(record[1:REQUEST_RECORD_COLUMNS])
+    for record in records:
+        values.append(time_in(record[0]))
+        values.extend(record[1:REQUEST_RECORD_COLUMNS])
     return values
