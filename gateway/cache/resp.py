@@ -271,8 +271,9 @@ class RespClient:
                     _, connection = await loop.create_unix_connection(self._new_connection, self._path)
                 else:
                     tls: ssl.SSLContext | None = self._tls.get() if self._tls is not None else None
+                    # (redis-py's TCP connection always has both: its defaults are localhost and 6379.)
                     transport, connection = await loop.create_connection(
-                        self._new_connection, self._host, self._port, ssl=tls)
+                        self._new_connection, cast(str, self._host), cast(int, self._port), ssl=tls)
                     self._set_keepalive(transport)
                 self.connects += 1
                 if self._setup:

@@ -196,6 +196,8 @@ class SharedBuckets:
         self._prefix, self._suffix = (part.encode() for part in self.name("\0").split("\0"))
         # Capacity and refill rate as sent, per spec: one entry per distinct limit in use.
         self._spec_args: dict[RateLimitSpec, bytes] = {}
+        self._last_spec: RateLimitSpec | None = None  # the spec of the last call encoded, and its entry
+        self._last_args = b""
         # The script runs asked for since the last batch went out.
         self._queue: Batch = []
         # The queue's runs of the exact policy by key id: a caller asking for the same key joins its run.
@@ -213,7 +215,9 @@ class SharedBuckets:
 
     async def take(self, key_id: str, spec: RateLimitSpec, want: int, give_back: int = 0) -> tuple[int, float]:
         """Tokens granted (0..want) and tokens left; raises :class:`RedisUnavailable`."""
-        self.link.require_up()
+        link = self.link
+        if not link.up:  # (RedisLink is not compiled: its method only when it raises, not per request)
+            link.require_up()
         # Not asyncio.get_running_loop() per call: on Python 3.11 each is a getpid() system call, and
         # that one cost about a twentieth of a request's CPU on this policy (py-spy, bench.py kg_redis).
         loop = self._loop
@@ -239,10 +243,16 @@ class SharedBuckets:
         """``EVALSHA <sha> 1 <bucket> <capacity> <refill per second> <want> <give back>``, as RESP."""
         name = self._prefix + call.key_id.encode() + self._suffix
         spec = call.spec
-        args = self._spec_args.get(spec)
-        if args is None:
-            # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.
-            args = self._spec_args[spec] = bulk(encode(spec.capacity)) + bulk(encode(spec.refill_per_second))
+        if spec is self._last_spec:
+            args = self._last_args
+        else:
+            # By equality once per change of spec (a spec's hash is its dataclass's, run interpreted).
+            found = self._spec_args.get(spec)
+            if found is None:
+                # Numbers encoded as redis-py encodes them (their repr), so the script reads the same text.
+                found = self._spec_args[spec] = bulk(encode(spec.capacity)) + bulk(encode(spec.refill_per_second))
+            args = self._last_args = found
+            self._last_spec = spec
         return b"%s$%d\r\n%s\r\n%s%s%s" % (
             self._evalsha, len(name), name, args, bulk(b"%d" % call.want), bulk(b"%d" % call.give_back))
 

@@ -156,6 +156,22 @@ async def test_on_backend_error_decides_when_redis_is_dead(
         await link.close()
 
 
+async def test_while_the_circuit_is_open_decisions_are_the_fallbacks_at_once(own_redis: RedisServer) -> None:
+    """Once a failure opened the circuit, each decision is the fallback's without trying Redis: no round
+    trip is attempted (none waited for), and each counts as a call refused while Redis is down."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5))
+    try:
+        limiter = exact(link, "deny")
+        own_redis.kill()
+        assert (await limiter.take(KEY, HOURLY)).degraded and not link.up  # this one found Redis gone
+        round_trips, failures = limiter.shared.round_trips, link.failures
+        decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
+        assert [(d.allowed, d.degraded) for d in decisions] == [(False, True)] * 3
+        assert limiter.shared.round_trips == round_trips and link.failures == failures + 3
+    finally:
+        await link.close()
+
+
 async def test_local_first_falls_back_when_redis_is_dead(own_redis: RedisServer) -> None:
     """A local-first process without a lease and without Redis decides per on_backend_error."""
     link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5))
