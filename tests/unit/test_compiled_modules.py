@@ -65,8 +65,8 @@ def test_the_hook_compiles_the_request_path() -> None:
     names = {path.relative_to(ROOT).as_posix() for path in compiled_modules()}
     assert {"gateway/dataplane/http1.py", "gateway/dataplane/forward.py", "gateway/pipeline/authenticate.py",
             "gateway/dataplane/proxy.py"} <= names
-    # the cache MAC and redaction; stage 9's buffers and the rows their flush writes
-    assert {"gateway/keys.py", "gateway/recorder.py", "gateway/store/rows.py"} <= names
+    # the cache MAC and redaction; stage 9's buffers and the rows their flush writes; the redis policy's connection
+    assert {"gateway/keys.py", "gateway/recorder.py", "gateway/store/rows.py", "gateway/cache/resp.py"} <= names
     assert "gateway/pipeline/lookup.py" not in names and "gateway/dataplane/client_gone.py" not in names
 
 
