@@ -20,9 +20,11 @@ before any store or argon2 work, and each such 429 counts as a failure of
 its address. So a proven key is never refused for others' failures, and
 an unproven one only competes with guesses from clean addresses.
 
-Every ``invalid_token`` refusal is held until about as long after the
-request began as a verification takes (:meth:`KeyLookup.delay_refusal`), so
-the answer's timing does not tell an unknown id from a wrong secret; a
+Every ``invalid_token`` refusal is held until as long after the request
+began as nearly every verification takes -- their running mean plus four
+mean deviations, as TCP sets its retransmission timer from round trips
+(RFC 6298) -- (:meth:`KeyLookup.delay_refusal`), so the answer's timing
+does not tell an unknown id from a wrong secret, on a busy machine too; a
 throttled guess is held 1 s, so a flood of them gets few answers and
 leaves the event loop to the keys it serves.
 """
@@ -52,8 +54,14 @@ MAX_REFUSAL_DELAY = 1.0
 # A throttled guess is answered this long after it arrived: the shortest Retry-After a 429 can carry
 # (whole seconds), so the wait never contradicts it.
 THROTTLED_HOLD = 1.0
-# Weight of the newest verification in the running average of their durations.
-PACE_WEIGHT = 0.1
+# Weights of the newest verification in the running mean of their durations and in the running
+# mean of its deviations (RFC 6298's alpha and beta), and how many deviations the hold adds to the
+# mean (its K): a wrong secret is answered when its verification ends or the hold does, whichever
+# is later, so the hold must outlast nearly every verification, or on a machine whose verification
+# times vary (a busy one) wrong secrets would be answered later than unknown ids, on average.
+PACE_WEIGHT = 0.125
+DEVIATION_WEIGHT = 0.25
+DEVIATIONS = 4
 # Suspicion levels of a miss (0: none): only its key id is over its limit, or its address or network is.
 CLEAN, SUSPECT = 1, 2
 
@@ -77,8 +85,11 @@ class KeyLookup:
         self._inflight: dict[tuple[str, int], asyncio.Future[PreparedKey | None]] = {}
         # key id -> digest of the one text argon2 accepted for it, oldest first; bounded like the cache.
         self._proven: dict[str, str] = {}
-        # Running average of how long a verified miss takes (store read + argon2), in seconds.
+        # How long an invalid_token refusal is held, in seconds: the running mean of how long a
+        # verified miss takes (store read + argon2) plus DEVIATIONS running mean deviations.
         self.pace = 0.0
+        self._mean = 0.0
+        self._deviation = 0.0
         self.verifications = 0
         self.store_reads = 0
         self.proven_hits = 0  # misses that skipped argon2 because the text was proven before
@@ -106,7 +117,7 @@ class KeyLookup:
 
     async def calibrate(self) -> None:
         """Seed :attr:`pace` with one throwaway verification, so refusals are paced from the first request."""
-        self.pace = await self.verifier.calibrate()
+        self._observe(await self.verifier.calibrate())
 
     @property
     def shed(self) -> int:
@@ -116,10 +127,12 @@ class KeyLookup:
     async def delay_refusal(self, denied: Denied, started: float) -> None:
         """Hold a refusal of the lookup or status stage, asleep (no CPU), for :meth:`refusal_delay`.
 
-        SECURITY: ``invalid_token`` is held until ``started`` + a verification's
-        time: an unknown id costs a store read, a wrong secret a store read and
-        argon2, and answered at once the difference tells which ids exist;
-        held, both look alike -- and so do revoked, expired and negatively
+        SECURITY: ``invalid_token`` is held until ``started`` + :attr:`pace`, longer
+        than nearly every verification: an unknown id costs a store read, a wrong
+        secret a store read and argon2, and answered at once the difference
+        tells which ids exist; held, both look alike (a hold only as long as an
+        average verification would leave wrong secrets later whenever theirs
+        ran long) -- and so do revoked, expired and negatively
         cached keys. ``too_many_attempts`` is held 1 s: a client that keeps
         guessing gets one answer per connection per second rather than as
         many as the event loop can make, so a flood cannot take the event
@@ -283,7 +296,12 @@ class KeyLookup:
         self._proven[key_id] = digest
 
     def _observe(self, seconds: float) -> None:
-        self.pace = seconds if self.pace == 0.0 else self.pace + PACE_WEIGHT * (seconds - self.pace)
+        if self._mean == 0.0:
+            self._mean, self._deviation = seconds, seconds / 2  # RFC 6298 2.2: the first measurement
+        else:
+            self._deviation += DEVIATION_WEIGHT * (abs(seconds - self._mean) - self._deviation)
+            self._mean += PACE_WEIGHT * (seconds - self._mean)
+        self.pace = self._mean + DEVIATIONS * self._deviation
 
     async def _read(self, key_id: str) -> KeyFacts | None:
         self.store_reads += 1
