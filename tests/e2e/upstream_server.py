@@ -36,6 +36,13 @@ async def echo(request: web.Request) -> web.Response:
     })
 
 
+async def own_request_id(request: web.Request) -> web.Response:
+    """The echo, answered with a request id of the upstream's own making, as some apps answer."""
+    answer = await echo(request)
+    answer.headers["X-Request-Id"] = "made-by-the-app"
+    return answer
+
+
 async def count(_request: web.Request) -> web.Response:
     return web.json_response({"seen": seen, "completed": completed})
 
@@ -119,6 +126,7 @@ def app() -> web.Application:
     application.router.add_get("/stall", stall)
     application.router.add_get("/gzip", gzip_body)
     application.router.add_get("/ws", websocket)
+    application.router.add_get("/own-request-id", own_request_id)
     application.router.add_route("*", "/{path:.*}", echo)
     return application
 

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -367,6 +368,10 @@ class IngressContract:
     # Whether the client's X-Keygate-* headers besides those Keygate answers are removed, as Keygate's proxy
     # removes them; nginx cannot match header names by prefix, so it replaces the ones Keygate answers only.
     drops_unknown_keygate_headers: ClassVar[bool] = True
+    # Whether an allowed request's answer carries the request id the upstream got, as Keygate's proxy's does
+    # (replacing one the upstream answers); Traefik's forwardAuth has no way to add the auth answer's headers
+    # to the client's, so its answers carry what the upstream answers.
+    answers_request_id_on_success: ClassVar[bool] = True
     # Whether the method and path override headers Keygate's proxy drops are dropped (False: a known gap of
     # that ingress's shipped configuration, shown as an expected failure until it is closed).
 
@@ -419,6 +424,36 @@ class IngressContract:
         assert seen["x-request-id"] == ["req-200-identity"]
         assert "authorization" not in seen
         assert key not in answer.body.decode()
+
+    @pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "refused"])
+    async def test_a_key_sent_as_the_request_id_is_replaced(
+        self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate, allowed: bool,
+    ) -> None:
+        """SECURITY: as Keygate's proxy does, the ingress replaces a key-sized X-Request-Id (a key pasted as
+        the id): it reaches neither the upstream nor the answer, allowed or refused."""
+        _, key = await keygate.key(name=f"pasted-{allowed}", role="admin")
+        headers = {"X-Request-Id": key} | ({"Authorization": f"Bearer {key}"} if allowed else {})
+        answer = await call(client, ingress.url, headers=headers)
+        assert answer.status == (200 if allowed else 401)
+        body = answer.body.decode()
+        assert key not in body and all(key not in value for value in answer.headers.values())
+        if allowed:
+            [sent] = answer.upstream_headers()["x-request-id"]
+            assert sent != key and re.fullmatch(r"[0-9a-f]{32}", sent)  # Keygate's fresh one
+            if self.answers_request_id_on_success:
+                assert answer.headers.getall("X-Request-Id") == [sent]
+        else:
+            assert answer.headers.getall("X-Request-Id") == [answer.json["request_id"]] != [key]
+
+    async def test_an_allowed_answer_names_the_request_id_the_upstream_got(
+        self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
+    ) -> None:
+        """As Keygate's proxy answers: the client's id (or Keygate's), once, in place of one the app answers."""
+        _, key = await keygate.key(name="traced", role="admin")
+        answer = await call(client, ingress.url, "/own-request-id", "GET", {**bearer(key), "X-Request-Id": "trace-1"})
+        assert answer.status == 200 and answer.upstream_headers()["x-request-id"] == ["trace-1"], answer.body
+        expected = ["trace-1"] if self.answers_request_id_on_success else ["made-by-the-app"]
+        assert answer.headers.getall("X-Request-Id") == expected, answer.headers
 
     async def test_client_identity_headers_never_reach_the_upstream(
         self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,

@@ -13,6 +13,8 @@ class TestTraefik(IngressContract):
     unreachable_status = 500
     # ForwardAuth copies auth response headers into the request only (authResponseHeaders), never to the client.
     ratelimit_on_success = False
+    # Nor the request id (the app still gets Keygate's, see authResponseHeaders).
+    answers_request_id_on_success = False
     # ForwardAuth passes any non-2xx answer on: status, headers, body.
     passes_keygate_503 = True
     # GAP (found by the nginx/Caddy work): X-HTTP-Method-Override, X-Original-URI and the like reach the app.
