@@ -91,7 +91,8 @@ def test_invalid_token_is_held_until_a_verification_would_end(
     ([0.010], 0.030),  # one measurement (the calibration): its deviation taken as half of it
     ([0.010] * 60, 0.010),  # steady: the deviations die away
     ([0.010, 0.020], 0.010 + 0.00125 + 4 * (0.005 * 0.75 + 0.010 * 0.25)),
-], ids=["first", "steady", "one-more"])
+    ([0.010, 0.500], 0.010 + 0.030 / 8 + 4 * (0.005 * 0.75 + 0.030 * 0.25)),  # a stall counts as 4 x the mean
+], ids=["first", "steady", "one-more", "stalled"])
 def test_the_hold_is_the_mean_verification_plus_four_deviations(
     lookup: KeyLookup, durations: list[float], pace: float,
 ) -> None:
@@ -99,6 +100,26 @@ def test_the_hold_is_the_mean_verification_plus_four_deviations(
     for seconds in durations:
         lookup._observe(seconds)
     assert lookup.pace == pytest.approx(pace, abs=1e-6)
+
+
+def test_one_stalled_verification_does_not_hold_refusals_for_long(lookup: KeyLookup) -> None:
+    """After a 500 ms stall among 7 ms verifications the hold stays near theirs, and is back within ten."""
+    for _ in range(40):
+        lookup._observe(0.007)
+    lookup._observe(0.500)
+    assert lookup.pace < 0.050
+    for _ in range(10):
+        lookup._observe(0.007)
+    assert lookup.pace < 0.015
+
+
+def test_a_lasting_slowdown_raises_the_hold_within_a_few_verifications(lookup: KeyLookup) -> None:
+    """From 8 ms verifications to 250 ms ones (a machine gone busy): the hold outlasts them within fifteen."""
+    for _ in range(40):
+        lookup._observe(0.008)
+    for _ in range(15):
+        lookup._observe(0.250)
+    assert lookup.pace > 0.250
 
 
 def test_the_hold_outlasts_nearly_every_verification_on_a_busy_machine(lookup: KeyLookup) -> None:
