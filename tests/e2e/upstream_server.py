@@ -36,10 +36,14 @@ async def echo(request: web.Request) -> web.Response:
     })
 
 
-async def own_request_id(request: web.Request) -> web.Response:
-    """The echo, answered with a request id of the upstream's own making, as some apps answer."""
+async def own_headers(request: web.Request) -> web.Response:
+    """The echo, answered with a request id and RateLimit headers of the upstream's own making, as some apps
+    answer (and the header Keygate's proxy answers when its rate limit is degraded)."""
     answer = await echo(request)
     answer.headers["X-Request-Id"] = "made-by-the-app"
+    answer.headers["RateLimit"] = '"app";r=1;t=1'
+    answer.headers["RateLimit-Policy"] = '"app";q=2;w=1'
+    answer.headers["X-Keygate-RateLimit-Degraded"] = "made-by-the-app"
     return answer
 
 
@@ -126,7 +130,7 @@ def app() -> web.Application:
     application.router.add_get("/stall", stall)
     application.router.add_get("/gzip", gzip_body)
     application.router.add_get("/ws", websocket)
-    application.router.add_get("/own-request-id", own_request_id)
+    application.router.add_get("/own-headers", own_headers)
     application.router.add_route("*", "/{path:.*}", echo)
     return application
 

@@ -448,12 +448,17 @@ class IngressContract:
     async def test_an_allowed_answer_names_the_request_id_the_upstream_got(
         self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
     ) -> None:
-        """As Keygate's proxy answers: the client's id (or Keygate's), once, in place of one the app answers."""
+        """As Keygate's proxy answers: the client's id (or Keygate's), once, in place of one the app answers;
+        so are Keygate's RateLimit headers where the ingress passes them on."""
         _, key = await keygate.key(name="traced", role="admin")
-        answer = await call(client, ingress.url, "/own-request-id", "GET", {**bearer(key), "X-Request-Id": "trace-1"})
+        answer = await call(client, ingress.url, "/own-headers", "GET", {**bearer(key), "X-Request-Id": "trace-1"})
         assert answer.status == 200 and answer.upstream_headers()["x-request-id"] == ["trace-1"], answer.body
         expected = ["trace-1"] if self.answers_request_id_on_success else ["made-by-the-app"]
         assert answer.headers.getall("X-Request-Id") == expected, answer.headers
+        if self.ratelimit_on_success:
+            [limit], [policy] = answer.headers.getall("RateLimit"), answer.headers.getall("RateLimit-Policy")
+            assert limit.startswith('"key";r=99;') and policy == '"key";q=100;w=60', answer.headers
+            assert "X-Keygate-RateLimit-Degraded" not in answer.headers, answer.headers
 
     async def test_client_identity_headers_never_reach_the_upstream(
         self, client: aiohttp.ClientSession, ingress: Ingress, keygate: Keygate,
