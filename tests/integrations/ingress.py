@@ -369,8 +369,8 @@ class IngressContract:
     # removes them; nginx cannot match header names by prefix, so it replaces the ones Keygate answers only.
     drops_unknown_keygate_headers: ClassVar[bool] = True
     # Whether an allowed request's answer carries the request id the upstream got, as Keygate's proxy's does
-    # (replacing one the upstream answers); Traefik's forwardAuth has no way to add the auth answer's headers
-    # to the client's, so its answers carry what the upstream answers.
+    # (replacing one the upstream answers); where not (Envoy, Traefik: see their classes), it carries what
+    # the upstream answers.
     answers_request_id_on_success: ClassVar[bool] = True
     # Whether the method and path override headers Keygate's proxy drops are dropped (False: a known gap of
     # that ingress's shipped configuration, shown as an expected failure until it is closed).

@@ -18,9 +18,10 @@ class TestEnvoy(IngressContract):
     ratelimit_on_success = True
     # Envoy takes any 5xx from Keygate for a failure to ask it; local_reply_config writes the 503 again.
     passes_keygate_503 = False
-    # An allowed answer is the app's with the RateLimit headers only: allowed_client_headers_on_success could
-    # add Keygate's x-request-id, but Envoy joins it to one the app answers ("app-id,client-id") unless every
-    # route removes the app's, which Istio's and Envoy Gateway's settings (written from this file) cannot say.
+    # An allowed answer carries Keygate's RateLimit headers but the app's own request id, if any: Envoy could
+    # add Keygate's x-request-id as it adds RateLimit (allowed_client_headers_on_success, with the route's
+    # response_headers_to_remove so it is not joined to the app's: "app-id,client-id"); not done, as Istio's
+    # settings, written from this file, have no route of their own to remove the app's from.
     answers_request_id_on_success = False
     # GAP (found by the nginx/Caddy work): X-HTTP-Method-Override, X-Original-URI and the like reach the app.
 
