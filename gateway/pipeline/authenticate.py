@@ -21,7 +21,7 @@ decide without an await.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from multidict import CIMultiDictProxy
@@ -83,6 +83,10 @@ class Authenticator:
         self.alarm = alarm  # where a canary key's uses go (the recorder's buffer)
         # In-process buckets decide without I/O: called directly, not awaited.
         self._take_now: Callable[[str, RateLimitSpec], RateLimitDecision] | None = getattr(limiter, "take_now", None)
+        # The exact Redis policy hands back a future this coroutine awaits itself: no coroutine of its own
+        # to suspend and resume per request (see SharedBuckets.decide).
+        self._take_soon: Callable[[str, RateLimitSpec], Awaitable[RateLimitDecision]] | None = \
+            getattr(limiter, "take_soon", None)
         # The hot path's cache probe (stages 1-2), made here rather than by a KeyLookup method: lookup.py is
         # not compiled (see pyproject.toml), and a call into it ran an interpreted frame per request. A miss
         # is not counted here: KeyLookup.lookup follows and counts it (a malformed key never gets there).
@@ -155,8 +159,12 @@ class Authenticator:
             # 7. Rate limit last: only keys that passed every check above are charged, so a
             #    refused request never spends the bucket of the key it claims.
             take_now = self._take_now
-            rate = take_now(key_id, key.rate_limit) if take_now is not None \
-                else await self.limiter.take(key_id, key.rate_limit)
+            if take_now is not None:
+                rate = take_now(key_id, key.rate_limit)
+            else:
+                take_soon = self._take_soon
+                rate = await (take_soon(key_id, key.rate_limit) if take_soon is not None
+                              else self.limiter.take(key_id, key.rate_limit))
             if not rate.allowed:
                 raise RateLimited(rate)
             attempt.rate = rate

@@ -393,6 +393,38 @@ async def test_concurrent_decisions_of_one_key_are_one_script_run_deciding_as_ma
         await admin.close()
 
 
+async def test_a_caller_gone_while_its_run_is_out_leaves_the_others_decisions_as_they_were(link: RedisLink) -> None:
+    """A request cancelled (its client gone) while the run it shares is out: the run still spends its token, and
+    the other callers get the decisions they would have got with it there."""
+    limiter = exact(link, "deny")
+    await limiter.take("kg_warm", HOURLY)  # the connection and the script are in place
+    callers = [asyncio.ensure_future(limiter.take(KEY, HOURLY)) for _ in range(3)]
+    await asyncio.sleep(0)  # all three have asked: one run, out or about to go
+    callers[1].cancel()
+    first, last = await asyncio.wait_for(asyncio.gather(callers[0], callers[2]), 5)
+    assert callers[1].cancelled()
+    assert [(d.allowed, d.remaining, d.degraded) for d in (first, last)] == [(True, 19, False), (True, 17, False)]
+    assert (await limiter.take(KEY, HOURLY)).remaining == 16
+
+
+async def test_the_exact_policy_hands_the_pipeline_a_future_that_holds_the_fallbacks_decision_when_redis_is_down(
+    own_redis: RedisServer,
+) -> None:
+    """take_soon (what stage 7 awaits): a future, never an exception; with Redis gone, the fallback decides."""
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5))
+    try:
+        limiter = exact(link, "deny")
+        live = limiter.take_soon(KEY, HOURLY)
+        assert isinstance(live, asyncio.Future)
+        assert (await live).allowed
+        own_redis.kill()
+        # The first finds it gone; the next ones find the circuit open.
+        down = [await limiter.take_soon(KEY, HOURLY) for _ in range(2)]
+        assert [(d.allowed, d.degraded) for d in down] == [(False, True), (False, True)]
+    finally:
+        await link.close()
+
+
 async def test_decisions_asked_for_while_a_batch_is_out_go_together_when_it_is_back(own_redis: RedisServer) -> None:
     """One batch out at a time: what is asked for in the turns meanwhile waits and goes as one batch."""
     link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
