@@ -348,8 +348,27 @@ class RedisSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, url: str) -> str:
-        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        if not url:
+            return url
+        if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be empty (no Redis) or a redis://, rediss:// or unix:// URL")
+        parts = urlsplit(url)
+        if url.startswith("unix://"):
+            # redis-py would take "unix://" or "unix://redis.sock" (a host, no path) and connect to nothing.
+            if not parts.path.startswith("/"):
+                raise ValueError("a unix:// URL names the socket by its absolute path, e.g. "
+                                 "unix:///run/redis/redis.sock")
+            return url
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("the port must be a number from 1 to 65535, e.g. redis://cache:6379")
+        # redis-py reads the path as the database number and quietly uses 0 when it is not one.
+        database = parts.path.replace("/", "")
+        if database and not database.isdigit():
+            raise ValueError(f"the path is the database number (redis://cache:6379/0), not {parts.path!r}")
         return url
 
     @field_validator("nodes")
