@@ -52,12 +52,12 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    # SECURITY: the user info is taken to end at the URL's last '@', so an unencoded '/', '?', '#' or
+    # '@' in a password hides more of the URL rather than showing part of it.
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        rest = rest[: rest.index(":")] + ":***" + rest[at:]
     authority, question, query = rest.partition("?")
-    # SECURITY: the user info ends at the last '@', so an unencoded '/' or '@'
-    # in a password hides more of the URL rather than showing part of it.
-    at = authority.rfind("@")
-    if at >= 0 and ":" in authority[:at]:
-        authority = authority[: authority.index(":")] + ":***" + authority[at:]
     query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", query)
     return scheme + sep + authority + question + query
 

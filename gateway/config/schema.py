@@ -12,8 +12,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, NoReturn
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Final, Literal, NoReturn
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -311,6 +311,10 @@ class StoreSettings(_Section):
         return size
 
 
+_URL_UNREADABLE: Final = ("cannot be read as a URL: the port must be a number from 1 to 65535, and / ? # @ [ ] in a "
+                          "user name or password must be percent-encoded (%2F %3F %23 %40 %5B %5D)")
+
+
 class RedisSettings(_Section):
     url: str = Field(
         "",
@@ -352,23 +356,28 @@ class RedisSettings(_Section):
             return url
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be empty (no Redis) or a redis://, rediss:// or unix:// URL")
-        parts = urlsplit(url)
+        # SECURITY: no part of the URL goes into these messages: a password with a character that should
+        # have been percent-encoded lands in the host, port or path (render.py masks only the password).
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError(_URL_UNREADABLE) from None
+        if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+            raise ValueError(_URL_UNREADABLE)  # a "/", "?" or "#" in the password cut it short
         if url.startswith("unix://"):
-            # redis-py would take "unix://" or "unix://redis.sock" (a host, no path) and connect to nothing.
-            if not parts.path.startswith("/"):
+            # redis-py would take "unix://" or "unix://run/redis.sock" (a host) and connect elsewhere or nowhere.
+            if parts.hostname or not parts.path.startswith("/"):
                 raise ValueError("a unix:// URL names the socket by its absolute path, e.g. "
                                  "unix:///run/redis/redis.sock")
             return url
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
         if port == 0:
             raise ValueError("the port must be a number from 1 to 65535, e.g. redis://cache:6379")
-        # redis-py reads the path as the database number and quietly uses 0 when it is not one.
-        database = parts.path.replace("/", "")
-        if database and not database.isdigit():
-            raise ValueError(f"the path is the database number (redis://cache:6379/0), not {parts.path!r}")
+        # redis-py reads the path as the database number (unless ?db= gives it) and quietly uses 0 when the
+        # path is not a number.
+        database = unquote(parts.path).replace("/", "").strip()
+        if database and "db" not in parse_qs(parts.query) and not (database.isascii() and database.isdigit()):
+            raise ValueError("the path is the database number, e.g. redis://cache:6379/0")
         return url
 
     @field_validator("nodes")

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -85,11 +86,18 @@ def _decoded(replies: list[Any]) -> list[tuple[int, float]]:
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
+        if not isinstance(reply, list) or len(reply) != 2:  # (a two-byte bytes reply would unpack too)
+            raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}")
         try:
-            granted, left = reply
-            results.append((int(granted), float(left)))
+            result = (int(reply[0]), float(reply[1]))
         except (TypeError, ValueError) as exc:  # not TAKE_SCRIPT's {granted, tokens left}
             raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}") from exc
+        if result[0] < 0 or not math.isfinite(result[1]):
+            # Not what the script can return ("nan" or "inf" left, from a server that is not Redis): a
+            # decision could not be made of it (bucket_decision rounds what is left), and the batch's
+            # other callers would be left waiting on an answer that failed part-way.
+            raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}")
+        results.append(result)
     return results
 
 

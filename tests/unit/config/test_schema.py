@@ -92,11 +92,15 @@ def test_settings_are_immutable() -> None:
         ({"redis.url": "unix://"}, "redis.url = 'unix://': a unix:// URL names the socket by its absolute path"),
         ({"redis.url": "unix://redis.sock"},
          "redis.url = 'unix://redis.sock': a unix:// URL names the socket by its absolute path"),
-        ({"redis.url": "redis://cache:99999"}, "redis.url = 'redis://cache:99999': the port must be a number from 1"),
-        ({"redis.url": "redis://cache:port"}, "redis.url = 'redis://cache:port': the port must be a number from 1"),
+        ({"redis.url": "unix://run/redis.sock"},  # redis-py would connect to /redis.sock
+         "redis.url = 'unix://run/redis.sock': a unix:// URL names the socket by its absolute path"),
+        ({"redis.url": "redis://cache:99999"}, "redis.url = 'redis://cache:99999': cannot be read as a URL: the port"),
+        ({"redis.url": "redis://cache:port"}, "redis.url = 'redis://cache:port': cannot be read as a URL: the port"),
         ({"redis.url": "rediss://cache:0"}, "redis.url = 'rediss://cache:0': the port must be a number from 1"),
         ({"redis.url": "redis://cache:6379/cache"},
-         "redis.url = 'redis://cache:6379/cache': the path is the database number (redis://cache:6379/0), not '/cache'"),
+         "redis.url = 'redis://cache:6379/cache': the path is the database number, e.g. redis://cache:6379/0"),
+        ({"redis.url": "redis://cache:6379/\u00b2"},  # a digit to str.isdigit, not to int()
+         "redis.url = 'redis://cache:6379/\u00b2': the path is the database number"),
         ({"cache.ttl": 0}, "cache.ttl = 0: must be greater than 0"),
         ({"cache.negative_ttl": -1}, "cache.negative_ttl = -1: invalid duration"),
         ({"cache.max_entries": 0}, "cache.max_entries = 0: must be at least 1"),
@@ -186,6 +190,19 @@ def test_invalid_value_is_reported_with_setting_value_and_rule(
     assert any(line.startswith(expected) for line in found), found
 
 
+@pytest.mark.parametrize("url", [
+    "redis://default:/Zq9Hunter2+xY=@cache:6379/0",  # a "/" in the password: the rest reads as the path
+    "redis://:x[Hunter2]y@cache:6379",  # brackets: read as an IPv6 host
+    "redis://:p#Hunter2@cache:6379",  # a "#": the rest reads as a fragment
+    "redis://:p?Hunter2@cache:6379",  # a "?": the rest reads as the query
+])
+def test_a_redis_url_with_an_unencoded_password_is_refused_without_showing_it(tmp_path: Path, url: str) -> None:
+    """SECURITY: the message says what to encode and shows no part of the password, wherever it landed."""
+    found = problems(tmp_path, overrides={"redis.url": url})
+    assert any("must be percent-encoded" in line for line in found), found
+    assert not any("Hunter2" in line for line in found), found
+
+
 @pytest.mark.parametrize(
     ("overrides", "read", "expected"),
     [
@@ -210,6 +227,14 @@ def test_invalid_value_is_reported_with_setting_value_and_rule(
         ({"redis.url": "unix:///run/redis.sock?db=2"}, lambda s: s.redis.url, "unix:///run/redis.sock?db=2"),
         ({"redis.url": "redis://cache"}, lambda s: s.redis.url, "redis://cache"),
         ({"redis.url": "redis://:secret@cache:6379/15"}, lambda s: s.redis.url, "redis://:secret@cache:6379/15"),
+        # As redis-py reads them: ?db= over the path, the path percent-decoded, spaces around the number.
+        ({"redis.url": "redis://cache/x?db=2"}, lambda s: s.redis.url, "redis://cache/x?db=2"),
+        ({"redis.url": "redis://cache:6379/%31"}, lambda s: s.redis.url, "redis://cache:6379/%31"),
+        ({"redis.url": "redis://[::1]:6379/2"}, lambda s: s.redis.url, "redis://[::1]:6379/2"),
+        ({"redis.url": "rediss://user:p%2Fw@cache?ssl_cert_reqs=none"}, lambda s: s.redis.url,
+         "rediss://user:p%2Fw@cache?ssl_cert_reqs=none"),
+        ({"redis.url": "unix://user:pw@/run/redis.sock?db=3"}, lambda s: s.redis.url,
+         "unix://user:pw@/run/redis.sock?db=3"),
         ({"redis.cluster": True, "redis.nodes": ["redis-0:6379", "[::1]:7000"]},
          lambda s: (s.redis.cluster, s.redis.enabled), (True, True)),
         ({"redis.cluster": True, "redis.url": "rediss://:pw@cache:6380"}, lambda s: s.redis.nodes, []),

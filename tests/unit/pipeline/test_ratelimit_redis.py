@@ -10,7 +10,9 @@ from redis.asyncio import Redis
 from gateway.cache.redis_link import RedisLink
 from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.config.schema import RedisSettings
-from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, SharedBuckets, _Call
+from redis.exceptions import InvalidResponse
+
+from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, SharedBuckets, _Call, _decoded
 
 
 @pytest.mark.parametrize(("key_id", "spec", "want", "give_back"), [
@@ -35,3 +37,14 @@ async def test_a_script_call_is_the_command_redis_py_would_send(
         assert shared._command(_Call(key_id, parsed, want, give_back)) == b"".join(expected)
     finally:
         await link.close()
+
+
+@pytest.mark.parametrize("reply", [
+    [1, b"nan"], [1, b"inf"], [0, b"-inf"], [-1, b"3"], [1], b"OK", [b"one", b"2"],
+])
+def test_a_reply_no_script_run_gives_is_refused_whole(reply: object) -> None:
+    """Only {tokens granted >= 0, a finite number left} makes decisions: anything else fails the batch as one
+    InvalidResponse (its callers get the fallback's decision), not part-way through answering it."""
+    with pytest.raises(InvalidResponse):
+        _decoded([[1, b"19"], reply])
+    assert _decoded([[1, b"19"], [0, b"0.25"]]) == [(1, 19.0), (0, 0.25)]
