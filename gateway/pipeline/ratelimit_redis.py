@@ -432,7 +432,7 @@ class RedisTokenBuckets:
         return self.shared.decide(key_id, spec, self.fallback)
 
     async def take(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-        return await self.shared.decide(key_id, spec, self.fallback)
+        return await self.take_soon(key_id, spec)
 
 
 class _Lease:
