@@ -185,15 +185,17 @@ async def audit_events(gateway: Keygate, key_id: str) -> list[tuple[str, dict[st
     return [(entry.item.action, entry.item.details) for entry in reversed(page.entries)]  # type: ignore[union-attr]
 
 
-async def stored_requests(gateway: Keygate, key_id: str) -> list[RequestRecord]:
-    """The key's request records once the recorder has written at least one (it flushes every 0.2 s)."""
+async def stored_requests(gateway: Keygate, key_id: str, count: int = 1) -> list[RequestRecord]:
+    """The key's request records once the recorder has written at least ``count`` (it flushes every
+    0.2 s, so requests a moment apart may land in different flushes)."""
+    requests: list[RequestRecord] = []
     for _ in range(100):
         async with gateway.service() as service, service.store.read() as tx:
             requests = await tx.list_requests(key_id=key_id)
-        if requests:
+        if len(requests) >= count:
             return requests
         await asyncio.sleep(0.1)
-    raise AssertionError("no request record reached the store")
+    raise AssertionError(f"{len(requests)} of {count} request records reached the store")
 
 
 

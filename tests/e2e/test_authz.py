@@ -133,7 +133,7 @@ async def test_decisions_are_recorded_with_the_original_request(ingress: aiohttp
     for method in ("GET", "POST"):
         await ask(ingress, gateway, {**bearer(key), "X-Original-Method": method,
                                      "X-Original-URI": "/api/servers/prod/deploy", "X-Forwarded-For": "10.4.4.4"})
-    stored = await stored_requests(gateway, record.id)
+    stored = await stored_requests(gateway, record.id, count=2)
     seen = sorted((r.method, r.path, r.decision, r.status, r.client_ip) for r in stored)
     assert seen == [("GET", "/api/servers/prod/deploy", "allowed", 200, "10.4.4.4"),
                     ("POST", "/api/servers/prod/deploy", "insufficient_scope", 403, "10.4.4.4")]
