@@ -155,7 +155,7 @@ async def test_suggest_allowlist_from_recorded_requests_and_apply_it(
     async with http.post(gateway.proxy_url + "/x",
                          headers={**bearer(key), "X-Forwarded-For": "192.0.2.66"}) as r:
         assert r.status == 403
-    await until(lambda: _requests(gateway, record.id, 5))
+    await stored_requests(gateway, record.id, count=5)
     found = json.loads(cli(gateway, "keys", "suggest-allowlist", record.id, "--max", "2", "--json").stdout)
     assert [(c["cidr"], c["requests"]) for c in found["cidrs"]] == [("198.51.100.0/28", 3), ("2001:db8::5/128", 1)]
     command = f"keygate keys update {record.id} --allow-ip 198.51.100.0/28 --allow-ip 2001:db8::5/128"
@@ -167,10 +167,6 @@ async def test_suggest_allowlist_from_recorded_requests_and_apply_it(
     for client, status in [("198.51.100.9", 200), ("2001:db8::5", 200), ("192.0.2.66", 403)]:
         async with http.get(gateway.proxy_url + "/x", headers={**bearer(key), "X-Forwarded-For": client}) as r:
             assert r.status == status, client
-
-
-async def _requests(gateway: Keygate, key_id: str, count: int) -> bool:
-    return len(await stored_requests(gateway, key_id)) >= count
 
 
 def test_suggest_allowlist_without_records_says_so(gateway: Keygate) -> None:
