@@ -35,9 +35,9 @@ async def test_status_idle_is_refused_while_idleness_is_off(admin: Admin) -> Non
 
 async def test_status_idle_lists_the_unused_keys(store_url: str) -> None:
     """With keys.idle_after, a key unused that long is idle in GET /keys and filtered by status=idle."""
-    async with admin_on(store_url, keys={"argon2": {"memory_cost": 1024}, "idle_after": 1}) as admin:
+    async with admin_on(store_url, keys={"argon2": {"memory_cost": 1024}, "idle_after": 2}) as admin:
         key_id, _ = await admin.key(name="quiet", operations=["read"])
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(2.1)  # (2 s: the admin key's uses below must stay within idle_after of each other)
         assert (await admin.call("GET", f"{KEYS}/{key_id}")).body["status"] == "idle"
         await admin.rt.recorder.flush()  # the admin key's own use: it is not idle
         idle = await admin.call("GET", KEYS, params={"status": "idle"})

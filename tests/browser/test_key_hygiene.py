@@ -51,8 +51,7 @@ def test_the_key_page_suggests_an_allowlist(browser: Browser, gateway: Keygate, 
     record = create_key(gateway, "--name", "from-ci", "--operation", "read")
     for client in ("198.51.100.7", "198.51.100.7", "198.51.100.9", "203.0.113.40"):
         use_from(gateway, record["key"], client)
-    asyncio.run(stored_requests(gateway, record["id"]))
-    time.sleep(0.5)  # every request written (the recorder flushes every 0.2 s)
+    asyncio.run(stored_requests(gateway, record["id"], count=4))  # every request written
     sign_in(browser, admin_key)
     open_key(browser, record["id"])
     browser.wait_text("#suggestion-command", f"keygate keys update {record['id']}")

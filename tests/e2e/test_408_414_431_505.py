@@ -125,7 +125,7 @@ async def test_head_trickling_in_within_header_timeout_is_served(slow: Keygate) 
     reader, writer = await asyncio.open_connection("127.0.0.1", slow.proxy_port)
     for i in range(0, len(head), len(head) // 5 + 1):
         writer.write(head[i:i + len(head) // 5 + 1])
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
     response = await read_response(reader)
     writer.close()
     assert response is not None and response.status == 200

@@ -50,7 +50,7 @@ def admin(own_redis: RedisServer) -> Iterator[redis.Redis]:
 
 async def test_pipelined_batches_are_answered_in_order(resp: RespClient) -> None:
     """Batches sent before the first is answered share one connection, and each gets its own replies."""
-    first = asyncio.ensure_future(resp.execute(*batch(("DEBUG", "SLEEP", "0.2"), ("INCR", "n"))))
+    first = asyncio.ensure_future(resp.execute(*batch(("DEBUG", "SLEEP", "1"), ("INCR", "n"))))
     await asyncio.sleep(0.05)  # the first batch is on the wire, Redis asleep on it
     second = asyncio.ensure_future(resp.execute(*batch(("INCR", "n"))))
     third = asyncio.ensure_future(resp.execute(*batch(("INCR", "n"), ("GET", "n"))))
@@ -290,6 +290,7 @@ async def test_a_batch_unanswered_within_the_timeout_fails_and_drops_the_connect
         if late == "a batch behind an answered one":
             answered = resp.send(*batch(("PING",)))
             assert answered is not None and await answered == [b"PONG"]
+        admin.ping()  # connected: its sleep starts as soon as the executor sends it
         hang = asyncio.get_running_loop().run_in_executor(None, admin.execute_command, "DEBUG", "SLEEP", "1")
         await asyncio.sleep(0.05)
         started = time.monotonic()

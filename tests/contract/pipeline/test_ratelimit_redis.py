@@ -196,6 +196,7 @@ async def test_a_batch_failing_on_an_open_connection_falls_back_and_opens_the_ci
         limiter = exact(link, "deny")
         assert not (await limiter.take(KEY, HOURLY)).degraded  # the connection is open
         if failure == "server killed":
+            await blocker.client.ping()  # connected: its sleep starts as soon as it is sent
             hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "5"))
             await asyncio.sleep(0.1)
             batch = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
@@ -222,7 +223,8 @@ async def test_closing_the_link_with_a_batch_out_decides_it_without_redis_and_re
     try:
         limiter = exact(link, "deny")
         await limiter.take(KEY, HOURLY)
-        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "0.3"))
+        await blocker.client.ping()  # connected: its sleep starts as soon as it is sent
+        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "1"))
         await asyncio.sleep(0.05)
         waiting = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(2)))
         await asyncio.sleep(0.02)  # the batch is out
@@ -268,9 +270,10 @@ async def test_a_request_held_behind_the_batch_out_is_decided_within_the_timeout
     """The batch out is answered late but in time, then Redis hangs: the request asked for meanwhile (held)
     gets its fallback redis.timeout after it asked, not after its batch went out."""
     await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)  # one round trip each
-    relay = await relay_answering(own_redis.port, [0, 0.4])  # the warm-up at once, the next late, then none
+    # The warm-up at once, the next late (0.4 s inside the timeout, for a loaded machine), then none.
+    relay = await relay_answering(own_redis.port, [0, 0.6])
     link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
-                                   prefix="kg:", timeout=0.5))
+                                   prefix="kg:", timeout=1.0))
     try:
         limiter = exact(link, "deny")
         await limiter.take("kg_warm", HOURLY)
@@ -281,7 +284,8 @@ async def test_a_request_held_behind_the_batch_out_is_decided_within_the_timeout
         waited = time.monotonic() - started
         assert not (await out).degraded
         assert held.degraded and not held.allowed
-        assert 0.4 <= waited < 0.6
+        # A timeout counted from when its batch went out (0.6 s) would be 1.55 s.
+        assert 0.95 <= waited < 1.35
     finally:
         await link.close()
         relay.close()
@@ -356,6 +360,7 @@ async def test_slow_redis_is_not_waited_for(own_redis: RedisServer) -> None:
     try:
         limiter = exact(link)
         assert not (await limiter.take(KEY, HOURLY)).degraded
+        await blocker.client.ping()  # connected: its sleep starts as soon as it is sent
         hang = asyncio.create_task(blocker.client.execute_command("DEBUG", "SLEEP", "2"))
         await asyncio.sleep(0.1)
         decision = await limiter.take(KEY, HOURLY)
@@ -433,7 +438,8 @@ async def test_decisions_asked_for_while_a_batch_is_out_go_together_when_it_is_b
         shared = SharedBuckets(link)
         limiter = RedisTokenBuckets(shared, Fallback("deny"))
         await limiter.take("kg_warm", HOURLY)
-        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "0.3"))
+        await blocker.client.ping()  # connected: its sleep starts as soon as it is sent
+        hang = asyncio.ensure_future(blocker.client.execute_command("DEBUG", "SLEEP", "1"))
         await asyncio.sleep(0.05)
         first = asyncio.ensure_future(limiter.take("kg_first", HOURLY))
         later = []
