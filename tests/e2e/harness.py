@@ -30,9 +30,33 @@ CHEAP = Settings.model_validate({"keys": {"argon2": {"memory_cost": 1024}}})
 def free_port() -> int:
     """A port free on every address: some servers (Caddy's ":PORT" sites) bind all of them, and tests
     bind client sockets to 127.0.0.2 and 127.0.0.3, whose ports a loopback-only check would not see."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports (as free_port): each held bound until all are drawn, so no two
+    are the same port."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# Sockets behind refusing_port(): bound, never listening, open until the test run ends.
+_REFUSING: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A loopback port that refuses connections for the rest of the run: a socket of the test's own
+    holds it bound without listening, so no server a later test starts can be given it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _REFUSING.append(s)
+    return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -97,11 +121,9 @@ class Keygate:
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.proxy_port = free_port()
-        self.admin_port = free_port()
+        self.proxy_port, self.admin_port, self.authz_port = free_ports(3)
         self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.authz_port = free_port()
         self.authz_url = f"http://127.0.0.1:{self.authz_port}"
         self.store_url = self.store_url or f"sqlite:///{self.folder / 'keygate.db'}"
         self.log_path = self.folder / f"keygate-{self.proxy_port}.log"

@@ -13,13 +13,13 @@ import aiohttp
 import pytest
 
 from .conftest import bearer
-from .harness import Keygate, free_port
+from .harness import Keygate, refusing_port
 
 
 @pytest.fixture(scope="module")
 def dead_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
     """A gateway whose upstream port has nothing listening."""
-    keygate = Keygate(tmp_path_factory.mktemp("dead"), f"http://127.0.0.1:{free_port()}").start()
+    keygate = Keygate(tmp_path_factory.mktemp("dead"), f"http://127.0.0.1:{refusing_port()}").start()
     yield keygate
     assert keygate.stop() == 0
 

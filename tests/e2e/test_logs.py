@@ -13,13 +13,13 @@ import aiohttp
 import pytest
 
 from .conftest import bearer
-from .harness import Keygate, Upstream, free_port
+from .harness import Keygate, Upstream, refusing_port
 from .test_499 import download_then_hang_up
 
 BODY = b"x" * 123
 # A second upstream with nothing listening: its requests get 502.
 DOWN = (
-    f'[[upstreams]]\nname = "down"\nurl = "http://127.0.0.1:{free_port()}"\nconnect_timeout = 2\n'
+    f'[[upstreams]]\nname = "down"\nurl = "http://127.0.0.1:{refusing_port()}"\nconnect_timeout = 2\n'
     '[[routes]]\npath = "/down/*"\nupstream = "down"\noperation = "read"\n'
 )
 

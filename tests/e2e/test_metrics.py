@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import __version__
 
 from .conftest import bearer, metric
-from .harness import Keygate, Upstream, free_port
+from .harness import Keygate, Upstream, refusing_port
 
 KEY_ID = re.compile(r"kga?_[0-9A-Za-z]{12}")
 
@@ -28,7 +28,7 @@ KEY_ID = re.compile(r"kga?_[0-9A-Za-z]{12}")
 def metered(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keygate]:
     """A gateway with two upstreams: ``app`` (the test upstream) and ``down`` (a port nobody listens on)."""
     config = (
-        f'[[upstreams]]\nname = "down"\nurl = "http://127.0.0.1:{free_port()}"\nconnect_timeout = 2\n'
+        f'[[upstreams]]\nname = "down"\nurl = "http://127.0.0.1:{refusing_port()}"\nconnect_timeout = 2\n'
         '[[routes]]\npath = "/down/*"\nupstream = "down"\noperation = "read"\n'
     )
     keygate = Keygate(tmp_path_factory.mktemp("metered"), upstream.url, config=config).start()
