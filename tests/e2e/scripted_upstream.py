@@ -42,6 +42,9 @@ class ScriptedUpstream:
         self.seen: list[Seen] = []
         self.connections = 0
         self.open = 0
+        # Connections (by number) that were sent bytes after their answer, and those that have ended.
+        self.strayed: list[int] = []
+        self.ended: set[int] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -105,27 +108,40 @@ class ScriptedUpstream:
                                 break
                 with self._lock:
                     self.seen.append(Seen(number, method, path, headers, body))
-                if not self._answer(sock, method, path):
+                if not self._answer(sock, method, path, number):
                     return
         except OSError:
             return
         finally:
             with self._lock:
                 self.open -= 1
+                self.ended.add(number)
             sock.close()
 
-    def _answer(self, sock: socket.socket, method: str, path: str) -> bool:
+    def stray_dropped(self, since: int) -> bool:
+        """Whether the connections sent stray bytes after the first ``since`` have been, and have all ended."""
+        with self._lock:
+            strayed = self.strayed[since:]
+            return bool(strayed) and all(number in self.ended for number in strayed)
+
+    def _strayed(self, number: int) -> None:
+        with self._lock:
+            self.strayed.append(number)
+
+    def _answer(self, sock: socket.socket, method: str, path: str, number: int) -> bool:
         ok = f"ok {method} {path}".encode()
         if path.startswith("/late-body"):
             evil = b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL"
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(evil))
             time.sleep(0.3)
             sock.sendall(evil)  # the body a HEAD response must not have
+            self._strayed(number)
             return True
         if path.startswith("/twice"):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
             time.sleep(0.3)
             sock.sendall(b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL")
+            self._strayed(number)
             return True
         if path.startswith("/head-body"):
             # A HEAD answered with its body (a common upstream bug), in a write of its own; the body is a
@@ -133,6 +149,7 @@ class ScriptedUpstream:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
             time.sleep(0.1)
             sock.sendall(b"HTTP/1.1 200 OK\r\nSet-Cookie: session=attacker\r\nX-Pad: ")
+            self._strayed(number)
             return True
         if path.startswith("/switch"):
             sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import UTC, datetime
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -305,6 +305,15 @@ async def test_misses_past_the_queue_are_shed(store: KeyStore, service: KeyServi
 # --- invalidation ------------------------------------------------------------------------------
 
 
+async def eventually(get: Callable[[], Awaitable[PreparedKey]], holds: Callable[[PreparedKey], bool]) -> bool:
+    """Whether ``holds(await get())`` comes true within 5 s (the watcher polls every 0.05 s)."""
+    for _ in range(100):
+        if holds(await get()):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_change_feed_invalidates_the_key(lookup: KeyLookup, service: KeyService, store: KeyStore) -> None:
     """A revoke seen through the change feed drops the cached entry, so the next lookup sees it."""
     record, full = await service.create_key(name="ci", role="admin")
@@ -314,8 +323,7 @@ async def test_change_feed_invalidates_the_key(lookup: KeyLookup, service: KeySe
     try:
         assert (await lookup.lookup(parsed, "127.0.0.1")).revoked_at == float("inf")
         await service.revoke_key(record.id)
-        await asyncio.sleep(0.3)
-        assert (await lookup.lookup(parsed, "127.0.0.1")).revoked_at < float("inf")
+        assert await eventually(lambda: lookup.lookup(parsed, "127.0.0.1"), lambda key: key.revoked_at < float("inf"))
     finally:
         await watcher.close()
 
@@ -330,8 +338,7 @@ async def test_role_change_clears_the_cache(lookup: KeyLookup, service: KeyServi
     try:
         assert not (await lookup.lookup(parsed, "127.0.0.1")).grants.allows("read")
         await service.put_role("ci", ["deploy", "read"])
-        await asyncio.sleep(0.3)
-        assert (await lookup.lookup(parsed, "127.0.0.1")).grants.allows("read")
+        assert await eventually(lambda: lookup.lookup(parsed, "127.0.0.1"), lambda key: key.grants.allows("read"))
     finally:
         await watcher.close()
 
