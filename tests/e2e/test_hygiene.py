@@ -21,6 +21,7 @@ from gateway.keys import generate
 
 from .conftest import bearer
 from .harness import KEYGATE, Keygate, Upstream, audit_events, clean_env, stored_requests
+from ..waiting import until
 
 HOOK = "http://127.0.0.1:9/hooks"  # never delivered here: the outbox is what these tests read
 HYGIENE = (
@@ -43,16 +44,6 @@ def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
                       config='[keys]\nexpiry_warning = "5s"\n' + HYGIENE).start()
     yield keygate
     keygate.stop()
-
-
-async def until(check: Any, timeout: float = 5.0) -> Any:
-    """``await check()`` until it is truthy (the recorder and the sweeper work every 0.2 s)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        found = await check()
-        if found or asyncio.get_running_loop().time() > deadline:
-            return found
-        await asyncio.sleep(0.1)
 
 
 async def outbox(gateway: Keygate, key_id: str) -> list[dict[str, Any]]:
@@ -93,7 +84,7 @@ async def test_a_canary_is_answered_as_an_unknown_key_on_every_listener(
                                 await r.read()))
         assert answers[0] == answers[1], (method, url, answers)
         assert answers[0][0] == 401
-    uses = await until(lambda: _canary_uses(gateway, canary.id, len(calls)))
+    uses = await until(lambda: _canary_uses(gateway, canary.id, len(calls)), interval=0.1)
     assert [(d["method"], d["path"]) for d in uses] == [
         ("GET", "/api/servers/prod-1/logs"), ("POST", "/api/servers/prod-1/deploy"), ("GET", "/auth"),
         ("GET", "/admin/v1/keys"), ("GET", "/.well-known/keygate/whoami"), ("POST", "/.well-known/keygate/revoke")]
@@ -132,7 +123,7 @@ async def test_a_key_about_to_expire_is_announced_once(http: aiohttp.ClientSessi
         return [d for action, d in await audit_events(gateway, record.id) if action == "key.expiring"]
 
     assert await warned() == []
-    [warning] = await until(warned, timeout=8)
+    [warning] = await until(warned, timeout=8, interval=0.1)
     assert warning["expires_at"].startswith(expires[:19])
     await asyncio.sleep(1.0)  # five more sweeps
     assert len(await warned()) == 1
@@ -220,7 +211,7 @@ async def test_an_unused_key_falls_idle(http: aiohttp.ClientSession, idle_gatewa
 async def _idle_spell(idle_gateway: Keygate, announced: Any, expire: bool, idle: Any, idle_key: str, busy: Any,
                       http: aiohttp.ClientSession) -> None:
     await asyncio.sleep(4.5)  # the forgotten key falls idle; the busy one is used every 0.25 s
-    [event] = await until(announced)
+    [event] = await until(announced, interval=0.1)
     assert event["idle_action"] == idle_gateway.idle_action  # type: ignore[attr-defined]
     assert [h["event"] for h in await outbox(idle_gateway, idle.id)] == ["key.idle"]  # (created by the harness: no hook)
     assert [d for action, d in await audit_events(idle_gateway, busy.id) if action == "key.idle"] == []

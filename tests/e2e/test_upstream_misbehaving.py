@@ -17,6 +17,7 @@ import pytest
 from .harness import Keygate
 from .rawhttp import read_response
 from .scripted_upstream import ScriptedUpstream
+from ..waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,6 @@ async def one(port: int, raw: bytes) -> bytes:
         writer.close()
 
 
-async def stray_dropped(scripted: ScriptedUpstream, since: int, timeout: float = 5.0) -> None:
-    """Until the upstream has sent its stray bytes and Keygate has closed that connection, or ``timeout``
-    (a Keygate that keeps it is then caught by the test's own assertions)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not scripted.stray_dropped(since) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
-
-
 def get(path: str, key: str, method: str = "GET") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
 
@@ -60,7 +53,8 @@ async def test_bytes_after_a_head_response_are_not_spliced_into_another_client_s
     _, victim = await kg.key(name="victim", role="admin")
     since = len(scripted.strayed)
     await one(kg.proxy_port, get("/head-body", attacker, "HEAD"))
-    await stray_dropped(scripted, since)  # the "body" arrives on the idle pooled connection
+    # The "body" arrives on the idle pooled connection; a Keygate that keeps the connection is caught below.
+    await until(lambda: scripted.stray_dropped(since))
     answer = await one(kg.proxy_port, get("/victim", victim))
     assert b"attacker" not in answer, answer
 
@@ -71,7 +65,8 @@ async def test_a_connection_that_sent_an_unsolicited_response_is_not_reused(
     _, key = await kg.key(name="k", role="admin")
     since = len(scripted.strayed)
     await one(kg.proxy_port, get("/twice", key))
-    await stray_dropped(scripted, since)  # the second response arrives while the connection is idle
+    # The second response arrives while the connection is idle; a Keygate that keeps it is caught below.
+    await until(lambda: scripted.stray_dropped(since))
     before = scripted.connections
     answer = await one(kg.proxy_port, get("/victim", key))
     assert b"EVIL" not in answer

@@ -11,13 +11,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from .conftest import bearer, metric
 from .harness import KEYGATE, Keygate, Upstream, clean_env
+from ..waiting import until
 from ..webhook_receiver import Received, WebhookReceiver
 
 SECRET = "e2e-webhook-secret-0123456789"
@@ -71,14 +71,6 @@ def of(received: list[Received], event: str, key_id: str | None = None) -> list[
     return [r for r in received if r.json()["event"] == event and (key_id is None or r.json()["key_id"] == key_id)]
 
 
-async def until(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("not within the time allowed")
-        await asyncio.sleep(0.05)
-
-
 async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
     upstream: Upstream, receiver: WebhookReceiver, path: str, store_url: str, tmp_path: Path,
 ) -> None:
@@ -92,7 +84,7 @@ async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
             async with http.post(f"{api}/keys/{created['id']}/revoke") as r:
                 assert r.status == 200
             revoked_at = time.monotonic()
-            await until(lambda: of(receiver.received(path), "key.revoked"))
+            assert await until(lambda: of(receiver.received(path), "key.revoked"), timeout=10)
             [got] = of(receiver.received(path), "key.revoked")
             assert got.at - revoked_at < 5.0
             assert got.signed_by(SECRET) and got.headers["X-Keygate-Event"] == "key.revoked"
@@ -104,7 +96,7 @@ async def test_a_revoke_reaches_the_webhook_signed_within_seconds(
                 other = await r.json()
         cli(keygate, "keys", "revoke", other["id"], "--yes")
         revoked_at = time.monotonic()
-        await until(lambda: of(receiver.received(path), "key.revoked", other["id"]))
+        assert await until(lambda: of(receiver.received(path), "key.revoked", other["id"]), timeout=10)
         [got] = of(receiver.received(path), "key.revoked", other["id"])
         assert got.at - revoked_at < 5.0 and got.signed_by(SECRET)
         assert len(of(receiver.received(path), "key.created")) == 3  # ops, ci, cd
@@ -149,7 +141,7 @@ async def test_a_restart_between_an_event_and_its_delivery_loses_no_webhook(
     keygate = hooked(tmp_path, upstream, url, store_url=store_url).start()
     try:
         cli(keygate, "keys", "create", "--name", "made-while-down", "--role", "admin")
-        await until(lambda: '"webhook_failed"' in keygate.log())  # tried, refused, due again later
+        assert await until(lambda: '"webhook_failed"' in keygate.log(), timeout=10)  # tried, refused, due again later
     finally:
         assert keygate.stop() == 0
     # Serve is stopped: this event sits in the outbox only.

@@ -18,6 +18,7 @@ from gateway.cache.shared import KeyFacts, SharedKeyCache
 from gateway.store import KeyStore
 
 from ...redis_server import RedisServer
+from ...waiting import until
 
 
 def a_cache() -> KeyCache[object]:
@@ -25,15 +26,6 @@ def a_cache() -> KeyCache[object]:
     cache.put("digest-a", "kg_AAAAAAAAAAAA", "a")
     cache.put("digest-b", "kg_BBBBBBBBBBBB", "b")
     return cache
-
-
-async def until(condition: object, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.01)
-    return False
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import UTC, datetime
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -23,6 +23,7 @@ from gateway.manage.service import KeyService, resolve_pepper
 from gateway.store import KeyStore
 
 from ...clocks import FakeClock
+from ...waiting import until
 
 PARSER = KeyParser(["kg_", "kga_"])
 PER_CLIENT, PER_KEY = 5, 3
@@ -305,13 +306,12 @@ async def test_misses_past_the_queue_are_shed(store: KeyStore, service: KeyServi
 # --- invalidation ------------------------------------------------------------------------------
 
 
-async def eventually(get: Callable[[], Awaitable[PreparedKey]], holds: Callable[[PreparedKey], bool]) -> bool:
-    """Whether ``holds(await get())`` comes true within 5 s (the watcher polls every 0.05 s)."""
-    for _ in range(100):
-        if holds(await get()):
-            return True
-        await asyncio.sleep(0.05)
-    return False
+async def revoked(lookup: KeyLookup, parsed: ParsedKey) -> bool:
+    return (await lookup.lookup(parsed, "127.0.0.1")).revoked_at < float("inf")
+
+
+async def may_read(lookup: KeyLookup, parsed: ParsedKey) -> bool:
+    return (await lookup.lookup(parsed, "127.0.0.1")).grants.allows("read")
 
 
 async def test_change_feed_invalidates_the_key(lookup: KeyLookup, service: KeyService, store: KeyStore) -> None:
@@ -323,7 +323,7 @@ async def test_change_feed_invalidates_the_key(lookup: KeyLookup, service: KeySe
     try:
         assert (await lookup.lookup(parsed, "127.0.0.1")).revoked_at == float("inf")
         await service.revoke_key(record.id)
-        assert await eventually(lambda: lookup.lookup(parsed, "127.0.0.1"), lambda key: key.revoked_at < float("inf"))
+        assert await until(lambda: revoked(lookup, parsed))
     finally:
         await watcher.close()
 
@@ -338,7 +338,7 @@ async def test_role_change_clears_the_cache(lookup: KeyLookup, service: KeyServi
     try:
         assert not (await lookup.lookup(parsed, "127.0.0.1")).grants.allows("read")
         await service.put_role("ci", ["deploy", "read"])
-        assert await eventually(lambda: lookup.lookup(parsed, "127.0.0.1"), lambda key: key.grants.allows("read"))
+        assert await until(lambda: may_read(lookup, parsed))
     finally:
         await watcher.close()
 
