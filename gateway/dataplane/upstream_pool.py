@@ -207,20 +207,33 @@ class UpstreamConnection(asyncio.Protocol):
             return  # interim (100 Continue, 103 Early Hints): the response is still to come
         headers = self._headers
         response = self._response = Response(status, self._reason, headers)
+        coded = False  # a Transfer-Encoding other than one plain "chunked"
         for name, value in headers:
             # By length first: a name of another length is neither, and most are (no lower() for those).
             size = len(name)
             if size == 14 and name.lower() == b"content-length":
                 response.length = int(value)
             elif size == 17 and name.lower() == b"transfer-encoding":
-                response.chunked = value.strip().lower().endswith(b"chunked")
+                coded = coded or response.chunked or value.strip().lower() != b"chunked"
+                response.chunked = True
         response.declared = response.length
         response.keep_alive = self.parser.should_keep_alive()
+        bodyless = self._bodyless or status in (204, 304)
+        if coded and not bodyless and status != 101:
+            # RFC 9112 section 6.1: a proxy removes a transfer coding only by decoding it. "gzip, chunked" (or
+            # "gzip" to the close) would reach the client still coded and unlabelled: refused, as nginx does.
+            raise BadResponse("a transfer coding other than chunked")
         self.answered = True
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)  # an early answer: the body being sent can stop (Forwarder._send_body)
-        if self._bodyless or status in (204, 304):
+        if bodyless:
+            if response.length or response.chunked:
+                # SECURITY: a head that announces a body it must not carry (a HEAD's Content-Length, as
+                # most servers send; a 304's). Should the upstream write that body anyway, later and in a
+                # read of its own, it would be read as the answer to the next request on this
+                # connection, another client's: the connection is not used again.
+                response.keep_alive = False
             response.length = 0
             response.chunked = False
             self.complete = True
@@ -265,8 +278,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False
         self.answered = False  # the final response's head arrived
         self.partial = False  # the request's body was not sent whole (the upstream answered first)
-        if self.used > 1 and bodyless:
-            pass
         self.timeout = self.upstream.read_timeout
 
     def write(self, data: bytes) -> None:

@@ -9,6 +9,10 @@ the path asks:
 - ``/twice``: two responses to one request, the second 0.3 s after the first;
 - ``/head-body``: a HEAD answered with a head, then 0.1 s later a body that is the start of a
   response head (``Set-Cookie: session=attacker``, then an unfinished header);
+- ``/not-modified-late``: ``304`` with a head announcing a body, then 0.3 s later that body, a whole
+  HTTP response (as ``/late-body``);
+- ``/coded-chunked``: ``200`` with ``Transfer-Encoding: gzip, chunked`` (a gzip stream, chunked);
+- ``/coded-close``: ``200`` with ``Transfer-Encoding: gzip``, the gzip stream delimited by the close;
 - ``/switch``: ``101 Switching Protocols`` (``Upgrade: h2c``) to any request, then echoes bytes;
 - ``/early-close``: answers ``413`` with ``Connection: close`` at once, unread body and all, and closes;
 - ``/early``: answers ``200`` at once without reading the request body, then reads nothing more;
@@ -18,6 +22,7 @@ the path asks:
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -134,9 +139,28 @@ class ScriptedUpstream:
             evil = b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL"
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(evil))
             time.sleep(0.3)
-            sock.sendall(evil)  # the body a HEAD response must not have
-            self._strayed(number)
+            try:
+                sock.sendall(evil)  # the body a HEAD response must not have
+            finally:
+                self._strayed(number)  # (sent or not: Keygate may have closed the connection)
             return True
+        if path.startswith("/not-modified-late"):
+            evil = b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 4\r\n\r\nEVIL"
+            sock.sendall(b"HTTP/1.1 304 Not Modified\r\nContent-Length: %d\r\n\r\n" % len(evil))
+            time.sleep(0.3)
+            try:
+                sock.sendall(evil)  # the body a 304 must not have
+            finally:
+                self._strayed(number)  # (sent or not: Keygate may have closed the connection)
+            return True
+        if path.startswith("/coded-"):
+            coded = gzip.compress(ok)
+            if path.startswith("/coded-chunked"):
+                sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                             % (len(coded), coded))
+                return True
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n%s" % coded)
+            return False
         if path.startswith("/twice"):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
             time.sleep(0.3)

@@ -27,12 +27,12 @@ def kg(scripted: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     keygate.stop()
 
 
-async def one(port: int, raw: bytes) -> bytes:
-    """One request on a connection of its own; the response's head (and body, unless a HEAD)."""
+async def one(port: int, raw: bytes, *, bodyless: bool = False) -> bytes:
+    """One request on a connection of its own; the response's head (and body, unless a HEAD or ``bodyless``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
     try:
-        if raw.startswith(b"HEAD"):
+        if bodyless or raw.startswith(b"HEAD"):
             return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         response = await read_response(reader, 5)
         assert response is not None
@@ -57,6 +57,34 @@ async def test_bytes_after_a_head_response_are_not_spliced_into_another_client_s
     await until(lambda: scripted.stray_dropped(since))
     answer = await one(kg.proxy_port, get("/victim", victim))
     assert b"attacker" not in answer, answer
+
+
+@pytest.mark.parametrize("method,path", [("HEAD", "/late-body"), ("GET", "/not-modified-late")])
+async def test_a_bodyless_answer_that_announced_a_body_ends_its_connection(
+    kg: Keygate, scripted: ScriptedUpstream, method: str, path: str,
+) -> None:
+    """The announced body comes 0.3 s after the head: the next client, sent at once, would be given it as its
+    own response if the connection went back to the pool (a HEAD's Content-Length is the usual case)."""
+    _, attacker = await kg.key(name="attacker", role="admin")
+    _, victim = await kg.key(name="victim", role="admin")
+    since = len(scripted.strayed)
+    answer = await one(kg.proxy_port, get(path, attacker, method), bodyless=True)
+    assert answer.startswith(b"HTTP/1.1 " + (b"200" if method == "HEAD" else b"304")), answer
+    before = scripted.connections
+    answer = await one(kg.proxy_port, get("/victim", victim))
+    assert b"EVIL" not in answer, answer
+    assert answer.endswith(b"ok GET /victim"), answer
+    assert scripted.connections == before + 1, "the connection went back into use"
+    await until(lambda: scripted.stray_dropped(since))  # the late body is not left for the next test
+
+
+@pytest.mark.parametrize("path", ["/coded-chunked", "/coded-close"])
+async def test_a_response_transfer_coding_other_than_chunked_is_a_bad_gateway(kg: Keygate, path: str) -> None:
+    """Relayed, its body would reach the client still gzip-coded with the coding's label gone (the header is
+    hop-by-hop): RFC 9112 section 6.1 lets a proxy remove a transfer coding only by decoding it."""
+    _, key = await kg.key(name="k", role="admin")
+    answer = await one(kg.proxy_port, get(path, key))
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
 
 
 async def test_a_connection_that_sent_an_unsolicited_response_is_not_reused(
