@@ -50,6 +50,10 @@ log = logging.getLogger("keygate.http")
 MAX_TARGET: Final = 8192  # bytes of the request target
 MAX_FIELD: Final = 8190  # bytes of one header's name plus value
 MAX_HEADERS: Final = 128  # header lines; more is 431
+# Requests read ahead of their answers on one connection (pipelined). Reading pauses while one waits, but
+# one read (up to 256 KiB) can hold thousands of small heads, each parsed into a request of ten times its
+# size; the one that reaches this is the last read: answered with Connection: close, what follows dropped.
+MAX_PIPELINED: Final = 100
 KEEPALIVE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection waits for its next request (nginx's default)
 LINGER: Final = 2.0  # seconds a refused connection still drains what the client sends, so the answer is not reset
 # Request body bytes buffered before reading from the client pauses, and the level at which it resumes.
@@ -98,7 +102,7 @@ _FRAMING_10: Final = ("invalid_request", "An HTTP/1.0 request cannot carry a Tra
 _FRAMING: Final = ("invalid_request", 'A Transfer-Encoding must end with "chunked", once.')
 _METHOD: Final = ("not_implemented", "The request method is not one Keygate recognises.")
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_HOST: Final = ("invalid_request", "An HTTP/1.1 request needs exactly one valid Host header.")
+_BAD_HOST: Final = ("invalid_request", "A request needs exactly one valid Host header (HTTP/1.0: at most one).")
 # RFC 9110 section 7.2 / RFC 3986: an IP-literal or a reg-name (no spaces, no userinfo), then an optional port.
 _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
@@ -483,6 +487,10 @@ class Connection(asyncio.Protocol):
     # -- llhttp callbacks
 
     def on_message_begin(self) -> None:
+        if self._read_last:
+            # After a request that closes the connection (one llhttp reads as keep-alive: MAX_PIPELINED's):
+            # stops the parser; data_received drops the rest unanswered.
+            raise self._stop(Refused(400, "a request after the last one read"))
         self._url.clear()
         self._url_size = 0
         self._headers = []
@@ -540,11 +548,12 @@ class Connection(asyncio.Protocol):
         request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
                           parser.should_upgrade())
         request.head_size = head_size
-        if version == "1.1":
-            hosts = headers.getall("Host", ())
-            if len(hosts) != 1 or _HOST.fullmatch(hosts[0]) is None:
-                # RFC 9112 section 3.2: a MUST. An upstream may route by a Host it reads differently.
-                raise self._stop(Refused(400, "Host missing, repeated or invalid", _BAD_HOST))
+        hosts = headers.getall("Host", ())
+        if len(hosts) != 1 and (hosts or version == "1.1") or hosts and _HOST.fullmatch(hosts[0]) is None:
+            # RFC 9112 section 3.2, a MUST: any request with more than one Host or an invalid one, and an
+            # HTTP/1.1 request without one (HTTP/1.0 may omit it). An upstream may route by a Host it
+            # reads differently.
+            raise self._stop(Refused(400, "Host missing, repeated or invalid", _BAD_HOST))
         if "Transfer-Encoding" in headers:
             if version == "1.0":
                 # RFC 9112 section 6.1: such framing is faulty; a proxy must not guess.
@@ -618,6 +627,11 @@ class Connection(asyncio.Protocol):
         else:
             self._queue.append(request)
             self.pause(_PAUSE_QUEUE)
+            if len(self._queue) >= MAX_PIPELINED:
+                # SECURITY: bounds the memory one connection's pipeline holds (RFC 9112 section 9.3.2: a
+                # client retries what a closed connection left unanswered).
+                request.keep_alive = False
+                self._read_last = True
 
     def _begin(self, request: Request) -> None:
         self._current = request

@@ -675,6 +675,14 @@ case("host", "empty", request("GET", host=b"Host:\r\n"), ok(get()),
 case("host", "with-port", request("GET", host=b"Host: gw.test:8443\r\n"), ok(get()))
 case("host", "ipv6", request("GET", host=b"Host: [::1]:8080\r\n"), ok(get()))
 case("host", "missing-http10", request("GET", version=b"HTTP/1.0", host=b""), ok(get(), closed=True))
+HOST_10_WHY = ("HTTP/1.0 may omit Host, but more than one, or an invalid one, is 400 in any version "
+               "(RFC 9112 section 3.2: 'any request message').")
+case("host", "repeated-different-http10",
+     request("GET", version=b"HTTP/1.0", host=b"Host: evil.example\r\nHost: gw.test\r\n"), refused(BAD),
+     why=HOST_10_WHY)
+case("host", "space-inside-http10", request("GET", version=b"HTTP/1.0", host=b"Host: evil.example a b\r\n"),
+     refused(BAD), why=HOST_10_WHY)
+case("host", "valid-http10", request("GET", version=b"HTTP/1.0", host=HOST), ok(get(), closed=True))
 
 
 # --- smuggling classics ------------------------------------------------------------------------------------------
