@@ -52,6 +52,12 @@ _CELL_OF: Final = {outcome: i * STATUS_CLASSES for i, outcome in enumerate(OUTCO
 _ROW: Final = len(OUTCOMES) * STATUS_CLASSES
 
 
+def keygate_own(target: str) -> bool:
+    """Whether a request target (a path, with or without its query) is in Keygate's own namespace."""
+    return target.startswith(WELL_KNOWN) and (len(target) == _WELL_KNOWN_LENGTH
+                                              or target[_WELL_KNOWN_LENGTH] in _WELL_KNOWN_NEXT)
+
+
 class Gateway:
     """The proxy listener's handler: stages 1-7 (:class:`Authenticator`), then forward and record."""
 
@@ -97,8 +103,7 @@ class Gateway:
         # request at a time, and the next sets its own first: no reset needed).
         REQUEST_ID.set(request_id)
         raw = request.raw_path
-        if raw.startswith(WELL_KNOWN) and self.well_known is not None \
-                and (len(raw) == _WELL_KNOWN_LENGTH or raw[_WELL_KNOWN_LENGTH] in _WELL_KNOWN_NEXT):
+        if self.well_known is not None and keygate_own(raw):
             # Keygate's own endpoints answer for themselves (and write their own log and audit events).
             await self.well_known(request, request_id)
             return
@@ -112,6 +117,11 @@ class Gateway:
             # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
             # target is a malformed request (400) whoever sends it, so no key is looked up.
             request_target = self.targets(request.raw_path)
+            if self.well_known is not None and keygate_own(request_target.path):
+                # SECURITY: Keygate's own endpoint spelled another way ("//.well-known/keygate/whoami",
+                # "/%2Ewell-known/..."): not served (the check above saw another path), and never
+                # forwarded, which would send the upstream a path in Keygate's namespace.
+                raise Denied(Outcome.INVALID_TARGET, "Keygate's own endpoint spelled another way")
             # 1-7. Credential, lookup, status, client IP, allowlist, scope, rate limit.
             await self.authenticator.authenticate(
                 attempt, headers, peer, request.method, request_target.path, started)

@@ -30,8 +30,8 @@ _ANSWERS: Final[dict[Outcome, tuple[int, str, str, str | None]]] = {
         400, "invalid_request",
         "The request path is ambiguous or malformed: a fragment, an encoded slash or backslash, an encoded "
         "control character, path parameters, a bad percent-encoding, letter case that selects another "
-        "route, or a resource name (a path segment that names what a key may act on) with characters other "
-        "than letters, digits and -._~.", None,
+        "route, a resource name (a path segment that names what a key may act on) with characters other "
+        "than letters, digits and -._~, or Keygate's own /.well-known/keygate/ spelled another way.", None,
     ),
     Outcome.INVALID_UPGRADE: (
         400, "invalid_request",

@@ -100,6 +100,10 @@ AMBIGUOUS = [
     ("encoded-tab", "reader", DEPLOY + "%09"),
     ("upper-case", "reader", "/api/servers/prod-2/DEPLOY"),  # case-insensitive upstreams run deploy
     ("mixed-case-escape", "reader", "/api/servers/prod-2/%44eploy"),
+    # Keygate's own endpoints spelled another way: served by neither Keygate nor (with the key's write) the upstream.
+    ("keygate-own-double-slash", "writer", "//.well-known/keygate/revoke"),
+    ("keygate-own-encoded-dot", "writer", "/%2Ewell-known/keygate/revoke"),
+    ("keygate-own-dot-segment", "writer", "/x/../.well-known/keygate/revoke"),
 ]
 
 
