@@ -117,10 +117,12 @@ class Gateway:
             # route table (6) judges exactly what the forward stage (8) sends. An ambiguous
             # target is a malformed request (400) whoever sends it, so no key is looked up.
             request_target = self.targets(request.raw_path)
-            if self.well_known is not None and keygate_own(request_target.path):
+            path = request_target.path
+            if self.well_known is not None and path.startswith("/.") and keygate_own(path.lower()):
                 # SECURITY: Keygate's own endpoint spelled another way ("//.well-known/keygate/whoami",
-                # "/%2Ewell-known/..."): not served (the check above saw another path), and never
-                # forwarded, which would send the upstream a path in Keygate's namespace.
+                # "/%2Ewell-known/...", "/.WELL-KNOWN/..." for a case-insensitive upstream): not served
+                # (the check above saw another path), and never forwarded, which would send the upstream
+                # a path in Keygate's namespace.
                 raise Denied(Outcome.INVALID_TARGET, "Keygate's own endpoint spelled another way")
             # 1-7. Credential, lookup, status, client IP, allowlist, scope, rate limit.
             await self.authenticator.authenticate(

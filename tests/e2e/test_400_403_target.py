@@ -104,6 +104,7 @@ AMBIGUOUS = [
     ("keygate-own-double-slash", "writer", "//.well-known/keygate/revoke"),
     ("keygate-own-encoded-dot", "writer", "/%2Ewell-known/keygate/revoke"),
     ("keygate-own-dot-segment", "writer", "/x/../.well-known/keygate/revoke"),
+    ("keygate-own-upper-case", "writer", "/.WELL-KNOWN/Keygate/revoke"),  # case-insensitive upstreams
 ]
 
 
