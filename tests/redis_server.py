@@ -44,18 +44,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (the port + 10000) is a port, and free too."""
-    while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` free ports whose cluster bus ports (each + 10000) are free too: each pair held bound until
+    all are drawn, so no two nodes are given the same port, nor one node's port another's bus port."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+            port = int(s.getsockname()[1])
+            if port + 10000 > 65535:
                 continue
-        return port
+            bus = socket.socket()
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                bus.close()
+                continue
+            held.append(bus)
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 class RedisServer:
@@ -80,6 +93,9 @@ class RedisServer:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                # (Its port or cluster bus port taken meanwhile: another server may answer on the port.)
+                raise RuntimeError(f"redis-server on port {self.port} exited ({self.process.returncode})")
             try:
                 client = redis.Redis(port=self.port, socket_timeout=1)
                 client.ping()
@@ -110,15 +126,22 @@ class ClusterServers:
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli is not on PATH (Debian: apt-get install redis-tools)")
         self.folder = folder
+        self.masters = masters
         self.replicas_each = replicas_each
         self.servers: list[RedisServer] = []
-        for _ in range(masters * (1 + replicas_each)):
-            node_dir = folder / f"node{len(self.servers)}"
+        self._attempt = 0
+        self._new_servers()
+
+    def _new_servers(self) -> None:
+        self._attempt += 1
+        self.servers = []
+        for i, port in enumerate(free_cluster_ports(self.masters * (1 + self.replicas_each))):
+            node_dir = self.folder / f"try{self._attempt}-node{i}"
             node_dir.mkdir(parents=True)
             self.servers.append(RedisServer(
                 node_dir, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--cluster-replica-validity-factor", "0",
-                port=free_cluster_port(),
+                port=port,
             ))
 
     @property
@@ -131,6 +154,24 @@ class ClusterServers:
         return [f"127.0.0.1:{server.port}" for server in self.servers]
 
     def start(self) -> "ClusterServers":
+        """Started and healthy; a cluster that does not come up is built once more on new ports (it failed
+        once in CI, under the compiled-build test, with no trace of why: the failure now says what each
+        node reported)."""
+        try:
+            self._start_once()
+        except (TimeoutError, RuntimeError, subprocess.CalledProcessError) as first:
+            report = self.report()
+            self.stop()
+            self._new_servers()
+            try:
+                self._start_once()
+            except Exception as second:
+                self.stop()
+                raise RuntimeError(f"the Redis Cluster did not come up twice: {first!r} ({report}); "
+                                   f"then {second!r} ({self.report()})") from second
+        return self
+
+    def _start_once(self) -> None:
         for server in self.servers:
             server.start()
         subprocess.run(
@@ -139,7 +180,27 @@ class ClusterServers:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
         )
         self.wait_until_healthy()
-        return self
+
+    def report(self) -> str:
+        """What each node says of itself: its port, whether it runs, its cluster state and role."""
+        parts = []
+        for server in self.servers:
+            running = server.process is not None and server.process.poll() is None
+            state = role = "?"
+            client = redis.Redis(port=server.port, socket_timeout=1)
+            try:
+                info = client.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                state = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                              if line.startswith("cluster_state:")), "?")
+                found = client.execute_command("ROLE")[0]
+                role = found.decode() if isinstance(found, bytes) else str(found)
+            except redis.RedisError as exc:
+                state = type(exc).__name__
+            finally:
+                client.close()
+            parts.append(f"{server.port}: {'running' if running else 'not running'}, {state}, {role}")
+        return "; ".join(parts)
 
     def wait_until_healthy(self, timeout: float = 30.0) -> None:
         """Until every live node says the cluster is ok and every slot has a live master."""
