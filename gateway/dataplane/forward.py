@@ -123,19 +123,12 @@ def upstream_request_headers(
 ) -> bytes:
     """The header lines that go upstream (without Host and framing), as bytes."""
     headers = request.headers
-    drop = _connection_named(headers, _DROPPED[pass_credentials, pass_method_override, peer_trusted])
-    # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
-    # and the key goes upstream only where a route says pass_credentials.
-    # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
-    # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
-    names = _REQUEST_NAMES
-    lines: list[str] = []
-    for name, value in headers.items():
-        lower = names.get(name)
-        if lower is None:
-            lower = _request_name(name)
-        if lower not in drop and lower is not _IDENTITY:
-            lines.append(f"{name}: {value}\r\n")
+    dropped = _DROPPED[pass_credentials, pass_method_override, peer_trusted]
+    lines = _client_lines(request.pairs, dropped, True)
+    if lines is None:
+        # A Connection header that names more headers (rare): those go too.
+        lines = _client_lines(request.pairs, _connection_named(headers, dropped), False)
+        assert lines is not None
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
@@ -151,6 +144,30 @@ def upstream_request_headers(
                  f"Via: {VIA}\r\nX-Request-Id: {request_id}\r\n")
     # Client values arrived as bytes and were read as latin-1: the same bytes go on.
     return "".join(lines).encode("latin-1") + identity
+
+
+def _client_lines(pairs: list[tuple[str, str]], drop: frozenset[str], plain: bool) -> list[str] | None:
+    """The client's header lines that go upstream: all but those in ``drop`` and identity headers.
+
+    With ``plain``, None on a Connection header that may name more headers than ``drop`` holds (one
+    that is not just "keep-alive" or "close"): ``drop`` must take them in first.
+    """
+    # SECURITY: clients must not be able to forge identity headers (X-Keygate-*),
+    # and the key goes upstream only where a route says pass_credentials.
+    # SECURITY: CGI and WSGI servers read "X_Keygate_Key_Id" as "X-Keygate-Key-Id" (both become
+    # HTTP_X_KEYGATE_KEY_ID), so an underscore spelling is judged as its dash spelling.
+    names = _REQUEST_NAMES
+    lines: list[str] = []
+    for name, value in pairs:
+        lower = names.get(name)
+        if lower is None:
+            lower = _request_name(name)
+        if lower in drop or lower is _IDENTITY:
+            if plain and lower == "connection" and value.lower() not in _PLAIN_CONNECTION:
+                return None
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    return lines
 
 
 # What happens to a response header: kept, dropped (hop-by-hop, or one Keygate sets), or Connection
@@ -178,7 +195,7 @@ def response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> 
         if kind is None:
             kind = _response_name(name)
         if kind == _KEEP:
-            block += name + b": " + value + b"\r\n"
+            block = b"%s%s: %s\r\n" % (block, name, value)  # (compiled: one new bytes object per header)
         elif kind == _CONNECTION and value.lower() not in _PLAIN_CONNECTION_BYTES:
             return _named_response_header_block(headers, answer)  # it names more headers to drop: rare
     return block + _VIA_LINE + answer

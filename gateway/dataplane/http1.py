@@ -61,6 +61,9 @@ BODY_HIGH: Final = 256 * 1024
 BODY_LOW: Final = 64 * 1024
 
 _INF: Final = float("inf")
+# How a request line in each version served ends (see Connection._version_read).
+_HTTP11_END: Final = b" HTTP/1.1\r\n"
+_HTTP10_END: Final = b" HTTP/1.0\r\n"
 _HANDLER_TASK: Final = "keygate-requests"  # the name of every connection's task that runs the handler
 
 # Why reading from a connection is paused: reading resumes only once none is left.
@@ -105,6 +108,39 @@ _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_HOST: Final = ("invalid_request", "A request needs exactly one valid Host header (HTTP/1.0: at most one).")
 # RFC 9110 section 7.2 / RFC 3986: an IP-literal or a reg-name (no spaces, no userinfo), then an optional port.
 _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+
+
+# Status lines made so far, by status: the reason phrase each was made with and the line. One per status
+# (a reason other than the last one's makes the line again), so no upstream can grow it past 900 entries.
+_STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
+
+
+def status_line(status: int, reason: str) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``, made once per status and reason, not per response."""
+    made = _STATUS_LINES.get(status)
+    if made is not None and made[0] == reason:
+        return made[1]
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))
+    _STATUS_LINES[status] = (reason, line)
+    return line
+
+
+# Host values judged so far (most requests repeat a few): bounded, and started over when full.
+_HOSTS_JUDGED: Final[dict[str, bool]] = {}
+_HOSTS_JUDGED_SIZE: Final = 1024
+_HOST_JUDGED_LENGTH: Final = 255  # (a longer value is judged each time, never remembered)
+
+
+def _valid_host(host: str) -> bool:
+    """Whether ``host`` is a valid Host value (``_HOST``), the regex run once per value rather than per request."""
+    valid = _HOSTS_JUDGED.get(host)
+    if valid is None:
+        valid = _HOST.fullmatch(host) is not None
+        if len(host) <= _HOST_JUDGED_LENGTH:
+            if len(_HOSTS_JUDGED) >= _HOSTS_JUDGED_SIZE:
+                _HOSTS_JUDGED.clear()
+            _HOSTS_JUDGED[host] = valid
+    return valid
 
 
 def reason_of(status: int) -> str:
@@ -228,16 +264,20 @@ class Request:
     """One parsed request and the writing of its response."""
 
     __slots__ = ("_conn", "body", "chunked_out", "content_length", "ended", "expect_continue", "head_size",
-                 "headers", "keep_alive", "method", "peer", "raw_path", "started", "status", "upgrade",
+                 "headers", "keep_alive", "method", "pairs", "peer", "raw_path", "started", "status", "upgrade",
                  "version", "bytes_out", "__weakref__")
 
     def __init__(self, conn: Connection, method: str, raw_path: str, version: str,
-                 headers: CIMultiDictProxy[str], keep_alive: bool, upgrade: bool) -> None:
+                 headers: CIMultiDictProxy[str], keep_alive: bool, upgrade: bool,
+                 pairs: list[tuple[str, str]] | None = None) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = raw_path
         self.version = version
         self.headers = headers
+        # The same headers as a list, in the order they came: what is forwarded is read off it (a list is
+        # walked at a fraction of a multidict's cost).
+        self.pairs = pairs if pairs is not None else list(headers.items())
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.peer = conn.peer
@@ -274,8 +314,7 @@ class Request:
         self.status = status
         close = conn.closing_after(self)
         framing = b"Content-Length: %d\r\n" % len(body) if add_length else b""
-        head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
-            status, reason.encode("latin-1", "replace"), header_block, framing, conn.connection_header(self, close))
+        head = b"%s%s%s%s\r\n" % (status_line(status, reason), header_block, framing, conn.connection_header(self, close))
         if self.method == "HEAD" or status in (204, 304):
             body = b""
         self.bytes_out = len(body)
@@ -305,9 +344,8 @@ class Request:
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 close = conn.must_close = True
-        head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
-            status, reason.encode("latin-1", "replace"), header_block, framing, conn.connection_header(self, close))
-        conn.write(head)
+        conn.write(b"%s%s%s%s\r\n" % (status_line(status, reason), header_block, framing,
+                                      conn.connection_header(self, close)))
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -365,6 +403,7 @@ class Connection(asyncio.Protocol):
         self._next_due = False  # a queued request waits for the client to take the last answer
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
+        self._read: bytes | None = None  # the read being parsed, while a head may have begun at its start
         self._url: list[bytes] = []
         self._url_size = 0
         self._headers: list[tuple[str, str]] = []
@@ -456,12 +495,15 @@ class Connection(asyncio.Protocol):
         self._head_completed = False
         fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
         self._messages_in_read = 0
+        self._read = data if fresh else None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._read = None
             self._upgraded(data[upgrade.args[0]:])
             return
         except httptools.HttpParserError as exc:
+            self._read = None
             if self._read_last and self._parsing is None:
                 # Bytes after a request that closes the connection (llhttp: "Data after Connection:
                 # close"): never read, so never answered (RFC 9112 section 9.6).
@@ -472,6 +514,7 @@ class Connection(asyncio.Protocol):
             self._refusal = None
             self._refuse(refusal)
             return
+        self._read = None  # (a read may be large: not kept past its parse)
         if self.state == _HEAD and not self._head_completed:
             # A head still arriving: count its bytes, read by read (its parts are counted exactly once it completes).
             self._raw_head += len(data)
@@ -529,8 +572,8 @@ class Connection(asyncio.Protocol):
         self._head_completed = True
         self.state = _BODY
         self.deadline = _INF
-        version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
+        version = self._version_read(len(method))
         raw_path = b"".join(self._url).decode("latin-1")
         if version != "1.1" and version != "1.0":
             raise self._stop(Refused(505, "HTTP version not supported"))
@@ -544,12 +587,13 @@ class Connection(asyncio.Protocol):
         if head_size > self.max_header_size:
             # SECURITY: bounds the memory a client can pin with one head, and what reaches the upstream.
             raise self._stop(Refused(431, "request line and headers over max_header_size"))
-        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        pairs = self._headers
+        headers = CIMultiDictProxy(CIMultiDict(pairs))
         request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
-                          parser.should_upgrade())
+                          parser.should_upgrade(), pairs)
         request.head_size = head_size
         hosts = headers.getall("Host", ())
-        if len(hosts) != 1 and (hosts or version == "1.1") or hosts and _HOST.fullmatch(hosts[0]) is None:
+        if len(hosts) != 1 and (hosts or version == "1.1") or hosts and not _valid_host(hosts[0]):
             # RFC 9112 section 3.2, a MUST: any request with more than one Host or an invalid one, and an
             # HTTP/1.1 request without one (HTTP/1.0 may omit it). An upstream may route by a Host it
             # reads differently.
@@ -584,6 +628,26 @@ class Connection(asyncio.Protocol):
         if not request.keep_alive:
             self._read_last = True  # its answer closes the connection: nothing after it is read
         self._enqueue(request)
+
+    def _version_read(self, method_size: int) -> str:
+        """The HTTP version of the request whose head just completed.
+
+        Read off its request line when the head began at the start of this read (most do): the line
+        llhttp accepted is the method, a space, the target (the bytes on_url counted), a space, the
+        version and CRLF, so the version's place is known without a search. Leading empty lines
+        (which llhttp skips) put something else there, and so does an HTTP/0.9 line, which has no
+        version (its CRLF stands where the space would). Otherwise, and for any other head, the
+        parser's own figures, at several times the cost (a string formatted per request).
+        """
+        read = self._read
+        if read is not None and not self._messages_in_read:
+            end = method_size + self._url_size + 10  # the end of " HTTP/1.x"
+            version = read[end - 9:end + 2]
+            if version == _HTTP11_END:
+                return "1.1"
+            if version == _HTTP10_END:
+                return "1.0"
+        return self.parser.get_http_version()
 
     def on_body(self, data: bytes) -> None:
         request = self._parsing

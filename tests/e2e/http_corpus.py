@@ -632,6 +632,12 @@ for name, version, status in [
 ]:
     case("version", name, request("GET", version=version), refused(status), why=VERSION_WHY)
 case("version", "missing", b"GET /api/items\r\n" + HOST + AUTH + b"\r\n", refused(one_of(400, 505)), why=VERSION_WHY)
+# The listener reads the version off the request line when a head begins a read (Connection._version_read):
+# an HTTP/0.9 line whose target looks like a version is still 0.9, and a request after another in the same
+# read has its own version (an HTTP/1.0 one may omit Host; read as 1.1 it would be 400).
+case("version", "http-0.9-target-ending-in-a-version", b"GET /api/HTTP/1.1\r\n\r\n", refused(505), why=VERSION_WHY)
+case("pipelined", "get-then-http10-without-host", request("GET", "/api/a")
+     + b"GET /api/b HTTP/1.0\r\n" + AUTH + b"\r\n", ok(get("/api/a"), get("/api/b"), closed=True))
 
 
 # --- sizes ------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.dataplane.http1 import _HANDLER_TASK, BODY_HIGH, BodyTimeout, Request
+from gateway.dataplane.http1 import _HANDLER_TASK, BODY_HIGH, BodyTimeout, Request, _valid_host, status_line
 from gateway.dataplane.listener import ProxyListener
 from gateway.dataplane.sweeper import Sweeper
 from tests.clocks import FakeClock
@@ -393,3 +393,28 @@ async def test_a_cancelled_error_of_the_handler_s_own_after_its_answer_ends_only
     writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
     assert [(await read_response(reader))[2] for _ in range(2)] == [b"/first", b"/second"]
     writer.close()
+
+
+@pytest.mark.parametrize(("answers", "expected"), [
+    # (status, reason) in turn: each line is its own reason's, whatever the status's last line was.
+    ([(200, "OK")], [b"HTTP/1.1 200 OK\r\n"]),
+    ([(200, "OK"), (200, "Fine"), (200, "OK")],
+     [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 Fine\r\n", b"HTTP/1.1 200 OK\r\n"]),
+    ([(404, "Not Found"), (200, "OK"), (404, "Gone Away")],
+     [b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 404 Gone Away\r\n"]),
+    ([(599, "caf\u00e9"), (599, "")], [b"HTTP/1.1 599 caf\xe9\r\n", b"HTTP/1.1 599 \r\n"]),
+])
+def test_status_lines_are_remembered_per_status_and_reason(
+        answers: list[tuple[int, str]], expected: list[bytes]) -> None:
+    assert [status_line(status, reason) for status, reason in answers] == expected
+
+
+@pytest.mark.parametrize(("host", "valid"), [
+    ("gw.test", True), ("127.0.0.1:8080", True), ("[::1]:443", True), ("", True),
+    ("evil.example a b", False), ("user@host", False), ("host:port", False), ("[::1", False),
+])
+def test_host_values_are_judged_alike_the_first_time_and_after(host: str, valid: bool) -> None:
+    # Judged, then remembered: the second answer is the first's, whatever else was judged between.
+    assert _valid_host(host) is valid
+    assert _valid_host("other.example") is True
+    assert _valid_host(host) is valid
