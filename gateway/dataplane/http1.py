@@ -111,8 +111,10 @@ _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)
 
 
 # Status lines made so far, by status: the reason phrase each was made with and the line. One per status
-# (a reason other than the last one's makes the line again), so no upstream can grow it past 900 entries.
+# (a reason other than the last one's makes the line again) and only short reasons (an upstream's may be
+# long), so no upstream can grow it past 900 short entries.
 _STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
+_STATUS_REASON_KEPT: Final = 64
 
 
 def status_line(status: int, reason: str) -> bytes:
@@ -121,7 +123,8 @@ def status_line(status: int, reason: str) -> bytes:
     if made is not None and made[0] == reason:
         return made[1]
     line = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))
-    _STATUS_LINES[status] = (reason, line)
+    if len(reason) <= _STATUS_REASON_KEPT:
+        _STATUS_LINES[status] = (reason, line)
     return line
 
 
@@ -404,6 +407,7 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
         self._read: bytes | None = None  # the read being parsed, while a head may have begun at its start
+        self._head_read: bytes | None = None  # the read the current head began at the start of (if it did)
         self._url: list[bytes] = []
         self._url_size = 0
         self._headers: list[tuple[str, str]] = []
@@ -499,11 +503,11 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._read = None
+            self._read = self._head_read = None
             self._upgraded(data[upgrade.args[0]:])
             return
         except httptools.HttpParserError as exc:
-            self._read = None
+            self._read = self._head_read = None
             if self._read_last and self._parsing is None:
                 # Bytes after a request that closes the connection (llhttp: "Data after Connection:
                 # close"): never read, so never answered (RFC 9112 section 9.6).
@@ -514,7 +518,7 @@ class Connection(asyncio.Protocol):
             self._refusal = None
             self._refuse(refusal)
             return
-        self._read = None  # (a read may be large: not kept past its parse)
+        self._read = self._head_read = None  # (a read may be large: not kept past its parse)
         if self.state == _HEAD and not self._head_completed:
             # A head still arriving: count its bytes, read by read (its parts are counted exactly once it completes).
             self._raw_head += len(data)
@@ -537,6 +541,9 @@ class Connection(asyncio.Protocol):
         self._url.clear()
         self._url_size = 0
         self._headers = []
+        # This head began at the start of the read being parsed (after any empty lines) only if no message
+        # ended in it before: whatever came earlier in the read would be another message's.
+        self._head_read = self._read if not self._messages_in_read else None
         self._head_size = 0
         if self.state != _HEAD:
             self.state = _HEAD
@@ -632,15 +639,17 @@ class Connection(asyncio.Protocol):
     def _version_read(self, method_size: int) -> str:
         """The HTTP version of the request whose head just completed.
 
-        Read off its request line when the head began at the start of this read (most do): the line
-        llhttp accepted is the method, a space, the target (the bytes on_url counted), a space, the
-        version and CRLF, so the version's place is known without a search. Leading empty lines
-        (which llhttp skips) put something else there, and so does an HTTP/0.9 line, which has no
-        version (its CRLF stands where the space would). Otherwise, and for any other head, the
-        parser's own figures, at several times the cost (a string formatted per request).
+        Read off its request line when the head began at the start of this read and ended in it (most
+        do): the line llhttp accepted is the method, a space, the target (the bytes on_url counted), a
+        space, the version and CRLF, so the version's place is known without a search. Leading empty
+        lines (which llhttp skips) put something else there, and so does an HTTP/0.9 line, which has
+        no version (its CRLF stands where the space would). Any other head asks the parser, at several
+        times the cost (a string formatted per request): one that began in an earlier read (even by
+        its method alone: the place would be off by as much, and could fall on a header's end) or
+        after another message in this one.
         """
         read = self._read
-        if read is not None and not self._messages_in_read:
+        if read is not None and self._head_read is read:
             end = method_size + self._url_size + 10  # the end of " HTTP/1.x"
             version = read[end - 9:end + 2]
             if version == _HTTP11_END:

@@ -418,3 +418,49 @@ def test_host_values_are_judged_alike_the_first_time_and_after(host: str, valid:
     assert _valid_host(host) is valid
     assert _valid_host("other.example") is True
     assert _valid_host(host) is valid
+
+
+FIRST = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(("reads", "answers"), [
+    # An HTTP/0.9 line (no version: 505) whose method came at the end of the read before, after a whole
+    # request: read as if its head began at the second read's start, its version's place would fall on
+    # its first header's end, " HTTP/1.x\r\n" (found by a review: it was forwarded as 1.0 or 1.1).
+    ([FIRST + b"GET ", b"/x\r\nX: HTTP/1.0\r\nHost: x\r\n\r\n"], ["200 /a 1.1", "505"]),
+    ([FIRST + b"GET ", b"/x\r\nX: HTTP/1.1\r\nHost: x\r\n\r\n"], ["200 /a 1.1", "505"]),
+    ([FIRST + b"POST ", b"/x\r\nXY: HTTP/1.1\r\nHost: x\r\n\r\n"], ["200 /a 1.1", "505"]),
+    # Heads split anywhere are read with their own version.
+    ([b"GET /b HTTP/1.", b"0\r\nHost: x\r\n\r\n"], ["200 /b 1.0"]),
+    ([b"GET /b", b" HTTP/1.0\r\n\r\n"], ["200 /b 1.0"]),
+    ([FIRST + b"GET /b HTTP/1.0\r\n", b"\r\n"], ["200 /a 1.1", "200 /b 1.0"]),
+    ([FIRST + b"GET ", b"/b HTTP/1.0\r\n\r\n"], ["200 /a 1.1", "200 /b 1.0"]),
+    ([b"\r\n", b"GET /b HTTP/1.0\r\n\r\n"], ["200 /b 1.0"]),
+    ([b"\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"], ["200 /b 1.1"]),
+])
+async def test_a_request_s_version_is_its_own_however_its_bytes_are_split(
+        serve: Callable[[Handle], Awaitable[Server]], reads: list[bytes], answers: list[str]) -> None:
+    async def handle(request: Request, server: Server) -> None:
+        request.send(200, "OK", b"", f"{request.raw_path} {request.version}".encode())
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    got: list[str] = []
+    for data in reads:
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # each write its own read
+    for _ in answers:
+        status, _, body = await read_response(reader)
+        got.append(f"{status} {body.decode()}" if status == 200 else str(status))
+    assert got == answers
+    writer.close()
+
+
+def test_long_reason_phrases_are_not_remembered() -> None:
+    """An upstream's reason phrase has no length limit: only short ones are kept, or 900 statuses with
+    100 KB reasons would hold 90 MB (found by a review)."""
+    from gateway.dataplane import http1
+    long_reason = "x" * 100_000
+    assert status_line(598, long_reason) == b"HTTP/1.1 598 " + long_reason.encode() + b"\r\n"
+    assert sum(len(line) for _, line in http1._STATUS_LINES.values()) < 900 * 100
