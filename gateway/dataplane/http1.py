@@ -406,8 +406,8 @@ class Connection(asyncio.Protocol):
         self._next_due = False  # a queued request waits for the client to take the last answer
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
-        self._read: bytes | None = None  # the read being parsed, while a head may have begun at its start
-        self._head_read: bytes | None = None  # the read the current head began at the start of (if it did)
+        self._read: bytes | None = None  # the read being parsed (only while it is)
+        self._head_read: bytes | None = None  # that read, if the current head began at its start
         self._url: list[bytes] = []
         self._url_size = 0
         self._headers: list[tuple[str, str]] = []
@@ -499,7 +499,7 @@ class Connection(asyncio.Protocol):
         self._head_completed = False
         fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
         self._messages_in_read = 0
-        self._read = data if fresh else None
+        self._read = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -648,8 +648,8 @@ class Connection(asyncio.Protocol):
         its method alone: the place would be off by as much, and could fall on a header's end) or
         after another message in this one.
         """
-        read = self._read
-        if read is not None and self._head_read is read:
+        read = self._head_read  # (None once the read it began in is parsed)
+        if read is not None:
             end = method_size + self._url_size + 10  # the end of " HTTP/1.x"
             version = read[end - 9:end + 2]
             if version == _HTTP11_END:
