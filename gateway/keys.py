@@ -117,6 +117,11 @@ def _escaped(char: str) -> str:
     return "".join(f"%{b:02X}" for b in data)
 
 
+# Bounds of KeyParser's memo of texts that hold no key: characters per text, texts.
+_UNCHANGED_TEXT: Final = 256
+_UNCHANGED_TEXTS: Final = 4096
+
+
 class KeyParser:
     """Parses presented keys against the configured prefixes, without I/O."""
 
@@ -127,6 +132,11 @@ class KeyParser:
         # characters missing (still all but those of a secret).
         alternatives = "|".join(re.escape(p) for p in sorted(self._prefixes, key=len, reverse=True))
         self._key_in_text = re.compile(rf"({alternatives})([0-9A-Za-z]{{{ID_LENGTH}}})[0-9A-Za-z]{{{REDACT_TAIL},}}")
+        # Texts redact() left as they were: a request record's path is redacted per request, and most
+        # requests repeat a few paths. Only such texts are kept (nothing here is, or holds, a key: each is
+        # stored and logged as it is), short ones, and a full set starts over, so texts sent to fill it
+        # cost memory for a moment, never more than this bounds.
+        self._unchanged: set[str] = set()
 
     def redact(self, text: str) -> str:
         """``text`` with every key in it replaced by its id: for paths and queries that are stored or logged.
@@ -135,6 +145,17 @@ class KeyParser:
         still most of a secret), percent-encoded too, and a whole key body whose
         checksum shows it is a key without its prefix.
         """
+        unchanged = self._unchanged
+        if text in unchanged:
+            return text
+        shown = self._redacted(text)
+        if shown == text and len(text) <= _UNCHANGED_TEXT:
+            if len(unchanged) >= _UNCHANGED_TEXTS:
+                unchanged.clear()
+            unchanged.add(text)
+        return shown
+
+    def _redacted(self, text: str) -> str:
         # Most texts hold no prefix, no escape and no 50-character word: a few substring
         # tests and no regex (this runs per request).
         if "%" in text:

@@ -268,7 +268,7 @@ class Request:
 
     __slots__ = ("_conn", "body", "chunked_out", "content_length", "ended", "expect_continue", "head_size",
                  "headers", "keep_alive", "method", "pairs", "peer", "raw_path", "started", "status", "upgrade",
-                 "version", "bytes_out", "__weakref__")
+                 "version", "bytes_out", "_host", "_host_read", "__weakref__")
 
     def __init__(self, conn: Connection, method: str, raw_path: str, version: str,
                  headers: CIMultiDictProxy[str], keep_alive: bool, upgrade: bool,
@@ -281,6 +281,9 @@ class Request:
         # The same headers as a list, in the order they came: what is forwarded is read off it (a list is
         # walked at a fraction of a multidict's cost).
         self.pairs = pairs if pairs is not None else list(headers.items())
+        # The Host header's value once the connection has read it (it checks every request's): not looked up twice.
+        self._host: str | None = None
+        self._host_read = False
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.peer = conn.peer
@@ -297,7 +300,7 @@ class Request:
     @property
     def host(self) -> str:
         """The Host header, or the address the client connected to."""
-        host = self.headers.get("Host")
+        host = self._host if self._host_read else self.headers.get("Host")
         return host if host is not None else self._conn.local
 
     @property
@@ -605,6 +608,8 @@ class Connection(asyncio.Protocol):
             # HTTP/1.1 request without one (HTTP/1.0 may omit it). An upstream may route by a Host it
             # reads differently.
             raise self._stop(Refused(400, "Host missing, repeated or invalid", _BAD_HOST))
+        request._host = hosts[0] if hosts else None
+        request._host_read = True
         if "Transfer-Encoding" in headers:
             if version == "1.0":
                 # RFC 9112 section 6.1: such framing is faulty; a proxy must not guess.

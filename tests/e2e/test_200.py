@@ -52,6 +52,17 @@ async def test_forwards_with_identity_headers(http: aiohttp.ClientSession, gatew
     assert response.headers["X-Request-Id"] == h["x-request-id"][0]
 
 
+async def test_the_host_the_client_named_goes_upstream_as_x_forwarded_host(
+        http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """X-Forwarded-Host is the Host the client sent (not the address it connected to); Host is the upstream's."""
+    _, key = await gateway.key(name="ci", role="admin")
+    response, body = await echo(http, gateway, key, headers={"Host": "api.example.test:8443"})
+    assert response.status == 200
+    h = upstream_headers(body)
+    assert h["x-forwarded-host"] == ["api.example.test:8443"]
+    assert h["host"] != ["api.example.test:8443"]
+
+
 async def test_client_identity_headers_are_dropped(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """X-Keygate-* sent by the client never reach the upstream; the real ones do."""
     record, key = await gateway.key(name="ci", role="admin")

@@ -164,6 +164,33 @@ def test_redact_shows_keys_as_their_ids(template: str, shown: str) -> None:
     assert key.secret not in parser.redact(text)
 
 
+@pytest.mark.parametrize(
+    "template",
+    ["/x/{key}", "/x?key={escaped}", "/x/{body}", "/x/{typo}", "/x?q=%00", "/x/plain", "/x/{long}"],
+    ids=["key", "percent-encoded-key", "prefix-cut-off", "bad-checksum", "escaped-nul", "plain", "long-plain"],
+)
+def test_redact_answers_every_time_as_the_first(template: str) -> None:
+    """Texts redaction left alone are remembered (a record's path is redacted per request); one it changed
+    never is: the same text, asked for again, comes back exactly as the first time, keys redacted."""
+    key = generate("kg_")
+    full = key.full
+    text = template.format(key=full, escaped="".join(f"%{ord(c):02X}" for c in full), body=full[3:],
+                           typo=full[:-1] + ("A" if full[-1] != "A" else "B"), long="a/" * 200)
+    parser = KeyParser(["kg_"])
+    first = KeyParser(["kg_"]).redact(text)
+    assert [parser.redact(text) for _ in range(3)] == [first] * 3
+    assert key.secret not in first
+
+
+def test_redact_remembers_a_bounded_number_of_texts() -> None:
+    """Paths sent to fill the memo of key-free texts cost memory for a moment, never more than its bound."""
+    parser = KeyParser(["kg_"])
+    for i in range(3 * keys._UNCHANGED_TEXTS):
+        assert parser.redact(f"/x/{i}") == f"/x/{i}"
+        assert len(parser._unchanged) <= keys._UNCHANGED_TEXTS
+    assert parser.redact("/" + "a" * keys._UNCHANGED_TEXT) not in parser._unchanged
+
+
 def test_redact_keeps_the_longest_prefix() -> None:
     """Of two prefixes ending alike ("kga_" and "a_"), a key of the longer one is shown with all of it."""
     key = generate("kga_")
