@@ -45,12 +45,15 @@ class RateLimitSpec:
     seconds_per_token: float = field(init=False, compare=False, repr=False)
     # The RateLimit-Policy header's value (IETF httpapi draft), the same for every request of a key.
     policy: str = field(init=False, compare=False, repr=False)
+    # That header's line as the proxy writes it, encoded once.
+    policy_line: bytes = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         capacity = self.burst if self.burst is not None else self.limit
         object.__setattr__(self, "capacity", capacity)
         object.__setattr__(self, "seconds_per_token", self.window / self.limit)
         object.__setattr__(self, "policy", f'"key";q={capacity};w={int(self.window)}')
+        object.__setattr__(self, "policy_line", f"RateLimit-Policy: {self.policy}\r\n".encode())
 
     @property
     def refill_per_second(self) -> float:

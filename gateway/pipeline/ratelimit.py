@@ -59,12 +59,27 @@ class RateLimited(Denied):
 
 
 class _Bucket:
-    __slots__ = ("spec", "tokens", "stamp")
+    """One key's tokens, with its spec's figures copied in (read per request: a spec's are slower to get)."""
+
+    __slots__ = ("spec", "tokens", "stamp", "capacity", "limit", "window", "seconds_per_token")
 
     def __init__(self, spec: RateLimitSpec, tokens: float, stamp: float) -> None:
-        self.spec = spec
         self.tokens = tokens
         self.stamp = stamp
+        self.spec = spec
+        self.capacity = float(spec.capacity)
+        self.limit = float(spec.limit)
+        self.window = spec.window
+        self.seconds_per_token = spec.seconds_per_token
+
+    def respec(self, spec: RateLimitSpec) -> None:
+        """The key's limit changed: it keeps what it has, but never more than the new capacity allows."""
+        self.spec = spec
+        self.capacity = float(spec.capacity)
+        self.limit = float(spec.limit)
+        self.window = spec.window
+        self.seconds_per_token = spec.seconds_per_token
+        self.tokens = min(self.tokens, self.capacity)
 
 
 class LocalTokenBuckets:
@@ -87,28 +102,25 @@ class LocalTokenBuckets:
     def take_now(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
         """Charge one token to ``key_id``'s bucket if it holds a whole one."""
         now = self._clock()
-        capacity = spec.capacity
         bucket = self._buckets.get(key_id)
         if bucket is None:
-            bucket = self._buckets[key_id] = _Bucket(spec, float(capacity), now)
+            bucket = self._buckets[key_id] = _Bucket(spec, float(spec.capacity), now)
             if len(self._buckets) > self._max_keys:
                 self._shrink(now, keep=key_id)
         else:
             self._buckets.move_to_end(key_id)
             if bucket.spec is not spec:
-                # The key's limit changed: it keeps what it has, but never
-                # more than the new capacity allows.
-                bucket.spec = spec
-                bucket.tokens = min(bucket.tokens, capacity)
+                bucket.respec(spec)
             elapsed = now - bucket.stamp
             if elapsed > 0:
-                bucket.tokens = min(capacity, bucket.tokens + elapsed * spec.limit / spec.window)
+                bucket.tokens = min(bucket.capacity, bucket.tokens + elapsed * bucket.limit / bucket.window)
             bucket.stamp = now
 
-        allowed = bucket.tokens >= 1.0 - _EPSILON
+        tokens = bucket.tokens
+        allowed = tokens >= 1.0 - _EPSILON
         if allowed:
-            bucket.tokens = max(0.0, bucket.tokens - 1.0)
-        return bucket_decision(allowed, spec, bucket.tokens)
+            tokens = bucket.tokens = max(0.0, tokens - 1.0)
+        return _decision(allowed, spec, tokens, bucket.capacity, bucket.seconds_per_token)
 
     def _shrink(self, now: float, *, keep: str) -> None:
         """Bring the bucket count back under ``max_keys``.
@@ -135,8 +147,12 @@ class LocalTokenBuckets:
 
 def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLimitDecision:
     """The decision for a bucket left holding ``tokens``."""
-    seconds_per_token = spec.seconds_per_token
-    reset = max(0, ceil((spec.capacity - tokens) * seconds_per_token - _EPSILON))
+    return _decision(allowed, spec, tokens, float(spec.capacity), spec.seconds_per_token)
+
+
+def _decision(allowed: bool, spec: RateLimitSpec, tokens: float, capacity: float,
+              seconds_per_token: float) -> RateLimitDecision:
+    reset = max(0, ceil((capacity - tokens) * seconds_per_token - _EPSILON))
     if allowed:
         return new_tuple(RateLimitDecision, (True, spec, int(tokens + _EPSILON), reset, None, False))
     retry_after = max(1, ceil((1.0 - tokens) * seconds_per_token - _EPSILON))
@@ -145,11 +161,12 @@ def bucket_decision(allowed: bool, spec: RateLimitSpec, tokens: float) -> RateLi
 
 def ratelimit_block(decision: RateLimitDecision) -> bytes:
     """:func:`ratelimit_headers` of an allowed request as header lines, built as bytes (once per request)."""
-    block = b'RateLimit-Policy: %s\r\nRateLimit: "key";r=%d;t=%d\r\n' % (
-        decision.spec.policy.encode(), decision.remaining, decision.reset)
-    if decision.retry_after is not None:
-        block += b"Retry-After: %d\r\n" % decision.retry_after
-    if decision.degraded:
+    # Unpacked at once: each field read by name would be a lookup of its own (compiled, a tuple's items are not).
+    _allowed, spec, remaining, reset, retry_after, degraded = decision
+    block = b'%sRateLimit: "key";r=%d;t=%d\r\n' % (spec.policy_line, remaining, reset)
+    if retry_after is not None:
+        block += b"Retry-After: %d\r\n" % retry_after
+    if degraded:
         block += _DEGRADED_LINE
     return block
 

@@ -163,6 +163,27 @@ def test_a_changed_spec_keeps_tokens_capped_at_the_new_capacity(
     assert [d.allowed for d in decisions] == [True] * allowed_after_change + [False]
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "elapsed", "allowed_after"),
+    [
+        ("10/minute", "600/minute", 1.0, 10),  # refilled at the new rate, 10 a second
+        ("600/minute", "10/minute", 6.0, 1),  # and at the new, slower one: 1 in 6 s, not 60
+        ("10/minute", "10/second; burst=20", 1.5, 15),  # up to the new capacity, not the old one
+    ],
+)
+def test_a_changed_spec_refills_at_its_own_rate(
+    buckets: LocalTokenBuckets, clock: FakeClock, first: str, second: str, elapsed: float, allowed_after: int,
+) -> None:
+    """Once a key's limit changed, its bucket refills at the new rate and up to the new capacity."""
+    old, new = parse_rate_limit(first), parse_rate_limit(second)
+    drain(buckets, KEY, old, old.capacity)
+    assert drain(buckets, KEY, new, 1)[0].allowed is False  # the change alone gives nothing back
+    clock.advance(elapsed)
+    decisions = drain(buckets, KEY, new, allowed_after + 1)
+    assert [d.allowed for d in decisions] == [True] * allowed_after + [False]
+    assert decisions[0].remaining == allowed_after - 1 and decisions[0].spec is new
+
+
 def test_eviction_keeps_the_number_of_buckets_bounded(clock: FakeClock) -> None:
     """However many keys come by, no more than max_keys buckets are kept."""
     buckets = LocalTokenBuckets(clock=clock, max_keys=10)
