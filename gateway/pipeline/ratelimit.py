@@ -63,17 +63,20 @@ class _Bucket:
 
     __slots__ = ("spec", "tokens", "stamp", "capacity", "limit", "window", "seconds_per_token")
 
+    spec: RateLimitSpec
+    capacity: float
+    limit: float
+    window: float
+    seconds_per_token: float
+
     def __init__(self, spec: RateLimitSpec, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
-        self.spec = spec
-        self.capacity = float(spec.capacity)
-        self.limit = float(spec.limit)
-        self.window = spec.window
-        self.seconds_per_token = spec.seconds_per_token
+        self.respec(spec)
 
     def respec(self, spec: RateLimitSpec) -> None:
-        """The key's limit changed: it keeps what it has, but never more than the new capacity allows."""
+        """Take ``spec``'s figures; the tokens held never exceed its capacity (a key whose limit changed
+        keeps what it has, up to that)."""
         self.spec = spec
         self.capacity = float(spec.capacity)
         self.limit = float(spec.limit)
