@@ -21,6 +21,7 @@ from .manage.audit import AuditPruner, utcnow
 from .cache.local import KeyCache
 from .config.schema import Settings
 from .dataplane.forward import Forwarder
+from .dataplane.tunnels import TunnelGuard
 from .cache.change_feed import ChangeWatcher
 from .keys import KeyParser
 from .cache.notices import PROPAGATION_BUCKETS, ChangePublisher, ChangeSubscriber
@@ -171,8 +172,13 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         # Every timeout of the proxy listener and its upstream connections runs on this one timer.
         sweeper = Sweeper(asyncio.get_running_loop())
         stack.callback(sweeper.close)
-        forwarder = Forwarder(sweeper, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout)
+        # Open WebSocket tunnels are held to their keys: a change the cache hears of re-checks them.
+        tunnels = TunnelGuard(lookup.current)
+        cache.watchers.append(tunnels.changed)
+        forwarder = Forwarder(sweeper, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout,
+                              tunnels=tunnels)
         stack.callback(forwarder.close)
+        stack.push_async_callback(tunnels.close)
 
         recorder = Recorder(store, flush_interval=settings.recorder.flush_interval,
                             max_buffer=settings.recorder.max_buffer, logger=logging.getLogger("keygate.recorder"),

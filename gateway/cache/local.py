@@ -34,6 +34,9 @@ class KeyCache(Generic[V]):
         # Bumped by every invalidation: a fill that read the store before an
         # invalidation must not cache what it read (see ``put``).
         self.generation = 0
+        # Told of every invalidation: the key id, or None when anything may have changed
+        # (what else holds on to a verified key: an open WebSocket tunnel, say).
+        self.watchers: list[Callable[[str | None], None]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,12 +95,16 @@ class KeyCache(Generic[V]):
         self.generation += 1
         for digest in self._by_id.pop(key_id, ()):
             self._entries.pop(digest, None)
+        for watcher in self.watchers:
+            watcher(key_id)
 
     def clear(self) -> None:
         self.generation += 1
         self._entries.clear()
         self._by_id.clear()
         self._negative.clear()
+        for watcher in self.watchers:
+            watcher(None)
 
     def _drop(self, digest: str) -> None:
         entry = self._entries.pop(digest, None)

@@ -9,13 +9,14 @@ buffered whole, with the framing they came with: a Content-Length body goes
 on with that length, a chunked one chunked. A WebSocket handshake that the
 upstream accepts turns the connection into a tunnel: bytes relayed both
 ways untouched, until either side closes or both are idle for the
-upstream's ``timeout``.
+upstream's ``timeout``, or its key no longer admits it (:mod:`.tunnels`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ from .client_gone import ClientGone
 from .http1 import Body, BodyTimeout, MalformedBody, Request, reason_of
 from .latency import Histogram
 from .sweeper import Sweeper
+from .tunnels import Admission, TunnelGuard
 from .upstream_pool import BadResponse, ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
     UpstreamError
 
@@ -227,10 +229,13 @@ class _Upstream:
 
 
 class Forwarder:
-    def __init__(self, sweeper: Sweeper, *, max_body_size: int, client_timeout: float) -> None:
+    def __init__(self, sweeper: Sweeper, *, max_body_size: int, client_timeout: float,
+                 tunnels: TunnelGuard | None = None) -> None:
         self.sweeper = sweeper
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
+        # Open WebSocket tunnels by key: ended when the key no longer admits them (see .tunnels).
+        self.tunnels = tunnels
         self._upstreams: dict[str, _Upstream] = {}
 
     @property
@@ -405,11 +410,14 @@ class Forwarder:
             return Denied(Outcome.UPSTREAM_UNAVAILABLE, "connect timeout")
         return Denied(Outcome.UPSTREAM_UNAVAILABLE, exc.kind)
 
-    async def websocket(self, request: Request, target: Target, path: str, headers: bytes, answer: bytes) -> None:
+    async def websocket(self, request: Request, target: Target, path: str, headers: bytes, answer: bytes,
+                        admission: Admission | None = None, expires_at: float = math.inf) -> None:
         """Relay a WebSocket handshake; on the upstream's 101, tunnel bytes both ways until either side closes.
 
         Denied(INVALID_UPGRADE) for a handshake that could not complete with the client (not a GET,
         no ``Connection: Upgrade``, no valid key, another version), before anything is opened upstream.
+        The tunnel also ends at ``expires_at`` (epoch seconds: its key's expiry) and, with an
+        ``admission`` and a TunnelGuard, once its key no longer admits it.
         """
         # SECURITY: checked first, or the upstream would run its handler for a request that was
         # judged as another method or that fails with the client.
@@ -428,8 +436,17 @@ class Forwarder:
         block = b"".join([name + b": " + value + b"\r\n" for name, value in response.headers
                           if name.lower() not in _ANSWERED])
         request.switch(b"HTTP/1.1 101 Switching Protocols\r\n%s%s\r\n" % (block, answer))
-        tunnel = Tunnel(request, conn, response.upgraded, idle=pool.read_timeout)
-        await tunnel.closed
+        ends = self.sweeper.time() + (expires_at - time.time()) if expires_at != math.inf else math.inf
+        tunnel = Tunnel(request, conn, response.upgraded, idle=pool.read_timeout, ends=ends)
+        guard = self.tunnels
+        if guard is not None and admission is not None:
+            guard.opened(tunnel, admission)
+            try:
+                await tunnel.closed
+            finally:
+                guard.closed(tunnel, admission.key_id)
+        else:
+            await tunnel.closed
 
 
 def valid_handshake(request: Request) -> bool:
@@ -451,14 +468,16 @@ def valid_handshake(request: Request) -> bool:
 class Tunnel:
     """Bytes both ways between a client and an upstream connection, with flow control and an idle timeout."""
 
-    def __init__(self, request: Request, upstream: UpstreamConnection, early_upstream: bytes, *, idle: float) -> None:
+    def __init__(self, request: Request, upstream: UpstreamConnection, early_upstream: bytes, *, idle: float,
+                 ends: float = math.inf) -> None:
         self.client = request.conn
         self.upstream = upstream
         self.sweeper = upstream.sweeper
         self.loop = upstream.loop
         self.idle = idle
+        self.ends = ends  # sweeper time at which it ends whatever flows (its key's expiry)
         self.closed = self.loop.create_future()
-        self.deadline = self.sweeper.time() + idle
+        self.deadline = min(self.sweeper.time() + idle, ends)
         self._eofs = 0
         early_client = self.client.take_tunnel(self)
         upstream._tunnel = self
@@ -469,7 +488,7 @@ class Tunnel:
             self.from_client(early_client)
 
     def from_client(self, data: bytes) -> None:
-        self.deadline = self.sweeper.time() + self.idle
+        self.deadline = min(self.sweeper.time() + self.idle, self.ends)
         transport = self.upstream.transport
         if transport is None or self.upstream.closed:
             return
@@ -478,7 +497,7 @@ class Tunnel:
             self.client.pause(4)
 
     def from_upstream(self, data: bytes) -> None:
-        self.deadline = self.sweeper.time() + self.idle
+        self.deadline = min(self.sweeper.time() + self.idle, self.ends)
         self.client.write(data)
         if self.client._write_paused and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
@@ -516,6 +535,10 @@ class Tunnel:
         self._end()
 
     def expire(self, now: float) -> None:
+        self._end()
+
+    def end(self) -> None:
+        """Cut both sides now (its key no longer admits it)."""
         self._end()
 
     def _end(self) -> None:

@@ -31,6 +31,7 @@ from .access_log import log_access
 from .forward import Forwarder, upstream_request_headers
 from .client_gone import ClientGone
 from .http1 import Request, reason_of
+from .tunnels import Admission
 from .latency import Histogram
 
 WellKnownHandler = Callable[[Request, str], Awaitable[None]]
@@ -140,7 +141,10 @@ class Gateway:
             )
             forwarded = request_target.forwarded
             if websocket:
-                await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type, union-attr]
+                # Held to its key for as long as it stays open (see .tunnels): what it was let in as.
+                admission = Admission(key.record.id, attempt.client_ip, str(client), target)  # type: ignore[union-attr, arg-type]
+                await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer,  # type: ignore[arg-type, union-attr]
+                                               admission, key.expires_at)  # type: ignore[union-attr]
             else:
                 await self.forwarder.forward(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type, union-attr]
         except ClientGone:

@@ -311,6 +311,14 @@ class KeyLookup:
             self._mean += PACE_WEIGHT * (seconds - self._mean)
         self.pace = self._mean + DEVIATIONS * self._deviation
 
+    async def current(self, key_id: str) -> PreparedKey | None:
+        """The key with this id as the store has it now (no secret checked: the caller was let in with it), or None.
+
+        Raises StoreUnavailable.
+        """
+        facts = await self._read(key_id)
+        return None if facts is None else prepare(facts, self._default_rate_limit)
+
     async def _read(self, key_id: str) -> KeyFacts | None:
         self.store_reads += 1
         async with self.store.read() as tx:

@@ -163,6 +163,72 @@ def roomy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
     keygate.stop()
 
 
+# What a tunnel's end looks like to a WebSocket client: the connection cut under it.
+_CUT = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+
+async def _tunnel(http: aiohttp.ClientSession, gateway: Keygate, key: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await http.ws_connect(gateway.proxy_url + "/ws", headers=bearer(key), protocols=("echo.v1",))
+    assert (await ws.receive_str(timeout=5)).startswith("hello ")
+    return ws
+
+
+async def _relays(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """One ping through the tunnel: True if echoed, False if the tunnel was cut."""
+    try:
+        await ws.send_str("ping")
+    except ConnectionError:
+        return False
+    message = await ws.receive(timeout=5)
+    if message.type in _CUT:
+        return False
+    assert message.data == "echo:ping", message
+    return True
+
+
+async def _busy_until_cut(cut: aiohttp.ClientWebSocketResponse, *others: aiohttp.ClientWebSocketResponse,
+                          within: float) -> bool:
+    """Whether ``cut`` is cut within ``within`` seconds, while every tunnel is kept busy (a ping each half
+    second, far inside the upstream's idle timeout of 3 s: only Keygate's judgement can end them)."""
+    for _ in range(int(within / 0.5)):
+        if not await _relays(cut):
+            return True
+        for other in others:
+            assert await _relays(other), "a tunnel its key still admits was cut"
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def test_revoking_a_key_ends_its_open_websocket(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """An open WebSocket lasts only as long as its key would be let in: revoking the key cuts its tunnel
+    (its change notice re-checks it), and the handshake is 401 from then on; a key changed in a way that
+    still admits its tunnel (renamed) keeps it open and relaying."""
+    revoked_record, revoked = await gateway.key(name="ws-revoked", role="admin")
+    renamed_record, renamed = await gateway.key(name="ws-renamed", role="admin")
+    cut, kept = await _tunnel(http, gateway, revoked), await _tunnel(http, gateway, renamed)
+    async with gateway.service() as service:
+        await service.update_key(renamed_record.id, name="ws-renamed-again")
+        await service.revoke_key(revoked_record.id)
+    assert await _busy_until_cut(cut, kept, within=8)
+    assert await _relays(kept)
+    await kept.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(gateway.proxy_url + "/ws", headers=bearer(revoked))
+    assert refused.value.status == 401
+
+
+async def test_a_websocket_ends_when_its_key_expires(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """A tunnel opened with a key that expires in a few seconds is cut at its expiry, busy as it is."""
+    record, key = await gateway.key(name="ws-expiring", role="admin")
+    async with gateway.service() as service:
+        async with service.store.transaction() as tx:
+            # No user can set an expiry seconds away; the store can. The key was never used, so the
+            # handshake reads it as saved here.
+            await tx.save_key(replace(record, expires_at=datetime.now(UTC) + timedelta(seconds=4)))
+    ws = await _tunnel(http, gateway, key)
+    assert await _busy_until_cut(ws, within=15)
+
+
 async def test_unknown_id_and_wrong_secret_take_the_same_time(http: aiohttp.ClientSession, roomy: Keygate) -> None:
     """Median latencies of 200 unknown ids and 200 wrong secrets are within 2 ms: timing tells no id exists."""
     store = create_store(roomy.store_url)

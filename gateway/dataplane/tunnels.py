@@ -1,0 +1,133 @@
+"""WebSocket tunnels held to their key: a tunnel ends once its key would no longer be let in.
+
+A tunnel is judged once, by its handshake; then bytes flow for as long as
+both sides keep it open, hours for an IDE agent. So that revoking a key (or
+narrowing it) reaches its tunnels as it reaches the cache, each open tunnel
+is registered under its key's id. When the key cache is told that a key
+changed (a change notice, the change feed) or that anything may have
+(a role or member change, a lost notice channel), the key is read anew
+from the store and put through the stages its handshake passed: status (3:
+revoked, expired, its user gone), the IP allowlist (5) and the scope of the
+tunnel's route (6). Every tunnel the key no longer passes ends; the others
+go on. A tunnel also ends at its key's expiry, on the sweeper.
+
+While the store cannot be read, tunnels stay open, as the cache keeps
+serving keys then (``cache.stale_if_error``), and the read is tried again
+every ``RETRY`` seconds until it succeeds or the key's tunnels have ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from ..pipeline.allowlist import check_allowlist
+from ..pipeline.client_ip import IPAddress
+from ..pipeline.outcomes import Denied
+from ..pipeline.prepared import PreparedKey
+from ..pipeline.scope import Target, check_scope
+from ..pipeline.status import check_status
+from ..store import StoreUnavailable
+
+log = logging.getLogger("keygate.proxy")
+
+RETRY: Final = 1.0  # seconds between reads of a key while the store is unavailable
+
+
+class Endable(Protocol):
+    def end(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a tunnel's handshake was let in as: the key, the client, the route."""
+
+    key_id: str
+    client_ip: IPAddress | None
+    client: str
+    target: Target
+
+
+def still_admitted(key: PreparedKey | None, admission: Admission, now: float) -> bool:
+    """Whether ``key`` (as the store has it now; None if gone) still lets this admission in."""
+    if key is None or key.canary:
+        return False
+    try:
+        check_status(key, now)
+        check_allowlist(key.networks, admission.client_ip, None, admission.client)
+        check_scope(key.servers, key.grants, admission.target)
+    except Denied:
+        return False
+    return True
+
+
+class TunnelGuard:
+    """The open tunnels by key id, and the re-check that ends those whose key no longer admits them."""
+
+    def __init__(self, current: Callable[[str], Awaitable[PreparedKey | None]], *,
+                 clock: Callable[[], float] = time.time, retry: float = RETRY) -> None:
+        self._current = current  # KeyLookup.current: the key as the store has it
+        self._clock = clock  # wall-clock seconds, as keys' expiry and revocation times are
+        self._retry = retry
+        self._open: dict[str, dict[Endable, Admission]] = {}
+        self._due: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.ended = 0  # tunnels ended by a re-check (for tests and logs)
+
+    def __len__(self) -> int:
+        return sum(len(tunnels) for tunnels in self._open.values())
+
+    def opened(self, tunnel: Endable, admission: Admission) -> None:
+        self._open.setdefault(admission.key_id, {})[tunnel] = admission
+
+    def closed(self, tunnel: Endable, key_id: str) -> None:
+        tunnels = self._open.get(key_id)
+        if tunnels is not None:
+            tunnels.pop(tunnel, None)
+            if not tunnels:
+                del self._open[key_id]
+
+    def changed(self, key_id: str | None) -> None:
+        """A KeyCache watcher: ``key_id`` changed, or (None) anything may have."""
+        if key_id is None:
+            self._due.update(self._open)
+        elif key_id in self._open:
+            self._due.add(key_id)
+        else:
+            return
+        if self._due and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._recheck(), name="keygate-tunnel-recheck")
+
+    async def _recheck(self) -> None:
+        while self._due:
+            key_id = self._due.pop()
+            if key_id not in self._open:
+                continue
+            try:
+                key = await self._current(key_id)
+            except StoreUnavailable as exc:
+                log.warning(json.dumps({"event": "tunnel_recheck_failed", "key_id": key_id, "error": str(exc)}))
+                await asyncio.sleep(self._retry)
+                self._due.add(key_id)  # (a notice meanwhile may have added it already)
+                continue
+            now = self._clock()
+            for tunnel, admission in list(self._open.get(key_id, {}).items()):
+                if not still_admitted(key, admission, now):
+                    self.ended += 1
+                    log.info(json.dumps({"event": "tunnel_ended", "key_id": key_id,
+                                         "reason": "the key no longer admits it"}))
+                    tunnel.end()  # (calls closed(): the dict is a copy)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+__all__ = ["Admission", "TunnelGuard", "still_admitted"]

@@ -1,0 +1,191 @@
+"""WebSocket tunnels held to their key (gateway/dataplane/tunnels.py): a change re-checks them.
+
+The guard reads the key anew (here a function returning what the store would:
+``prepare`` over a record, as KeyLookup.current does) and ends exactly the
+tunnels the key no longer admits through stages 3, 5 and 6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.cache.local import KeyCache
+from gateway.cache.shared import KeyFacts
+from gateway.config.ratelimit_spec import parse_rate_limit
+from gateway.dataplane.tunnels import Admission, TunnelGuard, still_admitted
+from gateway.models import KeyRecord
+from gateway.pipeline.prepared import PreparedKey, prepare
+from gateway.pipeline.scope import Target
+from gateway.store import StoreUnavailable
+
+NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+T = NOW.timestamp()
+
+RECORD = KeyRecord(
+    id="kg_7Hq2ZrT9xLmP", kind="integration", name="agent", org="default", user="", role=None,
+    operations=("chat:stream",), servers=("app",), ip_allowlist=("10.0.0.0/8",), rate_limit=None, created_by="test",
+    created_at=NOW - timedelta(days=1), expires_at=None, revoked_at=None, last_used_at=None, last_used_ip=None,
+)
+OTHER = replace(RECORD, id="kg_other00000000", name="other")
+ROUTE = Target(upstream=None, server="app", operation="chat:stream", pass_credentials=False)
+ADMITTED = Admission(RECORD.id, ipaddress.ip_address("10.1.2.3"), "10.1.2.3", ROUTE)
+
+
+def prepared(record: KeyRecord, *, is_member: bool = True) -> PreparedKey:
+    return prepare(KeyFacts(record, None, is_member, "member" if is_member else None, ("*",)),
+                   parse_rate_limit("100/minute"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "admitted"),
+    [
+        ({"name": "renamed", "rate_limit": "5/second"}, True),
+        ({"expires_at": NOW + timedelta(hours=1)}, True),
+        ({"ip_allowlist": ("10.1.0.0/16", "192.0.2.0/24")}, True),
+        ({"operations": ("chat:*",)}, True),
+        ({"revoked_at": NOW}, False),
+        ({"revoked_at": NOW - timedelta(seconds=1)}, False),
+        ({"expires_at": NOW}, False),
+        ({"ip_allowlist": ("192.0.2.0/24",)}, False),
+        ({"operations": ("chat:read",)}, False),
+        ({"servers": ("billing",)}, False),
+        ({"canary": True}, False),
+        ({"user": "alice"}, False),  # a per-user key whose user is no longer a member (is_member below)
+    ],
+    ids=["renamed", "expiry-later", "allowlist-still-covers", "wider-operations", "revoked-now", "revoked-earlier",
+         "expired", "allowlist-narrowed", "operation-taken-away", "server-taken-away", "turned-canary",
+         "member-removed"],
+)
+def test_a_key_admits_its_tunnel_as_its_handshake_was_judged(changes: dict[str, object], admitted: bool) -> None:
+    """A changed key still admits the tunnel exactly when stages 3, 5 and 6 would let its handshake in now."""
+    key = prepared(replace(RECORD, **changes), is_member="user" not in changes)  # type: ignore[arg-type]
+    assert still_admitted(key, ADMITTED, T) is admitted
+
+
+def test_a_deleted_key_admits_nothing() -> None:
+    assert still_admitted(None, ADMITTED, T) is False
+
+
+class FakeTunnel:
+    """What the guard needs of a tunnel: end() (forward.Tunnel's cuts both sides)."""
+
+    def __init__(self, guard: TunnelGuard, key_id: str) -> None:
+        self.guard, self.key_id, self.ended = guard, key_id, False
+
+    def end(self) -> None:
+        self.ended = True
+        self.guard.closed(self, self.key_id)
+
+
+class Store:
+    """The keys as the store has them (KeyLookup.current's answers), and whether it can be read."""
+
+    def __init__(self) -> None:
+        self.keys = {RECORD.id: RECORD, OTHER.id: OTHER}
+        self.down = False
+        self.reads: list[str] = []
+
+    async def current(self, key_id: str) -> PreparedKey | None:
+        self.reads.append(key_id)
+        if self.down:
+            raise StoreUnavailable("store down")
+        record = self.keys.get(key_id)
+        return None if record is None else prepared(record)
+
+
+async def settle(guard: TunnelGuard) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_change_notice_ends_the_tunnels_its_key_no_longer_admits_and_only_those() -> None:
+    store = Store()
+    guard = TunnelGuard(store.current, clock=lambda: T)
+    cache: KeyCache[object] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=10)
+    cache.watchers.append(guard.changed)
+    allowed_ip = FakeTunnel(guard, RECORD.id)
+    other_ip = FakeTunnel(guard, RECORD.id)
+    other_key = FakeTunnel(guard, OTHER.id)
+    guard.opened(allowed_ip, ADMITTED)
+    guard.opened(other_ip, replace(ADMITTED, client_ip=ipaddress.ip_address("10.9.9.9"), client="10.9.9.9"))
+    guard.opened(other_key, replace(ADMITTED, key_id=OTHER.id))
+
+    # A change that leaves the key admitting both of its tunnels: read, nothing ends.
+    store.keys[RECORD.id] = replace(RECORD, name="renamed")
+    cache.invalidate_key(RECORD.id)
+    await settle(guard)
+    assert store.reads == [RECORD.id] and len(guard) == 3
+
+    # Narrowed to one of its clients: that tunnel ends, the other goes on; the other key is not read.
+    store.keys[RECORD.id] = replace(RECORD, ip_allowlist=("10.1.0.0/16",))
+    cache.invalidate_key(RECORD.id)
+    await settle(guard)
+    assert (allowed_ip.ended, other_ip.ended, other_key.ended) == (False, True, False)
+    assert store.reads == [RECORD.id, RECORD.id] and guard.ended == 1
+
+    # Revoked: its last tunnel ends.
+    store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
+    cache.invalidate_key(RECORD.id)
+    await settle(guard)
+    assert allowed_ip.ended and not other_key.ended and len(guard) == 1
+
+
+async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None:
+    """cache.clear() (a role or member change, a lost notice channel): each key read once, the deleted one's ended."""
+    store = Store()
+    guard = TunnelGuard(store.current, clock=lambda: T)
+    tunnels = [FakeTunnel(guard, RECORD.id), FakeTunnel(guard, RECORD.id), FakeTunnel(guard, OTHER.id)]
+    for tunnel in tunnels:
+        guard.opened(tunnel, replace(ADMITTED, key_id=tunnel.key_id))
+    del store.keys[OTHER.id]
+    guard.changed(None)
+    await settle(guard)
+    assert sorted(store.reads) == sorted([RECORD.id, OTHER.id])
+    assert [t.ended for t in tunnels] == [False, False, True]
+
+
+async def test_a_change_to_a_key_without_tunnels_reads_nothing() -> None:
+    store = Store()
+    guard = TunnelGuard(store.current, clock=lambda: T)
+    guard.changed(RECORD.id)
+    guard.changed(None)
+    await settle(guard)
+    assert store.reads == []
+
+
+async def test_while_the_store_is_down_tunnels_stay_and_the_read_is_retried() -> None:
+    """As the cache serves keys while the store is down, tunnels go on; the re-check lands once it is back."""
+    store = Store()
+    guard = TunnelGuard(store.current, clock=lambda: T, retry=0.01)
+    tunnel = FakeTunnel(guard, RECORD.id)
+    guard.opened(tunnel, ADMITTED)
+    store.down = True
+    store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
+    guard.changed(RECORD.id)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(store.reads) >= 3:
+            break
+    assert len(store.reads) >= 3 and not tunnel.ended
+    store.down = False
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if tunnel.ended:
+            break
+    assert tunnel.ended and len(guard) == 0
+    await guard.close()
+
+
+async def test_closing_the_guard_stops_a_retrying_recheck() -> None:
+    store = Store()
+    store.down = True
+    guard = TunnelGuard(store.current, clock=lambda: T, retry=60)
+    guard.opened(FakeTunnel(guard, RECORD.id), ADMITTED)
+    guard.changed(RECORD.id)
+    await settle(guard)
+    await asyncio.wait_for(guard.close(), 1)
