@@ -173,8 +173,7 @@ async def runtime(settings: Settings, *, migrate: bool = True) -> AsyncIterator[
         sweeper = Sweeper(asyncio.get_running_loop())
         stack.callback(sweeper.close)
         # Open WebSocket tunnels are held to their keys: a change the cache hears of re-checks them.
-        tunnels = TunnelGuard(lookup.current)
-        cache.watchers.append(tunnels.changed)
+        tunnels = TunnelGuard(cache, lookup.current)
         forwarder = Forwarder(sweeper, max_body_size=p.max_body_bytes, client_timeout=p.client_timeout,
                               tunnels=tunnels)
         stack.callback(forwarder.close)

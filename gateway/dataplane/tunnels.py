@@ -9,7 +9,11 @@ changed (a change notice, the change feed) or that anything may have
 from the store and put through the stages its handshake passed: status (3:
 revoked, expired, its user gone), the IP allowlist (5) and the scope of the
 tunnel's route (6). Every tunnel the key no longer passes ends; the others
-go on. A tunnel also ends at its key's expiry, on the sweeper.
+go on. A tunnel also ends at its key's expiry, on the sweeper. A change
+heard while a handshake was being judged or relayed (before its tunnel was
+registered here) is not missed: the admission carries the cache's
+generation from before the judgement, and a tunnel opened after any change
+since is re-checked at once.
 
 While the store cannot be read, tunnels stay open, as the cache keeps
 serving keys then (``cache.stale_if_error``), and the read is tried again
@@ -24,8 +28,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
+from ..cache.local import KeyCache
 from ..pipeline.allowlist import check_allowlist
 from ..pipeline.client_ip import IPAddress
 from ..pipeline.outcomes import Denied
@@ -51,6 +56,7 @@ class Admission:
     client_ip: IPAddress | None
     client: str
     target: Target
+    generation: int  # the key cache's, read before the key was judged
 
 
 def still_admitted(key: PreparedKey | None, admission: Admission, now: float) -> bool:
@@ -69,8 +75,9 @@ def still_admitted(key: PreparedKey | None, admission: Admission, now: float) ->
 class TunnelGuard:
     """The open tunnels by key id, and the re-check that ends those whose key no longer admits them."""
 
-    def __init__(self, current: Callable[[str], Awaitable[PreparedKey | None]], *,
+    def __init__(self, cache: KeyCache[Any], current: Callable[[str], Awaitable[PreparedKey | None]], *,
                  clock: Callable[[], float] = time.time, retry: float = RETRY) -> None:
+        self._cache = cache
         self._current = current  # KeyLookup.current: the key as the store has it
         self._clock = clock  # wall-clock seconds, as keys' expiry and revocation times are
         self._retry = retry
@@ -78,12 +85,16 @@ class TunnelGuard:
         self._due: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self.ended = 0  # tunnels ended by a re-check (for tests and logs)
+        cache.watchers.append(self.changed)
 
     def __len__(self) -> int:
         return sum(len(tunnels) for tunnels in self._open.values())
 
     def opened(self, tunnel: Endable, admission: Admission) -> None:
         self._open.setdefault(admission.key_id, {})[tunnel] = admission
+        if admission.generation != self._cache.generation:
+            # Something changed after the key was judged and before now: it may have been this key.
+            self.changed(admission.key_id)
 
     def closed(self, tunnel: Endable, key_id: str) -> None:
         tunnels = self._open.get(key_id)

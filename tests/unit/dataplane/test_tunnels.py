@@ -33,7 +33,11 @@ RECORD = KeyRecord(
 )
 OTHER = replace(RECORD, id="kg_other00000000", name="other")
 ROUTE = Target(upstream=None, server="app", operation="chat:stream", pass_credentials=False)
-ADMITTED = Admission(RECORD.id, ipaddress.ip_address("10.1.2.3"), "10.1.2.3", ROUTE)
+ADMITTED = Admission(RECORD.id, ipaddress.ip_address("10.1.2.3"), "10.1.2.3", ROUTE, 0)
+
+
+def new_cache() -> KeyCache[object]:
+    return KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=10)
 
 
 def prepared(record: KeyRecord, *, is_member: bool = True) -> PreparedKey:
@@ -105,9 +109,8 @@ async def settle(guard: TunnelGuard) -> None:
 
 async def test_a_change_notice_ends_the_tunnels_its_key_no_longer_admits_and_only_those() -> None:
     store = Store()
-    guard = TunnelGuard(store.current, clock=lambda: T)
-    cache: KeyCache[object] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=10)
-    cache.watchers.append(guard.changed)
+    cache = new_cache()
+    guard = TunnelGuard(cache, store.current, clock=lambda: T)
     allowed_ip = FakeTunnel(guard, RECORD.id)
     other_ip = FakeTunnel(guard, RECORD.id)
     other_key = FakeTunnel(guard, OTHER.id)
@@ -138,7 +141,7 @@ async def test_a_change_notice_ends_the_tunnels_its_key_no_longer_admits_and_onl
 async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None:
     """cache.clear() (a role or member change, a lost notice channel): each key read once, the deleted one's ended."""
     store = Store()
-    guard = TunnelGuard(store.current, clock=lambda: T)
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T)
     tunnels = [FakeTunnel(guard, RECORD.id), FakeTunnel(guard, RECORD.id), FakeTunnel(guard, OTHER.id)]
     for tunnel in tunnels:
         guard.opened(tunnel, replace(ADMITTED, key_id=tunnel.key_id))
@@ -149,9 +152,33 @@ async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None
     assert [t.ended for t in tunnels] == [False, False, True]
 
 
+@pytest.mark.parametrize(
+    ("changes_meanwhile", "reads"),
+    [(0, 0), (1, 1), (3, 1)],
+    ids=["none", "one", "several"],
+)
+async def test_a_tunnel_opened_after_a_change_it_did_not_see_is_rechecked_at_once(
+    changes_meanwhile: int, reads: int,
+) -> None:
+    """A change heard between the handshake's judgement and its tunnel's registration (the upstream's 101
+    takes a round trip): the key may be the one that changed, so the new tunnel is re-checked; with no
+    change meanwhile, nothing is read."""
+    store = Store()
+    cache = new_cache()
+    guard = TunnelGuard(cache, store.current, clock=lambda: T)
+    admission = replace(ADMITTED, generation=cache.generation)  # read as the handler does, before judging
+    store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
+    for _ in range(changes_meanwhile):
+        cache.invalidate_key(RECORD.id)  # no tunnel registered yet: nothing to re-check then
+    tunnel = FakeTunnel(guard, RECORD.id)
+    guard.opened(tunnel, admission)
+    await settle(guard)
+    assert len(store.reads) == reads and tunnel.ended is bool(reads)
+
+
 async def test_a_change_to_a_key_without_tunnels_reads_nothing() -> None:
     store = Store()
-    guard = TunnelGuard(store.current, clock=lambda: T)
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T)
     guard.changed(RECORD.id)
     guard.changed(None)
     await settle(guard)
@@ -161,7 +188,7 @@ async def test_a_change_to_a_key_without_tunnels_reads_nothing() -> None:
 async def test_while_the_store_is_down_tunnels_stay_and_the_read_is_retried() -> None:
     """As the cache serves keys while the store is down, tunnels go on; the re-check lands once it is back."""
     store = Store()
-    guard = TunnelGuard(store.current, clock=lambda: T, retry=0.01)
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, retry=0.01)
     tunnel = FakeTunnel(guard, RECORD.id)
     guard.opened(tunnel, ADMITTED)
     store.down = True
@@ -184,7 +211,7 @@ async def test_while_the_store_is_down_tunnels_stay_and_the_read_is_retried() ->
 async def test_closing_the_guard_stops_a_retrying_recheck() -> None:
     store = Store()
     store.down = True
-    guard = TunnelGuard(store.current, clock=lambda: T, retry=60)
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, retry=60)
     guard.opened(FakeTunnel(guard, RECORD.id), ADMITTED)
     guard.changed(RECORD.id)
     await settle(guard)
