@@ -411,13 +411,13 @@ class Forwarder:
         return Denied(Outcome.UPSTREAM_UNAVAILABLE, exc.kind)
 
     async def websocket(self, request: Request, target: Target, path: str, headers: bytes, answer: bytes,
-                        admission: Admission | None = None, expires_at: float = math.inf) -> None:
+                        admission: Admission | None = None, ends_at: float = math.inf) -> None:
         """Relay a WebSocket handshake; on the upstream's 101, tunnel bytes both ways until either side closes.
 
         Denied(INVALID_UPGRADE) for a handshake that could not complete with the client (not a GET,
         no ``Connection: Upgrade``, no valid key, another version), before anything is opened upstream.
-        The tunnel also ends at ``expires_at`` (epoch seconds: its key's expiry) and, with an
-        ``admission`` and a TunnelGuard, once its key no longer admits it.
+        The tunnel also ends at ``ends_at`` (epoch seconds: its key's expiry or scheduled revocation)
+        and, with an ``admission`` and a TunnelGuard, once its key no longer admits it.
         """
         # SECURITY: checked first, or the upstream would run its handler for a request that was
         # judged as another method or that fails with the client.
@@ -436,8 +436,7 @@ class Forwarder:
         block = b"".join([name + b": " + value + b"\r\n" for name, value in response.headers
                           if name.lower() not in _ANSWERED])
         request.switch(b"HTTP/1.1 101 Switching Protocols\r\n%s%s\r\n" % (block, answer))
-        ends = self.sweeper.time() + (expires_at - time.time()) if expires_at != math.inf else math.inf
-        tunnel = Tunnel(request, conn, response.upgraded, idle=pool.read_timeout, ends=ends)
+        tunnel = Tunnel(request, conn, response.upgraded, idle=pool.read_timeout, ends_at=ends_at)
         guard = self.tunnels
         if guard is not None and admission is not None:
             guard.opened(tunnel, admission)
@@ -469,15 +468,17 @@ class Tunnel:
     """Bytes both ways between a client and an upstream connection, with flow control and an idle timeout."""
 
     def __init__(self, request: Request, upstream: UpstreamConnection, early_upstream: bytes, *, idle: float,
-                 ends: float = math.inf) -> None:
+                 ends_at: float = math.inf) -> None:
         self.client = request.conn
         self.upstream = upstream
         self.sweeper = upstream.sweeper
         self.loop = upstream.loop
         self.idle = idle
-        self.ends = ends  # sweeper time at which it ends whatever flows (its key's expiry)
+        self.active_until = self.sweeper.time() + idle  # the idle timeout, moved by every read
+        self.ends = math.inf  # sweeper time at which it ends whatever flows (see end_at)
+        self.deadline = self.active_until
+        self.end_at(ends_at)
         self.closed = self.loop.create_future()
-        self.deadline = min(self.sweeper.time() + idle, ends)
         self._eofs = 0
         early_client = self.client.take_tunnel(self)
         upstream._tunnel = self
@@ -488,7 +489,8 @@ class Tunnel:
             self.from_client(early_client)
 
     def from_client(self, data: bytes) -> None:
-        self.deadline = min(self.sweeper.time() + self.idle, self.ends)
+        self.active_until = until = self.sweeper.time() + self.idle
+        self.deadline = min(until, self.ends)
         transport = self.upstream.transport
         if transport is None or self.upstream.closed:
             return
@@ -497,7 +499,8 @@ class Tunnel:
             self.client.pause(4)
 
     def from_upstream(self, data: bytes) -> None:
-        self.deadline = min(self.sweeper.time() + self.idle, self.ends)
+        self.active_until = until = self.sweeper.time() + self.idle
+        self.deadline = min(until, self.ends)
         self.client.write(data)
         if self.client._write_paused and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
@@ -540,6 +543,11 @@ class Tunnel:
     def end(self) -> None:
         """Cut both sides now (its key no longer admits it)."""
         self._end()
+
+    def end_at(self, epoch: float) -> None:
+        """End at ``epoch`` (wall-clock seconds: its key's expiry or scheduled revocation; inf for never)."""
+        self.ends = self.sweeper.time() + (epoch - time.time()) if epoch != math.inf else math.inf
+        self.deadline = min(self.active_until, self.ends)
 
     def _end(self) -> None:
         self.sweeper.forget(self)

@@ -146,7 +146,7 @@ class Gateway:
                 # Held to its key for as long as it stays open (see .tunnels): what it was let in as.
                 admission = Admission(key.record.id, attempt.client_ip, str(client), target, generation)  # type: ignore[union-attr, arg-type]
                 await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer,  # type: ignore[arg-type, union-attr]
-                                               admission, key.expires_at)  # type: ignore[union-attr]
+                                               admission, min(key.expires_at, key.revoked_at))  # type: ignore[union-attr]
             else:
                 await self.forwarder.forward(request, target, forwarded, upstream_headers, answer)  # type: ignore[arg-type, union-attr]
         except ClientGone:

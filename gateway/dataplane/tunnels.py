@@ -9,7 +9,8 @@ changed (a change notice, the change feed) or that anything may have
 from the store and put through the stages its handshake passed: status (3:
 revoked, expired, its user gone), the IP allowlist (5) and the scope of the
 tunnel's route (6). Every tunnel the key no longer passes ends; the others
-go on. A tunnel also ends at its key's expiry, on the sweeper. A change
+go on, to the key's expiry or scheduled revocation as now read (a tunnel
+ends at that time, on the sweeper, and a re-check moves it). A change
 heard while a handshake was being judged or relayed (before its tunnel was
 registered here) is not missed: the admission carries the cache's
 generation from before the judgement, and a tunnel opened after any change
@@ -46,6 +47,8 @@ RETRY: Final = 1.0  # seconds between reads of a key while the store is unavaila
 
 class Endable(Protocol):
     def end(self) -> None: ...
+
+    def end_at(self, epoch: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +131,13 @@ class TunnelGuard:
                 continue
             now = self._clock()
             for tunnel, admission in list(self._open.get(key_id, {}).items()):
-                if not still_admitted(key, admission, now):
+                if key is not None and still_admitted(key, admission, now):
+                    tunnel.end_at(min(key.expires_at, key.revoked_at))  # both may have moved
+                else:
                     self.ended += 1
                     log.info(json.dumps({"event": "tunnel_ended", "key_id": key_id,
                                          "reason": "the key no longer admits it"}))
-                    tunnel.end()  # (calls closed(): the dict is a copy)
+                    tunnel.end()  # (its handler calls closed() once it resumes)
 
     async def close(self) -> None:
         if self._task is not None:

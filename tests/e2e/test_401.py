@@ -217,14 +217,16 @@ async def test_revoking_a_key_ends_its_open_websocket(http: aiohttp.ClientSessio
     assert refused.value.status == 401
 
 
-async def test_a_websocket_ends_when_its_key_expires(http: aiohttp.ClientSession, gateway: Keygate) -> None:
-    """A tunnel opened with a key that expires in a few seconds is cut at its expiry, busy as it is."""
+@pytest.mark.parametrize("field", ["expires_at", "revoked_at"], ids=["expiry", "scheduled-revocation"])
+async def test_a_websocket_ends_when_its_key_expires(http: aiohttp.ClientSession, gateway: Keygate, field: str) -> None:
+    """A tunnel opened with a key that expires (or is revoked: a rotation's grace period) in a few seconds
+    is cut then, busy as it is."""
     record, key = await gateway.key(name="ws-expiring", role="admin")
     async with gateway.service() as service:
         async with service.store.transaction() as tx:
-            # No user can set an expiry seconds away; the store can. The key was never used, so the
+            # No user can set a time seconds away; the store can. The key was never used, so the
             # handshake reads it as saved here.
-            await tx.save_key(replace(record, expires_at=datetime.now(UTC) + timedelta(seconds=4)))
+            await tx.save_key(replace(record, **{field: datetime.now(UTC) + timedelta(seconds=4)}))
     ws = await _tunnel(http, gateway, key)
     assert await _busy_until_cut(ws, within=15)
 

@@ -80,10 +80,14 @@ class FakeTunnel:
 
     def __init__(self, guard: TunnelGuard, key_id: str) -> None:
         self.guard, self.key_id, self.ended = guard, key_id, False
+        self.ends_at: list[float] = []
 
     def end(self) -> None:
         self.ended = True
         self.guard.closed(self, self.key_id)
+
+    def end_at(self, epoch: float) -> None:
+        self.ends_at.append(epoch)
 
 
 class Store:
@@ -174,6 +178,30 @@ async def test_a_tunnel_opened_after_a_change_it_did_not_see_is_rechecked_at_onc
     guard.opened(tunnel, admission)
     await settle(guard)
     assert len(store.reads) == reads and tunnel.ended is bool(reads)
+
+
+@pytest.mark.parametrize(
+    ("changes", "ends_at"),
+    [
+        ({}, float("inf")),
+        ({"expires_at": NOW + timedelta(hours=2)}, T + 7200),
+        ({"revoked_at": NOW + timedelta(minutes=5)}, T + 300),  # rotated with a grace period
+        ({"revoked_at": NOW + timedelta(minutes=5), "expires_at": NOW + timedelta(minutes=1)}, T + 60),
+    ],
+    ids=["never", "expiry-moved", "revocation-scheduled", "the-earlier-of-both"],
+)
+async def test_a_tunnel_its_key_still_admits_ends_when_the_key_now_says(
+    changes: dict[str, object], ends_at: float,
+) -> None:
+    """A re-check that keeps a tunnel moves its end to the key's expiry or scheduled revocation as now read."""
+    store = Store()
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T)
+    tunnel = FakeTunnel(guard, RECORD.id)
+    guard.opened(tunnel, ADMITTED)
+    store.keys[RECORD.id] = replace(RECORD, **changes)  # type: ignore[arg-type]
+    guard.changed(RECORD.id)
+    await settle(guard)
+    assert not tunnel.ended and tunnel.ends_at == [ends_at]
 
 
 async def test_a_change_to_a_key_without_tunnels_reads_nothing() -> None:
