@@ -17,7 +17,7 @@ import pytest
 from gateway.cache.local import KeyCache
 from gateway.cache.shared import KeyFacts
 from gateway.config.ratelimit_spec import parse_rate_limit
-from gateway.dataplane.tunnels import Admission, TunnelGuard, still_admitted
+from gateway.dataplane.tunnels import UNSEEN, Admission, TunnelGuard, still_admitted
 from gateway.models import KeyRecord
 from gateway.pipeline.prepared import PreparedKey, prepare
 from gateway.pipeline.scope import Target
@@ -96,12 +96,22 @@ class Store:
     def __init__(self) -> None:
         self.keys = {RECORD.id: RECORD, OTHER.id: OTHER}
         self.down = False
+        self.fails: Exception | None = None  # raised by the next reads (an error other than down)
         self.reads: list[str] = []
+        self.reading = self.most_at_once = 0
 
     async def current(self, key_id: str) -> PreparedKey | None:
         self.reads.append(key_id)
-        if self.down:
-            raise StoreUnavailable("store down")
+        self.reading += 1
+        self.most_at_once = max(self.most_at_once, self.reading)
+        try:
+            await asyncio.sleep(0)
+            if self.down:
+                raise StoreUnavailable("store down")
+            if self.fails is not None:
+                raise self.fails
+        finally:
+            self.reading -= 1
         record = self.keys.get(key_id)
         return None if record is None else prepared(record)
 
@@ -157,20 +167,22 @@ async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None
 
 
 @pytest.mark.parametrize(
-    ("changes_meanwhile", "reads"),
-    [(0, 0), (1, 1), (3, 1)],
-    ids=["none", "one", "several"],
+    ("changes_meanwhile", "unseen", "reads"),
+    [(0, False, 0), (1, False, 1), (3, False, 1), (0, True, 1)],
+    ids=["none", "one", "several", "key-from-a-lookup"],
 )
 async def test_a_tunnel_opened_after_a_change_it_did_not_see_is_rechecked_at_once(
-    changes_meanwhile: int, reads: int,
+    changes_meanwhile: int, unseen: bool, reads: int,
 ) -> None:
     """A change heard between the handshake's judgement and its tunnel's registration (the upstream's 101
     takes a round trip): the key may be the one that changed, so the new tunnel is re-checked; with no
-    change meanwhile, nothing is read."""
+    change meanwhile, nothing is read. A key that came from a lookup (UNSEEN: the read it joined may have
+    begun before a change) is re-checked as its tunnel opens."""
     store = Store()
     cache = new_cache()
     guard = TunnelGuard(cache, store.current, clock=lambda: T)
-    admission = replace(ADMITTED, generation=cache.generation)  # read as the handler does, before judging
+    # Read as the handler does, before judging (UNSEEN when the key was looked up).
+    admission = replace(ADMITTED, generation=UNSEEN if unseen else cache.generation)
     store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
     for _ in range(changes_meanwhile):
         cache.invalidate_key(RECORD.id)  # no tunnel registered yet: nothing to re-check then
@@ -244,3 +256,59 @@ async def test_closing_the_guard_stops_a_retrying_recheck() -> None:
     guard.changed(RECORD.id)
     await settle(guard)
     await asyncio.wait_for(guard.close(), 1)
+
+
+async def test_a_read_that_fails_otherwise_is_retried_and_spares_no_other_key() -> None:
+    """Not only an unreachable store: a refused or unreadable read is logged and tried again, and the
+    other keys of the same re-check are judged meanwhile."""
+    store = Store()
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, retry=0.01)
+    mine, other = FakeTunnel(guard, RECORD.id), FakeTunnel(guard, OTHER.id)
+    guard.opened(mine, ADMITTED)
+    guard.opened(other, replace(ADMITTED, key_id=OTHER.id))
+    store.keys = {}  # both deleted
+    store.fails = RuntimeError("statement timeout")
+    guard.changed(RECORD.id)
+    await settle(guard)
+    store.fails = None
+    guard.changed(OTHER.id)  # the other key is read at once, the failed one again after retry
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if mine.ended:
+            break
+    assert other.ended and mine.ended and store.reads.count(RECORD.id) >= 2
+    await guard.close()
+
+
+async def test_a_key_that_cannot_be_read_for_stale_if_error_has_its_tunnels_cut() -> None:
+    """Retried for as long as a cached key may outlive an unreachable store, and then no longer trusted."""
+    store = Store()
+    now = [T]
+    cache = KeyCache(ttl=30, negative_ttl=5, stale_if_error=60, max_entries=10)
+    guard = TunnelGuard(cache, store.current, clock=lambda: now[0], retry=0.01)
+    tunnel = FakeTunnel(guard, RECORD.id)
+    guard.opened(tunnel, ADMITTED)
+    store.down = True
+    guard.changed(RECORD.id)
+    await asyncio.sleep(0.05)
+    assert not tunnel.ended  # retried, within the bound
+    now[0] = T + 60
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if tunnel.ended:
+            break
+    assert tunnel.ended and len(guard) == 0
+    await guard.close()
+
+
+async def test_keys_are_read_a_few_at_a_time() -> None:
+    """Anything-changed with many keys open: reads overlap (bounded), so a revocation waits for no queue."""
+    store = Store()
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, concurrency=8)
+    records = [replace(RECORD, id=f"kg_{n:012d}") for n in range(40)]
+    store.keys = {record.id: record for record in records}
+    for record in records:
+        guard.opened(FakeTunnel(guard, record.id), replace(ADMITTED, key_id=record.id))
+    guard.changed(None)
+    await settle(guard)
+    assert len(store.reads) == 40 and store.most_at_once == 8
