@@ -23,6 +23,8 @@ from gateway.pipeline.prepared import PreparedKey, prepare
 from gateway.pipeline.scope import Target
 from gateway.store import StoreUnavailable
 
+from ...waiting import until
+
 NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
 T = NOW.timestamp()
 
@@ -116,7 +118,7 @@ class Store:
         return None if record is None else prepared(record)
 
 
-async def settle(guard: TunnelGuard) -> None:
+async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
 
@@ -135,20 +137,20 @@ async def test_a_change_notice_ends_the_tunnels_its_key_no_longer_admits_and_onl
     # A change that leaves the key admitting both of its tunnels: read, nothing ends.
     store.keys[RECORD.id] = replace(RECORD, name="renamed")
     cache.invalidate_key(RECORD.id)
-    await settle(guard)
+    await settle()
     assert store.reads == [RECORD.id] and len(guard) == 3
 
     # Narrowed to one of its clients: that tunnel ends, the other goes on; the other key is not read.
     store.keys[RECORD.id] = replace(RECORD, ip_allowlist=("10.1.0.0/16",))
     cache.invalidate_key(RECORD.id)
-    await settle(guard)
+    await settle()
     assert (allowed_ip.ended, other_ip.ended, other_key.ended) == (False, True, False)
     assert store.reads == [RECORD.id, RECORD.id] and guard.ended == 1
 
     # Revoked: its last tunnel ends.
     store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
     cache.invalidate_key(RECORD.id)
-    await settle(guard)
+    await settle()
     assert allowed_ip.ended and not other_key.ended and len(guard) == 1
 
 
@@ -161,7 +163,7 @@ async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None
         guard.opened(tunnel, replace(ADMITTED, key_id=tunnel.key_id))
     del store.keys[OTHER.id]
     guard.changed(None)
-    await settle(guard)
+    await settle()
     assert sorted(store.reads) == sorted([RECORD.id, OTHER.id])
     assert [t.ended for t in tunnels] == [False, False, True]
 
@@ -188,7 +190,7 @@ async def test_a_tunnel_opened_after_a_change_it_did_not_see_is_rechecked_at_onc
         cache.invalidate_key(RECORD.id)  # no tunnel registered yet: nothing to re-check then
     tunnel = FakeTunnel(guard, RECORD.id)
     guard.opened(tunnel, admission)
-    await settle(guard)
+    await settle()
     assert len(store.reads) == reads and tunnel.ended is bool(reads)
 
 
@@ -212,7 +214,7 @@ async def test_a_tunnel_its_key_still_admits_ends_when_the_key_now_says(
     guard.opened(tunnel, ADMITTED)
     store.keys[RECORD.id] = replace(RECORD, **changes)  # type: ignore[arg-type]
     guard.changed(RECORD.id)
-    await settle(guard)
+    await settle()
     assert not tunnel.ended and tunnel.ends_at == [ends_at]
 
 
@@ -221,7 +223,7 @@ async def test_a_change_to_a_key_without_tunnels_reads_nothing() -> None:
     guard = TunnelGuard(new_cache(), store.current, clock=lambda: T)
     guard.changed(RECORD.id)
     guard.changed(None)
-    await settle(guard)
+    await settle()
     assert store.reads == []
 
 
@@ -234,17 +236,9 @@ async def test_while_the_store_is_down_tunnels_stay_and_the_read_is_retried() ->
     store.down = True
     store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
     guard.changed(RECORD.id)
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if len(store.reads) >= 3:
-            break
-    assert len(store.reads) >= 3 and not tunnel.ended
+    assert await until(lambda: len(store.reads) >= 3, interval=0.01) and not tunnel.ended
     store.down = False
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if tunnel.ended:
-            break
-    assert tunnel.ended and len(guard) == 0
+    assert await until(lambda: tunnel.ended, interval=0.01) and len(guard) == 0
     await guard.close()
 
 
@@ -254,7 +248,7 @@ async def test_closing_the_guard_stops_a_retrying_recheck() -> None:
     guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, retry=60)
     guard.opened(FakeTunnel(guard, RECORD.id), ADMITTED)
     guard.changed(RECORD.id)
-    await settle(guard)
+    await settle()
     await asyncio.wait_for(guard.close(), 1)
 
 
@@ -269,14 +263,10 @@ async def test_a_read_that_fails_otherwise_is_retried_and_spares_no_other_key() 
     store.keys = {}  # both deleted
     store.fails = RuntimeError("statement timeout")
     guard.changed(RECORD.id)
-    await settle(guard)
+    await settle()
     store.fails = None
     guard.changed(OTHER.id)  # the other key is read at once, the failed one again after retry
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if mine.ended:
-            break
-    assert other.ended and mine.ended and store.reads.count(RECORD.id) >= 2
+    assert await until(lambda: mine.ended, interval=0.01) and other.ended and store.reads.count(RECORD.id) >= 2
     await guard.close()
 
 
@@ -293,11 +283,7 @@ async def test_a_key_that_cannot_be_read_for_stale_if_error_has_its_tunnels_cut(
     await asyncio.sleep(0.05)
     assert not tunnel.ended  # retried, within the bound
     now[0] = T + 60
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if tunnel.ended:
-            break
-    assert tunnel.ended and len(guard) == 0
+    assert await until(lambda: tunnel.ended, interval=0.01) and len(guard) == 0
     await guard.close()
 
 
@@ -310,5 +296,5 @@ async def test_keys_are_read_a_few_at_a_time() -> None:
     for record in records:
         guard.opened(FakeTunnel(guard, record.id), replace(ADMITTED, key_id=record.id))
     guard.changed(None)
-    await settle(guard)
+    await settle()
     assert len(store.reads) == 40 and store.most_at_once == 8
