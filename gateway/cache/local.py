@@ -63,15 +63,6 @@ class KeyCache(Generic[V]):
             return entry[0]
         return None
 
-    def holds(self, key_id: str, value: V) -> bool:
-        """Whether this very value is still cached for ``key_id`` (fresh or stale): no invalidation has
-        dropped it since it was put, and a fill that an invalidation overtook never put it."""
-        for digest in self._by_id.get(key_id, ()):
-            entry = self._entries.get(digest)
-            if entry is not None and entry[0] is value:
-                return True
-        return False
-
     def put(self, digest: str, key_id: str, value: V, *, generation: int | None = None) -> None:
         """Cache ``value``, unless an invalidation happened since ``generation`` was read."""
         if generation is not None and generation != self.generation:

@@ -31,7 +31,7 @@ from .access_log import log_access
 from .forward import Forwarder, upstream_request_headers
 from .client_gone import ClientGone
 from .http1 import Request, reason_of
-from .tunnels import Admission
+from .tunnels import UNSEEN, Admission
 from .latency import Histogram
 
 WellKnownHandler = Callable[[Request, str], Awaitable[None]]
@@ -77,6 +77,7 @@ class Gateway:
         self._trusts_proxies = self.client_ips.trusts_anyone
         self.forwarder = forwarder
         self.recorder = recorder
+        self._keys = authenticator.lookup.cache  # its generation: see tunnels.Admission
         self.log_requests = log_requests
         self.well_known = well_known
         # Read at scrape time (gateway/admin/metrics.py); a request only adds 1 to one int.
@@ -109,6 +110,7 @@ class Gateway:
             await self.well_known(request, request_id)
             return
         peer = request.peer
+        generation = self._keys.generation  # before the key is judged (a WebSocket's tunnel is held to it)
         attempt = Attempt()
         request_target: RequestTarget | None = None
         outcome = Outcome.ALLOWED
@@ -142,7 +144,8 @@ class Gateway:
             forwarded = request_target.forwarded
             if websocket:
                 # Held to its key for as long as it stays open (see .tunnels): what it was let in as.
-                admission = Admission(key.record.id, attempt.client_ip, str(client), target, key)  # type: ignore[union-attr, arg-type]
+                admission = Admission(key.record.id, attempt.client_ip, str(client), target,  # type: ignore[union-attr, arg-type]
+                                      UNSEEN if attempt.looked_up else generation)
                 await self.forwarder.websocket(request, target, forwarded, upstream_headers, answer,  # type: ignore[arg-type, union-attr]
                                                admission, min(key.expires_at, key.revoked_at))  # type: ignore[union-attr]
             else:

@@ -12,10 +12,10 @@ tunnel's route (6). Every tunnel the key no longer passes ends; the others
 go on, to the key's expiry or scheduled revocation as now read (a tunnel
 ends at that time, on the sweeper, and a re-check moves it). A change
 heard while a handshake was being judged or relayed (before its tunnel was
-registered here) is not missed: the admission carries the very key object
-the handshake was judged with, and a tunnel whose key the cache no longer
-holds as it opens (a change dropped it, or the lookup that read it was
-overtaken by a change and never cached it) is re-checked at once.
+registered here) is not missed: the admission carries the cache's
+generation from before the key was read (a cache hit; a key the lookup read
+may come from a read that began earlier, so it is re-checked anyway), and a
+tunnel opened after any change since is re-checked at once.
 
 While the store cannot be read (or answers with an error), tunnels stay
 open and the read is tried again every ``RETRY`` seconds, for at most
@@ -47,6 +47,9 @@ log = logging.getLogger("keygate.proxy")
 
 RETRY: Final = 1.0  # seconds between reads of a key while the store is unavailable
 CONCURRENCY: Final = 16  # keys read at once by a re-check
+# A generation no key cache has: a tunnel admitted with it is re-checked as it opens (its key was read
+# by a lookup that may have begun before the last change: see Admission).
+UNSEEN: Final = -1
 
 
 class Endable(Protocol):
@@ -63,7 +66,7 @@ class Admission:
     client_ip: IPAddress | None
     client: str
     target: Target
-    key: PreparedKey  # as judged: whether the cache still holds it tells whether a change came since
+    generation: int  # the key cache's before the key was read (UNSEEN when not known)
 
 
 def still_admitted(key: PreparedKey | None, admission: Admission, now: float) -> bool:
@@ -104,8 +107,8 @@ class TunnelGuard:
 
     def opened(self, tunnel: Endable, admission: Admission) -> None:
         self._open.setdefault(admission.key_id, {})[tunnel] = admission
-        if not self._cache.holds(admission.key_id, admission.key):
-            # This key changed after it was read and before now (or may have: its read was overtaken).
+        if admission.generation != self._cache.generation:
+            # Something changed after the key was read and before now: it may have been this key.
             self.changed(admission.key_id)
 
     def closed(self, tunnel: Endable, key_id: str) -> None:
@@ -194,4 +197,4 @@ class TunnelGuard:
             self._task = None
 
 
-__all__ = ["Admission", "TunnelGuard", "still_admitted"]
+__all__ = ["UNSEEN", "Admission", "TunnelGuard", "still_admitted"]

@@ -55,11 +55,12 @@ class Attempt:
     made per request.
     """
 
-    __slots__ = ("key_id", "key", "client_ip", "client", "target", "rate", "denied")
+    __slots__ = ("key_id", "key", "looked_up", "client_ip", "client", "target", "rate", "denied")
 
     def __init__(self) -> None:
         self.key_id: str | None = None
         self.key: PreparedKey | None = None
+        self.looked_up = False  # the key came from a lookup (a cache miss), not the cache
         self.client_ip: IPAddress | None = None
         self.client: str | None = None  # the client address as text: lookup, allowlist memo, headers, record
         self.target: Target | None = None
@@ -138,6 +139,7 @@ class Authenticator:
                 token = parsed.full
                 # 2. Lookup: in-process cache, Redis cache, store; argon2 only on a miss.
                 key = await self.lookup.lookup(parsed, str(client))
+                attempt.looked_up = True
             attempt.key = key
             key_id = attempt.key_id = key.record.id
             # 3a. Canary first, whatever its status: a decoy is refused as an unknown key is

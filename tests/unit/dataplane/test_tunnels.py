@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +17,7 @@ import pytest
 from gateway.cache.local import KeyCache
 from gateway.cache.shared import KeyFacts
 from gateway.config.ratelimit_spec import parse_rate_limit
-from gateway.dataplane.tunnels import Admission, TunnelGuard, still_admitted
+from gateway.dataplane.tunnels import UNSEEN, Admission, TunnelGuard, still_admitted
 from gateway.models import KeyRecord
 from gateway.pipeline.prepared import PreparedKey, prepare
 from gateway.pipeline.scope import Target
@@ -36,24 +35,16 @@ RECORD = KeyRecord(
 )
 OTHER = replace(RECORD, id="kg_other00000000", name="other")
 ROUTE = Target(upstream=None, server="app", operation="chat:stream", pass_credentials=False)
+ADMITTED = Admission(RECORD.id, ipaddress.ip_address("10.1.2.3"), "10.1.2.3", ROUTE, 0)
+
+
+def new_cache() -> KeyCache[object]:
+    return KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=10)
 
 
 def prepared(record: KeyRecord, *, is_member: bool = True) -> PreparedKey:
     return prepare(KeyFacts(record, None, is_member, "member" if is_member else None, ("*",)),
                    parse_rate_limit("100/minute"))
-
-
-JUDGED = prepared(RECORD)  # what the handshakes below were judged with
-ADMITTED = Admission(RECORD.id, ipaddress.ip_address("10.1.2.3"), "10.1.2.3", ROUTE, JUDGED)
-
-
-def new_cache(*key_ids: str) -> KeyCache[object]:
-    """A key cache holding what the handshakes were judged with under these ids, as their lookups left it
-    (so a tunnel opened with it is not re-checked as it opens)."""
-    cache: KeyCache[object] = KeyCache(ttl=30, negative_ttl=5, stale_if_error=300, max_entries=100)
-    for key_id in key_ids or (RECORD.id, OTHER.id):
-        cache.put(f"digest-{key_id}", key_id, JUDGED)
-    return cache
 
 
 @pytest.mark.parametrize(
@@ -177,53 +168,28 @@ async def test_anything_changed_rechecks_every_key_with_an_open_tunnel() -> None
     assert [t.ended for t in tunnels] == [False, False, True]
 
 
-def change_nothing(cache: KeyCache[object], judged: PreparedKey) -> None:
-    pass
-
-
-def change_another_key(cache: KeyCache[object], judged: PreparedKey) -> None:
-    cache.invalidate_key(OTHER.id)
-
-
-def change_this_key(cache: KeyCache[object], judged: PreparedKey) -> None:
-    cache.invalidate_key(RECORD.id)  # no tunnel registered yet: nothing to re-check then
-
-
-def change_anything(cache: KeyCache[object], judged: PreparedKey) -> None:
-    cache.clear()
-
-
-def change_then_cache_anew(cache: KeyCache[object], judged: PreparedKey) -> None:
-    """Changed, then read again by another request: the cache holds a newer object for the same key."""
-    cache.invalidate_key(RECORD.id)
-    cache.put(f"digest-{RECORD.id}", RECORD.id, prepared(RECORD))
-
-
-def never_cached(cache: KeyCache[object], judged: PreparedKey) -> None:
-    """The key came from a lookup that a change overtook: its fill was not kept (see KeyCache.put)."""
-    cache.invalidate_key(RECORD.id)
-    cache.put(f"digest-{RECORD.id}", RECORD.id, judged, generation=cache.generation - 1)
-
-
 @pytest.mark.parametrize(
-    ("meanwhile", "reads"),
-    [(change_nothing, 0), (change_another_key, 0), (change_this_key, 1), (change_anything, 1),
-     (change_then_cache_anew, 1), (never_cached, 1)],
-    ids=["nothing", "another-key", "this-key", "anything", "this-key-cached-anew", "lookup-overtaken"],
+    ("changes_meanwhile", "unseen", "reads"),
+    [(0, False, 0), (1, False, 1), (3, False, 1), (0, True, 1)],
+    ids=["none", "one", "several", "key-from-a-lookup"],
 )
-async def test_a_tunnel_whose_key_changed_before_it_opened_is_rechecked_at_once(
-    meanwhile: Callable[[KeyCache[object], PreparedKey], None], reads: int,
+async def test_a_tunnel_opened_after_a_change_it_did_not_see_is_rechecked_at_once(
+    changes_meanwhile: int, unseen: bool, reads: int,
 ) -> None:
     """A change heard between the handshake's judgement and its tunnel's registration (the upstream's 101
-    takes a round trip): the new tunnel is re-checked when the cache no longer holds the very key it was
-    judged with; while it does, nothing is read."""
+    takes a round trip): the key may be the one that changed, so the new tunnel is re-checked; with no
+    change meanwhile, nothing is read. A key that came from a lookup (UNSEEN: the read it joined may have
+    begun before a change) is re-checked as its tunnel opens."""
     store = Store()
-    cache = new_cache()  # holding the key the handshake was judged with, as its lookup left it
+    cache = new_cache()
     guard = TunnelGuard(cache, store.current, clock=lambda: T)
+    # Read as the handler does, before judging (UNSEEN when the key was looked up).
+    admission = replace(ADMITTED, generation=UNSEEN if unseen else cache.generation)
     store.keys[RECORD.id] = replace(RECORD, revoked_at=NOW)
-    meanwhile(cache, JUDGED)
+    for _ in range(changes_meanwhile):
+        cache.invalidate_key(RECORD.id)  # no tunnel registered yet: nothing to re-check then
     tunnel = FakeTunnel(guard, RECORD.id)
-    guard.opened(tunnel, ADMITTED)
+    guard.opened(tunnel, admission)
     await settle()
     assert len(store.reads) == reads and tunnel.ended is bool(reads)
 
@@ -324,9 +290,8 @@ async def test_a_key_that_cannot_be_read_for_stale_if_error_has_its_tunnels_cut(
 async def test_keys_are_read_a_few_at_a_time() -> None:
     """Anything-changed with many keys open: reads overlap (bounded), so a revocation waits for no queue."""
     store = Store()
+    guard = TunnelGuard(new_cache(), store.current, clock=lambda: T, concurrency=8)
     records = [replace(RECORD, id=f"kg_{n:012d}") for n in range(40)]
-    guard = TunnelGuard(new_cache(*(record.id for record in records)), store.current, clock=lambda: T,
-                        concurrency=8)
     store.keys = {record.id: record for record in records}
     for record in records:
         guard.opened(FakeTunnel(guard, record.id), replace(ADMITTED, key_id=record.id))
