@@ -70,18 +70,23 @@ class ChangeWatcher:
         changes = await self.store.changes_since(self.seq)
         if not changes:
             return
+        if self.shared is not None:
+            # SECURITY: Redis's entries first, then ours. The other way round, a lookup between the two
+            # (this worker's entry gone, Redis's not yet) reads the key as it was before the change from
+            # Redis and caches it here again, after the drop that was to end it: a revoked key let in
+            # for up to cache.ttl. This way such a lookup began before our drop, and KeyCache.put
+            # refuses what it read.
+            try:
+                # Usually already done by the publisher; bumping again only orphans a few fresh entries.
+                await self.shared.invalidate([(entity, target) for _seq, entity, target, _at in changes])
+            except RedisUnavailable:
+                pass  # the shared cache is marked dirty (not read) and orphaned when Redis is back
         for seq, entity, target, at in changes:
             apply_change(self.cache, entity, target)
             if self.observe_delay is not None:
                 # A clock behind the changer's reads as no delay, never a negative one.
                 self.observe_delay(max(0.0, self.clock() - at.timestamp()))
             self.seq = seq
-        if self.shared is not None:
-            try:
-                # Usually already done by the publisher; bumping again only orphans a few fresh entries.
-                await self.shared.invalidate([(entity, target) for _seq, entity, target, _at in changes])
-            except RedisUnavailable:
-                pass  # the shared cache is marked dirty and orphaned when Redis is back
 
     async def _run(self) -> None:
         while True:

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 import pytest
 import redis.asyncio
 
+from gateway.cache.change_feed import ChangeWatcher
 from gateway.cache.local import KeyCache
 from gateway.config.schema import RedisSettings, Settings
 from gateway.keys import KeyParser, cache_key, generate
@@ -296,3 +297,70 @@ async def test_store_down_a_key_verified_elsewhere_still_works(
     finally:
         relay.cut()
         await store.close()
+
+
+async def test_a_change_seen_in_the_feed_is_not_cached_again_from_redis_meanwhile(
+    store: KeyStore, service: KeyService, shared: SharedKeyCache
+) -> None:
+    """A change made without Redis reaches a worker through the store's feed. A request whose lookup comes
+    between the worker's two steps (orphaning Redis's entry, dropping its own) must not read the key as it
+    was from Redis and cache it again: the revoked key would be let in for up to cache.ttl."""
+    pepper = await resolve_pepper(store, service.settings)
+    lookup = a_lookup(store, service, pepper, shared)
+    _, full = await service.create_key(name="ci", role="admin")
+    parsed = PARSER.parse(full)
+    await lookup.lookup(parsed, "127.0.0.1")  # cached here and in Redis
+    watcher = ChangeWatcher(store, lookup.cache, shared=shared)
+    watcher.seq = await store.latest_change()  # (polled by hand below: not started)
+    await service.revoke_key(parsed.key_id)  # no notifier: like a CLI without redis.url
+    invalidate = shared.invalidate
+    seen_meanwhile = []
+
+    async def with_a_request_meanwhile(changes: list[tuple[str, str]]) -> None:
+        seen_meanwhile.append(await lookup.lookup(parsed, "127.0.0.1"))  # a request in the window
+        await invalidate(changes)
+
+    shared.invalidate = with_a_request_meanwhile  # type: ignore[method-assign]
+    await watcher.poll()
+    assert len(seen_meanwhile) == 1  # (before the change reached this worker, the old key may still pass)
+    found = await lookup.lookup(parsed, "127.0.0.1")
+    assert found.record.revoked_at is not None
+
+
+async def test_lookups_keep_off_redis_while_a_missed_invalidation_is_made_good(
+    store: KeyStore, service: KeyService, own_redis: RedisServer
+) -> None:
+    """An invalidation that failed during a partition leaves Redis's entries suspect: from Redis's return
+    until they are orphaned, a lookup must read the store, not the key as it was."""
+    relay = Relay("127.0.0.1", own_redis.port)
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.port}/0", prefix="kg:", timeout=0.5,
+                                   reconnect_backoff_max=0.1))
+    during_recovery: list[PreparedKey] = []
+    try:
+        pepper = await resolve_pepper(store, service.settings)
+        _, full = await service.create_key(name="ci", role="admin")
+        parsed = PARSER.parse(full)
+
+        async def a_request_as_redis_returns() -> None:  # registered before the shared cache's own recovery
+            during_recovery.append(await lookup.lookup(parsed, "127.0.0.1"))
+
+        link.on_recover(a_request_as_redis_returns)
+        shared = SharedKeyCache(link, ttl=30, negative_ttl=5)
+        lookup = a_lookup(store, service, pepper, shared)
+        await lookup.lookup(parsed, "127.0.0.1")  # cached here and in Redis
+        watcher = ChangeWatcher(store, lookup.cache, shared=shared)
+        watcher.seq = await store.latest_change()
+        await service.revoke_key(parsed.key_id)  # no notifier
+        relay.cut()  # a partition: Redis keeps its entry of the key as it was
+        await watcher.poll()  # dropped here; Redis's bump fails
+        assert shared.dirty
+        relay.restore()
+        for _ in range(100):
+            if during_recovery and not shared.dirty:
+                break
+            await asyncio.sleep(0.05)
+        [found] = during_recovery
+        assert found.record.revoked_at is not None
+    finally:
+        relay.cut()
+        await link.close()
