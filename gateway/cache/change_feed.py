@@ -81,6 +81,11 @@ class ChangeWatcher:
                 await self.shared.invalidate([(entity, target) for _seq, entity, target, _at in changes])
             except RedisUnavailable:
                 pass  # the shared cache is marked dirty (not read) and orphaned when Redis is back
+            except Exception:
+                # A fault of ours must not keep this worker's own entries from being dropped below:
+                # Redis's are suspect now, and not read until orphaned.
+                self.shared.dirty = True
+                log.exception(json.dumps({"event": "redis_invalidation_failed"}))
         for seq, entity, target, at in changes:
             apply_change(self.cache, entity, target)
             if self.observe_delay is not None:

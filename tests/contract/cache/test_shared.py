@@ -364,3 +364,27 @@ async def test_lookups_keep_off_redis_while_a_missed_invalidation_is_made_good(
     finally:
         relay.cut()
         await link.close()
+
+
+async def test_a_fault_orphaning_redis_entries_still_drops_the_workers_own(
+    store: KeyStore, service: KeyService, shared: SharedKeyCache
+) -> None:
+    """Redis's entries go first, but a fault there (not an outage: a bug) must not keep the feed from
+    dropping this worker's entries; Redis's are then not read until orphaned."""
+    pepper = await resolve_pepper(store, service.settings)
+    lookup = a_lookup(store, service, pepper, shared)
+    _, full = await service.create_key(name="ci", role="admin")
+    parsed = PARSER.parse(full)
+    await lookup.lookup(parsed, "127.0.0.1")
+    watcher = ChangeWatcher(store, lookup.cache, shared=shared)
+    watcher.seq = await store.latest_change()
+    await service.revoke_key(parsed.key_id)
+
+    async def faulty(changes: list[tuple[str, str]]) -> None:
+        raise RuntimeError("a bug")
+
+    shared.invalidate = faulty  # type: ignore[method-assign]
+    await watcher.poll()
+    assert shared.dirty
+    found = await lookup.lookup(parsed, "127.0.0.1")
+    assert found.record.revoked_at is not None
