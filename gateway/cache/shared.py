@@ -149,6 +149,7 @@ class SharedKeyCache:
             # SECURITY: an invalidation missed Redis, so any entry there may predate a change (a revoked
             # key as it was); until they are orphaned on recovery (_recovered), the store answers.
             raise RedisUnavailable("the shared key cache missed an invalidation")
+
         async def read(r: Any) -> list[Any]:
             if not self.link.cluster:
                 return await self._fetch(keys=[self._generation, self._epoch(key_id)],

@@ -27,6 +27,7 @@ from gateway.store import KeyStore, StoreUnavailable, create_store
 
 from ...e2e.relay import Relay
 from ...redis_server import RedisServer, raw_client
+from ...waiting import until
 
 PARSER = KeyParser(["kg_", "kga_"])
 
@@ -262,10 +263,7 @@ async def test_missed_invalidation_orphans_everything_on_recovery(
             await shared.invalidate([("key", facts.record.id)])
         assert shared.dirty and not link.up
         relay.restore()
-        for _ in range(100):
-            if link.up and not shared.dirty:
-                break
-            await asyncio.sleep(0.05)
+        assert await until(lambda: link.up and not shared.dirty)
         assert (await shared.fetch(facts.record.id, "d1"))[1] is None
     finally:
         relay.cut()
@@ -355,10 +353,7 @@ async def test_lookups_keep_off_redis_while_a_missed_invalidation_is_made_good(
         await watcher.poll()  # dropped here; Redis's bump fails
         assert shared.dirty
         relay.restore()
-        for _ in range(100):
-            if during_recovery and not shared.dirty:
-                break
-            await asyncio.sleep(0.05)
+        assert await until(lambda: during_recovery and not shared.dirty)
         [found] = during_recovery
         assert found.record.revoked_at is not None
     finally:
