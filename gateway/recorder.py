@@ -21,8 +21,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
 from typing import Final, Protocol
 
@@ -30,6 +30,8 @@ from .models import CanaryUse, RequestRecord
 
 # Rows per store call: keeps each statement and transaction a sensible size.
 CHUNK_SIZE: Final = 1000
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class RecordSink(Protocol):
@@ -45,6 +47,29 @@ class AlarmSink(Protocol):
     async def canary_used(self, uses: Sequence[CanaryUse]) -> None: ...
 
 
+class Stamps:
+    """The time request records and last-used entries are stamped with: UTC, to the millisecond.
+
+    Every record stamped within one millisecond shares one datetime, made once:
+    ``datetime.now(UTC)`` per request cost about 2,300 instructions (callgrind:
+    a gmtime, two datetimes and the zone's ``fromutc``), this a clock read and
+    a comparison; and a flush formats each shared time once (see
+    :func:`gateway.store.rows.sqlite_time_in`). ``clock`` gives epoch seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._ms = -1
+        self._at = _EPOCH
+
+    def __call__(self) -> datetime:
+        ms = int(self._clock() * 1000)
+        if ms != self._ms:
+            self._at = _EPOCH + timedelta(milliseconds=ms)  # (integer arithmetic: exact to the millisecond)
+            self._ms = ms
+        return self._at
+
+
 class Recorder:
     """Buffers last-used times and request records and writes them in batches.
 
@@ -58,7 +83,7 @@ class Recorder:
     def __init__(
         self, store: RecordSink, *, flush_interval: float, max_buffer: int,
         logger: logging.Logger | None = None, close_attempts: int = 3, close_retry_delay: float = 0.2,
-        alarms: AlarmSink | None = None,
+        alarms: AlarmSink | None = None, clock: Callable[[], float] = time.time,
     ) -> None:
         if flush_interval <= 0:
             raise ValueError("flush_interval must be positive")
@@ -71,6 +96,8 @@ class Recorder:
         self._log = logger or logging.getLogger("keygate.recorder")
         self._close_attempts = max(1, close_attempts)
         self._close_retry_delay = close_retry_delay
+        # What the request path stamps its records and last-used times with (epoch seconds from ``clock``).
+        self.stamp = Stamps(clock)
 
         # Per key only the newest use is kept. Not bounded by max_buffer: only
         # keys that passed authentication get here, so it is bounded by the

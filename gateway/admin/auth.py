@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -121,7 +120,7 @@ class AdminAuth:
         return request.path.replace(given, shown)
 
     def _record(self, request: web.Request, attempt: AdminAttempt, status: int, started: float) -> None:
-        now = datetime.now(UTC)
+        now = self.recorder.stamp()  # as the proxy listener stamps its records
         stages = attempt.stages
         client = stages.client or request.remote
         if stages.key is not None and attempt.outcome is Outcome.ALLOWED:

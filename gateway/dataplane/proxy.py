@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import ClassVar, Final
 
 from ..models import RequestRecord, new_tuple
@@ -201,7 +200,7 @@ class Gateway:
         outcome: Outcome, reason: str | None, status: int, peer: str, started: float,
     ) -> RequestRecord:
         """Stage 9 for the request ``method raw_target`` (as judged: the authz listener's is the original one)."""
-        now = datetime.now(UTC)
+        now = self.recorder.stamp()  # (to the millisecond: see Stamps)
         elapsed = time.perf_counter() - started
         self._latency_of[outcome].observe(elapsed)
         allowed = outcome is _ALLOWED

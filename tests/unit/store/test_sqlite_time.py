@@ -47,3 +47,12 @@ def test_times_in_any_order_each_get_their_own_text() -> None:
         value += step
         for shown in (value, value.astimezone(timezone(timedelta(hours=-5)))):
             assert _sqlite_time_in(shown) == value.strftime(_TIME_FORMAT)
+
+
+def test_one_time_given_again_keeps_its_text_between_others() -> None:
+    """The records of one millisecond share one datetime (recorder.Stamps), whose text is made once:
+    given again after other times, the very same object still gets its own text."""
+    first = datetime(2026, 12, 6, 17, 30, 5, 123_000, tzinfo=UTC)
+    second = datetime(2026, 12, 6, 17, 30, 5, 124_000, tzinfo=UTC)
+    for value in (first, first, second, first, second, second, first):
+        assert _sqlite_time_in(value) == value.strftime(_TIME_FORMAT)
