@@ -42,6 +42,7 @@ from typing import Any, Final
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ..keys import LastKey
 from .client_gone import ClientGone
 from .sweeper import Sweeper
 
@@ -430,6 +431,7 @@ class Connection(asyncio.Protocol):
         self._closed = False
         self._tunnel: Any = None
         self._after_upgrade: bytes | None = None  # bytes that followed an upgrade request's head
+        self.last_key = LastKey()  # the handler's: the key last presented here (see gateway.keys.LastKey)
 
     # -- asyncio.Protocol
 

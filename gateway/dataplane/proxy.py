@@ -128,7 +128,7 @@ class Gateway:
                 raise Denied(Outcome.INVALID_TARGET, "Keygate's own endpoint spelled another way")
             # 1-7. Credential, lookup, status, client IP, allowlist, scope, rate limit.
             await self.authenticator.authenticate(
-                attempt, headers, peer, request.method, request_target.path, started)
+                attempt, headers, peer, request.method, request_target.path, started, last=request.conn.last_key)
             key, target, client = attempt.key, attempt.target, attempt.client
             # 8. Forward.
             answer = ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[arg-type]

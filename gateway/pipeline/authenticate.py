@@ -27,7 +27,7 @@ from typing import cast
 from multidict import CIMultiDictProxy
 
 from ..cache.local import KeyCache
-from ..keys import CacheKeyer, KeyParser
+from ..keys import CacheKeyer, KeyParser, LastKey
 from .allowlist import check_allowlist
 from .canary import CanaryAlarm, canary_use, refuse_canary
 from .client_ip import ClientIpResolver, IPAddress
@@ -110,7 +110,7 @@ class Authenticator:
 
     async def authenticate(
         self, attempt: Attempt, headers: CIMultiDictProxy[str], peer: str, method: str, path: str,
-        started: float, *, target: Target | None = None,
+        started: float, *, target: Target | None = None, last: LastKey | None = None,
     ) -> Attempt:
         """Run stages 1-7 for one request; ``attempt``, complete, if every stage allows it.
 
@@ -119,7 +119,8 @@ class Authenticator:
         endpoints name their server and operation themselves). ``started``
         is when the request began (``time.perf_counter``): a refusal of the
         lookup or status stage is held from then (see
-        :meth:`KeyLookup.delay_refusal`) before it is raised.
+        :meth:`KeyLookup.delay_refusal`) before it is raised. ``last`` is the
+        key its connection presented last (see :class:`~gateway.keys.LastKey`).
         """
         try:
             # 4. The client address is resolved before the stages that may refuse: it refuses
@@ -131,7 +132,12 @@ class Authenticator:
             # 1-2, hot path: a key verified before is found by the MAC of its text. Only keys
             #    that passed parsing and argon2 are cached, so a hit proves the syntax too.
             token = common_bearer(headers)
-            key = self._cache.probe(self._cache_key(token)) if token is not None else None
+            if token is None:
+                key = None
+            elif last is None:
+                key = self._cache.probe(self._cache_key(token))
+            else:
+                key = self._cache.probe(self._cache_key.remembered(token, last))
             if key is None:
                 # 1. Credential: one Bearer key of valid syntax; no I/O, so garbage costs nothing.
                 parsed = bearer_credential(headers, self.parser)

@@ -21,6 +21,7 @@ from gateway.store import create_store
 
 from .conftest import bearer, wrong_secret
 from .harness import Keygate, Upstream
+from .rawhttp import exchange
 
 REALM = 'Bearer realm="keygate"'
 
@@ -257,3 +258,23 @@ async def test_unknown_id_and_wrong_secret_take_the_same_time(http: aiohttp.Clie
         wrong.append(await took(wrong_secret(record.id)))
     medians = statistics.median(unknown) * 1000, statistics.median(wrong) * 1000
     assert abs(medians[0] - medians[1]) <= 2.0, f"median unknown {medians[0]:.2f} ms, wrong secret {medians[1]:.2f} ms"
+
+
+async def test_each_request_on_one_connection_is_judged_by_its_own_key(gateway: Keygate) -> None:
+    """A keep-alive connection remembers the MAC of the key it presented last (a twentieth of a
+    request's CPU): a request with another key, or the same key id with a wrong secret, or a revoked
+    key, is still judged by its own key, before and after the good one."""
+    good_record, good = await gateway.key(name="good", role="admin")
+    other_record, other = await gateway.key(name="other", role="admin")
+    revoked_record, revoked = await gateway.key(name="revoked", role="admin")
+    async with gateway.service() as service:
+        await service.revoke_key(revoked_record.id)
+    await asyncio.sleep(1.0)  # change notices reach the gateway within a second
+    keys = [good, good, wrong_secret(good_record.id), good, revoked, other, good[:-1] + "!", good]
+    requests = [f"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode() for key in keys]
+    requests[-1] = requests[-1].replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    responses, closed = await exchange(gateway.proxy_port, requests)
+    assert closed and [r.status for r in responses] == [200, 200, 401, 200, 401, 200, 400, 200]
+    assert [dict((n.lower(), v) for n, v in r.json()["headers"])["x-keygate-key-id"]
+            for r in responses if r.status == 200] == [good_record.id] * 2 + [good_record.id, other_record.id,
+                                                                             good_record.id]

@@ -9,7 +9,7 @@ import string
 import pytest
 
 from gateway import keys
-from gateway.keys import BASE62, CacheKeyer, KeyParser, MalformedKey, SecretHasher, cache_key, checksum, generate
+from gateway.keys import BASE62, CacheKeyer, KeyParser, LastKey, MalformedKey, SecretHasher, cache_key, checksum, generate
 
 PARSER = KeyParser(["kg_", "kga_", "rk_t_"])
 
@@ -129,6 +129,18 @@ def test_cache_key_is_keyed_blake2b_whatever_came_before(pepper: bytes, key: byt
     fulls = [generate("kg_").full for _ in range(3)]
     for full in [*fulls, *fulls]:
         assert keyer(full) == hashlib.blake2b(full.encode(), key=key, digest_size=32).hexdigest()
+
+
+def test_a_connections_last_key_spares_its_mac_and_never_answers_for_another_key() -> None:
+    """CacheKeyer.remembered: the MAC of the text given, whatever the connection presented before it:
+    the same key again (kept), another key (its own, then kept), and another pepper's keyer (its own)."""
+    keyer, other_pepper = CacheKeyer(b"p1"), CacheKeyer(b"p2")
+    first, second = generate("kg_").full, generate("kg_").full
+    last = LastKey()
+    for keyer_, full in [(keyer, first), (keyer, first), (keyer, second), (keyer, first),
+                         (other_pepper, first), (keyer, first), (keyer, first[:-1])]:
+        assert keyer_.remembered(full, last) == keyer_(full)
+    assert last.text == first[:-1].encode() and last.mac == keyer(first[:-1])
 
 
 @pytest.mark.parametrize(("text", "ok"), [("kg_7Hq2ZrT9xLmP", True), ("kg_7Hq2ZrT9xLm", False),
