@@ -48,24 +48,28 @@ class AlarmSink(Protocol):
 
 
 class Stamps:
-    """The time request records and last-used entries are stamped with: UTC, to the millisecond.
+    """The time request records and last-used entries are stamped with: UTC, to the millisecond, rounded up.
 
     Every record stamped within one millisecond shares one datetime, made once:
     ``datetime.now(UTC)`` per request cost about 2,300 instructions (callgrind:
     a gmtime, two datetimes and the zone's ``fromutc``), this a clock read and
     a comparison; and a flush formats each shared time once (see
-    :func:`gateway.store.rows.sqlite_time_in`). ``clock`` gives epoch seconds.
+    :func:`gateway.store.rows.sqlite_time_in`). Rounded up, never down: a stamp
+    is never before the instant it records, so a use never sorts before the
+    key's creation, the audit event that preceded it or an idle notice sent
+    before it (those keep their microseconds). ``clock_ns`` gives epoch
+    nanoseconds: integers, so a millisecond is never misread from a float.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._clock_ns = clock_ns
         self._ms = -1
         self._at = _EPOCH
 
     def __call__(self) -> datetime:
-        ms = int(self._clock() * 1000)
+        ms = -(-self._clock_ns() // 1_000_000)  # (the next whole millisecond, or this one if exact)
         if ms != self._ms:
-            self._at = _EPOCH + timedelta(milliseconds=ms)  # (integer arithmetic: exact to the millisecond)
+            self._at = _EPOCH + timedelta(milliseconds=ms)
             self._ms = ms
         return self._at
 
@@ -83,7 +87,7 @@ class Recorder:
     def __init__(
         self, store: RecordSink, *, flush_interval: float, max_buffer: int,
         logger: logging.Logger | None = None, close_attempts: int = 3, close_retry_delay: float = 0.2,
-        alarms: AlarmSink | None = None, clock: Callable[[], float] = time.time,
+        alarms: AlarmSink | None = None, clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         if flush_interval <= 0:
             raise ValueError("flush_interval must be positive")
@@ -96,8 +100,8 @@ class Recorder:
         self._log = logger or logging.getLogger("keygate.recorder")
         self._close_attempts = max(1, close_attempts)
         self._close_retry_delay = close_retry_delay
-        # What the request path stamps its records and last-used times with (epoch seconds from ``clock``).
-        self.stamp = Stamps(clock)
+        # What the request path stamps its records and last-used times with (``clock_ns``: epoch nanoseconds).
+        self.stamp = Stamps(clock_ns)
 
         # Per key only the newest use is kept. Not bounded by max_buffer: only
         # keys that passed authentication get here, so it is bounded by the
