@@ -261,8 +261,11 @@ class CacheKeyer:
         self._keyed = hashlib.blake2b(key=key, digest_size=32)
 
     def __call__(self, full_key: str) -> str:
+        return self._digest(full_key.encode("ascii"))
+
+    def _digest(self, text: bytes) -> str:
         mac = self._keyed.copy()
-        mac.update(full_key.encode("ascii"))
+        mac.update(text)
         return mac.hexdigest()
 
     def remembered(self, full_key: str, last: LastKey) -> str:
@@ -278,9 +281,7 @@ class CacheKeyer:
         # one it matched. (A different pepper is another keyer: never this one's MAC.)
         if last.keyer is self and hmac.compare_digest(text, last.text):
             return last.mac
-        mac = self._keyed.copy()
-        mac.update(text)
-        digest = mac.hexdigest()
+        digest = self._digest(text)
         last.text, last.mac, last.keyer = text, digest, self
         return digest
 
