@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..keys import LastKey
 from .client_gone import ClientGone
@@ -66,6 +66,18 @@ _INF: Final = float("inf")
 _HTTP11_END: Final = b" HTTP/1.1\r\n"
 _HTTP10_END: Final = b" HTTP/1.0\r\n"
 _HANDLER_TASK: Final = "keygate-requests"  # the name of every connection's task that runs the handler
+
+# Header names as multidict's istr, made once per spelling: a CIMultiDict takes an istr's lower-case form as
+# it is, and a lookup by an istr lowers nothing, where a plain str is lowered on every insertion and every
+# lookup; and a name is decoded once, not per request. A client can send any names: spellings up to
+# _NAME_SIZE bytes are kept, _NAME_SPELLINGS at most (then new ones are decoded each time, as before).
+_NAME_SPELLINGS: Final = 512
+_NAME_SIZE: Final = 64
+_names: Final[dict[bytes, str]] = {}
+_HOST_NAME: Final[str] = istr("Host")
+_TRANSFER_ENCODING_NAME: Final[str] = istr("Transfer-Encoding")
+_CONTENT_LENGTH_NAME: Final[str] = istr("Content-Length")
+_EXPECT_NAME: Final[str] = istr("Expect")
 
 # Why reading from a connection is paused: reading resumes only once none is left.
 _PAUSE_BODY: Final = 1  # the handler has not taken enough of the body yet
@@ -145,6 +157,14 @@ def _valid_host(host: str) -> bool:
                 _HOSTS_JUDGED.clear()
             _HOSTS_JUDGED[host] = valid
     return valid
+
+
+def _header_name(raw: bytes) -> str:
+    """The name of a request header as sent (its bytes read as latin-1), an istr; kept for next time if there is room."""
+    name: str = istr(raw.decode("latin-1"))
+    if len(raw) <= _NAME_SIZE and len(_names) < _NAME_SPELLINGS:
+        _names[raw] = name
+    return name
 
 
 def reason_of(status: int) -> str:
@@ -301,7 +321,7 @@ class Request:
     @property
     def host(self) -> str:
         """The Host header, or the address the client connected to."""
-        host = self._host if self._host_read else self.headers.get("Host")
+        host = self._host if self._host_read else self.headers.get(_HOST_NAME)
         return host if host is not None else self._conn.local
 
     @property
@@ -577,7 +597,8 @@ class Connection(asyncio.Protocol):
         if len(self._headers) >= MAX_HEADERS:
             raise self._stop(Refused(431, "too many headers"))
         self._head_size += size + 4
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        known = _names.get(name)
+        self._headers.append((known if known is not None else _header_name(name), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -604,7 +625,7 @@ class Connection(asyncio.Protocol):
         request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
                           parser.should_upgrade(), pairs)
         request.head_size = head_size
-        hosts = headers.getall("Host", ())
+        hosts = headers.getall(_HOST_NAME, ())
         if len(hosts) != 1 and (hosts or version == "1.1") or hosts and not _valid_host(hosts[0]):
             # RFC 9112 section 3.2, a MUST: any request with more than one Host or an invalid one, and an
             # HTTP/1.1 request without one (HTTP/1.0 may omit it). An upstream may route by a Host it
@@ -612,11 +633,11 @@ class Connection(asyncio.Protocol):
             raise self._stop(Refused(400, "Host missing, repeated or invalid", _BAD_HOST))
         request._host = hosts[0] if hosts else None
         request._host_read = True
-        if "Transfer-Encoding" in headers:
+        if _TRANSFER_ENCODING_NAME in headers:
             if version == "1.0":
                 # RFC 9112 section 6.1: such framing is faulty; a proxy must not guess.
                 raise self._stop(Refused(400, "transfer-encoding in HTTP/1.0", _FRAMING_10))
-            codings = [c for v in headers.getall("Transfer-Encoding") for c in v.lower().replace(" ", ",")
+            codings = [c for v in headers.getall(_TRANSFER_ENCODING_NAME) for c in v.lower().replace(" ", ",")
                        .replace("\t", ",").split(",") if c]
             if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
                 # RFC 9112 section 6.3 item 4: the body's length cannot be determined; a MUST.
@@ -627,7 +648,7 @@ class Connection(asyncio.Protocol):
                 raise self._stop(Refused(501, "transfer coding other than chunked"))
             request.body = Body(self, None, True, self.client_timeout)
         else:
-            length = headers.get("Content-Length")
+            length = headers.get(_CONTENT_LENGTH_NAME)
             if length is not None:
                 request.content_length = int(length)  # llhttp checked: digits only, one value
                 if request.content_length:
@@ -636,7 +657,7 @@ class Connection(asyncio.Protocol):
             # llhttp hands what follows an upgrade's head to us unparsed: a body there is unframed.
             raise self._stop(Refused(400, "upgrade request with a body"))
         if request.body is not None:
-            expect = headers.get("Expect")
+            expect = headers.get(_EXPECT_NAME)
             request.expect_continue = expect is not None and expect.lower() == "100-continue"
         self._parsing = request if request.body is not None else None
         if not request.keep_alive:

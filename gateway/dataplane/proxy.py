@@ -16,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Final
 
+from multidict import istr
+
 from ..models import RequestRecord, new_tuple
 from ..process.log_format import REQUEST_ID
 from ..pipeline.authenticate import Attempt, Authenticator
@@ -44,6 +46,7 @@ _WELL_KNOWN_NEXT: Final = frozenset("/?")
 _WELL_KNOWN_LENGTH: Final = len(WELL_KNOWN)
 CLIENT_CLOSED: Final = 499  # recorded (never sent) when the client went away mid-request
 _ALLOWED: Final = Outcome.ALLOWED
+_UPGRADE: Final[str] = istr("Upgrade")  # (a case-insensitive lookup by an istr lowers nothing: see .http1)
 # Counted requests: one row of ints per upstream (by name; "" for a request refused before routing),
 # one cell per outcome and status class (index status // 100; 0 for a status outside 100-599).
 OUTCOMES: Final[tuple[Outcome, ...]] = tuple(Outcome)
@@ -132,7 +135,7 @@ class Gateway:
             key, target, client = attempt.key, attempt.target, attempt.client
             # 8. Forward.
             answer = ratelimit_block(attempt.rate) + b"X-Request-Id: %s\r\n" % request_id.encode()  # type: ignore[arg-type]
-            upgrade = headers.get("Upgrade")
+            upgrade = headers.get(_UPGRADE)
             websocket = upgrade is not None and upgrade.lower() == "websocket"
             upstream_headers = upstream_request_headers(
                 request, pass_credentials=target.pass_credentials,  # type: ignore[union-attr]

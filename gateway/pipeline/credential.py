@@ -10,13 +10,15 @@ import re
 from collections.abc import Mapping
 from typing import Final, Protocol
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from ..keys import MalformedKey, ParsedKey
 from .outcomes import Denied, Outcome
 
 # RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
 _BEARER: Final = re.compile(r"([A-Za-z]+) +([A-Za-z0-9\-._~+/]+=*)")
+# (an istr: a case-insensitive lookup lowers nothing per request; see gateway/dataplane/http1.py)
+_AUTHORIZATION: Final[str] = istr("Authorization")
 
 
 class ParsesKeys(Protocol):
@@ -32,7 +34,7 @@ def common_bearer(headers: CIMultiDictProxy[str]) -> str | None:
     a cache lookup (a hit proves the token is a verified key); anything else
     goes through :func:`bearer_credential`.
     """
-    values = headers.getall("Authorization", ())
+    values = headers.getall(_AUTHORIZATION, ())
     if len(values) == 1:
         value = values[0]
         if value.startswith("Bearer ") and value.isascii():

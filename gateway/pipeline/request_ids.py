@@ -14,12 +14,16 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import ClassVar, Final
 
+from multidict import istr
+
 from ..keys import BODY_LENGTH
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # SECURITY: a run of letters and digits as long as a key's body may be a key (or one without its
 # prefix) sent as the id by mistake; the id is logged, sent upstream and answered, so it is not used.
 _KEY_SIZED: Final = re.compile(rf"[0-9A-Za-z]{{{BODY_LENGTH}}}")
+# (an istr: a case-insensitive lookup lowers nothing per request; see gateway/dataplane/http1.py)
+_X_REQUEST_ID: Final[str] = istr("X-Request-Id")
 
 
 class RequestIds:
@@ -43,7 +47,7 @@ class RequestIds:
 
 def request_id_of(headers: Mapping[str, str], fresh: Callable[[], str] = lambda: secrets.token_hex(16)) -> str:
     """The client's X-Request-Id if it is sane (and cannot be a key), else a fresh one."""
-    given = headers.get("X-Request-Id")
+    given = headers.get(_X_REQUEST_ID)
     if given is not None and _REQUEST_ID.fullmatch(given) and not _KEY_SIZED.search(given):
         return given
     return fresh()

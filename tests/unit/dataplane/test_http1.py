@@ -8,6 +8,7 @@ test moves and sweeps: deadlines are decided without waiting.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -464,3 +465,46 @@ def test_long_reason_phrases_are_not_remembered() -> None:
     long_reason = "x" * 100_000
     assert status_line(598, long_reason) == b"HTTP/1.1 598 " + long_reason.encode() + b"\r\n"
     assert sum(len(line) for _, line in http1._STATUS_LINES.values()) < 900 * 100
+
+
+@pytest.mark.parametrize("names", [
+    ["Host", "X-Trace", "x-trace", "X-TRACE", "Authorization"],
+    ["hOsT", "CONTENT-length", "expect"],
+], ids=["repeated-spellings", "odd-case-framing"])
+async def test_header_names_keep_their_spelling_and_are_found_in_any_case(
+        serve: Callable[[Handle], Awaitable[Server]], names: list[str]) -> None:
+    """Names are made once per spelling (http1._names): each request still gets the names it sent, and a
+    lookup in any case finds them, the first time a spelling is seen, after, and once no more are kept."""
+    from gateway.dataplane import http1
+
+    async def handle(request: Request, server: Server) -> None:
+        while request.body is not None and await request.body.read():
+            pass
+        found = [request.headers.getall(name.swapcase(), []) for name in names]
+        request.send(200, "OK", b"", json.dumps([[name for name, _ in request.pairs], found, request.host]).encode())
+
+    def head(extra: list[str]) -> bytes:
+        values = {"content-length": "2", "expect": "nothing"}
+        lines = [f"{name}: {values.get(name.lower(), 'v' + str(i))}" for i, name in enumerate(names)]
+        body = b"ok" if any(name.lower() == "content-length" for name in names) else b""
+        return ("GET /n HTTP/1.1\r\n" + "".join(line + "\r\n" for line in lines + extra) + "\r\n").encode() + body
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    # Fill what is kept with new spellings (more than it holds), and one name too long to keep.
+    fillers = [f"X-Filler-{n}: f" for n in range(http1._NAME_SPELLINGS + 50)]
+    long_name = "X-" + "L" * http1._NAME_SIZE
+    for batch in [[], *[fillers[i:i + 100] for i in range(0, len(fillers), 100)], [f"{long_name}: l"], []]:
+        writer.write(head(batch))
+        status, _, body = await read_response(reader)
+        assert status == 200
+        sent, found, host = json.loads(body)
+        assert sent[:len(names)] == names  # as spelled, in order
+        assert sent[len(names):] == [line.split(":")[0] for line in batch]
+        expected = {"content-length": "2", "expect": "nothing"}
+        assert found == [[expected.get(name.lower(), f"v{i}") for i, other in enumerate(names)
+                          if other.lower() == name.lower()] for name in names]
+        assert host == "v0"  # (Host is the first name of each case)
+    assert 0 < len(http1._names) <= http1._NAME_SPELLINGS
+    assert all(len(raw) <= http1._NAME_SIZE for raw in http1._names)
+    writer.close()
