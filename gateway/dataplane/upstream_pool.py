@@ -135,13 +135,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel.upstream_lost()
             return
         response = self._response
-        if response is not None and not self.complete and response.length is None and not response.chunked \
-                and self._head is not None and self._head.done():
-            # A body delimited by the close: this is its end.
+        if exc is None and response is not None and not self.complete and response.length is None \
+                and not response.chunked and self._head is not None and self._head.done():
+            # A body delimited by the close: a clean close (FIN) is its end. A reset is not: the body was
+            # cut short, and the client must not be told it is whole (see Forwarder._relay).
             self.complete = True
             self._wake()
             return
-        self._fail(Disconnected("the upstream closed the connection"))
+        self._fail(Disconnected("the upstream closed the connection" if exc is None
+                                else f"the upstream connection was lost: {type(exc).__name__}"))
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:

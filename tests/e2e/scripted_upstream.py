@@ -17,6 +17,8 @@ the path asks:
 - ``/early-close``: answers ``413`` with ``Connection: close`` at once, unread body and all, and closes;
 - ``/early``: answers ``200`` at once without reading the request body, then reads nothing more;
 - ``/slow-head``: answers ``200`` after 0.5 s;
+- ``/close-body``: ``200`` whose body (``part-one,part-two``) is delimited by the close, in two writes;
+  ``/close-body-reset`` sends the first write, then resets the connection (it crashed mid-body);
 - anything else: ``200`` with body ``ok <method> <path>``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -187,6 +190,14 @@ class ScriptedUpstream:
         if path.startswith("/early"):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
             time.sleep(30)
+            return False
+        if path.startswith("/close-body"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\npart-one,")
+            time.sleep(0.2)
+            if path.startswith("/close-body-reset"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+            else:
+                sock.sendall(b"part-two")
             return False
         if path.startswith("/slow-head"):
             time.sleep(0.5)

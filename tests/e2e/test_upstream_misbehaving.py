@@ -5,6 +5,7 @@
   client's response then starts with them (upstream_pool.UpstreamConnection.data_received/finish).
 - A ``101`` to a request that was forwarded as a plain request is relayed to the client.
 - An upstream that answers before it has read the request body gets a 502/504 instead of its answer.
+- A body delimited by the close that the upstream cut short with a reset is relayed as if whole.
 """
 
 from __future__ import annotations
@@ -134,3 +135,31 @@ async def test_an_early_upstream_answer_is_relayed_not_replaced(kg: Keygate, pat
         sending.cancel()
         writer.close()
     assert response is not None and response.status == status, response
+
+
+@pytest.mark.parametrize(("path", "whole"), [("/close-body", True), ("/close-body-reset", False)],
+                         ids=["closed", "reset"])
+async def test_a_body_delimited_by_the_close_is_whole_only_if_the_upstream_closed_cleanly(
+    kg: Keygate, path: str, whole: bool,
+) -> None:
+    """A close (FIN) ends such a body: relayed chunked, with its last chunk. A reset cuts it short: the client's
+    connection is cut with it, no last chunk, so a truncated body is never presented as whole (as nginx)."""
+    _, key = await kg.key(name="close-" + path.strip("/"), role="admin")
+    reader, writer = await asyncio.open_connection("127.0.0.1", kg.proxy_port)
+    writer.write(get(path, key))
+    received = b""
+    try:
+        async with asyncio.timeout(5):
+            # Until the last chunk (the client's connection stays open) or the end of the connection.
+            while not received.endswith(b"\r\n0\r\n\r\n") and (data := await reader.read(65536)):
+                received += data
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    if whole:
+        assert body == b"9\r\npart-one,\r\n8\r\npart-two\r\n0\r\n\r\n"
+    else:
+        assert body == b"9\r\npart-one,\r\n"  # and then the connection ended
