@@ -836,7 +836,14 @@ class Connection(asyncio.Protocol):
             self._close_after_answer(lingering=unread)
             return
         if request.upgrade and self._tunnel is None:
-            self.decline_upgrade()
+            # Answered without 101 (an upgrade request has no body): what the client sent after it is parsed
+            # now, before anything read later, as the requests that follow it (see decline_upgrade).
+            rest = self.decline_upgrade()
+            self._current = None
+            self._resume_queue()
+            if rest:
+                self.data_received(rest)
+            return
         if unread:
             # The rest of the body is read (and dropped) before the next request, within the client's body
             # deadline: a client that stops sending it is closed, not kept.
@@ -1020,19 +1027,17 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return rest
 
-    def decline_upgrade(self) -> None:
-        """The upgrade was answered without 101: parse what followed as the next request."""
+    def decline_upgrade(self) -> bytes | None:
+        """The upgrade was answered without 101: a new parser for what follows; returns what the client sent
+        after the upgrade's head, to be parsed first.
+
+        Parsed at once by the caller, not later: reading resumes here, and a read that came in before a
+        deferred parse would be parsed ahead of it, its requests answered before those sent earlier (found
+        by a review: a pipelining client took one request's answer for another's).
+        """
         rest = self._after_upgrade
         self._after_upgrade = None
         self.parser = httptools.HttpRequestParser(self)
         self.state = _IDLE
         self.resume(_PAUSE_QUEUE)
-        if rest:
-            self.loop.call_soon(self._replay, rest)
-
-    def _replay(self, data: bytes) -> None:
-        if self._current is None and not self._closed:
-            self.data_received(data)
-        elif not self._closed:
-            # Still answering: try again once this answer is out.
-            self.loop.call_later(0.01, self._replay, data)
+        return rest

@@ -104,7 +104,8 @@ NOT_A_PATH = {
 }
 
 
-# A declined upgrade (no key: 401) hands its held-back bytes to the parser outside data_received.
+# A declined upgrade (no key: 401) hands its held-back bytes to the parser from its answer (Connection.response_done),
+# not from data_received.
 DECLINED_UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
