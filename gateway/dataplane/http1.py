@@ -544,9 +544,16 @@ class Connection(asyncio.Protocol):
             self._refuse(refusal)
             return
         self._read = self._head_read = None  # (a read may be large: not kept past its parse)
-        if self.state == _HEAD and not self._head_completed:
-            # A head still arriving: count its bytes, read by read (its parts are counted exactly once it completes).
-            self._raw_head += len(data)
+        if self.state == _HEAD:
+            # A head still arriving: count its bytes, read by read (its parts are counted exactly once it
+            # completes). One that began in this read after another message (its body, say) counts only its
+            # own parts read so far: the read's earlier bytes were that message's (found by a review: the
+            # last 70 KiB of a body were counted as the next head's, a false 431). It counts whole reads from
+            # the next one on.
+            if self._messages_in_read:
+                self._raw_head = self._url_size + self._head_size
+            else:
+                self._raw_head += len(data)
             if self._raw_head > self.max_header_size:
                 # (Still arriving: with requests in hand the client sees only the close.)
                 self._refuse(Refused(431, "request line and headers over max_header_size"), arriving=True)
@@ -794,9 +801,11 @@ class Connection(asyncio.Protocol):
 
     def closing_after(self, request: Request) -> bool:
         """Whether the connection closes after ``request``'s response (decided when its head is written)."""
-        if self._ending and self._final is not None and not self._queue and request.keep_alive \
-                and not self.must_close:
-            return False  # the refused request that followed is answered after this one, then the close
+        if self._ending and (self._queue or self._final is not None) and request.keep_alive \
+                and not self.must_close and not self.server.draining:
+            # A later head was refused: the requests read before it are answered first, in full, then its
+            # refusal (none if it was still arriving), then the close.
+            return False
         if self.must_close or self._ending or self.server.draining or not request.keep_alive:
             return True
         body = request.body
@@ -879,8 +888,12 @@ class Connection(asyncio.Protocol):
 
     def _close_after_answer(self, *, lingering: bool) -> None:
         self._current = None
-        self._queue.clear()
         final, self._final = self._final, None
+        if self._queue:
+            # Requests are left unanswered (the client retries them on another connection): a refusal now
+            # would be read as the answer to the first of them.
+            self._queue.clear()
+            final = None
         if final is not None:
             self._answer_refusal(final)  # the refused request that followed, answered last
         elif lingering:

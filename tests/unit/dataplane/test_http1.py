@@ -557,3 +557,101 @@ async def _after_a_declined_upgrade(later: bytes) -> None:
     assert server.seen == [body.decode() for body in bodies]
     writer.close()
     await stop_server(server)
+
+
+@pytest.mark.parametrize("before", [1, 2, 3])
+@pytest.mark.parametrize(("refused", "status"), [
+    (b"GET /bad HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET /long HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    # The head's start comes with the requests before it; the rest, over max_header_size, in reads of its own.
+    ([b"GET /still-arriving HTTP/1.1\r\nHost: x\r\nX-Huge: ", b"a" * 70000], None),
+], ids=["malformed-400", "header-line-431", "head-over-the-limit-still-arriving"])
+async def test_requests_pipelined_before_a_refused_one_are_answered_in_full_then_the_refusal(
+        serve: Callable[[Handle], Awaitable[Server]], before: int, refused: bytes | list[bytes],
+        status: int | None) -> None:
+    """README: requests pipelined before a refused one are answered first, then the refusal (none for a head
+    still arriving), then the close. With more than one waiting, the queued ones were dropped and the
+    refusal sent after an answer that said Connection: close (found by a review)."""
+    async def handle(request: Request, server: Server) -> None:
+        server.seen.append(request.raw_path)
+        await asyncio.sleep(0.1)  # the others wait behind it
+        request.send(200, "OK", b"", request.raw_path.encode())
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    paths = [f"/r{n}" for n in range(before)]
+    first, *more = refused if isinstance(refused, list) else [refused]
+    writer.write(b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for path in paths) + first)
+    for data in more:
+        await asyncio.sleep(0.02)
+        writer.write(data)  # (read once the requests before it are taken: reading pauses while they wait)
+    answers = []
+    for _ in paths:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((head.split(b" ")[1], b"connection: close" in head.lower(),
+                        await asyncio.wait_for(reader.readexactly(length), 5)))
+    # Each answered in full and in order; only the last says the connection closes (when nothing follows).
+    assert answers == [(b"200", status is None and n == before - 1, path.encode()) for n, path in enumerate(paths)]
+    rest = await asyncio.wait_for(reader.read(), 5)  # then the refusal, if any, and the close
+    if status is None:
+        assert rest == b""
+    else:
+        assert rest.startswith(b"HTTP/1.1 %d " % status) and b"\r\nConnection: close\r\n" in rest
+    assert server.seen == paths
+    writer.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_head_that_begins_in_the_read_that_ends_a_body_counts_only_its_own_bytes(loop: str) -> None:
+    """The read that ends a 100 KiB body holds the next head's first bytes, the rest of that head comes later:
+    the head is a few dozen bytes, not 70 KiB (found by a review: the body's bytes were counted as the
+    head's, over max_header_size, 431 and the close)."""
+    import uvloop
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop) as runner:
+        runner.run(_head_after_a_body())
+
+
+async def _head_after_a_body() -> None:
+    async def handle(request: Request, server: Server) -> None:
+        size = 0
+        while request.body is not None and (piece := await request.body.read()):
+            size += len(piece)
+        request.send(200, "OK", b"", f"{request.raw_path} {size}".encode())
+
+    server = await start_server(handle)
+    reader, writer = await server.connect()
+    post = b"POST /post HTTP/1.1\r\nHost: x\r\nContent-Length: 102400\r\n\r\n" + b"x" * 102400
+    second = b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+    split = len(post) - 70 * 1024
+    for data in (post[:split], post[split:] + second[:10], second[10:]):
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # each in a read of its own
+    answers = [await read_response(reader) for _ in range(2)]
+    assert [(status, body) for status, _, body in answers] == [(200, b"/post 102400"), (200, b"/second 0")]
+    writer.close()
+    await stop_server(server)
+
+
+async def test_draining_with_requests_left_unanswered_sends_no_refusal_in_their_place(
+        serve: Callable[[Handle], Awaitable[Server]]) -> None:
+    """Draining closes after the answer in hand: requests still queued are left for the client to retry, and
+    the refusal of a head read after them is not sent (it would be read as the first of them's answer)."""
+    async def handle(request: Request, server: Server) -> None:
+        server.seen.append(request.raw_path)
+        await asyncio.sleep(0.2)
+        request.send(200, "OK", b"", request.raw_path.encode())
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /bad HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n")
+    await asyncio.sleep(0.05)
+    draining = asyncio.create_task(server.listener.shutdown(5))
+    status, headers, body = await read_response(reader)
+    assert (status, headers.get("connection"), body) == (200, "close", b"/first")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing more: the close
+    assert server.seen == ["/first"]
+    await draining
+    writer.close()
