@@ -552,7 +552,6 @@ class Tunnel:
     def _end(self) -> None:
         self.sweeper.forget(self)
         self.upstream.close()
-        if self.client.transport is not None and not self.client._closed:
-            self.client.transport.close()
+        self.client.close()
         if not self.closed.done():
             self.closed.set_result(None)

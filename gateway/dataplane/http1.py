@@ -449,6 +449,7 @@ class Connection(asyncio.Protocol):
         self._ending = False  # a later head was refused: answer what is in hand, then close
         self._final: Refused | None = None  # ... and then this refusal
         self._closed = False
+        self._closing = False  # closed with answers still buffered: the client has client_timeout to take them
         self._tunnel: Any = None
         self._after_upgrade: bytes | None = None  # bytes that followed an upgrade request's head
         self.last_key = LastKey()  # the handler's: the key last presented here (see gateway.keys.LastKey)
@@ -510,6 +511,7 @@ class Connection(asyncio.Protocol):
             self._tunnel.client_drained()
         if self._next_due:
             self._next_due = False
+            self.deadline = _INF  # (set for the client to take its answers: it did)
             self._resume_queue()
 
     def data_received(self, data: bytes) -> None:
@@ -865,7 +867,11 @@ class Connection(asyncio.Protocol):
 
     def _resume_queue(self) -> None:
         if self._write_paused and self._queue:
-            self._next_due = True  # the next request starts once the client has taken this answer
+            # The next request starts once the client has taken this answer; one that takes nothing for
+            # client_timeout seconds is cut off (SECURITY: else a client that pipelines requests and then
+            # neither reads nor sends would keep its connection, and what it was sent, for ever).
+            self._next_due = True
+            self.deadline = self.sweeper.time() + self.client_timeout
             return
         if self._queue:
             request = self._queue.popleft()
@@ -898,8 +904,8 @@ class Connection(asyncio.Protocol):
             self._answer_refusal(final)  # the refused request that followed, answered last
         elif lingering:
             self._linger()
-        elif self.transport is not None:
-            self.transport.close()
+        else:
+            self.close()
 
     # -- refusals and closing
 
@@ -938,7 +944,7 @@ class Connection(asyncio.Protocol):
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (refusal.status, reason_of(refusal.status).encode(), len(body), body))
             if refusal.status == 408:
-                self.transport.close()  # a client that stalled has nothing more to send
+                self.close()  # a client that stalled has nothing more to send
             else:
                 self._linger()
 
@@ -954,7 +960,7 @@ class Connection(asyncio.Protocol):
         if transport is None or self._closed:
             return
         if not transport.can_write_eof():
-            transport.close()
+            self.close()
             return
         self.resume(_PAUSE_BODY | _PAUSE_QUEUE)
         transport.write_eof()
@@ -963,18 +969,33 @@ class Connection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         if self._closed or self.transport is None:
             return
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self.abort()  # the client has not read its answer for client_timeout seconds
+        if self._closing or self._next_due or self._drain_waiter is not None and not self._drain_waiter.done():
+            # The client has taken nothing of what it was sent for client_timeout seconds: its answers (a
+            # handler's, those of requests it pipelined, or the last before a close) are dropped with it.
+            self.abort()
             return
         if self._ending:
-            self.transport.close()  # lingering ran out
+            self.close()  # lingering ran out
         elif self.state == _HEAD:
             # SECURITY: slowloris; a head that trickles in must still be complete in time.
             self._refuse(Refused(408, "request line and headers not complete within header_timeout"), arriving=True)
         elif self._current is None and self.state in (_IDLE, _BODY):
-            self.transport.close()  # an idle keep-alive connection, or an answered request's body stalled
+            self.close()  # an idle keep-alive connection, or an answered request's body stalled
         else:
             self.deadline = _INF
+
+    def close(self) -> None:
+        """Close once what was written is sent. SECURITY: a client that does not take it within client_timeout
+        seconds is cut off then (a transport's close waits for its buffer for ever, and the connection counts
+        against max_connections meanwhile)."""
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and not self._closing:
+            self._closing = True
+            self.deadline = self.sweeper.time() + self.client_timeout
+            self.sweeper.watch(self)  # (a tunnel's connection is no longer watched)
 
     def abort(self) -> None:
         if self.transport is not None and not self._closed:
@@ -984,7 +1005,7 @@ class Connection(asyncio.Protocol):
         """Draining: close now if idle, else after the response in hand."""
         if self._current is None and not self._queue and self._tunnel is None and self.transport is not None:
             if self.state != _HEAD or self._head_size == 0 and self._url_size == 0 and self._raw_head == 0:
-                self.transport.close()
+                self.close()
 
     # -- flow control
 

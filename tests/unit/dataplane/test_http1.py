@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -654,4 +655,38 @@ async def test_draining_with_requests_left_unanswered_sends_no_refusal_in_their_
     assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing more: the close
     assert server.seen == ["/first"]
     await draining
+    writer.close()
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["answers-then-queued-requests-wait", "closing-after-the-answer"])
+async def test_a_client_that_stops_reading_is_cut_off_after_client_timeout(
+        serve: Callable[[Handle], Awaitable[Server]], last: bool) -> None:
+    """SECURITY: a client pipelines requests, then neither reads nor sends. Its answers fill the buffers and
+    reading stops; it was kept for ever (found by a review), with its queued requests and whatever it was
+    sent. So was one whose last answer, before the close, it never read (a transport's close waits for its
+    buffer). Now each is cut off once it has taken nothing for client_timeout seconds."""
+    from tests.waiting import until
+
+    async def handle(request: Request, server: Server) -> None:
+        server.seen.append(request.raw_path)
+        request.send(200, "OK", b"", b"x" * (10_000_000 if request.raw_path == "/big" else 1_000_000))
+
+    server = await serve(handle)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    request = b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n"
+    # (Answers of 1 MB, or one of 10 MB: more than the kernel's buffers take, so the transport holds the rest.)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" if last else request * 20)
+    [conn] = server.listener.connections
+    # Stalled: answers it does not take are buffered (and, with requests waiting, none is begun).
+    assert await until(lambda: conn._write_paused and (conn._closing if last else conn._next_due))
+    handled = len(server.seen)
+    server.after(CLIENT_TIMEOUT - 1)
+    assert server.listener.connections == {conn}  # still given its time
+    server.after(2)
+    assert await until(lambda: not server.listener.connections)  # cut off, not closed politely
+    assert len(server.seen) == handled
     writer.close()
