@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.dataplane.http1 import _HANDLER_TASK, BODY_HIGH, BodyTimeout, Request, _valid_host, status_line
+from gateway.dataplane.http1 import _HANDLER_TASK, BODY_HIGH, PIECE_COST, BodyTimeout, Request, _valid_host, status_line
 from gateway.dataplane.listener import ProxyListener
 from gateway.dataplane.sweeper import Sweeper
 from tests.clocks import FakeClock
@@ -147,6 +147,40 @@ async def test_body_not_taken_pauses_reading(serve: Callable[[Handle], Awaitable
     assert (status, body) == (200, str(size).encode())
     # Reading paused once past the high mark: what is held is that plus what one read brought.
     assert BODY_HIGH < peak < BODY_HIGH + 1024 * 1024
+    writer.close()
+
+
+async def test_a_body_in_tiny_chunks_pauses_reading_by_what_its_pieces_cost(
+        serve: Callable[[Handle], Awaitable[Server]]) -> None:
+    """Each piece held counts its bytes and PIECE_COST: a body sent a byte per chunk pauses reading after a few
+    thousand pieces, not 256 Ki of them (about 16 MiB of objects; found by a review); a read takes every
+    piece held, joined."""
+    gate = asyncio.Event()
+    held: list[int] = []
+    reads: list[int] = []
+
+    async def handle(request: Request, server: Server) -> None:
+        assert request.body is not None
+        await gate.wait()
+        held.append(len(request.body._chunks))
+        while chunk := await request.body.read():
+            reads.append(len(chunk))
+        request.send(200, "OK", b"", str(sum(reads)).encode())
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    pieces = 100_000
+    writer.write(b"PUT /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * pieces
+                 + b"0\r\n\r\n")
+    await asyncio.sleep(0.3)  # the client keeps sending while the handler waits
+    gate.set()
+    await writer.drain()
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, str(pieces).encode())
+    # Paused past BODY_HIGH counted with each piece's cost, plus what one read brought (at most 256 KiB
+    # of the client's bytes, 6 per piece).
+    assert BODY_HIGH // (1 + PIECE_COST) < held[0] < BODY_HIGH // (1 + PIECE_COST) + 256 * 1024 // 6
+    assert len(reads) < 100  # each read took what had arrived, not one piece
     writer.close()
 
 
