@@ -120,7 +120,8 @@ class ProxySettings(_Section):
         False, description="Log one line per request the proxy and authz listeners answer (costs CPU per request)."
     )
     client_timeout: Duration = Field(
-        60.0, gt=0, description="Seconds a client may go without sending request body data before it gets 408."
+        60.0, gt=0, description="Seconds a client may go without sending request body data before it gets 408, "
+                                "or without taking any of its answers before it is cut off."
     )
     encoded_slashes: Literal["reject", "pass"] = Field(
         "reject",
