@@ -126,11 +126,20 @@ def upstream_request_headers(
     """The header lines that go upstream (without Host and framing), as bytes."""
     headers = request.headers
     dropped = _DROPPED[pass_credentials, pass_method_override, peer_trusted]
-    lines = _client_lines(request.pairs, dropped, True)
-    if lines is None:
-        # A Connection header that names more headers (rare): those go too.
-        lines = _client_lines(request.pairs, _connection_named(headers, dropped), False)
-        assert lines is not None
+    pairs = request.pairs
+    conn = request.conn
+    if dropped is conn.sent_drop and pairs == conn.sent_pairs:
+        # The same headers as this connection's last request (names and values equal, in order), judged
+        # by the same rules: the same lines.
+        client = conn.sent_lines
+    else:
+        lines = _client_lines(pairs, dropped, True)
+        if lines is None:
+            # A Connection header that names more headers (rare): those go too.
+            lines = _client_lines(pairs, _connection_named(headers, dropped), False)
+            assert lines is not None
+        client = "".join(lines)
+        conn.sent_pairs, conn.sent_drop, conn.sent_lines = pairs, dropped, client
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
         chain = [*forwarded_for, peer] if forwarded_for else [client_ip or peer]
@@ -142,10 +151,9 @@ def upstream_request_headers(
         # SECURITY: an untrusted client's X-Forwarded-For is replaced, not extended.
         hops, proto, host = client_ip or peer, "http", request.host
     # All but Via were dropped from the client's headers above, so adding never duplicates one.
-    lines.append(f"X-Forwarded-For: {hops}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\n"
-                 f"Via: {VIA}\r\nX-Request-Id: {request_id}\r\n")
     # Client values arrived as bytes and were read as latin-1: the same bytes go on.
-    return "".join(lines).encode("latin-1") + identity
+    return (f"{client}X-Forwarded-For: {hops}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\n"
+            f"Via: {VIA}\r\nX-Request-Id: {request_id}\r\n").encode("latin-1") + identity
 
 
 def _client_lines(pairs: list[tuple[str, str]], drop: frozenset[str], plain: bool) -> list[str] | None:
@@ -362,7 +370,14 @@ class Forwarder:
         reason = response.reason.decode("latin-1") if response.reason else reason_of(status)
         # SECURITY: the framing the client gets is always Keygate's own (the upstream's Content-Length is
         # dropped with the hop-by-hop headers), so no upstream header can leave a body unframed.
-        block = response_header_block(response.headers, answer)
+        headers = response.headers
+        if headers == conn.last_headers:
+            # The same headers as this connection's last response (a Date changes once a second): the same block.
+            block = conn.last_block + answer
+        else:
+            kept = response_header_block(headers, b"")
+            conn.last_headers, conn.last_block = headers, kept
+            block = kept + answer
         bodyless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         if bodyless:
             # A HEAD's or 304's Content-Length describes the body a GET would get: passed on as declared.

@@ -460,6 +460,11 @@ class Connection(asyncio.Protocol):
         self._tunnel: Any = None
         self._after_upgrade: bytes | None = None  # bytes that followed an upgrade request's head
         self.last_key = LastKey()  # the handler's: the key last presented here (see gateway.keys.LastKey)
+        # The client's header lines last sent upstream from this connection, what they were made from and what
+        # was dropped (see forward.upstream_request_headers): a keep-alive client repeats its headers.
+        self.sent_pairs: list[tuple[str, str]] | None = None
+        self.sent_drop: frozenset[str] | None = None
+        self.sent_lines = ""
 
     # -- asyncio.Protocol
 

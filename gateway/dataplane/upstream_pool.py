@@ -121,6 +121,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.answered = False
         self.partial = False
         self._tunnel: Any = None
+        # The last response's headers and the block made of them (see forward.Forwarder._relay): an upstream
+        # repeats its headers, a Date changing once a second.
+        self.last_headers: list[tuple[bytes, bytes]] | None = None
+        self.last_block = b""
 
     # -- asyncio.Protocol
 

@@ -17,6 +17,7 @@ the path asks:
 - ``/early-close``: answers ``413`` with ``Connection: close`` at once, unread body and all, and closes;
 - ``/early``: answers ``200`` at once without reading the request body, then reads nothing more;
 - ``/slow-head``: answers ``200`` after 0.5 s;
+- ``/headers/<name>=<value>/...``: ``200`` with those headers (besides its length);
 - ``/close-body``: ``200`` whose body (``part-one,part-two``) is delimited by the close, in two writes;
   ``/close-body-reset`` sends the first write, then resets the connection (it crashed mid-body);
 - anything else: ``200`` with body ``ok <method> <path>``.
@@ -191,6 +192,11 @@ class ScriptedUpstream:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
             time.sleep(30)
             return False
+        if path.startswith("/headers/"):
+            lines = b"".join(b"%s: %s\r\n" % tuple(part.encode().split(b"=", 1))  # type: ignore[str-format]
+                             for part in path[len("/headers/"):].split("/") if part)
+            sock.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (lines, len(ok), ok))
+            return True
         if path.startswith("/close-body"):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\npart-one,")
             time.sleep(0.2)

@@ -163,3 +163,29 @@ async def test_a_body_delimited_by_the_close_is_whole_only_if_the_upstream_close
         assert body == b"9\r\npart-one,\r\n8\r\npart-two\r\n0\r\n\r\n"
     else:
         assert body == b"9\r\npart-one,\r\n"  # and then the connection ended
+
+
+async def test_each_response_on_a_pooled_connection_gets_the_headers_of_its_own_answer(
+    kg: Keygate, scripted: ScriptedUpstream,
+) -> None:
+    """An upstream connection keeps the block it last made of a response's headers (an upstream repeats its
+    headers): an answer with the same headers gets the same block, any other its own, whatever came before
+    it on the pooled connection; the client's own X-Request-Id and RateLimit lines are each request's."""
+    _, key = await kg.key(name="headers-memo", role="admin")
+    reader, writer = await asyncio.open_connection("127.0.0.1", kg.proxy_port)
+    cases = [("X-A=1", [b"X-A: 1"]), ("X-A=1", [b"X-A: 1"]), ("X-A=2", [b"X-A: 2"]),
+             ("X-A=2/X-B=3", [b"X-A: 2", b"X-B: 3"]), ("X-A=2/Connection=X-A", []),
+             ("X-A=2", [b"X-A: 2"]), ("X-B=3/X-A=2", [b"X-B: 3", b"X-A: 2"]), ("", [])]
+    connections = scripted.connections
+    try:
+        for n, (spec, kept) in enumerate(cases * 2):
+            writer.write(f"GET /headers/{spec} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n"
+                         f"X-Request-Id: memo-{n}\r\n\r\n".encode())
+            response = await read_response(reader, 5)
+            assert response is not None and response.status == 200
+            lines = response.head.split(b"\r\n")[1:]
+            assert [line for line in lines if line.startswith((b"X-A:", b"X-B:"))] == kept
+            assert f"X-Request-Id: memo-{n}".encode() in lines and b"Via: 1.1 keygate" in lines
+    finally:
+        writer.close()
+    assert scripted.connections == connections + 1  # one pooled upstream connection answered them all

@@ -13,7 +13,10 @@ from typing import Any
 
 import pytest
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from gateway.dataplane import forward
+from gateway.dataplane.http1 import Request
 from gateway.dataplane.forward import response_header_block, upstream_request_headers
 
 from .detached import detached_request
@@ -25,9 +28,11 @@ ADDED = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Hos
         "X-Request-Id: r1\r\n"
 
 
-def _upstream(headers: list[tuple[str, str]], **options: Any) -> str:
-    """The client's header lines sent upstream (what Keygate adds after them is checked, then cut)."""
-    request = detached_request("GET", headers, local="api")
+def _upstream(headers: list[tuple[str, str]], on: Request | None = None, **options: Any) -> str:
+    """The client's header lines sent upstream (what Keygate adds after them is checked, then cut); ``on``:
+    a request whose connection the request is made on (else a connection of its own)."""
+    request = detached_request("GET", headers, local="api") if on is None else \
+        Request(on.conn, "GET", "/", "1.1", CIMultiDictProxy(CIMultiDict(headers)), True, False)
     block = upstream_request_headers(
         request, identity=IDENTITY, client_ip="10.0.0.1", peer="10.0.0.1", request_id="r1",
         **({"pass_credentials": False, "peer_trusted": False} | options))
@@ -36,7 +41,7 @@ def _upstream(headers: list[tuple[str, str]], **options: Any) -> str:
     return block[:-len(added)].decode("latin-1")
 
 
-@pytest.mark.parametrize(("headers", "options", "sent"), [
+REQUEST_CASES: list[tuple[list[tuple[str, str]], dict[str, Any], str]] = [
     ([("Accept", "*/*"), ("User-Agent", "ci")], {}, "Accept: */*\r\nUser-Agent: ci\r\n"),
     # The key goes upstream only where a route passes it.
     ([("Authorization", "Bearer kg_x"), ("Accept", "*/*")], {}, "Accept: */*\r\n"),
@@ -55,10 +60,30 @@ def _upstream(headers: list[tuple[str, str]], **options: Any) -> str:
     ([("X-Real-IP", "1.2.3.4"), ("X-Original-URL", "/admin"), ("X-HTTP-Method-Override", "DELETE"),
       ("Accept", "*/*")], {}, "Accept: */*\r\n"),
     ([("X-HTTP-Method-Override", "DELETE")], {"pass_method_override": True}, "X-HTTP-Method-Override: DELETE\r\n"),
-])
+]
+
+
+@pytest.mark.parametrize(("headers", "options", "sent"), REQUEST_CASES)
 def test_request_headers_sent_upstream(headers: list[tuple[str, str]], options: dict[str, Any], sent: str) -> None:
     assert _upstream(headers, **options) == sent
     assert _upstream(headers, **options) == sent  # again, from the remembered spellings
+
+
+def test_each_request_on_a_connection_gets_the_lines_of_its_own_headers_and_route() -> None:
+    """A connection keeps the lines it last sent upstream and what they were made from (a keep-alive client
+    repeats its headers): a request with the same headers, judged by the same rules, gets the same lines;
+    any other gets its own, whatever came before it on the connection."""
+    on = detached_request("GET", [], local="api")
+    key = [("Authorization", "Bearer kg_x")]
+    order = [*REQUEST_CASES, *REQUEST_CASES[::-1], *[case for case in REQUEST_CASES for _ in (1, 2)],
+             # The same headers by other rules: the key goes only where the route passes it.
+             (key, {}, ""), (key, {"pass_credentials": True}, "Authorization: Bearer kg_x\r\n"), (key, {}, ""),
+             # The same names, one value changed; a name spelled otherwise.
+             ([("Accept", "*/*"), ("User-Agent", "ci")], {}, "Accept: */*\r\nUser-Agent: ci\r\n"),
+             ([("Accept", "*/*"), ("User-Agent", "cj")], {}, "Accept: */*\r\nUser-Agent: cj\r\n"),
+             ([("Accept", "*/*"), ("user-agent", "cj")], {}, "Accept: */*\r\nuser-agent: cj\r\n")]
+    for headers, options, sent in order:
+        assert _upstream(headers, on, **options) == sent
 
 
 @pytest.mark.parametrize(("headers", "block"), [
