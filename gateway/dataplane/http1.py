@@ -437,6 +437,7 @@ class Connection(asyncio.Protocol):
         self._next_due = False  # a queued request waits for the client to take the last answer
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
+        self._body_in_read = 0  # body bytes parsed from the read being parsed
         self._read: bytes | None = None  # the read being parsed (only while it is)
         self._head_read: bytes | None = None  # that read, if the current head began at its start
         self._url: list[bytes] = []
@@ -538,6 +539,7 @@ class Connection(asyncio.Protocol):
         self._head_completed = False
         fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
         self._messages_in_read = 0
+        self._body_in_read = 0
         self._read = data
         try:
             self.parser.feed_data(data)
@@ -560,12 +562,14 @@ class Connection(asyncio.Protocol):
         self._read = self._head_read = None  # (a read may be large: not kept past its parse)
         if self.state == _HEAD:
             # A head still arriving: count its bytes, read by read (its parts are counted exactly once it
-            # completes). One that began in this read after another message (its body, say) counts only its
-            # own parts read so far: the read's earlier bytes were that message's (found by a review: the
-            # last 70 KiB of a body were counted as the next head's, a false 431). It counts whole reads from
-            # the next one on.
+            # completes). One that began in this read after another message counts its own parts read so
+            # far and the line still arriving (llhttp holds it, unseen): what follows the read's last LF,
+            # but never more than what no body took (found by reviews: the read's earlier bytes, the last
+            # 70 KiB of a body, were counted as the next head's, a false 431; counted without that line, a
+            # header line of any length rode one read past max_header_size). Whole reads from the next on.
             if self._messages_in_read:
-                self._raw_head = self._url_size + self._head_size
+                line = min(len(data) - 1 - data.rfind(b"\n"), len(data) - self._body_in_read)
+                self._raw_head = self._url_size + self._head_size + line
             else:
                 self._raw_head += len(data)
             if self._raw_head > self.max_header_size:
@@ -708,6 +712,7 @@ class Connection(asyncio.Protocol):
         return self.parser.get_http_version()
 
     def on_body(self, data: bytes) -> None:
+        self._body_in_read += len(data)
         request = self._parsing
         if request is not None and request.body is not None:
             request.body.feed(data)
@@ -889,7 +894,9 @@ class Connection(asyncio.Protocol):
             request = self._queue.popleft()
             if not self._queue:
                 self.resume(_PAUSE_QUEUE)
-                if self.state == _HEAD and self.deadline == _INF:
+                if self.state == _HEAD and self.deadline == _INF and not self._ending:
+                    # (Not once a later head was refused: nothing more is read, and the header deadline would
+                    # cut off the request now begun; found by a review.)
                     self.deadline = self.sweeper.time() + self.header_timeout
             self._begin(request)
         elif self._ending:
@@ -987,7 +994,10 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         if self._ending:
-            self.close()  # lingering ran out
+            if self._current is None:
+                self.close()  # lingering ran out
+            else:
+                self.deadline = _INF  # requests read before a refused head are still being answered
         elif self.state == _HEAD:
             # SECURITY: slowloris; a head that trickles in must still be complete in time.
             self._refuse(Refused(408, "request line and headers not complete within header_timeout"), arriving=True)
