@@ -437,7 +437,6 @@ class Connection(asyncio.Protocol):
         self._next_due = False  # a queued request waits for the client to take the last answer
         self._drain_waiter: asyncio.Future[None] | None = None
         self._messages_in_read = 0
-        self._body_in_read = 0  # body bytes parsed from the read being parsed
         self._read: bytes | None = None  # the read being parsed (only while it is)
         self._head_read: bytes | None = None  # that read, if the current head began at its start
         self._url: list[bytes] = []
@@ -539,7 +538,6 @@ class Connection(asyncio.Protocol):
         self._head_completed = False
         fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
         self._messages_in_read = 0
-        self._body_in_read = 0
         self._read = data
         try:
             self.parser.feed_data(data)
@@ -562,13 +560,15 @@ class Connection(asyncio.Protocol):
         self._read = self._head_read = None  # (a read may be large: not kept past its parse)
         if self.state == _HEAD:
             # A head still arriving: count its bytes, read by read (its parts are counted exactly once it
-            # completes). One that began in this read after another message counts its own parts read so
-            # far and the line still arriving (llhttp holds it, unseen): what follows the read's last LF,
-            # but never more than what no body took (found by reviews: the read's earlier bytes, the last
-            # 70 KiB of a body, were counted as the next head's, a false 431; counted without that line, a
-            # header line of any length rode one read past max_header_size). Whole reads from the next on.
+            # completes). One that began in this read after another message counts only its own: its target
+            # and header lines so far, and, once one of its header lines has been reported (so the read's
+            # last LF is its own), the line still arriving after that LF, which llhttp holds unseen. Whole
+            # reads from the next on. (Found by reviews: counting the read's earlier bytes, the last 70 KiB
+            # of a body, or its own target twice, refused a small head with 431; not counting the line
+            # still arriving let a header line of any length ride a read past max_header_size. Until a
+            # header line is reported, the first one still arriving rides at most this one read.)
             if self._messages_in_read:
-                line = min(len(data) - 1 - data.rfind(b"\n"), len(data) - self._body_in_read)
+                line = len(data) - 1 - data.rfind(b"\n") if self._head_size else 0
                 self._raw_head = self._url_size + self._head_size + line
             else:
                 self._raw_head += len(data)
@@ -712,7 +712,6 @@ class Connection(asyncio.Protocol):
         return self.parser.get_http_version()
 
     def on_body(self, data: bytes) -> None:
-        self._body_in_read += len(data)
         request = self._parsing
         if request is not None and request.body is not None:
             request.body.feed(data)
@@ -921,7 +920,9 @@ class Connection(asyncio.Protocol):
             final = None
         if final is not None:
             self._answer_refusal(final)  # the refused request that followed, answered last
-        elif lingering:
+        elif lingering or self._ending:
+            # (A later head was refused while still arriving: the client may still be sending it, and a close
+            # with its bytes unread would reset the connection, the answers just written lost with it.)
             self._linger()
         else:
             self.close()

@@ -136,3 +136,16 @@ def test_remembered_spellings_stay_bounded() -> None:
     assert _upstream([("X-Keygate-" + "a" * forward._MEMO_NAME, "forged")]) == ""
     assert response_header_block([(long.encode(), b"1")], ANSWER) == f"{long}: 1\r\n".encode() + VIA + ANSWER
     assert forward._REQUEST_NAMES == {} and forward._RESPONSE_NAMES == {}
+
+
+def test_a_connection_keeps_only_short_header_lines() -> None:
+    """What a connection keeps of its last request is bounded: lines over forward._MEMO_BLOCK are sent, not kept
+    (an idle connection would hold a 64 KiB head otherwise)."""
+    on = detached_request("GET", [], local="api")
+    small = [("Accept", "*/*")]
+    assert _upstream(small, on) == "Accept: */*\r\n"
+    assert on.conn.sent_pairs == small
+    large = [("Cookie", "c" * forward._MEMO_BLOCK)]
+    assert _upstream(large, on) == f"Cookie: {'c' * forward._MEMO_BLOCK}\r\n"
+    assert on.conn.sent_pairs == small and len(on.conn.sent_lines) <= forward._MEMO_BLOCK
+    assert _upstream(small, on) == "Accept: */*\r\n"
