@@ -444,7 +444,6 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
         self._raw_head = 0  # bytes of the current head counted read by read (for heads that never complete)
-        self._head_completed = False  # a head completed during the current data_received
         self._parsing: Request | None = None  # the request whose head or body the parser is in
         self._current: Request | None = None  # the request being handled
         # The connection's requests run in one task, one after another (see _begin and _serve).
@@ -535,7 +534,6 @@ class Connection(asyncio.Protocol):
         if self._after_upgrade is not None:
             self._after_upgrade += data  # held until the upgrade is taken or declined
             return
-        self._head_completed = False
         fresh = self.state != _HEAD or self._raw_head == 0 and not self._url_size  # a head may begin at data[0]
         self._messages_in_read = 0
         self._read = data
@@ -627,7 +625,6 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        self._head_completed = True
         self.state = _BODY
         self.deadline = _INF
         method = parser.get_method().decode("ascii")
