@@ -27,7 +27,7 @@ from ..pipeline.outcomes import Denied, Outcome
 from ..pipeline.ratelimit import DEGRADED_HEADER
 from ..pipeline.scope import Target
 from .client_gone import ClientGone
-from .http1 import Body, BodyTimeout, MalformedBody, Request, reason_of
+from .http1 import MEMO_BLOCK, Body, BodyTimeout, MalformedBody, Request, reason_of
 from .latency import Histogram
 from .sweeper import Sweeper
 from .tunnels import Admission, TunnelGuard
@@ -99,10 +99,6 @@ def _connection_named(headers: CIMultiDictProxy[str], base: frozenset[str]) -> f
 # starts over, so names sent to fill it cost memory for a moment, never more than this bounds.
 _MEMO_NAME: Final = 64  # characters of a name worth remembering
 _MEMO_SIZE: Final = 4096  # spellings remembered per table
-# The header lines a connection keeps of its last request or response (to reuse for the next with the same
-# headers) only when they are short, as a keep-alive client's and an API's are: an idle connection then holds
-# at most this much of them (a 64 KiB head would hold about 146 KB; found by a review).
-_MEMO_BLOCK: Final = 4096
 # A request header name as judged: lower case, "_" read as "-"; every X-Keygate-* name as _IDENTITY.
 _IDENTITY: Final = "x-keygate-"
 _REQUEST_NAMES: Final[dict[str, str]] = {}
@@ -143,7 +139,7 @@ def upstream_request_headers(
             lines = _client_lines(pairs, _connection_named(headers, dropped), False)
             assert lines is not None
         client = "".join(lines)
-        if len(client) <= _MEMO_BLOCK:
+        if len(client) <= MEMO_BLOCK:
             conn.sent_pairs, conn.sent_drop, conn.sent_lines = pairs, dropped, client
     if peer_trusted:
         forwarded_for = headers.getall("X-Forwarded-For", ())
@@ -381,7 +377,7 @@ class Forwarder:
             block = conn.last_block + answer
         else:
             kept = response_header_block(headers, b"")
-            if len(kept) <= _MEMO_BLOCK:
+            if len(kept) <= MEMO_BLOCK:
                 conn.last_headers, conn.last_block = headers, kept
             block = kept + answer
         bodyless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200

@@ -51,6 +51,11 @@ log = logging.getLogger("keygate.http")
 MAX_TARGET: Final = 8192  # bytes of the request target
 MAX_FIELD: Final = 8190  # bytes of one header's name plus value
 MAX_HEADERS: Final = 128  # header lines; more is 431
+# What a connection keeps of its last request's or response's headers (to reuse for the next with the same
+# headers: the mapping here, the lines sent upstream and the response's block in .forward) only when they are
+# short, as a keep-alive client's and an API's are: an idle connection then holds at most about this much of
+# them (a 64 KiB head would hold about 146 KB; found by a review).
+MEMO_BLOCK: Final = 4096
 # Requests read ahead of their answers on one connection (pipelined). Reading pauses while one waits, but
 # one read (up to 256 KiB) can hold thousands of small heads, each parsed into a request of ten times its
 # size; the one that reaches this is the last read: answered with Connection: close, what follows dropped.
@@ -462,6 +467,9 @@ class Connection(asyncio.Protocol):
         # The client's header lines last sent upstream from this connection, what they were made from and what
         # was dropped (see forward.upstream_request_headers): a keep-alive client repeats its headers.
         self.sent_pairs: list[tuple[str, str]] | None = None
+        # The last request's header list and the read-only mapping made of it: a request whose list equals it
+        # (names and values, in order) gets both, instead of a mapping built anew.
+        self._last_head: tuple[list[tuple[str, str]], CIMultiDictProxy[str]] | None = None
         self.sent_drop: frozenset[str] | None = None
         self.sent_lines = ""
 
@@ -643,7 +651,13 @@ class Connection(asyncio.Protocol):
             # SECURITY: bounds the memory a client can pin with one head, and what reaches the upstream.
             raise self._stop(Refused(431, "request line and headers over max_header_size"))
         pairs = self._headers
-        headers = CIMultiDictProxy(CIMultiDict(pairs))
+        last = self._last_head
+        if last is not None and pairs == last[0]:
+            pairs, headers = last
+        else:
+            headers = CIMultiDictProxy(CIMultiDict(pairs))
+            if head_size <= MEMO_BLOCK:
+                self._last_head = (pairs, headers)
         request = Request(self, method, raw_path, version, headers, parser.should_keep_alive(),
                           parser.should_upgrade(), pairs)
         request.head_size = head_size

@@ -15,7 +15,7 @@ import pytest
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.dataplane import forward
+from gateway.dataplane import forward, http1
 from gateway.dataplane.http1 import Request
 from gateway.dataplane.forward import response_header_block, upstream_request_headers
 
@@ -139,13 +139,13 @@ def test_remembered_spellings_stay_bounded() -> None:
 
 
 def test_a_connection_keeps_only_short_header_lines() -> None:
-    """What a connection keeps of its last request is bounded: lines over forward._MEMO_BLOCK are sent, not kept
+    """What a connection keeps of its last request is bounded: lines over http1.MEMO_BLOCK are sent, not kept
     (an idle connection would hold a 64 KiB head otherwise)."""
     on = detached_request("GET", [], local="api")
     small = [("Accept", "*/*")]
     assert _upstream(small, on) == "Accept: */*\r\n"
     assert on.conn.sent_pairs == small
-    large = [("Cookie", "c" * forward._MEMO_BLOCK)]
-    assert _upstream(large, on) == f"Cookie: {'c' * forward._MEMO_BLOCK}\r\n"
-    assert on.conn.sent_pairs == small and len(on.conn.sent_lines) <= forward._MEMO_BLOCK
+    large = [("Cookie", "c" * http1.MEMO_BLOCK)]
+    assert _upstream(large, on) == f"Cookie: {'c' * http1.MEMO_BLOCK}\r\n"
+    assert on.conn.sent_pairs == small and len(on.conn.sent_lines) <= http1.MEMO_BLOCK
     assert _upstream(small, on) == "Accept: */*\r\n"

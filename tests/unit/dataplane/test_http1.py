@@ -848,3 +848,49 @@ async def test_answers_before_a_refused_head_still_arriving_are_not_lost_to_a_re
     assert (status, body) == (200, b"/a")
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+# Each head differs from the one before it by as little as possible (the connection reuses the last request's
+# header mapping for a request whose header list equals it: see Connection.on_headers_complete).
+_ONE_CONNECTION_HEADS = [
+    [("Host", "a"), ("Authorization", "Bearer one"), ("X-N", "1")],
+    [("Host", "a"), ("Authorization", "Bearer one"), ("X-N", "1")],  # the same again
+    [("Host", "a"), ("Authorization", "Bearer two"), ("X-N", "1")],  # one value, same length
+    [("Host", "a"), ("authorization", "Bearer two"), ("X-N", "1")],  # one name's spelling
+    [("Host", "a"), ("X-N", "1"), ("authorization", "Bearer two")],  # the order
+    [("Host", "a"), ("X-N", "1")],  # one fewer
+    [("Host", "a"), ("X-N", "1"), ("X-N", "2")],  # a repeated name
+    [("Host", "b"), ("X-N", "1"), ("X-N", "2")],  # Host
+    [("Host", "a"), ("Authorization", "Bearer one"), ("X-N", "1")],  # the first again, not the last
+    [("Host", "a"), ("X-Big", "b" * 5000)],  # too large to be kept
+    [("Host", "a"), ("X-Big", "b" * 5000)],
+    [("Host", "a"), ("X-Big", "c" * 5000)],
+    [("Host", "a"), ("Authorization", "Bearer one"), ("X-N", "1")],
+]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
+async def test_each_request_on_a_connection_has_its_own_headers(
+        serve: Callable[[Handle], Awaitable[Server]], pipelined: bool) -> None:
+    async def handle(request: Request, server: Server) -> None:
+        found = {name: request.headers.getall(name, []) for name in ("host", "AUTHORIZATION", "x-n", "X-Big")}
+        request.send(200, "OK", b"", json.dumps([request.pairs, found, request.host]).encode())
+
+    def head(pairs: list[tuple[str, str]]) -> bytes:
+        return ("GET / HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in pairs) + "\r\n").encode()
+
+    server = await serve(handle)
+    reader, writer = await server.connect()
+    if pipelined:
+        writer.write(b"".join(head(pairs) for pairs in _ONE_CONNECTION_HEADS))
+    for pairs in _ONE_CONNECTION_HEADS:
+        if not pipelined:
+            writer.write(head(pairs))
+        status, _, body = await read_response(reader)
+        assert status == 200
+        sent, found, host = json.loads(body)
+        assert [tuple(pair) for pair in sent] == pairs
+        assert found == {name: [value for other, value in pairs if other.lower() == name.lower()]
+                         for name in ("host", "AUTHORIZATION", "x-n", "X-Big")}
+        assert host == pairs[0][1]
+    writer.close()
