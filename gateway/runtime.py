@@ -116,6 +116,7 @@ async def rate_limiter(
     if link is None or r.policy == "local":
         return LocalTokenBuckets(), None
     fallback = Fallback(r.on_backend_error)
+    fallback.watch(link)
     shared = SharedBuckets(link)
     if r.policy == "redis":
         return RedisTokenBuckets(shared, fallback), fallback

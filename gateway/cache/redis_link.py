@@ -180,6 +180,9 @@ class RedisLink:
             return  # (closing fails the calls still out: that is no outage to reconnect from)
         self.up = False
         log.warning(json.dumps({"event": "redis_unavailable", "error": str(exc) or type(exc).__name__}))
+        if self.resp is not None:
+            # Calls after the recovery go out on a new connection, to whichever server redis.url reaches then.
+            self.resp.drop()
         self._reconnect = asyncio.create_task(self._reconnect_loop(), name="keygate-redis-reconnect")
 
     async def _reconnect_loop(self) -> None:
@@ -187,6 +190,10 @@ class RedisLink:
         while True:
             await asyncio.sleep(backoff)
             try:
+                if not isinstance(self.client, RedisCluster):
+                    # Nor are redis-py's idle connections opened before the failure reused (see
+                    # RespClient.drop): a demoted primary would answer the PING, then refuse every write.
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
                 async with asyncio.timeout(self.timeout):
                     await self._ping()
             except FAILURES:

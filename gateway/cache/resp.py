@@ -303,6 +303,17 @@ class RespClient:
         except (OSError, TypeError):
             pass  # as redis-py: a platform without an option simply goes without it
 
+    def drop(self) -> None:
+        """Abandon the open connection, if any: the next batch opens a new one (see RedisLink._trip).
+
+        After a failure the server at the other end may no longer be the one ``redis.url`` reaches: a
+        failover behind an endpoint (a managed service's, a Sentinel-aware proxy's) demotes the old
+        primary to a replica, which keeps the connections it had and refuses every script with READONLY.
+        """
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abort(RedisConnectionError("Connection dropped after a failure."))
+
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()

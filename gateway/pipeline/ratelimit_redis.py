@@ -166,15 +166,26 @@ class Fallback:
         self.local = local or LocalTokenBuckets()
         self.decisions = 0  # degraded decisions made, for /readyz, /metrics and the logs
         self.limited = 0  # of which refused
+        self._announced = False  # the log said so since Redis last recovered (see watch)
+
+    def watch(self, link: RedisLink) -> None:
+        """Log ``ratelimit_degraded`` again at the first degraded decision after each of ``link``'s recoveries."""
+        link.on_recover(self._recovered)
+
+    async def _recovered(self) -> None:
+        self._announced = False
 
     def decide(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-        if self.decisions == 0:
+        if not self._announced:
+            # Once per outage (not once per process: an alert keyed on the line must fire for each).
+            self._announced = True
             log.warning(json.dumps({"event": "ratelimit_degraded", "on_backend_error": self.mode}))
         self.decisions += 1
         if self.mode == "allow":
             decision = RateLimitDecision(True, spec, spec.capacity, 0, None, degraded=True)
         elif self.mode == "deny":
-            decision = RateLimitDecision(False, spec, 0, 0, 1, degraded=True)
+            # Refused for a second (Retry-After: 1), and the quota not said to be back any sooner (t=1).
+            decision = RateLimitDecision(False, spec, 0, 1, 1, degraded=True)
         else:
             decision = self.local.take_now(key_id, spec)._replace(degraded=True)
         if not decision.allowed:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from gateway.config.schema import RedisSettings
 from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
@@ -15,6 +19,7 @@ from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.cache.redis_link import RedisLink
 
 from ...clocks import FakeClock
+from ...e2e.relay import Relay
 from ...redis_server import RedisServer
 
 KEY = "kg_AAAAAAAAAAAA"
@@ -151,7 +156,11 @@ async def test_on_backend_error_decides_when_redis_is_dead(
         assert [d.allowed for d in decisions] == allowed
         assert all(d.degraded for d in decisions)
         assert limiter.fallback.decisions == 3
-        assert ratelimit_headers(decisions[0])[DEGRADED_HEADER] == "1"
+        headers = ratelimit_headers(decisions[0])
+        assert headers[DEGRADED_HEADER] == "1"
+        if mode == "deny":
+            # Refused for a second, and the quota not said to be back sooner than that ("t=0" would say now).
+            assert headers["Retry-After"] == "1" and headers["RateLimit"] == '"key";r=0;t=1'
     finally:
         await link.close()
 
@@ -462,3 +471,70 @@ async def test_concurrent_decisions_share_a_round_trip(link: RedisLink) -> None:
     decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(25)))
     assert sum(d.allowed for d in decisions) == 20
     assert shared.round_trips == 1
+
+
+async def test_a_failover_behind_an_endpoint_is_a_short_outage(own_redis: RedisServer, tmp_path: Path) -> None:
+    """README, "Redis Sentinel or a managed endpoint": the old primary becomes a replica of the new one and the
+    endpoint sends new connections to the new primary. No connection opened before is used again after the
+    outage (the demoted primary still answers PING, and refuses every script and write with READONLY):
+    decisions come from the new primary within moments, not degraded for as long as an old connection lives."""
+    folder = tmp_path / "new-primary"
+    folder.mkdir()
+    new_primary = RedisServer(folder).start()
+    endpoint = Relay("127.0.0.1", own_redis.port)
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{endpoint.port}/0", prefix="kg:", timeout=0.5,
+                                   reconnect_backoff_max=0.1))
+    old = redis.asyncio.Redis(port=own_redis.port)
+    new = redis.asyncio.Redis(port=new_primary.port)
+    try:
+        limiter = exact(link, "deny")
+        assert not (await limiter.take(KEY, HOURLY)).degraded  # the lean connection is open
+        await link.run(lambda client: client.ping())  # and one of redis-py's, idle in its pool
+        await old.replicaof("127.0.0.1", new_primary.port)
+        endpoint.target = ("127.0.0.1", new_primary.port)
+        degraded = 0
+        for _ in range(100):
+            decision = await limiter.take(KEY, HOURLY)
+            if not decision.degraded:
+                break
+            degraded += 1
+            await asyncio.sleep(0.05)
+        assert not decision.degraded, "still degraded 5 s after the failover"
+        assert 1 <= degraded
+        assert decision.remaining == HOURLY.capacity - 1  # the new primary's bucket
+        assert await new.exists(limiter.shared.name(KEY)) == 1
+        await link.run(lambda client: client.set(link.key("after"), "1"))  # a write through redis-py too
+        assert await new.get(link.key("after")) == b"1"
+    finally:
+        await link.close()
+        endpoint.cut()
+        await old.aclose()
+        await new.aclose()
+        new_primary.kill()
+
+
+async def test_ratelimit_degraded_is_logged_once_per_outage(own_redis: RedisServer,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """README, "When Redis fails": the log says ratelimit_degraded at each outage (an alert keyed on it must fire
+    for the second outage of a process too), once each however many decisions are degraded."""
+    caplog.set_level(logging.INFO)
+    link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=0.5, reconnect_backoff_max=0.1))
+    limiter = exact(link)
+    limiter.fallback.watch(link)
+    try:
+        for _outage in range(2):
+            assert not (await limiter.take(KEY, HOURLY)).degraded
+            caplog.clear()
+            own_redis.kill()
+            assert all([(await limiter.take(KEY, HOURLY)).degraded for _ in range(3)])
+            own_redis.start()
+            for _ in range(100):
+                if link.up:
+                    break
+                await asyncio.sleep(0.05)
+            assert link.up
+            events = [json.loads(r.getMessage())["event"] for r in caplog.records if r.getMessage().startswith("{")]
+            assert events.count("ratelimit_degraded") == 1
+            assert events.count("redis_unavailable") == 1 and events.count("redis_recovered") == 1
+    finally:
+        await link.close()
