@@ -57,6 +57,9 @@ FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 # Where reconnect attempts start; they double up to ``reconnect_backoff_max``.
 FIRST_BACKOFF = 0.05
+# Round trips, each within redis.timeout, that opening a connection and a first PING may take in all (TCP,
+# TLS, AUTH and CLIENT SETINFO, the PING): see RedisLink._answers.
+_SETUP_ROUND_TRIPS = 4
 
 
 class RedisUnavailable(Exception):
@@ -162,10 +165,39 @@ class RedisLink:
     async def probe(self) -> bool:
         """Whether Redis answers now; if not, the circuit opens and reconnecting starts."""
         try:
-            await self.run(lambda _r: self._ping())
+            self.require_up()
+            await self._answers()
         except RedisUnavailable:
             return False
+        except FAILURES as exc:
+            self.failed(exc)
+            return False
         return True
+
+    async def open_lean(self) -> None:
+        """The lean connection, opened if none is open; :class:`RedisUnavailable` if it cannot be.
+
+        Its set-up (connect, TLS, AUTH, SELECT) is bounded on its own (the client's connect timeout,
+        ``redis.timeout``), so that the calls then made within ``redis.timeout`` are only the calls.
+        """
+        self.require_up()
+        assert self.resp is not None
+        try:
+            await self.resp.open()
+        except FAILURES as exc:
+            raise self.failed(exc) from exc
+
+    async def _answers(self) -> None:
+        """Redis answers a PING within ``redis.timeout``, on a connection opened beforehand if need be.
+
+        Opening one (connect, TLS, AUTH, redis-py's CLIENT SETINFO) takes round trips of its own, each
+        bounded by the client's socket timeouts: counted against ``redis.timeout`` with the PING, a Redis
+        that answers in time from further than a third of it away would never be judged up again.
+        """
+        async with asyncio.timeout(_SETUP_ROUND_TRIPS * self.timeout):
+            await self._ping()
+        async with asyncio.timeout(self.timeout):
+            await self._ping()
 
     async def _ping(self) -> None:
         if isinstance(self.client, RedisCluster):
@@ -194,8 +226,7 @@ class RedisLink:
                     # Nor are redis-py's idle connections opened before the failure reused (see
                     # RespClient.drop): a demoted primary would answer the PING, then refuse every write.
                     await self.client.connection_pool.disconnect(inuse_connections=False)
-                async with asyncio.timeout(self.timeout):
-                    await self._ping()
+                await self._answers()
             except FAILURES:
                 backoff = min(backoff * 2, self.settings.reconnect_backoff_max)
                 continue

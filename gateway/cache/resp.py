@@ -22,7 +22,9 @@ circuit breaker stays with the link. Every batch is bounded by ``redis.timeout``
 on the connection itself, by one timer per connection (not one per batch): a
 batch unanswered that long fails with :class:`redis.exceptions.TimeoutError`
 and drops the connection, as redis-py drops a connection whose read timed
-out; so does a batch given up by its caller. A dropped connection is
+out; so does a batch given up by its caller. A batch whose callers waited
+before it was written fails with :class:`HeldTooLong` once they have waited
+that long in all, the connection kept. A dropped connection is
 reopened on next use. It speaks to one server: on a Redis Cluster the
 policy's calls go through redis-py's cluster client instead
 (:class:`gateway.pipeline.ratelimit_redis.SharedBuckets`).
@@ -49,9 +51,14 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-# Batches of replies: (future, replies expected, when to give up on them, by the loop's clock).
-# Replies arrive in the order commands were sent.
-_Waiting = deque[tuple["asyncio.Future[list[Any]]", int, float]]
+from .held import HeldTooLong
+
+# Batches of replies: (future, replies expected, when the server is late with them, when their callers stop
+# waiting for them), by the loop's clock. Replies arrive in the order commands were sent.
+_Waiting = deque[tuple["asyncio.Future[list[Any]]", int, float, float]]
+
+
+_NEVER = float("inf")
 
 
 def bulk(data: bytes) -> bytes:
@@ -95,8 +102,9 @@ class _Connection(asyncio.Protocol):
         self._replies: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timeout = timeout
-        # The one timer bounding every batch in flight: due when the oldest is.
+        # The one timer bounding every batch in flight: due when the first of them is, at _due.
         self._watchdog: asyncio.TimerHandle | None = None
+        self._due = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)
@@ -106,8 +114,11 @@ class _Connection(asyncio.Protocol):
     def send(self, commands: bytes, count: int, since: float | None = None) -> asyncio.Future[list[Any]]:
         """Write ``count`` pre-encoded commands; the future gets their ``count`` replies, errors as values.
 
-        The timeout runs from ``since`` (the loop's clock) when given: when the
-        batch's oldest call was asked for, if it waited before being written.
+        The timeout runs from now: a batch unanswered that long fails with
+        :class:`redis.exceptions.TimeoutError` and drops the connection (the server
+        is late). With ``since`` (the loop's clock: when the batch's oldest call was
+        asked for, if it waited before being written) its future also fails with
+        :class:`HeldTooLong` once the timeout has run from then, the connection kept.
         """
         loop = self._loop
         if self.closed or self.transport is None or loop is None:
@@ -117,25 +128,43 @@ class _Connection(asyncio.Protocol):
             future.set_result([])  # no reply will come for it: it must not wait in line
             return future
         if self._timeout is None:
-            self.waiting.append((future, count, 0.0))
+            self.waiting.append((future, count, _NEVER, _NEVER))
         else:
-            deadline = (loop.time() if since is None else since) + self._timeout
-            self.waiting.append((future, count, deadline))
-            if self._watchdog is None:
-                self._watchdog = loop.call_at(deadline, self._check)
+            deadline = loop.time() + self._timeout
+            held = deadline if since is None else min(deadline, since + self._timeout)
+            self.waiting.append((future, count, deadline, held))
+            if self._watchdog is None or held < self._due:
+                self._watch(held)
         self.transport.write(commands)
         return future
 
+    def _watch(self, when: float) -> None:
+        assert self._loop is not None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = self._loop.call_at(when, self._check)
+        self._due = when
+
     def _check(self) -> None:
-        """The watchdog: fail everything if the oldest batch is overdue, else wait until it would be."""
+        """The watchdog: drop the connection if a batch is overdue on it, give up on those whose callers
+        waited long enough, and wait until the next of either would be due."""
         self._watchdog = None
         if self.closed or not self.waiting or self._loop is None:
             return  # answered in time; the next batch sets the timer again
-        deadline = self.waiting[0][2]
-        if self._loop.time() >= deadline:
-            self.abort(RedisTimeoutError("Timeout reading from Redis"))
-        else:
-            self._watchdog = self._loop.call_at(deadline, self._check)
+        now = self._loop.time()
+        due = _NEVER
+        for future, _count, deadline, held in self.waiting:
+            if now >= deadline:
+                self.abort(RedisTimeoutError("Timeout reading from Redis"))
+                return
+            if not future.done():
+                if now >= held:
+                    future.set_exception(HeldTooLong("Timeout waiting for Redis (held before sending)"))
+                else:
+                    due = min(due, held)
+            due = min(due, deadline)
+        if due < _NEVER:
+            self._watch(due)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -168,7 +197,7 @@ class _Connection(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         waiting, self.waiting = self.waiting, deque()
-        for future, _count, _deadline in waiting:
+        for future, _count, _deadline, _held in waiting:
             if not future.done():
                 future.set_exception(error)
         self._replies = []
@@ -225,6 +254,12 @@ class RespClient:
         if connection is None or connection.closed:
             return None
         return connection.send(commands, count, since)
+
+    async def open(self) -> None:
+        """Open the connection if none is open (connect and AUTH/SELECT within the connect timeout)."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            await self._connect()
 
     async def execute(self, commands: bytes, count: int) -> list[Any]:
         """The replies to ``count`` commands encoded in ``commands``, in order; error replies as values.

@@ -45,6 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, InvalidRes
 
 from ..config.ratelimit_spec import RateLimitSpec
 from ..cache.redis_link import RedisLink, RedisUnavailable
+from ..cache.held import HeldTooLong
 from ..cache.resp import bulk, command, encode
 from ..process.tasks import stop_task
 from .ratelimit import LocalTokenBuckets, RateLimitDecision, bucket_decision
@@ -194,8 +195,13 @@ class Fallback:
 
 
 # Lean batches out at once: what is asked for meanwhile waits for the next reply and goes out then, as one.
-# The wait counts against redis.timeout (it runs from a call's asking, not its sending).
+# The wait counts against redis.timeout for its callers (a decision not in within it of its asking is the
+# fallback's), not for Redis (the circuit opens only when a batch was on the wire that long).
 MAX_IN_FLIGHT: Final = 1
+# ... but waits at most this share of redis.timeout: then it goes out beside the batch out. Held until the
+# reply, a far Redis (a round trip over half the timeout, answering in time) would see most calls wait
+# longer than the timeout in all, and decided by the fallback (found by a review).
+HOLD_SHARE: Final = 0.25
 
 
 class SharedBuckets:
@@ -235,6 +241,8 @@ class SharedBuckets:
         # Lean batches written and not yet answered; at most MAX_IN_FLIGHT, the queue waits for the next reply.
         self._in_flight = 0
         self._since = 0.0  # when the queue's oldest call was asked for (loop.time())
+        self._hold = (link.timeout or 0.0) * HOLD_SHARE
+        self._hold_timer: asyncio.TimerHandle | None = None  # sends a held queue when it has waited _hold
         self.round_trips = 0
         # The event loop it serves, asked for once (see take).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -315,19 +323,26 @@ class SharedBuckets:
         """The same call's arguments after ``EVALSHA <sha> 1``, for the cluster client."""
         return (self.name(call.key_id), call.spec.capacity, call.spec.refill_per_second, call.want, call.give_back)
 
-    def _send(self) -> None:
+    def _send(self, held_long: bool = False) -> None:
         if not self._queue:
             return  # sent already, by _replied, before this turn's call came round
         resp = self.link.resp
-        if resp is not None and self._in_flight >= MAX_IN_FLIGHT and self.link.up:
-            return  # held: _replied sends the queue when the batch out comes back
+        if resp is not None and self._in_flight >= MAX_IN_FLIGHT and self.link.up and not held_long:
+            # Held: _replied sends the queue when the batch out comes back, or _held_long after _hold.
+            if self._hold_timer is None and self._loop is not None:
+                self._hold_timer = self._loop.call_at(self._since + self._hold, self._held_long)
+            return
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         batch, self._queue = self._queue, []
         self._shared_runs = {}
         try:
             if resp is not None and self.link.up:
                 # The lean path, no coroutine: the batch is written now, from this loop callback, and
                 # its replies are read by _replied, a callback on the batch's future. The connection
-                # bounds it by redis.timeout from its oldest call's asking, held time included. (A
+                # bounds it by redis.timeout on the wire, and its callers' wait by redis.timeout from
+                # its oldest call's asking, held time included (HeldTooLong). (A
                 # task, asyncio.timeout and two coroutines per round trip cost this policy a tenth
                 # of its throughput: bench.py kg_redis.)
                 future = resp.send(b"".join([self._command(call) for call in batch]), len(batch), self._since)
@@ -341,6 +356,10 @@ class SharedBuckets:
         except Exception as exc:  # a loop callback: nobody else would ever answer these callers
             log.exception("sending rate-limit calls to Redis failed")
             _refuse(batch, RedisUnavailable(f"not sent: {exc!r}"))
+
+    def _held_long(self) -> None:
+        self._hold_timer = None
+        self._send(held_long=True)
 
     def _in_task(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.Task(work, loop=self._loop)
@@ -375,6 +394,12 @@ class SharedBuckets:
             else:
                 _answer(batch, results)
                 return
+        elif isinstance(error, HeldTooLong):
+            # Its callers waited redis.timeout from their asking, most of it held behind the batch before:
+            # the fallback decides for them. Redis is not failing (it has had the batch less than that): the
+            # connection is kept and the circuit stays closed.
+            _refuse(batch, RedisUnavailable(str(error)))
+            return
         _refuse(batch, self.link.failed(error))
 
     async def _run(self, batch: Batch) -> None:
@@ -383,6 +408,7 @@ class SharedBuckets:
         try:
             if self.link.resp is not None:
                 commands = [self._command(call) for call in batch]
+                await self.link.open_lean()  # (its set-up is not counted against redis.timeout)
                 results = await self.link.run(lambda _client: self._evaluate(commands))
             else:
                 arguments = [self._arguments(call) for call in batch]

@@ -538,3 +538,131 @@ async def test_ratelimit_degraded_is_logged_once_per_outage(own_redis: RedisServ
             assert events.count("redis_unavailable") == 1 and events.count("redis_recovered") == 1
     finally:
         await link.close()
+
+
+class DelayingRelay:
+    """A TCP relay to Redis on ``port`` that hands on every reply ``delay`` seconds late, in order (a far Redis)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.target, self.delay = port, delay
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+            async def up() -> None:
+                while data := await reader.read(65536):
+                    up_writer.write(data)
+
+            async def down() -> None:
+                loop = asyncio.get_running_loop()
+                while data := await up_reader.read(65536):
+                    loop.call_later(self.delay, writer.write, data)
+
+            await asyncio.gather(up(), down(), return_exceptions=True)
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [json.loads(r.getMessage())["event"] for r in caplog.records if r.getMessage().startswith('{"event"')]
+
+
+async def test_a_redis_that_answers_within_the_timeout_opens_no_circuit_under_load(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every reply 0.6 x redis.timeout late, requests arriving steadily: Redis is not failing, so the circuit
+    stays closed (it opened within moments, every later decision degraded, when the time a batch was held
+    behind the one out counted as Redis's), and decisions are Redis's: a batch is held at most a quarter of
+    the timeout (held until the reply, most of them waited longer than the timeout in all)."""
+    caplog.set_level(logging.INFO)
+    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)
+    relay = DelayingRelay(own_redis.port, 0.6)
+    link = RedisLink(RedisSettings(url=f"redis://{await relay.start()}", prefix="kg:", timeout=1.0))
+    try:
+        limiter = exact(link, "deny")
+        assert not (await limiter.take("kg_warm", HOURLY)).degraded
+        asked = []
+        for i in range(100):  # 2 s, over five keys
+            asked.append(asyncio.ensure_future(limiter.take(f"kg_key{i % 5}", parse_rate_limit("1000/hour"))))
+            await asyncio.sleep(0.02)
+        decisions = await asyncio.gather(*asked)
+        assert link.up and link.failures == 0
+        assert "redis_unavailable" not in _events(caplog)
+        assert sum(d.degraded for d in decisions) <= len(decisions) // 10
+    finally:
+        await link.close()
+        relay.close()
+
+
+async def test_a_redis_further_than_a_third_of_the_timeout_is_judged_up_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every reply 0.55 x redis.timeout late, and a password: a new connection's set-up (AUTH, CLIENT SETINFO)
+    is not counted against redis.timeout with the call it is opened for. Redis is judged up at start, and
+    again after a stall; decisions are Redis's (before, the circuit never closed: set-up and PING, or
+    set-up and the script call, took more than redis.timeout together)."""
+    caplog.set_level(logging.INFO)
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    await RedisLink(RedisSettings(url=server.url)).client.script_load(TAKE_SCRIPT)
+    await RedisLink(RedisSettings(url=server.url)).client.config_set("requirepass", "pw")
+    relay = DelayingRelay(server.port, 0.275)
+    link = RedisLink(RedisSettings(url=f"redis://:pw@{await relay.start()}", prefix="kg:", timeout=0.5,
+                                   reconnect_backoff_max=0.2))
+    try:
+        assert await link.probe()
+        limiter = exact(link, "deny")
+        assert not (await limiter.take(KEY, HOURLY)).degraded
+        relay.delay = 1.0  # a stall
+        assert (await limiter.take(KEY, HOURLY)).degraded and not link.up
+        relay.delay = 0.275
+        for _ in range(50):
+            if link.up:
+                break
+            await asyncio.sleep(0.1)
+        assert link.up, "the circuit stayed open"
+        decisions = [await limiter.take(KEY, HOURLY) for _ in range(3)]
+        assert not any(d.degraded for d in decisions)
+        assert _events(caplog).count("redis_unavailable") == 1
+    finally:
+        await link.close()
+        relay.close()
+        server.kill()
+
+
+async def test_callers_held_past_the_timeout_get_the_fallback_and_redis_is_not_judged_down(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch out 0.9 s (in time: redis.timeout is 1 s); a request asked meanwhile is held (a quarter of the
+    timeout), then its batch is 0.9 s on the wire too: it has waited more than the timeout from its asking,
+    so the fallback decides it, at the timeout; Redis answered each batch in time, so the circuit stays closed
+    and the next decision is Redis's."""
+    caplog.set_level(logging.INFO)
+    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)
+    relay = await relay_answering(own_redis.port, [0, 0.9, 0.9, 0, 0, 0])
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
+                                   prefix="kg:", timeout=1.0))
+    try:
+        limiter = exact(link, "deny")
+        assert not (await limiter.take("kg_warm", HOURLY)).degraded
+        out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        held = await limiter.take("kg_held", HOURLY)
+        waited = time.monotonic() - started
+        assert not (await out).degraded
+        assert held.degraded and 0.95 <= waited < 1.15
+        await asyncio.sleep(0.3)  # its late replies come, and are dropped
+        assert link.up and link.failures == 0 and "redis_unavailable" not in _events(caplog)
+        assert not (await limiter.take("kg_after", HOURLY)).degraded
+    finally:
+        await link.close()
+        relay.close()
