@@ -200,16 +200,18 @@ def _response_name(name: bytes) -> int:
 def response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> bytes:
     """The upstream's response headers minus hop-by-hop ones and those we set, plus Via and ``answer``."""
     kinds = _RESPONSE_NAMES
-    block = b""
+    lines: list[bytes] = []  # (joined once: adding each line to a block copied the block per header)
     for name, value in headers:
         kind = kinds.get(name)
         if kind is None:
             kind = _response_name(name)
         if kind == _KEEP:
-            block = b"%s%s: %s\r\n" % (block, name, value)  # (compiled: one new bytes object per header)
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _CONNECTION and value.lower() not in _PLAIN_CONNECTION_BYTES:
             return _named_response_header_block(headers, answer)  # it names more headers to drop: rare
-    return block + _VIA_LINE + answer
+    lines.append(_VIA_LINE)
+    lines.append(answer)
+    return b"".join(lines)
 
 
 def _named_response_header_block(headers: list[tuple[bytes, bytes]], answer: bytes) -> bytes:

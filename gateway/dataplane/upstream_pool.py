@@ -21,6 +21,7 @@ the answer and each part of its body) is timed by the loop's
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from collections import deque
@@ -35,8 +36,13 @@ DNS_TTL: Final = 10.0  # seconds an upstream host's addresses are reused
 MAX_IDLE: Final = 512  # idle connections kept per upstream; more are closed
 BODY_HIGH: Final = 256 * 1024  # response bytes buffered before reading from the upstream pauses
 BODY_LOW: Final = 64 * 1024
-MAX_FIELD: Final = 64 * 1024  # one response header line; more is a bad response
-MAX_HEAD: Final = 256 * 1024  # a whole response head
+MAX_FIELD: Final = 64 * 1024  # one response header line, or the status line; more is a bad response
+MAX_HEAD: Final = 256 * 1024  # a whole response head (interim ones before it included)
+MAX_HEADERS: Final = 128  # header lines of a response head; more is a bad response
+MAX_REASON: Final = 512  # a longer reason phrase is replaced by the status code's own
+# Bytes a reason phrase may not hold (RFC 9112 section 4: HTAB, SP, VCHAR and obs-text only; llhttp lets any
+# byte but CR and LF through): such a reason is replaced by the status code's own, never relayed.
+_BAD_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _INF: Final = float("inf")
 
@@ -109,6 +115,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._head_lines = 0
+        self._head_read = 0  # bytes read of the exchange before its final head completed
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -161,6 +169,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
+            if not self.answered:
+                # A head still arriving: bounded by what was read of it, not only by what llhttp has
+                # reported (it holds a header line, or the status line, until the line ends).
+                self._head_read += len(data)
+                if self._head_read > MAX_HEAD + MAX_FIELD:
+                    raise BadResponse("response head too large")
         except httptools.HttpParserUpgrade as upgrade:
             if self._response is not None:
                 self._response.upgraded = data[upgrade.args[0]:]
@@ -168,6 +182,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._wake()
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(str(exc.__context__ or exc) if exc.args else type(exc).__name__))
+            if self.transport is not None:
+                self.transport.abort()
+        except BadResponse as exc:
+            self._fail(exc)
             if self.transport is not None:
                 self.transport.abort()
 
@@ -195,24 +213,38 @@ class UpstreamConnection(asyncio.Protocol):
             raise BadResponse("an answer after the response")
         self._headers = []
         self._head_size = 0
+        self._head_lines = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        if len(self._reason) > MAX_FIELD:
+            raise BadResponse("status line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value)
-        if self._head_size > MAX_HEAD or len(name) + len(value) > MAX_FIELD:
+        self._head_size += len(name) + len(value) + 4
+        self._head_lines += 1
+        if self._head_size > MAX_HEAD or len(name) + len(value) > MAX_FIELD or self._head_lines > MAX_HEADERS:
             raise BadResponse("response head too large")
         if self._response is None:
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 100 or status > 599:
+            # RFC 9110 section 15: llhttp reads any three digits; "099" would reach the client as "99".
+            raise BadResponse(f"status code {status:03d}")
         if 100 <= status < 200 and status != 101:
             self._reason = b""
             return  # interim (100 Continue, 103 Early Hints): the response is still to come
+        if status == 101 and not parser.should_upgrade():
+            # Switching to nothing (no Upgrade, or no Connection: upgrade): llhttp fails on what follows it.
+            raise BadResponse("101 without an upgrade")
+        reason = self._reason
+        if len(reason) > MAX_REASON or _BAD_REASON.search(reason) is not None:
+            reason = b""  # (the client gets the status code's own reason phrase)
         headers = self._headers
-        response = self._response = Response(status, self._reason, headers)
+        response = self._response = Response(status, reason, headers)
         coded = False  # a Transfer-Encoding other than one plain "chunked"
         for name, value in headers:
             # By length first: a name of another length is neither, and most are (no lower() for those).
@@ -276,6 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = None
         self._status = 0
         self._reason = b""
+        self._head_read = 0
         self._error = None
         self._chunks.clear()
         self._buffered = 0

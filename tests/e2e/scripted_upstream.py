@@ -20,6 +20,8 @@ the path asks:
 - ``/headers/<name>=<value>/...``: ``200`` with those headers (besides its length);
 - ``/close-body``: ``200`` whose body (``part-one,part-two``) is delimited by the close, in two writes;
   ``/close-body-reset`` sends the first write, then resets the connection (it crashed mid-body);
+- ``/raw/<name>``: the head ``RAW_HEADS[name]`` (a status line and header lines, written 64 KiB at a time)
+  with a two-byte body ``ok``, then closes; ``raw_sent[path]`` is how much of it was sent;
 - anything else: ``200`` with body ``ok <method> <path>``.
 """
 
@@ -30,7 +32,24 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# Response heads for /raw/<name> (each followed by Content-Length: 2 and the body "ok"), made when asked for.
+RAW_HEADS: dict[str, Callable[[], bytes]] = {
+    "status-099": lambda: b"HTTP/1.1 099 Weird\r\n",
+    "status-000": lambda: b"HTTP/1.1 000 Weird\r\n",
+    "status-600": lambda: b"HTTP/1.1 600 Weird\r\n",
+    "status-599": lambda: b"HTTP/1.1 599 Odd\r\n",
+    "reason-control": lambda: b"HTTP/1.1 200 \x01\x7fWeird\r\n",
+    "reason-long": lambda: b"HTTP/1.1 200 " + b"R" * 1024 + b"\r\n",
+    "reason-huge": lambda: b"HTTP/1.1 200 " + b"R" * (8 << 20) + b"\r\n",
+    "lines-127": lambda: b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-N%d: n\r\n" % i for i in range(127)),
+    "lines-128": lambda: b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-N%d: n\r\n" % i for i in range(128)),
+    "lines-tiny": lambda: b"HTTP/1.1 200 OK\r\n" + b"a:\r\n" * 250_000,
+    "line-huge": lambda: b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * (64 << 20) + b"\r\n",
+    "switch-bare": lambda: b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: x\r\n",
+}
 
 
 @dataclass
@@ -53,6 +72,7 @@ class ScriptedUpstream:
         self.open = 0
         # Connections (by number) that were sent bytes after their answer, and those that have ended.
         self.strayed: list[int] = []
+        self.raw_sent: dict[str, int] = {}  # /raw/ paths: bytes of the head sent before Keygate stopped reading
         self.ended: set[int] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -204,6 +224,18 @@ class ScriptedUpstream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
             else:
                 sock.sendall(b"part-two")
+            return False
+        if path.startswith("/raw/"):
+            head = RAW_HEADS[path[len("/raw/"):]]() + b"Content-Length: 2\r\n\r\nok"
+            sent = 0
+            try:
+                for i in range(0, len(head), 65536):
+                    sock.sendall(head[i:i + 65536])
+                    sent = i + 65536
+            except OSError:
+                pass  # (Keygate may refuse the head before it is all sent)
+            with self._lock:
+                self.raw_sent[path] = min(sent, len(head))
             return False
         if path.startswith("/slow-head"):
             time.sleep(0.5)

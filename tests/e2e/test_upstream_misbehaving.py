@@ -189,3 +189,42 @@ async def test_each_response_on_a_pooled_connection_gets_the_headers_of_its_own_
     finally:
         writer.close()
     assert scripted.connections == connections + 1  # one pooled upstream connection answered them all
+
+
+@pytest.mark.parametrize(("name", "start"), [
+    ("status-099", b"HTTP/1.1 502 "),  # (llhttp reads any three digits: relayed as "99")
+    ("status-000", b"HTTP/1.1 502 "),
+    ("status-600", b"HTTP/1.1 502 "),
+    ("status-599", b"HTTP/1.1 599 Odd\r\n"),
+    ("reason-control", b"HTTP/1.1 200 OK\r\n"),  # control bytes: the status code's own reason
+    ("reason-long", b"HTTP/1.1 200 OK\r\n"),  # 1 KiB: the same
+    ("reason-huge", b"HTTP/1.1 502 "),  # 8 MiB
+    ("lines-127", b"HTTP/1.1 200 OK\r\n"),  # with Content-Length, 128 header lines: the most taken
+    ("lines-128", b"HTTP/1.1 502 "),
+    ("lines-tiny", b"HTTP/1.1 502 "),  # 250,000 "a:" lines (relayed after a minute, the worker stalled)
+    ("line-huge", b"HTTP/1.1 502 "),  # a 64 MiB header line (read and held whole before it was refused)
+])
+async def test_a_response_head_that_is_not_valid_or_too_large_is_not_relayed(
+        kg: Keygate, scripted: ScriptedUpstream, name: str, start: bytes) -> None:
+    """A status code outside 100-599 or a head too large (bytes or lines) is a bad answer (502); a reason
+    phrase with bytes HTTP does not allow there, or over 512 bytes, is replaced by the status code's own.
+    A head too large is refused while it arrives: Keygate stops reading it (the rest is never sent)."""
+    _, key = await kg.key(name="k", role="admin")
+    answer = await one(kg.proxy_port, get(f"/raw/{name}", key))
+    assert answer.startswith(start), answer[:200]
+    if b" 502 " not in start:
+        assert answer.endswith(b"\r\n\r\nok")
+    if name.endswith("-huge"):
+        await until(lambda: f"/raw/{name}" in scripted.raw_sent)
+        assert scripted.raw_sent[f"/raw/{name}"] < 32 << 20  # (socket buffers take some MiB)
+
+
+async def test_a_101_that_switches_to_nothing_is_a_bad_gateway_not_an_upgrade(kg: Keygate) -> None:
+    """A WebSocket handshake answered 101 without Upgrade and Connection: upgrade (so llhttp does not switch,
+    and fails on what follows): the client gets 502, not a 101 and then a closed tunnel."""
+    _, key = await kg.key(name="k", role="admin")
+    handshake = (f"GET /raw/switch-bare HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n"
+                 "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    answer = await one(kg.proxy_port, handshake)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
