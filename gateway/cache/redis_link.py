@@ -112,6 +112,7 @@ class RedisLink:
         self.resp = None if isinstance(self.client, RedisCluster) else RespClient(self.client, timeout=self.timeout)
         self.up = True
         self.failures = 0  # calls that failed or were refused while down, for /readyz and tests
+        self.trips = 0  # times the circuit opened (outages)
         self._recover: list[Callable[[], Awaitable[None]]] = []
         self._reconnect: asyncio.Task[None] | None = None
         self._closed = False
@@ -211,6 +212,7 @@ class RedisLink:
         if not self.up or self._closed:
             return  # (closing fails the calls still out: that is no outage to reconnect from)
         self.up = False
+        self.trips += 1
         log.warning(json.dumps({"event": "redis_unavailable", "error": str(exc) or type(exc).__name__}))
         if self.resp is not None:
             # Calls after the recovery go out on a new connection, to whichever server redis.url reaches then.

@@ -262,6 +262,8 @@ class UpstreamConnection(asyncio.Protocol):
             # "gzip" to the close) would reach the client still coded and unlabelled: refused, as nginx does.
             raise BadResponse("a transfer coding other than chunked")
         self.answered = True
+        # Trailers (after a chunked body) are bounded as a head of their own, not added to this one's.
+        self._head_size = self._head_lines = 0
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)  # an early answer: the body being sent can stop (Forwarder._send_body)

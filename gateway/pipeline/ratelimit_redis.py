@@ -167,19 +167,19 @@ class Fallback:
         self.local = local or LocalTokenBuckets()
         self.decisions = 0  # degraded decisions made, for /readyz, /metrics and the logs
         self.limited = 0  # of which refused
-        self._announced = False  # the log said so since Redis last recovered (see watch)
+        self._link: RedisLink | None = None
+        self._announced = -1  # the link's outage (RedisLink.trips) the log last said so for
 
     def watch(self, link: RedisLink) -> None:
-        """Log ``ratelimit_degraded`` again at the first degraded decision after each of ``link``'s recoveries."""
-        link.on_recover(self._recovered)
-
-    async def _recovered(self) -> None:
-        self._announced = False
+        """Log ``ratelimit_degraded`` again at the first degraded decision of each of ``link``'s outages."""
+        self._link = link
 
     def decide(self, key_id: str, spec: RateLimitSpec) -> RateLimitDecision:
-        if not self._announced:
-            # Once per outage (not once per process: an alert keyed on the line must fire for each).
-            self._announced = True
+        outage = self._link.trips if self._link is not None else 0
+        if outage != self._announced:
+            # Once per outage (not once per process: an alert keyed on the line must fire for each), and
+            # once for decisions degraded with the circuit closed (callers that waited redis.timeout).
+            self._announced = outage
             log.warning(json.dumps({"event": "ratelimit_degraded", "on_backend_error": self.mode}))
         self.decisions += 1
         if self.mode == "allow":
@@ -352,7 +352,7 @@ class SharedBuckets:
                     future.add_done_callback(functools.partial(self._replied, batch))
                     return
             # No connection open (first use, or dropped), Redis down, or a cluster: through RedisLink.run.
-            self._in_task(self._run(batch))
+            self._in_task(self._run(batch, self._since))
         except Exception as exc:  # a loop callback: nobody else would ever answer these callers
             log.exception("sending rate-limit calls to Redis failed")
             _refuse(batch, RedisUnavailable(f"not sent: {exc!r}"))
@@ -384,7 +384,7 @@ class SharedBuckets:
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
                 # Redis lost the script: those calls did not run; run them again, through RedisLink.run.
-                self._in_task(self._run([batch[i] for i in missing]))
+                self._in_task(self._run([batch[i] for i in missing], reload=True))
                 replies = [reply for i, reply in enumerate(replies) if i not in missing]
                 batch = [call for i, call in enumerate(batch) if i not in missing]
             try:
@@ -402,14 +402,23 @@ class SharedBuckets:
             return
         _refuse(batch, self.link.failed(error))
 
-    async def _run(self, batch: Batch) -> None:
-        """The batch through :meth:`RedisLink.run`: connecting first if need be, or on a cluster."""
+    async def _run(self, batch: Batch, since: float | None = None, *, reload: bool = False) -> None:
+        """The batch through :meth:`RedisLink.run`: connecting first if need be, or on a cluster.
+
+        ``since`` (``loop.time()``): when its oldest call was asked for; its callers get the fallback
+        redis.timeout after that, whatever the set-up and the call still take (those judge Redis).
+        ``reload``: Redis answered NOSCRIPT: the script is loaded in the same round trip.
+        """
         self.round_trips += 1
+        give_up: asyncio.TimerHandle | None = None
+        if since is not None and self.link.timeout and self._loop is not None:
+            give_up = self._loop.call_at(since + self.link.timeout, _refuse, batch,
+                                         RedisUnavailable("Timeout waiting for Redis (connecting)"))
         try:
             if self.link.resp is not None:
                 commands = [self._command(call) for call in batch]
                 await self.link.open_lean()  # (its set-up is not counted against redis.timeout)
-                results = await self.link.run(lambda _client: self._evaluate(commands))
+                results = await self.link.run(lambda _client: self._evaluate(commands, reload))
             else:
                 arguments = [self._arguments(call) for call in batch]
                 results = await self.link.run(lambda _client: self._evaluate_on_cluster(arguments))
@@ -420,20 +429,29 @@ class SharedBuckets:
             log.exception("sending rate-limit calls to Redis failed")
             _refuse(batch, RedisUnavailable(f"not sent: {exc!r}"))
             return
+        finally:
+            if give_up is not None:
+                give_up.cancel()
         _answer(batch, results)
 
-    async def _evaluate(self, calls: list[bytes]) -> list[tuple[int, float]]:
+    async def _evaluate(self, calls: list[bytes], reload: bool = False) -> list[tuple[int, float]]:
         resp = self.link.resp
         assert resp is not None
-        replies = await resp.execute(b"".join(calls), len(calls))
+        if reload:
+            # The script is known lost: SCRIPT LOAD first, in the same write (Redis runs them in order).
+            got = await resp.execute(self._load + b"".join(calls), 1 + len(calls))
+            if isinstance(got[0], Exception):
+                raise got[0]
+            replies = got[1:]
+        else:
+            replies = await resp.execute(b"".join(calls), len(calls))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            # Redis restarted (or flushed its scripts): load it once, then run exactly those again.
-            (loaded,) = await resp.execute(self._load, 1)
-            if isinstance(loaded, Exception):
-                raise loaded
-            again = await resp.execute(b"".join(calls[i] for i in missing), len(missing))
-            for i, reply in zip(missing, again):
+            # Redis restarted (or flushed its scripts): load it, and run exactly those again, in one round trip.
+            again = await resp.execute(self._load + b"".join(calls[i] for i in missing), 1 + len(missing))
+            if isinstance(again[0], Exception):
+                raise again[0]
+            for i, reply in zip(missing, again[1:]):
                 replies[i] = reply
         return _decoded(replies)
 

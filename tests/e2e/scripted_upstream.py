@@ -20,6 +20,7 @@ the path asks:
 - ``/headers/<name>=<value>/...``: ``200`` with those headers (besides its length);
 - ``/close-body``: ``200`` whose body (``part-one,part-two``) is delimited by the close, in two writes;
   ``/close-body-reset`` sends the first write, then resets the connection (it crashed mid-body);
+- ``/trailers``: ``200`` with 100 header lines and a chunked body ``hello`` with 40 trailer lines;
 - ``/raw/<name>``: the head ``RAW_HEADS[name]`` (a status line and header lines, written 64 KiB at a time)
   with a two-byte body ``ok``, then closes; ``raw_sent[path]`` is how much of it was sent;
 - anything else: ``200`` with body ``ok <method> <path>``.
@@ -225,6 +226,12 @@ class ScriptedUpstream:
             else:
                 sock.sendall(b"part-two")
             return False
+        if path.startswith("/trailers"):
+            # 100 header lines, a chunked body, 40 trailer lines: each within the head's limits on its own.
+            sock.sendall(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-N%d: n\r\n" % i for i in range(100))
+                         + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                         + b"".join(b"X-T%d: t\r\n" % i for i in range(40)) + b"\r\n")
+            return True
         if path.startswith("/raw/"):
             head = RAW_HEADS[path[len("/raw/"):]]() + b"Content-Length: 2\r\n\r\nok"
             sent = 0

@@ -228,3 +228,11 @@ async def test_a_101_that_switches_to_nothing_is_a_bad_gateway_not_an_upgrade(kg
                  "Sec-WebSocket-Version: 13\r\n\r\n").encode()
     answer = await one(kg.proxy_port, handshake)
     assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+
+
+async def test_trailers_are_bounded_on_their_own_not_with_the_head(kg: Keygate) -> None:
+    """100 header lines and 40 trailer lines: each within the 128 lines a head may have, so the body is
+    relayed whole (counted together they cut it short after its first chunk, as a 502 can no longer be sent)."""
+    _, key = await kg.key(name="k", role="admin")
+    answer = await one(kg.proxy_port, get("/trailers", key))
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello"), answer[-200:]

@@ -605,9 +605,9 @@ async def test_a_redis_further_than_a_third_of_the_timeout_is_judged_up_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every reply 0.55 x redis.timeout late, and a password: a new connection's set-up (AUTH, CLIENT SETINFO)
-    is not counted against redis.timeout with the call it is opened for. Redis is judged up at start, and
-    again after a stall; decisions are Redis's (before, the circuit never closed: set-up and PING, or
-    set-up and the script call, took more than redis.timeout together)."""
+    is not counted against Redis with the PING or the script call it is opened for. Redis is judged up at
+    start, and again after a stall; decisions are Redis's (before, the circuit never closed: set-up and PING,
+    or set-up and the script call, took more than redis.timeout together)."""
     caplog.set_level(logging.INFO)
     folder = tmp_path / "redis"
     folder.mkdir()
@@ -620,7 +620,11 @@ async def test_a_redis_further_than_a_third_of_the_timeout_is_judged_up_again(
     try:
         assert await link.probe()
         limiter = exact(link, "deny")
-        assert not (await limiter.take(KEY, HOURLY)).degraded
+        # The first decision opens the lean connection: AUTH, then the call, 1.1 x the timeout in all, so its
+        # caller gets the fallback at the timeout; the connection opens all the same, and Redis decides next.
+        await limiter.take(KEY, HOURLY)
+        await asyncio.sleep(0.4)
+        assert not (await limiter.take(KEY, HOURLY)).degraded and link.up
         relay.delay = 1.0  # a stall
         assert (await limiter.take(KEY, HOURLY)).degraded and not link.up
         relay.delay = 0.275
@@ -629,6 +633,8 @@ async def test_a_redis_further_than_a_third_of_the_timeout_is_judged_up_again(
                 break
             await asyncio.sleep(0.1)
         assert link.up, "the circuit stayed open"
+        await limiter.take(KEY, HOURLY)  # (a new lean connection, as above)
+        await asyncio.sleep(0.4)
         decisions = [await limiter.take(KEY, HOURLY) for _ in range(3)]
         assert not any(d.degraded for d in decisions)
         assert _events(caplog).count("redis_unavailable") == 1
@@ -666,3 +672,77 @@ async def test_callers_held_past_the_timeout_get_the_fallback_and_redis_is_not_j
     finally:
         await link.close()
         relay.close()
+
+
+async def test_an_outage_after_decisions_degraded_without_one_is_announced_too(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Callers held past redis.timeout get the fallback with the circuit closed (ratelimit_degraded is logged);
+    a real outage after that is logged as one: redis_unavailable and ratelimit_degraded again."""
+    caplog.set_level(logging.INFO)
+    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)
+    relay = await relay_answering(own_redis.port, [0, 0.9, 0.9] + [0] * 50)
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
+                                   prefix="kg:", timeout=1.0, reconnect_backoff_max=0.1))
+    limiter = exact(link, "deny")
+    limiter.fallback.watch(link)
+    try:
+        assert not (await limiter.take("kg_warm", HOURLY)).degraded
+        out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
+        await asyncio.sleep(0.05)
+        assert (await limiter.take("kg_held", HOURLY)).degraded and link.up
+        await out
+        assert _events(caplog) == ["ratelimit_degraded"]
+        caplog.clear()
+        own_redis.kill()
+        assert all([(await limiter.take(KEY, HOURLY)).degraded for _ in range(3)]) and not link.up
+        assert _events(caplog) == ["redis_unavailable", "ratelimit_degraded"]
+    finally:
+        await link.close()
+        relay.close()
+
+
+async def test_a_far_redis_that_lost_its_script_is_not_judged_down(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every reply 0.4 x redis.timeout late, then the script flushed (as a restart does): the script is loaded
+    and the calls run again in one round trip, within the timeout (three round trips were not)."""
+    caplog.set_level(logging.INFO)
+    relay = DelayingRelay(own_redis.port, 0.4)
+    link = RedisLink(RedisSettings(url=f"redis://{await relay.start()}", prefix="kg:", timeout=1.0))
+    direct = RedisLink(RedisSettings(url=own_redis.url))
+    try:
+        await direct.client.script_load(TAKE_SCRIPT)
+        limiter = exact(link, "deny")
+        assert not (await limiter.take("kg_warm", HOURLY)).degraded
+        await direct.client.script_flush()
+        decision = await limiter.take(KEY, HOURLY)
+        assert not decision.degraded and decision.allowed and link.up
+        assert "redis_unavailable" not in _events(caplog)
+    finally:
+        await link.close()
+        await direct.close()
+        relay.close()
+
+
+async def test_a_decision_waiting_for_a_connection_is_the_fallbacks_at_the_timeout(tmp_path: Path) -> None:
+    """No connection open (first use, or after a recovery), every reply 0.9 x redis.timeout late, and a
+    password: AUTH, then the call, take 1.8 x the timeout. The caller gets the fallback at the timeout of its
+    asking (not after both); the connection is still opened (its set-up is not counted against Redis)."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    await RedisLink(RedisSettings(url=server.url)).client.script_load(TAKE_SCRIPT)
+    await RedisLink(RedisSettings(url=server.url)).client.config_set("requirepass", "pw")
+    relay = DelayingRelay(server.port, 0.9)
+    link = RedisLink(RedisSettings(url=f"redis://:pw@{await relay.start()}", prefix="kg:", timeout=1.0))
+    try:
+        limiter = exact(link, "deny")
+        started = time.monotonic()
+        decision = await limiter.take(KEY, HOURLY)
+        waited = time.monotonic() - started
+        assert decision.degraded and 0.95 <= waited < 1.35
+    finally:
+        await link.close()
+        relay.close()
+        server.kill()
