@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio
 
 from gateway.config.schema import RedisSettings
-from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, ratelimit_headers
+from gateway.pipeline.ratelimit import DEGRADED_HEADER, LocalTokenBuckets, RateLimitDecision, ratelimit_headers
 from gateway.pipeline.ratelimit_redis import TAKE_SCRIPT, Fallback, LocalFirstBuckets, RedisTokenBuckets, SharedBuckets
 from gateway.config.ratelimit_spec import parse_rate_limit
 from gateway.cache.redis_link import RedisLink
@@ -644,28 +644,39 @@ async def test_a_redis_further_than_a_third_of_the_timeout_is_judged_up_again(
         server.kill()
 
 
+async def link_answering_late(redis: RedisServer) -> tuple[RedisLink, asyncio.AbstractServer]:
+    """A link (redis.timeout 1 s) through a relay that holds its second and third replies 0.9 s (in time)."""
+    await RedisLink(RedisSettings(url=redis.url)).client.script_load(TAKE_SCRIPT)
+    relay = await relay_answering(redis.port, [0, 0.9, 0.9] + [0] * 50)
+    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
+                                   prefix="kg:", timeout=1.0, reconnect_backoff_max=0.1))
+    return link, relay
+
+
+async def held_past_the_timeout(limiter: RedisTokenBuckets) -> RateLimitDecision:
+    """A batch out 0.9 s; a request asked meanwhile is held (a quarter of the timeout), then its batch is 0.9 s
+    on the wire too: its decision, which must be the fallback's, at the timeout of its asking."""
+    assert not (await limiter.take("kg_warm", HOURLY)).degraded
+    out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    held = await limiter.take("kg_held", HOURLY)
+    waited = time.monotonic() - started
+    assert not (await out).degraded
+    assert held.degraded and 0.95 <= waited < 1.35
+    return held
+
+
 async def test_callers_held_past_the_timeout_get_the_fallback_and_redis_is_not_judged_down(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A batch out 0.9 s (in time: redis.timeout is 1 s); a request asked meanwhile is held (a quarter of the
-    timeout), then its batch is 0.9 s on the wire too: it has waited more than the timeout from its asking,
-    so the fallback decides it, at the timeout; Redis answered each batch in time, so the circuit stays closed
-    and the next decision is Redis's."""
+    """Callers that waited redis.timeout from their asking, most of it held in Keygate's queue, get the
+    fallback; Redis answered each batch in time, so the circuit stays closed and the next decision is Redis's."""
     caplog.set_level(logging.INFO)
-    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)
-    relay = await relay_answering(own_redis.port, [0, 0.9, 0.9, 0, 0, 0])
-    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
-                                   prefix="kg:", timeout=1.0))
+    link, relay = await link_answering_late(own_redis)
     try:
         limiter = exact(link, "deny")
-        assert not (await limiter.take("kg_warm", HOURLY)).degraded
-        out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
-        held = await limiter.take("kg_held", HOURLY)
-        waited = time.monotonic() - started
-        assert not (await out).degraded
-        assert held.degraded and 0.95 <= waited < 1.15
+        await held_past_the_timeout(limiter)
         await asyncio.sleep(0.3)  # its late replies come, and are dropped
         assert link.up and link.failures == 0 and "redis_unavailable" not in _events(caplog)
         assert not (await limiter.take("kg_after", HOURLY)).degraded
@@ -680,19 +691,12 @@ async def test_an_outage_after_decisions_degraded_without_one_is_announced_too(
     """Callers held past redis.timeout get the fallback with the circuit closed (ratelimit_degraded is logged);
     a real outage after that is logged as one: redis_unavailable and ratelimit_degraded again."""
     caplog.set_level(logging.INFO)
-    await RedisLink(RedisSettings(url=own_redis.url)).client.script_load(TAKE_SCRIPT)
-    relay = await relay_answering(own_redis.port, [0, 0.9, 0.9] + [0] * 50)
-    link = RedisLink(RedisSettings(url=f"redis://127.0.0.1:{relay.sockets[0].getsockname()[1]}",
-                                   prefix="kg:", timeout=1.0, reconnect_backoff_max=0.1))
+    link, relay = await link_answering_late(own_redis)
     limiter = exact(link, "deny")
     limiter.fallback.watch(link)
     try:
-        assert not (await limiter.take("kg_warm", HOURLY)).degraded
-        out = asyncio.ensure_future(limiter.take("kg_out", HOURLY))
-        await asyncio.sleep(0.05)
-        assert (await limiter.take("kg_held", HOURLY)).degraded and link.up
-        await out
-        assert _events(caplog) == ["ratelimit_degraded"]
+        await held_past_the_timeout(limiter)
+        assert link.up and _events(caplog) == ["ratelimit_degraded"]
         caplog.clear()
         own_redis.kill()
         assert all([(await limiter.take(KEY, HOURLY)).degraded for _ in range(3)]) and not link.up
