@@ -117,6 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_lines = 0
         self._head_read = 0  # bytes read of the exchange before its final head completed
+        self._reason_ok = b""  # the last reason phrase judged fit to relay
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -241,8 +242,11 @@ class UpstreamConnection(asyncio.Protocol):
             # Switching to nothing (no Upgrade, or no Connection: upgrade): llhttp fails on what follows it.
             raise BadResponse("101 without an upgrade")
         reason = self._reason
-        if len(reason) > MAX_REASON or _BAD_REASON.search(reason) is not None:
-            reason = b""  # (the client gets the status code's own reason phrase)
+        if reason != self._reason_ok:  # (an upstream repeats its reasons: judged once while it does)
+            if len(reason) > MAX_REASON or _BAD_REASON.search(reason) is not None:
+                reason = b""  # (the client gets the status code's own reason phrase)
+            else:
+                self._reason_ok = reason
         headers = self._headers
         response = self._response = Response(status, reason, headers)
         coded = False  # a Transfer-Encoding other than one plain "chunked"

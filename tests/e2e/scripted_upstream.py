@@ -22,7 +22,8 @@ the path asks:
   ``/close-body-reset`` sends the first write, then resets the connection (it crashed mid-body);
 - ``/trailers``: ``200`` with 100 header lines and a chunked body ``hello`` with 40 trailer lines;
 - ``/raw/<name>``: the head ``RAW_HEADS[name]`` (a status line and header lines, written 64 KiB at a time)
-  with a two-byte body ``ok``, then closes; ``raw_sent[path]`` is how much of it was sent;
+  with a two-byte body ``ok``, then closes (``/raw/<name>/keep``: keeps the connection); ``raw_sent[path]`` is
+  how much of it was sent;
 - anything else: ``200`` with body ``ok <method> <path>``.
 """
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 # Response heads for /raw/<name> (each followed by Content-Length: 2 and the body "ok"), made when asked for.
 RAW_HEADS: dict[str, Callable[[], bytes]] = {
+    "ok": lambda: b"HTTP/1.1 200 OK\r\n",
     "status-099": lambda: b"HTTP/1.1 099 Weird\r\n",
     "status-000": lambda: b"HTTP/1.1 000 Weird\r\n",
     "status-600": lambda: b"HTTP/1.1 600 Weird\r\n",
@@ -233,7 +235,7 @@ class ScriptedUpstream:
                          + b"".join(b"X-T%d: t\r\n" % i for i in range(40)) + b"\r\n")
             return True
         if path.startswith("/raw/"):
-            head = RAW_HEADS[path[len("/raw/"):]]() + b"Content-Length: 2\r\n\r\nok"
+            head = RAW_HEADS[path[len("/raw/"):].removesuffix("/keep")]() + b"Content-Length: 2\r\n\r\nok"
             sent = 0
             try:
                 for i in range(0, len(head), 65536):
@@ -243,7 +245,7 @@ class ScriptedUpstream:
                 pass  # (Keygate may refuse the head before it is all sent)
             with self._lock:
                 self.raw_sent[path] = min(sent, len(head))
-            return False
+            return path.endswith("/keep")
         if path.startswith("/slow-head"):
             time.sleep(0.5)
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))

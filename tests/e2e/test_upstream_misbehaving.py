@@ -236,3 +236,20 @@ async def test_trailers_are_bounded_on_their_own_not_with_the_head(kg: Keygate) 
     _, key = await kg.key(name="k", role="admin")
     answer = await one(kg.proxy_port, get("/trailers", key))
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello"), answer[-200:]
+
+
+async def test_each_reason_phrase_on_a_pooled_connection_is_judged_as_its_own(
+        kg: Keygate, scripted: ScriptedUpstream) -> None:
+    """A connection remembers the last reason phrase it found fit to relay: one that differs is judged again."""
+    _, key = await kg.key(name="k", role="admin")
+    reader, writer = await asyncio.open_connection("127.0.0.1", kg.proxy_port)
+    try:
+        before = len(scripted.seen)
+        for name in ("ok", "reason-control", "ok", "reason-long", "reason-control"):
+            writer.write(get(f"/raw/{name}/keep", key))
+            response = await read_response(reader, 5)
+            assert response is not None and response.head.startswith(b"HTTP/1.1 200 OK\r\n"), name
+            assert response.body == b"ok"
+        assert len({seen.conn for seen in scripted.seen[before:]}) == 1  # (one upstream connection)
+    finally:
+        writer.close()
