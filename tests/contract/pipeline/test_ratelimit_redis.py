@@ -34,8 +34,12 @@ def redis_settings(redis_on_both: RedisSettings) -> RedisSettings:
 
 @pytest.fixture
 async def links(redis_settings: RedisSettings) -> AsyncIterator[list[RedisLink]]:
-    """Three processes' links to one Redis, as three replicas would have."""
+    """Three processes' links to one Redis, as three replicas would have, each probed as `keygate serve`
+    probes its link at start: a cluster client's first call reads the slot map and connects to the nodes,
+    which on a loaded machine took over redis.timeout and turned every decision into the fallback's (CI)."""
     made = [RedisLink(redis_settings) for _ in range(3)]
+    for link in made:
+        assert await link.probe()
     yield made
     for link in made:
         await link.close()
