@@ -80,7 +80,10 @@ What it does:
    ``redis`` (issue 13), >= 0.85 for local-first (issue 4);
 5. prints the median over rounds of requests/s, p50, p99 and cpu us/req per
    target, and each target's CPU per request as a multiple of nginx_gw's;
-   then the ratios, by issue, of the targets measured:
+   each Keygate's CPU split into its event loop's threads and the rest (its
+   store's thread writing the request records, chiefly: the part of its
+   CPU that nginx_gw, with no access log, has no counterpart for); then the
+   ratios, by issue, of the targets measured:
 
    * issue 13, each PASS/FAIL: keygate_1w / nginx_gw CPU per request
      (target <= 2.0), throughput (>= 0.5) and p99 (<= 2.0), plus for
@@ -361,6 +364,18 @@ def process_cpu(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def main_thread_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes' main threads alone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
 def machine_cpu() -> tuple[float, float]:
     """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq), and stolen.
 
@@ -397,6 +412,9 @@ class Target:
     flushes: bool = False
     # A target of several programs (nginx_authz): each one's processes, its CPU also reported alone.
     parts: dict[str, list[int]] = field(default_factory=dict)
+    # Processes whose main thread runs the event loop (Keygate's serving processes): the CPU of
+    # those threads is reported apart from the rest of the target's (its store thread, executor).
+    loop_pids: list[int] = field(default_factory=list)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -634,7 +652,7 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
     except BenchError as exc:
         raise BenchError(f"{exc}\n{tail(log)}") from None
     return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids,
-                  all_pids=[process.pid, *_children(process.pid)], flushes=True)
+                  all_pids=[process.pid, *_children(process.pid)], flushes=True, loop_pids=pids)
 
 
 SNIPPETS = ROOT / "deploy" / "ingress" / "nginx"
@@ -830,11 +848,16 @@ def measure(procs: Processes, target: Target, round_no: int, args: argparse.Name
     started, (busy, steal) = time.monotonic(), machine_cpu()
     mine, all_ours, wrk = process_cpu(target.all_pids), process_cpu(ours), children_cpu()
     parts = {name: process_cpu(pids) for name, pids in target.parts.items()}
+    loop = main_thread_cpu(target.loop_pids)
     output = run_wrk(procs, target, duration=args.duration, connections=args.connections, threads=args.threads)
     wall = time.monotonic() - started
     busy_after, steal_after = machine_cpu()
     busy, steal, mine = busy_after - busy, steal_after - steal, process_cpu(target.all_pids) - mine
     parts = {name: process_cpu(target.parts[name]) - before for name, before in parts.items()}
+    if target.loop_pids:
+        # The event loop's threads, and the rest of the target's CPU (so the two add up to it).
+        loop = main_thread_cpu(target.loop_pids) - loop
+        parts = {"event loop": loop, "other threads": mine - loop}
     all_ours, wrk = process_cpu(ours) - all_ours, children_cpu() - wrk
     result = parse_wrk(output, target.name, round_no)
     if result.requests:
