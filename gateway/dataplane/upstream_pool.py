@@ -126,6 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._bodyless = False  # a HEAD: the response ends with its head
         self.complete = False  # the response was read to its end
+        self._ended = False  # the upstream ended its side cleanly (eof_received: a FIN, or TLS's close_notify)
         self.received = False  # a byte of the response arrived
         self.answered = False
         self.partial = False
@@ -148,10 +149,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel.upstream_lost()
             return
         response = self._response
-        if exc is None and response is not None and not self.complete and response.length is None \
+        if exc is None and self._ended and response is not None and not self.complete and response.length is None \
                 and not response.chunked and self._head is not None and self._head.done():
             # A body delimited by the close: a clean close (FIN) is its end. A reset is not: the body was
-            # cut short, and the client must not be told it is whole (see Forwarder._relay).
+            # cut short, and the client must not be told it is whole (see Forwarder._relay). Nor is a TLS
+            # connection's FIN without TLS's close_notify before it, which anyone on the path can send to
+            # cut a body short (RFC 9112 section 9.8): uvloop reports that end as a close without an EOF.
+            # (asyncio's own loop reports both alike: only where uvloop is not installed is it taken as whole.)
             self.complete = True
             self._wake()
             return
@@ -202,6 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel.upstream_drained()
 
     def eof_received(self) -> bool | None:
+        self._ended = True
         if self._tunnel is not None:
             return self._tunnel.upstream_eof()
         return None
