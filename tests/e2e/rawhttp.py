@@ -34,6 +34,19 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 5.0) -> R
     return Response(int(head.split(b" ", 2)[1]), head, body)
 
 
+async def until_last_chunk(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    """What arrives until a chunked answer's last chunk (the connection kept open) or the connection's end
+    (a close or a reset: a body cut short)."""
+    received = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while not received.endswith(b"\r\n0\r\n\r\n") and (data := await reader.read(65536)):
+                received += data
+    except ConnectionResetError:
+        pass
+    return received
+
+
 async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
     """Whether the server closes the connection within ``timeout`` seconds (anything it sends is skipped)."""
     try:

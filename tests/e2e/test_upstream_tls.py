@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .harness import Keygate
-from .rawhttp import read_response
+from .rawhttp import read_response, until_last_chunk
 
 BODY_PARTS = (b"part-one,", b"part-two")
 
@@ -191,14 +191,8 @@ async def test_a_body_delimited_by_the_close_is_whole_only_after_close_notify(
     _, key = await kg.key(name="tls-" + path.strip("/"), role="admin")
     reader, writer = await asyncio.open_connection("127.0.0.1", kg.proxy_port)
     writer.write(get(path, key))
-    received = b""
     try:
-        async with asyncio.timeout(5):
-            # Until the last chunk (the client's connection stays open) or the end of the connection.
-            while not received.endswith(b"\r\n0\r\n\r\n") and (data := await reader.read(65536)):
-                received += data
-    except ConnectionResetError:
-        pass
+        received = await until_last_chunk(reader)
     finally:
         writer.close()
     head, _, body = received.partition(b"\r\n\r\n")

@@ -176,7 +176,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -354,25 +354,22 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def process_cpu(pids: list[int]) -> float:
     """CPU seconds (user + system, all threads) used so far by these processes."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return _stat_cpu(f"/proc/{pid}/stat" for pid in pids)
 
 
 def main_thread_cpu(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by these processes' main threads alone."""
+    return _stat_cpu(f"/proc/{pid}/task/{pid}/stat" for pid in pids)
+
+
+def _stat_cpu(paths: Iterable[str]) -> float:
     total = 0
-    for pid in pids:
+    for path in paths:
         try:
-            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
+            continue  # gone
+        total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
 
 
