@@ -288,11 +288,13 @@ class RespClient:
         try:
             return await asyncio.shield(connecting)
         except asyncio.CancelledError:
-            if connecting.cancelled():  # the attempt, not this caller, was cancelled: close() came first
-                raise RedisConnectionError("Connection closed while it was being opened.") from None
+            if connecting.cancelled():  # the attempt, not this caller, was cancelled: drop() or close() came first
+                raise RedisConnectionError("Connection given up while it was being opened.") from None
             raise
 
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
+        if task is not self._connecting:
+            return  # given up by drop() (which closed what it made) or close()
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
             self._connection = task.result()
@@ -348,6 +350,14 @@ class RespClient:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.abort(RedisConnectionError("Connection dropped after a failure."))
+        # So is an attempt under way, begun before the failure (it may reach the old server too): its waiters
+        # fail with a connection error, and a connection it has already made is closed, not kept.
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            if not connecting.done():
+                connecting.cancel()
+            elif not connecting.cancelled() and connecting.exception() is None:
+                connecting.result().abort(RedisConnectionError("Connection dropped after a failure."))
 
     async def close(self) -> None:
         if self._connecting is not None:

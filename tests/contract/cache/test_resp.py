@@ -236,6 +236,74 @@ async def test_next_call_after_a_loss_reconnects(own_redis: RedisServer, resp: R
     assert resp.connects == 2
 
 
+class HoldingRelay:
+    """A TCP relay to Redis on ``port`` that holds the first connection's replies until :attr:`release` is set,
+    and tells when the client has closed that connection."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.release = asyncio.Event()
+        self.first_open = asyncio.Event()
+        self.first_closed = asyncio.Event()
+        self.accepted = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            first = self.accepted == 1
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+            async def up() -> None:
+                try:
+                    while data := await reader.read(65536):
+                        up_writer.write(data)
+                        if first:
+                            self.first_open.set()  # the client sent its setup: it is waiting for the reply
+                finally:  # closed or reset by the client
+                    if first:
+                        self.first_closed.set()
+                    up_writer.close()
+
+            async def down() -> None:
+                while data := await up_reader.read(65536):
+                    if first:
+                        await self.release.wait()
+                    writer.write(data)
+
+            await asyncio.gather(up(), down(), return_exceptions=True)
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_connection_being_opened_when_dropped_is_not_kept(own_redis: RedisServer) -> None:
+    """RedisLink drops the connection when Redis fails (a failover may have put another server behind redis.url):
+    an attempt under way then, opened before the failure, is given up too. Its batch fails as a connection
+    error, what it opened is closed, and the next batch goes out on a new connection (it was kept and used)."""
+    relay = HoldingRelay(own_redis.port)
+    port = await relay.start()
+    resp = resp_for(f"redis://127.0.0.1:{port}/1")  # database 1: SELECT is part of opening
+    try:
+        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
+        await asyncio.wait_for(relay.first_open.wait(), 5)  # connected, SELECT sent, its reply held
+        resp.drop()
+        relay.release.set()
+        with pytest.raises(redis.exceptions.ConnectionError, match="given up while it was being opened"):
+            await asyncio.wait_for(opening, 5)
+        await asyncio.wait_for(relay.first_closed.wait(), 5)
+        assert await resp.execute(*batch(("ECHO", "new"))) == [b"new"]
+        assert relay.accepted == 2
+    finally:
+        await resp.close()
+        relay.close()
+
+
 async def test_a_batch_given_up_drops_the_connection(resp: RespClient) -> None:
     """A call cancelled by its timeout closes the connection; the next call reconnects and gets its own reply."""
     with pytest.raises(TimeoutError):
