@@ -81,11 +81,21 @@ return {granted, string.format('%.17g', tokens)}
 """
 
 
-def _decoded(replies: list[Any]) -> list[tuple[int, float]]:
-    """Each script reply as (tokens granted, tokens left); raises the first error reply, or InvalidResponse."""
-    results = []
+# A reply (or its error) per script run: (tokens granted, tokens left), or the error of a run whose bucket
+# cannot be used (its key holds another type: WRONGTYPE), that run's alone.
+Result = tuple[int, float] | RedisError
+
+
+def _decoded(replies: list[Any]) -> list[Result]:
+    """Each script reply as (tokens granted, tokens left), or as its error if it is one bucket's own (see
+    :func:`_bucket_error`); raises the first other error reply (the server's: OOM, READONLY, ...), or
+    InvalidResponse."""
+    results: list[Result] = []
     for reply in replies:
         if isinstance(reply, Exception):
+            if isinstance(reply, RedisError) and _bucket_error(reply):
+                results.append(reply)
+                continue
             raise reply
         if not isinstance(reply, list) or len(reply) != 2:  # (a two-byte bytes reply would unpack too)
             raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}")
@@ -100,6 +110,16 @@ def _decoded(replies: list[Any]) -> list[tuple[int, float]]:
             raise InvalidResponse(f"unexpected reply to the rate-limit script: {reply!r:.80}")
         results.append(result)
     return results
+
+
+def _bucket_error(reply: RedisError) -> bool:
+    """An error of one bucket, not of the server: its key holds something else than a bucket (a hash).
+
+    Only that run fails (its callers get the fallback's decision); the batch's other runs are answered
+    from their replies and the circuit stays closed. As one error of the server, one key overwritten by
+    mistake opened the circuit again after every reconnect and made every key's decision the fallback's.
+    """
+    return str(reply).startswith("WRONGTYPE")
 
 
 class _Call:
@@ -130,8 +150,15 @@ class _Call:
 Batch = list[_Call]
 
 
-def _answer(batch: Batch, results: list[tuple[int, float]]) -> None:
-    for call, (granted, left) in zip(batch, results):
+def _answer(batch: Batch, results: list[Result]) -> list[_Call]:
+    """Each run's callers their decisions; the runs whose buckets could not be used (see :func:`_bucket_error`)
+    get the fallback's, and are returned."""
+    unusable: list[_Call] = []
+    for call, result in zip(batch, results):
+        if not isinstance(result, tuple):
+            unusable.append(call)
+            continue
+        granted, left = result
         futures = call.futures
         if call.fallback is not None:
             # The exact policy's callers, in the order they asked: one token each while they last; each
@@ -144,6 +171,9 @@ def _answer(batch: Batch, results: list[tuple[int, float]]) -> None:
             continue
         if not futures[0].done():
             futures[0].set_result((granted, left))
+    if unusable:
+        _refuse(unusable, RedisUnavailable("bucket unusable: its key holds another type"))
+    return unusable
 
 
 def _refuse(batch: Batch, exc: RedisUnavailable) -> None:
@@ -198,6 +228,8 @@ class Fallback:
 # The wait counts against redis.timeout for its callers (a decision not in within it of its asking is the
 # fallback's), not for Redis (the circuit opens only when a batch was on the wire that long).
 MAX_IN_FLIGHT: Final = 1
+# Seconds between two log lines about one key's unusable bucket (see _bucket_error).
+_UNUSABLE_LOG_EVERY: Final = 60.0
 # ... but waits at most this share of redis.timeout: then it goes out beside the batch out. Held until the
 # reply, a far Redis (a round trip over half the timeout, answering in time) would see most calls wait
 # longer than the timeout in all, and decided by the fallback (found by a review).
@@ -244,6 +276,7 @@ class SharedBuckets:
         self._hold = (link.timeout or 0.0) * HOLD_SHARE
         self._hold_timer: asyncio.TimerHandle | None = None  # sends a held queue when it has waited _hold
         self.round_trips = 0
+        self._unusable_logged: dict[str, float] = {}  # key id: when its unusable bucket was last logged
         # The event loop it serves, asked for once (see take).
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -376,6 +409,23 @@ class SharedBuckets:
             if self._queue:
                 self._send()  # what queued up meanwhile goes now (after a failure: Redis is down now)
 
+    def _answer(self, batch: Batch, results: list[Result]) -> None:
+        unusable = _answer(batch, results)
+        if unusable:
+            # Logged once a minute per key at most: every request of that key would otherwise log it.
+            now = time.monotonic()
+            logged = self._unusable_logged
+            if len(logged) > 10_000:
+                logged.clear()
+            for call in unusable:
+                if now - logged.get(call.key_id, -_UNUSABLE_LOG_EVERY) >= _UNUSABLE_LOG_EVERY:
+                    logged[call.key_id] = now
+                    log.warning(json.dumps({
+                        "event": "ratelimit_bucket_unusable", "key_id": call.key_id, "bucket": self.name(call.key_id),
+                        "detail": "the bucket's Redis key holds another type; this key's decisions are the "
+                                  "fallback's until it is deleted",
+                    }))
+
     def _settle(self, batch: Batch, replied: asyncio.Future[list[Any]]) -> None:
         error: BaseException | None = (
             RedisConnectionError("Connection dropped.") if replied.cancelled() else replied.exception())
@@ -392,7 +442,7 @@ class SharedBuckets:
             except RedisError as exc:
                 error = exc
             else:
-                _answer(batch, results)
+                self._answer(batch, results)
                 return
         elif isinstance(error, HeldTooLong):
             # Its callers waited redis.timeout from their asking, most of it held behind the batch before:
@@ -432,9 +482,9 @@ class SharedBuckets:
         finally:
             if give_up is not None:
                 give_up.cancel()
-        _answer(batch, results)
+        self._answer(batch, results)
 
-    async def _evaluate(self, calls: list[bytes], reload: bool = False) -> list[tuple[int, float]]:
+    async def _evaluate(self, calls: list[bytes], reload: bool = False) -> list[Result]:
         resp = self.link.resp
         assert resp is not None
         if reload:
@@ -455,7 +505,7 @@ class SharedBuckets:
                 replies[i] = reply
         return _decoded(replies)
 
-    async def _evaluate_on_cluster(self, calls: list[Any]) -> list[tuple[int, float]]:
+    async def _evaluate_on_cluster(self, calls: list[Any]) -> list[Result]:
         """The batch through the cluster client's pipeline: each call to its bucket's master."""
         cluster: Any = self.link.client
         replies = await self._pipelined(cluster, calls)

@@ -197,12 +197,13 @@ async def test_local_first_falls_back_when_redis_is_dead(own_redis: RedisServer)
         await link.close()
 
 
-@pytest.mark.parametrize("failure", ["server killed", "wrong type at the bucket's name"])
+@pytest.mark.parametrize("failure", ["server killed", "out of memory"])
 async def test_a_batch_failing_on_an_open_connection_falls_back_and_opens_the_circuit(
     own_redis: RedisServer, failure: str
 ) -> None:
-    """A batch on the open connection that fails (connection lost, error reply) is decided by the fallback,
-    every caller in it, and opens the circuit, as a failed RedisLink.run call does."""
+    """A batch on the open connection that fails (connection lost, an error reply of the server's: OOM at
+    maxmemory) is decided by the fallback, every caller in it, and opens the circuit, as a failed
+    RedisLink.run call does. (One bucket's own error is not the server's: see the WRONGTYPE test below.)"""
     link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0, reconnect_backoff_max=0.1))
     blocker = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=10))
     try:
@@ -217,7 +218,7 @@ async def test_a_batch_failing_on_an_open_connection_falls_back_and_opens_the_ci
             own_redis.kill()
             hang.cancel()
         else:
-            await blocker.client.set(link.key("rl:", KEY), "not a hash")
+            await blocker.client.config_set("maxmemory", "1")  # (this test's own server; noeviction)
             batch = asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(3)))
         decisions = await batch
         assert [(d.allowed, d.degraded) for d in decisions] == [(False, True)] * 3
@@ -475,6 +476,31 @@ async def test_concurrent_decisions_share_a_round_trip(link: RedisLink) -> None:
     decisions = await asyncio.gather(*(limiter.take(KEY, HOURLY) for _ in range(25)))
     assert sum(d.allowed for d in decisions) == 20
     assert shared.round_trips == 1
+
+
+async def test_a_bucket_key_holding_another_type_degrades_that_key_alone(
+    link: RedisLink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bucket's Redis key overwritten by something else (WRONGTYPE): that key's decisions are the
+    fallback's, logged once; every other key in the same round trip keeps Redis's decision, and the circuit
+    stays closed (a whole batch falling back, and the circuit opening again after every reconnect, before)."""
+    caplog.set_level(logging.WARNING)
+    shared = SharedBuckets(link)
+    limiter = RedisTokenBuckets(shared, Fallback("deny"))
+    assert not (await limiter.take(KEY, HOURLY)).degraded  # the script loaded, every client connected
+    broken = "kg_BBBBBBBBBBBB"
+    await link.client.set(shared.name(broken), "not a bucket")
+    for _ in range(2):
+        trips = shared.round_trips
+        good, bad = await asyncio.gather(limiter.take(KEY, HOURLY), limiter.take(broken, HOURLY))
+        assert shared.round_trips == trips + 1  # both in one batch
+        assert good.allowed and not good.degraded
+        assert not bad.allowed and bad.degraded  # on_backend_error = "deny"
+        assert link.up and link.trips == 0
+    assert _events(caplog).count("ratelimit_bucket_unusable") == 1
+    assert "redis_unavailable" not in _events(caplog)
+    await link.client.delete(shared.name(broken))
+    assert not (await limiter.take(broken, HOURLY)).degraded
 
 
 async def test_a_failover_behind_an_endpoint_is_a_short_outage(own_redis: RedisServer, tmp_path: Path) -> None:
