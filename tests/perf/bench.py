@@ -412,6 +412,8 @@ class Target:
     # Processes whose main thread runs the event loop (Keygate's serving processes): the CPU of
     # those threads is reported apart from the rest of the target's (its store thread, executor).
     loop_pids: list[int] = field(default_factory=list)
+    # Keygate's admin listener: its /metrics say how many request records were written and dropped.
+    admin: str = ""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -649,7 +651,40 @@ def start_keygate(procs: Processes, folder: Path, upstream: str, workers: int, *
     except BenchError as exc:
         raise BenchError(f"{exc}\n{tail(log)}") from None
     return Target(name, f"http://127.0.0.1:{proxy_port}", key=key, pids=pids,
-                  all_pids=[process.pid, *_children(process.pid)], flushes=True, loop_pids=pids)
+                  all_pids=[process.pid, *_children(process.pid)], flushes=True, loop_pids=pids, admin=admin)
+
+
+def recorder_counts(target: Target) -> tuple[int, int] | None:
+    """Request records the target's recorder has written and records it has dropped so far (its
+    /metrics), or None for a target that keeps none. A build that drops records under the load (its
+    buffer full: a store slower than the requests) is not charged for writing them, and looks faster
+    than it is: the report says so."""
+    if not target.admin:
+        return None
+    with urllib.request.urlopen(target.admin + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    written = dropped = 0
+    for line in text.splitlines():
+        if line.startswith('keygate_recorder_flushed_total{kind="request"}'):
+            written = int(float(line.split()[-1]))
+        elif line.startswith("keygate_recorder_dropped_total"):
+            dropped = int(float(line.split()[-1]))
+    return written, dropped
+
+
+def print_records(targets: Iterable[Target]) -> dict[str, dict[str, int]]:
+    """Each Keygate's request records written and dropped over the whole bench (warm-ups included)."""
+    counts: dict[str, dict[str, int]] = {}
+    for target in targets:
+        found = recorder_counts(target)
+        if found is None:
+            continue
+        counts[target.name] = {"written": found[0], "dropped": found[1]}
+        print(f"{target.name}: request records written {found[0]}, dropped {found[1]}")
+        if found[1]:
+            print(f"WARNING: {target.name} dropped {found[1]} request records (its buffer was full): its "
+                  "figures leave out writing them and flatter it")
+    return counts
 
 
 SNIPPETS = ROOT / "deploy" / "ingress" / "nginx"
@@ -1201,12 +1236,14 @@ def bench(args: argparse.Namespace, procs: Processes, folder: Path) -> int:
     summary = summarize(results, names)
     checks = ratios(summary)
     print_report(summary, checks)
+    print()
+    records = print_records(targets)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "environment": env,
             "targets": {t.name: {"url": t.url, "pids": t.pids, "all_pids": t.all_pids} for t in targets},
             "runs": [{**asdict(r), "disturbed": r.disturbed} for r in results],
-            "summary": summary, "ratios": checks,
+            "summary": summary, "ratios": checks, "request_records": records,
         }, indent=2) + "\n")
         print(f"\nresults written to {args.json}")
     return 0
