@@ -228,12 +228,12 @@ class Fallback:
 # The wait counts against redis.timeout for its callers (a decision not in within it of its asking is the
 # fallback's), not for Redis (the circuit opens only when a batch was on the wire that long).
 MAX_IN_FLIGHT: Final = 1
-# Seconds between two log lines about one key's unusable bucket (see _bucket_error).
-_UNUSABLE_LOG_EVERY: Final = 60.0
 # ... but waits at most this share of redis.timeout: then it goes out beside the batch out. Held until the
 # reply, a far Redis (a round trip over half the timeout, answering in time) would see most calls wait
 # longer than the timeout in all, and decided by the fallback (found by a review).
 HOLD_SHARE: Final = 0.25
+# Seconds between two log lines about one key's unusable bucket (see _bucket_error).
+_UNUSABLE_LOG_EVERY: Final = 60.0
 
 
 class SharedBuckets:
