@@ -119,7 +119,9 @@ def _bucket_error(reply: RedisError) -> bool:
     from their replies and the circuit stays closed. As one error of the server, one key overwritten by
     mistake opened the circuit again after every reconnect and made every key's decision the fallback's.
     """
-    return str(reply).startswith("WRONGTYPE")
+    # Redis 7 replies "WRONGTYPE ..." for a script's call on such a key; Redis 6 wraps it: "ERR Error running
+    # script (call to f_...): @user_script:...: WRONGTYPE ...". No error of the server's says WRONGTYPE.
+    return "WRONGTYPE" in str(reply)
 
 
 class _Call:
