@@ -66,6 +66,11 @@ class RedisUnavailable(Exception):
     """Redis did not answer in time, or is known to be down: the caller decides without it."""
 
 
+class BucketUnusable(RedisUnavailable):
+    """Redis answers, but one key of ours cannot be used (it holds another type): only its callers decide
+    without Redis (see gateway.pipeline.ratelimit_redis)."""
+
+
 def redis_client(settings: RedisSettings, **options: object) -> Redis:
     """A client whose every call is bounded and never retried: retries would only stretch the bound."""
     return Redis.from_url(

@@ -44,7 +44,7 @@ from typing import Any, Final
 from redis.exceptions import ConnectionError as RedisConnectionError, InvalidResponse, NoScriptError, RedisError
 
 from ..config.ratelimit_spec import RateLimitSpec
-from ..cache.redis_link import RedisLink, RedisUnavailable
+from ..cache.redis_link import BucketUnusable, RedisLink, RedisUnavailable
 from ..cache.held import HeldTooLong
 from ..cache.resp import bulk, command, encode
 from ..process.tasks import stop_task
@@ -120,8 +120,9 @@ def _bucket_error(reply: RedisError) -> bool:
     mistake opened the circuit again after every reconnect and made every key's decision the fallback's.
     """
     # Redis 7 replies "WRONGTYPE ..." for a script's call on such a key; Redis 6 wraps it: "ERR Error running
-    # script (call to f_...): @user_script:...: WRONGTYPE ...". No error of the server's says WRONGTYPE.
-    return "WRONGTYPE" in str(reply)
+    # script (call to f_...): @user_script:...: WRONGTYPE ..." (redis-py and the lean client drop the "ERR ").
+    message = str(reply)
+    return message.startswith("WRONGTYPE") or ": WRONGTYPE " in message
 
 
 class _Call:
@@ -174,7 +175,7 @@ def _answer(batch: Batch, results: list[Result]) -> list[_Call]:
         if not futures[0].done():
             futures[0].set_result((granted, left))
     if unusable:
-        _refuse(unusable, RedisUnavailable("bucket unusable: its key holds another type"))
+        _refuse(unusable, BucketUnusable("bucket unusable: its key holds another type"))
     return unusable
 
 
@@ -186,7 +187,7 @@ def _refuse(batch: Batch, exc: RedisUnavailable) -> None:
                 if fallback is not None:
                     future.set_result(fallback.decide(call.key_id, call.spec))
                 else:
-                    future.set_exception(RedisUnavailable(str(exc)))
+                    future.set_exception(type(exc)(str(exc)))  # (its kind kept: BucketUnusable)
 
 
 class Fallback:
@@ -631,6 +632,8 @@ class LocalFirstBuckets:
             if lease.tokens > 0:
                 try:
                     await self.shared.take(key_id, lease.spec, 0, lease.tokens)
+                except BucketUnusable:
+                    continue  # that bucket alone: the other leases still go back
                 except RedisUnavailable:
                     return  # lost tokens only lower the limit until the bucket refills
 

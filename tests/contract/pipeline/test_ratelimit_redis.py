@@ -126,6 +126,21 @@ async def test_local_first_closing_returns_every_lease(link: RedisLink) -> None:
     assert [(await second.take(KEY, spec)).allowed for _ in range(4)] == [True, True, True, False]
 
 
+async def test_local_first_returns_the_other_leases_past_an_unusable_bucket(link: RedisLink) -> None:
+    """A lease whose bucket's Redis key now holds another type cannot go back; the leases after it still do
+    (returning stopped at the first failure, which meant Redis down until one bucket could fail alone)."""
+    shared = SharedBuckets(link)
+    first = LocalFirstBuckets(shared, Fallback("local"), batch=0.5, sync_interval=60)
+    spec = parse_rate_limit("4/hour")
+    broken = "kg_BBBBBBBBBBBB"
+    await first.take(broken, spec)  # leases 2 of its bucket, spends 1: returned first
+    await first.take(KEY, spec)  # the same of this one
+    await link.client.set(shared.name(broken), "not a bucket")
+    await first.close()
+    second = exact(link)
+    assert [(await second.take(KEY, spec)).allowed for _ in range(4)] == [True, True, True, False]
+
+
 async def test_a_redis_that_lost_its_scripts_gets_it_again(own_redis: RedisServer) -> None:
     """After SCRIPT FLUSH (as after a restart), the script is loaded again and each waiting call runs once."""
     link = RedisLink(RedisSettings(url=own_redis.url, prefix="kg:", timeout=2.0))
