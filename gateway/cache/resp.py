@@ -59,6 +59,8 @@ _Waiting = deque[tuple["asyncio.Future[list[Any]]", int, float, float]]
 
 
 _NEVER = float("inf")
+# The name of the task that opens a connection (one at a time per client).
+CONNECT_TASK = "keygate-redis-connect"
 
 
 def bulk(data: bytes) -> bytes:
@@ -233,6 +235,8 @@ class RespClient:
         self._where = self._path or f"{self._host}:{self._port}"
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
+        # Attempts given up by drop() and not finished yet (close() waits for them).
+        self._dropped: set[asyncio.Task[_Connection]] = set()
         self.connects = 0  # connections opened, for tests
 
     @property
@@ -282,13 +286,17 @@ class RespClient:
     async def _connect(self) -> _Connection:
         if self._connecting is None:
             # One attempt shared by every batch that finds the connection missing.
-            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting = asyncio.get_running_loop().create_task(self._open(), name=CONNECT_TASK)
             self._connecting.add_done_callback(self._connected)
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
         except asyncio.CancelledError:
-            if connecting.cancelled():  # the attempt, not this caller, was cancelled: drop() or close() came first
+            # The attempt was cancelled (drop() or close() came first) and this caller was not: a connection
+            # error, as for any connection lost. A caller cancelled itself is cancelled, even in the same
+            # turn as the attempt (its canceller, a timeout say, waits for its CancelledError).
+            caller = asyncio.current_task()
+            if connecting.cancelled() and (caller is None or not caller.cancelling()):
                 raise RedisConnectionError("Connection given up while it was being opened.") from None
             raise
 
@@ -356,14 +364,21 @@ class RespClient:
         if connecting is not None:
             if not connecting.done():
                 connecting.cancel()
+                # close() waits for it to finish (it closes what it opened on its way out).
+                self._dropped.add(connecting)
+                connecting.add_done_callback(self._dropped.discard)
             elif not connecting.cancelled() and connecting.exception() is None:
                 connecting.result().abort(RedisConnectionError("Connection dropped after a failure."))
 
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
+            self._dropped.add(self._connecting)
+        # Every attempt still under way, this one and those drop() gave up, finished before close() returns:
+        # none is left pending when the loop stops, none leaves a socket open.
+        for attempt in list(self._dropped):
             try:
-                await self._connecting
+                await attempt
             except (asyncio.CancelledError, Exception):
                 pass
         if self._connection is not None:

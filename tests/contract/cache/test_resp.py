@@ -15,7 +15,7 @@ import redis
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 from gateway.cache.redis_link import RedisLink, RedisUnavailable, redis_client
-from gateway.cache.resp import RespClient, command
+from gateway.cache.resp import CONNECT_TASK, RespClient, command
 from gateway.config.schema import RedisSettings
 
 from ...redis_server import RedisServer, free_port
@@ -301,6 +301,46 @@ async def test_a_connection_being_opened_when_dropped_is_not_kept(own_redis: Red
         assert relay.accepted == 2
     finally:
         await resp.close()
+        relay.close()
+
+
+async def test_a_caller_cancelled_as_its_connection_is_dropped_is_cancelled(own_redis: RedisServer) -> None:
+    """A caller waiting for a connection being opened, cancelled in the same turn as drop() gives that attempt
+    up, ends cancelled: its canceller (a timeout, a task group) waits for that, not for a connection error."""
+    relay = HoldingRelay(own_redis.port)
+    port = await relay.start()
+    resp = resp_for(f"redis://127.0.0.1:{port}/1")
+    try:
+        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
+        await asyncio.wait_for(relay.first_open.wait(), 5)
+        resp.drop()
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):  # (asyncio.timeout turns only that into TimeoutError)
+            await opening
+        relay.release.set()
+        assert await resp.execute(*batch(("ECHO", "after"))) == [b"after"]
+    finally:
+        await resp.close()
+        relay.close()
+
+
+async def test_close_waits_for_an_attempt_that_drop_gave_up(own_redis: RedisServer) -> None:
+    """close() right after drop(): the attempt drop() cancelled has finished (and closed its socket) by the time
+    close() returns, so nothing is left pending when the loop stops."""
+    relay = HoldingRelay(own_redis.port)
+    port = await relay.start()
+    resp = resp_for(f"redis://127.0.0.1:{port}/1")
+    try:
+        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
+        await asyncio.wait_for(relay.first_open.wait(), 5)
+        resp.drop()
+        await resp.close()
+        assert [task for task in asyncio.all_tasks() if task.get_name() == CONNECT_TASK and not task.done()] == []
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await opening
+        await asyncio.wait_for(relay.first_closed.wait(), 5)
+    finally:
+        relay.release.set()
         relay.close()
 
 
