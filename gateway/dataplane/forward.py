@@ -34,9 +34,11 @@ from .tunnels import Admission, TunnelGuard
 from .upstream_pool import BadResponse, ConnectTimeout, Disconnected, ReadTimeout, Response, Upstream, UpstreamConnection, \
     UpstreamError
 
+# "close": a header of that name would be dropped as one named by "Connection: close" (RFC 9110 section
+# 7.6.1), and the name is reserved for that reason (section 16.3.2.2): never forwarded, whatever Connection says.
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    "te", "trailer", "transfer-encoding", "upgrade",
+    "te", "trailer", "transfer-encoding", "upgrade", "close",
 })
 # Headers we set ourselves (or that the server already acted on: Expect).
 # SECURITY: Content-Length too: the framing that goes upstream is always ours, so no client header

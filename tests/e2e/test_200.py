@@ -15,6 +15,7 @@ from gateway.keys import generate
 
 from .conftest import bearer, from_address, wrong_secret
 from .harness import Keygate, Upstream, stored_requests
+from .rawhttp import exchange
 
 
 async def echo(http: aiohttp.ClientSession, gateway: Keygate, key: str, path: str = "/echo",
@@ -121,6 +122,17 @@ async def test_hop_by_hop_headers_are_removed(http: aiohttp.ClientSession, gatew
     h = upstream_headers(body)
     for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
         assert name not in h
+
+
+@pytest.mark.parametrize("connection", ["close", "Close", "keep-alive, close"])
+async def test_a_header_named_close_is_not_forwarded(gateway: Keygate, connection: str) -> None:
+    """"Connection: close" names a header "Close" as hop-by-hop (RFC 9110 7.6.1): it does not go upstream."""
+    _, key = await gateway.key(name="ci", role="admin")
+    responses, closed = await exchange(gateway.proxy_port, b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                                       b"Connection: %s\r\nClose: 1\r\nX-Other: 2\r\n\r\n" % (key.encode(), connection.encode()))
+    assert [r.status for r in responses] == [200] and closed
+    h = upstream_headers(responses[0].json())
+    assert "close" not in h and h["x-other"] == ["2"]
 
 
 async def test_bodyless_methods_are_forwarded(http: aiohttp.ClientSession, gateway: Keygate) -> None:
