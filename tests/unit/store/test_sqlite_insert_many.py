@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from gateway.store.sqlite import _SqliteConnection
+from gateway.store.sqlite import _SqliteConnection, _values_sql
 
 
 async def _rows(db: aiosqlite.Connection) -> list[tuple[int, str, float]]:
@@ -36,3 +36,18 @@ async def test_a_lower_parameter_limit_falls_back_to_smaller_statements(tmp_path
         rows = [(i, f"r{i}", i / 4) for i in range(2000)]
         await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat(rows))
         assert await _rows(db) == rows
+
+
+async def test_flushes_of_any_size_take_a_few_statement_texts(tmp_path: Path) -> None:
+    """Each statement text is prepared once and then reused from the statement cache: whatever a flush's size,
+    its statements are of a few sizes (the full one and powers of two), not one new size per flush."""
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        _values_sql.cache_clear()
+        written: list[tuple[int, str, float]] = []
+        for size in [*range(1, 40), 499, 500, 501, 777, 1234, 2999]:
+            rows = [(i, f"r{i}", i / 4) for i in range(len(written), len(written) + size)]
+            await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat(rows))
+            written += rows
+        assert await _rows(db) == written
+        assert _values_sql.cache_info().currsize <= 12  # 1833 rows a statement and powers of two up to 1024
