@@ -55,6 +55,8 @@ class _SqliteConnection:
         in all, each prepared once and then found in sqlite3's statement cache, where a statement of
         whatever rows were left over was a new text, parsed and prepared anew, at almost every flush.
         """
+        if len(values) % width:
+            raise ValueError(f"{len(values)} values are not rows of {width}")  # (nothing written)
         start = 0
         while start < len(values):
             per_statement = max(1, self._max_variables // width)

@@ -135,6 +135,14 @@ async def test_a_header_named_close_is_not_forwarded(gateway: Keygate, connectio
     assert "close" not in h and h["x-other"] == ["2"]
 
 
+async def test_a_response_header_named_close_is_not_passed_back(http: aiohttp.ClientSession, gateway: Keygate) -> None:
+    """The same the other way: the upstream's Close header does not reach the client."""
+    _, key = await gateway.key(name="ci", role="admin")
+    async with http.get(gateway.proxy_url + "/close-header", headers=bearer(key)) as response:
+        assert response.status == 200
+        assert "Close" not in response.headers and response.headers["X-Other"] == "2"
+
+
 async def test_bodyless_methods_are_forwarded(http: aiohttp.ClientSession, gateway: Keygate) -> None:
     """DELETE and OPTIONS go upstream with their method and path; HEAD gets the head only, and the next request works."""
     _, key = await gateway.key(name="ci", role="admin")

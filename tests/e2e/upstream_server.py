@@ -47,6 +47,14 @@ async def own_headers(request: web.Request) -> web.Response:
     return answer
 
 
+async def close_header(request: web.Request) -> web.Response:
+    """The echo with a header named Close: hop-by-hop (RFC 9110 7.6.1), which no proxy passes on."""
+    answer = await echo(request)
+    answer.headers["Close"] = "1"
+    answer.headers["X-Other"] = "2"
+    return answer
+
+
 async def count(_request: web.Request) -> web.Response:
     return web.json_response({"seen": seen, "completed": completed})
 
@@ -131,6 +139,7 @@ def app() -> web.Application:
     application.router.add_get("/gzip", gzip_body)
     application.router.add_get("/ws", websocket)
     application.router.add_get("/own-headers", own_headers)
+    application.router.add_get("/close-header", close_header)
     application.router.add_route("*", "/{path:.*}", echo)
     return application
 

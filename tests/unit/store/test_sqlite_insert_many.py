@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import aiosqlite
+import pytest
 
 from gateway.store.sqlite import _SqliteConnection, _values_sql
 
@@ -51,3 +52,11 @@ async def test_flushes_of_any_size_take_a_few_statement_texts(tmp_path: Path) ->
             written += rows
         assert await _rows(db) == written
         assert _values_sql.cache_info().currsize <= 12  # 1833 rows a statement and powers of two up to 1024
+
+
+async def test_values_that_are_not_whole_rows_are_refused_before_any_is_written(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        with pytest.raises(ValueError, match="not rows of 3"):
+            await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, [*_flat([(1, "a", 0.5)] * 7), 8])
+        assert await _rows(db) == []
