@@ -381,6 +381,7 @@ class RespClient:
                 await attempt
             except (asyncio.CancelledError, Exception):
                 pass
+        self._dropped.clear()
         if self._connection is not None:
             self._connection.abort(RedisConnectionError("Connection closed."))
             self._connection = None
