@@ -221,7 +221,7 @@ def _named_response_header_block(headers: list[tuple[bytes, bytes]], answer: byt
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            named |= {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
+            named |= {t.strip().lower() for t in value.split(b",")}  # (close and keep-alive: hop-by-hop)
     drop = _HOP_BY_HOP_BYTES | _ANSWERED | named
     return b"".join([name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]) \
         + _VIA_LINE + answer

@@ -8,7 +8,9 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -282,16 +284,28 @@ class HoldingRelay:
             self.server.close()
 
 
+@asynccontextmanager
+async def opening_held(own_redis: RedisServer) -> AsyncIterator[tuple[RespClient, HoldingRelay, asyncio.Future[Any]]]:
+    """A client whose first connection is being opened (database 1: SELECT is part of opening; the relay holds
+    its reply), and the PING batch waiting for it."""
+    relay = HoldingRelay(own_redis.port)
+    port = await relay.start()
+    resp = resp_for(f"redis://127.0.0.1:{port}/1")
+    try:
+        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
+        await asyncio.wait_for(relay.first_open.wait(), 5)  # connected, SELECT sent, its reply held
+        yield resp, relay, opening
+    finally:
+        relay.release.set()
+        await resp.close()
+        relay.close()
+
+
 async def test_a_connection_being_opened_when_dropped_is_not_kept(own_redis: RedisServer) -> None:
     """RedisLink drops the connection when Redis fails (a failover may have put another server behind redis.url):
     an attempt under way then, opened before the failure, is given up too. Its batch fails as a connection
     error, what it opened is closed, and the next batch goes out on a new connection (it was kept and used)."""
-    relay = HoldingRelay(own_redis.port)
-    port = await relay.start()
-    resp = resp_for(f"redis://127.0.0.1:{port}/1")  # database 1: SELECT is part of opening
-    try:
-        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
-        await asyncio.wait_for(relay.first_open.wait(), 5)  # connected, SELECT sent, its reply held
+    async with opening_held(own_redis) as (resp, relay, opening):
         resp.drop()
         relay.release.set()
         with pytest.raises(redis.exceptions.ConnectionError, match="given up while it was being opened"):
@@ -299,49 +313,30 @@ async def test_a_connection_being_opened_when_dropped_is_not_kept(own_redis: Red
         await asyncio.wait_for(relay.first_closed.wait(), 5)
         assert await resp.execute(*batch(("ECHO", "new"))) == [b"new"]
         assert relay.accepted == 2
-    finally:
-        await resp.close()
-        relay.close()
 
 
 async def test_a_caller_cancelled_as_its_connection_is_dropped_is_cancelled(own_redis: RedisServer) -> None:
     """A caller waiting for a connection being opened, cancelled in the same turn as drop() gives that attempt
     up, ends cancelled: its canceller (a timeout, a task group) waits for that, not for a connection error."""
-    relay = HoldingRelay(own_redis.port)
-    port = await relay.start()
-    resp = resp_for(f"redis://127.0.0.1:{port}/1")
-    try:
-        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
-        await asyncio.wait_for(relay.first_open.wait(), 5)
+    async with opening_held(own_redis) as (resp, relay, opening):
         resp.drop()
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):  # (asyncio.timeout turns only that into TimeoutError)
             await opening
         relay.release.set()
         assert await resp.execute(*batch(("ECHO", "after"))) == [b"after"]
-    finally:
-        await resp.close()
-        relay.close()
 
 
 async def test_close_waits_for_an_attempt_that_drop_gave_up(own_redis: RedisServer) -> None:
     """close() right after drop(): the attempt drop() cancelled has finished (and closed its socket) by the time
     close() returns, so nothing is left pending when the loop stops."""
-    relay = HoldingRelay(own_redis.port)
-    port = await relay.start()
-    resp = resp_for(f"redis://127.0.0.1:{port}/1")
-    try:
-        opening = asyncio.ensure_future(resp.execute(*batch(("PING",))))
-        await asyncio.wait_for(relay.first_open.wait(), 5)
+    async with opening_held(own_redis) as (resp, relay, opening):
         resp.drop()
         await resp.close()
         assert [task for task in asyncio.all_tasks() if task.get_name() == CONNECT_TASK and not task.done()] == []
         with pytest.raises(redis.exceptions.ConnectionError):
             await opening
         await asyncio.wait_for(relay.first_closed.wait(), 5)
-    finally:
-        relay.release.set()
-        relay.close()
 
 
 async def test_a_batch_given_up_drops_the_connection(resp: RespClient) -> None:
