@@ -47,9 +47,10 @@ class _PgConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, rows)
 
-    async def insert_many(self, head: str, width: int, values: list[Any]) -> None:
+    async def insert_many(self, head: str, width: int, values: list[Any], alike: tuple[int, ...] = ()) -> None:
         if values:
-            # asyncpg pipelines executemany's rows in one round trip.
+            # asyncpg pipelines executemany's rows in one round trip (and sends each row's values apart:
+            # `alike` is SQLite's to use).
             row = ", ".join(f"${i}" for i in range(1, width + 1))
             await self._conn.executemany(f"{head} VALUES ({row})",
                                          [values[start:start + width] for start in range(0, len(values), width)])

@@ -17,7 +17,7 @@ from importlib import resources
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from .rows import REQUEST_RECORD_COLUMNS, request_record_values, sqlite_time_in, sqlite_time_out
+from .rows import REQUEST_RECORD_ALIKE, REQUEST_RECORD_COLUMNS, request_record_values, sqlite_time_in, sqlite_time_out
 from ..models import AuditEvent, KeyRecord, KeyStatus, Member, RequestRecord, Role, TrustPolicy, WebhookDelivery
 
 
@@ -25,10 +25,11 @@ class Connection(Protocol):
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]: ...
     async def execute(self, sql: str, args: Sequence[Any]) -> None: ...
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
-    async def insert_many(self, head: str, width: int, values: list[Any]) -> None:
+    async def insert_many(self, head: str, width: int, values: list[Any], alike: tuple[int, ...] = ()) -> None:
         """``head`` (``INSERT INTO t (a, b)``) with one ``VALUES`` row per ``width`` items of ``values``.
 
-        Flat, row after row: the caller builds no tuple per row (one per request record).
+        Flat, row after row: the caller builds no tuple per row (one per request record). ``alike``: the
+        columns consecutive rows often share, which a store may send once for a run of such rows.
         """
 
 
@@ -624,7 +625,7 @@ class SqlTransaction:
         # A record is a tuple in the columns' order, then its id (the store's to assign): its first
         # value as the dialect stores a time, the next ten as they are (a flat list: see insert_many).
         await self._conn.insert_many(_INSERT_REQUEST_RECORDS, REQUEST_RECORD_COLUMNS,
-                                     request_record_values(records, self._d.time_in))
+                                     request_record_values(records, self._d.time_in), REQUEST_RECORD_ALIKE)
 
     async def list_requests(
         self, *, key_id: str | None = None, org: str | None = None, decision: str | None = None,

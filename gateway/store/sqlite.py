@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from .base import Conflict, StoreUnavailable
+from .rows import alike_runs, alike_values
 from .sql import SQLITE, SqlStore, SqlTransaction
 
 log = logging.getLogger("keygate.store")
@@ -42,7 +44,7 @@ class _SqliteConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._db.executemany(sql, [tuple(r) for r in rows])
 
-    async def insert_many(self, head: str, width: int, values: list[Any]) -> None:
+    async def insert_many(self, head: str, width: int, values: list[Any], alike: tuple[int, ...] = ()) -> None:
         """Many rows per statement, not one statement per row.
 
         ``executemany`` steps the statement once per row and takes the GIL back
@@ -54,30 +56,64 @@ class _SqliteConnection:
         power of two rows (a flush of 1,234 records: 500, 500, 128, 64, 32, 8, 2): a few statement texts
         in all, each prepared once and then found in sqlite3's statement cache, where a statement of
         whatever rows were left over was a new text, parsed and prepared anew, at almost every flush.
+
+        A run of at least ``ALIKE_RUN`` consecutive rows equal in every column of ``alike`` goes in
+        statements that bind those columns once (numbered parameters, ``?1`` in every row) and each row's
+        others: SQLite copies every text it is bound, so one client's burst of request records costs a
+        copy of its key, address and the like per statement, not per record. Rows stay in order.
         """
         if len(values) % width:
             raise ValueError(f"{len(values)} values are not rows of {width}")  # (nothing written)
-        start = 0
-        while start < len(values):
-            per_statement = max(1, self._max_variables // width)
-            left = (len(values) - start) // width
+        if not alike:
+            await self._insert_rows(head, width, values, 0, len(values) // width)
+            return
+        for start, end, is_run in alike_runs(values, width, alike, ALIKE_RUN):
+            if is_run:
+                await self._insert_alike(head, width, alike, values, start, end)
+            else:
+                await self._insert_rows(head, width, values, start, end)
+
+    async def _insert_rows(self, head: str, width: int, values: list[Any], start: int, end: int) -> None:
+        await self._in_statements(
+            start, end, 0, width, lambda rows: _values_sql(head, width, rows),
+            lambda first, last: values[first * width:last * width],
+        )
+
+    async def _insert_alike(
+        self, head: str, width: int, alike: tuple[int, ...], values: list[Any], start: int, end: int,
+    ) -> None:
+        await self._in_statements(
+            start, end, len(alike), width - len(alike), lambda rows: _alike_sql(head, width, alike, rows),
+            lambda first, last: alike_values(values, width, alike, first, last),
+        )
+
+    async def _in_statements(
+        self, start: int, end: int, fixed: int, per_row: int,
+        sql: Callable[[int], str], parameters: Callable[[int, int], list[Any]],
+    ) -> None:
+        """Rows ``start`` to ``end`` in statements of as many rows as the parameter limit allows (``fixed``
+        parameters a statement and ``per_row`` a row), the rest in statements of a power of two rows."""
+        while start < end:
+            per_statement = max(1, (self._max_variables - fixed) // per_row)
+            left = end - start
             rows = per_statement if left >= per_statement else 1 << (left.bit_length() - 1)
-            chunk = values[start:start + rows * width]
             try:
-                await self._db.execute(_values_sql(head, width, len(chunk) // width), chunk)
+                await self._db.execute(sql(rows), parameters(start, start + rows))
             except sqlite3.OperationalError as exc:
-                # A SQLite built with a lower bound-parameter limit: fall back to the
-                # historical default (a failed statement leaves the transaction intact).
-                if "too many SQL variables" not in str(exc) or self._max_variables <= _MIN_VARIABLES:
+                # A SQLite built with a lower bound-parameter limit: fall back to the historical
+                # default (a failed statement leaves the transaction intact). Numbered parameters
+                # (?NNN, in runs' statements) past it fail with a message of their own.
+                if not _TOO_MANY.search(str(exc)) or self._max_variables <= _MIN_VARIABLES:
                     raise
                 self._max_variables = _MIN_VARIABLES
                 continue
-            start += len(chunk)
+            start += rows
 
 
 # Bound parameters per statement: 500 request records. SQLite allows 32 766 by default
 # since 3.32 and 999 before (a build may lower it: see insert_many).
 _MIN_VARIABLES = 999
+_TOO_MANY = re.compile(r"too many SQL variables|variable number must be between")
 _MAX_VARIABLES = 5_500 if sqlite3.sqlite_version_info >= (3, 32) else _MIN_VARIABLES
 
 
@@ -85,6 +121,31 @@ _MAX_VARIABLES = 5_500 if sqlite3.sqlite_version_info >= (3, 32) else _MIN_VARIA
 def _values_sql(head: str, width: int, count: int) -> str:
     row = "(" + ", ".join("?" * width) + ")"
     return f"{head} VALUES {', '.join([row] * count)}"
+
+
+# Rows alike in some columns are worth a statement of their own from this many on: each statement is a
+# round trip to the store's thread and one more statement text; each row is spared about 5,000 instructions
+# (callgrind: 32,600 against 27,580 a request record written through SqliteStore, 20,000 records).
+ALIKE_RUN = 16
+
+
+@lru_cache(maxsize=64)
+def _alike_sql(head: str, width: int, alike: tuple[int, ...], count: int) -> str:
+    """``count`` rows whose ``alike`` columns are the first parameters (``?1``...) in every row, and whose
+    other columns take the parameters after them, row after row (see rows.alike_values)."""
+    shared = {column: f"?{number}" for number, column in enumerate(alike, 1)}
+    number = len(alike)
+    rows = []
+    for _ in range(count):
+        cells = []
+        for column in range(width):
+            if column in shared:
+                cells.append(shared[column])
+            else:
+                number += 1
+                cells.append(f"?{number}")
+        rows.append("(" + ", ".join(cells) + ")")
+    return f"{head} VALUES {', '.join(rows)}"
 
 
 def path_from_url(url: str) -> Path:

@@ -8,7 +8,8 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from gateway.store.sqlite import _SqliteConnection, _values_sql
+from gateway.store.rows import alike_runs
+from gateway.store.sqlite import ALIKE_RUN, _alike_sql, _SqliteConnection, _values_sql
 
 
 async def _rows(db: aiosqlite.Connection) -> list[tuple[int, str, float]]:
@@ -60,3 +61,91 @@ async def test_values_that_are_not_whole_rows_are_refused_before_any_is_written(
         with pytest.raises(ValueError, match="not rows of 3"):
             await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, [*_flat([(1, "a", 0.5)] * 7), 8])
         assert await _rows(db) == []
+
+
+# Rows of (a, b, c) whose column 1 is the one runs share (``alike``), as the request records' key and address.
+ALIKE = (1,)
+
+
+async def _write_alike(db: aiosqlite.Connection, rows: list[tuple[int, str, float]]) -> None:
+    await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat(rows), ALIKE)
+
+
+def _mixed(count: int) -> list[tuple[int, str, float]]:
+    """Runs of every length from 1 to 40 (each value of b a new run), some of them longer than ALIKE_RUN."""
+    rows: list[tuple[int, str, float]] = []
+    run = 0
+    while len(rows) < count:
+        run += 1
+        rows += [(len(rows) + i, f"run{run}", (len(rows) + i) / 4) for i in range(run % 41)]
+    return rows[:count]
+
+
+@pytest.mark.parametrize("rows", [
+    pytest.param([(i, "same", i / 4) for i in range(3000)], id="one run over several statements"),
+    pytest.param([(i, f"r{i % 2}", i / 4) for i in range(700)], id="no run: every other row differs"),
+    pytest.param(_mixed(5000), id="runs of 1-40 rows, short and long mixed"),
+    pytest.param([(i, None if i < 300 else "x", 0.0) for i in range(600)], id="a run of NULLs then of text"),
+    pytest.param([(i, "same", i / 4) for i in range(ALIKE_RUN)], id="a run of exactly ALIKE_RUN rows"),
+    pytest.param([(i, "same", i / 4) for i in range(ALIKE_RUN - 1)], id="one row short of a run"),
+])
+async def test_rows_alike_in_some_columns_are_written_whole_and_in_order(
+    tmp_path: Path, rows: list[tuple[int, str, float]],
+) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        await _write_alike(db, rows)
+        assert await _rows(db) == rows
+
+
+async def test_a_run_binds_its_alike_columns_once_per_statement(tmp_path: Path) -> None:
+    """What the run's statements are for: the shared value is bound once, not once per row."""
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        bound: list[int] = []
+        real_execute = db.execute
+
+        def counting_execute(sql: str, parameters: list[object]):  # type: ignore[no-untyped-def]
+            bound.append(sum(1 for value in parameters if value == "same"))
+            return real_execute(sql, parameters)
+
+        db.execute = counting_execute  # type: ignore[method-assign]
+        await _write_alike(db, [(i, "same", i / 4) for i in range(1000)])
+        assert 1 <= len(bound) <= 10 and set(bound) == {1}  # 1000 = 512 + 256 + 128 + 64 + 32 + 8
+
+
+async def test_alike_statements_fall_back_to_a_lower_parameter_limit(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        rows = [(i, "same", i / 4) for i in range(2000)]
+        await _write_alike(db, rows)
+        assert await _rows(db) == rows
+
+
+async def test_alike_runs_take_a_few_statement_texts(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        _values_sql.cache_clear()
+        _alike_sql.cache_clear()
+        rows = _mixed(20000)
+        await _write_alike(db, rows)
+        assert await _rows(db) == rows
+        assert _alike_sql.cache_info().currsize <= 12 and _values_sql.cache_info().currsize <= 12
+
+
+@pytest.mark.parametrize(("columns", "min_run", "spans"), [
+    # columns: the alike column's value per row
+    ([], 2, []),
+    (["a"], 2, [(0, 1, False)]),
+    (["a", "a"], 2, [(0, 2, True)]),
+    (["a", "a"], 3, [(0, 2, False)]),
+    (["a", "b", "b", "b", "c"], 3, [(0, 1, False), (1, 4, True), (4, 5, False)]),
+    (["a", "a", "a", "b", "b", "b"], 3, [(0, 3, True), (3, 6, True)]),
+    (["a", "b", "a", "b"], 2, [(0, 4, False)]),
+    ([None, None, "None", "None"], 2, [(0, 2, True), (2, 4, True)]),
+    ([1, 1.0, True, "1"], 3, [(0, 3, True), (3, 4, False)]),  # equal values, as SQLite would not store them
+])
+def test_alike_runs_cut_rows_in_order(columns: list[object], min_run: int, spans: list[tuple[int, int, bool]]) -> None:
+    values = [value for row, shared in enumerate(columns) for value in (row, shared, 0.5)]
+    assert alike_runs(values, 3, ALIKE, min_run) == spans
