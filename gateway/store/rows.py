@@ -83,7 +83,8 @@ def request_record_values(records: Sequence[RequestRecord], time_in: Callable[[d
 
 def alike_runs(values: list[Any], width: int, alike: tuple[int, ...], min_run: int) -> list[tuple[int, int, bool]]:
     """The rows of ``values`` (flat, ``width`` a row) cut in order into spans ``(start, end, is_run)``: runs of
-    at least ``min_run`` consecutive rows equal in every column of ``alike`` (``True``), and the rows
+    at least ``min_run`` consecutive rows alike in every column of ``alike`` (``True``: the same object, or equal
+    texts, bytes or integers; see _stored_alike), and the rows
     between them (``False``). Rows are never reordered, so the store assigns ids in arrival order."""
     rows = len(values) // width
     spans: list[tuple[int, int, bool]] = []
@@ -98,7 +99,7 @@ def alike_runs(values: list[Any], width: int, alike: tuple[int, ...], min_run: i
             for column in alike:
                 a = values[base + column]
                 b = values[other + column]
-                if a is not b and a != b:
+                if a is not b and not _stored_alike(a, b):
                     same = False
                     break
             if not same:
@@ -113,6 +114,16 @@ def alike_runs(values: list[Any], width: int, alike: tuple[int, ...], min_run: i
     if between < rows:
         spans.append((between, rows, False))
     return spans
+
+
+def _stored_alike(a: Any, b: Any) -> bool:
+    """Whether binding ``a`` stores what binding ``b`` would: equal values of exactly str, bytes or int.
+
+    Not merely equal: 1, 1.0 and True are equal and stored as an integer, a real and an integer; 0.0
+    and -0.0 are equal and stored apart; two equal datetimes in other zones are adapted to other texts.
+    """
+    kind = type(a)
+    return kind is type(b) and (kind is str or kind is int or kind is bytes) and a == b
 
 
 def alike_values(values: list[Any], width: int, alike: tuple[int, ...], start: int, end: int) -> list[Any]:

@@ -64,6 +64,9 @@ class _SqliteConnection:
         """
         if len(values) % width:
             raise ValueError(f"{len(values)} values are not rows of {width}")  # (nothing written)
+        if list(alike) != sorted(set(alike)) or not all(0 <= column < width for column in alike) \
+                or len(alike) >= width:
+            raise ValueError(f"alike columns {alike!r}: want distinct columns of {width} in order, not all")
         if not alike:
             await self._insert_rows(head, width, values, 0, len(values) // width)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import aiosqlite
@@ -114,6 +115,36 @@ async def test_a_run_binds_its_alike_columns_once_per_statement(tmp_path: Path) 
         assert 1 <= len(bound) <= 10 and set(bound) == {1}  # 1000 = 512 + 256 + 128 + 64 + 32 + 8
 
 
+async def test_equal_values_of_other_types_are_each_stored_as_given(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        await _write_alike(db, [(i, 1 if i < 20 else 1.0, 0.5) for i in range(40)])  # type: ignore[misc]
+        async with db.execute("SELECT typeof(b) FROM t ORDER BY rowid") as cursor:
+            assert [r[0] for r in await cursor.fetchall()] == ["integer"] * 20 + ["real"] * 20
+
+
+async def test_equal_values_stored_apart_by_sqlite_are_each_stored_as_given(tmp_path: Path) -> None:
+    later = datetime(2026, 1, 1, 13, tzinfo=timezone(timedelta(hours=1)))
+    rows = [(i, value, 0.5) for i, value in enumerate([0.0] * 20 + [-0.0] * 20 + [datetime(2026, 1, 1, 12, tzinfo=UTC)] * 20
+                                                       + [later] * 20)]
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        await _write_alike(db, rows)  # type: ignore[arg-type]
+        async with db.execute("SELECT b FROM t ORDER BY rowid") as cursor:
+            stored = [r[0] for r in await cursor.fetchall()]
+    assert [str(v) for v in stored] == ["0.0"] * 20 + ["-0.0"] * 20 + ["2026-01-01 12:00:00+00:00"] * 20 + [
+        "2026-01-01 13:00:00+01:00"] * 20
+
+
+@pytest.mark.parametrize("alike", [(0, 1, 2), (1, 1), (2, 1), (3,), (-1,)])
+async def test_alike_columns_that_are_not_some_columns_in_order_are_refused(tmp_path: Path, alike: tuple[int, ...]) -> None:
+    async with aiosqlite.connect(tmp_path / "t.db") as db:
+        await db.execute("CREATE TABLE t (a, b, c)")
+        with pytest.raises(ValueError, match="alike columns"):
+            await _SqliteConnection(db).insert_many("INSERT INTO t (a, b, c)", 3, _flat([(1, "a", 0.5)] * 20), alike)
+        assert await _rows(db) == []
+
+
 async def test_alike_statements_fall_back_to_a_lower_parameter_limit(tmp_path: Path) -> None:
     async with aiosqlite.connect(tmp_path / "t.db") as db:
         await db.execute("CREATE TABLE t (a, b, c)")
@@ -144,7 +175,11 @@ async def test_alike_runs_take_a_few_statement_texts(tmp_path: Path) -> None:
     (["a", "a", "a", "b", "b", "b"], 3, [(0, 3, True), (3, 6, True)]),
     (["a", "b", "a", "b"], 2, [(0, 4, False)]),
     ([None, None, "None", "None"], 2, [(0, 2, True), (2, 4, True)]),
-    ([1, 1.0, True, "1"], 3, [(0, 3, True), (3, 4, False)]),  # equal values, as SQLite would not store them
+    ([1, 1.0, True, "1"], 2, [(0, 4, False)]),  # equal in Python, not stored alike by SQLite
+    ([float("1.5"), float("1.5"), 2, 2], 2, [(0, 2, False), (2, 4, True)]),  # floats alike only as one object
+    ([float("nan"), float("nan")], 2, [(0, 2, False)]),  # NaN is not equal to itself: each row binds its own
+    ([0.0, -0.0], 2, [(0, 2, False)]),  # equal, stored apart
+    ([b"k", b"k", 7, 7], 2, [(0, 2, True), (2, 4, True)]),
 ])
 def test_alike_runs_cut_rows_in_order(columns: list[object], min_run: int, spans: list[tuple[int, int, bool]]) -> None:
     values = [value for row, shared in enumerate(columns) for value in (row, shared, 0.5)]
