@@ -73,12 +73,29 @@ async def _bound(site: web.TCPSite) -> str:
     return f"{host}:{port}"
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
+    """Once stopping, another SIGTERM or SIGINT changes nothing, up to the process's very end.
+
+    The loop's own handlers would be removed as it closes, putting back the default action, so a
+    signal repeated in the last moments (an impatient operator, a second kill from an orchestrator)
+    would end a clean shutdown as killed by SIGTERM (exit status -15): ignored instead.
+    """
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def serve_async(settings: Settings, *, reuse_port: bool = False,
                       on_ready: Callable[[Runtime], None] | None = None, metrics_dir: Path | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    # A worker is forked with these blocked (see supervise): one sent before now is delivered here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     grace = settings.proxy.shutdown_grace
     stuck: asyncio.TimerHandle | None = None
     async with runtime(settings) as rt:
@@ -117,6 +134,7 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False,
             if on_ready is not None:
                 on_ready(rt)
             await stop.wait()
+            _ignore_further_stops(loop)
             log.info(json.dumps({"event": "draining", "grace_seconds": grace, "pid": os.getpid()}))
             rt.draining = True
             if rt.webhooks is not None:
@@ -156,6 +174,10 @@ def configure_logs(settings: Settings) -> None:
 
 
 def _worker_main(settings: Settings, metrics_dir: Path) -> None:
+    # Forked with SIGTERM and SIGINT blocked and the supervisor's handlers: those are not a
+    # worker's (they signal every worker); its event loop takes the signals over (serve_async).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     configure_logs(settings)
     dump_stacks_on_signal()
     sys.exit(run_worker(settings, reuse_port=True, metrics_dir=metrics_dir))
@@ -185,12 +207,16 @@ def supervise(settings: Settings) -> int:
 
     def start() -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker_main, args=(settings, metrics_dir), name="keygate-worker")
-        process.start()
+        # Blocked across the fork, so that a SIGTERM reaching the new worker before its event loop
+        # runs waits for the loop's handler instead of killing it (or running the supervisor's).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return process
 
-    workers = [start() for _ in range(settings.proxy.workers)]
-    started_at = {w.pid: time.monotonic() for w in workers}
-    born = {w.pid: time.time() for w in workers}  # the same, on the clock file times are read with
+    workers: list[multiprocessing.process.BaseProcess] = []
     killed: set[int | None] = set()  # workers the supervisor killed for not answering: started again regardless
 
     stop_deadline = 0.0
@@ -201,8 +227,9 @@ def supervise(settings: Settings) -> int:
             stop_deadline = time.monotonic() + settings.proxy.shutdown_grace + STUCK_AFTER + KILL_AFTER
         stopping = True
         for w in workers:
-            if w.is_alive() and w.pid is not None:
-                os.kill(w.pid, signal.SIGTERM)
+            _tell_to_stop(w, told)
+
+    told: set[int] = set()  # workers sent SIGTERM; one forked as the signal came is sent it by the loop below
 
     # Workers still to pass SIGUSR1 on to: one per turn, so that their stacks do not interleave in the log.
     to_dump: list[int] = []  # places in workers: a worker restarted meanwhile gets it in its place
@@ -210,9 +237,16 @@ def supervise(settings: Settings) -> int:
     def pass_on(signum: int, _frame: object) -> None:
         to_dump[:] = range(len(workers))
 
+    # Before the first fork: a SIGTERM once any worker listens must reach the workers, not end
+    # the supervisor alone and leave them running.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGUSR1, pass_on)
+    for _ in range(settings.proxy.workers):
+        if not stopping:
+            workers.append(start())
+    started_at = {w.pid: time.monotonic() for w in workers}
+    born = {w.pid: time.time() for w in workers}  # the same, on the clock file times are read with
     log.info(json.dumps({"event": "supervising", "workers": [w.pid for w in workers], "pid": os.getpid()}))
     status = 0
     while not (stopping and not any(w.is_alive() for w in workers)):
@@ -224,6 +258,9 @@ def supervise(settings: Settings) -> int:
                 log.warning(json.dumps({"event": "stacks", "pid": dump.pid}))
                 os.kill(dump.pid, signal.SIGUSR1)
         if stopping:
+            for w in workers:
+                if w.pid not in told:
+                    _tell_to_stop(w, told)
             if time.monotonic() > stop_deadline:
                 for w in workers:
                     if w.is_alive():
@@ -247,12 +284,26 @@ def supervise(settings: Settings) -> int:
             workers[i] = start()
             started_at[workers[i].pid] = time.monotonic()
             born[workers[i].pid] = time.time()
+    # Stopped: as in a worker, a stop signal from now on changes nothing (at its exit the interpreter
+    # puts back the default action of a signal it handles, but leaves an ignored one ignored).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     for w in workers:
         w.join()
         if w.exitcode and not status:
             status = 1
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _tell_to_stop(worker: multiprocessing.process.BaseProcess, told: set[int]) -> None:
+    """SIGTERM to a live worker, noted in ``told``."""
+    if worker.is_alive() and worker.pid is not None:
+        # Gone all the same when this handler ran inside the main loop's own wait for that worker
+        # (which reaped it before noting so): nothing left to tell.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+        told.add(worker.pid)
 
 
 def _silent_for(metrics_dir: Path, worker: multiprocessing.process.BaseProcess, born: float) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -79,6 +80,26 @@ async def test_sigterm_lets_in_flight_requests_finish(
     # The flush interval is 60 s: only the shutdown flush can have written these.
     assert stored.last_used_at is not None
     assert [r.path for r in requests] == ["/slow/1.5"]
+
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "supervisor and two workers"])
+async def test_sigterm_repeated_through_the_shutdown_still_exits_0(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, workers: int
+) -> None:
+    """A SIGTERM sent again while keygate is already stopping (an impatient operator, a second
+    kill from an orchestrator) changes nothing: the shutdown finishes and the exit status is 0."""
+    keygate = Keygate(tmp_path_factory.mktemp("again"), upstream.url, workers=workers).start()
+    process = keygate.process
+    assert process is not None
+    deadline = time.monotonic() + 30
+    # Every 2 ms until it exits: one lands in each stage of the shutdown, the last ones too.
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.002)
+    assert keygate.stop() == 0
+    assert '"stopped"' in keygate.log()
 
 
 # --- a worker that stops turning its event loop -----------------------------------------------------------
