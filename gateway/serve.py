@@ -79,13 +79,22 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
     """Once stopping, another SIGTERM or SIGINT changes nothing, up to the process's very end.
 
-    The loop's own handlers would be removed as it closes, putting back the default action, so a
-    signal repeated in the last moments (an impatient operator, a second kill from an orchestrator)
-    would end a clean shutdown as killed by SIGTERM (exit status -15): ignored instead.
+    Left to the loop, the default action comes back as the loop closes (or as the interpreter exits,
+    which restores it for every signal Python handles), so a signal repeated late (an impatient
+    operator, the supervisor passing each one on) ended a clean shutdown as killed by SIGTERM (exit
+    status -15). Ignored instead, in one step from the loop's handler: ``remove_signal_handler``
+    first would put the default action back for a moment, in which a repeat, arriving now while
+    requests are in flight, would cut the drain short.
     """
     for sig in STOP_SIGNALS:
-        loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
+    # asyncio's loop would put the default back as it closes (uvloop's stops listening first and leaves it).
+    handlers = getattr(loop, "_signal_handlers", None)
+    if isinstance(handlers, dict):
+        for sig in STOP_SIGNALS:
+            handlers.pop(sig, None)
+        if not handlers:
+            signal.set_wakeup_fd(-1)  # as asyncio does when its last handler goes
 
 
 async def serve_async(settings: Settings, *, reuse_port: bool = False,
