@@ -57,10 +57,11 @@ class _SqliteConnection:
         in all, each prepared once and then found in sqlite3's statement cache, where a statement of
         whatever rows were left over was a new text, parsed and prepared anew, at almost every flush.
 
-        A run of at least ``ALIKE_RUN`` consecutive rows equal in every column of ``alike`` goes in
-        statements that bind those columns once (numbered parameters, ``?1`` in every row) and each row's
-        others: SQLite copies every text it is bound, so one client's burst of request records costs a
-        copy of its key, address and the like per statement, not per record. Rows stay in order.
+        A run of at least ``ALIKE_RUN`` consecutive rows alike in every column of ``alike`` (as SQLite
+        stores them: see rows.alike_runs) goes in statements that bind those columns once (numbered
+        parameters, ``?1`` in every row) and each row's others: SQLite copies every text it is bound,
+        so one client's burst of request records costs a copy of its key, address and the like per
+        statement, not per record. Rows stay in order.
         """
         if len(values) % width:
             raise ValueError(f"{len(values)} values are not rows of {width}")  # (nothing written)
