@@ -144,26 +144,54 @@ async def test_a_tenth_of_the_buffer_waiting_is_written_before_the_interval(stor
         await recorder.close()
 
 
-async def test_after_a_failed_early_write_the_next_tenth_is_written_early_too(store: KeyStore) -> None:
-    """Records put back after a failure do not stop early writes: the next tenth of new ones triggers one."""
-    flaky = FlakyStore(store, failures=1)
-    recorder = Recorder(flaky, flush_interval=LONG, max_buffer=100)
+@pytest.mark.parametrize(("max_buffer", "step"), [
+    (100_000, 1000),  # the default buffer: a chunk, not a tenth (10,000 held made long GC pauses)
+    (5000, 500),  # a buffer under ten chunks: its tenth
+])
+async def test_a_chunk_waiting_is_written_before_the_interval(store: KeyStore, max_buffer: int, step: int) -> None:
+    """A big buffer is written a chunk at a time under load, not when a tenth of it has piled up."""
+    recorder = Recorder(store, flush_interval=LONG, max_buffer=max_buffer)
     await recorder.start()
     try:
-        for n in range(10):
+        for n in range(step - 1):
+            recorder.request(a_request(n))
+        await asyncio.sleep(0.1)
+        assert recorder.flushed_requests == 0  # one short: the interval still rules
+        recorder.request(a_request(step - 1))
+        await _flushed(recorder, step)
+        assert (recorder.flushed_requests, recorder.pending) == (step, 0)
+        assert len(await stored_requests(store)) == step
+    finally:
+        await recorder.close()
+
+
+@pytest.mark.parametrize(("max_buffer", "chunk", "tenth"), [
+    (100, 10, 10),
+    (100_000, 1000, 10_000),  # retried per tenth of the buffer, not per chunk
+])
+async def test_after_a_failed_early_write_the_next_tenth_is_written_early_too(
+    store: KeyStore, max_buffer: int, chunk: int, tenth: int,
+) -> None:
+    """Records put back after a failure do not stop early writes: the next tenth of new ones triggers one."""
+    flaky = FlakyStore(store, failures=1)
+    recorder = Recorder(flaky, flush_interval=LONG, max_buffer=max_buffer)
+    await recorder.start()
+    try:
+        for n in range(chunk):
             recorder.request(a_request(n))
         for _ in range(250):
             if recorder.failed_flushes:
                 break
             await asyncio.sleep(0.02)
-        assert (recorder.failed_flushes, recorder.pending) == (1, 10)  # put back
-        for n in range(10, 19):
+        assert (recorder.failed_flushes, recorder.pending) == (1, chunk)  # put back
+        for n in range(chunk, chunk + tenth - 1):
             recorder.request(a_request(n))
         await asyncio.sleep(0.1)
-        assert recorder.flushed_requests == 0  # not retried per record
-        recorder.request(a_request(19))
-        await _flushed(recorder, 20)
-        assert await stored_requests(store) == [a_request(n) for n in range(20)]
+        assert recorder.flushed_requests == 0  # not retried per record, nor per chunk
+        recorder.request(a_request(chunk + tenth - 1))
+        await _flushed(recorder, chunk + tenth)
+        assert (recorder.flushed_requests, recorder.pending, recorder.dropped) == (chunk + tenth, 0, 0)
+        assert await stored_requests(store) == [a_request(n) for n in range(chunk + tenth)]
     finally:
         await recorder.close()
 

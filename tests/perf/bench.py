@@ -127,8 +127,10 @@ Caveats:
 * The key cache TTL is Keygate's default (30 s); a run longer than that
   includes one re-verification (store read + argon2) per TTL, which is part
   of the real cache-hit path. The recorder writes every 5 s (default), and
-  sooner once 10,000 request records wait (a tenth of its buffer: about
-  twice a second at these rates), so writing the records of a run falls
+  sooner once 1,000 request records wait (about 25 times a second at these
+  rates; a tenth of its buffer, twice a second, until 2026-12-07: the
+  10,000 records then waiting made each young garbage collection a 3-6 ms
+  pause in the p99), so writing the records of a run falls
   within it, as it does in production; the bench pauses 5 s after each
   Keygate run so a last flush does not land in the next target's
   measurement. (Before 2026-12-04 the buffer filled between two 5 s
