@@ -84,11 +84,12 @@ class Recorder:
     between two 5 s flushes and drop records while the store is healthy.
     One chunk, not a tenth of the buffer: every record held is a young
     object to the garbage collector, and 10,000 of them waiting made each
-    young collection walk them all, a pause of 3-6 ms (15 in a 10 s run of
+    young collection walk them all, a pause of 2-5 ms (15 in a 10 s run of
     ``tests/perf/bench.py``) that lands in the proxy's p99; written a chunk
     at a time, they are gone before a collection comes. After a failed
-    write the step is a tenth of the buffer again: a store that is down is
-    retried every tenth of a buffer of new records, not every chunk.
+    write the step is a tenth of the buffer until one succeeds: a store
+    that is down is retried every tenth of a buffer of new records (or
+    every ``flush_interval``), not every chunk.
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class Recorder:
         self._stop = asyncio.Event()
         # Set when request records reach _due_at: the periodic task writes them without waiting out
         # the interval. Once per filling, never per record: a flush swaps the buffer out whole and the
-        # mark goes back to _flush_at; records put back after a failure move it _retry_after past them,
+        # mark goes back to _flush_at; a failed write moves it _retry_after past what is waiting then,
         # so a store that fails is retried once per tenth of a buffer of new records, not per record.
         self._flush_at = max(1, min(max_buffer // 10, CHUNK_SIZE))
         self._retry_after = max(1, max_buffer // 10)
@@ -273,7 +274,6 @@ class Recorder:
             # holds, so the newest ones beyond it are dropped.
             total = len(requests) + len(self._requests)
             self._requests = deque(islice(chain(requests, self._requests), self._max_buffer))
-            self._due_at = min(len(self._requests) + self._retry_after, self._max_buffer)
             if total > self._max_buffer:
                 self._drop(total - self._max_buffer)
         if alarms:
@@ -281,6 +281,11 @@ class Recorder:
             self._alarms = deque(islice(chain(alarms, self._alarms), self._max_buffer))
             if total > self._max_buffer:
                 self._drop(total - self._max_buffer)
+        # A write failed: the next early one waits for a tenth of the buffer of new records, not a chunk,
+        # whatever part failed. Records that arrived while it was failing may have asked for one already
+        # (the mark was a chunk then): that is no reason to try a store that failed again at once.
+        self._due_at = min(len(self._requests) + self._retry_after, self._max_buffer)
+        self._due.clear()
 
     def _drop(self, count: int) -> None:
         self.dropped += count

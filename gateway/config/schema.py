@@ -471,7 +471,8 @@ class RecorderSettings(_Section):
     )
     max_buffer: int = Field(
         100_000, ge=1, description="Most records held between flushes; beyond it records are dropped and counted. "
-        "1,000 waiting (a tenth of it, if less) are written without waiting for flush_interval."
+        "1,000 waiting (a tenth of it, if less) are written without waiting for flush_interval; "
+        "after a failed write, once a tenth of it more are waiting."
     )
 
 

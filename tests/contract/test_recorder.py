@@ -57,9 +57,10 @@ async def last_used(store: KeyStore, key_id: str = KEY) -> tuple[datetime | None
 class FlakyStore:
     """Delegates to a real store, but the first ``failures`` writes raise StoreUnavailable."""
 
-    def __init__(self, store: KeyStore, failures: int) -> None:
+    def __init__(self, store: KeyStore, failures: int, gate: asyncio.Event | None = None) -> None:
         self.store = store
         self.failures = failures
+        self.gate = gate  # if given, a failing write fails only once it is set (a store slow to fail)
         self.usage_calls: list[int] = []
         self.request_calls: list[int] = []
 
@@ -67,6 +68,8 @@ class FlakyStore:
         await asyncio.sleep(0)  # like a real store, give others a turn before answering
         if self.failures > 0:
             self.failures -= 1
+            if self.gate is not None:
+                await self.gate.wait()
             raise StoreUnavailable("store is down")
 
     async def record_usage(self, usage: Sequence[tuple[str, datetime, str | None]]) -> None:
@@ -165,33 +168,52 @@ async def test_a_chunk_waiting_is_written_before_the_interval(store: KeyStore, m
         await recorder.close()
 
 
-@pytest.mark.parametrize(("max_buffer", "chunk", "tenth"), [
-    (100, 10, 10),
-    (100_000, 1000, 10_000),  # retried per tenth of the buffer, not per chunk
+@pytest.mark.parametrize(("max_buffer", "chunk", "tenth", "slow"), [
+    (100, 10, 10, False),
+    (100_000, 1000, 10_000, False),  # retried per tenth of the buffer, not per chunk
+    (100_000, 1000, 10_000, True),  # a chunk more arrived while the write was failing: still a tenth
 ])
 async def test_after_a_failed_early_write_the_next_tenth_is_written_early_too(
-    store: KeyStore, max_buffer: int, chunk: int, tenth: int,
+    store: KeyStore, max_buffer: int, chunk: int, tenth: int, slow: bool,
 ) -> None:
-    """Records put back after a failure do not stop early writes: the next tenth of new ones triggers one."""
-    flaky = FlakyStore(store, failures=1)
+    """Records put back after a failure do not stop early writes: the next tenth of new ones triggers
+    one, and once that succeeds a chunk does again."""
+    gate = asyncio.Event()
+    flaky = FlakyStore(store, failures=1, gate=gate if slow else None)
     recorder = Recorder(flaky, flush_interval=LONG, max_buffer=max_buffer)
     await recorder.start()
-    try:
-        for n in range(chunk):
+    made = 0
+
+    def more(count: int) -> None:
+        nonlocal made
+        for n in range(made, made + count):
             recorder.request(a_request(n))
+        made += count
+
+    try:
+        more(chunk)
+        if slow:
+            await asyncio.sleep(0.1)
+            more(chunk)  # enough for an early write while the failing one is still under way
+            gate.set()
         for _ in range(250):
             if recorder.failed_flushes:
                 break
             await asyncio.sleep(0.02)
-        assert (recorder.failed_flushes, recorder.pending) == (1, chunk)  # put back
-        for n in range(chunk, chunk + tenth - 1):
-            recorder.request(a_request(n))
+        assert (recorder.failed_flushes, recorder.pending) == (1, made)  # put back
+        more(tenth - 1)
         await asyncio.sleep(0.1)
-        assert recorder.flushed_requests == 0  # not retried per record, nor per chunk
-        recorder.request(a_request(chunk + tenth - 1))
-        await _flushed(recorder, chunk + tenth)
-        assert (recorder.flushed_requests, recorder.pending, recorder.dropped) == (chunk + tenth, 0, 0)
-        assert await stored_requests(store) == [a_request(n) for n in range(chunk + tenth)]
+        assert (len(flaky.request_calls), recorder.flushed_requests) == (0, 0)  # not per record, nor chunk
+        more(1)
+        await _flushed(recorder, made)
+        assert (recorder.flushed_requests, recorder.pending, recorder.dropped) == (made, 0, 0)
+        more(chunk - 1)  # written: a chunk is the step again
+        await asyncio.sleep(0.1)
+        assert recorder.flushed_requests == made - chunk + 1
+        more(1)
+        await _flushed(recorder, made)
+        assert await stored_requests(store) == [a_request(n) for n in range(made)]
+        assert recorder.failed_flushes == 1
     finally:
         await recorder.close()
 

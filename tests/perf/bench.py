@@ -127,9 +127,9 @@ Caveats:
 * The key cache TTL is Keygate's default (30 s); a run longer than that
   includes one re-verification (store read + argon2) per TTL, which is part
   of the real cache-hit path. The recorder writes every 5 s (default), and
-  sooner once 1,000 request records wait (about 25 times a second at these
-  rates; a tenth of its buffer, twice a second, until 2026-12-07: the
-  10,000 records then waiting made each young garbage collection a 3-6 ms
+  sooner once 1,000 request records wait (some 25 times a second at these
+  rates; until 2026-12-07 once 10,000 waited, a tenth of its buffer, and
+  the records then waiting made each young garbage collection a 2-5 ms
   pause in the p99), so writing the records of a run falls
   within it, as it does in production; the bench pauses 5 s after each
   Keygate run so a last flush does not land in the next target's
