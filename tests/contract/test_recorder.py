@@ -129,41 +129,26 @@ async def _flushed(recorder: Recorder, requests: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_tenth_of_the_buffer_waiting_is_written_before_the_interval(store: KeyStore) -> None:
-    """Busy enough to fill the buffer between two flushes, the recorder writes sooner instead of dropping."""
-    recorder = Recorder(store, flush_interval=LONG, max_buffer=100)
-    await recorder.start()
-    try:
-        for batch in range(3):  # and again each time the buffer fills up to a tenth
-            for n in range(batch * 10, batch * 10 + 9):
-                recorder.request(a_request(n))
-            await asyncio.sleep(0.1)
-            assert recorder.flushed_requests == batch * 10  # nine waiting: the interval still rules
-            recorder.request(a_request(batch * 10 + 9))
-            await _flushed(recorder, (batch + 1) * 10)
-            assert await stored_requests(store) == [a_request(n) for n in range((batch + 1) * 10)]
-        assert (recorder.pending, recorder.dropped) == (0, 0)
-    finally:
-        await recorder.close()
-
-
 @pytest.mark.parametrize(("max_buffer", "step"), [
     (100_000, 1000),  # the default buffer: a chunk, not a tenth (10,000 held made long GC pauses)
     (5000, 500),  # a buffer under ten chunks: its tenth
+    (100, 10),
 ])
 async def test_a_chunk_waiting_is_written_before_the_interval(store: KeyStore, max_buffer: int, step: int) -> None:
-    """A big buffer is written a chunk at a time under load, not when a tenth of it has piled up."""
+    """Busy enough to fill the buffer between two flushes, the recorder writes sooner instead of dropping:
+    a chunk at a time (a tenth of a buffer under ten chunks), not when a tenth of a big one has piled up."""
     recorder = Recorder(store, flush_interval=LONG, max_buffer=max_buffer)
     await recorder.start()
     try:
-        for n in range(step - 1):
-            recorder.request(a_request(n))
-        await asyncio.sleep(0.1)
-        assert recorder.flushed_requests == 0  # one short: the interval still rules
-        recorder.request(a_request(step - 1))
-        await _flushed(recorder, step)
-        assert (recorder.flushed_requests, recorder.pending) == (step, 0)
-        assert len(await stored_requests(store)) == step
+        for batch in range(3):  # and again each time a step's worth is waiting
+            for n in range(batch * step, (batch + 1) * step - 1):
+                recorder.request(a_request(n))
+            await asyncio.sleep(0.1)
+            assert recorder.flushed_requests == batch * step  # one short: the interval still rules
+            recorder.request(a_request((batch + 1) * step - 1))
+            await _flushed(recorder, (batch + 1) * step)
+            assert await stored_requests(store) == [a_request(n) for n in range((batch + 1) * step)]
+        assert (recorder.pending, recorder.dropped) == (0, 0)
     finally:
         await recorder.close()
 
