@@ -320,8 +320,10 @@ class Forwarder:
                     raise self._failure(up, exc) from None
             conn.begin(bodyless=request.method == "HEAD")
             try:
-                conn.write(head)
-                if body is not None:
+                if body is None:
+                    conn.write_soon(head)  # (with the loop's other small writes: see Sweeper.hold)
+                else:
+                    conn.write(head)
                     await self._send_body(conn, body)
                 return conn, await conn.response()
             except Disconnected as exc:

@@ -333,7 +333,22 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
             raise Disconnected("the upstream closed the connection")
+        self.sweeper.release()
         self.transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """A whole request (a head without a body), written once the loop's callbacks of the moment have run
+        (see Sweeper.hold)."""
+        if self.transport is None or self.closed:
+            raise Disconnected("the upstream closed the connection")
+        self.sweeper.hold(self, data)
+
+    def send_held(self, data: bytes) -> None:
+        """What write_soon held (Sweeper.release). Not written to a connection closing meanwhile: its
+        connection_lost fails the exchange (Disconnected), which a pooled one's retry then takes up."""
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
         """Wait until the upstream takes what was written (timed as a wait on the upstream)."""
@@ -438,12 +453,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        self.sweeper.release()  # (what was held for it goes first, as if written when asked)
         self.closed = True
         self.sweeper.forget(self)
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self.sweeper.release()  # (what was held for it goes first, as if written when asked)
         self.closed = True
         self.sweeper.forget(self)
         if self.transport is not None:
