@@ -357,10 +357,11 @@ class Request:
         if self.method == "HEAD" or status in (204, 304):
             body = b""
         self.bytes_out = len(body)
+        data = head + body if body else head
         if close:
-            conn.write(head + body if body else head)
+            conn.write(data)
         else:
-            conn.write_soon(head + body if body else head)
+            conn.write_soon(data)  # held for the turn, with the loop's other small writes (Sweeper.hold)
         conn.response_done(self, close)
 
     def switch(self, head: bytes) -> None:
